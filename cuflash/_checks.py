@@ -1,0 +1,206 @@
+"""Argument validation and normalisation shared by every backend.
+
+Every public function funnels its arguments through here, so a bad argument gets the same
+TypeError / ValueError naming it whichever backend would have run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+MAX_HEADDIM = 256
+HEADDIM_MULTIPLE = 8
+CPU_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32),
+              np.dtype(np.float64))
+GPU_DTYPES = CPU_DTYPES[:3]
+_KDL_CUDA = 2  # DLDeviceType of CUDA memory in __dlpack_device__
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of one attention call, normalised.
+
+    ``window_left`` / ``window_right`` are ``-1`` when unbounded; ``causal`` has already
+    been folded into ``window_right == 0``. ``softcap == 0`` means no soft-capping.
+    ``alibi_slopes`` is ``None`` or a float32 array of shape ``(batch, nheads)`` (a view
+    when the caller passed ``(nheads,)``) of the same kind as ``q``.
+    """
+    scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    alibi_slopes: Any
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_kv: int
+    headdim: int
+
+
+def array_kind(x, name: str) -> str:
+    """'numpy', 'cupy' or 'dlpack' (a CUDA array of another framework)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__"):
+        return "cupy"
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        if x.__dlpack_device__()[0] == _KDL_CUDA:
+            return "dlpack"
+        raise TypeError(f"{name}: a DLPack array must live on a CUDA device to be taken "
+                        f"zero-copy; convert CPU arrays with numpy.asarray first")
+    raise TypeError(f"{name} must be a numpy.ndarray, a cupy.ndarray or a CUDA array with "
+                    f"__dlpack__, got {type(x).__name__}")
+
+
+def same_kind(arrays: dict) -> str:
+    """Check that all arrays are of one kind and on one device; return that kind."""
+    kinds = {name: array_kind(a, name) for name, a in arrays.items() if a is not None}
+    first, kind = next(iter(kinds.items()))
+    for name, k in kinds.items():
+        if k != kind:
+            raise TypeError(f"{name} is a {k} array but {first} is a {kind} array; "
+                            f"pass arrays of one kind")
+    if kind == "cupy":
+        dev = {name: arrays[name].device.id for name in kinds}
+        first_dev = dev[first]
+        for name, d in dev.items():
+            if d != first_dev:
+                raise ValueError(f"{name} is on CUDA device {d} but {first} is on device "
+                                 f"{first_dev}; pass arrays on one device")
+    return kind
+
+
+def check_qkv(q, k, v, *, gpu: bool) -> Shape:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), "
+                             f"got shape {tuple(x.shape)}")
+    supported = GPU_DTYPES if gpu else CPU_DTYPES
+    if q.dtype not in supported:
+        names = ", ".join(str(d) for d in supported)
+        where = "on the GPU" if gpu else "on the CPU"
+        raise TypeError(f"q has dtype {q.dtype}, which is not supported {where}; "
+                        f"supported: {names}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}; "
+                            f"q, k and v must share one dtype")
+    batch, seqlen_q, nheads, headdim = q.shape
+    _, seqlen_k, nheads_kv, _ = k.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} has batch {x.shape[0]} but q has batch {batch}")
+        if x.shape[3] != headdim:
+            raise ValueError(f"{name} has headdim {x.shape[3]} but q has headdim {headdim}; "
+                             f"q, k and v must share one headdim")
+    if v.shape[1] != seqlen_k or v.shape[2] != nheads_kv:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; "
+                         f"k and v must share (batch, seqlen_k, nheads_kv)")
+    if not (HEADDIM_MULTIPLE <= headdim <= MAX_HEADDIM and headdim % HEADDIM_MULTIPLE == 0):
+        raise ValueError(f"headdim {headdim} is not supported; supported: multiples of "
+                         f"{HEADDIM_MULTIPLE} from {HEADDIM_MULTIPLE} to {MAX_HEADDIM} "
+                         f"(32, 64, 96, 128, 192 and 256 run without padding on the GPU)")
+    if nheads_kv == 0 or nheads % nheads_kv != 0:
+        raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv}) "
+                         f"for grouped-query attention")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_last_axis_contiguous(x, name)
+    return Shape(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim)
+
+
+def check_last_axis_contiguous(x, name: str) -> None:
+    if x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
+        raise ValueError(f"{name} must be contiguous in its last axis (stride "
+                         f"{x.dtype.itemsize} bytes), got stride {x.strides[-1]} bytes; "
+                         f"other axes may be strided")
+
+
+def _window_side(value, side: str) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"window[{side}] must be None or an int, got {value!r}")
+    if value < -1:
+        raise ValueError(f"window[{side}] must be None, -1 (unbounded) or >= 0, got {value}")
+    return int(value)
+
+
+def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(None, None),
+            softcap=0.0, alibi_slopes=None) -> Options:
+    """Validate the keyword options of an attention call and normalise them."""
+    if scale is None:
+        scale = shape.headdim ** -0.5
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating,
+                                                                     np.integer)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of None or int, got {window!r}")
+    left, right = _window_side(window[0], "left"), _window_side(window[1], "right")
+    if causal:
+        if right > 0:
+            raise ValueError(f"window right={right} contradicts causal=True (which means "
+                             f"right=0); pass one or the other")
+        right = 0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.floating,
+                                                                         np.integer)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 disables it), got {softcap}")
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, shape, kind, q)
+    return Options(scale, bool(causal), left, right, softcap, alibi_slopes)
+
+
+def _check_alibi(slopes, shape: Shape, kind: str, q):
+    same_kind({"q": q, "alibi_slopes": slopes})
+    if slopes.dtype != np.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    if slopes.shape == (shape.nheads,):
+        xp = np if kind == "numpy" else _cupy()
+        slopes = xp.broadcast_to(slopes[None, :], (shape.batch, shape.nheads))
+    elif slopes.shape != (shape.batch, shape.nheads):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({shape.nheads},) or "
+                         f"(batch, nheads) = ({shape.batch}, {shape.nheads}), got "
+                         f"{tuple(slopes.shape)}")
+    return slopes
+
+
+def check_backward(dout, out, lse, q, shape: Shape) -> None:
+    for name, x in (("dout", dout), ("out", out)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got "
+                             f"{tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        check_last_axis_contiguous(x, name)
+    want = (shape.batch, shape.nheads, shape.seqlen_q)
+    if tuple(lse.shape) != want:
+        raise ValueError(f"lse must have shape (batch, nheads, seqlen_q) = {want}, got "
+                         f"{tuple(lse.shape)}")
+    if lse.dtype != np.float32:
+        raise TypeError(f"lse must be float32, got {lse.dtype}")
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("CUDA arrays need CuPy: pip install 'cuflash[cuda13]' "
+                          "(or [cuda12])") from e
+    return cupy

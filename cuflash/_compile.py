@@ -1,0 +1,120 @@
+"""The only module that touches NVRTC and ``cupy.RawModule``.
+
+Sources are read from the ``kernels_cu`` package data through ``importlib.resources``.
+Templates are instantiated with ``name_expressions``; compiled modules are cached in memory
+per (device, source, instantiation) with CuPy's disk cache below. A fingerprint of every
+file under ``kernels_cu/`` goes into the compile options, because CuPy's disk cache keys on
+the top-level source and options only and would not see an edited header.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STD = "--std=c++17"
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel; the message names it and carries the compiler log."""
+
+
+@functools.lru_cache(maxsize=None)
+def source_dir() -> Path:
+    root = importlib.resources.files("cuflash") / "kernels_cu"
+    return Path(str(root))
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint() -> str:
+    """Hash of every file under kernels_cu/ (names and contents)."""
+    h = hashlib.sha256()
+    root = source_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(filename: str) -> str:
+    return (source_dir() / filename).read_text()
+
+
+def _cuda_include() -> str:
+    import cupy
+    return os.path.join(cupy.cuda.get_cuda_path(), "include")
+
+
+def options(arch: str) -> tuple:
+    """NVRTC options for ``arch`` (e.g. ``sm_90``); the same for run time and the check."""
+    return (STD, f"--gpu-architecture={arch}", "-I" + str(source_dir()),
+            "-I" + _cuda_include(), f"-DCUFLASH_FINGERPRINT=0x{fingerprint()}ULL")
+
+
+def device_arch(device_id: int) -> str:
+    import cupy
+    cc = cupy.cuda.Device(device_id).compute_capability  # e.g. "90"
+    major, minor = int(cc[:-1]), int(cc[-1])
+    if major < 8:
+        raise RuntimeError(f"cuflash's GPU kernels need compute capability 8.0 (Ampere) or "
+                           f"newer; device {device_id} has {major}.{minor}")
+    return f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(filename: str, name_expression: str, device_id: int):
+    """The compiled ``cupy.RawKernel`` for one template instantiation on one device."""
+    import cupy
+    arch = device_arch(device_id)
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=read_source(filename), options=options(arch),
+                                name_expressions=(name_expression,), backend="nvrtc")
+        try:
+            return module.get_function(name_expression)
+        except cupy.cuda.compiler.CompileException as e:
+            raise CompileError(f"compiling {name_expression} from kernels_cu/{filename} for "
+                               f"{arch} failed:\n{e.get_message()}") from None
+
+
+@dataclass(frozen=True)
+class Report:
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+
+def compile_report(filename: str, name_expression: str, arch: str) -> Report:
+    """Compile with NVRTC directly (no GPU needed) and return ptxas' resource report."""
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram(read_source(filename), filename, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name_expression)
+        try:
+            nvrtc.compileProgram(prog, list(options(arch)) + ["-Xptxas", "-v"])
+        except nvrtc.NVRTCError:
+            raise CompileError(f"compiling {name_expression} from kernels_cu/{filename} for "
+                               f"{arch} failed:\n{nvrtc.getProgramLog(prog)}") from None
+        log = nvrtc.getProgramLog(prog)
+        mangled = nvrtc.getLoweredName(prog, name_expression)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return _parse_ptxas(log, mangled)
+
+
+def _parse_ptxas(log: str, mangled: str) -> Report:
+    section = log.split(f"Function properties for {mangled}", 1)[-1]
+    def grab(pattern):
+        m = re.search(pattern, section)
+        return int(m.group(1)) if m else 0
+    return Report(registers=grab(r"Used (\d+) registers"),
+                  stack_bytes=grab(r"(\d+) bytes stack frame"),
+                  spill_stores=grab(r"(\d+) bytes spill stores"),
+                  spill_loads=grab(r"(\d+) bytes spill loads"),
+                  shared_bytes=grab(r"(\d+) bytes smem"))

@@ -1,0 +1,187 @@
+"""The public functions: validate, handle empty problems, pick the backend, call it.
+
+CuPy arrays run the GPU kernels, NumPy arrays the CPU backend (the same tiled algorithm),
+and any other CUDA array with ``__dlpack__`` (JAX, PyTorch, ...) is taken zero-copy as a
+CuPy array; results are then CuPy arrays, which every framework takes back through DLPack.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks
+
+_OPTIONS_DOC = """
+    scale : float, optional
+        Multiplies ``q @ k.T``; default ``headdim ** -0.5``.
+    causal : bool, default False
+        Bottom-right aligned causal mask: query ``i`` sees keys
+        ``j <= i + seqlen_k - seqlen_q`` (the last query sees every key).
+    window : (left, right), default (None, None)
+        Sliding window, bounds inclusive: query ``i`` sees keys ``j`` with
+        ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``.
+        ``None`` or ``-1`` leaves that side unbounded. ``causal=True`` is ``right=0``.
+    softcap : float, default 0.0
+        If > 0, scores become ``softcap * tanh(score / softcap)`` (after scaling).
+    alibi_slopes : float32 array (nheads,) or (batch, nheads), optional
+        Subtracts ``slope * |i + seqlen_k - seqlen_q - j|`` from the scores.
+"""
+
+
+def _prepare(arrays: dict):
+    """Kind of the call, and the arrays as that backend takes them (DLPack -> CuPy)."""
+    kind = _checks.same_kind(arrays)
+    if kind == "dlpack":
+        cupy = _checks._cupy()
+        arrays = {n: (None if a is None else cupy.from_dlpack(a)) for n, a in arrays.items()}
+        kind = _checks.same_kind(arrays)
+    return kind, arrays
+
+
+def _xp(kind):
+    return np if kind == "numpy" else _checks._cupy()
+
+
+def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
+                      alibi_slopes=None):
+    """Exact attention forward, returning the output and its log-sum-exp.
+
+    Parameters
+    ----------
+    q : array (batch, seqlen_q, nheads, headdim)
+    k, v : arrays (batch, seqlen_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
+        float16, bfloat16 (``ml_dtypes.bfloat16``) or float32 (float64 too on the CPU).
+        Only the last axis must be contiguous.
+    {options}
+    Returns
+    -------
+    out : array (batch, seqlen_q, nheads, headdim), dtype of ``q``
+    lse : float32 array (batch, nheads, seqlen_q)
+        Natural-log log-sum-exp of each query row's scores; ``-inf`` for a row that sees
+        no key (its ``out`` row is 0).
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> q = np.random.randn(1, 5, 2, 64).astype(np.float32)
+    >>> out, lse = cuflash.attention_forward(q, q, q, causal=True)
+    >>> out.shape, lse.shape
+    ((1, 5, 2, 64), (1, 2, 5))
+    """
+    kind, a = _prepare({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes})
+    q, k, v = a["q"], a["k"], a["v"]
+    shape = _checks.check_qkv(q, k, v, gpu=kind != "numpy")
+    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    xp = _xp(kind)
+    if min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0:
+        out = xp.zeros(q.shape, q.dtype)
+        lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
+        return out, lse
+    if kind == "numpy":
+        from . import cpu
+        return cpu.forward(q, k, v, shape, opts)
+    from . import _launch
+    return _launch.forward(q, k, v, shape, opts)
+
+
+def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
+              alibi_slopes=None, return_lse=False):
+    """Exact attention ``softmax(scale * q @ k.T + masks) @ v`` in O(seqlen) memory.
+
+    Parameters
+    ----------
+    q : array (batch, seqlen_q, nheads, headdim)
+    k, v : arrays (batch, seqlen_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
+    {options}
+    return_lse : bool, default False
+        Also return the float32 log-sum-exp, shape (batch, nheads, seqlen_q).
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, nheads, headdim), or ``(out, lse)``
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> q = np.random.randn(2, 17, 4, 64).astype(np.float32)
+    >>> k = np.random.randn(2, 33, 1, 64).astype(np.float32)
+    >>> cuflash.attention(q, k, k, causal=True).shape
+    (2, 17, 4, 64)
+    """
+    out, lse = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
+                                 softcap=softcap, alibi_slopes=alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
+                       window=(None, None), softcap=0.0, alibi_slopes=None,
+                       deterministic=False):
+    """Gradients of attention, recomputing the probabilities from the saved ``lse``.
+
+    Parameters
+    ----------
+    dout : array (batch, seqlen_q, nheads, headdim), gradient of ``out``
+    q, k, v : the forward's inputs
+    out, lse : the forward's outputs (``attention_forward``)
+    {options}
+    deterministic : bool, default False
+        Make the gradients bitwise reproducible run to run (GPU: no float atomics).
+
+    Returns
+    -------
+    dq : array like ``q``;  dk, dv : arrays like ``k`` and ``v``
+        For grouped-query attention, dk/dv of a kv head sum over its query heads.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> q = np.random.randn(1, 8, 2, 32)
+    >>> out, lse = cuflash.attention_forward(q, q, q)
+    >>> dq, dk, dv = cuflash.attention_backward(np.ones_like(out), q, q, q, out, lse)
+    >>> dq.shape
+    (1, 8, 2, 32)
+    """
+    kind, a = _prepare({"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse,
+                        "alibi_slopes": alibi_slopes})
+    dout, q, k, v, out, lse = (a[n] for n in ("dout", "q", "k", "v", "out", "lse"))
+    shape = _checks.check_qkv(q, k, v, gpu=kind != "numpy")
+    _checks.check_backward(dout, out, lse, q, shape)
+    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    xp = _xp(kind)
+    if min(shape.batch, shape.seqlen_q, shape.nheads, shape.seqlen_k) == 0:
+        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+    if kind == "numpy":
+        from . import cpu
+        return cpu.backward(dout, q, k, v, out, lse, shape, opts)
+    from . import _launch
+    return _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic))
+
+
+def attention_vjp(q, k, v, *, deterministic=False, **options):
+    """Forward pass and its vector-Jacobian product, in the style of ``jax.vjp``.
+
+    Returns ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``. ``options`` are
+    those of :func:`attention` (``scale``, ``causal``, ``window``, ``softcap``,
+    ``alibi_slopes``). Only ``q, k, v, out, lse`` are kept alive between the two calls.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> q = np.random.randn(1, 8, 2, 32)
+    >>> out, vjp = cuflash.attention_vjp(q, q, q, causal=True)
+    >>> dq, dk, dv = vjp(np.ones_like(out))
+    """
+    out, lse = attention_forward(q, k, v, **options)
+
+    def vjp(dout):
+        return attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
+                                  **options)
+
+    return out, vjp
+
+
+for _f in (attention_forward, attention, attention_backward):
+    _f.__doc__ = _f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
