@@ -1,0 +1,170 @@
+"""Naive attention that materialises the whole score matrix: the yardstick for every test.
+
+It follows CONVENTIONS.md literally (score, soft-cap, ALiBi, mask, softmax) and shares the
+argument checks of the public API, so the conventions cannot drift between the two.
+
+``upcast=True`` computes everything in float64. ``upcast=False`` simulates the naive
+computation done in the input dtype: every materialised intermediate (scores,
+probabilities, output; in backward dP, dS and the gradients) is computed in float64 from
+rounded operands and then rounded to the input dtype. Its distance to the float64 result is
+the "error of the naive computation" that the accuracy rule of the tests is relative to.
+
+The score matrix of shape (batch, nheads, seqlen_q, seqlen_k) is materialised in float64:
+use it on test-sized problems only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks
+
+
+def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
+                      alibi_slopes=None, upcast=True):
+    """Reference attention forward.
+
+    Parameters
+    ----------
+    q : array (batch, seqlen_q, nheads, headdim)
+    k, v : arrays (batch, seqlen_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
+        NumPy or CuPy arrays (CuPy ones are copied to the host) of float16, bfloat16,
+        float32 or float64.
+    scale, causal, window, softcap, alibi_slopes
+        As in :func:`cuflash.attention`.
+    upcast : bool, default True
+        True: compute in float64 and return float64. False: round every intermediate to
+        the input dtype and return arrays of the input dtype (``lse`` included).
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, nheads, headdim)
+    lse : array (batch, nheads, seqlen_q)
+        Natural-log log-sum-exp of the visible scores; ``-inf`` (and ``out`` 0) for a row
+        that sees no key.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cuflash import reference
+    >>> q = np.random.randn(1, 4, 2, 8)
+    >>> out, lse = reference.attention_forward(q, q, q, causal=True)
+    >>> out.dtype, lse.shape
+    (dtype('float64'), (1, 2, 4))
+    """
+    q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes)
+    rnd = _rounding(q.dtype, upcast)
+    out, lse, _ = _forward(q, k, v, shape, opts, rnd)
+    dtype = np.float64 if upcast else q.dtype
+    return out.astype(dtype), lse.astype(dtype)
+
+
+def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None, None),
+                       softcap=0.0, alibi_slopes=None, upcast=True):
+    """Reference gradients of attention, by the textbook softmax backward.
+
+    Parameters
+    ----------
+    dout : array (batch, seqlen_q, nheads, headdim), gradient of ``out``
+    q, k, v, scale, causal, window, softcap, alibi_slopes, upcast
+        As in :func:`attention_forward`.
+
+    Returns
+    -------
+    dq : array (batch, seqlen_q, nheads, headdim)
+    dk, dv : arrays (batch, seqlen_k, nheads_kv, headdim)
+        For grouped-query attention, summed over the query heads of each kv head.
+        float64 with ``upcast=True``, else the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cuflash import reference
+    >>> q = np.random.randn(1, 4, 2, 8)
+    >>> dq, dk, dv = reference.attention_backward(np.ones_like(q), q, q, q)
+    >>> dq.shape
+    (1, 4, 2, 8)
+    """
+    q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes)
+    dout = _host(dout)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have the shape of q {q.shape}, got {dout.shape}")
+    rnd = _rounding(q.dtype, upcast)
+    _, _, (p, tanh, qf, kf, vf) = _forward(q, k, v, shape, opts, rnd)
+    do = rnd(dout.astype(np.float64))
+    dv = rnd(np.einsum("bhij,bihd->bjhd", p, do))
+    dp = rnd(np.einsum("bihd,bjhd->bhij", do, vf))
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    if opts.softcap:
+        ds = ds * (1 - tanh * tanh)  # d/dx softcap * tanh(x / softcap)
+    ds = rnd(ds * opts.scale)
+    dq = rnd(np.einsum("bhij,bjhd->bihd", ds, kf))
+    dk = rnd(np.einsum("bhij,bihd->bjhd", ds, qf))
+    dk, dv = (rnd(_sum_groups(x, shape)) for x in (dk, dv))
+    dtype = np.float64 if upcast else q.dtype
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+def _host(x):
+    """A NumPy array from a NumPy or CuPy array (None stays None)."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes):
+    q, k, v = _host(q), _host(k), _host(v)
+    shape = _checks.check_qkv(q, k, v, gpu=False)
+    opts = _checks.options(shape, "numpy", q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=_host(alibi_slopes))
+    return q, k, v, shape, opts
+
+
+def _rounding(dtype, upcast):
+    if upcast:
+        return lambda x: x
+    return lambda x: x.astype(dtype).astype(np.float64)
+
+
+def _forward(q, k, v, shape, opts, rnd):
+    """out (b, sq, h, d), lse (b, h, sq) and what backward needs, all float64.
+
+    Scores and probabilities are laid out (batch, nheads, seqlen_q, seqlen_k); k and v are
+    repeated over the query heads of their group.
+    """
+    group = shape.nheads // shape.nheads_kv
+    qf = q.astype(np.float64)
+    kf, vf = (np.repeat(x.astype(np.float64), group, axis=2) for x in (k, v))
+    s = rnd(opts.scale * np.einsum("bihd,bjhd->bhij", qf, kf))
+    tanh = None
+    if opts.softcap:
+        tanh = np.tanh(s / opts.softcap)
+        s = rnd(opts.softcap * tanh)
+    # diag[i, j] = i + seqlen_k - seqlen_q - j: signed distance from the bottom-right diagonal
+    diag = (np.arange(shape.seqlen_q)[:, None] + shape.seqlen_k - shape.seqlen_q
+            - np.arange(shape.seqlen_k)[None, :])
+    if opts.alibi_slopes is not None:
+        slopes = opts.alibi_slopes.astype(np.float64)[:, :, None, None]
+        s = rnd(s - slopes * np.abs(diag))
+    visible = np.ones(diag.shape, bool)
+    if opts.window_left >= 0:
+        visible &= diag <= opts.window_left
+    if opts.window_right >= 0:
+        visible &= -diag <= opts.window_right
+    s = np.where(visible, s, -np.inf)
+
+    m = s.max(-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf - 0) = 0, not NaN
+    e = np.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    seen = l > 0
+    l_safe = np.where(seen, l, 1.0)
+    p = rnd(e / l_safe)
+    lse = np.where(seen, m + np.log(l_safe), -np.inf)[..., 0]
+    out = rnd(np.einsum("bhij,bjhd->bihd", p, vf))
+    return out, rnd(lse), (p, tanh, qf, kf, vf)
+
+
+def _sum_groups(x, shape):
+    """(b, s, nheads, d) -> (b, s, nheads_kv, d): sum over the query heads of a kv head."""
+    b, s, _, d = x.shape
+    return x.reshape(b, s, shape.nheads_kv, shape.nheads // shape.nheads_kv, d).sum(3)
