@@ -8,8 +8,10 @@ any register spill (local-memory traffic in an attention kernel is a performance
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from . import _compile, _dispatch
 
@@ -21,30 +23,36 @@ def main(argv=None) -> int:
                         help="comma-separated targets, e.g. sm_80,sm_90 (default)")
     parser.add_argument("-k", dest="pattern", default="",
                         help="only instantiations whose name contains this string")
+    parser.add_argument("-j", dest="jobs", type=int, default=os.cpu_count(),
+                        help="parallel compiles (default: the number of CPUs)")
     args = parser.parse_args(argv)
-    kernels = [kv for kv in _dispatch.all_kernels() if args.pattern in kv[1]]
-    if not kernels:
+    jobs = [(arch, filename, name) for arch in args.arch.split(",")
+            for filename, name in _dispatch.all_kernels() if args.pattern in name]
+    if not jobs:
         print("compile_check: no kernels to compile", file=sys.stderr)
         return 1
     failures = 0
-    for arch in args.arch.split(","):
-        for filename, name in kernels:
-            t0 = time.perf_counter()
-            try:
-                r = _compile.compile_report(filename, name, arch)
-            except _compile.CompileError as e:
-                print(f"FAIL  {arch}  {name}\n{e}", flush=True)
-                failures += 1
-                continue
-            spilled = r.spill_stores or r.spill_loads or r.stack_bytes
-            status = "SPILL" if spilled else "ok"
-            failures += bool(spilled)
-            print(f"{status:5} {arch}  regs {r.registers:3}  stack {r.stack_bytes:4}  "
-                  f"spill st/ld {r.spill_stores}/{r.spill_loads}  "
-                  f"{time.perf_counter() - t0:5.1f}s  {filename}  {name}", flush=True)
-    total = len(kernels) * len(args.arch.split(","))
-    print(f"compile_check: {total - failures}/{total} instantiations compiled without spills")
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for line, failed in pool.map(_check_one, jobs):
+            print(line, flush=True)
+            failures += failed
+    print(f"compile_check: {len(jobs) - failures}/{len(jobs)} instantiations compiled "
+          f"without spills")
     return 1 if failures else 0
+
+
+def _check_one(job):
+    """(report line, failed) for one (arch, filename, name_expression)."""
+    arch, filename, name = job
+    t0 = time.perf_counter()
+    try:
+        r = _compile.compile_report(filename, name, arch)
+    except _compile.CompileError as e:
+        return f"FAIL  {arch}  {name}\n{e}", True
+    spilled = bool(r.spill_stores or r.spill_loads or r.stack_bytes)
+    return (f"{'SPILL' if spilled else 'ok':5} {arch}  regs {r.registers:3}  "
+            f"stack {r.stack_bytes:4}  spill st/ld {r.spill_stores}/{r.spill_loads}  "
+            f"{time.perf_counter() - t0:5.1f}s  {filename}  {name}"), spilled
 
 
 if __name__ == "__main__":
