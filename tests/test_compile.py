@@ -1,0 +1,67 @@
+"""The compile layer: sources from package data, fingerprinted options, error reporting.
+
+These run NVRTC without a GPU (CuPy's ctk extra brings it), as CI does.
+"""
+import pytest
+
+from cuflash import _compile
+
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+
+GOOD = """
+template <typename T, int N> __global__ void scale_by(T* x) { x[threadIdx.x] *= N; }
+"""
+BAD = """
+template <typename T, int N> __global__ void scale_by(T* x) { x[threadIdx.x] *= undefined_name; }
+"""
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """Point the compile layer at a scratch kernels_cu/ and clear its caches around the test."""
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "h.cuh").write_text("#pragma once\n")
+    (tmp_path / "k.cu").write_text(GOOD)
+    caches = (_compile.source_dir, _compile.fingerprint, _compile.read_source)
+
+    def clear():
+        for c in caches:
+            c.cache_clear()
+
+    clear()
+    monkeypatch.setattr(_compile, "source_dir", lambda: tmp_path)
+    yield tmp_path, clear
+    clear()
+
+
+def test_sources_come_from_the_package():
+    root = _compile.source_dir()
+    assert root.parent.name == "cuflash"
+    assert (root / "common" / "mma.cuh").is_file()
+
+
+def test_header_edit_changes_the_compile_options(sources):
+    root, clear = sources
+    before = _compile.options("sm_90")
+    (root / "common" / "h.cuh").write_text("#pragma once\n// edited\n")
+    clear()
+    after = _compile.options("sm_90")
+    assert before != after
+    assert any("CUFLASH_FINGERPRINT" in o for o in after)
+
+
+def test_report_gives_registers_and_no_spills(sources):
+    r = _compile.compile_report("k.cu", "scale_by<float, 3>", "sm_90")
+    assert r.registers > 0
+    assert (r.stack_bytes, r.spill_stores, r.spill_loads) == (0, 0, 0)
+
+
+def test_compile_error_names_the_kernel_and_shows_the_log(sources):
+    root, clear = sources
+    (root / "k.cu").write_text(BAD)
+    clear()
+    with pytest.raises(_compile.CompileError) as e:
+        _compile.compile_report("k.cu", "scale_by<float, 3>", "sm_80")
+    message = str(e.value)
+    assert "scale_by<float, 3>" in message and "k.cu" in message and "sm_80" in message
+    assert "undefined_name" in message  # the compiler log itself
