@@ -62,9 +62,13 @@ def array_kind(x, name: str) -> str:
                     f"__dlpack__, got {type(x).__name__}")
 
 
-def same_kind(arrays: dict) -> str:
-    """Check that all arrays are of one kind and on one device; return that kind."""
-    kinds = {name: array_kind(a, name) for name, a in arrays.items() if a is not None}
+def same_kind(arrays: dict, optional=("alibi_slopes",)) -> str:
+    """Check that all arrays are of one kind and on one device; return that kind.
+
+    Only the ``optional`` names may be ``None``; any other ``None`` is a TypeError naming it.
+    """
+    kinds = {name: array_kind(a, name) for name, a in arrays.items()
+             if a is not None or name not in optional}
     first, kind = next(iter(kinds.items()))
     for name, k in kinds.items():
         if k != kind:
@@ -119,10 +123,18 @@ def check_qkv(q, k, v, *, gpu: bool) -> Shape:
 
 
 def check_last_axis_contiguous(x, name: str) -> None:
-    if x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
+    # An empty array has no layout to honour (NumPy may give it any strides, even 0).
+    if x.size > 0 and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
         raise ValueError(f"{name} must be contiguous in its last axis (stride "
                          f"{x.dtype.itemsize} bytes), got stride {x.strides[-1]} bytes; "
                          f"other axes may be strided")
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float; the caller reports it as non-finite
+        return math.inf
 
 
 def _window_side(value, side: str) -> int:
@@ -143,7 +155,7 @@ def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(Non
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating,
                                                                      np.integer)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = _as_float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     if not isinstance(causal, (bool, np.bool_)):
@@ -156,10 +168,17 @@ def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(Non
             raise ValueError(f"window right={right} contradicts causal=True (which means "
                              f"right=0); pass one or the other")
         right = 0
+    # A side at least as wide as the keys (left) or queries (right) hides nothing; clamp it
+    # so that any int the caller passes fits the kernels' int32 fields. Exact: query i sees
+    # every key j < seqlen_k once left >= seqlen_k - 1 and right >= seqlen_q - 1.
+    if left > shape.seqlen_k:
+        left = shape.seqlen_k
+    if right > shape.seqlen_q:
+        right = shape.seqlen_q
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.floating,
                                                                          np.integer)):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    softcap = float(softcap)
+    softcap = _as_float(softcap)
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be finite and >= 0 (0 disables it), got {softcap}")
     if alibi_slopes is not None:
@@ -171,6 +190,9 @@ def _check_alibi(slopes, shape: Shape, kind: str, q):
     same_kind({"q": q, "alibi_slopes": slopes})
     if slopes.dtype != np.float32:
         raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    # The kernels take one batch stride and assume consecutive heads.
+    if slopes.ndim in (1, 2):
+        check_last_axis_contiguous(slopes, "alibi_slopes")
     if slopes.shape == (shape.nheads,):
         xp = np if kind == "numpy" else _cupy()
         slopes = xp.broadcast_to(slopes[None, :], (shape.batch, shape.nheads))

@@ -52,6 +52,7 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
         float16, bfloat16 (``ml_dtypes.bfloat16``) or float32 (float64 too on the CPU).
         Only the last axis must be contiguous.
     {options}
+
     Returns
     -------
     out : array (batch, seqlen_q, nheads, headdim), dtype of ``q``
@@ -174,6 +175,8 @@ def attention_vjp(q, k, v, *, deterministic=False, **options):
     >>> out, vjp = cuflash.attention_vjp(q, q, q, causal=True)
     >>> dq, dk, dv = vjp(np.ones_like(out))
     """
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     out, lse = attention_forward(q, k, v, **options)
 
     def vjp(dout):
@@ -184,4 +187,5 @@ def attention_vjp(q, k, v, *, deterministic=False, **options):
 
 
 for _f in (attention_forward, attention, attention_backward):
-    _f.__doc__ = _f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
+    if _f.__doc__:  # None under python -OO, which strips docstrings
+        _f.__doc__ = _f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
