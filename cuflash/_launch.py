@@ -65,3 +65,95 @@ def launch(device_id, filename, name_expression, grid, block, shared_bytes, para
         if shared_bytes > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = shared_bytes
         kernel(grid, block, (np.array([params], dtype=dtype),), shared_mem=shared_bytes)
+
+
+# --- Backward ------------------------------------------------------------------------------
+BWD_PARAMS = np.dtype([
+    ("attn", ATTN_ARGS),
+    ("out", np.uint64), ("dout", np.uint64), ("lse", np.uint64),
+    ("dq", np.uint64), ("dk", np.uint64), ("dv", np.uint64),
+    ("lse_log2", np.uint64), ("delta", np.uint64), ("dq_accum", np.uint64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("do_batch_stride", np.int64), ("do_row_stride", np.int64), ("do_head_stride", np.int64),
+    ("lse_batch_stride", np.int64), ("lse_head_stride", np.int64),
+    ("lse_row_stride", np.int64),
+    ("dq_batch_stride", np.int64), ("dq_row_stride", np.int64), ("dq_head_stride", np.int64),
+    ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
+    ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
+    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32),
+], align=True)
+
+# Query rows of the float32 scratch are padded to a multiple of every query tile, so tiles
+# read lse/delta and add into dq_accum without bounds checks.
+BWD_SEQLEN_Q_PAD = 128
+_PRE_ROWS = 32  # rows per block of bwd_preprocess / bwd_convert_dq (PRE_ROWS in the kernel)
+
+
+def _ptr(x):
+    return 0 if x is None else x.data.ptr
+
+
+class _BwdState:
+    """The arrays of one backward call and its BwdParams record."""
+
+    def __init__(self, dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum):
+        import cupy
+        self.shape = shape
+        self.dq = cupy.empty(q.shape, q.dtype)
+        self.dk = cupy.empty(k.shape, k.dtype)
+        self.dv = cupy.empty(v.shape, v.dtype)
+        self.seqlen_q_pad = -(-shape.seqlen_q // BWD_SEQLEN_Q_PAD) * BWD_SEQLEN_Q_PAD
+        rows = (shape.batch, shape.nheads, self.seqlen_q_pad)
+        self.lse_log2 = cupy.empty(rows, np.float32)
+        self.delta = cupy.empty(rows, np.float32)
+        self.dq_accum = cupy.empty(rows + (headdim_pad,), np.float32) if with_accum else None
+        self.keep = (dout, q, k, v, out, lse)  # alive until the launches are queued
+        lse_strides = tuple(s // 4 for s in lse.strides)
+        self.params = np.array([(
+            attn_args(q, k, v, shape, opts),
+            _ptr(out), _ptr(dout), _ptr(lse), _ptr(self.dq), _ptr(self.dk), _ptr(self.dv),
+            _ptr(self.lse_log2), _ptr(self.delta), _ptr(self.dq_accum),
+            *strides(out), *strides(dout), *lse_strides,
+            *strides(self.dq), *strides(self.dk), *strides(self.dv),
+            self.seqlen_q_pad, headdim_pad)], dtype=BWD_PARAMS)[0]
+
+
+def bwd_preprocess(dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum):
+    """Allocate the backward's outputs and scratch and run the preprocess kernel."""
+    from . import _dispatch
+    state = _BwdState(aligned(dout), q, k, v, aligned(out), lse, shape, opts, headdim_pad,
+                      with_accum)
+    pre, _ = _dispatch.bwd_preprocess_kernels(CXX_TYPES[q.dtype])
+    launch(q.device.id, "flash_bwd.cu", pre,
+           (state.seqlen_q_pad // _PRE_ROWS, shape.nheads, shape.batch), (256, 1, 1), 0,
+           state.params, BWD_PARAMS)
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Forward (kernels_cu/flash_fwd.cu)
+
+FWD_PARAMS = np.dtype([
+    ("attn", ATTN_ARGS), ("o", np.uint64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("lse", np.uint64),
+], align=True)
+
+
+def forward(q, k, v, shape, opts):
+    """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else."""
+    import cupy
+    from . import _dispatch
+    device_id = q.device.id
+    _compile.device_arch(device_id)  # a clear error on GPUs older than sm_80
+    q, k, v = aligned(q), aligned(k), aligned(v)
+    cfg = _dispatch.forward_config(q.dtype, shape.headdim, softcap=opts.softcap,
+                                   alibi=opts.alibi_slopes is not None)
+    with cupy.cuda.Device(device_id):
+        out = cupy.empty(q.shape, q.dtype)
+        lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
+    params = (attn_args(q, k, v, shape, opts), out.data.ptr, *strides(out), lse.data.ptr)
+    grid = ((shape.seqlen_q + cfg.block_m - 1) // cfg.block_m, shape.nheads, shape.batch)
+    launch(device_id, _dispatch.FWD_FILE, cfg.name_expression, grid, (cfg.num_threads,),
+           cfg.shared_bytes, params, FWD_PARAMS)
+    return out, lse
