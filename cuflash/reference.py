@@ -91,14 +91,14 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None,
     rnd = _rounding(q.dtype, upcast)
     _, _, (p, tanh, qf, kf, vf) = _forward(q, k, v, shape, opts, rnd)
     do = rnd(dout.astype(np.float64))
-    dv = rnd(np.einsum("bhij,bihd->bjhd", p, do))
-    dp = rnd(np.einsum("bihd,bjhd->bhij", do, vf))
+    dv = rnd(np.einsum("bhij,bihd->bjhd", p, do, optimize=True))
+    dp = rnd(np.einsum("bihd,bjhd->bhij", do, vf, optimize=True))
     ds = p * (dp - (p * dp).sum(-1, keepdims=True))
     if opts.softcap:
         ds = ds * (1 - tanh * tanh)  # d/dx softcap * tanh(x / softcap)
     ds = rnd(ds * opts.scale)
-    dq = rnd(np.einsum("bhij,bjhd->bihd", ds, kf))
-    dk = rnd(np.einsum("bhij,bihd->bjhd", ds, qf))
+    dq = rnd(np.einsum("bhij,bjhd->bihd", ds, kf, optimize=True))
+    dk = rnd(np.einsum("bhij,bihd->bjhd", ds, qf, optimize=True))
     dk, dv = (rnd(_sum_groups(x, shape)) for x in (dk, dv))
     dtype = np.float64 if upcast else q.dtype
     return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
@@ -134,7 +134,7 @@ def _forward(q, k, v, shape, opts, rnd):
     group = shape.nheads // shape.nheads_kv
     qf = q.astype(np.float64)
     kf, vf = (np.repeat(x.astype(np.float64), group, axis=2) for x in (k, v))
-    s = rnd(opts.scale * np.einsum("bihd,bjhd->bhij", qf, kf))
+    s = rnd(opts.scale * np.einsum("bihd,bjhd->bhij", qf, kf, optimize=True))
     tanh = None
     if opts.softcap:
         tanh = np.tanh(s / opts.softcap)
@@ -160,7 +160,7 @@ def _forward(q, k, v, shape, opts, rnd):
     l_safe = np.where(seen, l, 1.0)
     p = rnd(e / l_safe)
     lse = np.where(seen, m + np.log(l_safe), -np.inf)[..., 0]
-    out = rnd(np.einsum("bhij,bjhd->bihd", p, vf))
+    out = rnd(np.einsum("bhij,bjhd->bihd", p, vf, optimize=True))
     return out, rnd(lse), (p, tanh, qf, kf, vf)
 
 
