@@ -71,15 +71,16 @@ class FwdTile:
 # R * Bc / 16 of S; the aim is 128-row query blocks (K/V re-read from L2 once per 128 rows)
 # without spills.
 FWD_TILES = {
-    32: FwdTile(128, 64, 4, "FA2's 128-row block; 2 m16 tiles per warp, Q in registers"),
-    64: FwdTile(128, 64, 4, "FA2's 128-row block; 2 m16 tiles per warp, Q in registers "
-                            "(Bc=128 would need 128 S registers)"),
-    96: FwdTile(128, 64, 8, "8 warps of one m16 tile keep Q in registers"),
-    128: FwdTile(128, 64, 8, "8 warps of one m16 tile keep Q in registers (4 warps of two "
-                             "would need ~256 registers)"),
+    32: FwdTile(128, 64, 4, "2 m16 tiles per warp (K/V fragments feed twice the MMAs); "
+                            "Q in registers; 192 registers, no spills"),
+    64: FwdTile(128, 128, 8, "4 warps of 2 m16 tiles spill (255 registers); 8 warps of one "
+                             "tile with Bc=128 fit in 236"),
+    96: FwdTile(128, 64, 8, "8 warps of one m16 tile keep Q in registers without spills"),
+    128: FwdTile(128, 64, 8, "8 warps of one m16 tile: 239 registers; 4 warps of two "
+                             "spill even with Bc=32"),
     192: FwdTile(128, 64, 8, "FA2's 128x64 with 8 warps; Q re-read from shared memory"),
-    256: FwdTile(128, 64, 8, "FA2's 128x64 with 8 warps; Q re-read from shared memory; "
-                             "128 KiB of shared memory"),
+    256: FwdTile(64, 32, 4, "128-row blocks spill (Bc=64: 136 bytes, Bc=32: 20); 64x32 fits "
+                            "in 255 registers"),
 }
 # float32: one generic tiling (F32_* in flash_fwd.cu): 4 warps of 4 rows, 32-key tiles.
 FWD_F32_BLOCK_M, FWD_F32_WARPS = 16, 4

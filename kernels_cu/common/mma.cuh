@@ -8,7 +8,9 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda/std/cstdint>
+// NVRTC ships no <cstdint> without extra include paths; the two widths we use:
+using uint32_t = unsigned int;
+using uint64_t = unsigned long long;
 
 namespace cuflash {
 

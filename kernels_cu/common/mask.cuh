@@ -1,0 +1,96 @@
+// The score function of CONVENTIONS.md ("The score of query row i and key column j"),
+// shared by the forward and backward kernels.
+//
+// Kernels work in base 2: a logit x = log2(e) * score, so that softmax weights are exp2(x - m).
+// `ScoreMod` turns a raw dot product q_i . k_j into that logit (scale, soft-cap, ALiBi);
+// `Mask` says which keys a query row sees (causal / window / seqlen_k) and which tiles are
+// entirely visible, so that only boundary tiles pay for per-element masking.
+// Indices are within one (batch, head): query rows i in [0, seqlen_q), keys j in [0, seqlen_k).
+#pragma once
+#include "common/params.cuh"
+
+namespace cuflash {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+
+struct Mask {
+  int seqlen_k;
+  int diag;   // seqlen_k - seqlen_q: query i's diagonal key is i + diag (bottom-right aligned)
+  int left;   // -1: unbounded
+  int right;  // -1: unbounded; causal is 0
+
+  __device__ __forceinline__ explicit Mask(const AttnArgs& a)
+      : seqlen_k(a.seqlen_k), diag(a.seqlen_k - a.seqlen_q), left(a.window_left),
+        right(a.window_right) {}
+
+  // Bitwise rather than short-circuit operators: no branches in unrolled fragment loops.
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return (j < seqlen_k) & ((right < 0) | (j <= i + diag + right)) &
+           ((left < 0) | (j >= i + diag - left));
+  }
+
+  // Keys [begin, end) seen by at least one row of [i_begin, i_end); empty when end <= begin.
+  __device__ __forceinline__ void key_range(int i_begin, int i_end, int& begin, int& end) const {
+    begin = left < 0 ? 0 : max(0, i_begin + diag - left);
+    end = right < 0 ? seqlen_k : min(seqlen_k, i_end + diag + right);
+  }
+
+  // True unless every (i, j) of the tile [i_begin, i_end) x [j_begin, j_end) is visible
+  // (rows past seqlen_q count as rows; their results are never stored).
+  __device__ __forceinline__ bool tile_needs_mask(int i_begin, int i_end, int j_begin,
+                                                  int j_end) const {
+    return j_end > seqlen_k || (right >= 0 && j_end - 1 > i_begin + diag + right) ||
+           (left >= 0 && j_begin < i_end - 1 + diag - left);
+  }
+};
+
+// Raw dot product s = q_i . k_j -> base-2 logit
+//   log2(e) * (softcap * tanh(scale * s / softcap) - slope * |i + diag - j|).
+// Without soft-cap and ALiBi this is s * scale_log2, which kernels fold into their exp2 FFMA
+// instead of calling apply().
+struct ScoreMod {
+  float scale_log2;   // scale * log2(e)
+  float softcap_in;   // scale / softcap
+  float softcap_out;  // softcap * log2(e)
+  float slope_log2;   // ALiBi slope * log2(e); 0 without ALiBi
+  int diag;
+  bool has_softcap;
+
+  __device__ __forceinline__ ScoreMod(const AttnArgs& a, int batch_idx, int head_idx)
+      : scale_log2(a.scale * LOG2E), softcap_in(a.softcap > 0.f ? a.scale / a.softcap : 0.f),
+        softcap_out(a.softcap * LOG2E),
+        slope_log2(a.alibi_slopes
+                       ? a.alibi_slopes[batch_idx * a.alibi_batch_stride + head_idx] * LOG2E
+                       : 0.f),
+        diag(a.seqlen_k - a.seqlen_q), has_softcap(a.softcap > 0.f) {}
+
+  __device__ __forceinline__ float apply(float s, int i, int j) const {
+    float x = has_softcap ? softcap_out * tanhf(s * softcap_in) : s * scale_log2;
+    return x - slope_log2 * static_cast<float>(abs(i + diag - j));
+  }
+};
+
+// Applies the score function to scores held in mma.m16n8k16 C-fragments:
+// s[mt][nt][e] is row row0 + mt * 16 + (e / 2) * 8, column col0 + nt * 8 + e % 2, where
+// row0 = first row of the tile + lane / 4 and col0 = first key of the tile + 2 * (lane % 4).
+// MOD: replace each score by its base-2 logit (ScoreMod::apply); MASK: set invisible ones to
+// -inf. Without MOD the scores stay raw (the caller scales them in the exp2).
+template <bool MOD, bool MASK, int M_TILES, int N_TILES>
+__device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], int row0,
+                                               int col0, const ScoreMod& mod,
+                                               const Mask& mask) {
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int i = row0 + mt * 16 + (e >> 1) * 8, j = col0 + nt * 8 + (e & 1);
+        if (MOD) s[mt][nt][e] = mod.apply(s[mt][nt][e], i, j);
+        if (MASK) s[mt][nt][e] = mask.visible(i, j) ? s[mt][nt][e] : neg_inf();
+      }
+}
+
+}  // namespace cuflash

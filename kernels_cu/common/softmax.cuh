@@ -1,0 +1,95 @@
+// Online softmax (FlashAttention-2) over rows held in mma.m16n8k16 C-fragments.
+//
+// A thread holds rows lane / 4 and lane / 4 + 8 of each of its M_TILES m16 tiles; the four
+// threads of a quad (lane % 4) share those rows, so row reductions are two shuffles.
+// Statistics are in base 2: m_i is the running max of the logits x = factor * s, l_i the
+// running sum of exp2(x - m_i) over this thread's columns (quad-reduced once, in finalize).
+#pragma once
+#include "common/mask.cuh"
+
+namespace cuflash {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int M_TILES>
+struct OnlineSoftmax {
+  float m_i[M_TILES][2];
+  float l_i[M_TILES][2];
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m_i[mt][r] = neg_inf();
+        l_i[mt][r] = 0.f;
+      }
+  }
+
+  // Folds one tile of scores into the statistics: s becomes P = exp2(factor * s - m_i) in
+  // place and the output accumulator is rescaled by exp2(m_old - m_new). `factor` is
+  // scale * log2(e) for raw scores, 1 for logits already in base 2; it must be > 0.
+  // A row that has seen only -inf keeps m_i = -inf and P = 0 (the exp2 uses 0 for its max).
+  template <int N_TILES, int D_TILES>
+  __device__ __forceinline__ void update(float (&s)[M_TILES][N_TILES][4],
+                                         float (&acc_o)[M_TILES][D_TILES][4], float factor) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = neg_inf();
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt)
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        float m_new = fmaxf(m_i[mt][r], quad_max(mx) * factor);
+        float m_use = m_new == neg_inf() ? 0.f : m_new;
+        float alpha = fast_exp2(m_i[mt][r] - m_use);
+        m_i[mt][r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            float p = fast_exp2(fmaf(s[mt][nt][e], factor, -m_use));
+            s[mt][nt][e] = p;
+            sum += p;
+          }
+        l_i[mt][r] = l_i[mt][r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt) {
+          acc_o[mt][dt][2 * r] *= alpha;
+          acc_o[mt][dt][2 * r + 1] *= alpha;
+        }
+      }
+  }
+
+  // Divides the accumulator by l_i (once, at the end) and returns each row's natural-log
+  // LSE in lse[mt][r]; a row that saw no key gets out = 0 and lse = -inf, never NaN.
+  template <int D_TILES>
+  __device__ __forceinline__ void finalize(float (&acc_o)[M_TILES][D_TILES][4],
+                                           float (&lse)[M_TILES][2]) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = quad_sum(l_i[mt][r]);
+        bool empty = !(l > 0.f);
+        float inv = empty ? 0.f : 1.f / l;
+        lse[mt][r] = empty ? neg_inf() : (m_i[mt][r] + __log2f(l)) * LN2;
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt) {
+          acc_o[mt][dt][2 * r] *= inv;
+          acc_o[mt][dt][2 * r + 1] *= inv;
+        }
+      }
+  }
+};
+
+}  // namespace cuflash

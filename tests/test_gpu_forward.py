@@ -1,0 +1,192 @@
+"""The GPU forward kernels (kernels_cu/flash_fwd.cu) against the float64 reference.
+
+Every call runs under an allocator hook that fills each allocation with 0xFF bytes (NaN in
+float16, bfloat16 and float32) and records its size: the results must be finite wherever
+the reference is (so every element was written), and the forward must allocate exactly
+``out`` and ``lse``. Inputs are random normal, drawn fresh for every case (the seed is in
+the failure message).
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from accuracy import assert_close
+
+pytestmark = pytest.mark.gpu
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+
+class PoisoningAllocator:
+    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
+
+    def __init__(self):
+        import cupy
+        self.pool = cupy.get_default_memory_pool()
+        self.sizes = []
+
+    def __call__(self, size):
+        import cupy
+        mem = self.pool.malloc(size)
+        self.sizes.append(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size,
+                                      cupy.cuda.get_current_stream().ptr)
+        return mem
+
+
+def _gpu_forward(q, k, v, **opts):
+    import cupy
+    import cuflash
+    alloc = PoisoningAllocator()
+    used_before = alloc.pool.used_bytes()
+    cupy.cuda.set_allocator(alloc)
+    try:
+        out, lse = cuflash.attention_forward(q, k, v, **opts)
+    finally:
+        cupy.cuda.set_allocator(alloc.pool.malloc)
+    cupy.cuda.Device().synchronize()
+    assert sorted(alloc.sizes) == sorted([out.nbytes, lse.nbytes]), (
+        f"forward allocated {alloc.sizes}, expected only out ({out.nbytes} bytes) and lse "
+        f"({lse.nbytes} bytes)")
+    grown = alloc.pool.used_bytes() - used_before
+    assert grown < out.nbytes + lse.nbytes + 2 * 512, f"pool grew by {grown} bytes"
+    return out, lse
+
+
+def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="contiguous",
+          alibi=None, **opts):
+    """Run one forward on random data and apply the accuracy rule to out and lse.
+
+    layout: "contiguous"; "qkv" (q, k, v slices of one packed tensor: strided rows);
+    "bhsd" (arrays stored (batch, nheads, seqlen, headdim) and passed transposed).
+    alibi: None, "heads" (slopes (nheads,)) or "batch" (slopes (batch, nheads)).
+    """
+    import cupy
+    from cuflash import reference
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+
+    def draw(seqlen, heads):
+        if layout == "bhsd":
+            x = rng.standard_normal((batch, heads, seqlen, headdim)).astype(dtype)
+            return cupy.asarray(x).transpose(0, 2, 1, 3)
+        return cupy.asarray(rng.standard_normal((batch, seqlen, heads, headdim)).astype(dtype))
+
+    if layout == "qkv":
+        assert seqlen_q == seqlen_k
+        packed = cupy.asarray(rng.standard_normal(
+            (batch, seqlen_q, nheads + 2 * nheads_kv, headdim)).astype(dtype))
+        q = packed[:, :, :nheads]
+        k = packed[:, :, nheads:nheads + nheads_kv]
+        v = packed[:, :, nheads + nheads_kv:]
+    else:
+        q, k, v = draw(seqlen_q, nheads), draw(seqlen_k, nheads_kv), draw(seqlen_k, nheads_kv)
+    if alibi == "heads":
+        opts["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.5, nheads).astype(np.float32))
+    elif alibi == "batch":
+        opts["alibi_slopes"] = cupy.asarray(
+            rng.uniform(0.01, 0.5, (batch, nheads)).astype(np.float32))
+
+    out, lse = _gpu_forward(q, k, v, **opts)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (batch, nheads, seqlen_q) and lse.dtype == np.float32
+    ref_opts = dict(opts)
+    if "alibi_slopes" in ref_opts:
+        ref_opts["alibi_slopes"] = ref_opts["alibi_slopes"].get()
+    hq, hk, hv = q.get(), k.get(), v.get()
+    ref_out, ref_lse = reference.attention_forward(hq, hk, hv, upcast=True, **ref_opts)
+    naive_out, naive_lse = reference.attention_forward(hq, hk, hv, upcast=False, **ref_opts)
+    where = (f"seed {seed}, {dtype}, b{batch} sq{seqlen_q} sk{seqlen_k} h{nheads}/{nheads_kv} "
+             f"d{headdim} {layout} alibi={alibi} {opts}")
+    assert_close(f"out ({where})", out, ref_out, naive_out)
+    assert_close(f"lse ({where})", lse, ref_lse, naive_lse)
+    return out, lse, ref_lse
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [32, 40, 64, 96, 128, 192, 256])
+def test_headdims(dtype, headdim):
+    check(dtype, 2, 145, 211, 3, 3, headdim)
+    check(dtype, 1, 97, 97, 2, 2, headdim, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [
+    (1, 1), (17, 17), (97, 97), (128, 128), (1025, 1025), (4096, 4096),
+    (1, 4096), (17, 1025), (128, 97), (1025, 17), (4096, 128),
+])
+def test_seqlens(seqlen_q, seqlen_k, causal):
+    check(BF16, 1, seqlen_q, seqlen_k, 2, 1, 64, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("opts", [
+    dict(softcap=3.0),
+    dict(softcap=1.5, causal=True),
+    dict(alibi="heads"),
+    dict(alibi="batch", causal=True),
+    dict(alibi="heads", softcap=5.0, window=(40, 7)),
+    dict(window=(64, None)),
+    dict(window=(None, 33)),
+    dict(window=(0, 0)),
+    dict(window=(100, 20), scale=0.3),
+], ids=["softcap", "softcap-causal", "alibi", "alibi-batch-causal", "all", "left",
+        "right", "diagonal", "window-scale"])
+def test_features(dtype, opts):
+    check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
+
+
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_gqa(dtype, ratio):
+    check(dtype, 2, 150, 150, 8, 8 // ratio, 128, causal=ratio == 4)
+
+
+@pytest.mark.parametrize("layout", ["qkv", "bhsd"])
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+def test_strided_inputs(dtype, layout):
+    check(dtype, 3, 130, 130, 4, 2, 96, layout=layout, causal=True)
+    check(dtype, 2, 70, 70, 2, 1, 40, layout=layout, softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+def test_fully_masked_rows(dtype):
+    # Causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see no key.
+    out, lse, _ = check(dtype, 1, 300, 100, 2, 2, 64, causal=True)
+    assert bool((out[:, :200] == 0).all()) and bool(np.isneginf(lse[:, :, :200].get()).all())
+    # A window past the keys: rows whose window holds no key j < seqlen_k.
+    out, lse, ref_lse = check(dtype, 2, 150, 60, 2, 1, 32, window=(0, 0))
+    assert np.isneginf(ref_lse).any()
+
+
+@pytest.mark.parametrize("headdim", [32, 128, 256])
+def test_float32(headdim):
+    check(F32, 2, 77, 1025, 2, 1, headdim)
+    check(F32, 1, 129, 129, 2, 2, headdim, causal=True, alibi="heads")
+
+
+def test_float32_is_not_tf32():
+    # Products of values with more mantissa bits than TF32's 10: a TF32 kernel would miss
+    # by ~1e-4 relative, far over the float32 rule's bound.
+    import cupy
+    import cuflash
+    rng = np.random.default_rng()
+    q = cupy.asarray(1 + rng.uniform(0, 2**-12, (1, 64, 1, 32)).astype(np.float32))
+    k = cupy.asarray(rng.standard_normal((1, 64, 1, 32)).astype(np.float32))
+    v = cupy.asarray(rng.standard_normal((1, 64, 1, 32)).astype(np.float32))
+    from cuflash import reference
+    out, lse = cuflash.attention_forward(q, k, v)
+    ref_out, ref_lse = reference.attention_forward(q.get(), k.get(), v.get())
+    assert np.abs(out.get() - ref_out).max() < 1e-5
+    assert np.abs(lse.get() - ref_lse).max() < 1e-5
+
+
+def test_old_gpu_error_names_compute_capability(monkeypatch):
+    import cupy
+    from cuflash import _compile
+    monkeypatch.setattr(cupy.cuda.Device, "compute_capability", property(lambda self: "75"))
+    with pytest.raises(RuntimeError, match="7.5"):
+        _compile.device_arch(0)
