@@ -187,6 +187,13 @@ def test_float32_is_not_tf32():
 def test_old_gpu_error_names_compute_capability(monkeypatch):
     import cupy
     from cuflash import _compile
-    monkeypatch.setattr(cupy.cuda.Device, "compute_capability", property(lambda self: "75"))
-    with pytest.raises(RuntimeError, match="7.5"):
+
+    class Turing:
+        compute_capability = "75"
+
+        def __init__(self, device_id=0):
+            pass
+
+    monkeypatch.setattr(cupy.cuda, "Device", Turing)
+    with pytest.raises(RuntimeError, match=r"compute capability 8\.0.*has 7\.5"):
         _compile.device_arch(0)
