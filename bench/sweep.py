@@ -1,0 +1,419 @@
+"""Benchmark sweep: cuflash against its peers on the standard FlashAttention shapes.
+
+    PYTHONPATH=. python bench/sweep.py --out bench/results/h100 --modes fwd
+    PYTHONPATH=. python bench/sweep.py --out /tmp/quick --quick
+
+Shapes (CONVENTIONS.md, "Measuring speed"): hidden 2048 (nheads = 2048 // headdim),
+batch = 16384 // seqlen, seqlen 512 to 16384, headdim 64 and 128, causal and not, bf16 and
+fp16. Peers: a naive CuPy attention (in the input dtype) and, when torch is importable,
+torch's scaled_dot_product_attention with each backend, fed the same buffers zero-copy
+through DLPack. Every implementation gets the same random normal inputs. A call is timed
+between two CUDA events after warm-up; a measurement is the median of many calls.
+Anything that raises (unsupported, out of memory) leaves a gap in its row, not a crash.
+
+Writes sweep.json (every number, with device and versions), sweep.md (the tables) and
+sweep.png (TFLOP/s against seqlen) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import itertools
+import json
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+HIDDEN, TOKENS = 2048, 16384
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_SEQLENS = (1024, 4096)
+HEADDIMS = (64, 128)
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+CAUSAL = {"no": (False,), "yes": (True,), "both": (False, True)}
+MODES = ("fwd", "bwd", "fwdbwd")
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # multiples of the forward's FLOPs
+BASELINE = "torch-flash"
+# The naive peer materialises (batch, nheads, seqlen, seqlen) scores in the input dtype, and
+# its softmax and backward hold a few such matrices at once.
+NAIVE_BUDGET = 8 * 2 ** 30
+WARMUP = 3
+# (time budget per measurement in ms, fewest and most timed calls): big shapes get few
+# calls and small ones many, which keeps the full forward sweep to ~5 minutes on an H100.
+TIMING = {"full": (200.0, 10, 100), "quick": (50.0, 5, 30)}
+
+
+class Skipped(Exception):
+    """An implementation declines a shape (reported like any other gap)."""
+
+
+def standard_shape(seqlen: int, headdim: int) -> tuple[int, int]:
+    """(batch, nheads) of the standard sweep."""
+    return max(1, TOKENS // seqlen), HIDDEN // headdim
+
+
+def flops(mode: str, batch: int, nheads: int, seqlen: int, headdim: int, causal: bool) -> float:
+    forward = 4 * batch * nheads * seqlen * seqlen * headdim / (2 if causal else 1)
+    return forward * MODE_FLOPS[mode]
+
+
+def make_inputs(dtype, batch: int, seqlen: int, nheads: int, headdim: int):
+    """q, k, v, dout: random normal CuPy arrays of shape (batch, seqlen, nheads, headdim)."""
+    import cupy
+    shape = (batch, seqlen, nheads, headdim)
+    return [cupy.random.standard_normal(shape, dtype=cupy.float32).astype(dtype)
+            for _ in range(4)]
+
+
+def time_ms(fn, budget_ms: float, min_calls: int, max_calls: int) -> float:
+    """Median milliseconds of ``fn()`` between two CUDA events, after warm-up."""
+    import cupy
+    for _ in range(WARMUP):
+        fn()
+
+    def timed_calls(calls):
+        events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(calls)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        events[-1][1].synchronize()
+        return [cupy.cuda.get_elapsed_time(start, end) for start, end in events]
+
+    estimate = timed_calls(1)[0]
+    calls = int(min(max_calls, max(min_calls, budget_ms / max(estimate, 1e-3))))
+    return statistics.median(timed_calls(calls))
+
+
+# Each implementation is a context manager taking (mode, q, k, v, dout, causal) that does
+# its untimed setup (a forward whose outputs the timed backward reads) and yields the
+# zero-argument callable to time. Arrays are (batch, seqlen, nheads, headdim).
+
+@contextlib.contextmanager
+def run_cuflash(mode, q, k, v, dout, causal):
+    import cuflash
+    if mode == "fwd":
+        yield lambda: cuflash.attention_forward(q, k, v, causal=causal)
+    elif mode == "bwd":
+        out, lse = cuflash.attention_forward(q, k, v, causal=causal)
+        yield lambda: cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    else:
+        yield lambda: cuflash.attention_vjp(q, k, v, causal=causal)[1](dout)
+
+
+@contextlib.contextmanager
+def run_naive(mode, q, k, v, dout, causal):
+    """Matmul, softmax, matmul in the input dtype; backward by the textbook formulas."""
+    import cupy
+    batch, seqlen, nheads, headdim = q.shape
+    scores = batch * nheads * seqlen * seqlen * q.dtype.itemsize
+    if scores > NAIVE_BUDGET:
+        raise Skipped(f"score matrix {scores / 2**30:.0f} GiB > budget "
+                      f"{NAIVE_BUDGET / 2**30:.0f} GiB")
+    scale = headdim ** -0.5
+    qh, kh, vh, doh = (x.transpose(0, 2, 1, 3) for x in (q, k, v, dout))
+    if causal:
+        bias = cupy.triu(cupy.full((seqlen, seqlen), -cupy.inf, cupy.float32), 1)
+        bias = bias.astype(q.dtype)
+
+    def forward():
+        p = qh @ kh.transpose(0, 1, 3, 2)
+        p *= scale
+        if causal:
+            p += bias
+        p -= p.max(axis=-1, keepdims=True)
+        cupy.exp(p, out=p)
+        p /= p.sum(axis=-1, keepdims=True)
+        return p @ vh, p
+
+    def backward(out, p):
+        dv = p.transpose(0, 1, 3, 2) @ doh
+        ds = doh @ vh.transpose(0, 1, 3, 2)
+        ds -= (doh * out).sum(axis=-1, keepdims=True)
+        ds *= p
+        ds *= scale
+        return ds @ kh, ds.transpose(0, 1, 3, 2) @ qh, dv
+
+    if mode == "fwd":
+        yield forward
+    elif mode == "bwd":
+        saved = forward()
+        yield lambda: backward(*saved)
+    else:
+        yield lambda: backward(*forward())
+
+
+TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
+                  "torch-efficient": "EFFICIENT_ATTENTION"}
+
+
+@contextlib.contextmanager
+def run_torch(backend, mode, q, k, v, dout, causal):
+    """torch SDPA on the same buffers; backward is timed alone, on a retained graph."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    leaves = [torch.from_dlpack(x).requires_grad_(mode != "fwd") for x in (q, k, v)]
+    # SDPA takes (batch, nheads, seqlen, headdim): transposed views of the same memory.
+    tq, tk, tv = (x.transpose(1, 2) for x in leaves)
+    tdout = torch.from_dlpack(dout).transpose(1, 2)
+
+    def forward():
+        return sdpa(tq, tk, tv, is_causal=causal)
+
+    # autograd.grad rather than .backward(): no accumulation into .grad inside the timing.
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        if mode == "fwd":
+            yield forward
+        elif mode == "bwd":
+            out = forward()
+            yield lambda: torch.autograd.grad(out, leaves, tdout, retain_graph=True)
+        else:
+            yield lambda: torch.autograd.grad(forward(), leaves, tdout)
+
+
+def implementations(names, torch) -> dict:
+    impls = {"cuflash": run_cuflash, "naive-cupy": run_naive}
+    if torch is not None:
+        impls.update({name: functools.partial(run_torch, backend)
+                      for name, backend in TORCH_BACKENDS.items()})
+    if names is None:
+        return impls
+    missing = [n for n in names if n not in impls]
+    if missing:
+        sys.exit(f"sweep.py: implementation(s) {', '.join(missing)} not available here "
+                 f"(available: {', '.join(impls)}; torch peers need torch)")
+    return {n: impls[n] for n in names}
+
+
+def release_memory(torch) -> None:
+    """Hand cached blocks back, so one implementation's pool does not starve the next."""
+    import cupy
+    cupy.get_default_memory_pool().free_all_blocks()
+    if torch is not None:
+        torch.cuda.empty_cache()
+
+
+def measure(run, mode, inputs, causal, row_flops, timing, torch) -> dict:
+    try:
+        with run(mode, *inputs, causal) as fn:
+            ms = time_ms(fn, *timing)
+        return {"ms": ms, "tflops": row_flops / ms / 1e9}
+    except Exception as e:  # unsupported, out of memory, not yet written: a gap in the row
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        return {"error": f"{type(e).__name__}: {first_line}"}
+    finally:
+        release_memory(torch)
+
+
+def ratio(row) -> float | None:
+    """cuflash / torch-flash TFLOP/s, when both ran."""
+    ours, theirs = row["results"].get("cuflash", {}), row["results"].get(BASELINE, {})
+    if "tflops" in ours and "tflops" in theirs:
+        return ours["tflops"] / theirs["tflops"]
+    return None
+
+
+def progress(row, index: int, total: int) -> str:
+    cells = [f"{name} {r['tflops']:.1f}" if "tflops" in r else f"{name} -"
+             for name, r in row["results"].items()]
+    r = ratio(row)
+    return (f"[{index:>3}/{total}] {row['mode']:6} {row['dtype']} hd{row['headdim']:<3} "
+            f"{'causal' if row['causal'] else 'full  '} seqlen {row['seqlen']:>5}: TFLOP/s "
+            + " | ".join(cells) + (f" | ratio {r:.2f}" if r is not None else ""))
+
+
+def markdown(rows, names) -> str:
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        lines += [f"## {mode}: TFLOP/s (ratio = cuflash / {BASELINE})", "",
+                  "| dtype | hdim | causal | seqlen | batch x heads | " + " | ".join(names)
+                  + " | ratio |",
+                  "|---" * (len(names) + 6) + "|"]
+        for row in (r for r in rows if r["mode"] == mode):
+            cells = [f"{row['results'][n]['tflops']:.1f}" if "tflops" in row["results"][n]
+                     else "-" for n in names]
+            r = ratio(row)
+            lines.append(f"| {row['dtype']} | {row['headdim']} | {row['causal']} | "
+                         f"{row['seqlen']} | {row['batch']} x {row['nheads']} | "
+                         + " | ".join(cells) + f" | {'-' if r is None else f'{r:.2f}'} |")
+        lines.append("")
+    lines += [f"## cuflash / {BASELINE}", "", "| mode | rows | median ratio | min ratio |",
+              "|---|---|---|---|"]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        ratios = [x for x in (ratio(r) for r in rows if r["mode"] == mode) if x is not None]
+        if ratios:
+            lines.append(f"| {mode} | {len(ratios)} | {statistics.median(ratios):.2f} | "
+                         f"{min(ratios):.2f} |")
+        else:
+            lines.append(f"| {mode} | 0 | - | - |")
+    errors = {(n, row["results"][n]["error"]) for row in rows for n in names
+              if "error" in row["results"][n]}
+    if errors:
+        lines += ["", "## Gaps", ""] + [f"- {n}: {e}" for n, e in sorted(errors)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, names, path: Path) -> None:
+    """One panel per (mode, dtype) x (headdim, causal); one line per implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid_rows = list(dict.fromkeys((r["mode"], r["dtype"]) for r in rows))
+    grid_cols = list(dict.fromkeys((r["headdim"], r["causal"]) for r in rows))
+    fig, axes = plt.subplots(len(grid_rows), len(grid_cols), squeeze=False,
+                             figsize=(4 * len(grid_cols), 3 * len(grid_rows)))
+    lines = {}
+    for (i, (mode, dtype)), (j, (headdim, causal)) in itertools.product(
+            enumerate(grid_rows), enumerate(grid_cols)):
+        ax = axes[i][j]
+        panel = [r for r in rows if (r["mode"], r["dtype"], r["headdim"], r["causal"])
+                 == (mode, dtype, headdim, causal)]
+        for color, name in enumerate(names):
+            points = [(r["seqlen"], r["results"][name]["tflops"]) for r in panel
+                      if "tflops" in r["results"][name]]
+            if points:
+                lines[name], = ax.plot(*zip(*points), marker="o", color=f"C{color}")
+        seqlens = [r["seqlen"] for r in panel]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqlens, [str(s) for s in seqlens], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{mode} {dtype} hdim {headdim} {'causal' if causal else 'full'}",
+                     fontsize=9)
+        ax.set_xlabel("seqlen", fontsize=8)
+        ax.set_ylabel("TFLOP/s", fontsize=8)
+    fig.legend(lines.values(), lines.keys(), loc="upper center", ncol=len(lines))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def comma_list(convert=str, choices=None):
+    def parse(text):
+        items = [convert(x) for x in text.split(",") if x]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad or not items:
+            hint = f"choose from {', '.join(choices)}" if choices else "give a comma-separated list"
+            raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+        return items
+    return parse
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Benchmark cuflash against its peers on the standard sweep "
+                    "(TFLOP/s; needs a CUDA GPU).")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for sweep.json, sweep.md and sweep.png")
+    parser.add_argument("--dtypes", type=comma_list(choices=DTYPES), default=list(DTYPES),
+                        help="comma-separated: bf16,fp16 (default both)")
+    parser.add_argument("--headdims", type=comma_list(int), default=list(HEADDIMS),
+                        help="comma-separated (default 64,128)")
+    parser.add_argument("--seqlens", type=comma_list(int),
+                        help=f"comma-separated (default {','.join(map(str, SEQLENS))}; "
+                             f"with --quick {','.join(map(str, QUICK_SEQLENS))})")
+    parser.add_argument("--causal", choices=CAUSAL, default="both",
+                        help="causal masking: no, yes or both (default)")
+    parser.add_argument("--modes", type=comma_list(choices=MODES), default=list(MODES),
+                        help="comma-separated: fwd,bwd,fwdbwd (default all)")
+    parser.add_argument("--impls", type=comma_list(),
+                        help="comma-separated: cuflash,naive-cupy," + ",".join(TORCH_BACKENDS)
+                             + " (default: all that are available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer seqlens and fewer timed calls, for a first look")
+    args = parser.parse_args(argv)
+    args.seqlens = args.seqlens or list(QUICK_SEQLENS if args.quick else SEQLENS)
+    return args
+
+
+def require_gpu():
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no CuPy, no driver: both mean no GPU to measure
+        sys.exit(f"sweep.py needs a CUDA GPU and CuPy, and found none "
+                 f"({type(e).__name__}: {e})")
+    if count == 0:
+        sys.exit("sweep.py needs a CUDA GPU, and CuPy sees none")
+    return cupy
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def environment(cupy, torch, argv) -> dict:
+    import cuflash
+    device = cupy.cuda.Device()
+    return {
+        "device": cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode(),
+        "compute_capability": device.compute_capability,
+        "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
+        "cuflash": cuflash.__version__,
+        "cupy": cupy.__version__,
+        "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *argv]),
+    }
+
+
+def main(argv=None) -> int:
+    argv = sys.argv if argv is None else argv
+    args = parse_args(argv[1:])
+    cupy = require_gpu()
+    torch = import_torch()
+    impls = implementations(args.impls, torch)
+    timing = TIMING["quick" if args.quick else "full"]
+    env = environment(cupy, torch, argv)
+    print(f"{env['device']}: cupy {env['cupy']}, torch {env['torch']}; "
+          f"implementations: {', '.join(impls)}", flush=True)
+    cupy.random.seed(0)
+    causals = CAUSAL[args.causal]
+    total = math.prod(map(len, (args.dtypes, args.headdims, args.seqlens, causals, args.modes)))
+    rows, errors_seen = [], set()
+    for dtype, headdim, seqlen in itertools.product(args.dtypes, args.headdims, args.seqlens):
+        batch, nheads = standard_shape(seqlen, headdim)
+        inputs = make_inputs(DTYPES[dtype], batch, seqlen, nheads, headdim)
+        for causal, mode in itertools.product(causals, args.modes):
+            row_flops = flops(mode, batch, nheads, seqlen, headdim, causal)
+            row = {"mode": mode, "dtype": dtype, "headdim": headdim, "causal": causal,
+                   "seqlen": seqlen, "batch": batch, "nheads": nheads, "flops": row_flops,
+                   "results": {name: measure(run, mode, inputs, causal, row_flops, timing,
+                                             torch)
+                               for name, run in impls.items()}}
+            rows.append(row)
+            print(progress(row, len(rows), total), flush=True)
+            for name, result in row["results"].items():
+                if "error" in result and (name, result["error"]) not in errors_seen:
+                    errors_seen.add((name, result["error"]))
+                    print(f"      {name}: {result['error']}", flush=True)
+        del inputs
+        release_memory(torch)
+
+    table = markdown(rows, list(impls))
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
+    (args.out / "sweep.md").write_text(
+        f"# Sweep on {env['device']}\n\n`{env['command']}`, {env['date']}; cupy {env['cupy']}, "
+        f"torch {env['torch']}, cuflash {env['cuflash']}\n\n" + table)
+    plot(rows, list(impls), args.out / "sweep.png")
+    print(f"wrote sweep.json, sweep.md and sweep.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
