@@ -91,14 +91,15 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None,
     rnd = _rounding(q.dtype, upcast)
     _, _, (p, tanh, qf, kf, vf) = _forward(q, k, v, shape, opts, rnd)
     do = rnd(dout.astype(np.float64))
-    dv = rnd(np.einsum("bhij,bihd->bjhd", p, do, optimize=True))
-    dp = rnd(np.einsum("bihd,bjhd->bhij", do, vf, optimize=True))
+    do = _heads_first(do)
+    dv = rnd(_heads_first(p.swapaxes(-1, -2) @ do))
+    dp = rnd(do @ vf.swapaxes(-1, -2))
     ds = p * (dp - (p * dp).sum(-1, keepdims=True))
     if opts.softcap:
         ds = ds * (1 - tanh * tanh)  # d/dx softcap * tanh(x / softcap)
     ds = rnd(ds * opts.scale)
-    dq = rnd(np.einsum("bhij,bjhd->bihd", ds, kf, optimize=True))
-    dk = rnd(np.einsum("bhij,bihd->bjhd", ds, qf, optimize=True))
+    dq = rnd(_heads_first(ds @ kf))
+    dk = rnd(_heads_first(ds.swapaxes(-1, -2) @ qf))
     dk, dv = (rnd(_sum_groups(x, shape)) for x in (dk, dv))
     dtype = np.float64 if upcast else q.dtype
     return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
@@ -128,13 +129,14 @@ def _rounding(dtype, upcast):
 def _forward(q, k, v, shape, opts, rnd):
     """out (b, sq, h, d), lse (b, h, sq) and what backward needs, all float64.
 
-    Scores and probabilities are laid out (batch, nheads, seqlen_q, seqlen_k); k and v are
-    repeated over the query heads of their group.
+    Scores and probabilities are laid out (batch, nheads, seqlen_q, seqlen_k), and so are the
+    float64 q, k, v handed to backward (heads first, so that products are batched matmuls);
+    k and v are repeated over the query heads of their group.
     """
     group = shape.nheads // shape.nheads_kv
-    qf = q.astype(np.float64)
-    kf, vf = (np.repeat(x.astype(np.float64), group, axis=2) for x in (k, v))
-    s = rnd(opts.scale * np.einsum("bihd,bjhd->bhij", qf, kf, optimize=True))
+    qf = _heads_first(q.astype(np.float64))
+    kf, vf = (_heads_first(np.repeat(x.astype(np.float64), group, axis=2)) for x in (k, v))
+    s = rnd(opts.scale * (qf @ kf.swapaxes(-1, -2)))
     tanh = None
     if opts.softcap:
         tanh = np.tanh(s / opts.softcap)
@@ -160,8 +162,13 @@ def _forward(q, k, v, shape, opts, rnd):
     l_safe = np.where(seen, l, 1.0)
     p = rnd(e / l_safe)
     lse = np.where(seen, m + np.log(l_safe), -np.inf)[..., 0]
-    out = rnd(np.einsum("bhij,bjhd->bihd", p, vf, optimize=True))
+    out = rnd(_heads_first(p @ vf))
     return out, rnd(lse), (p, tanh, qf, kf, vf)
+
+
+def _heads_first(x):
+    """(b, s, h, d) <-> (b, h, s, d); a view, its own inverse."""
+    return x.swapaxes(1, 2)
 
 
 def _sum_groups(x, shape):
