@@ -33,9 +33,10 @@ _FAMILIES = []
 
 
 # --- Backward (kernels_cu/flash_bwd.cu) --------------------------------------------------
-# C++ element types, as in _launch.CXX_TYPES (kept here so the dispatcher imports no NumPy
-# dtype machinery of the launcher).
+BWD_FILE = "flash_bwd.cu"
 _BWD_TYPES = ("__half", "__nv_bfloat16", "float")
+# Flags of bwd_main's MODE (enum BwdMode in flash_bwd.cu).
+BWD_DK, BWD_DV, BWD_DQ_ATOMIC, BWD_DQ = 1, 2, 4, 8
 
 
 def bwd_preprocess_kernels(cxx_type: str):
@@ -43,10 +44,86 @@ def bwd_preprocess_kernels(cxx_type: str):
     return (f"cuflash::bwd_preprocess<{cxx_type}>", f"cuflash::bwd_convert_dq<{cxx_type}>")
 
 
+@dataclass(frozen=True)
+class BwdTile:
+    block_r: int    # streamed rows per iteration (queries for dK/dV, keys for dQ)
+    num_warps: int  # each warp owns 16 * m_tiles owner rows (keys for dK/dV, queries for dQ)
+    m_tiles: int
+    reason: str
+
+
+# Per padded head dim and pass: "dkdv" (dK, dV, and dQ by atomics unless deterministic),
+# "dv" / "dk" (head dims whose dK and dV accumulators do not fit a thread together: a thread
+# holds 16 * m_tiles * hd / 32 floats per accumulator, so 256 at hd 256 for both), and
+# "dq" (deterministic mode's separate dQ kernel). Limits: 255 registers a thread without
+# spills (python -m cuflash.compile_check), shared memory (2 owner tiles + 2 x 2 streamed
+# tiles of rows hd + 8) under 227 KiB.
+BWD_TILES = {
+    32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    64: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries: 255 registers without spills "
+                                    "(block_r 128 spills)"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    96: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; dQ columns split 48/48"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    128: {"dkdv": BwdTile(32, 8, 1, "128 keys x 32 queries: dK+dV take 128 registers; "
+                                     "block_r 64 spills"),
+          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps: 240 registers")},
+    192: {"dv": BwdTile(32, 8, 1, "dV alone: 96 accumulator registers"),
+          "dk": BwdTile(32, 8, 1, "dK (+ dQ share) alone"),
+          "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
+    256: {"dv": BwdTile(32, 8, 1, "dV alone: 128 accumulator registers, 250 in all"),
+          "dk": BwdTile(16, 8, 1, "dK (+ dQ share) alone; block_r 32 spills"),
+          "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
+}
+
+
+@dataclass(frozen=True)
+class BwdLaunch:
+    name_expression: str
+    key_owner: bool     # grid over key blocks and kv heads (else query blocks and heads)
+    block_o: int        # owner rows per CTA
+    num_threads: int
+    shared_bytes: int
+
+
+def _bwd_launch(cxx_type, hd, tile, mode) -> BwdLaunch:
+    key_owner = not mode & BWD_DQ
+    block_o = 16 * tile.m_tiles * tile.num_warps
+    ld = hd + 8
+    elems = 2 * block_o * ld + 4 * tile.block_r * ld
+    if mode & BWD_DQ_ATOMIC:
+        elems += block_o * (tile.block_r + 8)
+    shared = elems * 2 + (4 * tile.block_r * 4 if key_owner else 0)  # + lse/delta buffers
+    name = (f"cuflash::bwd_main<{cxx_type}, {hd}, {tile.block_r}, {tile.num_warps}, "
+            f"{tile.m_tiles}, {mode}>")
+    return BwdLaunch(name, key_owner, block_o, 32 * tile.num_warps, shared)
+
+
+def backward_plan(cxx_type: str, headdim: int, deterministic: bool):
+    """The bwd_main launches of one backward call, in order (fp16 / bf16)."""
+    hd = padded_headdim(headdim)
+    tiles = BWD_TILES[hd]
+    dq = 0 if deterministic else BWD_DQ_ATOMIC
+    if "dkdv" in tiles:
+        plan = [_bwd_launch(cxx_type, hd, tiles["dkdv"], BWD_DK | BWD_DV | dq)]
+    else:
+        plan = [_bwd_launch(cxx_type, hd, tiles["dv"], BWD_DV),
+                _bwd_launch(cxx_type, hd, tiles["dk"], BWD_DK | dq)]
+    if deterministic:
+        plan.append(_bwd_launch(cxx_type, hd, tiles["dq"], BWD_DQ))
+    return plan
+
+
 def _bwd_family():
     for t in _BWD_TYPES:
         for name in bwd_preprocess_kernels(t):
-            yield "flash_bwd.cu", name
+            yield BWD_FILE, name
+    for t in _BWD_TYPES[:2]:
+        for hd in HEADDIMS:
+            for deterministic in (False, True):
+                for launch in backward_plan(t, hd, deterministic):
+                    yield BWD_FILE, launch.name_expression
 
 
 _FAMILIES.append(_bwd_family)
@@ -128,3 +205,32 @@ def _forward_kernels():
 
 
 _FAMILIES.append(_forward_kernels)
+
+
+# float32: one tiling for every head dim (F32_BLOCK, F32_THREADS in flash_bwd.cu): 32 owner
+# x 32 streamed rows, 256 threads; plain FMAs, so it is compute-bound on the FMA units and
+# tile sizes matter little. Shared memory: 4 tiles of 32 x (hd + 4) floats + P and dS.
+BWD_F32_BLOCK, BWD_F32_THREADS = 32, 256
+
+
+def backward_plan_f32(headdim: int, deterministic: bool):
+    hd = padded_headdim(headdim)
+    shared = (4 * BWD_F32_BLOCK * (hd + 4) + 2 * BWD_F32_BLOCK * (BWD_F32_BLOCK + 1)) * 4
+
+    def step(mode):
+        return BwdLaunch(f"cuflash::bwd_main_f32<{hd}, {mode}>", not mode & BWD_DQ,
+                         BWD_F32_BLOCK, BWD_F32_THREADS, shared)
+
+    if deterministic:
+        return [step(BWD_DK | BWD_DV), step(BWD_DQ)]
+    return [step(BWD_DK | BWD_DV | BWD_DQ_ATOMIC)]
+
+
+def _bwd_f32_family():
+    for hd in HEADDIMS:
+        for deterministic in (False, True):
+            for launch in backward_plan_f32(hd, deterministic):
+                yield BWD_FILE, launch.name_expression
+
+
+_FAMILIES.append(_bwd_f32_family)

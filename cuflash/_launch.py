@@ -157,3 +157,34 @@ def forward(q, k, v, shape, opts):
     launch(device_id, _dispatch.FWD_FILE, cfg.name_expression, grid, (cfg.num_threads,),
            cfg.shared_bytes, params, FWD_PARAMS)
     return out, lse
+
+
+def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
+    """dq, dk, dv: preprocess -> dK/dV (+ dQ atomics, or a separate dQ kernel) -> dq convert.
+
+    Allocates only the gradients and O(seqlen * headdim) float32 scratch.
+    """
+    from . import _dispatch
+    q, k, v = aligned(q), aligned(k), aligned(v)
+    cxx = CXX_TYPES[q.dtype]
+    if q.dtype == np.float32:
+        plan = _dispatch.backward_plan_f32(shape.headdim, deterministic)
+    else:
+        plan = _dispatch.backward_plan(cxx, shape.headdim, deterministic)
+    with_accum = not deterministic
+    state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
+                           _dispatch.padded_headdim(shape.headdim), with_accum)
+    dev = q.device.id
+    for step in plan:
+        if step.key_owner:
+            grid = (-(-shape.seqlen_k // step.block_o), shape.batch, shape.nheads_kv)
+        else:
+            grid = (-(-shape.seqlen_q // step.block_o), shape.batch, shape.nheads)
+        launch(dev, _dispatch.BWD_FILE, step.name_expression, grid, (step.num_threads, 1, 1),
+               step.shared_bytes, state.params, BWD_PARAMS)
+    if with_accum:
+        _, convert = _dispatch.bwd_preprocess_kernels(cxx)
+        launch(dev, _dispatch.BWD_FILE, convert,
+               (-(-shape.seqlen_q // _PRE_ROWS), shape.nheads, shape.batch), (256, 1, 1), 0,
+               state.params, BWD_PARAMS)
+    return state.dq, state.dk, state.dv

@@ -1,7 +1,10 @@
 """GPU backward kernels (kernels_cu/flash_bwd.cu) against the float64 reference.
 
 out/lse come from the CPU reference (uploaded), so these tests do not depend on the GPU
-forward kernel.
+forward kernel. Every backward call runs under an allocator hook that fills each new
+allocation with 0xFF bytes (NaN in float16, bfloat16 and float32) and records its size:
+gradients must be finite wherever the reference is (every element written), and the call
+may allocate only the gradients and O(seqlen * headdim) float32 scratch.
 """
 import ml_dtypes
 import numpy as np
@@ -55,3 +58,213 @@ def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
     np.testing.assert_allclose(lse2[..., :seqlen_q][np.isfinite(lse_h)],
                                (lse_h * np.log2(np.e))[np.isfinite(lse_h)], rtol=1e-6)
     assert not cp.any(state.dq_accum).item()
+
+
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+
+class PoisoningAllocator:
+    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
+
+    def __init__(self):
+        import cupy
+        self.pool = cupy.get_default_memory_pool()
+        self.sizes = []
+
+    def __call__(self, size):
+        import cupy
+        mem = self.pool.malloc(size)
+        self.sizes.append(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+
+def _gpu_backward(dout, q, k, v, out, lse, **opts):
+    import cupy
+    import cuflash
+    from cuflash import _dispatch, _launch
+    alloc = PoisoningAllocator()
+    cupy.cuda.set_allocator(alloc)
+    try:
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
+    finally:
+        cupy.cuda.set_allocator(alloc.pool.malloc)
+    cupy.cuda.Device().synchronize()
+    # Gradients, plus float32 scratch: lse_log2 and delta (rows padded to the largest query
+    # tile) and, unless deterministic, the dq accumulator (head dim padded).
+    b, sq, h, d = q.shape
+    rows = b * h * -(-sq // _launch.BWD_SEQLEN_Q_PAD) * _launch.BWD_SEQLEN_Q_PAD
+    allowed = sum(g.nbytes for g in grads) + 2 * rows * 4
+    if not opts.get("deterministic"):
+        allowed += rows * _dispatch.padded_headdim(d) * 4
+    # Copies that make rows 16-byte aligned, if the inputs needed them.
+    allowed += sum(x.nbytes for x in (dout, q, k, v, out)
+                   if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]))
+    got = sum(alloc.sizes)
+    assert got <= allowed + 512 * len(alloc.sizes), (
+        f"backward allocated {got} bytes in {alloc.sizes}; allowed O(seqlen*headdim) "
+        f"{allowed}")
+    return grads
+
+
+def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="contiguous",
+          alibi=None, deterministic=False, seed=None, **opts):
+    """One backward on random data; the accuracy rule on dq, dk, dv. Returns the gradients.
+
+    layout: "contiguous", or "strided": q/k/v slices of one packed tensor, dout and out
+    stored (batch, nheads, seqlen, headdim) and passed transposed.
+    alibi: None, "heads" (slopes (nheads,)) or "batch" (slopes (batch, nheads)).
+    """
+    cp = _cupy()
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    shape_q = (batch, seqlen_q, nheads, headdim)
+    if layout == "strided":
+        assert seqlen_q == seqlen_k
+        packed = _randn(rng, (batch, seqlen_q, nheads + 2 * nheads_kv, headdim), dtype)
+        hq, hk, hv = (packed[:, :, :nheads], packed[:, :, nheads:nheads + nheads_kv],
+                      packed[:, :, nheads + nheads_kv:])
+        gpacked = cp.asarray(packed)
+        q, k, v = (gpacked[:, :, :nheads], gpacked[:, :, nheads:nheads + nheads_kv],
+                   gpacked[:, :, nheads + nheads_kv:])
+    else:
+        hq = _randn(rng, shape_q, dtype)
+        hk = _randn(rng, (batch, seqlen_k, nheads_kv, headdim), dtype)
+        hv = _randn(rng, (batch, seqlen_k, nheads_kv, headdim), dtype)
+        q, k, v = cp.asarray(hq), cp.asarray(hk), cp.asarray(hv)
+    hdout = _randn(rng, shape_q, dtype)
+    if alibi == "heads":
+        slopes = rng.uniform(0.01, 0.5, nheads).astype(np.float32)
+    elif alibi == "batch":
+        slopes = rng.uniform(0.01, 0.5, (batch, nheads)).astype(np.float32)
+    if alibi:
+        opts["alibi_slopes"] = slopes
+    ref_out, ref_lse = reference.attention_forward(hq, hk, hv, upcast=True, **opts)
+    hout = ref_out.astype(dtype)
+    hlse = ref_lse.astype(np.float32)
+    if layout == "strided":
+        out = cp.asarray(np.ascontiguousarray(hout.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+        dout = cp.asarray(np.ascontiguousarray(hdout.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    else:
+        out, dout = cp.asarray(hout), cp.asarray(hdout)
+    gopts = dict(opts)
+    if alibi:
+        gopts["alibi_slopes"] = cp.asarray(slopes)
+    grads = _gpu_backward(dout, q, k, v, out, cp.asarray(hlse), deterministic=deterministic,
+                          **gopts)
+    ref = reference.attention_backward(hdout, hq, hk, hv, upcast=True, **opts)
+    naive = reference.attention_backward(hdout, hq, hk, hv, upcast=False, **opts)
+    where = (f"seed {seed}, {dtype}, b{batch} sq{seqlen_q} sk{seqlen_k} h{nheads}/{nheads_kv} "
+             f"d{headdim} {layout} alibi={alibi} det={deterministic} {opts}")
+    for name, got, r, n, x in zip(("dq", "dk", "dv"), grads, ref, naive, (q, k, v)):
+        assert got.shape == x.shape and got.dtype == dtype, name
+        assert_close(f"{name} ({where})", got, r, n)
+    return grads, ref
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [32, 40, 64, 96, 128, 192, 256])
+def test_headdims(dtype, headdim):
+    check(dtype, 2, 145, 211, 3, 3, headdim)
+    check(dtype, 1, 97, 97, 2, 2, headdim, causal=True, deterministic=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [
+    (1, 1), (17, 17), (97, 97), (1025, 1025), (1, 1025), (17, 97), (97, 17), (1025, 17),
+])
+def test_seqlens(seqlen_q, seqlen_k, causal):
+    check(BF16, 1, seqlen_q, seqlen_k, 2, 1, 64, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("opts", [
+    dict(softcap=3.0),
+    dict(softcap=1.5, causal=True),
+    dict(alibi="heads"),
+    dict(alibi="batch", causal=True),
+    dict(alibi="heads", softcap=5.0, window=(40, 7)),
+    dict(window=(64, None)),
+    dict(window=(None, 33)),
+    dict(window=(0, 0), scale=0.3),
+    dict(window=(100, 20), deterministic=True),
+], ids=["softcap", "softcap-causal", "alibi", "alibi-batch-causal", "all", "left",
+        "right", "diagonal-scale", "window-det"])
+def test_features(dtype, opts):
+    check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
+
+
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_gqa(dtype, ratio):
+    check(dtype, 2, 150, 150, 8, 8 // ratio, 128, causal=ratio == 4)
+    check(dtype, 1, 97, 211, 8, 8 // ratio, 64, deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+def test_strided_inputs(dtype):
+    check(dtype, 3, 130, 130, 4, 2, 96, layout="strided", causal=True)
+    check(dtype, 2, 70, 70, 2, 1, 40, layout="strided", softcap=2.0, deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_fully_masked_rows(dtype, deterministic):
+    # Causal with seqlen_q > seqlen_k: the first 200 query rows see no key; their dq is 0,
+    # and nothing is NaN (the accuracy rule checks finiteness).
+    (dq, dk, dv), _ = check(dtype, 1, 300, 100, 2, 2, 64, causal=True,
+                            deterministic=deterministic)
+    assert not dq[:, :200].get().astype(np.float32).any()
+    # A window past the keys: some rows see nothing, and some keys are seen by no row.
+    check(dtype, 2, 150, 60, 2, 1, 32, window=(0, 0), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("headdim", [32, 128, 256])
+def test_float32(headdim):
+    check(F32, 2, 77, 1025, 2, 1, headdim)
+    check(F32, 1, 129, 129, 4, 2, headdim, causal=True, alibi="heads", deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+def test_deterministic_is_bitwise_reproducible(dtype):
+    cp = _cupy()
+    import cuflash
+    rng = np.random.default_rng(0)
+    q = cp.asarray(_randn(rng, (2, 1025, 8, 64), dtype))
+    k = cp.asarray(_randn(rng, (2, 1025, 2, 64), dtype))
+    v = cp.asarray(_randn(rng, (2, 1025, 2, 64), dtype))
+    dout = cp.asarray(_randn(rng, (2, 1025, 8, 64), dtype))
+    out, lse = (cp.asarray(x) for x in reference.attention_forward(q.get(), k.get(), v.get()))
+    out = out.astype(dtype)
+    lse = lse.astype(np.float32)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+    for _ in range(3):
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+        for a, b in zip(first, again):
+            assert np.array_equal(a.get().view(np.uint8), b.get().view(np.uint8))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_vjp_matches_forward_and_backward(deterministic):
+    cp = _cupy()
+    import cuflash
+    rng = np.random.default_rng(1)
+    q = cp.asarray(_randn(rng, (1, 130, 4, 64), BF16))
+    k = cp.asarray(_randn(rng, (1, 130, 2, 64), BF16))
+    v = cp.asarray(_randn(rng, (1, 130, 2, 64), BF16))
+    dout = cp.asarray(_randn(rng, (1, 130, 4, 64), BF16))
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, deterministic=deterministic)
+    got = vjp(dout)
+    out2, lse2 = cuflash.attention_forward(q, k, v, causal=True)
+    want = cuflash.attention_backward(dout, q, k, v, out2, lse2, causal=True,
+                                      deterministic=deterministic)
+    assert np.array_equal(out.get().view(np.uint8), out2.get().view(np.uint8))
+    for a, b, name in zip(got, want, ("dq", "dk", "dv")):
+        if deterministic:
+            assert np.array_equal(a.get().view(np.uint8), b.get().view(np.uint8)), name
+        else:  # float atomics: equal up to summation order
+            np.testing.assert_allclose(a.get().astype(np.float32), b.get().astype(np.float32),
+                                       rtol=2e-2, atol=2e-2, err_msg=name)
