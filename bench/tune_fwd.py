@@ -42,6 +42,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--rep", type=int, default=20)
     parser.add_argument("--tiles", default="", help="override, 'hd:Br,Bc,warps;...'")
+    parser.add_argument("--file", default="", help="kernel source under kernels_cu/ (tuning)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -58,6 +59,8 @@ def main(argv=None):
         bm, bn, w = (int(x) for x in tile.split(","))
         _dispatch.FWD_TILES[int(hd)] = _dispatch.FwdTile(bm, bn, w, "tuning override")
 
+    if args.file:
+        _dispatch.FWD_FILE = args.file
     seqlens = [2048, 8192] if args.quick else [int(s) for s in args.seqlens.split(",")]
     tdtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     rows = []

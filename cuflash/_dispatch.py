@@ -61,16 +61,19 @@ class BwdTile:
 BWD_TILES = {
     32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
-    64: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries: 255 registers without spills "
-                                    "(block_r 128 spills)"),
+    64: {"dkdv": BwdTile(32, 8, 1, "128 keys x 32 queries: 224 registers (sm_90); "
+                                    "block_r 64 spills on sm_80"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
-    96: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; dQ columns split 48/48"),
+    96: {"dv": BwdTile(64, 8, 1, "split like 192/256: dK+dV together spill on sm_80 at "
+                                  "block_r 64, and block_r 32 leaves dQ slices of 24 columns"),
+         "dk": BwdTile(64, 8, 1, "dQ columns split 48/48 between warp pairs"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
-    128: {"dkdv": BwdTile(32, 8, 1, "128 keys x 32 queries: dK+dV take 128 registers; "
-                                     "block_r 64 spills"),
+    128: {"dkdv": BwdTile(16, 8, 1, "128 keys x 16 queries: dK+dV take 128 registers; "
+                                     "block_r 32 spills on sm_80"),
           "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps: 240 registers")},
     192: {"dv": BwdTile(32, 8, 1, "dV alone: 96 accumulator registers"),
-          "dk": BwdTile(32, 8, 1, "dK (+ dQ share) alone"),
+          "dk": BwdTile(16, 4, 1, "dK (+ dQ share) alone, 64 keys; block_r 32 spills on "
+                                  "sm_80, 8 warps x block_r 16 leave dQ slices of 24 columns"),
           "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
     256: {"dv": BwdTile(32, 8, 1, "dV alone: 128 accumulator registers, 250 in all"),
           "dk": BwdTile(16, 8, 1, "dK (+ dQ share) alone; block_r 32 spills"),
@@ -148,14 +151,16 @@ class FwdTile:
 # R * Bc / 16 of S; the aim is 128-row query blocks (K/V re-read from L2 once per 128 rows)
 # without spills.
 FWD_TILES = {
-    32: FwdTile(128, 64, 4, "2 m16 tiles per warp (K/V fragments feed twice the MMAs); "
-                            "Q in registers; 192 registers, no spills"),
-    64: FwdTile(128, 128, 8, "4 warps of 2 m16 tiles spill (255 registers); 8 warps of one "
-                             "tile with Bc=128 fit in 236"),
-    96: FwdTile(128, 64, 8, "8 warps of one m16 tile keep Q in registers without spills"),
-    128: FwdTile(128, 64, 8, "8 warps of one m16 tile: 239 registers; 4 warps of two "
-                             "spill even with Bc=32"),
-    192: FwdTile(128, 64, 8, "FA2's 128x64 with 8 warps; Q re-read from shared memory"),
+    32: FwdTile(128, 64, 4, "2 m16 tiles per warp (each K/V fragment feeds twice the "
+                            "MMAs); Q in registers; no spills"),
+    64: FwdTile(128, 64, 4, "2 m16 tiles per warp: 0.96x torch flash vs 0.78x for 8 warps "
+                            "of one tile (128x128x8w) in bench/NOTES.md v2; Q from shared "
+                            "memory, as in registers the score-mod variant spills"),
+    96: FwdTile(128, 32, 4, "2 m16 tiles per warp like hd 64/128; Bc=32 keeps O (96 "
+                            "registers) and S without spills"),
+    128: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.87x flash vs 0.78x for 128x64x8w "
+                             "(v2); Bc=64 spills, Bc=32 fits in 252 registers"),
+    192: FwdTile(128, 64, 8, "one m16 tile per warp: O alone needs 96 registers per tile"),
     256: FwdTile(64, 32, 4, "128-row blocks spill (Bc=64: 136 bytes, Bc=32: 20); 64x32 fits "
                             "in 255 registers"),
 }

@@ -20,7 +20,7 @@ namespace cuflash {
 // Shared-memory row width of a HEAD_DIM tile: the swizzle works on 64-element segments.
 __host__ __device__ constexpr int smem_cols(int head_dim) { return (head_dim + 63) / 64 * 64; }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool HAS_SCORE_MOD>
 struct FwdTraits {
   static constexpr int NUM_THREADS = NUM_WARPS * 32;
   static constexpr int M_TILES = BLOCK_M / (16 * NUM_WARPS);  // m16 tiles per warp
@@ -28,9 +28,12 @@ struct FwdTraits {
   static constexpr int D_TILES = HEAD_DIM / 8;                 // n8 tiles of O per warp
   static constexpr int K_STEPS = HEAD_DIM / 16;                // k16 steps of Q K^T
   static constexpr int SC = smem_cols(HEAD_DIM);
-  // Q in registers costs M_TILES * HEAD_DIM / 4 registers; past 32 it would crowd out the
-  // accumulators, so Q fragments are then re-read from shared memory (as FlashAttention-2).
-  static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= 128;
+  // Q in registers costs M_TILES * HEAD_DIM / 4 registers; past 32 (16 with the score
+  // function's extra live values) it would crowd out the accumulators, so Q fragments are
+  // then re-read from shared memory (as FlashAttention-2). Measured in bench/NOTES.md (v3).
+  static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= (HAS_SCORE_MOD ? 64 : 128);
+  // Recompute K/V copy addresses per tile (load_tile's LAUNDER) where registers are short.
+  static constexpr bool LAUNDER = Q_IN_REGS || HAS_SCORE_MOD;
   static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * SC * 2;
   static_assert(BLOCK_M % (16 * NUM_WARPS) == 0, "each warp owns whole m16 tiles");
   static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps");
@@ -39,11 +42,15 @@ struct FwdTraits {
 // Copies `nrows` rows (at most ROWS) of HEAD_DIM elements from `src` (row stride in
 // elements) into a swizzled ROWS x SC tile at shared address `dst`. Rows >= nrows and
 // columns >= headdim are zero-filled, so padding reads as zeros in every product.
-template <int ROWS, int HEAD_DIM, int NUM_THREADS, typename T>
+template <int ROWS, int HEAD_DIM, int NUM_THREADS, bool LAUNDER = false, typename T>
 __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64 row_stride,
                                           int nrows, int headdim, int tid) {
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
   static_assert(ROWS * CHUNKS % NUM_THREADS == 0, "every thread copies the same count");
+  // LAUNDER hides tid's loop invariance: otherwise ptxas keeps every chunk's 64-bit address
+  // live across the key loop, which spills when Q also sits in registers; recomputing them
+  // costs a few integer ops per 16-byte copy (slower where registers are not short).
+  if (LAUNDER) asm volatile("" : "+r"(tid));
 #pragma unroll
   for (int it = 0; it < ROWS * CHUNKS / NUM_THREADS; ++it) {
     int idx = it * NUM_THREADS + tid;
@@ -76,7 +83,7 @@ struct FragOffsets {
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
 flash_fwd(const __grid_constant__ FwdParams p) {
-  using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
+  using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, HAS_SCORE_MOD>;
   constexpr int M_TILES = Tr::M_TILES, N_TILES = Tr::N_TILES, D_TILES = Tr::D_TILES;
   constexpr int K_STEPS = Tr::K_STEPS, SC = Tr::SC, NUM_THREADS = Tr::NUM_THREADS;
   constexpr int Br = BLOCK_M, Bc = BLOCK_N;
@@ -146,8 +153,9 @@ flash_fwd(const __grid_constant__ FwdParams p) {
 
     for (; n_block >= n_block_min; --n_block) {
       const int n0 = n_block * Bc;
-      load_tile<Bc, HEAD_DIM, NUM_THREADS>(sV, v + n0 * a.v_row_stride, a.v_row_stride,
-                                           a.seqlen_k - n0, a.headdim, tid);
+      load_tile<Bc, HEAD_DIM, NUM_THREADS, Tr::LAUNDER>(sV, v + n0 * a.v_row_stride,
+                                                        a.v_row_stride, a.seqlen_k - n0,
+                                                        a.headdim, tid);
       cp_async_commit();
       cp_async_wait<1>();  // K(n_block) (and Q) landed
       __syncthreads();
@@ -160,34 +168,44 @@ flash_fwd(const __grid_constant__ FwdParams p) {
         for (int nt = 0; nt < N_TILES; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+      // With Q in shared memory the k16 steps run in groups of four (rolled between groups):
+      // fully unrolled, ptxas hoists every Q and K fragment of the tile and spills at 255
+      // registers. Q in registers needs compile-time indices, hence the full unroll.
+      constexpr bool GROUPED = !Tr::Q_IN_REGS && K_STEPS % 4 == 0;
+      constexpr int KS_GROUP = GROUPED ? 4 : K_STEPS;
+#pragma unroll 1
+      for (int ks0 = 0; ks0 < K_STEPS; ks0 += KS_GROUP) {
 #pragma unroll
-      for (int ks = 0; ks < K_STEPS; ++ks) {
-        uint32_t qf[M_TILES][4];
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-          if constexpr (Tr::Q_IN_REGS) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) qf[mt][e] = q_frag[mt][ks][e];
-          } else {
-            ldmatrix_x4(qf[mt], q_addr(mt, ks));
-          }
-        }
-#pragma unroll
-        for (int np = 0; np < N_TILES / 2; ++np) {
-          uint32_t kf[4];
-          ldmatrix_x4(kf, sK + k_off.at(np * 16, ks));
+        for (int j = 0; j < KS_GROUP; ++j) {  // k16 step ks0 + j; ks0 is 0 unless GROUPED
+          const uint32_t group = (ks0 / 4) * 128;  // bytes; FragOffsets::at covers j
+          uint32_t qf[M_TILES][4];
 #pragma unroll
           for (int mt = 0; mt < M_TILES; ++mt) {
-            mma_16816<T>(s[mt][2 * np], qf[mt], kf[0], kf[1]);
-            mma_16816<T>(s[mt][2 * np + 1], qf[mt], kf[2], kf[3]);
+            if constexpr (Tr::Q_IN_REGS) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) qf[mt][e] = q_frag[mt][j][e];
+            } else {
+              ldmatrix_x4(qf[mt], sQ + q_off.at(mt * 16, j) + group);
+            }
+          }
+#pragma unroll
+          for (int np = 0; np < N_TILES / 2; ++np) {
+            uint32_t kf[4];
+            ldmatrix_x4(kf, sK + k_off.at(np * 16, j) + group);
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt) {
+              mma_16816<T>(s[mt][2 * np], qf[mt], kf[0], kf[1]);
+              mma_16816<T>(s[mt][2 * np + 1], qf[mt], kf[2], kf[3]);
+            }
           }
         }
       }
       __syncthreads();  // every warp is done with sK
       if (n_block > n_block_min) {
         const int n0_next = n0 - Bc;
-        load_tile<Bc, HEAD_DIM, NUM_THREADS>(sK, k + n0_next * a.k_row_stride, a.k_row_stride,
-                                             a.seqlen_k - n0_next, a.headdim, tid);
+        load_tile<Bc, HEAD_DIM, NUM_THREADS, Tr::LAUNDER>(sK, k + n0_next * a.k_row_stride,
+                                                          a.k_row_stride, a.seqlen_k - n0_next,
+                                                          a.headdim, tid);
       }
       cp_async_commit();
 
@@ -344,7 +362,8 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
       for (int jj = 0; jj < Bc; ++jj) {
         const float pjj = __shfl_sync(0xffffffffu, pj, jj);
 #pragma unroll
-        for (int c = 0; c < COLS; ++c) acc[r][c] = fmaf(pjj, sV[jj * HEAD_DIM + lane + 32 * c], acc[r][c]);
+        for (int c = 0; c < COLS; ++c)
+          acc[r][c] = fmaf(pjj, sV[jj * HEAD_DIM + lane + 32 * c], acc[r][c]);
       }
     }
   }
