@@ -153,13 +153,12 @@ class FwdTile:
 FWD_TILES = {
     32: FwdTile(128, 64, 4, "2 m16 tiles per warp (each K/V fragment feeds twice the "
                             "MMAs); Q in registers; no spills"),
-    64: FwdTile(128, 64, 4, "2 m16 tiles per warp: 0.96x torch flash vs 0.78x for 8 warps "
-                            "of one tile (128x128x8w) in bench/NOTES.md v2; Q from shared "
-                            "memory, as in registers the score-mod variant spills"),
-    96: FwdTile(128, 32, 4, "2 m16 tiles per warp like hd 64/128; Bc=32 keeps O (96 "
-                            "registers) and S without spills"),
-    128: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.87x flash vs 0.78x for 128x64x8w "
-                             "(v2); Bc=64 spills, Bc=32 fits in 252 registers"),
+    64: FwdTile(128, 64, 4, "2 m16 tiles per warp: 0.94-1.04x torch flash vs 0.66-0.82x "
+                            "for 8 warps of one tile (128x128x8w), bench/NOTES.md v2"),
+    96: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.78x flash vs 0.66x for 128x64x8w at "
+                            "8k (NOTES v2 call); Bc=32 keeps O and S without spills"),
+    128: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.85-0.89x flash vs 0.60-0.80x for "
+                             "128x64x8w (NOTES v2); Bc=64 spills, Bc=32 does not"),
     192: FwdTile(128, 64, 8, "one m16 tile per warp: O alone needs 96 registers per tile"),
     256: FwdTile(64, 32, 4, "128-row blocks spill (Bc=64: 136 bytes, Bc=32: 20); 64x32 fits "
                             "in 255 registers"),
