@@ -61,15 +61,17 @@ class BwdTile:
 BWD_TILES = {
     32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
-    64: {"dkdv": BwdTile(32, 8, 1, "128 keys x 32 queries: 224 registers (sm_90); "
-                                    "block_r 64 spills on sm_80"),
+    64: {"dkdv": BwdTile(16, 4, 2, "2 m16 tiles per warp halve B-fragment reads per FLOP: "
+                                    "182 vs 154-158 TFLOP/s for 1-tile layouts (NOTES v2); "
+                                    "block_r 32 spills"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
     96: {"dv": BwdTile(64, 8, 1, "split like 192/256: dK+dV together spill on sm_80 at "
                                   "block_r 64, and block_r 32 leaves dQ slices of 24 columns"),
          "dk": BwdTile(64, 8, 1, "dQ columns split 48/48 between warp pairs"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
     128: {"dkdv": BwdTile(16, 8, 1, "128 keys x 16 queries: dK+dV take 128 registers; "
-                                     "block_r 32 spills on sm_80"),
+                                     "block_r 32 is 20% faster on sm_90 (NOTES v2) but "
+                                     "spills on sm_80"),
           "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps: 240 registers")},
     192: {"dv": BwdTile(32, 8, 1, "dV alone: 96 accumulator registers"),
           "dk": BwdTile(16, 4, 1, "dK (+ dQ share) alone, 64 keys; block_r 32 spills on "

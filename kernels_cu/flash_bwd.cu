@@ -574,7 +574,7 @@ __device__ __forceinline__ void f32_load_tile(float* dst, const float* src, int6
 }
 
 template <int D, int MODE>
-__global__ void __launch_bounds__(F32_THREADS) bwd_main_f32(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(const __grid_constant__ BwdParams p) {
   constexpr bool KEY_OWNER = !(MODE & BWD_DQ), ATOMIC_DQ = MODE & BWD_DQ_ATOMIC;
   static_assert(KEY_OWNER ? (MODE & BWD_DK) && (MODE & BWD_DV) : MODE == BWD_DQ, "f32 modes");
   constexpr int LD = f32_row<D>(), LDP = F32_BLOCK + 1, DV4 = D / 32;
