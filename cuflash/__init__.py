@@ -5,7 +5,9 @@ compiled at run time by NVRTC; NumPy arrays run the same tiled algorithm on the 
 """
 from . import reference
 from .attention import attention, attention_backward, attention_forward, attention_vjp
+from .kvcache import attention_with_kvcache
+from .merge import merge_attention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_vjp",
-           "reference"]
+           "attention_with_kvcache", "merge_attention", "reference"]

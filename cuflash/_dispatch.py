@@ -240,3 +240,101 @@ def _bwd_f32_family():
 
 
 _FAMILIES.append(_bwd_f32_family)
+
+
+# ---------------------------------------------------------------------------------------
+# KV-cache decoding and merging (kernels_cu/flash_decode.cu)
+
+DECODE_FILE = "flash_decode.cu"
+DECODE_ROWS = 16   # packed query rows (query heads of a kv head x query rows) per CTA
+DECODE_KEYS = 16   # keys per tile
+DECODE_WARPS = 4
+# Split-KV heuristic: a split gets at least this many keys (2 tiles per warp), so that the
+# split's fixed cost (Q load, warp merge, its share of merge_parts) stays small, and at
+# most this many splits.
+DECODE_MIN_SPLIT_KEYS = 128
+DECODE_MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class DecodeTile:
+    stages: int  # cp.async ring depth per warp (16-key K and V tiles per stage)
+    reason: str
+
+
+# Decoding is bound by memory bandwidth, so the ring depth is set by the bytes in flight it
+# buys: 4 warps x stages x 2 tiles of 16 x hd elements, aiming at two CTAs per SM (96 KiB
+# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory.
+DECODE_TILES = {
+    32: DecodeTile(4, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
+    64: DecodeTile(4, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
+    96: DecodeTile(3, "rows padded to 128 elements, as hd 128"),
+    128: DecodeTile(3, "8 KiB a stage per warp: 100 KiB a CTA, 2 CTAs per SM"),
+    192: DecodeTile(2, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
+    256: DecodeTile(2, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
+}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    name_expression: str
+    num_threads: int
+    shared_bytes: int
+
+
+def _decode_name(cxx_type, hd, score_mod):
+    mod = "true" if score_mod else "false"
+    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {DECODE_WARPS}, "
+            f"{DECODE_TILES[hd].stages}, {mod}>")
+
+
+def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
+    """The flash_decode instantiation for fp16 / bf16 and its launch shape."""
+    hd = padded_headdim(headdim)
+    sc = _smem_cols(hd)
+    ring = DECODE_TILES[hd].stages * 2 * DECODE_KEYS * sc * 2
+    merge = (DECODE_WARPS * DECODE_ROWS * (hd + 8) + (DECODE_WARPS + 1) * DECODE_ROWS) * 4
+    shared = DECODE_ROWS * sc * 2 + max(DECODE_WARPS * ring, merge)  # DecodeTraits
+    return DecodeConfig(_decode_name(cxx_type, hd, score_mod), DECODE_WARPS * 32, shared)
+
+
+def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int, ctas_per_sm: int) -> int:
+    """Splits of the keys so that ``ctas`` CTAs per split fill the GPU in whole waves.
+
+    FlashAttention-2's rule: among 1 .. max splits, the fewest whose wave efficiency
+    (CTAs / (waves x slots)) is within 90% of the best; one split when the CTAs already
+    fill most of the GPU, so that nothing pays for the merge without a need.
+    """
+    slots = num_sms * max(1, ctas_per_sm)
+    max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS)
+    if ctas >= 0.8 * slots or max_splits <= 1:
+        return 1
+
+    def efficiency(splits):
+        waves = ctas * splits / slots
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.9 * best)
+
+
+def merge_name(part_cxx: str, out_cxx: str) -> str:
+    return f"cuflash::merge_parts<{part_cxx}, {out_cxx}>"
+
+
+def append_name(cxx_type: str) -> str:
+    return f"cuflash::append_kv<{cxx_type}>"
+
+
+def _decode_family():
+    for cxx in ("__half", "__nv_bfloat16"):
+        for hd in HEADDIMS:
+            for score_mod in (False, True):
+                yield DECODE_FILE, _decode_name(cxx, hd, score_mod)
+    for cxx in ("__half", "__nv_bfloat16", "float"):
+        yield DECODE_FILE, merge_name("float", cxx)   # split-KV's combine
+        yield DECODE_FILE, merge_name(cxx, cxx)       # merge_attention
+        yield DECODE_FILE, append_name(cxx)
+
+
+_FAMILIES.append(_decode_family)

@@ -5,6 +5,8 @@ field for field (``align=True`` gives C layout); CuPy passes such a record by va
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 import ml_dtypes
@@ -188,3 +190,140 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
                (-(-shape.seqlen_q // _PRE_ROWS), shape.nheads, shape.batch), (256, 1, 1), 0,
                state.params, BWD_PARAMS)
     return state.dq, state.dk, state.dv
+
+
+# ---------------------------------------------------------------------------------------
+# KV-cache decoding and merging (kernels_cu/flash_decode.cu)
+
+DECODE_PARAMS = np.dtype([
+    ("attn", ATTN_ARGS),
+    ("block_table", np.uint64), ("block_table_batch_stride", np.int64),
+    ("page_size", np.int32),
+    ("cache_seqlens", np.uint64), ("cache_seqlen", np.int32), ("seqlen_new", np.int32),
+    ("k_new", np.uint64), ("v_new", np.uint64),
+    ("kn_batch_stride", np.int64), ("kn_row_stride", np.int64), ("kn_head_stride", np.int64),
+    ("vn_batch_stride", np.int64), ("vn_row_stride", np.int64), ("vn_head_stride", np.int64),
+    ("o", np.uint64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("lse", np.uint64), ("o_accum", np.uint64), ("lse_accum", np.uint64),
+    ("num_splits", np.int32), ("m_blocks", np.int32),
+], align=True)
+
+MERGE_PARAMS = np.dtype([
+    ("parts", np.uint64), ("part_lse", np.uint64), ("o", np.uint64), ("lse", np.uint64),
+    ("p_part_stride", np.int64), ("p_batch_stride", np.int64), ("p_row_stride", np.int64),
+    ("p_head_stride", np.int64),
+    ("pl_part_stride", np.int64), ("pl_batch_stride", np.int64), ("pl_head_stride", np.int64),
+    ("pl_row_stride", np.int64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("num_parts", np.int32), ("batch", np.int32), ("seqlen_q", np.int32),
+    ("nheads", np.int32), ("headdim", np.int32),
+], align=True)
+_MERGE_WARPS = 4      # MERGE_WARPS in flash_decode.cu
+_APPEND_THREADS = 128  # APPEND_THREADS in flash_decode.cu
+
+
+def merge_into(parts, part_lse, out, lse):
+    """Launch merge_parts: ``parts`` (num_parts, batch, seqlen_q, nheads, headdim) and
+    ``part_lse`` (num_parts, batch, nheads, seqlen_q) float32 into ``out`` (batch, seqlen_q,
+    nheads, headdim) and contiguous ``lse`` (batch, nheads, seqlen_q)."""
+    from . import _dispatch
+    num_parts, batch, seqlen_q, nheads, headdim = parts.shape
+    item = parts.dtype.itemsize
+    params = (parts.data.ptr, part_lse.data.ptr, out.data.ptr, lse.data.ptr,
+              *(s // item for s in parts.strides[:4]), *(s // 4 for s in part_lse.strides),
+              *strides(out), num_parts, batch, seqlen_q, nheads, headdim)
+    rows = batch * seqlen_q * nheads
+    name = _dispatch.merge_name(CXX_TYPES[parts.dtype], CXX_TYPES[out.dtype])
+    launch(out.device.id, _dispatch.DECODE_FILE, name, (-(-rows // _MERGE_WARPS),),
+           (_MERGE_WARPS * 32,), 0, params, MERGE_PARAMS)
+
+
+def merge(parts, part_lse):
+    """merge_attention on the GPU: allocates ``out`` (dtype of ``parts``) and ``lse``."""
+    import cupy
+    _, batch, seqlen_q, nheads, _ = parts.shape
+    with cupy.cuda.Device(parts.device.id):
+        out = cupy.empty(parts.shape[1:], parts.dtype)
+        lse = cupy.empty((batch, nheads, seqlen_q), np.float32)
+    merge_into(parts, part_lse, out, lse)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_resources(device_id):
+    """(SM count, shared memory bytes per SM) of a device."""
+    import cupy
+    attrs = cupy.cuda.Device(device_id).attributes
+    return attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerMultiprocessor"]
+
+
+def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache,
+                   opts, out=None, lse=None, o_accum=None, lse_accum=None, num_splits=1,
+                   m_blocks=1):
+    shape = cache.shape
+    if isinstance(cache_seqlens, int):
+        seqlens_ptr, seqlen_const = 0, cache_seqlens
+    else:
+        seqlens_ptr, seqlen_const = cache_seqlens.data.ptr, 0
+    if block_table is not None:
+        table = (block_table.data.ptr, block_table.strides[0] // 4, cache.page_size)
+    else:
+        table = (0, 0, 0)
+    new = (_ptr(k_new), _ptr(v_new),
+           *(strides(k_new) if k_new is not None else (0, 0, 0)),
+           *(strides(v_new) if v_new is not None else (0, 0, 0)))
+    return (attn_args(q, k_cache, v_cache, shape, opts), *table, seqlens_ptr, seqlen_const,
+            cache.seqlen_new, *new, _ptr(out), *(strides(out) if out is not None else (0, 0, 0)),
+            _ptr(lse), _ptr(o_accum), _ptr(lse_accum), num_splits, m_blocks)
+
+
+def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache, opts):
+    """Write k_new / v_new into the caches at cache_seqlens, in place (any dtype)."""
+    from . import _dispatch
+    if min(cache.shape.batch, cache.seqlen_new) == 0:
+        return
+    params = _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                            cache, opts)
+    launch(k_cache.device.id, _dispatch.DECODE_FILE,
+           _dispatch.append_name(CXX_TYPES[k_cache.dtype]),
+           (cache.shape.batch * cache.seqlen_new,), (_APPEND_THREADS,), 0, params,
+           DECODE_PARAMS)
+
+
+def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts, num_splits):
+    """Split-KV decoding over caches already holding the new keys (fp16 / bf16).
+
+    Allocates ``out`` and ``lse`` and, with several splits, the float32 partial results
+    (num_splits x the size of ``out``) that merge_parts combines.
+    """
+    import cupy
+    from . import _dispatch
+    device_id = q.device.id
+    shape = cache.shape
+    # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
+    q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
+    cfg = _dispatch.decode_config(CXX_TYPES[q.dtype], shape.headdim,
+                                  opts.softcap > 0 or opts.alibi_slopes is not None)
+    group = shape.nheads // shape.nheads_kv
+    m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
+    if num_splits is None:
+        num_sms, smem_per_sm = _sm_resources(device_id)
+        ctas_per_sm = min(2, smem_per_sm // (cfg.shared_bytes + 1024))
+        num_splits = _dispatch.decode_num_splits(shape.batch * shape.nheads_kv * m_blocks,
+                                                 shape.seqlen_k, num_sms, ctas_per_sm)
+    with cupy.cuda.Device(device_id):
+        out = cupy.empty(q.shape, q.dtype)
+        lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
+        o_accum = lse_accum = None
+        if num_splits > 1:
+            o_accum = cupy.empty((num_splits,) + q.shape, np.float32)
+            lse_accum = cupy.empty((num_splits,) + lse.shape, np.float32)
+    params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
+                            cache, opts, out, lse, o_accum, lse_accum, num_splits, m_blocks)
+    grid = (shape.batch * num_splits * shape.nheads_kv * m_blocks,)
+    launch(device_id, _dispatch.DECODE_FILE, cfg.name_expression, grid, (cfg.num_threads,),
+           cfg.shared_bytes, params, DECODE_PARAMS)
+    if num_splits > 1:
+        merge_into(o_accum, lse_accum, out, lse)
+    return out, lse

@@ -218,3 +218,30 @@ def _seq_first(x, dtype):
     contiguous (batch, seqlen, nheads, d) in ``dtype``."""
     b, hkv, g, s, d = x.shape
     return x.transpose(0, 3, 1, 2, 4).astype(dtype, order="C").reshape(b, s, hkv * g, d)
+
+
+def merge(parts, lses):
+    """merge_attention on the CPU.
+
+    Parameters
+    ----------
+    parts : array (num_parts, batch, seqlen_q, nheads, headdim)
+    lses : float32 array (num_parts, batch, nheads, seqlen_q)
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, nheads, headdim), dtype of ``parts``
+    lse : float32 array (batch, nheads, seqlen_q)
+    """
+    acc = _acc_dtype(parts.dtype)
+    lses = lses.astype(acc)
+    mx = lses.max(0)
+    empty = np.isneginf(mx)  # every part saw no key
+    mx = np.where(empty, 0, mx)
+    w = np.exp(lses - mx)  # 0 for -inf parts
+    total = np.where(empty, 1, w.sum(0))
+    lse = np.where(empty, -np.inf, mx + np.log(total))
+    w = (w / total).transpose(0, 1, 3, 2)[..., None]  # (num_parts, batch, seqlen_q, nheads, 1)
+    # A part of weight 0 contributes nothing, even where its out holds inf or NaN.
+    out = (np.where(w > 0, parts, 0).astype(acc) * w).sum(0)
+    return out.astype(parts.dtype), lse.astype(np.float32)

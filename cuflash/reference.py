@@ -175,3 +175,71 @@ def _sum_groups(x, shape):
     """(b, s, nheads, d) -> (b, s, nheads_kv, d): sum over the query heads of a kv head."""
     b, s, _, d = x.shape
     return x.reshape(b, s, shape.nheads_kv, shape.nheads // shape.nheads_kv, d).sum(3)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
+                           block_table=None, scale=None, causal=False, window=(None, None),
+                           softcap=0.0, alibi_slopes=None, upcast=True):
+    """Reference for :func:`cuflash.attention_with_kvcache`, leaving the caches untouched.
+
+    Batch item ``b`` attends, by :func:`attention_forward`, over the first
+    ``cache_seqlens[b]`` keys of its cache (read through ``block_table`` when paged)
+    followed by ``k[b]``, ``v[b]``.
+
+    Parameters
+    ----------
+    q, k_cache, v_cache, k, v, cache_seqlens, block_table
+        As in :func:`cuflash.attention_with_kvcache` (NumPy or CuPy; copied to the host).
+    scale, causal, window, softcap, alibi_slopes, upcast
+        As in :func:`attention_forward`.
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, nheads, headdim)
+    lse : array (batch, nheads, seqlen_q)
+        float64 with ``upcast=True``, else the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cuflash import reference
+    >>> cache = np.random.randn(2, 8, 1, 16)
+    >>> q = np.random.randn(2, 1, 2, 16)
+    >>> out, lse = reference.attention_with_kvcache(q, cache, cache, cache_seqlens=5)
+    >>> bool(np.allclose(out[:1], reference.attention_forward(q[:1], cache[:1, :5],
+    ...                                                       cache[:1, :5])[0]))
+    True
+    """
+    from . import kvcache
+    q, k_cache, v_cache, k, v, block_table, slopes = (
+        _host(x) for x in (q, k_cache, v_cache, k, v, block_table, alibi_slopes))
+    if not kvcache._is_int(cache_seqlens):
+        cache_seqlens = _host(cache_seqlens)
+    cache = kvcache.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                  gpu=False)
+    kvcache.check_cache_values(cache_seqlens, block_table, cache)
+    shape = cache.shape
+    lengths = np.broadcast_to(np.asarray(cache_seqlens, np.int64), (shape.batch,))
+    if slopes is not None and slopes.ndim == 1:
+        slopes = np.broadcast_to(slopes, (shape.batch, shape.nheads))
+    outs, lses = [], []
+    for b in range(shape.batch):
+        keys = np.arange(lengths[b])
+        if block_table is None:
+            k_b, v_b = k_cache[b, keys], v_cache[b, keys]
+        else:
+            page, row = block_table[b, keys // cache.page_size], keys % cache.page_size
+            k_b, v_b = k_cache[page, row], v_cache[page, row]
+        if k is not None:
+            k_b, v_b = np.concatenate([k_b, k[b]]), np.concatenate([v_b, v[b]])
+        out, lse = attention_forward(
+            q[b:b + 1], k_b[None], v_b[None], scale=scale, causal=causal, window=window,
+            softcap=softcap, alibi_slopes=None if slopes is None else slopes[b:b + 1],
+            upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    dtype = np.float64 if upcast else q.dtype
+    if not outs:
+        return (np.zeros(q.shape, dtype),
+                np.full((0, shape.nheads, shape.seqlen_q), -np.inf, dtype))
+    return np.concatenate(outs), np.concatenate(lses)

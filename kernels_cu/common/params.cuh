@@ -59,4 +59,51 @@ struct BwdParams {
   int seqlen_q_pad, headdim_pad;
 };
 
+// KV-cache decoding (kernels_cu/flash_decode.cu: append_kv, flash_decode). attn.k / attn.v
+// are the caches, contiguous (batch, seqlen_cache, nheads_kv, headdim) or, with a block
+// table, paged (num_blocks, page_size, nheads_kv, headdim) with k/v_batch_stride the page
+// stride. attn.seqlen_k is the capacity of one batch item's cache (seqlen_cache, or
+// max_blocks * page_size); batch item b attends over
+// seqlen_k = min(cache_seqlens[b] + seqlen_new, capacity) keys, the last seqlen_new of
+// which append_kv has copied from k_new / v_new.
+struct DecodeParams {
+  AttnArgs attn;
+  const int* block_table;          // nullptr: contiguous caches; else (batch, max_blocks)
+  int64 block_table_batch_stride;  // elements
+  int page_size;                   // keys per page, a multiple of 16 (paged only)
+  const int* cache_seqlens;        // nullptr: every batch item holds cache_seqlen keys
+  int cache_seqlen;
+  int seqlen_new;                  // rows of k_new / v_new per batch item (0: none)
+  const void* k_new;               // (batch, seqlen_new, nheads_kv, headdim), q's dtype
+  const void* v_new;
+  int64 kn_batch_stride, kn_row_stride, kn_head_stride;
+  int64 vn_batch_stride, vn_row_stride, vn_head_stride;
+  void* o;                         // (batch, seqlen_q, nheads, headdim), q's dtype
+  int64 o_batch_stride, o_row_stride, o_head_stride;
+  float* lse;                      // (batch, nheads, seqlen_q), contiguous
+  // One split writes o and lse directly (o_accum == nullptr). Several write float32
+  // partial results, contiguous, that merge_parts combines into o and lse:
+  // o_accum (num_splits, batch, seqlen_q, nheads, headdim), lse_accum (num_splits, batch,
+  // nheads, seqlen_q).
+  float* o_accum;
+  float* lse_accum;
+  int num_splits;
+  int m_blocks;                    // CTAs per (kv head, split): ceil(group * seqlen_q / 16)
+};
+
+// The LSE merge of partial attention results (merge_parts in kernels_cu/flash_decode.cu):
+// parts (num_parts, batch, seqlen_q, nheads, headdim) with their log-sum-exps part_lse
+// (num_parts, batch, nheads, seqlen_q), strides in elements, into o (batch, seqlen_q,
+// nheads, headdim) and lse (batch, nheads, seqlen_q), contiguous.
+struct MergeParams {
+  const void* parts;
+  const float* part_lse;
+  void* o;
+  float* lse;
+  int64 p_part_stride, p_batch_stride, p_row_stride, p_head_stride;
+  int64 pl_part_stride, pl_batch_stride, pl_head_stride, pl_row_stride;
+  int64 o_batch_stride, o_row_stride, o_head_stride;
+  int num_parts, batch, seqlen_q, nheads, headdim;
+};
+
 }  // namespace cuflash

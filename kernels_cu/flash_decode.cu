@@ -1,0 +1,418 @@
+// KV-cache decoding with split-KV ("flash-decoding"), and the LSE merge of partial results.
+//
+// append_kv: copies the new keys and values into the caches at cache_seqlens (contiguous,
+//   or through the block table), before flash_decode reads them.
+// flash_decode: fp16 / bf16 on tensor cores (mma.sync m16n8k16, float32 accumulation).
+//   One CTA per (16 packed query rows, kv head, split, batch item). The query heads that
+//   share a kv head are packed into one m16 tile, packed row r = i * group + g for query
+//   row i and head g of the group (GQA 32:8 at seqlen_q 1 fills 4 of the 16 rows), so each
+//   kv head's keys are read once however many query heads read them. A split owns a range
+//   of 16-key tiles; its NUM_WARPS warps take the tiles in turn, and each warp streams its
+//   tiles through a private STAGES-deep cp.async ring (no block-wide barrier in the key
+//   loop) and runs its own online softmax: S = Q K^T and O += P V on tensor cores, P never
+//   leaving registers. At the end the warps' results are merged by their LSE, and the
+//   split's (out, lse) goes to out directly (one split) or to float32 scratch.
+//   Decoding reads every byte of K and V once and does ~2 * 16 rows of MMA per key, so it
+//   is bound by memory bandwidth: what matters is bytes in flight (warps x stages x tiles),
+//   not the MMAs.
+// merge_parts: out = sum_s exp(lse_s - lse) * out_s with lse = log sum_s exp(lse_s), the
+//   combine step of split-KV and the kernel of merge_attention.
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/softmax.cuh"
+
+namespace cuflash {
+
+constexpr int DECODE_ROWS = 16;  // packed query rows per CTA: one m16 tile
+constexpr int DECODE_KEYS = 16;  // keys per tile: two n8 tiles of S, one k16 step of P V
+constexpr int MERGE_WARPS = 4;   // merge_parts: one warp per output row
+constexpr int APPEND_THREADS = 128;
+
+// The merge of partial attention results over disjoint key sets: with lse_s the natural-log
+// log-sum-exp of part s, lse = log sum_s exp(lse_s) and part s weighs exp(lse_s - lse).
+// Accumulated online (running max `mx`, sum of exp(lse_s - mx)), so parts can be added in
+// any order and two partial merges combined. A part with lse_s = -inf (no key) weighs 0;
+// when every part is -inf, lse = -inf and every weight is 0.
+struct LseMerge {
+  float mx = neg_inf();
+  float sum = 0.f;
+
+  __device__ __forceinline__ void add(float lse_s) { combine(lse_s, 1.f); }
+
+  // Folds in another merge's (mx, sum).
+  __device__ __forceinline__ void combine(float other_mx, float other_sum) {
+    const float m = fmaxf(mx, other_mx);
+    if (m == neg_inf()) return;  // both empty: exp(-inf - -inf) would be NaN
+    sum = sum * expf(mx - m) + other_sum * expf(other_mx - m);
+    mx = m;
+  }
+
+  __device__ __forceinline__ float lse() const {
+    return mx == neg_inf() ? neg_inf() : mx + logf(sum);
+  }
+};
+
+__device__ __forceinline__ float merge_weight(float lse_s, float lse) {
+  return lse == neg_inf() ? 0.f : expf(lse_s - lse);
+}
+
+__device__ __forceinline__ float as_float(float x) { return x; }
+__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Keys a batch item attends over; cache_seqlens are not checked on the GPU (that needs a
+// device synchronisation), so out-of-range values are clamped here to keep every access
+// inside the caches.
+__device__ __forceinline__ int cache_length(const DecodeParams& p, int b) {
+  const int cached = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
+  return min(max(cached, 0) + p.seqlen_new, p.attn.seqlen_k);
+}
+
+// Where key `pos` of batch item b lives: its page (the batch item for contiguous caches)
+// and its row in that page.
+__device__ __forceinline__ void locate_key(const DecodeParams& p, int b, int pos, int& page,
+                                           int& row) {
+  if (p.block_table) {
+    page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+    row = pos % p.page_size;
+  } else {
+    page = b;
+    row = pos;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// append_kv: one CTA per (batch item, new row); grid = batch * seqlen_new.
+template <typename T>
+__global__ void __launch_bounds__(APPEND_THREADS) append_kv(const __grid_constant__ DecodeParams p) {
+  const AttnArgs& a = p.attn;
+  const int t = blockIdx.x % p.seqlen_new, b = blockIdx.x / p.seqlen_new;
+  const int cached = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
+  const int pos = max(cached, 0) + t;
+  if (pos >= a.seqlen_k) return;  // past the capacity (unchecked on the GPU): dropped
+  int page, row;
+  locate_key(p, b, pos, page, row);
+  // AttnArgs holds the caches as const for the attention kernels; this one writes them.
+  T* k = static_cast<T*>(const_cast<void*>(a.k)) + page * a.k_batch_stride + row * a.k_row_stride;
+  T* v = static_cast<T*>(const_cast<void*>(a.v)) + page * a.v_batch_stride + row * a.v_row_stride;
+  const T* kn = static_cast<const T*>(p.k_new) + b * p.kn_batch_stride + t * p.kn_row_stride;
+  const T* vn = static_cast<const T*>(p.v_new) + b * p.vn_batch_stride + t * p.vn_row_stride;
+  for (int e = threadIdx.x; e < a.nheads_kv * a.headdim; e += APPEND_THREADS) {
+    const int h = e / a.headdim, d = e % a.headdim;
+    k[h * a.k_head_stride + d] = kn[h * p.kn_head_stride + d];
+    v[h * a.v_head_stride + d] = vn[h * p.vn_head_stride + d];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// flash_decode
+
+template <int HEAD_DIM, int NUM_WARPS, int STAGES>
+struct DecodeTraits {
+  static constexpr int NUM_THREADS = NUM_WARPS * 32;
+  static constexpr int SC = (HEAD_DIM + 63) / 64 * 64;   // swizzled shared row (elements)
+  static constexpr int D_TILES = HEAD_DIM / 8;           // n8 tiles of O
+  static constexpr int K_STEPS = HEAD_DIM / 16;          // k16 steps of Q K^T
+  static constexpr int TILE_BYTES = DECODE_KEYS * SC * 2;
+  static constexpr int Q_BYTES = DECODE_ROWS * SC * 2;
+  static constexpr int RING_BYTES = STAGES * 2 * TILE_BYTES;  // one warp's K/V ring
+  // The warps' float32 (O, lse) for the final merge overlay the rings. Row stride
+  // HEAD_DIM + 8 floats: the float2 stores of a C-fragment (rows lane / 4) then fall in
+  // distinct banks.
+  static constexpr int OS = HEAD_DIM + 8;
+  static constexpr int MERGE_BYTES = (NUM_WARPS * DECODE_ROWS * OS + (NUM_WARPS + 1) * DECODE_ROWS) * 4;
+  static constexpr int BODY_BYTES = NUM_WARPS * RING_BYTES > MERGE_BYTES ? NUM_WARPS * RING_BYTES : MERGE_BYTES;
+  // cuflash/_dispatch.py (decode_config) computes the same size.
+  static constexpr int SMEM_BYTES = Q_BYTES + BODY_BYTES;
+  static_assert(HEAD_DIM % 16 == 0, "k16 steps");
+};
+
+// One warp copies a 16-key tile of K or V (rows `row_stride` elements apart) into a
+// swizzled 16 x SC tile at `dst`. Rows >= nrows (past seqlen_k) and columns >= headdim are
+// zero-filled: a stale or NaN row of the cache must not reach P V, where 0 * NaN = NaN.
+template <int HEAD_DIM, typename T>
+__device__ __forceinline__ void load_kv_tile(uint32_t dst, const T* src, int64 row_stride,
+                                             int nrows, int headdim, int lane) {
+  constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
+  constexpr int SC = (HEAD_DIM + 63) / 64 * 64;
+#pragma unroll
+  for (int it = 0; it < DECODE_KEYS * CHUNKS / 32; ++it) {
+    const int idx = it * 32 + lane;
+    const int r = idx / CHUNKS, c = idx % CHUNKS;
+    const bool ok = r < nrows && c * 8 < headdim;
+    cp_async_16(dst + swizzle<SC>(r, c * 8) * 2, ok ? src + r * row_stride + c * 8 : src, ok);
+  }
+}
+
+template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
+__global__ void __launch_bounds__(NUM_WARPS * 32, 2)
+flash_decode(const __grid_constant__ DecodeParams p) {
+  using Tr = DecodeTraits<HEAD_DIM, NUM_WARPS, STAGES>;
+  constexpr int SC = Tr::SC, D_TILES = Tr::D_TILES, K_STEPS = Tr::K_STEPS;
+  constexpr int NUM_THREADS = Tr::NUM_THREADS, CHUNKS = HEAD_DIM / 8;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ = smem_addr(smem);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  // blockIdx.x = ((b * num_splits + split) * nheads_kv + h_kv) * m_blocks + m_block: CTAs
+  // that read the same key rows (row blocks of one kv head, then the kv heads, which share
+  // cache rows) are neighbours in launch order.
+  int idx = blockIdx.x;
+  const int m_block = idx % p.m_blocks;
+  idx /= p.m_blocks;
+  const int h_kv = idx % p.attn.nheads_kv;
+  idx /= p.attn.nheads_kv;
+  const int split = idx % p.num_splits;
+  const int b = idx / p.num_splits;
+
+  AttnArgs a = p.attn;  // with this batch item's seqlen_k, for Mask and ScoreMod
+  a.seqlen_k = cache_length(p, b);
+  const int group = a.nheads / a.nheads_kv;
+  const int r0 = m_block * DECODE_ROWS;                       // first packed row
+  const int rows = min(DECODE_ROWS, group * a.seqlen_q - r0);  // valid packed rows
+  const int i_begin = r0 / group, i_end = (r0 + rows - 1) / group + 1;  // their query rows
+
+  // This split's tiles: the tiles of keys seen by any of the rows, cut into num_splits
+  // near-equal ranges.
+  const Mask mask(a);
+  int key_begin, key_end;
+  mask.key_range(i_begin, i_end, key_begin, key_end);
+  const int t_first = key_begin / DECODE_KEYS;
+  const int n_tiles = key_end > key_begin ? (key_end + DECODE_KEYS - 1) / DECODE_KEYS - t_first : 0;
+  const int t_begin = t_first + static_cast<int>(static_cast<int64>(n_tiles) * split / p.num_splits);
+  const int t_end = t_first + static_cast<int>(static_cast<int64>(n_tiles) * (split + 1) / p.num_splits);
+
+  // Q: packed row r is query row (r0 + r) / group of head h_kv * group + (r0 + r) % group.
+  const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride;
+  for (int c = tid; c < DECODE_ROWS * CHUNKS; c += NUM_THREADS) {
+    const int r = c / CHUNKS, ch = c % CHUNKS, pr = r0 + r;
+    const bool ok = r < rows && ch * 8 < a.headdim;
+    const T* src = ok ? q + (pr / group) * a.q_row_stride +
+                            (h_kv * group + pr % group) * a.q_head_stride + ch * 8
+                      : q;
+    cp_async_16(sQ + swizzle<SC>(r, ch * 8) * 2, src, ok);
+  }
+  cp_async_commit();
+
+  // This warp's ring: stage s holds K at ring + 2 s TILE_BYTES, V right after. Warp w loads
+  // and computes tiles t_begin + w, t_begin + w + NUM_WARPS, ...
+  const uint32_t ring = sQ + Tr::Q_BYTES + warp * Tr::RING_BYTES;
+  const T* k_cache = static_cast<const T*>(a.k) + h_kv * a.k_head_stride;
+  const T* v_cache = static_cast<const T*>(a.v) + h_kv * a.v_head_stride;
+  int t_load = t_begin + warp;
+  // The next tile's page, read one load ahead: the block-table read then waits behind a
+  // tile's compute instead of in front of the tile's copies.
+  int page = 0, row = 0;
+  if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
+  auto load_next = [&](int stage) {
+    if (t_load < t_end) {
+      const int nrows = a.seqlen_k - t_load * DECODE_KEYS;
+      const uint32_t dst = ring + stage * 2 * Tr::TILE_BYTES;
+      load_kv_tile<HEAD_DIM>(dst, k_cache + page * a.k_batch_stride + row * a.k_row_stride,
+                             a.k_row_stride, nrows, a.headdim, lane);
+      load_kv_tile<HEAD_DIM>(dst + Tr::TILE_BYTES,
+                             v_cache + page * a.v_batch_stride + row * a.v_row_stride,
+                             a.v_row_stride, nrows, a.headdim, lane);
+      t_load += NUM_WARPS;
+      if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
+    }
+    cp_async_commit();  // empty groups keep the wait counts below uniform
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) load_next(s);
+
+  cp_async_wait<STAGES - 1>();  // Q (the oldest group) landed
+  __syncthreads();
+  // ldmatrix.x4 lanes (as in flash_fwd.cu): A (Q) reads row lane % 16, k-half lane / 16;
+  // B of two n8 tiles (K) row lane % 8 + 8 * (lane / 16), k-half (lane / 8) % 2; V (.trans,
+  // k = keys) key lane % 8 + 8 * ((lane / 8) % 2), column half lane / 16.
+  // Q stays in shared memory and is re-read every tile: the key loop waits on memory, not
+  // on ldmatrix, and Q in registers (HEAD_DIM / 4 of them) spills at hd 256.
+  const int k_row = (lane & 7) + (lane >> 4) * 8, k_half = (lane >> 3) & 1;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_half = lane >> 4;
+
+  // The two packed rows of this thread's C-fragments (lane / 4 and lane / 4 + 8): their
+  // query rows and score functions (ALiBi slopes differ between the heads of a group).
+  const int pr0 = r0 + lane / 4, pr1 = pr0 + 8;
+  const int qi[2] = {pr0 / group, pr1 / group};
+  const ScoreMod mods[2] = {ScoreMod(a, b, h_kv * group + pr0 % group),
+                            ScoreMod(a, b, h_kv * group + pr1 % group)};
+
+  float acc_o[1][D_TILES][4];
+#pragma unroll
+  for (int dt = 0; dt < D_TILES; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+  OnlineSoftmax<1> softmax;
+
+  int stage = 0;
+  for (int t = t_begin + warp; t < t_end; t += NUM_WARPS) {
+    __syncwarp();  // every lane is done with the stage that the next load overwrites
+    load_next((stage + STAGES - 1) % STAGES);
+    cp_async_wait<STAGES - 1>();  // this lane's copies of tile t landed
+    __syncwarp();                 // and every other lane's
+    const uint32_t sK = ring + stage * 2 * Tr::TILE_BYTES, sV = sK + Tr::TILE_BYTES;
+
+    float s[1][2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < K_STEPS; ++ks) {
+      uint32_t qf[4], kf[4];
+      ldmatrix_x4(qf, sQ + swizzle<SC>(lane & 15, ks * 16 + (lane >> 4) * 8) * 2);
+      ldmatrix_x4(kf, sK + swizzle<SC>(k_row, ks * 16 + k_half * 8) * 2);
+      mma_16816<T>(s[0][0], qf, kf[0], kf[1]);
+      mma_16816<T>(s[0][1], qf, kf[2], kf[3]);
+    }
+
+    // The score function and mask, with packed rows mapped to query rows (score_fragment
+    // of mask.cuh assumes consecutive rows are consecutive queries, which packing breaks).
+    const int n0 = t * DECODE_KEYS;
+    const bool boundary = mask.tile_needs_mask(i_begin, i_end, n0, n0 + DECODE_KEYS);
+    if (HAS_SCORE_MOD || boundary) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = qi[e >> 1], j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+          float x = s[0][nt][e];
+          if constexpr (HAS_SCORE_MOD) x = mods[e >> 1].apply(x, i, j);
+          s[0][nt][e] = !boundary || mask.visible(i, j) ? x : neg_inf();
+        }
+    }
+    softmax.update(s, acc_o, HAS_SCORE_MOD ? 1.f : mods[0].scale_log2);
+
+    // O += P V: P's C-fragments, rounded to T, are the A-fragment of one k16 step.
+    uint32_t pf[4] = {dtype_traits<T>::pack(s[0][0][0], s[0][0][1]),
+                      dtype_traits<T>::pack(s[0][0][2], s[0][0][3]),
+                      dtype_traits<T>::pack(s[0][1][0], s[0][1][1]),
+                      dtype_traits<T>::pack(s[0][1][2], s[0][1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D_TILES / 2; ++dp) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, sV + swizzle<SC>(v_row, dp * 16 + v_half * 8) * 2);
+      mma_16816<T>(acc_o[0][2 * dp], pf, vf[0], vf[1]);
+      mma_16816<T>(acc_o[0][2 * dp + 1], pf, vf[2], vf[3]);
+    }
+    stage = (stage + 1) % STAGES;
+  }
+  cp_async_wait<0>();
+
+  // Merge the warps. Each warp's O (normalised) and lse go to shared memory over the rings,
+  // so every warp must be done with its ring first.
+  float lse_w[1][2];
+  softmax.finalize(acc_o, lse_w);
+  __syncthreads();
+  float* sO = reinterpret_cast<float*>(smem + Tr::Q_BYTES);  // [NUM_WARPS][16][OS]
+  float* sW = sO + NUM_WARPS * DECODE_ROWS * Tr::OS;          // [NUM_WARPS][16]: lse, then weight
+  float* sLse = sW + NUM_WARPS * DECODE_ROWS;                 // [16]: the merged lse
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row_w = warp * DECODE_ROWS + lane / 4 + 8 * r;
+#pragma unroll
+    for (int dt = 0; dt < D_TILES; ++dt)
+      *reinterpret_cast<float2*>(sO + row_w * Tr::OS + dt * 8 + 2 * (lane & 3)) =
+          make_float2(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
+    if ((lane & 3) == 0) sW[row_w] = lse_w[0][r];
+  }
+  __syncthreads();
+  if (tid < DECODE_ROWS) {
+    LseMerge m;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) m.add(sW[w * DECODE_ROWS + tid]);
+    const float lse = m.lse();
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w)
+      sW[w * DECODE_ROWS + tid] = merge_weight(sW[w * DECODE_ROWS + tid], lse);
+    sLse[tid] = lse;
+  }
+  __syncthreads();
+
+  // Store: out / lse directly with one split, else this split's float32 partial result.
+  const int64 nheads = a.nheads, seqlen_q = a.seqlen_q;
+  for (int e = tid; e < DECODE_ROWS * HEAD_DIM; e += NUM_THREADS) {
+    const int r = e / HEAD_DIM, d = e % HEAD_DIM;
+    if (r >= rows || d >= a.headdim) continue;
+    float x = 0.f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w)
+      x = fmaf(sW[w * DECODE_ROWS + r], sO[(w * DECODE_ROWS + r) * Tr::OS + d], x);
+    const int pr = r0 + r, i = pr / group, h = h_kv * group + pr % group;
+    if (p.o_accum) {
+      p.o_accum[(((split * static_cast<int64>(a.batch) + b) * seqlen_q + i) * nheads + h) *
+                    a.headdim + d] = x;
+    } else {
+      static_cast<T*>(p.o)[b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + d] =
+          from_float<T>(x);
+    }
+  }
+  if (tid < rows) {
+    const int pr = r0 + tid, i = pr / group, h = h_kv * group + pr % group;
+    if (p.o_accum)
+      p.lse_accum[((split * static_cast<int64>(a.batch) + b) * nheads + h) * seqlen_q + i] =
+          sLse[tid];
+    else
+      p.lse[(b * nheads + h) * seqlen_q + i] = sLse[tid];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// merge_parts: one warp per output row (b, i, h); lanes take the parts for the LSE, then
+// the head dimension (coalesced) for the weighted sum, 256 columns at a time.
+template <typename TI, typename TO>
+__global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_constant__ MergeParams p) {
+  constexpr int SLAB = 8;  // columns per lane per pass: 8 * 32 = 256
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64 row = static_cast<int64>(blockIdx.x) * MERGE_WARPS + warp;
+  if (row >= static_cast<int64>(p.batch) * p.seqlen_q * p.nheads) return;
+  const int h = static_cast<int>(row % p.nheads);
+  const int i = static_cast<int>(row / p.nheads % p.seqlen_q);
+  const int b = static_cast<int>(row / p.nheads / p.seqlen_q);
+
+  const float* part_lse = p.part_lse + b * p.pl_batch_stride + h * p.pl_head_stride +
+                          i * p.pl_row_stride;
+  LseMerge m;
+  for (int s = lane; s < p.num_parts; s += 32) m.add(part_lse[s * p.pl_part_stride]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    m.combine(__shfl_xor_sync(0xffffffffu, m.mx, off), __shfl_xor_sync(0xffffffffu, m.sum, off));
+  const float lse = m.lse();
+
+  const TI* part = static_cast<const TI*>(p.parts) + b * p.p_batch_stride + i * p.p_row_stride +
+                   h * p.p_head_stride;
+  TO* o = static_cast<TO*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+  for (int d0 = 0; d0 < p.headdim; d0 += SLAB * 32) {
+    float acc[SLAB];
+#pragma unroll
+    for (int c = 0; c < SLAB; ++c) acc[c] = 0.f;
+    for (int s = 0; s < p.num_parts; ++s) {
+      const float w = merge_weight(part_lse[s * p.pl_part_stride], lse);
+      if (w == 0.f) continue;  // an empty part adds nothing, whatever its out holds (warp-uniform)
+      const TI* x = part + s * p.p_part_stride;
+#pragma unroll
+      for (int c = 0; c < SLAB; ++c) {
+        const int d = d0 + c * 32 + lane;
+        if (d < p.headdim) acc[c] = fmaf(w, as_float(x[d]), acc[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < SLAB; ++c) {
+      const int d = d0 + c * 32 + lane;
+      if (d < p.headdim) o[d] = from_float<TO>(acc[c]);
+    }
+  }
+  if (lane == 0) p.lse[(static_cast<int64>(b) * p.nheads + h) * p.seqlen_q + i] = lse;
+}
+
+}  // namespace cuflash
