@@ -253,9 +253,10 @@ def merge(parts, part_lse):
 @functools.lru_cache(maxsize=None)
 def _sm_resources(device_id):
     """(SM count, shared memory bytes per SM) of a device."""
-    import cupy
-    attrs = cupy.cuda.Device(device_id).attributes
-    return attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerMultiprocessor"]
+    from cupy.cuda import runtime
+    return (runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id),
+            runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                       device_id))
 
 
 def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache,

@@ -368,8 +368,11 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// merge_parts: one warp per output row (b, i, h); lanes take the parts for the LSE, then
-// the head dimension (coalesced) for the weighted sum, 256 columns at a time.
+// merge_parts: one warp per output row (b, i, h). Lanes take the parts for the LSE, then
+// the head dimension (coalesced) for the weighted sum, 256 columns a pass. The weights of
+// 32 parts at a time are computed one per lane and broadcast by shuffles, and the part loop
+// is unrolled so that several parts' loads are in flight: after flash_decode the parts sit
+// in L2, so latency, not bandwidth, is what this kernel waits on.
 template <typename TI, typename TO>
 __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_constant__ MergeParams p) {
   constexpr int SLAB = 8;  // columns per lane per pass: 8 * 32 = 256
@@ -396,14 +399,22 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_con
     float acc[SLAB];
 #pragma unroll
     for (int c = 0; c < SLAB; ++c) acc[c] = 0.f;
-    for (int s = 0; s < p.num_parts; ++s) {
-      const float w = merge_weight(part_lse[s * p.pl_part_stride], lse);
-      if (w == 0.f) continue;  // an empty part adds nothing, whatever its out holds (warp-uniform)
-      const TI* x = part + s * p.p_part_stride;
+    for (int s0 = 0; s0 < p.num_parts; s0 += 32) {
+      const int s_lane = s0 + lane;
+      const float w_lane =
+          s_lane < p.num_parts ? merge_weight(part_lse[s_lane * p.pl_part_stride], lse) : 0.f;
+      const int n = min(32, p.num_parts - s0);
+#pragma unroll 4
+      for (int k = 0; k < n; ++k) {
+        const float w = __shfl_sync(0xffffffffu, w_lane, k);
+        const TI* x = part + (s0 + k) * p.p_part_stride;
 #pragma unroll
-      for (int c = 0; c < SLAB; ++c) {
-        const int d = d0 + c * 32 + lane;
-        if (d < p.headdim) acc[c] = fmaf(w, as_float(x[d]), acc[c]);
+        for (int c = 0; c < SLAB; ++c) {
+          const int d = d0 + c * 32 + lane;
+          const float v = d < p.headdim ? as_float(x[d]) : 0.f;
+          // A part of weight 0 adds nothing, whatever its out holds (inf, NaN).
+          acc[c] = w == 0.f ? acc[c] : fmaf(w, v, acc[c]);
+        }
       }
     }
 #pragma unroll

@@ -539,8 +539,9 @@ def test_gpu_dlpack_cache_is_updated_in_place(rng):
         def __dlpack_device__(self):
             return self.x.__dlpack_device__()
 
-    def call(q, k_cache, v_cache, k, v, **kwargs):
+    def call(q, k_cache, v_cache, k, v, cache_seqlens, **kwargs):
         return cuflash.attention_with_kvcache(Foreign(q), Foreign(k_cache), Foreign(v_cache),
-                                              k=Foreign(k), v=Foreign(v), **kwargs)
+                                              k=Foreign(k), v=Foreign(v),
+                                              cache_seqlens=Foreign(cache_seqlens), **kwargs)
 
     p.check(call, cupy)
