@@ -1,0 +1,110 @@
+"""Device-side checks of the Hopper forward kernel (kernels_cu/flash_fwd_sm90.cu).
+
+    PYTHONPATH=. python bench/sm90_check.py smoke [--out DIR]
+    PYTHONPATH=. python bench/sm90_check.py tiles 128:176,64:192 [tune_fwd.py arguments]
+
+``smoke`` runs a few small cases, simplest first, each in its own process with a time limit
+(a kernel that deadlocks on an mbarrier, or faults, takes down only that case), and prints
+the out and lse errors against the float64 reference; it exits 1 unless all pass. On a
+failure it saves the case's inputs and outputs (``smoke_<case>.npz``) for offline study.
+``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs bench/tune_fwd.py, to time other
+key-block sizes in the same process as the peers.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+CASES = {  # name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, options)
+    "bf16_d64_one_block": ("bf16", 1, 128, 128, 1, 1, 64, {}),
+    "bf16_d128_one_block": ("bf16", 1, 128, 128, 1, 1, 128, {}),
+    "bf16_d128_tails": ("bf16", 2, 200, 1000, 2, 2, 128, {}),
+    "fp16_d64_causal_gqa": ("fp16", 2, 777, 1000, 4, 2, 64, {"causal": True}),
+    "bf16_d40_window_softcap": ("bf16", 1, 300, 300, 2, 1, 40,
+                                {"window": (50, 10), "softcap": 3.0}),
+}
+
+
+def run_case(name, out_dir):
+    import cupy
+    import ml_dtypes
+
+    import cuflash
+    from cuflash import _launch, reference
+    dname, batch, sq, sk, h, hkv, d, opts = CASES[name]
+    dtype = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}[dname]
+    launched = []
+    real_launch = _launch.launch
+
+    def spy(device_id, filename, *args, **kwargs):
+        launched.append(filename)
+        return real_launch(device_id, filename, *args, **kwargs)
+
+    _launch.launch = spy
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((batch, sq, h, d)).astype(dtype)
+    k = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
+    v = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
+    out, lse = cuflash.attention_forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                         **opts)
+    cupy.cuda.Device().synchronize()
+    out, lse = out.get(), lse.get()
+    ref_out, ref_lse = reference.attention_forward(q, k, v, upcast=True, **opts)
+    naive_out, _ = reference.attention_forward(q, k, v, upcast=False, **opts)
+    finite = np.isfinite(ref_lse)
+    err_out = np.abs(out.astype(np.float64) - ref_out).max()
+    err_lse = np.abs(lse[finite] - ref_lse[finite]).max() if finite.any() else 0.0
+    bound = 2 * np.abs(naive_out.astype(np.float64) - ref_out).max() + 2.0 ** -7
+    ok = bool(err_out <= bound and err_lse <= 1e-3 * max(1, np.abs(ref_lse[finite]).max())
+              and np.isfinite(out).all() and (np.isneginf(lse) == ~finite).all())
+    print(f"{name:26} {','.join(launched):18} out err {err_out:.3e} (bound {bound:.3e})  "
+          f"lse err {err_lse:.3e}  {'ok' if ok else 'FAIL'}", flush=True)
+    if not ok:
+        rows = np.abs(out.astype(np.float64) - ref_out).max(axis=(0, 2, 3))
+        print(f"  rows with error > bound: {np.flatnonzero(rows > bound)[:40].tolist()}")
+        if out_dir:
+            np.savez_compressed(os.path.join(out_dir, f"smoke_{name}.npz"), q=q.view(np.uint16),
+                                k=k.view(np.uint16), v=v.view(np.uint16),
+                                out=out.astype(np.float32), lse=lse, ref_out=ref_out,
+                                ref_lse=ref_lse)
+    return ok
+
+
+def smoke(argv):
+    out_dir = argv[argv.index("--out") + 1] if "--out" in argv else None
+    env = dict(os.environ)
+    failed = 0
+    for name in CASES:
+        cmd = [sys.executable, __file__, "case", name] + (["--out", out_dir] if out_dir else [])
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=60).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{name:26} TIMEOUT (a deadlock?)", flush=True)
+            rc = 1
+        failed += rc != 0
+        if rc not in (0, 1):
+            print(f"{name:26} crashed with exit code {rc}", flush=True)
+    print(f"smoke: {len(CASES) - failed}/{len(CASES)} cases passed")
+    return 1 if failed else 0
+
+
+def tiles(argv):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tune_fwd
+
+    from cuflash import _dispatch
+    for item in argv[0].split(","):
+        hd, bn = (int(x) for x in item.split(":"))
+        _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, "tuning override")
+        print(f"FWD_SM90_TILES[{hd}] = Bc {bn}")
+    return tune_fwd.main(argv[1:])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "case":
+        out_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+        sys.exit(0 if run_case(sys.argv[2], out_dir) else 1)
+    sys.exit({"smoke": smoke, "tiles": tiles}[sys.argv[1]](sys.argv[2:]))

@@ -1,0 +1,281 @@
+// Hopper (sm_90a) primitives: TMA tensor copies, mbarriers, wgmma, setmaxnreg.
+//
+// Shared-memory tiles here are the layout that both the TMA engine (CU_TENSOR_MAP_SWIZZLE_
+// 128B) and wgmma (swizzle mode "128B") understand: a tile of R rows x 64 16-bit elements
+// is R rows of 128 bytes, 1024-byte aligned, where 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8). Wider rows (head dim 128) are split into column blocks of 64 elements, one
+// after the other (block b holds columns 64 b .. 64 b + 63 of every row).
+//
+// Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address >> 4,
+// 16-29 leading-dimension byte offset (LBO) >> 4, 32-45 stride-dimension byte offset (SBO)
+// >> 4, 62-63 swizzle mode (1 = 128B). With 128B swizzle:
+// - K-major operand (rows = M or N, 64 elements of K per 128-byte row): SBO = 1024 bytes
+//   between groups of 8 rows, LBO unused (1). A k16 step inside a column block moves the
+//   start address by 32 bytes (the hardware applies the XOR to the final address, which is
+//   why tiles must be 1024-byte aligned); the next column block is a new start address.
+// - MN-major operand (rows = K, N contiguous, as V is for O = P V): SBO = 1024 bytes
+//   between groups of 8 K-rows, LBO = bytes between column blocks of 64 N-elements; a k16
+//   step moves the start address by 16 rows = 2048 bytes. Selected by imm-trans-b = 1.
+//
+// wgmma accumulators (m64nN, float): the warp of rank w in its warpgroup holds rows
+// 16 w .. 16 w + 15, laid out as N / 8 mma.m16n8 C-fragments: d[4 t + e] is row
+// lane / 4 + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2. That is the [N/8][4] layout of
+// common/softmax.cuh, so OnlineSoftmax<1> and score_fragment<..., 1, N/8> apply unchanged,
+// and its k16 slices packed to 16 bits are the A fragments of a register-A wgmma (the
+// mma.m16n8k16 A layout), exactly as the mma.sync kernel reuses S for P.
+#pragma once
+#include "common/mma.cuh"
+
+namespace cuflash {
+namespace sm90 {
+
+// A CUtensorMap (cuTensorMapEncodeTiled on the host): opaque, 64-byte aligned, passed
+// inside a __grid_constant__ kernel parameter so that its generic address is valid.
+struct alignas(64) TmaMap {
+  uint64_t opaque[16];
+};
+
+template <typename T> struct is_half { static constexpr bool value = false; };
+template <> struct is_half<__half> { static constexpr bool value = true; };
+
+// --- mbarrier -----------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes initialized barriers visible to the async proxy (TMA) and the other threads
+// (with the __syncthreads that follows).
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` of TMA transactions for the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
+// so waiting for parity 1 returns at once: the usual "previous phase" convention).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// --- TMA ----------------------------------------------------------------------------------
+__device__ __forceinline__ void tma_prefetch(const TmaMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+// Box at coordinates (c0 innermost .. c3) of a 4-D tensor map -> shared memory at `dst`,
+// completing `bar`'s transaction count. Out-of-bounds elements are written as zeros (and
+// still count as transferred bytes).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uint32_t bar,
+                                            int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// --- Register reallocation between warpgroups -----------------------------------------
+template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// --- wgmma ----------------------------------------------------------------------------------
+__device__ __forceinline__ uint64_t desc_field(uint32_t bytes) { return (bytes & 0x3FFFF) >> 4; }
+
+// Descriptor of a 128B-swizzled operand starting at shared address `addr` (see the top).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo) {
+  return desc_field(addr) | (desc_field(lbo) << 16) | (desc_field(1024) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins accumulator registers at this point of the program: the compiler may not move
+// their uses across the wgmma that writes them asynchronously (call after wgmma_wait and
+// before wgmma_fence).
+template <int N> __device__ __forceinline__ void fence_regs(float* d) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define CUFLASH_D8(i)                                                                    \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),            \
+      "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// Operand lists of the accumulator registers (generated once; N / 2 floats a thread).
+#define CUFLASH_REGS_32 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+  "}"
+#define CUFLASH_OUT_32 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24)
+#define CUFLASH_REGS_64 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+  "}"
+#define CUFLASH_OUT_64 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56)
+#define CUFLASH_REGS_88 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+  "%80, %81, %82, %83, %84, %85, %86, %87" \
+  "}"
+#define CUFLASH_OUT_88 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56), CUFLASH_D8(64), CUFLASH_D8(72), CUFLASH_D8(80)
+#define CUFLASH_REGS_96 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
+  "}"
+#define CUFLASH_OUT_96 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56), CUFLASH_D8(64), CUFLASH_D8(72), CUFLASH_D8(80), CUFLASH_D8(88)
+
+#define CUFLASH_WGMMA_SS_64(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"               \
+               : CUFLASH_OUT_32 : "l"(a), "l"(b), "r"(scale_d))
+#define CUFLASH_WGMMA_SS_128(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"               \
+               : CUFLASH_OUT_64 : "l"(a), "l"(b), "r"(scale_d))
+#define CUFLASH_WGMMA_SS_176(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n176k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_88 ", %88, %89, p, 1, 1, 0, 0;\n}\n"               \
+               : CUFLASH_OUT_88 : "l"(a), "l"(b), "r"(scale_d))
+#define CUFLASH_WGMMA_SS_192(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n192k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_96 ", %96, %97, p, 1, 1, 0, 0;\n}\n"               \
+               : CUFLASH_OUT_96 : "l"(a), "l"(b), "r"(scale_d))
+#define CUFLASH_WGMMA_RS_64(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+               : CUFLASH_OUT_32                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
+#define CUFLASH_WGMMA_RS_128(PT)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+               : CUFLASH_OUT_64                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
+
+// D (64 x N float32, registers) = A (64 x 16) B (16 x N) + (scale_d ? D : 0), one k16 step.
+// ss: A and B from shared memory, both K-major (S = Q K^T). rs: A from registers (P), B
+// MN-major from shared memory (V of O = P V).
+template <typename T, int N> struct Wgmma;
+template <typename T> struct Wgmma<T, 64> {
+  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_64("f16");
+    else CUFLASH_WGMMA_SS_64("bf16");
+  }
+  static __device__ __forceinline__ void rs(float* d, const uint32_t (&a)[4], uint64_t b,
+                                            int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_RS_64("f16");
+    else CUFLASH_WGMMA_RS_64("bf16");
+  }
+};
+template <typename T> struct Wgmma<T, 128> {
+  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_128("f16");
+    else CUFLASH_WGMMA_SS_128("bf16");
+  }
+  static __device__ __forceinline__ void rs(float* d, const uint32_t (&a)[4], uint64_t b,
+                                            int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_RS_128("f16");
+    else CUFLASH_WGMMA_RS_128("bf16");
+  }
+};
+template <typename T> struct Wgmma<T, 176> {
+  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_176("f16");
+    else CUFLASH_WGMMA_SS_176("bf16");
+  }
+};
+template <typename T> struct Wgmma<T, 192> {
+  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_192("f16");
+    else CUFLASH_WGMMA_SS_192("bf16");
+  }
+};
+
+// --- Backward additions (flash_bwd_sm90.cu) ----------------------------------------------
+// dQ = dS K: A (dS, stored as dS^T) M-major and B (K) N-major from shared memory, m64n64.
+#define CUFLASH_WGMMA_SS_64_MN(PT)                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
+               CUFLASH_REGS_32 ", %32, %33, p, 1, 1, 1, 1;\n}\n"               \
+               : CUFLASH_OUT_32 : "l"(a), "l"(b), "r"(scale_d))
+template <typename T> struct WgmmaMN64 {
+  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_64_MN("f16");
+    else CUFLASH_WGMMA_SS_64_MN("bf16");
+  }
+};
+
+// Pins A-fragment registers of a register-A wgmma until after its wgmma_wait (call there):
+// their values must survive until the tensor cores have read them.
+template <int N> __device__ __forceinline__ void fence_regs_u32(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// Orders this thread's earlier shared-memory writes (ordinary stores, completed cp.async
+// copies) before later shared-memory accesses of the async proxy (wgmma operands, bulk
+// copies); a barrier after it extends the order to the other threads.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// bar.sync on named barrier `id` (1..15; 0 is __syncthreads) by `threads` threads.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// dst[0 .. bytes) += src[0 .. bytes) in float32, by the bulk-copy engine (one thread issues
+// it): both 16-byte aligned, bytes a multiple of 16. Asynchronous, in this thread's
+// bulk group; bulk_wait_read says when src may be overwritten, bulk_wait when it is done.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+}  // namespace sm90
+}  // namespace cuflash

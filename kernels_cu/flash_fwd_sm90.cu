@@ -1,0 +1,231 @@
+// FlashAttention forward for Hopper (sm_90a): TMA loads, wgmma, warp specialization.
+//
+// One CTA per (query block of Br = 128 rows, head, batch item); query blocks run last-first
+// so that under a causal mask the heaviest start first. Three warpgroups:
+//   producer (warpgroup 0, one thread): TMA copies of Q (once) and of K, V tiles of
+//     Bc = BLOCK_N keys into a STAGES-deep ring of 128B-swizzled shared-memory buffers;
+//     "full" mbarriers count the bytes in, "empty" mbarriers say when the consumers are done
+//     with a stage. It gives most of its registers away (setmaxnreg) to
+//   consumers (warpgroups 1 and 2, 64 query rows each): S = Q K^T by wgmma with both
+//     operands in shared memory; mask and online softmax on the accumulator registers
+//     (base 2, scale * log2(e) folded into one FFMA per score; common/softmax.cuh); P
+//     rounded to 16 bits in registers is the A operand of O += P V by wgmma, V read
+//     MN-major from shared memory. O is divided by l_i once at the end, LSE written.
+// Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
+// query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
+// out-of-bounds elements with zeros); stores are predicated.
+// Layouts, descriptors and fragment conventions: common/sm90.cuh.
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/sm90.cuh"
+#include "common/softmax.cuh"
+
+namespace cuflash {
+
+// The kernel argument (mirrored by FWD_SM90_PARAMS in cuflash/_launch.py): TMA maps of q,
+// k and v, each viewed as a 4-D tensor (headdim, seqlen, heads, batch) with the arrays'
+// strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; then the
+// forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses).
+struct FwdSm90Params {
+  sm90::TmaMap tma_q, tma_k, tma_v;
+  FwdParams fwd;
+};
+static_assert(__builtin_offsetof(FwdSm90Params, fwd) == 3 * 128 &&
+                  sizeof(FwdSm90Params) == (3 * 128 + sizeof(FwdParams) + 63) / 64 * 64,
+              "FWD_SM90_PARAMS (cuflash/_launch.py) assumes this layout");
+
+template <int HEAD_DIM, int BLOCK_N>
+struct FwdSm90Traits {
+  static constexpr int BLOCK_M = 128;             // 2 consumer warpgroups x 64 rows
+  static constexpr int CONSUMERS = 2;
+  static constexpr int NUM_THREADS = 128 * (CONSUMERS + 1);
+  static constexpr int STAGES = 2;
+  static constexpr int COL_BLOCKS = HEAD_DIM / 64;  // 64-element (128-byte) column blocks
+  static constexpr int Q_BLOCK_BYTES = BLOCK_M * 128;   // one column block of the Q tile
+  static constexpr int KV_BLOCK_BYTES = BLOCK_N * 128;  // one column block of a K/V tile
+  static constexpr int Q_BYTES = COL_BLOCKS * Q_BLOCK_BYTES;
+  static constexpr int KV_BYTES = COL_BLOCKS * KV_BLOCK_BYTES;
+  // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
+  // period), whatever the alignment of the dynamic shared-memory window.
+  static constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;
+  // Registers after setmaxnreg: 128 x 24 + 256 x 240 = 64512 <= 65536, the register file,
+  // which __launch_bounds__(384, 1) hands out as 168 a thread at launch.
+  static constexpr int PRODUCER_REGS = 24;
+  static constexpr int CONSUMER_REGS = 240;
+  static_assert(HEAD_DIM % 64 == 0, "whole 128-byte swizzle atoms per row");
+  static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N and TMA box limits");
+  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+};
+
+template <typename T, int HEAD_DIM, int BLOCK_N, bool HAS_SCORE_MOD>
+__global__ void __launch_bounds__(384, 1)
+flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
+  using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N>;
+  constexpr int STAGES = Tr::STAGES, Br = Tr::BLOCK_M, Bc = BLOCK_N;
+  static_assert(Tr::NUM_THREADS == 384, "launch bounds");
+  const AttnArgs& a = p.fwd.attn;
+
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // full_k, full_v, empty per stage, then q.
+  __shared__ __align__(8) uint64_t barriers[3 * STAGES + 1];
+  const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+  const uint32_t sQ = base;
+  auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::KV_BYTES; };
+  auto sV = [&](int s) { return base + Tr::Q_BYTES + (STAGES + s) * Tr::KV_BYTES; };
+  auto full_k = [&](int s) { return smem_addr(&barriers[s]); };
+  auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
+  auto empty = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
+  const uint32_t full_q = smem_addr(&barriers[3 * STAGES]);
+
+  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (a.nheads / a.nheads_kv);
+  const int m0 = m_block * Br;
+
+  const Mask mask(a);
+  int key_begin, key_end;
+  mask.key_range(m0, min(m0 + Br, a.seqlen_q), key_begin, key_end);
+  const int n_block_min = key_begin / Bc;
+  const int n_block_max = key_end > key_begin ? (key_end + Bc - 1) / Bc : n_block_min;
+  const int n_blocks = n_block_max - n_block_min;  // visited last-first
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(full_k(s), 1);
+      sm90::mbar_init(full_v(s), 1);
+      sm90::mbar_init(empty(s), 4 * Tr::CONSUMERS);  // one arrival per consumer warp
+    }
+    sm90::mbar_init(full_q, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
+    if (tid == 0 && n_blocks > 0) {
+      sm90::mbar_arrive_expect_tx(full_q, Tr::Q_BYTES);
+#pragma unroll
+      for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+        sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64, m0, h, b);
+      for (int it = 0; it < n_blocks + STAGES; ++it) {
+        const int s = it % STAGES;
+        // Stage s was last filled at iteration it - STAGES: wait until every consumer warp
+        // released it. The last STAGES waits (no load follows) keep this thread alive until
+        // all of its copies were consumed.
+        if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
+        if (it >= n_blocks) continue;
+        const int n0 = (n_block_max - 1 - it) * Bc;
+        sm90::mbar_arrive_expect_tx(full_k(s), Tr::KV_BYTES);
+#pragma unroll
+        for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+          sm90::tma_load_4d(sK(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_k, full_k(s), cb * 64, n0,
+                            h_kv, b);
+        sm90::mbar_arrive_expect_tx(full_v(s), Tr::KV_BYTES);
+#pragma unroll
+        for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+          sm90::tma_load_4d(sV(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_v, full_v(s), cb * 64, n0,
+                            h_kv, b);
+      }
+    }
+  } else {
+    sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();
+    constexpr int N_TILES = Bc / 8, D_TILES = HEAD_DIM / 8;
+    const int consumer = warpgroup - 1;
+    const int warp = (tid / 32) % 4, lane = tid % 32;
+    const int wg_row0 = m0 + consumer * 64;             // this warpgroup's first query row
+    const int frag_row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's first row
+    const uint32_t sQ_wg = sQ + consumer * 64 * 128;    // its 64 rows of every column block
+
+    float acc_o[1][D_TILES][4];
+#pragma unroll
+    for (int dt = 0; dt < D_TILES; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+    OnlineSoftmax<1> softmax;
+    const ScoreMod mod(a, b, h);
+
+    if (n_blocks > 0) sm90::mbar_wait(full_q, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+      const int s = it % STAGES;
+      const uint32_t parity = (it / STAGES) & 1;
+      const int n0 = (n_block_max - 1 - it) * Bc;
+
+      // S = Q K^T: HEAD_DIM / 16 k-steps, the first one overwriting the accumulators.
+      float sc[1][N_TILES][4];
+      sm90::mbar_wait(full_k(s), parity);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+        const uint32_t k_off = (ks % 4) * 32;  // k16 step inside a 128-byte row
+        const uint64_t da = sm90::make_desc(sQ_wg + (ks / 4) * Tr::Q_BLOCK_BYTES + k_off, 16);
+        const uint64_t db = sm90::make_desc(sK(s) + (ks / 4) * Tr::KV_BLOCK_BYTES + k_off, 16);
+        sm90::Wgmma<T, Bc>::ss(&sc[0][0][0], da, db, ks > 0);
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
+
+      const int col0 = n0 + 2 * (lane & 3);
+      const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
+      float factor = mod.scale_log2;
+      if constexpr (HAS_SCORE_MOD) {
+        factor = 1.f;
+        if (boundary)
+          score_fragment<true, true>(sc, frag_row0, col0, mod, mask);
+        else
+          score_fragment<true, false>(sc, frag_row0, col0, mod, mask);
+      } else {
+        if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
+      }
+      softmax.update(sc, acc_o, factor);
+
+      // P in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
+      uint32_t pf[Bc / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+        pf[kk][1] = dtype_traits<T>::pack(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+        pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+        pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+      }
+
+      // O += P V: Bc / 16 k-steps of 16 keys (2048 bytes of every column block of V).
+      sm90::mbar_wait(full_v(s), parity);
+      sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
+        sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+      sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
+      __syncwarp();
+      if (lane == 0) sm90::mbar_arrive(empty(s));  // this warp is done with stage s
+    }
+
+    float lse[1][2];
+    softmax.finalize(acc_o, lse);
+    T* o = static_cast<T*>(p.fwd.o) + b * p.fwd.o_batch_stride + h * p.fwd.o_head_stride;
+    float* lse_out = p.fwd.lse + (static_cast<int64>(b) * a.nheads + h) * a.seqlen_q;
+    const int col = 2 * (lane & 3);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = frag_row0 + r * 8;
+      if (i >= a.seqlen_q) continue;
+      T* o_row = o + i * p.fwd.o_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < D_TILES; ++dt)
+        if (dt * 8 + col < a.headdim)
+          *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
+              dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
+      if ((lane & 3) == 0) lse_out[i] = lse[0][r];
+    }
+  }
+}
+
+}  // namespace cuflash
