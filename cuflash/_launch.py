@@ -292,6 +292,21 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
            DECODE_PARAMS)
 
 
+def decode_plan(dtype, shape, opts, device_id):
+    """(config, row blocks per kv head, default num_splits) of flash_decode for one call;
+    ``shape.seqlen_k`` is the cache capacity."""
+    from . import _dispatch
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim,
+                                  opts.softcap > 0 or opts.alibi_slopes is not None)
+    group = shape.nheads // shape.nheads_kv
+    m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
+    num_sms, smem_per_sm = _sm_resources(device_id)
+    ctas_per_sm = min(2, smem_per_sm // (cfg.shared_bytes + 1024))  # 1 KiB reserved per CTA
+    num_splits = _dispatch.decode_num_splits(shape.batch * shape.nheads_kv * m_blocks,
+                                             shape.seqlen_k, num_sms, ctas_per_sm)
+    return cfg, m_blocks, num_splits
+
+
 def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts, num_splits):
     """Split-KV decoding over caches already holding the new keys (fp16 / bf16).
 
@@ -304,15 +319,8 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    cfg = _dispatch.decode_config(CXX_TYPES[q.dtype], shape.headdim,
-                                  opts.softcap > 0 or opts.alibi_slopes is not None)
-    group = shape.nheads // shape.nheads_kv
-    m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
-    if num_splits is None:
-        num_sms, smem_per_sm = _sm_resources(device_id)
-        ctas_per_sm = min(2, smem_per_sm // (cfg.shared_bytes + 1024))
-        num_splits = _dispatch.decode_num_splits(shape.batch * shape.nheads_kv * m_blocks,
-                                                 shape.seqlen_k, num_sms, ctas_per_sm)
+    cfg, m_blocks, auto_splits = decode_plan(q.dtype, shape, opts, device_id)
+    num_splits = num_splits or auto_splits
     with cupy.cuda.Device(device_id):
         out = cupy.empty(q.shape, q.dtype)
         lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
