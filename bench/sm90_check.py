@@ -5,7 +5,8 @@
 
 ``smoke`` runs a few small cases, simplest first, each in its own process with a time limit
 (a kernel that deadlocks on an mbarrier, or faults, takes down only that case), and prints
-the out and lse errors against the float64 reference; it exits 1 unless all pass. On a
+the out and lse errors against the float64 reference; it exits 0 if all pass, 1 on wrong
+results, 2 if a case hung or crashed. On a
 failure it saves the case's inputs and outputs (``smoke_<case>.npz``) for offline study.
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs bench/tune_fwd.py, to time other
 key-block sizes in the same process as the peers.
@@ -75,20 +76,21 @@ def run_case(name, out_dir):
 
 def smoke(argv):
     out_dir = argv[argv.index("--out") + 1] if "--out" in argv else None
-    env = dict(os.environ)
-    failed = 0
+    failed = hung = 0
     for name in CASES:
         cmd = [sys.executable, __file__, "case", name] + (["--out", out_dir] if out_dir else [])
         try:
-            rc = subprocess.run(cmd, env=env, timeout=60).returncode
+            rc = subprocess.run(cmd, timeout=60).returncode
         except subprocess.TimeoutExpired:
             print(f"{name:26} TIMEOUT (a deadlock?)", flush=True)
-            rc = 1
+            rc, hung = 1, hung + 1
         failed += rc != 0
         if rc not in (0, 1):
             print(f"{name:26} crashed with exit code {rc}", flush=True)
+            hung += 1
     print(f"smoke: {len(CASES) - failed}/{len(CASES)} cases passed")
-    return 1 if failed else 0
+    # 2: a case hung or crashed (not worth running more); 1: wrong results only.
+    return 2 if hung else (1 if failed else 0)
 
 
 def tiles(argv):
