@@ -1,0 +1,363 @@
+// Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
+// (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, no soft-cap
+// or ALiBi (those, deterministic mode and other GPUs use bwd_main; cuflash/_dispatch.py).
+//
+//   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
+//   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
+// bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
+// and padded rows, so that their p is exactly 0), dq_accum zeroed.
+//
+// One CTA per (128 keys, batch item, kv head): two warpgroups of 128 threads, warpgroup w
+// owning keys 64 w .. 64 w + 63. K and V stay in shared memory; the CTA walks the query
+// blocks (BLOCK_R rows) of every query head of its GQA group that see one of its keys,
+// Q_i, dO_i, lse_i and delta_i double-buffered by cp.async (all 256 threads copy). A step:
+//   S^T  = K_w Q_i^T,  dP^T = V_w dO_i^T        wgmma, both operands K-major in smem
+//   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
+//   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
+//                                                B = dO_i / Q_i read N-major from smem
+//   dS^T -> shared memory; in the next step (after the one CTA barrier of a step) warpgroup
+//   w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T M-major, B = K N-major), stages it
+//   in shared memory and adds it into dq_accum with one bulk reduce-add (16 KiB).
+// The keys are the M side of S^T, so P^T and dS^T are the A fragments of dV and dK with
+// no data movement (common/sm90.cuh: the accumulator layout is the mma A layout).
+//
+// Tiles: BLOCK_R * D = 8192, so a warpgroup's dQ share is always 64 x 64: head dim 128
+// takes BLOCK_R = 64 (warpgroup w: all 64 queries, dQ columns 64 w ..), head dim 64 takes
+// BLOCK_R = 128 (warpgroup w: queries 64 w .., all 64 columns). Registers a thread: dK and
+// dV D / 2 floats each, S^T and dP^T BLOCK_R / 2 each: 192 at both head dims.
+//
+// dq_accum layout (this kernel and bwd_convert_dq_sm90 only): per (batch, head), tiles of
+// 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 + col / 64) * 4096
+// floats, each row-major with the 8-byte pairs of row r permuted by u -> u ^ 4 (r % 8): a
+// warpgroup's share is then one contiguous 16 KiB block (one bulk copy), and the staging
+// writes (8 rows x 4 pairs per warp instruction) hit distinct bank pairs.
+//
+// Shared-memory tiles are 128B-swizzled (common/sm90.cuh): rows of 64 elements (128 bytes)
+// in column blocks, 16-byte chunk c of row r at c ^ (r % 8), every tile 1024-byte aligned.
+#include "common/mask.cuh"
+#include "common/params.cuh"
+#include "common/sm90.cuh"
+
+namespace cuflash {
+
+template <int D, int BLOCK_R>
+struct BwdSm90Traits {
+  static constexpr int BLOCK_C = 128;  // keys per CTA: 2 warpgroups x 64
+  static constexpr int THREADS = 256;
+  static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
+  static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
+  static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of 128 key rows)
+  static constexpr int K_BYTES = K_BLK * (D / 64);
+  static constexpr int Q_BYTES = Q_BLK * (D / 64);
+  static constexpr int DS_BYTES = DS_BLK * (BLOCK_R / 64);
+  static constexpr int DQ_BYTES = 64 * 64 * 4;  // one warpgroup's dQ staging tile
+  static constexpr int OFF_K = 0;
+  static constexpr int OFF_V = OFF_K + K_BYTES;
+  static constexpr int OFF_Q = OFF_V + K_BYTES;       // two buffers
+  static constexpr int OFF_DO = OFF_Q + 2 * Q_BYTES;  // two buffers
+  static constexpr int OFF_DS = OFF_DO + 2 * Q_BYTES; // two buffers
+  static constexpr int OFF_DQ = OFF_DS + 2 * DS_BYTES;  // one per warpgroup
+  static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES; // two buffers of BLOCK_R floats
+  static constexpr int OFF_DELTA = OFF_LSE + 2 * BLOCK_R * 4;
+  // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
+  static constexpr int SMEM_BYTES = OFF_DELTA + 2 * BLOCK_R * 4 + 1024;
+  static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
+                "a warpgroup's dQ share is one 64 x 64 tile");
+  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+};
+
+// Byte offset of 16-byte chunk c (elements 8 c .. 8 c + 7) of row r in a 128B-swizzled tile
+// of ROWS rows: column block c / 8, row r, chunk (c % 8) ^ (r % 8).
+template <int ROWS>
+__device__ __forceinline__ uint32_t sw128(int r, int c) {
+  return (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// Shared-memory accesses by 32-bit shared addresses (no 64-bit generic pointers: this
+// kernel runs at the 255-register limit).
+__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void sts_f32x2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+// cp.async of rows [0, nrows) of a ROWS x D tile (row stride in elements) into the swizzled
+// tile at shared address dst; rows >= nrows and columns >= headdim read as zeros. 256
+// threads, consecutive threads on consecutive chunks of a row (coalesced, conflict-free).
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64 row_stride,
+                                               int nrows, int headdim, int tid) {
+  constexpr int CH = D / 8, TOTAL = ROWS * CH;
+  static_assert(TOTAL % 256 == 0, "whole passes of 256 threads");
+#pragma unroll
+  for (int it = 0; it < TOTAL / 256; ++it) {
+    const int idx = it * 256 + tid, r = idx / CH, c = idx % CH;
+    const bool ok = r < nrows && c * 8 < headdim;
+    cp_async_16(dst + sw128<ROWS>(r, c), ok ? src + r * row_stride + c * 8 : src, ok);
+  }
+}
+
+template <typename T, int D, int BLOCK_R>
+__global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
+  using Tr = BwdSm90Traits<D, BLOCK_R>;
+  using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
+  using MmaD = sm90::Wgmma<T, D>;       // dV, dK: m64 n D
+  constexpr int BLOCK_C = Tr::BLOCK_C;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+
+  const AttnArgs& a = p.attn;
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, wq = wtid / 32;
+  const int lane = tid % 32, g = lane / 4, qd = lane % 4;
+  const int b = blockIdx.y, hkv = blockIdx.z;
+  const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
+  const int o0 = blockIdx.x * BLOCK_C;  // first key of the CTA
+  const Mask mask(a);
+  const float scale_log2 = a.scale * LOG2E;
+
+  // Query rows that see at least one key of [o0, min(o0 + BLOCK_C, seqlen_k)).
+  const int last = min(o0 + BLOCK_C, a.seqlen_k) - 1;
+  const int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
+  const int m_end =
+      mask.left < 0 ? a.seqlen_q : min(a.seqlen_q, last - mask.diag + mask.left + 1);
+  const int s_begin = m_begin / BLOCK_R;
+  const int n_sblocks = m_end > m_begin ? (m_end - 1) / BLOCK_R + 1 - s_begin : 0;
+  const int iters = group * n_sblocks;
+  auto stream_head = [&](int it) { return h0 + it / n_sblocks; };
+  auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
+
+  const T* q_base = static_cast<const T*>(a.q) + b * a.q_batch_stride;
+  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride;
+  auto load_stream = [&](int it) {
+    const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
+    sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_Q + buf * Tr::Q_BYTES,
+                               q_base + r0 * a.q_row_stride + h * a.q_head_stride,
+                               a.q_row_stride, a.seqlen_q - r0, a.headdim, tid);
+    sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_DO + buf * Tr::Q_BYTES,
+                               do_base + r0 * p.do_row_stride + h * p.do_head_stride,
+                               p.do_row_stride, a.seqlen_q - r0, a.headdim, tid);
+    const int64 row = (int64(b) * a.nheads + h) * p.seqlen_q_pad + r0;
+    if (tid < BLOCK_R / 4)
+      cp_async_16(base + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * tid, p.lse_log2 + row + 4 * tid,
+                  true);
+    else if (tid < BLOCK_R / 2)
+      cp_async_16(base + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (tid - BLOCK_R / 4),
+                  p.delta + row + 4 * (tid - BLOCK_R / 4), true);
+  };
+
+  // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
+  // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
+  const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
+  const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
+  auto dq_step = [&](int j) {
+    const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
+    const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
+    float dq[32];
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys = 16 rows of both tiles per step
+      sm90::WgmmaMN64<T>::ss(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
+                             sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs<32>(dq);
+    // Row 16 wq + g + 8 hh of the tile (r % 8 == g), pair u = 4 t + qd -> u ^ 4 g.
+    const uint32_t stage = base + Tr::OFF_DQ + wg * Tr::DQ_BYTES;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
+                  dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+    sm90::fence_proxy_async();
+    sm90::named_barrier(1 + wg, 128);
+    if (wtid == 0) {
+      const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
+      float* dst = p.dq_accum + (int64(b) * a.nheads + h) * p.seqlen_q_pad * D +
+                   (int64(tile_row) * (D / 64) + dblk) * 4096;
+      sm90::bulk_reduce_add_f32(dst, stage, Tr::DQ_BYTES);
+      sm90::bulk_commit();
+    }
+  };
+
+  float dv[D / 2], dk[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+
+  if (iters > 0) {
+    const int nk = a.seqlen_k - o0;
+    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
+                               static_cast<const T*>(a.k) + b * a.k_batch_stride +
+                                   o0 * a.k_row_stride + hkv * a.k_head_stride,
+                               a.k_row_stride, nk, a.headdim, tid);
+    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
+                               static_cast<const T*>(a.v) + b * a.v_batch_stride +
+                                   o0 * a.v_row_stride + hkv * a.v_head_stride,
+                               a.v_row_stride, nk, a.headdim, tid);
+    load_stream(0);
+  }
+  cp_async_commit();
+
+  // This warpgroup's keys: rows 64 wg .. of K and V; a thread's rows 16 wq + g + 8 hh.
+  const uint32_t k_w = base + Tr::OFF_K + wg * 64 * 128;
+  const uint32_t v_w = base + Tr::OFF_V + wg * 64 * 128;
+  const int key0 = o0 + 64 * wg;
+  const int krow = key0 + 16 * wq + g;
+
+  for (int it = 0; it < iters; ++it) {
+    const int buf = it & 1, r0 = stream_row(it);
+    // One barrier a step. Before it: this thread's copies of step it have landed, its dS^T
+    // stores of step it - 1 are done, the previous bulk reduce has read its staging tile;
+    // every wgmma of step it - 1 has completed. After it, everything of step it may start
+    // and the buffers of step it - 1 may be refilled.
+    cp_async_wait<0>();
+    sm90::fence_proxy_async();
+    if (wtid == 0) sm90::bulk_wait_read();
+    __syncthreads();
+    if (it + 1 < iters) load_stream(it + 1);
+    cp_async_commit();
+    if (it > 0) dq_step(it - 1);
+
+    // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
+    // keeps BLOCK_R = 128 (head dim 64) within the registers.
+#pragma unroll
+    for (int sb = 0; sb < BLOCK_R / 64; ++sb) {
+      const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
+      const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
+      const int q0 = r0 + 64 * sb;
+      float s[32], dp[32];
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+        Mma::ss(s, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+        Mma::ss(dp, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<32>(s);
+      sm90::fence_regs<32>(dp);
+
+      // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t + 2 qd
+      // + e % 2. Only tiles on a mask boundary test each element.
+      const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
+      const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
+      const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const int qc = 8 * t + 2 * qd;
+        const float2 l2 = lds_f32x2(lse_s + 4 * qc);
+        const float2 d2 = lds_f32x2(del_s + 4 * qc);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * t + e;
+          float pv = fast_exp2(fmaf(s[i], scale_log2, -((e & 1) ? l2.y : l2.x)));
+          if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+          s[i] = pv;
+          dp[i] = pv * (dp[i] - ((e & 1) ? d2.y : d2.x));
+        }
+      }
+
+      // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq.
+      uint32_t pa[4][4], dsa[4][4];
+#pragma unroll
+      for (int kq = 0; kq < 4; ++kq)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          pa[kq][r] = dtype_traits<T>::pack(s[8 * kq + 2 * r], s[8 * kq + 2 * r + 1]);
+          dsa[kq][r] = dtype_traits<T>::pack(dp[8 * kq + 2 * r], dp[8 * kq + 2 * r + 1]);
+        }
+      // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
+      // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
+      const uint32_t ds_s = base + Tr::OFF_DS + buf * Tr::DS_BYTES + sb * Tr::DS_BLK;
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int kr = 64 * wg + 16 * wq + g + 8 * hh;
+          sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[t / 2][(t & 1) * 2 + hh]);
+        }
+
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < 4; ++kq)
+        MmaD::rs(dv, pa[kq], sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
+#pragma unroll
+      for (int kq = 0; kq < 4; ++kq)
+        MmaD::rs(dk, dsa[kq], sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<D / 2>(dv);
+      sm90::fence_regs<D / 2>(dk);
+      sm90::fence_regs_u32<16>(&pa[0][0]);
+      sm90::fence_regs_u32<16>(&dsa[0][0]);
+    }
+  }
+  if (iters > 0) {
+    sm90::fence_proxy_async();
+    if (wtid == 0) sm90::bulk_wait_read();
+    __syncthreads();
+    dq_step(iters - 1);
+  }
+  cp_async_wait<0>();
+
+  // dK (with the softmax scale) and dV: rows = keys, 2 columns a store.
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow + 8 * hh;
+    if (row >= a.seqlen_k) continue;
+    T* dk_row = static_cast<T*>(p.dk) + b * p.dk_batch_stride + row * p.dk_row_stride +
+                hkv * p.dk_head_stride;
+    T* dv_row = static_cast<T*>(p.dv) + b * p.dv_batch_stride + row * p.dv_row_stride +
+                hkv * p.dv_head_stride;
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      const int col = 8 * t + 2 * qd;
+      if (col >= a.headdim) continue;
+      *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
+          dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + col) =
+          dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+    }
+  }
+  if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
+}
+
+// grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded
+// to T, reading bwd_sm90's tiled and permuted dq_accum layout (see the top). 8 threads a
+// row, 8 columns each: 8 consecutive columns are 8 consecutive floats there too.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
+  const AttnArgs& a = p.attn;
+  const int row = blockIdx.x * 32 + threadIdx.x / 8;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (row >= a.seqlen_q) return;
+  const float* slab = p.dq_accum + (int64(b) * a.nheads + h) * p.seqlen_q_pad * D;
+  T* dst = static_cast<T*>(p.dq) + b * p.dq_batch_stride + row * p.dq_row_stride +
+           h * p.dq_head_stride;
+  for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
+    const float* src = slab + ((row / 64) * (D / 64) + c0 / 64) * 4096 + (row % 64) * 64 +
+                       2 * (((c0 % 64) / 2) ^ (4 * (row % 8)));
+    const float4 x = *reinterpret_cast<const float4*>(src);
+    const float4 y = *reinterpret_cast<const float4*>(src + 4);
+    const float s = a.scale;
+    *reinterpret_cast<uint4*>(dst + c0) = make_uint4(
+        dtype_traits<T>::pack(x.x * s, x.y * s), dtype_traits<T>::pack(x.z * s, x.w * s),
+        dtype_traits<T>::pack(y.x * s, y.y * s), dtype_traits<T>::pack(y.z * s, y.w * s));
+  }
+}
+
+}  // namespace cuflash
