@@ -363,6 +363,14 @@ def test_params_mirrors_match_the_c_structs():
         nvrtc.destroyProgram(prog)
 
 
+def test_options_are_documented():
+    doc = cuflash.attention_with_kvcache.__doc__
+    assert "{options}" not in doc
+    for name in ("k_cache, v_cache", "block_table", "num_splits", "scale", "causal", "window",
+                 "softcap", "alibi_slopes", "return_lse"):
+        assert f"    {name} :" in doc, name
+
+
 def test_docstring_examples_run():
     import doctest
     for f in (cuflash.attention_with_kvcache, reference.attention_with_kvcache):
