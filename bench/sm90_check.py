@@ -2,14 +2,17 @@
 
     PYTHONPATH=. python bench/sm90_check.py smoke [--out DIR]
     PYTHONPATH=. python bench/sm90_check.py tiles 128:176,64:192 [tune_fwd.py arguments]
+    PYTHONPATH=. python bench/sm90_check.py overhead
 
 ``smoke`` runs a few small cases, simplest first, each in its own process with a time limit
 (a kernel that deadlocks on an mbarrier, or faults, takes down only that case), and prints
 the out and lse errors against the float64 reference; it exits 0 if all pass, 1 on wrong
 results, 2 if a case hung or crashed. On a
 failure it saves the case's inputs and outputs (``smoke_<case>.npz``) for offline study.
-``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs bench/tune_fwd.py, to time other
-key-block sizes in the same process as the peers.
+``overhead`` splits short calls into host and GPU time (per call with events around each
+call as tune_fwd.py times, back to back, host only) for cuflash and torch flash, and
+profiles cuflash's host path. ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs
+bench/tune_fwd.py, to time other key-block sizes in the same process as the peers.
 """
 from __future__ import annotations
 
@@ -93,6 +96,79 @@ def smoke(argv):
     return 2 if hung else (1 if failed else 0)
 
 
+def overhead(argv):
+    """Split a short call's time into host work and GPU work, for cuflash and torch flash."""
+    import cProfile
+    import pstats
+    import time
+
+    import cupy
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash
+
+    def per_call(fn, n=30):  # events around each call, as tune_fwd.py times
+        ts = []
+        for _ in range(n):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(cupy.cuda.get_elapsed_time(a, b))
+        return float(np.median(ts)) * 1e3
+
+    def pipelined(fn, n=50):  # back to back: the GPU time when the host keeps ahead
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        return cupy.cuda.get_elapsed_time(a, b) / n * 1e3
+
+    def host(fn, n=50):
+        cupy.cuda.Device().synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = (time.perf_counter() - t) / n * 1e6
+        cupy.cuda.Device().synchronize()
+        return t
+
+    print(f"{'config':24} {'impl':8} {'per-call us':>11} {'pipelined us':>12} {'host us':>8}")
+    for dt, hd, n, causal in (("bf16", 64, 512, False), ("bf16", 64, 512, True),
+                              ("bf16", 128, 512, False), ("bf16", 128, 1024, True)):
+        batch, heads = 16384 // n, 2048 // hd
+        q, k, v = (torch.randn(batch, n, heads, hd, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        cq, ck, cv = (cupy.from_dlpack(t) for t in (q, k, v))
+        tq, tk, tv = (t.transpose(1, 2) for t in (q, k, v))
+
+        def ours():
+            return cuflash.attention(cq, ck, cv, causal=causal)
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+        for name, fn in (("cuflash", ours), ("flash", flash)):
+            for _ in range(5):
+                fn()
+            print(f"{dt} hd{hd} {n} {'causal' if causal else 'full':7} {name:8} "
+                  f"{per_call(fn):11.1f} {pipelined(fn):12.1f} {host(fn):8.1f}", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        ours()
+    prof.disable()
+    cupy.cuda.Device().synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    return 0
+
+
 def tiles(argv):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import tune_fwd
@@ -100,7 +176,7 @@ def tiles(argv):
     from cuflash import _dispatch
     for item in argv[0].split(","):
         hd, bn = (int(x) for x in item.split(":"))
-        _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, "tuning override")
+        _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, bn, "tuning override")
         print(f"FWD_SM90_TILES[{hd}] = Bc {bn}")
     return tune_fwd.main(argv[1:])
 
@@ -109,4 +185,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "case":
         out_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
         sys.exit(0 if run_case(sys.argv[2], out_dir) else 1)
-    sys.exit({"smoke": smoke, "tiles": tiles}[sys.argv[1]](sys.argv[2:]))
+    sys.exit({"smoke": smoke, "tiles": tiles, "overhead": overhead}[sys.argv[1]](sys.argv[2:]))
