@@ -56,6 +56,21 @@ def options(arch: str) -> tuple:
             "-I" + _cuda_include(), f"-DCUFLASH_FINGERPRINT=0x{fingerprint()}ULL")
 
 
+# Sources written for one architecture-specific target: sm_90a code (wgmma, setmaxnreg) runs
+# on compute capability 9.0 only. Every other source compiles for the device's own arch.
+ARCH_SPECIFIC = {"flash_fwd_sm90.cu": "sm_90a"}
+ARCH_SPECIFIC["flash_bwd_sm90.cu"] = "sm_90a"  # the wgmma backward
+
+
+def target_arch(filename: str, arch: str):
+    """The ``--gpu-architecture`` that compiles ``filename`` for a device of ``arch``
+    (e.g. ``sm_90`` -> ``sm_90a`` for Hopper-only sources), or None if it cannot run there."""
+    special = ARCH_SPECIFIC.get(filename)
+    if special is None:
+        return arch
+    return special if special.rstrip("a") == arch else None
+
+
 def device_arch(device_id: int) -> str:
     import cupy
     cc = cupy.cuda.Device(device_id).compute_capability  # e.g. "90"
@@ -70,7 +85,10 @@ def device_arch(device_id: int) -> str:
 def get_kernel(filename: str, name_expression: str, device_id: int):
     """The compiled ``cupy.RawKernel`` for one template instantiation on one device."""
     import cupy
-    arch = device_arch(device_id)
+    arch = target_arch(filename, device_arch(device_id))
+    if arch is None:
+        raise CompileError(f"kernels_cu/{filename} is built for {ARCH_SPECIFIC[filename]} only; "
+                           f"device {device_id} is {device_arch(device_id)}")
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=read_source(filename), options=options(arch),
                                 name_expressions=(name_expression,), backend="nvrtc")

@@ -338,3 +338,71 @@ def _decode_family():
 
 
 _FAMILIES.append(_decode_family)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward on Hopper (kernels_cu/flash_bwd_sm90.cu, compiled for sm_90a): wgmma, K and V of
+# 128 keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add. It serves fp16/bf16 with
+# head dims padded to 64 or 128, atomic dQ, no soft-cap or ALiBi; everything else (float32,
+# deterministic=True, soft-cap, ALiBi, other head dims, GPUs other than sm_90) runs on
+# bwd_main (mma.sync) above, which stays the reference the tests compare it with.
+BWD_SM90_FILE = "flash_bwd_sm90.cu"
+BWD_SM90_KEYS, BWD_SM90_THREADS = 128, 256
+# Tests and benchmarks set this to False to run bwd_main on the same GPU for comparison.
+BWD_SM90_ENABLED = True
+
+
+@dataclass(frozen=True)
+class BwdSm90Tile:
+    block_r: int   # queries per step (block_r * headdim = 8192: a warpgroup's dQ tile is 64x64)
+    reason: str
+
+
+BWD_SM90_TILES = {
+    64: BwdSm90Tile(128, "two 64-query sub-blocks a step (216 registers; S^T of 128 queries "
+                         "at once spills), one dQ reduce per 128 queries"),
+    128: BwdSm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64: 252 registers"),
+}
+# Why not the other ways: deterministic mode needs a fixed summation order (bwd_main's dQ
+# kernel has one; bulk reduce-adds do not); soft-cap/ALiBi need per-element index math that
+# this kernel keeps out of its register budget.
+
+
+@dataclass(frozen=True)
+class BwdSm90Launch:
+    name_expression: str
+    convert_expression: str   # dq_accum (this kernel's tiled layout) -> dq
+    block_c: int              # keys per CTA
+    num_threads: int
+    shared_bytes: int
+
+
+def _bwd_sm90_names(cxx_type, hd):
+    return (f"cuflash::bwd_sm90<{cxx_type}, {hd}, {BWD_SM90_TILES[hd].block_r}>",
+            f"cuflash::bwd_convert_dq_sm90<{cxx_type}, {hd}>")
+
+
+def backward_sm90(cxx_type: str, headdim: int, deterministic: bool, score_mod: bool,
+                  arch: str):
+    """The Hopper backward for one call on a device of ``arch``, or None where bwd_main
+    serves it (see above)."""
+    hd = padded_headdim(headdim)
+    if (not BWD_SM90_ENABLED or arch != "sm_90" or cxx_type == "float" or deterministic
+            or score_mod or hd not in BWD_SM90_TILES):
+        return None
+    br = BWD_SM90_TILES[hd].block_r
+    # BwdSm90Traits::SMEM_BYTES: K, V; 2 x (Q, dO); 2 x dS^T; 2 dQ staging tiles; 2 x (lse,
+    # delta); 1 KiB to align the tiles to 1024 bytes.
+    shared = (2 * BWD_SM90_KEYS * hd + 4 * br * hd + 2 * BWD_SM90_KEYS * br) * 2 + \
+        2 * 64 * 64 * 4 + 4 * br * 4 + 1024
+    name, convert = _bwd_sm90_names(cxx_type, hd)
+    return BwdSm90Launch(name, convert, BWD_SM90_KEYS, BWD_SM90_THREADS, shared)
+
+
+def _bwd_sm90_family():
+    for cxx in ("__half", "__nv_bfloat16"):
+        for hd in BWD_SM90_TILES:
+            yield from ((BWD_SM90_FILE, n) for n in _bwd_sm90_names(cxx, hd))
+
+
+_FAMILIES.append(_bwd_sm90_family)

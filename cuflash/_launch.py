@@ -169,6 +169,20 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
     from . import _dispatch
     q, k, v = aligned(q), aligned(k), aligned(v)
     cxx = CXX_TYPES[q.dtype]
+    dev = q.device.id
+    hopper = _dispatch.backward_sm90(cxx, shape.headdim, deterministic,
+                                     opts.softcap > 0 or opts.alibi_slopes is not None,
+                                     _compile.device_arch(dev))
+    if hopper is not None:
+        state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
+                               _dispatch.padded_headdim(shape.headdim), True)
+        launch(dev, _dispatch.BWD_SM90_FILE, hopper.name_expression,
+               (-(-shape.seqlen_k // hopper.block_c), shape.batch, shape.nheads_kv),
+               (hopper.num_threads, 1, 1), hopper.shared_bytes, state.params, BWD_PARAMS)
+        launch(dev, _dispatch.BWD_SM90_FILE, hopper.convert_expression,
+               (-(-shape.seqlen_q // _PRE_ROWS), shape.nheads, shape.batch), (256, 1, 1), 0,
+               state.params, BWD_PARAMS)
+        return state.dq, state.dk, state.dv
     if q.dtype == np.float32:
         plan = _dispatch.backward_plan_f32(shape.headdim, deterministic)
     else:
@@ -176,7 +190,6 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
     with_accum = not deterministic
     state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
                            _dispatch.padded_headdim(shape.headdim), with_accum)
-    dev = q.device.id
     for step in plan:
         if step.key_owner:
             grid = (-(-shape.seqlen_k // step.block_o), shape.batch, shape.nheads_kv)

@@ -26,8 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("-j", dest="jobs", type=int, default=os.cpu_count(),
                         help="parallel compiles (default: the number of CPUs)")
     args = parser.parse_args(argv)
-    jobs = [(arch, filename, name) for arch in args.arch.split(",")
-            for filename, name in _dispatch.all_kernels() if args.pattern in name]
+    # Architecture-specific sources (e.g. sm_90a) compile once, for the arch they run on.
+    jobs = [(target, filename, name) for arch in args.arch.split(",")
+            for filename, name in _dispatch.all_kernels() if args.pattern in name
+            for target in [_compile.target_arch(filename, arch)] if target is not None]
     if not jobs:
         print("compile_check: no kernels to compile", file=sys.stderr)
         return 1

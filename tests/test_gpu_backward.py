@@ -268,3 +268,64 @@ def test_vjp_matches_forward_and_backward(deterministic):
         else:  # float atomics: equal up to summation order
             np.testing.assert_allclose(a.get().astype(np.float32), b.get().astype(np.float32),
                                        rtol=2e-2, atol=2e-2, err_msg=name)
+
+
+# --- The Hopper (wgmma) backward, kernels_cu/flash_bwd_sm90.cu ----------------------------
+
+def _device_arch():
+    from cuflash import _compile
+    return _compile.device_arch(_cupy().cuda.Device().id)
+
+
+def test_dispatch_picks_wgmma_backward_on_sm90():
+    """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), and never where it cannot."""
+    import cuflash
+    from cuflash import _dispatch, _launch
+    pick = _dispatch.backward_sm90
+    assert pick("__nv_bfloat16", 128, False, False, "sm_90").name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64>"
+    assert pick("__nv_bfloat16", 128, False, False, "sm_80") is None
+    assert pick("__nv_bfloat16", 128, True, False, "sm_90") is None   # deterministic
+    assert pick("__nv_bfloat16", 128, False, True, "sm_90") is None   # soft-cap / ALiBi
+    assert pick("float", 128, False, False, "sm_90") is None
+    assert pick("__half", 256, False, False, "sm_90") is None
+    cp = _cupy()
+    launched = []
+    real = _launch.launch
+
+    def spy(device_id, filename, name_expression, *args, **kwargs):
+        launched.append(name_expression)
+        return real(device_id, filename, name_expression, *args, **kwargs)
+
+    rng = np.random.default_rng(3)
+    q, k, v, dout, out = (cp.asarray(_randn(rng, (1, 70, 2, 128), BF16)) for _ in range(5))
+    lse = cp.zeros((1, 2, 70), np.float32)
+    try:
+        _launch.launch = spy
+        cuflash.attention_backward(dout, q, k, v, out, lse)
+    finally:
+        _launch.launch = real
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in launched) == (_device_arch() == "sm_90")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim,opts", [
+    (128, {}), (64, dict(causal=True)), (104, dict(window=(90, 30))), (64, {}),
+], ids=["d128", "d64-causal", "d104-window", "d64"])
+def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
+    """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
+    within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""
+    if _device_arch() != "sm_90":
+        pytest.skip("the wgmma backward runs on sm_90 only")
+    from cuflash import _dispatch
+    seed = 11 + headdim
+    wgmma, ref = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, **opts)
+    _dispatch.BWD_SM90_ENABLED = False
+    try:
+        mma, _ = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, **opts)
+    finally:
+        _dispatch.BWD_SM90_ENABLED = True
+    for name, a, b, r in zip(("dq", "dk", "dv"), wgmma, mma, ref):
+        diff = np.abs(a.get().astype(np.float64) - b.get().astype(np.float64)).max()
+        ulp = 2.0 ** (-7 if dtype == BF16 else -10) * max(1.0, np.abs(r).max())
+        assert diff <= 4 * ulp, f"{name}: wgmma vs mma.sync differ by {diff:.3e} (4 ulp {4 * ulp:.3e})"
