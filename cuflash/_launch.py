@@ -59,13 +59,18 @@ def attn_args(q, k, v, shape, opts):
             slopes_ptr, slopes_stride)
 
 
+# kernel -> the dynamic shared-memory limit already set on it (a driver call; once is enough)
+_SHARED_LIMIT = {}
+
+
 def launch(device_id, filename, name_expression, grid, block, shared_bytes, params, dtype):
     """Launch one kernel instantiation with its params struct (a record of ``dtype``)."""
     import cupy
     kernel = _compile.get_kernel(filename, name_expression, device_id)
     with cupy.cuda.Device(device_id):
-        if shared_bytes > 48 * 1024:
+        if shared_bytes > max(48 * 1024, _SHARED_LIMIT.get(kernel, 0)):
             kernel.max_dynamic_shared_size_bytes = shared_bytes
+            _SHARED_LIMIT[kernel] = shared_bytes
         kernel(grid, block, (np.array([params], dtype=dtype),), shared_mem=shared_bytes)
 
 
@@ -141,23 +146,41 @@ FWD_PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 
+# FwdSm90Params (kernels_cu/flash_fwd_sm90.cu): three 64-byte aligned TMA maps (q, k, v),
+# then FwdParams; the struct's size is a multiple of its 64-byte alignment.
+_MAPS_BYTES = 3 * 128
+FWD_SM90_PARAMS = np.dtype({
+    "names": ["tma", "fwd"], "formats": [(np.uint8, (_MAPS_BYTES,)), FWD_PARAMS],
+    "offsets": [0, _MAPS_BYTES], "itemsize": -(-(_MAPS_BYTES + FWD_PARAMS.itemsize) // 64) * 64,
+}, align=True)
+
 
 def forward(q, k, v, shape, opts):
     """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else."""
     import cupy
     from . import _dispatch
     device_id = q.device.id
-    _compile.device_arch(device_id)  # a clear error on GPUs older than sm_80
+    arch = _compile.device_arch(device_id)  # a clear error on GPUs older than sm_80
     q, k, v = aligned(q), aligned(k), aligned(v)
-    cfg = _dispatch.forward_config(q.dtype, shape.headdim, softcap=opts.softcap,
-                                   alibi=opts.alibi_slopes is not None)
+    score_mod = dict(softcap=opts.softcap, alibi=opts.alibi_slopes is not None)
+    cfg = _dispatch.forward_config(q.dtype, shape.headdim, arch=arch, **score_mod)
+    maps = None
+    if cfg.filename == _dispatch.FWD_SM90_FILE:
+        from . import _tma
+        maps = _tma.forward_maps(q, k, v, cfg.block_m, cfg.block_n)
+        if maps is None:  # strides a TMA map cannot describe: the mma.sync kernel takes any
+            cfg = _dispatch.forward_config(q.dtype, shape.headdim, **score_mod)
     with cupy.cuda.Device(device_id):
         out = cupy.empty(q.shape, q.dtype)
         lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
     params = (attn_args(q, k, v, shape, opts), out.data.ptr, *strides(out), lse.data.ptr)
     grid = ((shape.seqlen_q + cfg.block_m - 1) // cfg.block_m, shape.nheads, shape.batch)
-    launch(device_id, _dispatch.FWD_FILE, cfg.name_expression, grid, (cfg.num_threads,),
-           cfg.shared_bytes, params, FWD_PARAMS)
+    if maps is not None:
+        params, dtype = (np.frombuffer(maps, np.uint8), params), FWD_SM90_PARAMS
+    else:
+        dtype = FWD_PARAMS
+    launch(device_id, cfg.filename, cfg.name_expression, grid, (cfg.num_threads,),
+           cfg.shared_bytes, params, dtype)
     return out, lse
 
 

@@ -65,3 +65,14 @@ def test_compile_error_names_the_kernel_and_shows_the_log(sources):
     message = str(e.value)
     assert "scale_by<float, 3>" in message and "k.cu" in message and "sm_80" in message
     assert "undefined_name" in message  # the compiler log itself
+
+
+def test_hopper_only_sources_compile_for_sm90a_and_nowhere_else():
+    from cuflash import _dispatch
+    assert _compile.target_arch("flash_fwd_sm90.cu", "sm_90") == "sm_90a"
+    assert _compile.target_arch("flash_fwd_sm90.cu", "sm_80") is None
+    assert _compile.target_arch("flash_fwd.cu", "sm_90") == "sm_90"
+    names = [n for f, n in _dispatch.all_kernels() if f == _dispatch.FWD_SM90_FILE]
+    assert names, "the compile check must see the Hopper forward kernels"
+    r = _compile.compile_report(_dispatch.FWD_SM90_FILE, names[0], "sm_90a")
+    assert (r.stack_bytes, r.spill_stores, r.spill_loads) == (0, 0, 0)

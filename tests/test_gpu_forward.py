@@ -197,3 +197,75 @@ def test_old_gpu_error_names_compute_capability(monkeypatch):
     monkeypatch.setattr(cupy.cuda, "Device", Turing)
     with pytest.raises(RuntimeError, match=r"compute capability 8\.0.*has 7\.5"):
         _compile.device_arch(0)
+
+
+# --- Hopper: the wgmma kernel (kernels_cu/flash_fwd_sm90.cu) ------------------------------
+# On an sm_90 device the dispatcher sends fp16/bf16 head dims padded to 64 or 128 to
+# flash_fwd_sm90, so every test above with such a head dim (seqlens, features, GQA, strided
+# layouts, fully masked rows, NaN poisoning, the memory-pool check) runs it. The tests below
+# make sure that really happens (no silent fallback to mma.sync) and compare the two kernels.
+
+def _require_hopper():
+    import cupy
+    from cuflash import _compile
+    if _compile.device_arch(cupy.cuda.Device().id) != "sm_90":
+        pytest.skip("flash_fwd_sm90 runs on compute capability 9.0 only")
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """(filename, name expression) of every kernel launched through _launch.launch."""
+    from cuflash import _launch
+    calls = []
+    real = _launch.launch
+
+    def spy(device_id, filename, name_expression, *args, **kwargs):
+        calls.append((filename, name_expression))
+        return real(device_id, filename, name_expression, *args, **kwargs)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "bhsd"])
+@pytest.mark.parametrize("dtype, headdim", [(BF16, 128), (F16, 64), (BF16, 40)],
+                         ids=["bf16-128", "fp16-64", "bf16-40"])
+def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout):
+    _require_hopper()
+    from cuflash import _compile, _dispatch
+    cfg = _dispatch.forward_config(dtype, headdim, arch=_compile.device_arch(0))
+    assert cfg.filename == _dispatch.FWD_SM90_FILE
+    check(dtype, 2, 200, 200, 4, 2, headdim, layout=layout, causal=True)
+    assert [f for f, _ in launched] == [_dispatch.FWD_SM90_FILE], launched
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),
+                                  dict(softcap=4.0, causal=True)],
+                         ids=["full", "causal", "window", "softcap-causal"])
+def test_wgmma_kernel_matches_mma_sync_kernel(monkeypatch, launched, dtype, headdim, opts):
+    """The same inputs through flash_fwd_sm90 and flash_fwd (mma.sync): both meet the
+    accuracy rule, so they differ by at most twice its bound."""
+    _require_hopper()
+    import cupy
+    import cuflash
+    from cuflash import _dispatch, reference
+    rng = np.random.default_rng()
+    q = cupy.asarray(rng.standard_normal((2, 333, 4, headdim)).astype(dtype))
+    k = cupy.asarray(rng.standard_normal((2, 517, 2, headdim)).astype(dtype))
+    v = cupy.asarray(rng.standard_normal((2, 517, 2, headdim)).astype(dtype))
+    out90, lse90 = cuflash.attention_forward(q, k, v, **opts)
+    real = _dispatch.forward_config
+    monkeypatch.setattr(_dispatch, "forward_config",
+                        lambda *a, arch=None, **kw: real(*a, **kw))  # as on sm_80
+    out80, lse80 = cuflash.attention_forward(q, k, v, **opts)
+    assert [f for f, _ in launched] == [_dispatch.FWD_SM90_FILE, _dispatch.FWD_FILE]
+    hq, hk, hv = q.get(), k.get(), v.get()
+    ref_out, ref_lse = reference.attention_forward(hq, hk, hv, upcast=True, **opts)
+    naive_out, _ = reference.attention_forward(hq, hk, hv, upcast=False, **opts)
+    assert_close("sm90 out", out90, ref_out, naive_out)
+    assert_close("mma.sync out", out80, ref_out, naive_out)
+    bound = 4 * np.abs(naive_out.astype(np.float64) - ref_out).max() + 2 * 2.0 ** -7
+    assert np.abs(out90.get().astype(np.float64) - out80.get().astype(np.float64)).max() <= bound
+    assert np.abs(lse90.get() - lse80.get()).max() <= 1e-3 * max(1.0, np.abs(ref_lse).max())
