@@ -17,14 +17,19 @@
 //                                                B = dO_i / Q_i read N-major from smem
 //   dS^T -> shared memory; in the next step (after the one CTA barrier of a step) warpgroup
 //   w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T M-major, B = K N-major), stages it
-//   in shared memory and adds it into dq_accum with one bulk reduce-add (16 KiB).
+//   in shared memory and adds it into dq_accum with one bulk reduce-add (16 KiB);
+//   warpgroup 0 does so at the start of the step, warpgroup 1 at its end, so that their
+//   MMA phases interleave with each other's elementwise work.
+// Work is in 64-query sub-blocks (m64n64 S^T, dP^T); a warpgroup's sub-tile that no
+// (query, key) pair sees skips its MMAs and writes zeros to its dS^T rows.
 // The keys are the M side of S^T, so P^T and dS^T are the A fragments of dV and dK with
 // no data movement (common/sm90.cuh: the accumulator layout is the mma A layout).
 //
 // Tiles: BLOCK_R * D = 8192, so a warpgroup's dQ share is always 64 x 64: head dim 128
 // takes BLOCK_R = 64 (warpgroup w: all 64 queries, dQ columns 64 w ..), head dim 64 takes
-// BLOCK_R = 128 (warpgroup w: queries 64 w .., all 64 columns). Registers a thread: dK and
-// dV D / 2 floats each, S^T and dP^T BLOCK_R / 2 each: 192 at both head dims.
+// BLOCK_R = 128 (warpgroup w: queries 64 w .., all 64 columns) as two sub-blocks, the S/dP
+// of the second issued before waiting for the dV/dK of the first. Accumulators a thread:
+// dK and dV D / 2 floats each, S^T and dP^T 32 each per sub-block in flight.
 //
 // dq_accum layout (this kernel and bwd_convert_dq_sm90 only): per (batch, head), tiles of
 // 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 + col / 64) * 4096
@@ -103,6 +108,12 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
   }
 }
 
+// True when no (query i, key j) of the tile [i0, i1) x [j0, j1) is visible.
+__device__ __forceinline__ bool tile_fully_masked(const Mask& m, int i0, int i1, int j0, int j1) {
+  return j0 >= m.seqlen_k || (m.right >= 0 && j0 > i1 - 1 + m.diag + m.right) ||
+         (m.left >= 0 && j1 - 1 < i0 + m.diag - m.left);
+}
+
 template <typename T, int D, int BLOCK_R>
 __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
@@ -114,7 +125,10 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   const uint32_t base = (raw + 1023) & ~1023u;
 
   const AttnArgs& a = p.attn;
-  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128, wq = wtid / 32;
+  // The warpgroup index through a shuffle: the compiler then knows it is warp-uniform, so
+  // that branches on it (and the wgmmas inside them) do not count as divergent.
+  const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int wtid = tid % 128, wq = wtid / 32;
   const int lane = tid % 32, g = lane / 4, qd = lane % 4;
   const int b = blockIdx.y, hkv = blockIdx.z;
   const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
@@ -223,88 +237,122 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     __syncthreads();
     if (it + 1 < iters) load_stream(it + 1);
     cp_async_commit();
-    if (it > 0) dq_step(it - 1);
+    // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
+    // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
+    // work instead of running in step (both meet only at the barrier above).
+    if (wg == 0 && it > 0) dq_step(it - 1);
 
     // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
-    // keeps BLOCK_R = 128 (head dim 64) within the registers.
+    // keeps BLOCK_R = 128 (head dim 64) within the registers. A sub-tile that no (query,
+    // key) pair of this warpgroup sees (causal / window diagonals, padded queries) skips its
+    // MMAs and only writes zeros to its dS^T rows. The S/dP of sub-block sb + 1 are issued
+    // before waiting for the dV/dK of sub-block sb.
+    constexpr int SB = BLOCK_R / 64;
+    float s[SB][32], dp[SB][32];
+    uint32_t pa[SB][4][4], dsa[SB][4][4];
+    bool live[SB];
 #pragma unroll
-    for (int sb = 0; sb < BLOCK_R / 64; ++sb) {
+    for (int sb = 0; sb < SB; ++sb) {
+      const int q0 = r0 + 64 * sb;
+      live[sb] = q0 < a.seqlen_q && !tile_fully_masked(mask, q0, q0 + 64, key0, key0 + 64);
+    }
+    auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
+      const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
+      const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+        Mma::ss(s_, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+        Mma::ss(dp_, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
+      }
+    };
+    sm90::wgmma_fence();
+    if (live[0]) issue_sdp(0, s[0], dp[0]);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int sb = 0; sb < SB; ++sb) {
       const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
       const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
       const int q0 = r0 + 64 * sb;
-      float s[32], dp[32];
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
-        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-        Mma::ss(s, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
-        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-        Mma::ss(dp, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
-      }
-      sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
-      sm90::fence_regs<32>(s);
-      sm90::fence_regs<32>(dp);
-
-      // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t + 2 qd
-      // + e % 2. Only tiles on a mask boundary test each element.
-      const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
-      const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-      const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        const int qc = 8 * t + 2 * qd;
-        const float2 l2 = lds_f32x2(lse_s + 4 * qc);
-        const float2 d2 = lds_f32x2(del_s + 4 * qc);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 4 * t + e;
-          float pv = fast_exp2(fmaf(s[i], scale_log2, -((e & 1) ? l2.y : l2.x)));
-          if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
-          s[i] = pv;
-          dp[i] = pv * (dp[i] - ((e & 1) ? d2.y : d2.x));
-        }
+      sm90::fence_regs<32>(s[sb]);
+      sm90::fence_regs<32>(dp[sb]);
+      if (sb > 0) {
+        sm90::fence_regs<D / 2>(dv);
+        sm90::fence_regs<D / 2>(dk);
+        sm90::fence_regs_u32<16>(&pa[sb - 1][0][0]);
+        sm90::fence_regs_u32<16>(&dsa[sb - 1][0][0]);
       }
-
-      // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq.
-      uint32_t pa[4][4], dsa[4][4];
+      const uint32_t ds_s = base + Tr::OFF_DS + buf * Tr::DS_BYTES + sb * Tr::DS_BLK;
+      if (live[sb]) {
+        // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
+        // 2 qd + e % 2. Only tiles on a mask boundary test each element.
+        const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
+        const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
+        const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
 #pragma unroll
-      for (int kq = 0; kq < 4; ++kq)
+        for (int t = 0; t < 8; ++t) {
+          const int qc = 8 * t + 2 * qd;
+          const float2 l2 = lds_f32x2(lse_s + 4 * qc);
+          const float2 d2 = lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          pa[kq][r] = dtype_traits<T>::pack(s[8 * kq + 2 * r], s[8 * kq + 2 * r + 1]);
-          dsa[kq][r] = dtype_traits<T>::pack(dp[8 * kq + 2 * r], dp[8 * kq + 2 * r + 1]);
+          for (int e = 0; e < 4; ++e) {
+            const int i = 4 * t + e;
+            float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
+            if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+            s[sb][i] = pv;
+            dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
+          }
         }
+        // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq.
+#pragma unroll
+        for (int kq = 0; kq < 4; ++kq)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            pa[sb][kq][r] = dtype_traits<T>::pack(s[sb][8 * kq + 2 * r], s[sb][8 * kq + 2 * r + 1]);
+            dsa[sb][kq][r] =
+                dtype_traits<T>::pack(dp[sb][8 * kq + 2 * r], dp[sb][8 * kq + 2 * r + 1]);
+          }
+      } else {
+#pragma unroll
+        for (int kq = 0; kq < 4; ++kq)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) pa[sb][kq][r] = dsa[sb][kq][r] = 0u;
+      }
       // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
       // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
-      const uint32_t ds_s = base + Tr::OFF_DS + buf * Tr::DS_BYTES + sb * Tr::DS_BLK;
 #pragma unroll
       for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int kr = 64 * wg + 16 * wq + g + 8 * hh;
-          sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[t / 2][(t & 1) * 2 + hh]);
+          sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[sb][t / 2][(t & 1) * 2 + hh]);
         }
 
       sm90::wgmma_fence();
+      if (live[sb]) {
 #pragma unroll
-      for (int kq = 0; kq < 4; ++kq)
-        MmaD::rs(dv, pa[kq], sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
+        for (int kq = 0; kq < 4; ++kq)
+          MmaD::rs(dv, pa[sb][kq], sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
 #pragma unroll
-      for (int kq = 0; kq < 4; ++kq)
-        MmaD::rs(dk, dsa[kq], sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+        for (int kq = 0; kq < 4; ++kq)
+          MmaD::rs(dk, dsa[sb][kq], sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+      }
+      if (sb + 1 < SB && live[sb + 1]) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs<D / 2>(dv);
-      sm90::fence_regs<D / 2>(dk);
-      sm90::fence_regs_u32<16>(&pa[0][0]);
-      sm90::fence_regs_u32<16>(&dsa[0][0]);
     }
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs<D / 2>(dv);
+    sm90::fence_regs<D / 2>(dk);
+    sm90::fence_regs_u32<16>(&pa[SB - 1][0][0]);
+    sm90::fence_regs_u32<16>(&dsa[SB - 1][0][0]);
+    if (wg == 1 && it > 0) dq_step(it - 1);
   }
   if (iters > 0) {
     sm90::fence_proxy_async();
