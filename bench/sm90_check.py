@@ -29,6 +29,9 @@ CASES = {  # name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim
     "fp16_d64_causal_gqa": ("fp16", 2, 777, 1000, 4, 2, 64, {"causal": True}),
     "bf16_d40_window_softcap": ("bf16", 1, 300, 300, 2, 1, 40,
                                 {"window": (50, 10), "softcap": 3.0}),
+    # more tiles than SMs: the persistent grid's CTAs walk several (some with no key)
+    "bf16_d128_many_tiles": ("bf16", 4, 1025, 1025, 8, 2, 128, {}),
+    "fp16_d64_empty_tiles": ("fp16", 3, 1100, 300, 8, 8, 64, {"causal": True}),
 }
 
 

@@ -189,14 +189,17 @@ def _fwd_name(cxx_type, hd, tile, score_mod):
             f"{tile.num_warps}, {mod}>")
 
 
-def forward_config(dtype, headdim, softcap=0.0, alibi=False, arch=None) -> FwdConfig:
+def forward_config(dtype, headdim, softcap=0.0, alibi=False, arch=None,
+                   seqlen_k=None) -> FwdConfig:
     """The forward instantiation and launch shape for one call on a device of ``arch``
-    (``sm_90`` picks the Hopper kernel where FWD_SM90_TILES has the head dim)."""
+    (``sm_90`` picks the Hopper kernel where FWD_SM90_TILES has the head dim; ``seqlen_k``
+    picks its key-block size)."""
     import numpy as np
     from ._launch import CXX_TYPES
     hd = padded_headdim(headdim)
     if arch == "sm_90" and np.dtype(dtype) != np.float32 and hd in FWD_SM90_TILES:
-        return _fwd_sm90_config(CXX_TYPES[np.dtype(dtype)], hd, softcap > 0 or alibi)
+        return _fwd_sm90_config(CXX_TYPES[np.dtype(dtype)], hd, softcap > 0 or alibi,
+                                seqlen_k)
     if np.dtype(dtype) == np.float32:
         smem = (FWD_F32_BLOCK_M * hd + 32 * (hd + 1) + 32 * hd) * 4
         return FwdConfig(f"cuflash::flash_fwd_f32<{hd}>", FWD_F32_BLOCK_M, FWD_F32_WARPS * 32,
@@ -219,7 +222,8 @@ _FAMILIES.append(_forward_kernels)
 
 
 # Hopper (kernels_cu/flash_fwd_sm90.cu, compiled for sm_90a): TMA + wgmma, one producer and
-# two consumer warpgroups (FwdSm90Traits: Br = 128, 2-stage K/V ring). Head dims padded to
+# two consumer warpgroups (FwdSm90Traits: Br = 128, 2-stage K/V ring), a persistent grid of
+# one CTA per SM (_launch.forward sizes it). Head dims padded to
 # 64 or 128 run here; others (32, 96, 192, 256), float32, and inputs whose strides a TMA map
 # cannot describe (_launch.forward falls back) stay on flash_fwd (mma.sync).
 FWD_SM90_FILE = "flash_fwd_sm90.cu"
@@ -228,14 +232,17 @@ FWD_SM90_BLOCK_M, FWD_SM90_THREADS, FWD_SM90_STAGES = 128, 384, 2
 
 @dataclass(frozen=True)
 class FwdSm90Tile:
-    block_n: int      # Bc: keys per K/V tile (wgmma N of S = Q K^T)
-    block_n_mod: int  # Bc with softcap / ALiBi (their live values cost registers)
+    block_n: int        # Bc: keys per K/V tile (wgmma N of S = Q K^T)
+    block_n_short: int  # Bc under FWD_SM90_SHORT_KEYS keys, and with softcap / ALiBi
     reason: str
 
 
+# Below this many keys a large Bc mostly computes padding (hd64 Bc 192 covers 512 or 1024
+# keys with 12.5% waste, 2048 with 3%).
+FWD_SM90_SHORT_KEYS = 2048
 FWD_SM90_TILES = {
-    64: FwdSm90Tile(192, 128, "Bc 192: +18% over Bc 128 at 8k, equal at 2k (NOTES, Hopper "
-                              "v1); with softcap/ALiBi Bc 192 spills 8 B, so 128 there"),
+    64: FwdSm90Tile(192, 128, "Bc 192: +18% over Bc 128 at 8k (NOTES, Hopper v1); 128 for "
+                              "short keys (padding) and softcap/ALiBi (Bc 192 spills 8 B)"),
     128: FwdSm90Tile(176, 176, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (NOTES, Hopper "
                                "v1); S 88 + O 64 registers, 209 KiB shared memory"),
 }
@@ -246,9 +253,10 @@ def _fwd_sm90_name(cxx_type, hd, block_n, score_mod):
     return f"cuflash::flash_fwd_sm90<{cxx_type}, {hd}, {block_n}, {mod}>"
 
 
-def _fwd_sm90_config(cxx_type, hd, score_mod) -> FwdConfig:
+def _fwd_sm90_config(cxx_type, hd, score_mod, seqlen_k=None) -> FwdConfig:
     tile = FWD_SM90_TILES[hd]
-    bn = tile.block_n_mod if score_mod else tile.block_n
+    short = seqlen_k is not None and seqlen_k < FWD_SM90_SHORT_KEYS
+    bn = tile.block_n_short if score_mod or short else tile.block_n
     # FwdSm90Traits::SMEM_BYTES: Q + STAGES x (K + V) tiles + 1 KiB for 1024-byte alignment.
     smem = (FWD_SM90_BLOCK_M + 2 * FWD_SM90_STAGES * bn) * hd * 2 + 1024
     return FwdConfig(_fwd_sm90_name(cxx_type, hd, bn, score_mod), FWD_SM90_BLOCK_M,
@@ -259,7 +267,9 @@ def _forward_sm90_kernels():
     for hd in FWD_SM90_TILES:
         for cxx in ("__half", "__nv_bfloat16"):
             for score_mod in (False, True):
-                yield FWD_SM90_FILE, _fwd_sm90_config(cxx, hd, score_mod).name_expression
+                for seqlen_k in (None, 1):
+                    yield FWD_SM90_FILE, _fwd_sm90_config(cxx, hd, score_mod,
+                                                          seqlen_k).name_expression
 
 
 _FAMILIES.append(_forward_sm90_kernels)

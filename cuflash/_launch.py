@@ -71,7 +71,11 @@ def launch(device_id, filename, name_expression, grid, block, shared_bytes, para
         if shared_bytes > max(48 * 1024, _SHARED_LIMIT.get(kernel, 0)):
             kernel.max_dynamic_shared_size_bytes = shared_bytes
             _SHARED_LIMIT[kernel] = shared_bytes
-        kernel(grid, block, (np.array([params], dtype=dtype),), shared_mem=shared_bytes)
+        # As a one-element void array: CuPy takes the record's address from
+        # __array_interface__, which NumPy builds in Python, field by field, for a structured
+        # dtype (~40 us a launch) and in C for a plain one.
+        record = np.array([params], dtype=dtype).view(np.dtype((np.void, dtype.itemsize)))
+        kernel(grid, block, (record,), shared_mem=shared_bytes)
 
 
 # --- Backward ------------------------------------------------------------------------------
@@ -147,12 +151,38 @@ FWD_PARAMS = np.dtype([
 ], align=True)
 
 # FwdSm90Params (kernels_cu/flash_fwd_sm90.cu): three 64-byte aligned TMA maps (q, k, v),
-# then FwdParams; the struct's size is a multiple of its 64-byte alignment.
+# FwdParams, the tile counters' address; the size is a multiple of the 64-byte alignment.
 _MAPS_BYTES = 3 * 128
 FWD_SM90_PARAMS = np.dtype({
-    "names": ["tma", "fwd"], "formats": [(np.uint8, (_MAPS_BYTES,)), FWD_PARAMS],
-    "offsets": [0, _MAPS_BYTES], "itemsize": -(-(_MAPS_BYTES + FWD_PARAMS.itemsize) // 64) * 64,
+    "names": ["tma", "fwd", "tile_counter"],
+    "formats": [(np.uint8, (_MAPS_BYTES,)), FWD_PARAMS, np.uint64],
+    "offsets": [0, _MAPS_BYTES, _MAPS_BYTES + FWD_PARAMS.itemsize],
+    "itemsize": -(-(_MAPS_BYTES + FWD_PARAMS.itemsize + 8) // 64) * 64,
 }, align=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_id):
+    return _sm_resources(device_id)[0]
+
+
+# (device, stream) -> two int32 tile counters of flash_fwd_sm90's scheduler. They are zero
+# between launches (the kernel's last CTA resets them), so one pair serves every launch of
+# a stream, whose launches run one after the other. Allocated once, outside the memory
+# pool (the forward's only allocations stay out and lse).
+_TILE_COUNTERS = {}
+
+
+def _tile_counter(device_id):
+    import cupy
+    key = (device_id, cupy.cuda.get_current_stream().ptr)
+    ptr = _TILE_COUNTERS.get(key)
+    if ptr is None:
+        with cupy.cuda.Device(device_id):
+            ptr = cupy.cuda.runtime.malloc(8)
+            cupy.cuda.runtime.memset(ptr, 0, 8)
+        _TILE_COUNTERS[key] = ptr
+    return ptr
 
 
 def forward(q, k, v, shape, opts):
@@ -163,7 +193,8 @@ def forward(q, k, v, shape, opts):
     arch = _compile.device_arch(device_id)  # a clear error on GPUs older than sm_80
     q, k, v = aligned(q), aligned(k), aligned(v)
     score_mod = dict(softcap=opts.softcap, alibi=opts.alibi_slopes is not None)
-    cfg = _dispatch.forward_config(q.dtype, shape.headdim, arch=arch, **score_mod)
+    cfg = _dispatch.forward_config(q.dtype, shape.headdim, arch=arch, seqlen_k=shape.seqlen_k,
+                                   **score_mod)
     maps = None
     if cfg.filename == _dispatch.FWD_SM90_FILE:
         from . import _tma
@@ -175,8 +206,10 @@ def forward(q, k, v, shape, opts):
         lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
     params = (attn_args(q, k, v, shape, opts), out.data.ptr, *strides(out), lse.data.ptr)
     grid = ((shape.seqlen_q + cfg.block_m - 1) // cfg.block_m, shape.nheads, shape.batch)
-    if maps is not None:
-        params, dtype = (np.frombuffer(maps, np.uint8), params), FWD_SM90_PARAMS
+    if maps is not None:  # persistent: one CTA per SM walks the tiles of that grid
+        grid = (min(grid[0] * grid[1] * grid[2], _num_sms(device_id)),)
+        params = (np.frombuffer(maps, np.uint8), params, _tile_counter(device_id))
+        dtype = FWD_SM90_PARAMS
     else:
         dtype = FWD_PARAMS
     launch(device_id, cfg.filename, cfg.name_expression, grid, (cfg.num_threads,),

@@ -24,13 +24,17 @@ namespace cuflash {
 
 // The kernel argument (mirrored by FWD_SM90_PARAMS in cuflash/_launch.py): TMA maps of q,
 // k and v, each viewed as a 4-D tensor (headdim, seqlen, heads, batch) with the arrays'
-// strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; then the
-// forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses).
+// strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
+// usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
+// scheduler's two counters (next tile, CTAs done), zero at launch and left zero at exit,
+// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...).
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v;
   FwdParams fwd;
+  int* tile_counter;
 };
-static_assert(sizeof(FwdSm90Params) == (3 * 128 + sizeof(FwdParams) + 63) / 64 * 64,
+static_assert(sizeof(FwdSm90Params) ==
+                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + 63) / 64 * 64,
               "FWD_SM90_PARAMS (cuflash/_launch.py) assumes fwd at byte 384, no other padding");
 
 template <int HEAD_DIM, int BLOCK_N>
@@ -56,6 +60,35 @@ struct FwdSm90Traits {
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
 };
 
+// One work tile: query block m_block of head h of batch item b, and the key blocks
+// [n_block_min, n_block_max) some row of it sees. Tiles are numbered as the grid of a
+// non-persistent launch would be (query blocks fastest, last-first, then heads, then batch
+// items), so that the CTAs working at one time share their heads' K and V in L2.
+struct FwdTile {
+  int m_block, h, b, n_block_min, n_block_max;
+  __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int Br, int Bc, const AttnArgs& a,
+                                     const Mask& mask) {
+    m_block = num_m_blocks - 1 - t % num_m_blocks;
+    const int hb = t / num_m_blocks;
+    h = hb % a.nheads;
+    b = hb / a.nheads;
+    const int m0 = m_block * Br;
+    int key_begin, key_end;
+    mask.key_range(m0, min(m0 + Br, a.seqlen_q), key_begin, key_end);
+    n_block_min = key_begin / Bc;
+    n_block_max = key_end > key_begin ? (key_end + Bc - 1) / Bc : n_block_min;
+  }
+  __device__ __forceinline__ int n_blocks() const { return n_block_max - n_block_min; }
+};
+
+// Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
+// thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
+// as a non-persistent grid's CTAs would, which balances causal work) and hands its index
+// to the consumers in shared memory with the Q tile, through the full_q / empty_q barrier
+// pair (an index past the last tile says stop). While the consumers finish a tile (last
+// P V, epilogue), the producer already loads the next tile's Q (the consumers release Q
+// after their last S = Q K^T) and first K/V stages: the ring of K/V stages and its barrier
+// phases run on across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
@@ -65,8 +98,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
-  // full_k, full_v, empty per stage, then q.
-  __shared__ __align__(8) uint64_t barriers[3 * STAGES + 1];
+  // full_k, full_v, empty per stage, then full_q, empty_q.
+  __shared__ __align__(8) uint64_t barriers[3 * STAGES + 2];
+  __shared__ int tile_slot;  // the tile of the current full_q phase
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   const uint32_t sQ = base;
   auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::KV_BYTES; };
@@ -75,19 +109,13 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
   auto empty = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
   const uint32_t full_q = smem_addr(&barriers[3 * STAGES]);
+  const uint32_t empty_q = smem_addr(&barriers[3 * STAGES + 1]);
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (a.nheads / a.nheads_kv);
-  const int m0 = m_block * Br;
-
   const Mask mask(a);
-  int key_begin, key_end;
-  mask.key_range(m0, min(m0 + Br, a.seqlen_q), key_begin, key_end);
-  const int n_block_min = key_begin / Bc;
-  const int n_block_max = key_end > key_begin ? (key_end + Bc - 1) / Bc : n_block_min;
-  const int n_blocks = n_block_max - n_block_min;  // visited last-first
+  const int num_m_blocks = (a.seqlen_q + Br - 1) / Br;
+  const int num_tiles = num_m_blocks * a.nheads * a.batch;
+  const int group = a.nheads / a.nheads_kv;
 
   if (tid == 0) {
 #pragma unroll
@@ -97,35 +125,66 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       sm90::mbar_init(empty(s), 4 * Tr::CONSUMERS);  // one arrival per consumer warp
     }
     sm90::mbar_init(full_q, 1);
+    sm90::mbar_init(empty_q, 4 * Tr::CONSUMERS);
     sm90::fence_barrier_init();
   }
   __syncthreads();
 
   if (warpgroup == 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    if (tid == 0 && n_blocks > 0) {
-      sm90::mbar_arrive_expect_tx(full_q, Tr::Q_BYTES);
-#pragma unroll
-      for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
-        sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64, m0, h, b);
-      for (int it = 0; it < n_blocks + STAGES; ++it) {
-        const int s = it % STAGES;
-        // Stage s was last filled at iteration it - STAGES: wait until every consumer warp
-        // released it. The last STAGES waits (no load follows) keep this thread alive until
-        // all of its copies were consumed.
-        if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
-        if (it >= n_blocks) continue;
-        const int n0 = (n_block_max - 1 - it) * Bc;
-        sm90::mbar_arrive_expect_tx(full_k(s), Tr::KV_BYTES);
+    if (tid == 0) {
+      int g = 0;        // K/V tiles loaded so far (position in the ring)
+      int q_loads = 0;  // tiles handed to the consumers so far
+      int* counter = p.tile_counter;
+      for (int t = -1;;) {
+        t = counter ? atomicAdd(counter, 1) : (t < 0 ? blockIdx.x : t + gridDim.x);
+        // The consumers read the previous index and ran their last S on the previous Q.
+        if (q_loads > 0) sm90::mbar_wait(empty_q, (q_loads - 1) & 1);
+        ++q_loads;
+        tile_slot = t;
+        if (t >= num_tiles) {
+          sm90::mbar_arrive(full_q);  // stop
+          break;
+        }
+        const FwdTile tile(t, num_m_blocks, Br, Bc, a, mask);
+        if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
+          sm90::mbar_arrive(full_q);
+          continue;
+        }
+        sm90::mbar_arrive_expect_tx(full_q, Tr::Q_BYTES);
 #pragma unroll
         for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
-          sm90::tma_load_4d(sK(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_k, full_k(s), cb * 64, n0,
-                            h_kv, b);
-        sm90::mbar_arrive_expect_tx(full_v(s), Tr::KV_BYTES);
+          sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64,
+                            tile.m_block * Br, tile.h, tile.b);
+        for (int n_block = tile.n_block_max - 1; n_block >= tile.n_block_min; --n_block, ++g) {
+          const int s = g % STAGES;
+          // Stage s was last filled STAGES loads ago: wait until every consumer warp
+          // released it.
+          if (g >= STAGES) sm90::mbar_wait(empty(s), (g / STAGES - 1) & 1);
+          const int n0 = n_block * Bc, h_kv = tile.h / group;
+          sm90::mbar_arrive_expect_tx(full_k(s), Tr::KV_BYTES);
 #pragma unroll
-        for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
-          sm90::tma_load_4d(sV(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_v, full_v(s), cb * 64, n0,
-                            h_kv, b);
+          for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+            sm90::tma_load_4d(sK(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_k, full_k(s), cb * 64,
+                              n0, h_kv, tile.b);
+          sm90::mbar_arrive_expect_tx(full_v(s), Tr::KV_BYTES);
+#pragma unroll
+          for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+            sm90::tma_load_4d(sV(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_v, full_v(s), cb * 64,
+                              n0, h_kv, tile.b);
+        }
+      }
+      // Keep this thread until its last copies were consumed.
+      for (int j = max(g, STAGES); j < g + STAGES; ++j)
+        sm90::mbar_wait(empty(j % STAGES), (j / STAGES - 1) & 1);
+      // The last CTA to finish (all others fetched their last index before counting
+      // themselves done) leaves the counters at zero for the next launch.
+      if (counter) {
+        __threadfence();
+        if (atomicAdd(counter + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+          atomicExch(counter, 0);
+          atomicExch(counter + 1, 0);
+        }
       }
     }
   } else {
@@ -133,96 +192,115 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     constexpr int N_TILES = Bc / 8, D_TILES = HEAD_DIM / 8;
     const int consumer = warpgroup - 1;
     const int warp = (tid / 32) % 4, lane = tid % 32;
-    const int wg_row0 = m0 + consumer * 64;             // this warpgroup's first query row
-    const int frag_row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's first row
-    const uint32_t sQ_wg = sQ + consumer * 64 * 128;    // its 64 rows of every column block
+    const uint32_t sQ_wg = sQ + consumer * 64 * 128;  // its 64 rows of every column block
+    int g = 0;
 
-    float acc_o[1][D_TILES][4];
-#pragma unroll
-    for (int dt = 0; dt < D_TILES; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
-    OnlineSoftmax<1> softmax;
-    const ScoreMod mod(a, b, h);
-
-    if (n_blocks > 0) sm90::mbar_wait(full_q, 0);
-    for (int it = 0; it < n_blocks; ++it) {
-      const int s = it % STAGES;
-      const uint32_t parity = (it / STAGES) & 1;
-      const int n0 = (n_block_max - 1 - it) * Bc;
-
-      // S = Q K^T: HEAD_DIM / 16 k-steps, the first one overwriting the accumulators.
-      float sc[1][N_TILES][4];
-      sm90::mbar_wait(full_k(s), parity);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
-        const uint32_t k_off = (ks % 4) * 32;  // k16 step inside a 128-byte row
-        const uint64_t da = sm90::make_desc(sQ_wg + (ks / 4) * Tr::Q_BLOCK_BYTES + k_off, 16);
-        const uint64_t db = sm90::make_desc(sK(s) + (ks / 4) * Tr::KV_BLOCK_BYTES + k_off, 16);
-        sm90::Wgmma<T, Bc>::ss(&sc[0][0][0], da, db, ks > 0);
+    for (int q_loads = 0;; ++q_loads) {
+      sm90::mbar_wait(full_q, q_loads & 1);
+      const int t = *static_cast<volatile int*>(&tile_slot);
+      if (t >= num_tiles) break;
+      const FwdTile tile(t, num_m_blocks, Br, Bc, a, mask);
+      const int n_blocks = tile.n_blocks();
+      if (n_blocks <= 0) {  // read the index, no Q: release at once
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(empty_q);
       }
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
+      const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
+      const int frag_row0 = wg_row0 + warp * 16 + lane / 4;    // this thread's first row
 
-      const int col0 = n0 + 2 * (lane & 3);
-      const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
-      float factor = mod.scale_log2;
-      if constexpr (HAS_SCORE_MOD) {
-        factor = 1.f;
-        if (boundary)
-          score_fragment<true, true>(sc, frag_row0, col0, mod, mask);
-        else
-          score_fragment<true, false>(sc, frag_row0, col0, mod, mask);
-      } else {
-        if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
-      }
-      softmax.update(sc, acc_o, factor);
-
-      // P in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
-      uint32_t pf[Bc / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < Bc / 16; ++kk) {
-        pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);
-        pf[kk][1] = dtype_traits<T>::pack(sc[0][2 * kk][2], sc[0][2 * kk][3]);
-        pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
-        pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
-      }
-
-      // O += P V: Bc / 16 k-steps of 16 keys (2048 bytes of every column block of V).
-      sm90::mbar_wait(full_v(s), parity);
-      sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < Bc / 16; ++kk) {
-        const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
-        sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
-      }
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
-      sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
-      __syncwarp();
-      if (lane == 0) sm90::mbar_arrive(empty(s));  // this warp is done with stage s
-    }
-
-    float lse[1][2];
-    softmax.finalize(acc_o, lse);
-    T* o = static_cast<T*>(p.fwd.o) + b * p.fwd.o_batch_stride + h * p.fwd.o_head_stride;
-    float* lse_out = p.fwd.lse + (static_cast<int64>(b) * a.nheads + h) * a.seqlen_q;
-    const int col = 2 * (lane & 3);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = frag_row0 + r * 8;
-      if (i >= a.seqlen_q) continue;
-      T* o_row = o + i * p.fwd.o_row_stride;
+      float acc_o[1][D_TILES][4];
 #pragma unroll
       for (int dt = 0; dt < D_TILES; ++dt)
-        if (dt * 8 + col < a.headdim)
-          *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
-              dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
-      if ((lane & 3) == 0) lse_out[i] = lse[0][r];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+      OnlineSoftmax<1> softmax;
+      const ScoreMod mod(a, tile.b, tile.h);
+
+      for (int it = 0; it < n_blocks; ++it, ++g) {
+        const int s = g % STAGES;
+        const uint32_t parity = (g / STAGES) & 1;
+        const int n0 = (tile.n_block_max - 1 - it) * Bc;
+
+        // S = Q K^T: HEAD_DIM / 16 k-steps, the first one overwriting the accumulators.
+        float sc[1][N_TILES][4];
+        sm90::mbar_wait(full_k(s), parity);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+          const uint32_t k_off = (ks % 4) * 32;  // k16 step inside a 128-byte row
+          const uint64_t da =
+              sm90::make_desc(sQ_wg + (ks / 4) * Tr::Q_BLOCK_BYTES + k_off, 16);
+          const uint64_t db =
+              sm90::make_desc(sK(s) + (ks / 4) * Tr::KV_BLOCK_BYTES + k_off, 16);
+          sm90::Wgmma<T, Bc>::ss(&sc[0][0][0], da, db, ks > 0);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
+        if (it == n_blocks - 1) {  // this warp's last read of Q in this tile is done
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(empty_q);
+        }
+
+        const int col0 = n0 + 2 * (lane & 3);
+        const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
+        float factor = mod.scale_log2;
+        if constexpr (HAS_SCORE_MOD) {
+          factor = 1.f;
+          if (boundary)
+            score_fragment<true, true>(sc, frag_row0, col0, mod, mask);
+          else
+            score_fragment<true, false>(sc, frag_row0, col0, mod, mask);
+        } else {
+          if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
+        }
+        softmax.update(sc, acc_o, factor);
+
+        // P in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
+        uint32_t pf[Bc / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) {
+          pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+          pf[kk][1] = dtype_traits<T>::pack(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+          pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+          pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+        }
+
+        // O += P V: Bc / 16 k-steps of 16 keys (2048 bytes of every column block of V).
+        sm90::mbar_wait(full_v(s), parity);
+        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) {
+          const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
+          sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(empty(s));  // this warp is done with stage s
+      }
+      float lse[1][2];
+      softmax.finalize(acc_o, lse);
+      T* o = static_cast<T*>(p.fwd.o) + tile.b * p.fwd.o_batch_stride +
+             tile.h * p.fwd.o_head_stride;
+      float* lse_out =
+          p.fwd.lse + (static_cast<int64>(tile.b) * a.nheads + tile.h) * a.seqlen_q;
+      const int col = 2 * (lane & 3);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = frag_row0 + r * 8;
+        if (i >= a.seqlen_q) continue;
+        T* o_row = o + i * p.fwd.o_row_stride;
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt)
+          if (dt * 8 + col < a.headdim)
+            *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
+                dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
+        if ((lane & 3) == 0) lse_out[i] = lse[0][r];
+      }
     }
   }
 }

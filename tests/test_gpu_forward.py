@@ -239,6 +239,21 @@ def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout)
     assert [f for f, _ in launched] == [_dispatch.FWD_SM90_FILE], launched
 
 
+@pytest.mark.parametrize("case", [
+    (BF16, 4, 1025, 1025, 8, 2, 128, {}),
+    (F16, 3, 1100, 300, 8, 8, 64, dict(causal=True)),  # rows 0..799 see no key
+    (BF16, 2, 777, 2000, 16, 4, 64, dict(window=(100, 50))),
+    (F16, 2, 2100, 2100, 16, 16, 128, dict(causal=True, softcap=5.0)),
+], ids=["bf16-128", "fp16-64-empty-tiles", "bf16-64-window", "fp16-128-causal-softcap"])
+def test_wgmma_kernel_with_more_tiles_than_sms(case):
+    """The persistent grid: every CTA walks several tiles (some with no visible key), so Q
+    reloads and the K/V ring's barrier phases carry over from tile to tile."""
+    _require_hopper()
+    dtype, batch, sq, sk, h, hkv, d, opts = case
+    assert -(-sq // 128) * h * batch > 132
+    check(dtype, batch, sq, sk, h, hkv, d, **opts)
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),
