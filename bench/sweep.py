@@ -108,6 +108,49 @@ def run_cuflash(mode, q, k, v, dout, causal):
 
 
 @contextlib.contextmanager
+def run_cuflash_varlen(mode, q, k, v, dout, causal):
+    """The varlen API on the same tokens: the batch packed as equal-length sequences
+    (reshaped views, no copies). Each call pays the prefix sums' check (a device-to-host
+    copy of batch + 1 ints)."""
+    import cupy
+    import cuflash
+    batch, seqlen = q.shape[:2]
+    cu = cupy.arange(0, (batch + 1) * seqlen, seqlen, dtype=cupy.int32)
+    q, k, v, dout = (x.reshape(batch * seqlen, *x.shape[2:]) for x in (q, k, v, dout))
+    packing = (cu, cu, seqlen, seqlen)
+
+    def forward():
+        return cuflash.attention_varlen_forward(q, k, v, *packing, causal=causal)
+
+    def backward(out, lse):
+        return cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *packing,
+                                                 causal=causal)
+
+    if mode == "fwd":
+        yield forward
+    elif mode == "bwd":
+        saved = forward()
+        yield lambda: backward(*saved)
+    else:
+        yield lambda: backward(*forward())
+
+
+@contextlib.contextmanager
+def run_cuflash_mma(mode, q, k, v, dout, causal):
+    """cuflash with the Hopper (wgmma) kernels switched off: the dense mma.sync kernels,
+    whose varlen instantiations cuflash-varlen runs on every GPU."""
+    from cuflash import _dispatch
+    forward_config, sm90_backward = _dispatch.forward_config, _dispatch.BWD_SM90_ENABLED
+    _dispatch.forward_config = lambda *a, arch=None, **kw: forward_config(*a, **kw)
+    _dispatch.BWD_SM90_ENABLED = False
+    try:
+        with run_cuflash(mode, q, k, v, dout, causal) as fn:
+            yield fn
+    finally:
+        _dispatch.forward_config, _dispatch.BWD_SM90_ENABLED = forward_config, sm90_backward
+
+
+@contextlib.contextmanager
 def run_naive(mode, q, k, v, dout, causal):
     """Matmul, softmax, matmul in the input dtype; backward by the textbook formulas."""
     import cupy
@@ -185,6 +228,8 @@ def implementations(names, torch) -> dict:
                       for name, backend in TORCH_BACKENDS.items()})
     if names is None:
         return impls
+    # On request only (--impls): varlen against dense at the same tokens and kernels.
+    impls.update({"cuflash-varlen": run_cuflash_varlen, "cuflash-mma": run_cuflash_mma})
     missing = [n for n in names if n not in impls]
     if missing:
         sys.exit(f"sweep.py: implementation(s) {', '.join(missing)} not available here "
@@ -325,7 +370,8 @@ def parse_args(argv):
                         help="comma-separated: fwd,bwd,fwdbwd (default all)")
     parser.add_argument("--impls", type=comma_list(),
                         help="comma-separated: cuflash,naive-cupy," + ",".join(TORCH_BACKENDS)
-                             + " (default: all that are available)")
+                             + " (default: all that are available), and on request "
+                               "cuflash-varlen,cuflash-mma")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and fewer timed calls, for a first look")
     args = parser.parse_args(argv)

@@ -47,6 +47,33 @@ class Shape:
     headdim: int
 
 
+@dataclass(frozen=True, eq=False)
+class Varlen:
+    """The packing of a varlen call, validated.
+
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the caller's int32 prefix sums (the kind of
+    ``q``; contiguous on the GPU), ``offsets_q`` / ``offsets_k`` their host copies. The
+    call's ``Shape`` holds ``batch`` and the longest ``seqlen_q`` / ``seqlen_k``.
+    """
+    cu_seqlens_q: Any
+    cu_seqlens_k: Any
+    offsets_q: np.ndarray
+    offsets_k: np.ndarray
+
+    @property
+    def total_q(self) -> int:
+        return int(self.offsets_q[-1])
+
+    @property
+    def total_k(self) -> int:
+        return int(self.offsets_k[-1])
+
+    def items(self):
+        """(q_begin, q_end, k_begin, k_end) of each batch item, as Python ints."""
+        q, k = self.offsets_q.tolist(), self.offsets_k.tolist()
+        return list(zip(q[:-1], q[1:], k[:-1], k[1:]))
+
+
 def array_kind(x, name: str) -> str:
     """'numpy', 'cupy' or 'dlpack' (a CUDA array of another framework)."""
     if isinstance(x, np.ndarray):
@@ -120,6 +147,72 @@ def check_qkv(q, k, v, *, gpu: bool) -> Shape:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_last_axis_contiguous(x, name)
     return Shape(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim)
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                 gpu: bool):
+    """Validate a varlen call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv,
+    headdim) and the prefix sums. Returns ``(Shape, Varlen)``.
+
+    The prefix sums are copied to the host to check them (for CuPy arrays a device-to-host
+    copy of batch + 1 ints, which waits for the stream): a wrong one would make the kernels
+    read and write outside the arrays.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total, nheads, headdim) in a "
+                             f"varlen call, got shape {tuple(x.shape)}")
+    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; "
+                         f"k and v must share (total_k, nheads_kv)")
+    # The dense checks on (1, total, nheads, headdim) views: dtypes, head dims, GQA, layout.
+    dense = check_qkv(q[None], k[None], v[None], gpu=gpu)
+    offsets_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "total_q")
+    offsets_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "total_k")
+    if len(offsets_q) != len(offsets_k):
+        raise ValueError(f"cu_seqlens_q has {len(offsets_q)} entries but cu_seqlens_k has "
+                         f"{len(offsets_k)}; both must have batch + 1")
+    longest_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q, "cu_seqlens_q")
+    longest_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k, "cu_seqlens_k")
+    if gpu:
+        xp = _cupy()
+        cu_seqlens_q, cu_seqlens_k = (xp.ascontiguousarray(x)
+                                      for x in (cu_seqlens_q, cu_seqlens_k))
+    shape = Shape(len(offsets_q) - 1, longest_q, longest_k, dense.nheads, dense.nheads_kv,
+                  dense.headdim)
+    return shape, Varlen(cu_seqlens_q, cu_seqlens_k, offsets_q, offsets_k)
+
+
+def _check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
+    """Host copy (int64) of valid prefix sums: int32, 1-D, from 0 to ``total``, monotone."""
+    if cu.dtype != np.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length batch + 1, got shape "
+                         f"{tuple(cu.shape)}")
+    host = (cu if isinstance(cu, np.ndarray) else cu.get()).astype(np.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {host[0]}")
+    if host[-1] != total:
+        raise ValueError(f"{name}[-1] must equal {total_name} = {total} (the rows of the "
+                         f"packed array), got {host[-1]}")
+    steps = np.diff(host)
+    if (steps < 0).any():
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"{name} must be non-decreasing; {name}[{i + 1}] = {host[i + 1]} < "
+                         f"{name}[{i}] = {host[i]}")
+    return host
+
+
+def _check_max_seqlen(value, name: str, offsets: np.ndarray, cu_name: str) -> int:
+    """The longest sequence of ``offsets``, after checking that ``value`` bounds it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    longest = int(np.diff(offsets).max(initial=0))
+    if value < longest:
+        raise ValueError(f"{name} ({value}) is smaller than the longest sequence in {cu_name} "
+                         f"({longest})")
+    return longest
 
 
 def check_last_axis_contiguous(x, name: str) -> None:
@@ -203,7 +296,7 @@ def _check_alibi(slopes, shape: Shape, kind: str, q):
     return slopes
 
 
-def check_backward(dout, out, lse, q, shape: Shape) -> None:
+def check_backward(dout, out, lse, q, shape: Shape, varlen: Varlen | None = None) -> None:
     for name, x in (("dout", dout), ("out", out)):
         if tuple(x.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got "
@@ -211,10 +304,12 @@ def check_backward(dout, out, lse, q, shape: Shape) -> None:
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
         check_last_axis_contiguous(x, name)
-    want = (shape.batch, shape.nheads, shape.seqlen_q)
+    if varlen is None:
+        want, names = (shape.batch, shape.nheads, shape.seqlen_q), "(batch, nheads, seqlen_q)"
+    else:
+        want, names = (shape.nheads, varlen.total_q), "(nheads, total_q)"
     if tuple(lse.shape) != want:
-        raise ValueError(f"lse must have shape (batch, nheads, seqlen_q) = {want}, got "
-                         f"{tuple(lse.shape)}")
+        raise ValueError(f"lse must have shape {names} = {want}, got {tuple(lse.shape)}")
     if lse.dtype != np.float32:
         raise TypeError(f"lse must be float32, got {lse.dtype}")
 

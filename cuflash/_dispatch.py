@@ -35,13 +35,21 @@ _FAMILIES = []
 # --- Backward (kernels_cu/flash_bwd.cu) --------------------------------------------------
 BWD_FILE = "flash_bwd.cu"
 _BWD_TYPES = ("__half", "__nv_bfloat16", "float")
-# Flags of bwd_main's MODE (enum BwdMode in flash_bwd.cu).
-BWD_DK, BWD_DV, BWD_DQ_ATOMIC, BWD_DQ = 1, 2, 4, 8
+# Flags of bwd_main's MODE (enum BwdMode in flash_bwd.cu). BWD_VARLEN selects the
+# instantiations for packed variable-length batches (cu_seqlens), which every mma.sync kernel
+# has, so that the dense ones compile exactly as without varlen support.
+BWD_DK, BWD_DV, BWD_DQ_ATOMIC, BWD_DQ, BWD_VARLEN = 1, 2, 4, 8, 16
 
 
-def bwd_preprocess_kernels(cxx_type: str):
+def _varlen_flag(varlen: bool) -> str:
+    """The trailing template argument of a varlen instantiation (dense: the default)."""
+    return ", true" if varlen else ""
+
+
+def bwd_preprocess_kernels(cxx_type: str, varlen: bool = False):
     """(preprocess, convert) name expressions: delta/lse_log2/dq zeroing, and dq_accum -> dq."""
-    return (f"cuflash::bwd_preprocess<{cxx_type}>", f"cuflash::bwd_convert_dq<{cxx_type}>")
+    v = _varlen_flag(varlen)
+    return (f"cuflash::bwd_preprocess<{cxx_type}{v}>", f"cuflash::bwd_convert_dq<{cxx_type}{v}>")
 
 
 @dataclass(frozen=True)
@@ -105,30 +113,32 @@ def _bwd_launch(cxx_type, hd, tile, mode) -> BwdLaunch:
     return BwdLaunch(name, key_owner, block_o, 32 * tile.num_warps, shared)
 
 
-def backward_plan(cxx_type: str, headdim: int, deterministic: bool):
+def backward_plan(cxx_type: str, headdim: int, deterministic: bool, varlen: bool = False):
     """The bwd_main launches of one backward call, in order (fp16 / bf16)."""
     hd = padded_headdim(headdim)
     tiles = BWD_TILES[hd]
     dq = 0 if deterministic else BWD_DQ_ATOMIC
+    v = BWD_VARLEN if varlen else 0
     if "dkdv" in tiles:
-        plan = [_bwd_launch(cxx_type, hd, tiles["dkdv"], BWD_DK | BWD_DV | dq)]
+        plan = [_bwd_launch(cxx_type, hd, tiles["dkdv"], BWD_DK | BWD_DV | dq | v)]
     else:
-        plan = [_bwd_launch(cxx_type, hd, tiles["dv"], BWD_DV),
-                _bwd_launch(cxx_type, hd, tiles["dk"], BWD_DK | dq)]
+        plan = [_bwd_launch(cxx_type, hd, tiles["dv"], BWD_DV | v),
+                _bwd_launch(cxx_type, hd, tiles["dk"], BWD_DK | dq | v)]
     if deterministic:
-        plan.append(_bwd_launch(cxx_type, hd, tiles["dq"], BWD_DQ))
+        plan.append(_bwd_launch(cxx_type, hd, tiles["dq"], BWD_DQ | v))
     return plan
 
 
 def _bwd_family():
-    for t in _BWD_TYPES:
-        for name in bwd_preprocess_kernels(t):
-            yield BWD_FILE, name
-    for t in _BWD_TYPES[:2]:
-        for hd in HEADDIMS:
-            for deterministic in (False, True):
-                for launch in backward_plan(t, hd, deterministic):
-                    yield BWD_FILE, launch.name_expression
+    for varlen in (False, True):
+        for t in _BWD_TYPES:
+            for name in bwd_preprocess_kernels(t, varlen):
+                yield BWD_FILE, name
+        for t in _BWD_TYPES[:2]:
+            for hd in HEADDIMS:
+                for deterministic in (False, True):
+                    for launch in backward_plan(t, hd, deterministic, varlen):
+                        yield BWD_FILE, launch.name_expression
 
 
 _FAMILIES.append(_bwd_family)
@@ -183,39 +193,43 @@ def _smem_cols(headdim):
     return (headdim + 63) // 64 * 64
 
 
-def _fwd_name(cxx_type, hd, tile, score_mod):
+def _fwd_name(cxx_type, hd, tile, score_mod, varlen=False):
     mod = "true" if score_mod else "false"
     return (f"cuflash::flash_fwd<{cxx_type}, {hd}, {tile.block_m}, {tile.block_n}, "
-            f"{tile.num_warps}, {mod}>")
+            f"{tile.num_warps}, {mod}{_varlen_flag(varlen)}>")
 
 
 def forward_config(dtype, headdim, softcap=0.0, alibi=False, arch=None,
-                   seqlen_k=None) -> FwdConfig:
+                   varlen=False, seqlen_k=None) -> FwdConfig:
     """The forward instantiation and launch shape for one call on a device of ``arch``
     (``sm_90`` picks the Hopper kernel where FWD_SM90_TILES has the head dim; ``seqlen_k``
-    picks its key-block size)."""
+    picks its key-block size). Varlen calls (packed batches with cu_seqlens) run flash_fwd's
+    VARLEN instantiations on every arch: the Hopper kernel does not read cu_seqlens."""
     import numpy as np
     from ._launch import CXX_TYPES
     hd = padded_headdim(headdim)
-    if arch == "sm_90" and np.dtype(dtype) != np.float32 and hd in FWD_SM90_TILES:
+    if (arch == "sm_90" and not varlen and np.dtype(dtype) != np.float32
+            and hd in FWD_SM90_TILES):
         return _fwd_sm90_config(CXX_TYPES[np.dtype(dtype)], hd, softcap > 0 or alibi,
                                 seqlen_k)
     if np.dtype(dtype) == np.float32:
         smem = (FWD_F32_BLOCK_M * hd + 32 * (hd + 1) + 32 * hd) * 4
-        return FwdConfig(f"cuflash::flash_fwd_f32<{hd}>", FWD_F32_BLOCK_M, FWD_F32_WARPS * 32,
-                         smem)
+        return FwdConfig(f"cuflash::flash_fwd_f32<{hd}{_varlen_flag(varlen)}>", FWD_F32_BLOCK_M,
+                         FWD_F32_WARPS * 32, smem)
     tile = FWD_TILES[hd]
     smem = (tile.block_m + 2 * tile.block_n) * _smem_cols(hd) * 2
-    return FwdConfig(_fwd_name(CXX_TYPES[np.dtype(dtype)], hd, tile, softcap > 0 or alibi),
+    return FwdConfig(_fwd_name(CXX_TYPES[np.dtype(dtype)], hd, tile, softcap > 0 or alibi,
+                               varlen),
                      tile.block_m, tile.num_warps * 32, smem)
 
 
 def _forward_kernels():
-    for hd in HEADDIMS:
-        for cxx in ("__half", "__nv_bfloat16"):
-            for score_mod in (False, True):
-                yield FWD_FILE, _fwd_name(cxx, hd, FWD_TILES[hd], score_mod)
-        yield FWD_FILE, f"cuflash::flash_fwd_f32<{hd}>"
+    for varlen in (False, True):
+        for hd in HEADDIMS:
+            for cxx in ("__half", "__nv_bfloat16"):
+                for score_mod in (False, True):
+                    yield FWD_FILE, _fwd_name(cxx, hd, FWD_TILES[hd], score_mod, varlen)
+            yield FWD_FILE, f"cuflash::flash_fwd_f32<{hd}{_varlen_flag(varlen)}>"
 
 
 _FAMILIES.append(_forward_kernels)
@@ -281,11 +295,13 @@ _FAMILIES.append(_forward_sm90_kernels)
 BWD_F32_BLOCK, BWD_F32_THREADS = 32, 256
 
 
-def backward_plan_f32(headdim: int, deterministic: bool):
+def backward_plan_f32(headdim: int, deterministic: bool, varlen: bool = False):
     hd = padded_headdim(headdim)
     shared = (4 * BWD_F32_BLOCK * (hd + 4) + 2 * BWD_F32_BLOCK * (BWD_F32_BLOCK + 1)) * 4
+    shared += 16 if varlen else 0  # the batch item's view, parked (park in flash_bwd.cu)
 
     def step(mode):
+        mode |= BWD_VARLEN if varlen else 0
         return BwdLaunch(f"cuflash::bwd_main_f32<{hd}, {mode}>", not mode & BWD_DQ,
                          BWD_F32_BLOCK, BWD_F32_THREADS, shared)
 
@@ -295,10 +311,11 @@ def backward_plan_f32(headdim: int, deterministic: bool):
 
 
 def _bwd_f32_family():
-    for hd in HEADDIMS:
-        for deterministic in (False, True):
-            for launch in backward_plan_f32(hd, deterministic):
-                yield BWD_FILE, launch.name_expression
+    for varlen in (False, True):
+        for hd in HEADDIMS:
+            for deterministic in (False, True):
+                for launch in backward_plan_f32(hd, deterministic, varlen):
+                    yield BWD_FILE, launch.name_expression
 
 
 _FAMILIES.append(_bwd_f32_family)

@@ -27,6 +27,7 @@ ATTN_ARGS = np.dtype([
     ("scale", np.float32), ("softcap", np.float32),
     ("window_left", np.int32), ("window_right", np.int32),
     ("alibi_slopes", np.uint64), ("alibi_batch_stride", np.int64),
+    ("cu_seqlens_q", np.uint64), ("cu_seqlens_k", np.uint64),
 ], align=True)
 
 
@@ -41,22 +42,38 @@ def aligned(x):
 
 
 def strides(x):
-    """(batch, row, head) strides in elements of a (batch, seqlen, nheads, headdim) array."""
+    """(batch, row, head) strides in elements of a (batch, seqlen, nheads, headdim) array,
+    or of a packed varlen (total, nheads, headdim) one (batch stride 0: it has no batch axis)."""
     item = x.dtype.itemsize
+    if x.ndim == 3:
+        return (0, *(s // item for s in x.strides[:2]))
     return tuple(s // item for s in x.strides[:3])
 
 
-def attn_args(q, k, v, shape, opts):
-    """The AttnArgs record shared by every attention kernel."""
+def attn_args(q, k, v, shape, opts, varlen=None):
+    """The AttnArgs record shared by every attention kernel. ``varlen`` (a
+    ``_checks.Varlen``): q, k, v are packed, seqlen_q / seqlen_k the totals."""
     slopes = opts.alibi_slopes
     if slopes is not None:
         slopes_ptr, slopes_stride = slopes.data.ptr, slopes.strides[0] // 4
     else:
         slopes_ptr, slopes_stride = 0, 0
+    if varlen is None:
+        seqlens, cu_seqlens = (shape.seqlen_q, shape.seqlen_k), (0, 0)
+    else:
+        seqlens = (varlen.total_q, varlen.total_k)
+        cu_seqlens = (varlen.cu_seqlens_q.data.ptr, varlen.cu_seqlens_k.data.ptr)
     return (q.data.ptr, k.data.ptr, v.data.ptr, *strides(q), *strides(k), *strides(v),
-            shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.nheads_kv,
+            shape.batch, *seqlens, shape.nheads, shape.nheads_kv,
             shape.headdim, opts.scale, opts.softcap, opts.window_left, opts.window_right,
-            slopes_ptr, slopes_stride)
+            slopes_ptr, slopes_stride, *cu_seqlens)
+
+
+def _check_varlen_launch(shape, varlen):
+    """Varlen grids have one CTA row per batch item, whose count CUDA caps at 65535."""
+    if varlen is not None and shape.batch > 65535:
+        raise ValueError(f"cu_seqlens_q describes {shape.batch} sequences; the GPU kernels "
+                         f"take at most 65535 per call (split the batch)")
 
 
 # kernel -> the dynamic shared-memory limit already set on it (a driver call; once is enough)
@@ -97,6 +114,9 @@ BWD_PARAMS = np.dtype([
 # Query rows of the float32 scratch are padded to a multiple of every query tile, so tiles
 # read lse/delta and add into dq_accum without bounds checks.
 BWD_SEQLEN_Q_PAD = 128
+# Varlen scratch rows are (nheads, seqlen_q_pad) with batch item b's starting at
+# (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b (VARLEN_GAP in flash_bwd.cu).
+BWD_VARLEN_GAP = 144
 _PRE_ROWS = 32  # rows per block of bwd_preprocess / bwd_convert_dq (PRE_ROWS in the kernel)
 
 
@@ -107,21 +127,30 @@ def _ptr(x):
 class _BwdState:
     """The arrays of one backward call and its BwdParams record."""
 
-    def __init__(self, dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum):
+    def __init__(self, dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum,
+                 varlen=None):
         import cupy
         self.shape = shape
         self.dq = cupy.empty(q.shape, q.dtype)
         self.dk = cupy.empty(k.shape, k.dtype)
         self.dv = cupy.empty(v.shape, v.dtype)
-        self.seqlen_q_pad = -(-shape.seqlen_q // BWD_SEQLEN_Q_PAD) * BWD_SEQLEN_Q_PAD
-        rows = (shape.batch, shape.nheads, self.seqlen_q_pad)
+        if varlen is None:
+            self.seqlen_q_pad = -(-shape.seqlen_q // BWD_SEQLEN_Q_PAD) * BWD_SEQLEN_Q_PAD
+            rows = (shape.batch, shape.nheads, self.seqlen_q_pad)
+            lse_strides = tuple(s // 4 for s in lse.strides)
+        else:  # lse (nheads, total_q): no batch stride
+            self.seqlen_q_pad = varlen.total_q // 16 * 16 + BWD_VARLEN_GAP * shape.batch
+            if self.seqlen_q_pad >= 2**31:
+                raise ValueError(f"total_q ({varlen.total_q}) is too large for the varlen "
+                                 f"backward's int32 row indices")
+            rows = (shape.nheads, self.seqlen_q_pad)
+            lse_strides = (0, *(s // 4 for s in lse.strides))
         self.lse_log2 = cupy.empty(rows, np.float32)
         self.delta = cupy.empty(rows, np.float32)
         self.dq_accum = cupy.empty(rows + (headdim_pad,), np.float32) if with_accum else None
-        self.keep = (dout, q, k, v, out, lse)  # alive until the launches are queued
-        lse_strides = tuple(s // 4 for s in lse.strides)
+        self.keep = (dout, q, k, v, out, lse, varlen)  # alive until the launches are queued
         self.params = np.array([(
-            attn_args(q, k, v, shape, opts),
+            attn_args(q, k, v, shape, opts, varlen),
             _ptr(out), _ptr(dout), _ptr(lse), _ptr(self.dq), _ptr(self.dk), _ptr(self.dv),
             _ptr(self.lse_log2), _ptr(self.delta), _ptr(self.dq_accum),
             *strides(out), *strides(dout), *lse_strides,
@@ -129,15 +158,18 @@ class _BwdState:
             self.seqlen_q_pad, headdim_pad)], dtype=BWD_PARAMS)[0]
 
 
-def bwd_preprocess(dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum):
+def bwd_preprocess(dout, q, k, v, out, lse, shape, opts, headdim_pad, with_accum,
+                   varlen=None):
     """Allocate the backward's outputs and scratch and run the preprocess kernel."""
     from . import _dispatch
     state = _BwdState(aligned(dout), q, k, v, aligned(out), lse, shape, opts, headdim_pad,
-                      with_accum)
-    pre, _ = _dispatch.bwd_preprocess_kernels(CXX_TYPES[q.dtype])
-    launch(q.device.id, "flash_bwd.cu", pre,
-           (state.seqlen_q_pad // _PRE_ROWS, shape.nheads, shape.batch), (256, 1, 1), 0,
-           state.params, BWD_PARAMS)
+                      with_accum, varlen)
+    pre, _ = _dispatch.bwd_preprocess_kernels(CXX_TYPES[q.dtype], varlen is not None)
+    # Varlen: each item's rows up to its length rounded up to BWD_SEQLEN_Q_PAD.
+    rows = state.seqlen_q_pad if varlen is None else \
+        -(-shape.seqlen_q // BWD_SEQLEN_Q_PAD) * BWD_SEQLEN_Q_PAD
+    launch(q.device.id, "flash_bwd.cu", pre, (rows // _PRE_ROWS, shape.nheads, shape.batch),
+           (256, 1, 1), 0, state.params, BWD_PARAMS)
     return state
 
 
@@ -185,16 +217,21 @@ def _tile_counter(device_id):
     return ptr
 
 
-def forward(q, k, v, shape, opts):
-    """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else."""
+def forward(q, k, v, shape, opts, varlen=None):
+    """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else.
+
+    ``varlen`` (a ``_checks.Varlen``, with ``shape`` holding the longest lengths): q, k, v
+    are packed and lse is (nheads, total_q); flash_fwd's VARLEN instantiations run it.
+    """
     import cupy
     from . import _dispatch
     device_id = q.device.id
     arch = _compile.device_arch(device_id)  # a clear error on GPUs older than sm_80
+    _check_varlen_launch(shape, varlen)
     q, k, v = aligned(q), aligned(k), aligned(v)
     score_mod = dict(softcap=opts.softcap, alibi=opts.alibi_slopes is not None)
     cfg = _dispatch.forward_config(q.dtype, shape.headdim, arch=arch, seqlen_k=shape.seqlen_k,
-                                   **score_mod)
+                                   varlen=varlen is not None, **score_mod)
     maps = None
     if cfg.filename == _dispatch.FWD_SM90_FILE:
         from . import _tma
@@ -203,8 +240,10 @@ def forward(q, k, v, shape, opts):
             cfg = _dispatch.forward_config(q.dtype, shape.headdim, **score_mod)
     with cupy.cuda.Device(device_id):
         out = cupy.empty(q.shape, q.dtype)
-        lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
-    params = (attn_args(q, k, v, shape, opts), out.data.ptr, *strides(out), lse.data.ptr)
+        lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q) if varlen is None else
+                         (shape.nheads, varlen.total_q), np.float32)
+    params = (attn_args(q, k, v, shape, opts, varlen), out.data.ptr, *strides(out),
+              lse.data.ptr)
     grid = ((shape.seqlen_q + cfg.block_m - 1) // cfg.block_m, shape.nheads, shape.batch)
     if maps is not None:  # persistent: one CTA per SM walks the tiles of that grid
         grid = (min(grid[0] * grid[1] * grid[2], _num_sms(device_id)),)
@@ -217,18 +256,20 @@ def forward(q, k, v, shape, opts):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
+def backward(dout, q, k, v, out, lse, shape, opts, deterministic, varlen=None):
     """dq, dk, dv: preprocess -> dK/dV (+ dQ atomics, or a separate dQ kernel) -> dq convert.
 
-    Allocates only the gradients and O(seqlen * headdim) float32 scratch.
+    Allocates only the gradients and O(seqlen * headdim) float32 scratch. ``varlen`` as in
+    :func:`forward` (lse (nheads, total_q)); bwd_main's VARLEN instantiations run it.
     """
     from . import _dispatch
+    _check_varlen_launch(shape, varlen)
     q, k, v = aligned(q), aligned(k), aligned(v)
     cxx = CXX_TYPES[q.dtype]
     dev = q.device.id
-    hopper = _dispatch.backward_sm90(cxx, shape.headdim, deterministic,
-                                     opts.softcap > 0 or opts.alibi_slopes is not None,
-                                     _compile.device_arch(dev))
+    hopper = None if varlen is not None else _dispatch.backward_sm90(
+        cxx, shape.headdim, deterministic, opts.softcap > 0 or opts.alibi_slopes is not None,
+        _compile.device_arch(dev))
     if hopper is not None:
         state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
                                _dispatch.padded_headdim(shape.headdim), True)
@@ -239,13 +280,14 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
                (-(-shape.seqlen_q // _PRE_ROWS), shape.nheads, shape.batch), (256, 1, 1), 0,
                state.params, BWD_PARAMS)
         return state.dq, state.dk, state.dv
+    is_varlen = varlen is not None
     if q.dtype == np.float32:
-        plan = _dispatch.backward_plan_f32(shape.headdim, deterministic)
+        plan = _dispatch.backward_plan_f32(shape.headdim, deterministic, is_varlen)
     else:
-        plan = _dispatch.backward_plan(cxx, shape.headdim, deterministic)
+        plan = _dispatch.backward_plan(cxx, shape.headdim, deterministic, is_varlen)
     with_accum = not deterministic
     state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
-                           _dispatch.padded_headdim(shape.headdim), with_accum)
+                           _dispatch.padded_headdim(shape.headdim), with_accum, varlen)
     for step in plan:
         if step.key_owner:
             grid = (-(-shape.seqlen_k // step.block_o), shape.batch, shape.nheads_kv)
@@ -254,7 +296,7 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic):
         launch(dev, _dispatch.BWD_FILE, step.name_expression, grid, (step.num_threads, 1, 1),
                step.shared_bytes, state.params, BWD_PARAMS)
     if with_accum:
-        _, convert = _dispatch.bwd_preprocess_kernels(cxx)
+        _, convert = _dispatch.bwd_preprocess_kernels(cxx, is_varlen)
         launch(dev, _dispatch.BWD_FILE, convert,
                (-(-shape.seqlen_q // _PRE_ROWS), shape.nheads, shape.batch), (256, 1, 1), 0,
                state.params, BWD_PARAMS)

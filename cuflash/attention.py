@@ -186,6 +186,177 @@ def attention_vjp(q, k, v, *, deterministic=False, **options):
     return out, vjp
 
 
-for _f in (attention_forward, attention, attention_backward):
+# ---------------------------------------------------------------------------------------
+# Variable-length batches: sequences packed one after the other, no padding.
+
+_VARLEN_DOC = """
+    cu_seqlens_q, cu_seqlens_k : int32 arrays (batch + 1,)
+        Prefix sums of the sequence lengths: batch item ``b`` owns rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q`` and
+        ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of ``k`` and ``v``. They start at 0, never
+        decrease (sequences of length 0 are allowed) and end at ``total_q`` / ``total_k``;
+        arrays of the kind of ``q``. They are checked on the host, which for CuPy arrays
+        costs a device-to-host copy of ``batch + 1`` ints (and waits for the stream): a
+        wrong one would send the kernels outside the arrays.
+    max_seqlen_q, max_seqlen_k : int
+        Upper bounds of the sequence lengths (checked; the kernels are launched for the
+        longest actual sequence).
+"""
+
+_VARLEN_MASKS = """
+    Notes
+    -----
+    Every option applies per sequence, with that sequence's own ``seqlen_q`` and
+    ``seqlen_k``: the causal mask and windows are aligned to the bottom-right corner of each
+    sequence's (seqlen_q, seqlen_k) block, and ``alibi_slopes`` of shape (batch, nheads)
+    has a row per sequence.
+"""
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             *, scale=None, causal=False, window=(None, None), softcap=0.0,
+                             alibi_slopes=None):
+    """Exact attention forward over a packed batch of variable-length sequences.
+
+    The same result as :func:`attention_forward` run on each sequence alone.
+
+    Parameters
+    ----------
+    q : array (total_q, nheads, headdim)
+    k, v : arrays (total_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
+    {varlen}
+    {options}
+
+    Returns
+    -------
+    out : array (total_q, nheads, headdim), dtype of ``q``
+    lse : float32 array (nheads, total_q)
+        Natural-log log-sum-exp of each query row; ``-inf`` for a row that sees no key (its
+        ``out`` row is 0), e.g. every row of a sequence with no keys.
+
+    {masks}
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> cu = np.array([0, 3, 3, 8], np.int32)  # lengths 3, 0, 5
+    >>> q = np.random.randn(8, 2, 32).astype(np.float32)
+    >>> out, lse = cuflash.attention_varlen_forward(q, q, q, cu, cu, 5, 5, causal=True)
+    >>> out.shape, lse.shape
+    ((8, 2, 32), (2, 8))
+    >>> seq = q[None, 3:8]  # the third sequence alone, as a batch of one
+    >>> ref, _ = cuflash.attention_forward(seq, seq, seq, causal=True)
+    >>> bool(np.allclose(out[3:8], ref[0], atol=1e-6))
+    True
+    """
+    kind, a = _prepare({"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q,
+                        "cu_seqlens_k": cu_seqlens_k, "alibi_slopes": alibi_slopes})
+    q, k, v = a["q"], a["k"], a["v"]
+    shape, varlen = _checks.check_varlen(q, k, v, a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                         max_seqlen_q, max_seqlen_k, gpu=kind != "numpy")
+    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    xp = _xp(kind)
+    if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
+        out = xp.zeros(q.shape, q.dtype)
+        return out, xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32)
+    if kind == "numpy":
+        from . import cpu
+        return cpu.forward_varlen(q, k, v, shape, opts, varlen)
+    from . import _launch
+    return _launch.forward(q, k, v, shape, opts, varlen)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     scale=None, causal=False, window=(None, None), softcap=0.0,
+                     alibi_slopes=None, return_lse=False):
+    """Exact attention over a packed batch of variable-length sequences (no padding).
+
+    Parameters
+    ----------
+    q : array (total_q, nheads, headdim)
+    k, v : arrays (total_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
+    {varlen}
+    {options}
+    return_lse : bool, default False
+        Also return the float32 log-sum-exp, shape (nheads, total_q).
+
+    Returns
+    -------
+    out : array (total_q, nheads, headdim), or ``(out, lse)``
+
+    {masks}
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> lengths = [5, 1, 7]
+    >>> cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    >>> q = np.random.randn(13, 4, 64).astype(np.float32)
+    >>> k = np.random.randn(13, 1, 64).astype(np.float32)
+    >>> cuflash.attention_varlen(q, k, k, cu, cu, max(lengths), max(lengths)).shape
+    (13, 4, 64)
+    """
+    out, lse = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale=scale, causal=causal,
+                                        window=window, softcap=softcap,
+                                        alibi_slopes=alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, *, scale=None, causal=False, window=(None, None),
+                              softcap=0.0, alibi_slopes=None, deterministic=False):
+    """Gradients of :func:`attention_varlen`, recomputing the probabilities from ``lse``.
+
+    Parameters
+    ----------
+    dout : array (total_q, nheads, headdim), gradient of ``out``
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k : the forward's inputs
+    out, lse : the forward's outputs (:func:`attention_varlen_forward`)
+    {options}
+    deterministic : bool, default False
+        Make the gradients bitwise reproducible run to run (GPU: no float atomics).
+
+    Returns
+    -------
+    dq : array like ``q``;  dk, dv : arrays like ``k`` and ``v``
+        For grouped-query attention, dk/dv of a kv head sum over its query heads. Rows of a
+        sequence with no keys get dq = 0; keys that no query sees get dk = dv = 0.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> cu = np.array([0, 4, 10], np.int32)
+    >>> q = np.random.randn(10, 2, 32)
+    >>> out, lse = cuflash.attention_varlen_forward(q, q, q, cu, cu, 6, 6)
+    >>> dq, dk, dv = cuflash.attention_varlen_backward(np.ones_like(out), q, q, q, out, lse,
+    ...                                                cu, cu, 6, 6)
+    >>> dq.shape, dk.shape
+    ((10, 2, 32), (10, 2, 32))
+    """
+    kind, a = _prepare({"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse,
+                        "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+                        "alibi_slopes": alibi_slopes})
+    dout, q, k, v, out, lse = (a[n] for n in ("dout", "q", "k", "v", "out", "lse"))
+    shape, varlen = _checks.check_varlen(q, k, v, a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                         max_seqlen_q, max_seqlen_k, gpu=kind != "numpy")
+    _checks.check_backward(dout, out, lse, q, shape, varlen)
+    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    xp = _xp(kind)
+    if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
+        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+    if kind == "numpy":
+        from . import cpu
+        return cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen)
+    from . import _launch
+    return _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic), varlen)
+
+
+for _f in (attention_forward, attention, attention_backward, attention_varlen_forward,
+           attention_varlen, attention_varlen_backward):
     if _f.__doc__:  # None under python -OO, which strips docstrings
-        _f.__doc__ = _f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
+        _f.__doc__ = (_f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
+                      .replace("    {varlen}\n", _VARLEN_DOC.lstrip("\n"))
+                      .replace("    {masks}\n", _VARLEN_MASKS.lstrip("\n")))

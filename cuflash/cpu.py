@@ -23,6 +23,8 @@ float64 for float64 inputs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 # Measured on 2 cores: 64-wide blocks are ~2x slower (NumPy's per-call overhead), 256-wide
@@ -107,6 +109,67 @@ def backward(dout, q, k, v, out, lse, shape, opts, *, Br=BR, Bc=BC):
     dK *= opts.scale
     return (_seq_first(dQ, q.dtype), _seq_first(dK[:, :, None], q.dtype),
             _seq_first(dV[:, :, None], q.dtype))
+
+
+def forward_varlen(q, k, v, shape, opts, varlen, *, Br=BR, Bc=BC):
+    """Varlen attention forward: :func:`forward` on each sequence, viewed as a batch of one.
+
+    Parameters
+    ----------
+    q : array (total_q, nheads, headdim)
+    k, v : arrays (total_k, nheads_kv, headdim)
+    shape, opts, varlen : ``_checks.Shape`` (longest lengths), ``Options``, ``Varlen``
+    Br, Bc : as in :func:`forward`
+
+    Returns
+    -------
+    out : array (total_q, nheads, headdim), dtype of ``q``
+    lse : float32 array (nheads, total_q)
+    """
+    out = np.zeros(q.shape, q.dtype)
+    lse = np.full((shape.nheads, varlen.total_q), -np.inf, np.float32)
+    for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
+        if q1 == q0 or k1 == k0:  # no rows, or rows that see no key: out 0, lse -inf
+            continue
+        shape_b, opts_b = _varlen_item(shape, opts, b, q1 - q0, k1 - k0)
+        out_b, lse_b = forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], shape_b, opts_b,
+                               Br=Br, Bc=Bc)
+        out[q0:q1], lse[:, q0:q1] = out_b[0], lse_b[0]
+    return out, lse
+
+
+def backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen, *, Br=BR, Bc=BC):
+    """Varlen attention backward: :func:`backward` on each sequence, viewed as a batch of one.
+
+    Parameters
+    ----------
+    dout, out : arrays (total_q, nheads, headdim)
+    q, k, v, shape, opts, varlen, Br, Bc : as in :func:`forward_varlen`
+    lse : float32 array (nheads, total_q), from :func:`forward_varlen`
+
+    Returns
+    -------
+    dq : array (total_q, nheads, headdim)
+    dk, dv : arrays (total_k, nheads_kv, headdim), summed over each kv head's group
+        In the dtype of ``q``; 0 for rows of sequences with no keys or no queries.
+    """
+    dq, dk, dv = (np.zeros(x.shape, x.dtype) for x in (q, k, v))
+    for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
+        if q1 == q0 or k1 == k0:
+            continue
+        shape_b, opts_b = _varlen_item(shape, opts, b, q1 - q0, k1 - k0)
+        grads = backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                         out[None, q0:q1], lse[None, :, q0:q1], shape_b, opts_b, Br=Br, Bc=Bc)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
+    return dq, dk, dv
+
+
+def _varlen_item(shape, opts, b, seqlen_q, seqlen_k):
+    """Shape and options of batch item ``b`` of a varlen call, as a dense batch of one."""
+    shape_b = dataclasses.replace(shape, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    if opts.alibi_slopes is not None:
+        opts = dataclasses.replace(opts, alibi_slopes=opts.alibi_slopes[b:b + 1])
+    return shape_b, opts
 
 
 def _forward(Q, K, V, shape, opts, Br, Bc):

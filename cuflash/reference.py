@@ -105,6 +105,106 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None,
     return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
 
 
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             *, scale=None, causal=False, window=(None, None), softcap=0.0,
+                             alibi_slopes=None, upcast=True):
+    """Reference varlen attention forward: :func:`attention_forward` on each sequence.
+
+    Parameters
+    ----------
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        As in :func:`cuflash.attention_varlen` (NumPy or CuPy; copied to the host).
+    scale, causal, window, softcap, alibi_slopes, upcast
+        As in :func:`attention_forward`, applied to each sequence with its own lengths.
+
+    Returns
+    -------
+    out : array (total_q, nheads, headdim)
+    lse : array (nheads, total_q)
+        float64 with ``upcast=True``, else the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cuflash import reference
+    >>> cu = np.array([0, 2, 6], np.int32)
+    >>> q = np.random.randn(6, 2, 8)
+    >>> out, lse = reference.attention_varlen_forward(q, q, q, cu, cu, 4, 4)
+    >>> bool(np.allclose(out[2:], reference.attention_forward(q[None, 2:], q[None, 2:],
+    ...                                                       q[None, 2:])[0][0]))
+    True
+    """
+    q, k, v, slopes, varlen = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+        causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    dtype = np.float64 if upcast else q.dtype
+    out = np.zeros(q.shape, dtype)
+    lse = np.full((q.shape[1], varlen.total_q), -np.inf, dtype)
+    for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
+        out_b, lse_b = attention_forward(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale, causal=causal,
+            window=window, softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
+            upcast=upcast)
+        out[q0:q1], lse[:, q0:q1] = out_b[0], lse_b[0]
+    return out, lse
+
+
+def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, *, scale=None, causal=False, window=(None, None),
+                              softcap=0.0, alibi_slopes=None, upcast=True):
+    """Reference varlen attention gradients: :func:`attention_backward` on each sequence.
+
+    Parameters
+    ----------
+    dout : array (total_q, nheads, headdim), gradient of ``out``
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window,
+    softcap, alibi_slopes, upcast
+        As in :func:`attention_varlen_forward`.
+
+    Returns
+    -------
+    dq : array (total_q, nheads, headdim)
+    dk, dv : arrays (total_k, nheads_kv, headdim)
+        float64 with ``upcast=True``, else the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cuflash import reference
+    >>> cu = np.array([0, 2, 6], np.int32)
+    >>> q = np.random.randn(6, 2, 8)
+    >>> dq, dk, dv = reference.attention_varlen_backward(np.ones_like(q), q, q, q, cu, cu, 4, 4)
+    >>> dq.shape
+    (6, 2, 8)
+    """
+    q, k, v, slopes, varlen = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+        causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    dout = _host(dout)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have the shape of q {q.shape}, got {dout.shape}")
+    dtype = np.float64 if upcast else q.dtype
+    dq, dk, dv = (np.zeros(x.shape, dtype) for x in (q, k, v))
+    for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
+        grads = attention_backward(
+            dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale,
+            causal=causal, window=window, softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[b], upcast=upcast)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
+    return dq, dk, dv
+
+
+def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    alibi_slopes, **options):
+    """Host copies, validated as the public API does (options too, whatever the batch);
+    the slopes as (batch, nheads) or None."""
+    q, k, v = _host(q), _host(k), _host(v)
+    shape, varlen = _checks.check_varlen(q, k, v, _host(cu_seqlens_q), _host(cu_seqlens_k),
+                                         max_seqlen_q, max_seqlen_k, gpu=False)
+    opts = _checks.options(shape, "numpy", q, alibi_slopes=_host(alibi_slopes), **options)
+    return q, k, v, opts.alibi_slopes, varlen
+
+
 def _host(x):
     """A NumPy array from a NumPy or CuPy array (None stays None)."""
     if x is None or isinstance(x, np.ndarray):

@@ -10,6 +10,10 @@
 //                   both accumulators of 16 rows x 256 would need 256 registers a thread.
 //   bwd_main_f32    float32, the same algorithm on plain FMAs (no TF32)
 //   bwd_convert_dq  dq = scale * dq_accum in the input dtype
+// Every kernel has VARLEN instantiations for packed variable-length batches (AttnArgs
+// cu_seqlens_q/k; a template flag, or the BWD_VARLEN bit of MODE): SeqView gives the batch
+// item's rows and lengths, and blocks past its length exit at once. Dense instantiations
+// compile exactly as before.
 //
 // One algorithm serves the three modes. A CTA owns a block of "owner" rows (keys for dK/dV,
 // queries for dQ) whose two tiles A1, A2 (K, V or Q, dO) stay in shared memory, and streams
@@ -70,21 +74,42 @@ constexpr int PRE_LANES = 8;
 constexpr int PRE_THREADS = 256;
 constexpr int PRE_ROWS = PRE_THREADS / PRE_LANES;
 
-// grid (seqlen_q_pad / PRE_ROWS, nheads, batch). Padded rows (>= seqlen_q) get delta 0 and
-// lse_log2 +inf; so does a fully masked row (lse -inf), which makes its p exactly 0.
-template <typename T>
+// The float32 scratch (lse_log2, delta, dq_accum). Dense: rows (batch, nheads, seqlen_q_pad).
+// Varlen: rows (nheads, seqlen_q_pad), batch item b's starting at
+//   (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b,
+// 64-byte aligned (cp.async of lse/delta) and at least seqlen + 129 rows before the next
+// item's, so at least round_up(seqlen, SCRATCH_TILE): every query tile (all of whose heights
+// divide SCRATCH_TILE) stays inside its item's rows. cuflash/_launch.py allocates
+// seqlen_q_pad = total_q rounded down to 16 + VARLEN_GAP * batch (the start of item "batch").
+constexpr int SCRATCH_TILE = 128;
+constexpr int VARLEN_GAP = SCRATCH_TILE + 16;
+
+// Index of scratch row 0 of head h of batch item `item` (whose view is `seq`).
+template <bool VARLEN>
+__device__ __forceinline__ int64 scratch_row0(const BwdParams& p, const SeqView<VARLEN>& seq,
+                                              int item, int h) {
+  int64 r = (int64(seq.b) * p.attn.nheads + h) * p.seqlen_q_pad;
+  if constexpr (VARLEN) r += (seq.q0 & ~15) + VARLEN_GAP * item;  // < seqlen_q_pad, an int
+  return r;
+}
+
+// grid (seqlen_q_pad / PRE_ROWS, nheads, batch); varlen: round_up(max_seqlen_q,
+// SCRATCH_TILE) / PRE_ROWS. Padded rows (>= seqlen_q) get delta 0 and lse_log2 +inf; so does
+// a fully masked row (lse -inf), which makes its p exactly 0.
+template <typename T, bool VARLEN = false>
 __global__ void __launch_bounds__(PRE_THREADS) bwd_preprocess(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
   const int row = blockIdx.x * PRE_ROWS + threadIdx.x / PRE_LANES;
   const int lane = threadIdx.x % PRE_LANES;
   const int h = blockIdx.y, b = blockIdx.z;
+  const SeqView<VARLEN> seq(a, b);
   constexpr int EPV = 16 / sizeof(T);  // elements per 16-byte vector
   float acc = 0.f;
-  if (row < a.seqlen_q) {
-    const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + row * p.o_row_stride +
-                 h * p.o_head_stride;
-    const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride +
-                 row * p.do_row_stride + h * p.do_head_stride;
+  if (row < seq.seqlen_q()) {
+    const T* o = static_cast<const T*>(p.out) + seq.b * p.o_batch_stride +
+                 (seq.q0 + row) * p.o_row_stride + h * p.o_head_stride;
+    const T* d = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride +
+                 (seq.q0 + row) * p.do_row_stride + h * p.do_head_stride;
     for (int c = lane * EPV; c < a.headdim; c += PRE_LANES * EPV) {
       acc += dot16<T>(*reinterpret_cast<const uint4*>(o + c),
                       *reinterpret_cast<const uint4*>(d + c));
@@ -92,12 +117,15 @@ __global__ void __launch_bounds__(PRE_THREADS) bwd_preprocess(const __grid_const
   }
 #pragma unroll
   for (int s = PRE_LANES / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (row >= p.seqlen_q_pad) return;
-  const int64 r = (int64(b) * a.nheads + h) * p.seqlen_q_pad + row;
+  const int rows_pad = VARLEN ? (seq.seqlen_q() + SCRATCH_TILE - 1) / SCRATCH_TILE * SCRATCH_TILE
+                              : p.seqlen_q_pad;
+  if (row >= rows_pad) return;
+  const int64 r = scratch_row0(p, seq, b, h) + row;
   if (lane == 0) {
     float lse = -inf_f32();
-    if (row < a.seqlen_q)
-      lse = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride];
+    if (row < seq.seqlen_q())
+      lse = p.lse[seq.b * p.lse_batch_stride + h * p.lse_head_stride +
+                  (seq.q0 + row) * p.lse_row_stride];
     p.delta[r] = acc;
     p.lse_log2[r] = lse == -inf_f32() ? inf_f32() : lse * LOG2E;
   }
@@ -108,17 +136,18 @@ __global__ void __launch_bounds__(PRE_THREADS) bwd_preprocess(const __grid_const
 }
 
 // grid (ceil(seqlen_q / PRE_ROWS), nheads, batch): dq = scale * dq_accum, rounded to T.
-template <typename T>
+template <typename T, bool VARLEN = false>
 __global__ void __launch_bounds__(PRE_THREADS) bwd_convert_dq(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
   const int row = blockIdx.x * PRE_ROWS + threadIdx.x / PRE_LANES;
   const int lane = threadIdx.x % PRE_LANES;
   const int h = blockIdx.y, b = blockIdx.z;
-  if (row >= a.seqlen_q) return;
+  const SeqView<VARLEN> seq(a, b);
+  if (row >= seq.seqlen_q()) return;
   constexpr int EPV = 16 / sizeof(T);
-  const float* src = p.dq_accum + ((int64(b) * a.nheads + h) * p.seqlen_q_pad + row) * p.headdim_pad;
-  T* dst = static_cast<T*>(p.dq) + b * p.dq_batch_stride + row * p.dq_row_stride +
-           h * p.dq_head_stride;
+  const float* src = p.dq_accum + (scratch_row0(p, seq, b, h) + row) * p.headdim_pad;
+  T* dst = static_cast<T*>(p.dq) + seq.b * p.dq_batch_stride +
+           (seq.q0 + row) * p.dq_row_stride + h * p.dq_head_stride;
   for (int c = lane * EPV; c < a.headdim; c += PRE_LANES * EPV) {
     float f[EPV];
 #pragma unroll
@@ -131,7 +160,7 @@ __global__ void __launch_bounds__(PRE_THREADS) bwd_convert_dq(const __grid_const
   }
 }
 
-enum BwdMode : int { BWD_DK = 1, BWD_DV = 2, BWD_DQ_ATOMIC = 4, BWD_DQ = 8 };
+enum BwdMode : int { BWD_DK = 1, BWD_DV = 2, BWD_DQ_ATOMIC = 4, BWD_DQ = 8, BWD_VARLEN = 16 };
 
 // Shared-memory tiles are ROWS x (D + 8) elements: the 16-byte pad makes the 8 row
 // addresses of every ldmatrix (and cp.async row chunk) fall in distinct bank groups, for
@@ -197,7 +226,9 @@ struct BwdTraits {
   static constexpr bool WANT_ACC1 = (MODE & BWD_DK) || !KEY_OWNER;  // dK or dQ
   static constexpr bool WANT_DV = MODE & BWD_DV;
   static constexpr bool NEED_DP = WANT_ACC1 || ATOMIC_DQ;            // else only P (for dV)
-  static_assert(KEY_OWNER ? (MODE & (BWD_DK | BWD_DV)) != 0 : MODE == BWD_DQ, "mode");
+  static constexpr bool VARLEN = MODE & BWD_VARLEN;
+  static_assert(KEY_OWNER ? (MODE & (BWD_DK | BWD_DV)) != 0 : (MODE & ~BWD_VARLEN) == BWD_DQ,
+                "mode");
   static_assert(!ATOMIC_DQ || (MODE & BWD_DK), "dS is formed for dK");
   static constexpr int THREADS = NUM_WARPS * 32;
   static constexpr int BLOCK_O = 16 * M_TILES * NUM_WARPS;  // owner rows per CTA
@@ -232,13 +263,21 @@ bwd_main(const __grid_constant__ BwdParams p) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, qd = lane % 4;
   const int b = blockIdx.y;
+  const SeqView<Tr::VARLEN> seq(a, b);
   const int group = a.nheads / a.nheads_kv;
   const int o0 = blockIdx.x * BLOCK_O;  // first owner row
-  const Mask mask(a);
-  const T* q_base = static_cast<const T*>(a.q) + b * a.q_batch_stride;
-  const T* k_base = static_cast<const T*>(a.k) + b * a.k_batch_stride;
-  const T* v_base = static_cast<const T*>(a.v) + b * a.v_batch_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride;
+  if constexpr (Tr::VARLEN) {
+    if (o0 >= (KEY_OWNER ? seq.seqlen_k() : seq.seqlen_q())) return;
+  }
+  const Mask mask(a, seq);
+  const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride +
+                    seq.q0 * a.q_row_stride;
+  const T* k_base = static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+                    seq.k0 * a.k_row_stride;
+  const T* v_base = static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                    seq.k0 * a.v_row_stride;
+  const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride +
+                     seq.q0 * p.do_row_stride;
 
   // The streamed blocks this CTA visits: (head, first row) of iteration it.
   int hkv, h_owner, s_begin, n_sblocks;
@@ -246,16 +285,17 @@ bwd_main(const __grid_constant__ BwdParams p) {
     hkv = blockIdx.z;
     h_owner = hkv * group;
     // Query rows that see at least one key of [o0, min(o0 + BLOCK_O, seqlen_k)).
-    int last = min(o0 + BLOCK_O, a.seqlen_k) - 1;
+    int last = min(o0 + BLOCK_O, seq.seqlen_k()) - 1;
     int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
-    int m_end = mask.left < 0 ? a.seqlen_q : min(a.seqlen_q, last - mask.diag + mask.left + 1);
+    int m_end = mask.left < 0 ? seq.seqlen_q()
+                              : min(seq.seqlen_q(), last - mask.diag + mask.left + 1);
     s_begin = m_begin / BLOCK_R;
     n_sblocks = m_end > m_begin ? (m_end - 1) / BLOCK_R + 1 - s_begin : 0;
   } else {
     h_owner = blockIdx.z;
     hkv = h_owner / group;
     int k_begin, k_end;
-    mask.key_range(o0, min(o0 + BLOCK_O, a.seqlen_q), k_begin, k_end);
+    mask.key_range(o0, min(o0 + BLOCK_O, seq.seqlen_q()), k_begin, k_end);
     s_begin = k_begin / BLOCK_R;
     n_sblocks = k_end > k_begin ? (k_end - 1) / BLOCK_R + 1 - s_begin : 0;
   }
@@ -263,17 +303,18 @@ bwd_main(const __grid_constant__ BwdParams p) {
 
   auto stream_head = [&](int it) { return KEY_OWNER ? h_owner + it / n_sblocks : h_owner; };
   auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
-  auto load_stream = [&](int it) {
+  // sv: this item's view (seq, or its re-read inside the main loop).
+  auto load_stream = [&](int it, const SeqView<Tr::VARLEN>& sv) {
     const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
     T* b1 = sB1 + buf * BLOCK_R * LD;
     T* b2 = sB2 + buf * BLOCK_R * LD;
     if constexpr (KEY_OWNER) {
       bwd_load_tile<BLOCK_R, D, THREADS>(b1, q_base + r0 * a.q_row_stride + h * a.q_head_stride,
-                                         a.q_row_stride, a.seqlen_q - r0, a.headdim, tid);
+                                         a.q_row_stride, sv.seqlen_q() - r0, a.headdim, tid);
       bwd_load_tile<BLOCK_R, D, THREADS>(
           b2, do_base + r0 * p.do_row_stride + h * p.do_head_stride, p.do_row_stride,
-          a.seqlen_q - r0, a.headdim, tid);
-      const int64 row = (int64(b) * a.nheads + h) * p.seqlen_q_pad + r0;
+          sv.seqlen_q() - r0, a.headdim, tid);
+      const int64 row = scratch_row0(p, sv, b, h) + r0;
       if (tid < BLOCK_R / 4)
         cp_async_16(smem_addr(sLse + buf * BLOCK_R + 4 * tid), p.lse_log2 + row + 4 * tid, true);
       else if (tid < BLOCK_R / 2)
@@ -281,9 +322,9 @@ bwd_main(const __grid_constant__ BwdParams p) {
                     p.delta + row + 4 * (tid - BLOCK_R / 4), true);
     } else {
       bwd_load_tile<BLOCK_R, D, THREADS>(b1, k_base + r0 * a.k_row_stride + hkv * a.k_head_stride,
-                                         a.k_row_stride, a.seqlen_k - r0, a.headdim, tid);
+                                         a.k_row_stride, sv.seqlen_k() - r0, a.headdim, tid);
       bwd_load_tile<BLOCK_R, D, THREADS>(b2, v_base + r0 * a.v_row_stride + hkv * a.v_head_stride,
-                                         a.v_row_stride, a.seqlen_k - r0, a.headdim, tid);
+                                         a.v_row_stride, sv.seqlen_k() - r0, a.headdim, tid);
     }
   };
 
@@ -308,7 +349,7 @@ bwd_main(const __grid_constant__ BwdParams p) {
   // Query-owner rows read their lse/delta once (padded rows: +inf / 0).
   float own_lse[M_TILES][2], own_delta[M_TILES][2];
   if constexpr (!KEY_OWNER) {
-    const int64 row = (int64(b) * a.nheads + h_owner) * p.seqlen_q_pad + o0 + w0 + g;
+    const int64 row = scratch_row0(p, seq, b, h_owner) + o0 + w0 + g;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -321,30 +362,34 @@ bwd_main(const __grid_constant__ BwdParams p) {
   if (iters > 0) {
     if constexpr (KEY_OWNER) {
       bwd_load_tile<BLOCK_O, D, THREADS>(sA1, k_base + o0 * a.k_row_stride + hkv * a.k_head_stride,
-                                         a.k_row_stride, a.seqlen_k - o0, a.headdim, tid);
+                                         a.k_row_stride, seq.seqlen_k() - o0, a.headdim, tid);
       if constexpr (NEED_DP)
         bwd_load_tile<BLOCK_O, D, THREADS>(sA2, v_base + o0 * a.v_row_stride +
                                            hkv * a.v_head_stride, a.v_row_stride,
-                                           a.seqlen_k - o0, a.headdim, tid);
+                                           seq.seqlen_k() - o0, a.headdim, tid);
     } else {
       bwd_load_tile<BLOCK_O, D, THREADS>(
           sA1, q_base + o0 * a.q_row_stride + h_owner * a.q_head_stride, a.q_row_stride,
-          a.seqlen_q - o0, a.headdim, tid);
+          seq.seqlen_q() - o0, a.headdim, tid);
       bwd_load_tile<BLOCK_O, D, THREADS>(
           sA2, do_base + o0 * p.do_row_stride + h_owner * p.do_head_stride, p.do_row_stride,
-          a.seqlen_q - o0, a.headdim, tid);
+          seq.seqlen_q() - o0, a.headdim, tid);
     }
-    load_stream(0);
+    load_stream(0, seq);
   }
   cp_async_commit();
 
   for (int it = 0; it < iters; ++it) {
     const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
+    // Varlen: the item's lengths are re-read each iteration rather than held in registers
+    // across the loop (where they make instantiations near 255 registers spill).
+    const SeqView<Tr::VARLEN> iseq = reread(seq, a, b);
+    const Mask imask = Tr::VARLEN ? Mask(a, iseq) : mask;
     // Tile `it` has landed, and every warp is done with iteration it - 1 (its buffer and
     // dS^T), so the prefetch of it + 1 may overwrite that buffer.
     cp_async_wait<0>();
     __syncthreads();
-    if (it + 1 < iters) load_stream(it + 1);
+    if (it + 1 < iters) load_stream(it + 1, iseq);
     cp_async_commit();
     const T* b1 = sB1 + buf * BLOCK_R * LD;
     const T* b2 = sB2 + buf * BLOCK_R * LD;
@@ -386,9 +431,9 @@ bwd_main(const __grid_constant__ BwdParams p) {
 
     // P and dS in place of S and dP.
     const int q0 = KEY_OWNER ? r0 : o0, k0 = KEY_OWNER ? o0 : r0;
-    const ScoreGrad grad{ScoreMod(a, b, h), mask, a.alibi_slopes != nullptr,
-                         KEY_OWNER ? mask.tile_needs_mask(r0, r0 + BLOCK_R, o0, o0 + BLOCK_O)
-                                   : mask.tile_needs_mask(o0, o0 + BLOCK_O, r0, r0 + BLOCK_R)};
+    const ScoreGrad grad{ScoreMod(a, b, h, iseq), imask, a.alibi_slopes != nullptr,
+                         KEY_OWNER ? imask.tile_needs_mask(r0, r0 + BLOCK_R, o0, o0 + BLOCK_O)
+                                   : imask.tile_needs_mask(o0, o0 + BLOCK_O, r0, r0 + BLOCK_R)};
     const float* lse_s = sLse + buf * BLOCK_R;
     const float* delta_s = sDelta + buf * BLOCK_R;
     // Interior tiles without soft-cap or ALiBi (the common case) take the short path.
@@ -490,8 +535,7 @@ bwd_main(const __grid_constant__ BwdParams p) {
       constexpr int CH = DC % 64 == 0 ? 64 : DC % 48 == 0 ? 48 : DC % 32 == 0 ? 32 : 16;
       static_assert(DC % CH == 0 && CH % 16 == 0, "dQ column chunks of k16 pairs");
       const int wr = warp % RG, wc = warp / RG;
-      float* dqa = p.dq_accum +
-                   ((int64(b) * a.nheads + h) * p.seqlen_q_pad + r0 + wr * 16 + g) * D + 2 * qd;
+      float* dqa = p.dq_accum + (scratch_row0(p, iseq, b, h) + r0 + wr * 16 + g) * D + 2 * qd;
 #pragma unroll
       for (int ci = 0; ci < DC / CH; ++ci) {
         const int c0 = wc * DC + ci * CH;
@@ -525,19 +569,21 @@ bwd_main(const __grid_constant__ BwdParams p) {
   cp_async_wait<0>();
 
   // Epilogue: owner rows < seqlen, columns < headdim. dK and dQ carry the softmax scale.
-  const int nrows = KEY_OWNER ? a.seqlen_k : a.seqlen_q;
+  const SeqView<Tr::VARLEN> out_seq = reread(seq, a, b);
+  const int nrows = KEY_OWNER ? out_seq.seqlen_k() : out_seq.seqlen_q();
+  const int row0 = KEY_OWNER ? out_seq.k0 : out_seq.q0;  // of the owner rows in dk, dv or dq
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = o0 + w0 + mt * 16 + g + half * 8;
       if (row >= nrows) continue;
-      T* d1 = KEY_OWNER ? static_cast<T*>(p.dk) + b * p.dk_batch_stride + row * p.dk_row_stride +
-                              hkv * p.dk_head_stride
-                        : static_cast<T*>(p.dq) + b * p.dq_batch_stride + row * p.dq_row_stride +
-                              h_owner * p.dq_head_stride;
-      T* d2 = static_cast<T*>(p.dv) + b * p.dv_batch_stride + row * p.dv_row_stride +
-              hkv * p.dv_head_stride;
+      T* d1 = KEY_OWNER ? static_cast<T*>(p.dk) + out_seq.b * p.dk_batch_stride +
+                              (row0 + row) * p.dk_row_stride + hkv * p.dk_head_stride
+                        : static_cast<T*>(p.dq) + out_seq.b * p.dq_batch_stride +
+                              (row0 + row) * p.dq_row_stride + h_owner * p.dq_head_stride;
+      T* d2 = static_cast<T*>(p.dv) + out_seq.b * p.dv_batch_stride +
+              (row0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + 2 * qd;
@@ -573,10 +619,30 @@ __device__ __forceinline__ void f32_load_tile(float* dst, const float* src, int6
   }
 }
 
+// Varlen: the item's view parked in shared memory (4 ints after the kernel's tiles) and read
+// back each step, because the launch bounds cap this kernel at 128 registers a thread and
+// holding the view across the loop spills. Dense: the view itself, nothing stored.
+template <bool VARLEN>
+__device__ __forceinline__ void park(const SeqView<VARLEN>& seq, int* dst) {
+  if constexpr (VARLEN) {
+    if (threadIdx.x == 0) dst[0] = seq.q0, dst[1] = seq.k0, dst[2] = seq.len_q, dst[3] = seq.len_k;
+  }
+}
+template <bool VARLEN>
+__device__ __forceinline__ SeqView<VARLEN> unpark(const SeqView<VARLEN>& seq, const int* src) {
+  if constexpr (VARLEN) {
+    return SeqView<true>(src[0], src[1], src[2], src[3]);
+  } else {
+    return seq;
+  }
+}
+
 template <int D, int MODE>
 __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(const __grid_constant__ BwdParams p) {
   constexpr bool KEY_OWNER = !(MODE & BWD_DQ), ATOMIC_DQ = MODE & BWD_DQ_ATOMIC;
-  static_assert(KEY_OWNER ? (MODE & BWD_DK) && (MODE & BWD_DV) : MODE == BWD_DQ, "f32 modes");
+  constexpr bool VARLEN = MODE & BWD_VARLEN;
+  static_assert(KEY_OWNER ? (MODE & BWD_DK) && (MODE & BWD_DV) : (MODE & ~BWD_VARLEN) == BWD_DQ,
+                "f32 modes");
   constexpr int LD = f32_row<D>(), LDP = F32_BLOCK + 1, DV4 = D / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sA1 = reinterpret_cast<float*>(smem_raw);
@@ -585,30 +651,40 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
   float* sB2 = sB1 + F32_BLOCK * LD;
   float* sP = sB2 + F32_BLOCK * LD;
   float* sdS = sP + F32_BLOCK * LDP;
+  int* sSeq = reinterpret_cast<int*>(sdS + F32_BLOCK * LDP);  // varlen only (park)
 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, orow = tid / 8, sub = tid % 8;
   const int b = blockIdx.y, group = a.nheads / a.nheads_kv, o0 = blockIdx.x * F32_BLOCK;
-  const Mask mask(a);
-  const float* q_base = static_cast<const float*>(a.q) + b * a.q_batch_stride;
-  const float* k_base = static_cast<const float*>(a.k) + b * a.k_batch_stride;
-  const float* v_base = static_cast<const float*>(a.v) + b * a.v_batch_stride;
-  const float* do_base = static_cast<const float*>(p.dout) + b * p.do_batch_stride;
+  const SeqView<VARLEN> seq(a, b);
+  if constexpr (VARLEN) {
+    if (o0 >= (KEY_OWNER ? seq.seqlen_k() : seq.seqlen_q())) return;
+  }
+  const Mask mask(a, seq);
+  const float* q_base = static_cast<const float*>(a.q) + seq.b * a.q_batch_stride +
+                        seq.q0 * a.q_row_stride;
+  const float* k_base = static_cast<const float*>(a.k) + seq.b * a.k_batch_stride +
+                        seq.k0 * a.k_row_stride;
+  const float* v_base = static_cast<const float*>(a.v) + seq.b * a.v_batch_stride +
+                        seq.k0 * a.v_row_stride;
+  const float* do_base = static_cast<const float*>(p.dout) + seq.b * p.do_batch_stride +
+                         seq.q0 * p.do_row_stride;
 
   int hkv, h_owner, s_begin, n_sblocks;
   if constexpr (KEY_OWNER) {
     hkv = blockIdx.z;
     h_owner = hkv * group;
-    int last = min(o0 + F32_BLOCK, a.seqlen_k) - 1;
+    int last = min(o0 + F32_BLOCK, seq.seqlen_k()) - 1;
     int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
-    int m_end = mask.left < 0 ? a.seqlen_q : min(a.seqlen_q, last - mask.diag + mask.left + 1);
+    int m_end = mask.left < 0 ? seq.seqlen_q()
+                              : min(seq.seqlen_q(), last - mask.diag + mask.left + 1);
     s_begin = m_begin / F32_BLOCK;
     n_sblocks = m_end > m_begin ? (m_end - 1) / F32_BLOCK + 1 - s_begin : 0;
   } else {
     h_owner = blockIdx.z;
     hkv = h_owner / group;
     int k_begin, k_end;
-    mask.key_range(o0, min(o0 + F32_BLOCK, a.seqlen_q), k_begin, k_end);
+    mask.key_range(o0, min(o0 + F32_BLOCK, seq.seqlen_q()), k_begin, k_end);
     s_begin = k_begin / F32_BLOCK;
     n_sblocks = k_end > k_begin ? (k_end - 1) / F32_BLOCK + 1 - s_begin : 0;
   }
@@ -616,21 +692,23 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
 
   if constexpr (KEY_OWNER) {
     f32_load_tile<D>(sA1, k_base + o0 * a.k_row_stride + hkv * a.k_head_stride, a.k_row_stride,
-                     a.seqlen_k - o0, a.headdim, tid);
+                     seq.seqlen_k() - o0, a.headdim, tid);
     f32_load_tile<D>(sA2, v_base + o0 * a.v_row_stride + hkv * a.v_head_stride, a.v_row_stride,
-                     a.seqlen_k - o0, a.headdim, tid);
+                     seq.seqlen_k() - o0, a.headdim, tid);
   } else {
     f32_load_tile<D>(sA1, q_base + o0 * a.q_row_stride + h_owner * a.q_head_stride,
-                     a.q_row_stride, a.seqlen_q - o0, a.headdim, tid);
+                     a.q_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
     f32_load_tile<D>(sA2, do_base + o0 * p.do_row_stride + h_owner * p.do_head_stride,
-                     p.do_row_stride, a.seqlen_q - o0, a.headdim, tid);
+                     p.do_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
   }
   float own_lse = 0.f, own_delta = 0.f;
   if constexpr (!KEY_OWNER) {
-    const int64 row = (int64(b) * a.nheads + h_owner) * p.seqlen_q_pad + o0 + orow;
+    const int64 row = scratch_row0(p, seq, b, h_owner) + o0 + orow;
     own_lse = p.lse_log2[row];
     own_delta = p.delta[row];
   }
+
+  park(seq, sSeq);  // read back after the loop's first barrier
 
   float4 acc1[DV4], acc2[KEY_OWNER ? DV4 : 1];
 #pragma unroll
@@ -642,16 +720,17 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
     const int h = KEY_OWNER ? h_owner + it / n_sblocks : h_owner;
     const int r0 = (s_begin + it % n_sblocks) * F32_BLOCK;
     __syncthreads();  // the previous step is done with the streamed tiles, P and dS
+    const SeqView<VARLEN> lseq = unpark(seq, sSeq);
     if constexpr (KEY_OWNER) {
       f32_load_tile<D>(sB1, q_base + r0 * a.q_row_stride + h * a.q_head_stride, a.q_row_stride,
-                       a.seqlen_q - r0, a.headdim, tid);
+                       lseq.seqlen_q() - r0, a.headdim, tid);
       f32_load_tile<D>(sB2, do_base + r0 * p.do_row_stride + h * p.do_head_stride,
-                       p.do_row_stride, a.seqlen_q - r0, a.headdim, tid);
+                       p.do_row_stride, lseq.seqlen_q() - r0, a.headdim, tid);
     } else {
       f32_load_tile<D>(sB1, k_base + r0 * a.k_row_stride + hkv * a.k_head_stride,
-                       a.k_row_stride, a.seqlen_k - r0, a.headdim, tid);
+                       a.k_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
       f32_load_tile<D>(sB2, v_base + r0 * a.v_row_stride + hkv * a.v_head_stride,
-                       a.v_row_stride, a.seqlen_k - r0, a.headdim, tid);
+                       a.v_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
     }
     __syncthreads();
 
@@ -668,8 +747,10 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
         dp[u] = fmaf(x2.x, y2.x, fmaf(x2.y, y2.y, fmaf(x2.z, y2.z, fmaf(x2.w, y2.w, dp[u]))));
       }
     }
-    const ScoreGrad grad{ScoreMod(a, b, h), mask, a.alibi_slopes != nullptr, true};
-    const int64 lrow = (int64(b) * a.nheads + h) * p.seqlen_q_pad;
+    const SeqView<VARLEN> iseq = unpark(seq, sSeq);
+    const ScoreGrad grad{ScoreMod(a, b, h, iseq), VARLEN ? Mask(a, iseq) : mask,
+                         a.alibi_slopes != nullptr, true};
+    const int64 lrow = scratch_row0(p, iseq, b, h);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int scol = sub + 8 * u;
@@ -723,14 +804,16 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
     }
   }
 
+  const SeqView<VARLEN> out_seq = reread(seq, a, b);
   const int row = o0 + orow;
-  if (row >= (KEY_OWNER ? a.seqlen_k : a.seqlen_q)) return;
-  float* d1 = KEY_OWNER ? static_cast<float*>(p.dk) + b * p.dk_batch_stride +
-                              row * p.dk_row_stride + hkv * p.dk_head_stride
-                        : static_cast<float*>(p.dq) + b * p.dq_batch_stride +
-                              row * p.dq_row_stride + h_owner * p.dq_head_stride;
-  float* d2 = static_cast<float*>(p.dv) + b * p.dv_batch_stride + row * p.dv_row_stride +
-              hkv * p.dv_head_stride;
+  if (row >= (KEY_OWNER ? out_seq.seqlen_k() : out_seq.seqlen_q())) return;
+  const int row0 = KEY_OWNER ? out_seq.k0 : out_seq.q0;  // of the owner rows in dk, dv or dq
+  float* d1 = KEY_OWNER ? static_cast<float*>(p.dk) + out_seq.b * p.dk_batch_stride +
+                              (row0 + row) * p.dk_row_stride + hkv * p.dk_head_stride
+                        : static_cast<float*>(p.dq) + out_seq.b * p.dq_batch_stride +
+                              (row0 + row) * p.dq_row_stride + h_owner * p.dq_head_stride;
+  float* d2 = static_cast<float*>(p.dv) + out_seq.b * p.dv_batch_stride +
+              (row0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
   for (int v = 0; v < DV4; ++v) {
     const int d = 32 * v + 4 * sub;

@@ -10,6 +10,10 @@
 //   P stays in registers (the C-fragment of S is the A-fragment of P V); O is divided by
 //   l_i once at the end. Only tiles on a mask boundary pay for per-element masking, and key
 //   tiles that no row of the query block sees are never visited.
+//   VARLEN instantiations serve packed variable-length batches (AttnArgs.cu_seqlens_q/k):
+//   blockIdx.z is the batch item, SeqView gives its rows and lengths, and query blocks past
+//   its length exit at once (the grid covers the longest item). Dense instantiations
+//   compile exactly as before: every SeqView value is then a constant.
 // flash_fwd_f32: float32, plain FMA (no TF32), the same algorithm without tensor cores.
 #include "common/mask.cuh"
 #include "common/params.cuh"
@@ -80,7 +84,8 @@ struct FragOffsets {
   }
 };
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool HAS_SCORE_MOD>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool HAS_SCORE_MOD,
+          bool VARLEN = false>
 __global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
 flash_fwd(const __grid_constant__ FwdParams p) {
   using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, HAS_SCORE_MOD>;
@@ -97,17 +102,23 @@ flash_fwd(const __grid_constant__ FwdParams p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
+  const SeqView<VARLEN> seq(a, b);
   const int h_kv = h / (a.nheads / a.nheads_kv);
   const int m0 = m_block * Br;
-  const int rows = min(Br, a.seqlen_q - m0);
+  if constexpr (VARLEN) {
+    if (m0 >= seq.seqlen_q()) return;
+  }
+  const int rows = min(Br, seq.seqlen_q() - m0);
 
-  const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride +
-               m0 * a.q_row_stride;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_batch_stride + h_kv * a.k_head_stride;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_batch_stride + h_kv * a.v_head_stride;
+  const T* q = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride + h * a.q_head_stride +
+               (seq.q0 + m0) * a.q_row_stride;
+  const T* k = static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+               seq.k0 * a.k_row_stride + h_kv * a.k_head_stride;
+  const T* v = static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+               seq.k0 * a.v_row_stride + h_kv * a.v_head_stride;
 
-  const Mask mask(a);
-  const ScoreMod mod(a, b, h);
+  const Mask mask(a, seq);
+  const ScoreMod mod(a, b, h, seq);
   int key_begin, key_end;
   mask.key_range(m0, m0 + rows, key_begin, key_end);
   const int n_block_min = key_begin / Bc;
@@ -131,7 +142,7 @@ flash_fwd(const __grid_constant__ FwdParams p) {
     cp_async_commit();
     int n_block = n_block_max - 1;
     load_tile<Bc, HEAD_DIM, NUM_THREADS>(sK, k + n_block * Bc * a.k_row_stride, a.k_row_stride,
-                                         a.seqlen_k - n_block * Bc, a.headdim, tid);
+                                         seq.seqlen_k() - n_block * Bc, a.headdim, tid);
     cp_async_commit();
 
     // ldmatrix.x4 lanes: A of an m16 x k16 tile reads row lane % 16, k-half lane / 16; B of two
@@ -154,7 +165,7 @@ flash_fwd(const __grid_constant__ FwdParams p) {
     for (; n_block >= n_block_min; --n_block) {
       const int n0 = n_block * Bc;
       load_tile<Bc, HEAD_DIM, NUM_THREADS, Tr::LAUNDER>(sV, v + n0 * a.v_row_stride,
-                                                        a.v_row_stride, a.seqlen_k - n0,
+                                                        a.v_row_stride, seq.seqlen_k() - n0,
                                                         a.headdim, tid);
       cp_async_commit();
       cp_async_wait<1>();  // K(n_block) (and Q) landed
@@ -204,7 +215,7 @@ flash_fwd(const __grid_constant__ FwdParams p) {
       if (n_block > n_block_min) {
         const int n0_next = n0 - Bc;
         load_tile<Bc, HEAD_DIM, NUM_THREADS, Tr::LAUNDER>(sK, k + n0_next * a.k_row_stride,
-                                                          a.k_row_stride, a.seqlen_k - n0_next,
+                                                          a.k_row_stride, seq.seqlen_k() - n0_next,
                                                           a.headdim, tid);
       }
       cp_async_commit();
@@ -255,15 +266,19 @@ flash_fwd(const __grid_constant__ FwdParams p) {
   float lse[M_TILES][2];
   softmax.finalize(acc_o, lse);
 
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_out = p.lse + (static_cast<int64>(b) * a.nheads + h) * a.seqlen_q;
+  const SeqView<VARLEN> out_seq = reread(seq, a, b);
+  T* o = static_cast<T*>(p.o) + out_seq.b * p.o_batch_stride + h * p.o_head_stride +
+         out_seq.q0 * p.o_row_stride;
+  // lse (batch, nheads, seqlen_q); varlen (nheads, total_q), a.seqlen_q being the total.
+  float* lse_out =
+      p.lse + (static_cast<int64>(out_seq.b) * a.nheads + h) * a.seqlen_q + out_seq.q0;
   const int col = 2 * (lane & 3);
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = frag_row0 + mt * 16 + r * 8;
-      if (i >= a.seqlen_q) continue;
+      if (i >= out_seq.seqlen_q()) continue;
       T* o_row = o + i * p.o_row_stride;
 #pragma unroll
       for (int dt = 0; dt < D_TILES; ++dt)
@@ -282,7 +297,7 @@ flash_fwd(const __grid_constant__ FwdParams p) {
 #define F32_WARPS 4
 #define F32_ROWS 4
 
-template <int HEAD_DIM>
+template <int HEAD_DIM, bool VARLEN = false>
 __global__ void __launch_bounds__(F32_WARPS * 32)
 flash_fwd_f32(const __grid_constant__ FwdParams p) {
   constexpr int Br = F32_WARPS * F32_ROWS, Bc = 32, COLS = HEAD_DIM / 32;
@@ -296,15 +311,22 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
+  const SeqView<VARLEN> seq(a, b);
   const int h_kv = h / (a.nheads / a.nheads_kv);
   const int m0 = m_block * Br;
-  const int rows = min(Br, a.seqlen_q - m0);
-  const float* q = static_cast<const float*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride;
-  const float* k = static_cast<const float*>(a.k) + b * a.k_batch_stride + h_kv * a.k_head_stride;
-  const float* v = static_cast<const float*>(a.v) + b * a.v_batch_stride + h_kv * a.v_head_stride;
+  if constexpr (VARLEN) {
+    if (m0 >= seq.seqlen_q()) return;
+  }
+  const int rows = min(Br, seq.seqlen_q() - m0);
+  const float* q = static_cast<const float*>(a.q) + seq.b * a.q_batch_stride +
+                   h * a.q_head_stride + seq.q0 * a.q_row_stride;
+  const float* k = static_cast<const float*>(a.k) + seq.b * a.k_batch_stride +
+                   h_kv * a.k_head_stride + seq.k0 * a.k_row_stride;
+  const float* v = static_cast<const float*>(a.v) + seq.b * a.v_batch_stride +
+                   h_kv * a.v_head_stride + seq.k0 * a.v_row_stride;
 
-  const Mask mask(a);
-  const int diag = a.seqlen_k - a.seqlen_q;
+  const Mask mask(a, seq);
+  const int diag = seq.seqlen_k() - seq.seqlen_q();
   const float slope = a.alibi_slopes ? a.alibi_slopes[b * a.alibi_batch_stride + h] : 0.f;
   int key_begin, key_end;
   mask.key_range(m0, m0 + rows, key_begin, key_end);
@@ -327,7 +349,7 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
     __syncthreads();  // sQ written / previous sK, sV consumed
     for (int idx = tid; idx < Bc * HEAD_DIM; idx += F32_WARPS * 32) {
       int r = idx / HEAD_DIM, c = idx % HEAD_DIM;
-      bool ok = n0 + r < a.seqlen_k && c < a.headdim;
+      bool ok = n0 + r < seq.seqlen_k() && c < a.headdim;
       sK[r * KS + c] = ok ? k[(n0 + r) * a.k_row_stride + c] : 0.f;
       sV[idx] = ok ? v[(n0 + r) * a.v_row_stride + c] : 0.f;
     }
@@ -368,12 +390,13 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
     }
   }
 
-  float* o = static_cast<float*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_out = p.lse + (static_cast<int64>(b) * a.nheads + h) * a.seqlen_q;
+  float* o = static_cast<float*>(p.o) + seq.b * p.o_batch_stride + h * p.o_head_stride +
+             seq.q0 * p.o_row_stride;
+  float* lse_out = p.lse + (static_cast<int64>(seq.b) * a.nheads + h) * a.seqlen_q + seq.q0;
 #pragma unroll
   for (int r = 0; r < F32_ROWS; ++r) {
     const int i = m0 + warp * F32_ROWS + r;
-    if (i >= a.seqlen_q) continue;
+    if (i >= seq.seqlen_q()) continue;
     const bool empty = !(l_i[r] > 0.f);
     const float inv = empty ? 0.f : 1.f / l_i[r];
 #pragma unroll

@@ -5,7 +5,8 @@
 // `ScoreMod` turns a raw dot product q_i . k_j into that logit (scale, soft-cap, ALiBi);
 // `Mask` says which keys a query row sees (causal / window / seqlen_k) and which tiles are
 // entirely visible, so that only boundary tiles pay for per-element masking.
-// Indices are within one (batch, head): query rows i in [0, seqlen_q), keys j in [0, seqlen_k).
+// Indices are within one (batch item, head): query rows i in [0, seqlen_q), keys j in
+// [0, seqlen_k), with that item's own lengths (SeqView) in varlen calls.
 #pragma once
 #include "common/params.cuh"
 
@@ -24,6 +25,14 @@ struct Mask {
   __device__ __forceinline__ explicit Mask(const AttnArgs& a)
       : seqlen_k(a.seqlen_k), diag(a.seqlen_k - a.seqlen_q), left(a.window_left),
         right(a.window_right) {}
+  // One batch item of a dense or varlen call, with its own lengths.
+  template <bool VARLEN>
+  __device__ __forceinline__ Mask(const AttnArgs& a, const SeqView<VARLEN>& seq) : Mask(a) {
+    if constexpr (VARLEN) {
+      seqlen_k = seq.seqlen_k();
+      diag = seq.seqlen_k() - seq.seqlen_q();
+    }
+  }
 
   // Bitwise rather than short-circuit operators: no branches in unrolled fragment loops.
   __device__ __forceinline__ bool visible(int i, int j) const {
@@ -65,6 +74,14 @@ struct ScoreMod {
                        ? a.alibi_slopes[batch_idx * a.alibi_batch_stride + head_idx] * LOG2E
                        : 0.f),
         diag(a.seqlen_k - a.seqlen_q), has_softcap(a.softcap > 0.f) {}
+  // One batch item of a dense or varlen call, with its own lengths; batch_idx is the batch
+  // item (the row of alibi_slopes) in varlen calls too.
+  template <bool VARLEN>
+  __device__ __forceinline__ ScoreMod(const AttnArgs& a, int batch_idx, int head_idx,
+                                      const SeqView<VARLEN>& seq)
+      : ScoreMod(a, batch_idx, head_idx) {
+    if constexpr (VARLEN) diag = seq.seqlen_k() - seq.seqlen_q();
+  }
 
   __device__ __forceinline__ float apply(float s, int i, int j) const {
     float x = has_softcap ? softcap_out * tanhf(s * softcap_in) : s * scale_log2;

@@ -22,10 +22,68 @@ struct AttnArgs {
   int window_right;     // -1: unbounded (causal is window_right == 0)
   const float* alibi_slopes;  // nullptr or (batch, nheads)
   int64 alibi_batch_stride;   // elements; 0 when the slopes are shared by the batch
+  // Varlen (both set, or both nullptr for dense): q, k, v (and out, dout, dq, dk, dv) are
+  // packed (total, nheads, headdim) and batch item b owns rows [cu_seqlens[b],
+  // cu_seqlens[b + 1]); int32 prefix sums of length batch + 1. seqlen_q / seqlen_k are then
+  // the totals (rows of the packed arrays), the batch strides unused, and the grid is sized
+  // by the longest item. Only the VARLEN instantiations of the mma.sync kernels read them.
+  // Last in the struct, so that kernels which ignore them keep their layout.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
 };
 
+// One batch item as the mma.sync kernels see it. Arrays with a batch axis are addressed at
+//   b * batch_stride + (row0 + i) * row_stride + ...
+// where row0 is q0 for q, out, dout, dq and k0 for k, v, dk, dv.
+template <bool VARLEN>
+struct SeqView;
+
+// Dense: the batch item itself, rows from 0, the lengths of AttnArgs read where they are
+// used, so that dense instantiations compile exactly as they would without varlen support.
+template <>
+struct SeqView<false> {
+  static constexpr int q0 = 0, k0 = 0;
+  const AttnArgs& a;
+  int b;
+  __device__ __forceinline__ SeqView(const AttnArgs& args, int item) : a(args), b(item) {}
+  __device__ __forceinline__ int seqlen_q() const { return a.seqlen_q; }
+  __device__ __forceinline__ int seqlen_k() const { return a.seqlen_k; }
+};
+
+// Varlen: the packed arrays have no batch axis (b = 0); the item's first rows and lengths
+// come from cu_seqlens, read at kernel start (and again where a kernel would otherwise hold
+// them in registers across its main loop: reread).
+template <>
+struct SeqView<true> {
+  static constexpr int b = 0;
+  int q0, k0, len_q, len_k;
+  __device__ __forceinline__ SeqView(const AttnArgs& a, int item)
+      : q0(a.cu_seqlens_q[item]), k0(a.cu_seqlens_k[item]),
+        len_q(a.cu_seqlens_q[item + 1] - q0), len_k(a.cu_seqlens_k[item + 1] - k0) {}
+  __device__ __forceinline__ SeqView(int q0_, int k0_, int len_q_, int len_k_)
+      : q0(q0_), k0(k0_), len_q(len_q_), len_k(len_k_) {}
+  __device__ __forceinline__ int seqlen_q() const { return len_q; }
+  __device__ __forceinline__ int seqlen_k() const { return len_k; }
+};
+
+// The view of `item` again, inside or after a kernel's main loop: varlen re-reads
+// cu_seqlens (through an index the compiler cannot see is the same, so that it does not
+// keep the first values live in registers across the loop instead, which spills kernels
+// near 255 registers); dense returns `seq`, costing nothing.
+template <bool VARLEN>
+__device__ __forceinline__ SeqView<VARLEN> reread(const SeqView<VARLEN>& seq, const AttnArgs& a,
+                                                  int item) {
+  if constexpr (VARLEN) {
+    asm volatile("" : "+r"(item));
+    return SeqView<true>(a, item);
+  } else {
+    return seq;
+  }
+}
+
 // Forward (kernels_cu/flash_fwd.cu): the inputs plus where out and lse go. out has q's
-// shape and dtype (strides in elements); lse is float32 (batch, nheads, seqlen_q), contiguous.
+// shape and dtype (strides in elements); lse is float32 (batch, nheads, seqlen_q), contiguous
+// (varlen: (nheads, total_q)).
 struct FwdParams {
   AttnArgs attn;
   void* o;
@@ -39,6 +97,9 @@ struct FwdParams {
 // seqlen_q_pad (a multiple of every query tile) so that tiles read and add without bounds
 // checks: lse_log2 and delta are (batch, nheads, seqlen_q_pad), dq_accum (batch, nheads,
 // seqlen_q_pad, headdim_pad) where headdim_pad is the kernel's padded head dim.
+// Varlen: lse is (nheads, total_q) (lse_batch_stride unused); the scratch arrays are
+// (nheads, seqlen_q_pad[, headdim_pad]) with batch item b's rows starting at row
+// varlen_scratch_row0 (kernels_cu/flash_bwd.cu), each item followed by padding.
 struct BwdParams {
   AttnArgs attn;
   const void* out;

@@ -1,0 +1,614 @@
+"""Varlen attention (packed sequences, no padding) against the dense computation per sequence.
+
+The expected result of a varlen call is the dense reference (``reference.attention_forward``
+/ ``attention_backward``) run on each sequence alone, as a batch of one with that sequence's
+own lengths and ALiBi row; the accuracy rule of tests/accuracy.py compares against it. The
+lengths include 0 (no queries, or no keys: out 0, lse -inf, zero gradients) and 1, and
+differ between queries and keys per sequence.
+
+CPU tests run the NumPy backend (small blocks, so that short sequences cross many block
+boundaries) and the public API, plus the argument checks. GPU tests (marker ``gpu``) run the
+varlen instantiations of the mma.sync kernels under an allocator hook that fills every
+allocation with NaN bytes and records its size, as tests/test_gpu_forward.py does.
+"""
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import cuflash
+from accuracy import assert_close
+from cuflash import _checks, cpu, reference
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+
+# Per sequence: no queries; 1 x 1; more queries than keys; no keys; more keys than queries;
+# 1 query x 2 keys; empty; equal.
+LENS_Q = (0, 1, 17, 5, 33, 1, 0, 24)
+LENS_K = (3, 1, 9, 0, 40, 2, 0, 24)
+BLOCKS = (16, 8)
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def cu_seqlens(lengths):
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+
+
+def pack(rng, dtype, lens_q=LENS_Q, lens_k=LENS_K, nheads=4, nheads_kv=2, headdim=32):
+    """Random packed q (total_q, nheads, headdim), k, v (total_k, nheads_kv, headdim) and the
+    two prefix sums."""
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    q = rng.standard_normal((cu_q[-1], nheads, headdim)).astype(dtype)
+    k = rng.standard_normal((cu_k[-1], nheads_kv, headdim)).astype(dtype)
+    v = rng.standard_normal((cu_k[-1], nheads_kv, headdim)).astype(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+def _sequences(cu_q, cu_k, options):
+    """(q rows, k rows, dense options) of each sequence; ALiBi slopes of shape (batch,
+    nheads) give each sequence its row."""
+    slopes = options.get("alibi_slopes")
+    for b in range(len(cu_q) - 1):
+        opts = dict(options)
+        if slopes is not None and slopes.ndim == 2:
+            opts["alibi_slopes"] = slopes[b]
+        yield slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1]), opts
+
+
+def dense_forward(q, k, v, cu_q, cu_k, upcast, **options):
+    """out (total_q, nheads, headdim) and lse (nheads, total_q) by the dense reference, one
+    sequence at a time."""
+    dtype = np.float64 if upcast else q.dtype
+    out = np.zeros(q.shape, dtype)
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf, dtype)
+    for rq, rk, opts in _sequences(cu_q, cu_k, options):
+        o, l = reference.attention_forward(q[None, rq], k[None, rk], v[None, rk],
+                                           upcast=upcast, **opts)
+        out[rq], lse[:, rq] = o[0], l[0]
+    return out, lse
+
+
+def dense_backward(dout, q, k, v, cu_q, cu_k, upcast, **options):
+    """dq, dk, dv by the dense reference, one sequence at a time."""
+    dtype = np.float64 if upcast else q.dtype
+    grads = tuple(np.zeros(x.shape, dtype) for x in (q, k, v))
+    for rq, rk, opts in _sequences(cu_q, cu_k, options):
+        g = reference.attention_backward(dout[None, rq], q[None, rq], k[None, rk],
+                                         v[None, rk], upcast=upcast, **opts)
+        for total, part, rows in zip(grads, g, (rq, rk, rk)):
+            total[rows] = part[0]
+    return grads
+
+
+def check_forward(out, lse, q, k, v, cu_q, cu_k, where="", **options):
+    """The accuracy rule on out and lse against the dense reference per sequence."""
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == np.float32
+    ref, naive = (dense_forward(q, k, v, cu_q, cu_k, u, **options) for u in (True, False))
+    assert_close(f"out {where}", out, ref[0], naive[0])
+    assert_close(f"lse {where}", lse, ref[1], naive[1])
+    return ref
+
+
+def check_backward(grads, dout, q, k, v, cu_q, cu_k, where="", **options):
+    ref, naive = (dense_backward(dout, q, k, v, cu_q, cu_k, u, **options)
+                  for u in (True, False))
+    for name, got, x, r, n in zip(("dq", "dk", "dv"), grads, (q, k, v), ref, naive):
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        assert_close(f"{name} {where}", got, r, n)
+
+
+def run_cpu(rng, q, k, v, cu_q, cu_k, blocks=BLOCKS, **options):
+    """The NumPy backend forward and backward with ``blocks``, checked; returns them."""
+    shape, varlen = _checks.check_varlen(q, k, v, cu_q, cu_k, q.shape[0], k.shape[0],
+                                         gpu=False)
+    opts = _checks.options(shape, "numpy", q, **options)
+    Br, Bc = blocks
+    out, lse = cpu.forward_varlen(q, k, v, shape, opts, varlen, Br=Br, Bc=Bc)
+    check_forward(out, lse, q, k, v, cu_q, cu_k, **options)
+    dout = rng.standard_normal(q.shape).astype(q.dtype)
+    grads = cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen, Br=Br, Bc=Bc)
+    check_backward(grads, dout, q, k, v, cu_q, cu_k, **options)
+    return out, lse, grads
+
+
+# --------------------------------------------------------------------------- CPU backend
+
+OPTIONS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window=(4, 2)),
+    "window-left": dict(window=(5, None)),
+    "window-right": dict(window=(None, 3)),
+    "diagonal": dict(window=(0, 0)),
+    "softcap": dict(softcap=2.0, scale=0.4),
+    "alibi-heads": dict(alibi_slopes="heads"),
+    "alibi-batch-causal": dict(alibi_slopes="batch", causal=True),
+    "all": dict(alibi_slopes="batch", softcap=5.0, window=(6, 1)),
+}
+
+
+def with_slopes(rng, options, batch, nheads):
+    options = dict(options)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = rng.uniform(0.05, 0.5, nheads).astype(np.float32)
+    elif options.get("alibi_slopes") == "batch":
+        options["alibi_slopes"] = rng.uniform(0.05, 0.5, (batch, nheads)).astype(np.float32)
+    return options
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("dtype", [F16, F32], ids=str)
+def test_options(rng, dtype, options):
+    q, k, v, cu_q, cu_k = pack(rng, dtype)
+    run_cpu(rng, q, k, v, cu_q, cu_k, **with_slopes(rng, options, len(LENS_Q), 4))
+
+
+@pytest.mark.parametrize("headdim", [8, 40, 64])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=str)
+def test_dtypes_and_headdims(rng, dtype, headdim):
+    q, k, v, cu_q, cu_k = pack(rng, dtype, headdim=headdim)
+    run_cpu(rng, q, k, v, cu_q, cu_k, causal=True)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_gqa(rng, group):
+    q, k, v, cu_q, cu_k = pack(rng, BF16, nheads=4, nheads_kv=4 // group)
+    run_cpu(rng, q, k, v, cu_q, cu_k, window=(7, 0))
+
+
+def test_empty_and_keyless_sequences(rng):
+    q, k, v, cu_q, cu_k = pack(rng, F32)
+    out, lse, (dq, dk, dv) = run_cpu(rng, q, k, v, cu_q, cu_k)
+    rows = slice(cu_q[3], cu_q[4])  # 5 queries, no keys
+    assert (out[rows] == 0).all() and np.isneginf(lse[:, rows]).all() and (dq[rows] == 0).all()
+    keys = slice(cu_k[0], cu_k[1])  # 3 keys, no queries
+    assert (dk[keys] == 0).all() and (dv[keys] == 0).all()
+    others = np.ones(q.shape[0], bool)
+    others[rows] = False
+    assert np.isfinite(lse[:, others]).all()
+
+
+@pytest.mark.parametrize("lens", [((), ()), ((0, 0), (4, 2)), ((3, 2), (0, 0))], ids=str)
+def test_nothing_to_compute(lens):
+    """No sequences, no queries, or no keys at all: zeros and -inf, of the right shapes."""
+    rng = np.random.default_rng(0)
+    q, k, v, cu_q, cu_k = pack(rng, F32, *lens)
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 4, 4)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    assert (out == 0).all() and np.isneginf(lse).all()
+    grads = cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 4, 4)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and (g == 0).all()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(100, 20))],
+                         ids=str)
+def test_long_sequences_default_blocks(rng, options):
+    lens_q, lens_k = (300, 1, 129), (260, 300, 129)
+    q, k, v, cu_q, cu_k = pack(rng, F16, lens_q, lens_k, nheads=2, nheads_kv=1, headdim=64)
+    run_cpu(rng, q, k, v, cu_q, cu_k, blocks=(cpu.BR, cpu.BC), **options)
+
+
+def test_public_api_equals_dense_api_per_sequence(rng):
+    """The varlen CPU path is the dense CPU path on each sequence: bitwise equal results."""
+    q, k, v, cu_q, cu_k = pack(rng, BF16)
+    slopes = rng.uniform(0.05, 0.5, (len(LENS_Q), 4)).astype(np.float32)
+    options = dict(causal=True, softcap=3.0, alibi_slopes=slopes)
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40, **options)
+    out2, lse2 = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 33, 40, return_lse=True,
+                                          **options)
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(lse2, lse)
+    dout = rng.standard_normal(q.shape).astype(q.dtype)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 33, 40,
+                                              **options)
+    for rq, rk, opts in _sequences(cu_q, cu_k, options):
+        want_out, want_lse = cuflash.attention_forward(q[None, rq], k[None, rk], v[None, rk],
+                                                       **opts)
+        np.testing.assert_array_equal(out[rq], want_out[0])
+        np.testing.assert_array_equal(lse[:, rq], want_lse[0])
+        want = cuflash.attention_backward(dout[None, rq], q[None, rq], k[None, rk],
+                                          v[None, rk], want_out, want_lse, **opts)
+        for got, w, rows in zip(grads, want, (rq, rk, rk)):
+            np.testing.assert_array_equal(got[rows], w[0])
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_reference_is_the_dense_reference_per_sequence(rng, upcast):
+    q, k, v, cu_q, cu_k = pack(rng, F16)
+    options = dict(window=(3, 8), alibi_slopes=rng.uniform(0, 1, 4).astype(np.float32))
+    got = reference.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40, upcast=upcast,
+                                             **options)
+    want = dense_forward(q, k, v, cu_q, cu_k, upcast, **options)
+    dout = rng.standard_normal(q.shape).astype(q.dtype)
+    got += reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, 33, 40,
+                                               upcast=upcast, **options)
+    want += dense_backward(dout, q, k, v, cu_q, cu_k, upcast, **options)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def test_strided_inputs(rng):
+    """q, k, v slices of one packed qkv tensor; out and dout transposed views: the same
+    results as contiguous copies."""
+    total, h, hkv, d = sum(LENS_Q), 4, 2, 32
+    lens = LENS_Q  # self-attention: k and v share q's packing
+    cu = cu_seqlens(lens)
+    qkv = rng.standard_normal((total, h + 2 * hkv, d)).astype(F32)
+    q, k, v = qkv[:, :h], qkv[:, h:h + hkv], qkv[:, h + hkv:]
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu, cu, 33, 33, causal=True)
+    contiguous = [np.ascontiguousarray(x) for x in (q, k, v)]
+    want_out, want_lse = cuflash.attention_varlen_forward(*contiguous, cu, cu, 33, 33,
+                                                          causal=True)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(lse, want_lse)
+    dout = rng.standard_normal(q.shape).astype(F32)
+    t_out = np.ascontiguousarray(out.transpose(1, 0, 2)).transpose(1, 0, 2)
+    t_dout = np.ascontiguousarray(dout.transpose(1, 0, 2)).transpose(1, 0, 2)
+    got = cuflash.attention_varlen_backward(t_dout, q, k, v, t_out, lse, cu, cu, 33, 33,
+                                            causal=True)
+    want = cuflash.attention_varlen_backward(dout, *contiguous, out, lse, cu, cu, 33, 33,
+                                             causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_max_seqlen_is_an_upper_bound(rng):
+    q, k, v, cu_q, cu_k = pack(rng, F32)
+    exact = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40, causal=True)
+    loose = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 1000, 5000, causal=True)
+    for a, b in zip(exact, loose):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(data=st.data())
+@settings(max_examples=30, deadline=None)
+def test_random_configurations(data):
+    draw = data.draw
+    batch = draw(st.integers(1, 5))
+    lens_q = draw(st.lists(st.integers(0, 20), min_size=batch, max_size=batch))
+    lens_k = draw(st.lists(st.integers(0, 20), min_size=batch, max_size=batch))
+    side = st.one_of(st.none(), st.integers(0, 25))
+    options = dict(window=(draw(side), draw(side)), softcap=draw(st.sampled_from([0.0, 2.0])))
+    if draw(st.booleans()):
+        options["alibi_slopes"] = np.float32([0.25, 0.5, 0.125, 1.0])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from([F16, F32, F64]))
+    nheads_kv = draw(st.sampled_from([1, 4]))
+    q, k, v, cu_q, cu_k = pack(rng, dtype, lens_q, lens_k, nheads_kv=nheads_kv, headdim=16)
+    blocks = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+    run_cpu(rng, q, k, v, cu_q, cu_k, blocks=blocks, **options)
+
+
+def test_docstrings_document_every_argument():
+    for f in (cuflash.attention_varlen, cuflash.attention_varlen_forward,
+              cuflash.attention_varlen_backward):
+        doc = f.__doc__
+        assert "{" not in doc, f.__name__
+        names = ["scale", "causal", "window", "softcap", "alibi_slopes"]
+        if f is not cuflash.attention_varlen_backward:  # which refers to the forward's
+            names += ["q", "k, v", "cu_seqlens_q, cu_seqlens_k", "max_seqlen_q, max_seqlen_k"]
+        for name in names:
+            assert f"\n    {name} :" in doc, (f.__name__, name)
+
+
+def test_param_structs_match_their_numpy_mirrors():
+    """The cu_seqlens pointers appended to AttnArgs (and so to every params struct holding
+    it) keep each C struct the size of its NumPy mirror in cuflash/_launch.py. NVRTC only."""
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    from cuflash import _compile, _launch
+    mirrors = dict(AttnArgs=_launch.ATTN_ARGS, FwdParams=_launch.FWD_PARAMS,
+                   BwdParams=_launch.BWD_PARAMS, DecodeParams=_launch.DECODE_PARAMS)
+    source = '#include "common/params.cuh"\n' + "".join(
+        f'static_assert(sizeof(cuflash::{name}) == {dtype.itemsize}, "{name}");\n'
+        for name, dtype in mirrors.items())
+    assert _launch.ATTN_ARGS.names[-2:] == ("cu_seqlens_q", "cu_seqlens_k")
+    prog = nvrtc.createProgram(source, "layout.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, list(_compile.options("sm_80")))
+    except nvrtc.NVRTCError:
+        pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _args(**override):
+    """Valid attention_varlen_forward arguments, with some replaced."""
+    rng = np.random.default_rng(0)
+    q, k, v, cu_q, cu_k = pack(rng, F32, (2, 3), (4, 1))
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3,
+                max_seqlen_k=4)
+    args.update(override)
+    return args
+
+
+def _forward(**override):
+    a = _args(**override)
+    return cuflash.attention_varlen_forward(
+        a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens_q"), a.pop("cu_seqlens_k"),
+        a.pop("max_seqlen_q"), a.pop("max_seqlen_k"), **a)
+
+
+def test_valid_arguments_pass():
+    out, lse = _forward()
+    assert out.shape == (5, 4, 32) and lse.shape == (4, 5)
+
+
+@pytest.mark.parametrize("override, exc, pattern", [
+    (dict(q=np.zeros((1, 5, 4, 32), np.float32)), ValueError, r"q must have 3 dimensions"),
+    (dict(k=np.zeros((6, 2, 32), np.float32)), ValueError, r"v has shape .* but k has shape"),
+    (dict(v=np.zeros((5, 3, 32), np.float32)), ValueError, r"v has shape"),
+    (dict(k=np.zeros((5, 2, 32), np.float16), v=np.zeros((5, 2, 32), np.float16)), TypeError,
+     r"k has dtype float16 but q has dtype float32"),
+    (dict(k=np.zeros((5, 3, 32), np.float32), v=np.zeros((5, 3, 32), np.float32)), ValueError,
+     r"nheads \(4\) must be a multiple of nheads_kv \(3\)"),
+    (dict(cu_seqlens_q=np.array([0, 2, 5], np.int64)), TypeError,
+     r"cu_seqlens_q must be int32, got int64"),
+    (dict(cu_seqlens_k=[0, 4, 5]), TypeError, r"cu_seqlens_k must be a numpy.ndarray"),
+    (dict(cu_seqlens_q=np.array([[0, 2, 5]], np.int32)), ValueError,
+     r"cu_seqlens_q must be 1-D"),
+    (dict(cu_seqlens_q=np.array([], np.int32)), ValueError, r"cu_seqlens_q must be 1-D"),
+    (dict(cu_seqlens_q=np.array([1, 2, 5], np.int32)), ValueError,
+     r"cu_seqlens_q\[0\] must be 0, got 1"),
+    (dict(cu_seqlens_k=np.array([0, 4, 6], np.int32)), ValueError,
+     r"cu_seqlens_k\[-1\] must equal total_k = 5 .*got 6"),
+    (dict(cu_seqlens_q=np.array([0, 4, 2, 5], np.int32), cu_seqlens_k=np.array([0, 1, 4, 5],
+                                                                                np.int32)),
+     ValueError, r"cu_seqlens_q must be non-decreasing; cu_seqlens_q\[2\] = 2 < "
+                 r"cu_seqlens_q\[1\] = 4"),
+    (dict(cu_seqlens_k=np.array([0, 5], np.int32)), ValueError,
+     r"cu_seqlens_q has 3 entries but cu_seqlens_k has 2"),
+    (dict(max_seqlen_q=2), ValueError,
+     r"max_seqlen_q \(2\) is smaller than the longest sequence in cu_seqlens_q \(3\)"),
+    (dict(max_seqlen_k=3.0), TypeError, r"max_seqlen_k must be an int, got float"),
+    (dict(max_seqlen_k=True), TypeError, r"max_seqlen_k must be an int, got bool"),
+    (dict(alibi_slopes=np.ones((3, 4), np.float32)), ValueError,
+     r"alibi_slopes must have shape \(nheads,\) = \(4,\) or \(batch, nheads\) = \(2, 4\)"),
+    (dict(window=(-2, None)), ValueError, r"window\[left\]"),
+    (dict(causal=True, window=(None, 2)), ValueError, r"contradicts causal=True"),
+])
+def test_invalid_arguments(override, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        _forward(**override)
+
+
+def test_backward_checks_its_arrays():
+    a = _args()
+    q, k, v, cu_q, cu_k = a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"]
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 3, 4)
+    with pytest.raises(ValueError, match=r"lse must have shape \(nheads, total_q\) = "
+                                         r"\(4, 5\), got \(1, 4, 5\)"):
+        cuflash.attention_varlen_backward(out, q, k, v, out, lse[None], cu_q, cu_k, 3, 4)
+    with pytest.raises(ValueError, match=r"dout must have the shape of q"):
+        cuflash.attention_varlen_backward(out[:4], q, k, v, out, lse, cu_q, cu_k, 3, 4)
+    with pytest.raises(TypeError, match=r"deterministic must be a bool"):
+        cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 3, 4,
+                                          deterministic=1)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] must equal total_k"):
+        cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q,
+                                          np.array([0, 4, 6], np.int32), 3, 4)
+
+
+# --------------------------------------------------------------------------- GPU
+
+class PoisoningAllocator:
+    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
+
+    def __init__(self):
+        import cupy
+        self.pool = cupy.get_default_memory_pool()
+        self.sizes = []
+
+    def __call__(self, size):
+        import cupy
+        mem = self.pool.malloc(size)
+        self.sizes.append(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+
+def _poisoned(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every new allocation NaN-filled; (result, sizes)."""
+    import cupy
+    alloc = PoisoningAllocator()
+    cupy.cuda.set_allocator(alloc)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        cupy.cuda.set_allocator(alloc.pool.malloc)
+    cupy.cuda.Device().synchronize()
+    return result, alloc.sizes
+
+
+def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
+              deterministic=False, seed=None, **options):
+    """Forward and backward on the GPU against the dense reference per sequence.
+
+    The backward takes out/lse from the reference (as tests/test_gpu_backward.py does), so
+    it does not depend on the forward kernel. Returns (out, lse, grads) as CuPy arrays.
+    """
+    import cupy
+    from cuflash import _dispatch
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    q, k, v, cu_q, cu_k = pack(rng, dtype, lens_q, lens_k, nheads, nheads_kv, headdim)
+    batch = len(lens_q)
+    if alibi == "heads":
+        options["alibi_slopes"] = rng.uniform(0.01, 0.5, nheads).astype(np.float32)
+    elif alibi == "batch":
+        options["alibi_slopes"] = rng.uniform(0.01, 0.5, (batch, nheads)).astype(np.float32)
+    where = (f"seed {seed}, {dtype}, lens_q {lens_q} lens_k {lens_k} h{nheads}/{nheads_kv} "
+             f"d{headdim} alibi={alibi} det={deterministic} {options}")
+    g = {name: cupy.asarray(x) for name, x in dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k).items()}
+    gopts = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    max_q, max_k = max(lens_q), max(lens_k)
+
+    (out, lse), sizes = _poisoned(cuflash.attention_varlen_forward, g["q"], g["k"], g["v"],
+                                  g["cu_q"], g["cu_k"], max_q, max_k, **gopts)
+    assert sorted(sizes) == sorted([out.nbytes, lse.nbytes]), (
+        f"forward allocated {sizes}, expected only out and lse ({where})")
+    ref = check_forward(out, lse, q, k, v, cu_q, cu_k, where, **options)
+
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    ref_out, ref_lse = cupy.asarray(ref[0].astype(dtype)), cupy.asarray(ref[1].astype(F32))
+    grads, sizes = _poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout), g["q"],
+                             g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"], max_q,
+                             max_k, deterministic=deterministic, **gopts)
+    # Gradients plus float32 scratch: lse_log2 and delta of (nheads, total_q rounded down to
+    # 16 + 144 per sequence) rows and, unless deterministic, the dq accumulator.
+    rows = nheads * (q.shape[0] // 16 * 16 + 144 * batch)
+    allowed = sum(x.nbytes for x in grads) + 2 * rows * 4
+    if not deterministic:
+        allowed += rows * _dispatch.padded_headdim(headdim) * 4
+    assert sum(sizes) <= allowed + 512 * len(sizes), (
+        f"backward allocated {sizes}; allowed {allowed} ({where})")
+    check_backward(grads, dout, q, k, v, cu_q, cu_k, where, **options)
+    return out, lse, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [32, 40, 64, 96, 128, 192, 256])
+def test_gpu_headdims(headdim):
+    check_gpu(BF16, (130, 0, 1, 17, 64), (97, 5, 1, 0, 200), 4, 2, headdim, causal=True)
+
+
+GPU_OPTIONS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window=(40, 7)),
+    "softcap": dict(softcap=3.0, scale=0.3),
+    "alibi-batch-causal": dict(alibi="batch", causal=True),
+    "all": dict(alibi="heads", softcap=5.0, window=(30, 2)),
+    "deterministic": dict(deterministic=True, window=(None, 9)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", GPU_OPTIONS.values(), ids=GPU_OPTIONS.keys())
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+def test_gpu_options(dtype, options):
+    check_gpu(dtype, LENS_Q, LENS_K, 4, 2, 40 if dtype == F32 else 64, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_gpu_gqa(ratio):
+    check_gpu(BF16, (150, 1, 77), (150, 33, 300), 8, 8 // ratio, 128, causal=ratio == 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+def test_gpu_many_sequences(dtype, deterministic):
+    """60 sequences of 0 to 70 tokens: the scratch rows of every sequence, early exits."""
+    rng = np.random.default_rng(60)
+    lens_q = tuple(int(x) for x in rng.integers(0, 71, 60))
+    lens_k = tuple(int(x) for x in rng.integers(0, 71, 60))
+    check_gpu(dtype, lens_q, lens_k, 2, 1, 64, deterministic=deterministic, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_long_sequences(causal):
+    check_gpu(F16, (1025, 3, 300), (1025, 700, 1), 2, 1, 128, causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_runs_the_varlen_instantiations(monkeypatch):
+    """Every launch of a varlen call is a VARLEN instantiation of an mma.sync kernel (also
+    on sm_90, whose Hopper kernels do not read cu_seqlens)."""
+    import cupy
+    from cuflash import _dispatch, _launch
+    launched = []
+    real = _launch.launch
+
+    def spy(device_id, filename, name_expression, *args, **kwargs):
+        launched.append((filename, name_expression))
+        return real(device_id, filename, name_expression, *args, **kwargs)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    rng = np.random.default_rng(0)
+    q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, BF16, headdim=128))
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
+    cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 33, 40)
+    assert launched[0] == (_dispatch.FWD_FILE,
+                           "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")
+    assert all(f == _dispatch.BWD_FILE for f, _ in launched[1:]), launched
+    assert launched[1][1] == "cuflash::bwd_preprocess<__nv_bfloat16, true>"
+    assert launched[-1][1] == "cuflash::bwd_convert_dq<__nv_bfloat16, true>"
+    assert all(int(n.rsplit(", ", 1)[1][:-1]) & _dispatch.BWD_VARLEN
+               for _, n in launched[2:-1]), launched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [32, 96])
+def test_gpu_equal_lengths_match_dense_kernels_bitwise(headdim):
+    """A batch of equal lengths, packed: the varlen instantiations do the dense kernels'
+    arithmetic, so out, lse and the deterministic gradients are bitwise equal. (Head dims
+    that no Hopper kernel serves, so that the dense call runs mma.sync on every GPU.)"""
+    import cupy
+    rng = np.random.default_rng(headdim)
+    batch, seqlen, h, hkv = 3, 130, 4, 2
+    q4, k4, v4, do4 = (cupy.asarray(rng.standard_normal((batch, seqlen, n, headdim)).astype(BF16))
+                       for n in (h, hkv, hkv, h))
+    q, k, v, dout = (x.reshape(batch * seqlen, *x.shape[2:]) for x in (q4, k4, v4, do4))
+    cu = cupy.arange(0, (batch + 1) * seqlen, seqlen, dtype=cupy.int32)
+    opts = dict(causal=True, softcap=4.0)
+    out4, lse4 = cuflash.attention_forward(q4, k4, v4, **opts)
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu, cu, seqlen, seqlen, **opts)
+    assert np.array_equal(out.get().view(np.uint16), out4.reshape(out.shape).get().view(np.uint16))
+    np.testing.assert_array_equal(lse.get(), lse4.get().transpose(1, 0, 2).reshape(h, -1))
+    want = cuflash.attention_backward(do4, q4, k4, v4, out4, lse4, deterministic=True, **opts)
+    got = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, seqlen, seqlen,
+                                            deterministic=True, **opts)
+    for g, w in zip(got, want):
+        assert np.array_equal(g.get().view(np.uint16), w.reshape(g.shape).get().view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_is_bitwise_reproducible():
+    import cupy
+    rng = np.random.default_rng(3)
+    q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, BF16, headdim=64))
+    dout = cupy.asarray(rng.standard_normal(q.shape).astype(BF16))
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40, causal=True)
+    first = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 33, 40,
+                                              causal=True, deterministic=True)
+    for _ in range(3):
+        again = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 33, 40,
+                                                  causal=True, deterministic=True)
+        for a, b in zip(first, again):
+            assert np.array_equal(a.get().view(np.uint16), b.get().view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_gpu_checks_the_prefix_sums():
+    import cupy
+    q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(np.random.default_rng(0), BF16))
+    with pytest.raises(TypeError, match=r"cu_seqlens_q is a numpy array but q is a cupy"):
+        cuflash.attention_varlen_forward(q, k, v, cu_q.get(), cu_k, 33, 40)
+    bad = cu_q.copy()
+    bad[2] = bad[3] + 1
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+        cuflash.attention_varlen_forward(q, k, v, bad, cu_k, 33, 40)
+    # A strided view of the prefix sums is taken (the kernels get a contiguous copy).
+    wide = cupy.zeros(2 * cu_k.size, cupy.int32)
+    wide[::2] = cu_k
+    out, _ = cuflash.attention_varlen_forward(q, k, v, cu_q, wide[::2], 33, 40)
+    want, _ = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
+    assert np.array_equal(out.get().view(np.uint16), want.get().view(np.uint16))
