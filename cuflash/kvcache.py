@@ -149,7 +149,7 @@ def _prepare(arrays: dict):
     seqlens = arrays["cache_seqlens"]
     if _is_int(seqlens):
         arrays = dict(arrays, cache_seqlens=int(seqlens))
-    elif not hasattr(seqlens, "dtype"):
+    elif not (hasattr(seqlens, "dtype") or hasattr(seqlens, "__dlpack__")):
         raise TypeError(f"cache_seqlens must be an int or an int32 array of shape (batch,), "
                         f"got {type(seqlens).__name__}")
     checked = {n: x for n, x in arrays.items() if not _is_int(x)}
