@@ -1,25 +1,7 @@
-"""The benchmarks need a GPU: like tests/conftest.py, skip items marked `gpu` without one.
+"""The benchmarks need a GPU: skip items marked `gpu` without one, with the hook of
+tests/conftest.py (tests/gpu.py). The `gpu` marker itself is registered in pyproject.toml."""
+import os
+import sys
 
-The `gpu` marker itself is registered in pyproject.toml.
-"""
-import pytest
-
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver or no device: all mean no GPU
-        return False
-
-
-HAS_GPU = _has_gpu()
-
-
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from gpu import pytest_collection_modifyitems  # noqa: E402,F401 (a pytest hook)

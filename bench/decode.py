@@ -36,7 +36,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from sweep import environment, import_torch, require_gpu
+import _common
+from _common import environment, import_torch, release_memory, require_gpu, time_ms
 
 NHEADS, NHEADS_KV, HEADDIM = 32, 8, 128
 DTYPE = np.dtype(ml_dtypes.bfloat16)
@@ -45,7 +46,6 @@ LENGTHS = (1024, 4096, 16384, 65536, 131072)
 QUICK = {"batches": (1, 16), "lengths": (4096, 65536)}
 PAGE_SIZES = (256, 64)
 LONG = 16384  # "long context" for the summary: length at least this
-WARMUP = 3
 CALLS = (5, 50)           # fewest, most timed calls
 BUDGET_MS = 300.0         # timed calls aim at this much GPU time per measurement
 FLUSH_BYTES = 256 * 2**20  # > 50 MiB of H100 L2
@@ -58,24 +58,7 @@ class Timer:
 
     def __call__(self, fn) -> float:
         """Median milliseconds of ``fn()``, L2 flushed before each call."""
-        for _ in range(WARMUP):
-            fn()
-        estimate = self._times(fn, 1)[0]
-        calls = int(min(CALLS[1], max(CALLS[0], BUDGET_MS / max(estimate, 1e-3))))
-        return statistics.median(self._times(fn, calls))
-
-    def _times(self, fn, calls):
-        import cupy
-        events = []
-        for _ in range(calls):
-            self.flush.fill(0)
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        events[-1][1].synchronize()
-        return [cupy.cuda.get_elapsed_time(s, e) for s, e in events]
+        return time_ms(fn, BUDGET_MS, *CALLS, before=lambda: self.flush.fill(0))
 
 
 def copy_bandwidth(timer, nbytes=2 * 2**30) -> float:
@@ -139,7 +122,6 @@ def torch_call(torch, backend, q, k, v):
 
 def measure(timer, make, nbytes, torch):
     """{ms, gbps, ...} of the call that ``make()`` returns with its notes, or {error}."""
-    import cupy
     fn = None
     try:
         fn, notes = make()
@@ -149,9 +131,7 @@ def measure(timer, make, nbytes, torch):
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         result = {"error": f"{type(e).__name__}: {first_line}"}
     del fn  # the call's buffers (paged copies, expanded K/V) go before the next one's
-    cupy.get_default_memory_pool().free_all_blocks()
-    if torch is not None:
-        torch.cuda.empty_cache()
+    release_memory(torch)
     return result
 
 
@@ -184,7 +164,7 @@ def run_shape(timer, batch, length, torch, rng, impls):
             "results": results}
 
 
-TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION"}
+TORCH_BACKENDS = {name: _common.TORCH_BACKENDS[name] for name in ("torch-flash", "torch-cudnn")}
 IMPLS = ("cuflash",) + tuple(f"cuflash-page{p}" for p in PAGE_SIZES) + tuple(TORCH_BACKENDS)
 
 

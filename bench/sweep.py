@@ -11,84 +11,45 @@ through DLPack. Every implementation gets the same random normal inputs. A call 
 between two CUDA events after warm-up; a measurement is the median of many calls.
 Anything that raises (unsupported, out of memory) leaves a gap in its row, not a crash.
 
-Writes sweep.json (every number, with device and versions), sweep.md (the tables) and
-sweep.png (TFLOP/s against seqlen) into --out.
+Before the first row the GPU runs large matmuls for a second, to reach its full clock.
+
+Writes sweep.json (every number, with device and versions) and sweep.md (the tables) into
+--out after every row, so a run stopped early keeps what it measured, and sweep.png
+(TFLOP/s against seqlen) at the end.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import itertools
 import json
 import math
-import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
+from _common import (DTYPES, TORCH_BACKENDS, environment, flops, import_torch, make_inputs,
+                     release_memory, require_gpu, run_torch, standard_shape, time_ms)
 
-HIDDEN, TOKENS = 2048, 16384
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096)
 HEADDIMS = (64, 128)
-DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
 CAUSAL = {"no": (False,), "yes": (True,), "both": (False, True)}
 MODES = ("fwd", "bwd", "fwdbwd")
-MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # multiples of the forward's FLOPs
 BASELINE = "torch-flash"
 # The naive peer materialises (batch, nheads, seqlen, seqlen) scores in the input dtype, and
 # its softmax and backward hold a few such matrices at once.
 NAIVE_BUDGET = 8 * 2 ** 30
-WARMUP = 3
 # (time budget per measurement in ms, fewest and most timed calls): big shapes get few
 # calls and small ones many, which keeps the full forward sweep to ~5 minutes on an H100.
 TIMING = {"full": (200.0, 10, 100), "quick": (50.0, 5, 30)}
+WARM_UP_SECONDS = 1.0  # of large matmuls before the first row, to bring the GPU to full clock
 
 
 class Skipped(Exception):
     """An implementation declines a shape (reported like any other gap)."""
-
-
-def standard_shape(seqlen: int, headdim: int) -> tuple[int, int]:
-    """(batch, nheads) of the standard sweep."""
-    return max(1, TOKENS // seqlen), HIDDEN // headdim
-
-
-def flops(mode: str, batch: int, nheads: int, seqlen: int, headdim: int, causal: bool) -> float:
-    forward = 4 * batch * nheads * seqlen * seqlen * headdim / (2 if causal else 1)
-    return forward * MODE_FLOPS[mode]
-
-
-def make_inputs(dtype, batch: int, seqlen: int, nheads: int, headdim: int):
-    """q, k, v, dout: random normal CuPy arrays of shape (batch, seqlen, nheads, headdim)."""
-    import cupy
-    shape = (batch, seqlen, nheads, headdim)
-    return [cupy.random.standard_normal(shape, dtype=cupy.float32).astype(dtype)
-            for _ in range(4)]
-
-
-def time_ms(fn, budget_ms: float, min_calls: int, max_calls: int) -> float:
-    """Median milliseconds of ``fn()`` between two CUDA events, after warm-up."""
-    import cupy
-    for _ in range(WARMUP):
-        fn()
-
-    def timed_calls(calls):
-        events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(calls)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        events[-1][1].synchronize()
-        return [cupy.cuda.get_elapsed_time(start, end) for start, end in events]
-
-    estimate = timed_calls(1)[0]
-    calls = int(min(max_calls, max(min_calls, budget_ms / max(estimate, 1e-3))))
-    return statistics.median(timed_calls(calls))
 
 
 # Each implementation is a context manager taking (mode, q, k, v, dout, causal) that does
@@ -192,35 +153,6 @@ def run_naive(mode, q, k, v, dout, causal):
         yield lambda: backward(*forward())
 
 
-TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
-                  "torch-efficient": "EFFICIENT_ATTENTION"}
-
-
-@contextlib.contextmanager
-def run_torch(backend, mode, q, k, v, dout, causal):
-    """torch SDPA on the same buffers; backward is timed alone, on a retained graph."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    leaves = [torch.from_dlpack(x).requires_grad_(mode != "fwd") for x in (q, k, v)]
-    # SDPA takes (batch, nheads, seqlen, headdim): transposed views of the same memory.
-    tq, tk, tv = (x.transpose(1, 2) for x in leaves)
-    tdout = torch.from_dlpack(dout).transpose(1, 2)
-
-    def forward():
-        return sdpa(tq, tk, tv, is_causal=causal)
-
-    # autograd.grad rather than .backward(): no accumulation into .grad inside the timing.
-    with sdpa_kernel(getattr(SDPBackend, backend)):
-        if mode == "fwd":
-            yield forward
-        elif mode == "bwd":
-            out = forward()
-            yield lambda: torch.autograd.grad(out, leaves, tdout, retain_graph=True)
-        else:
-            yield lambda: torch.autograd.grad(forward(), leaves, tdout)
-
-
 def implementations(names, torch) -> dict:
     impls = {"cuflash": run_cuflash, "naive-cupy": run_naive}
     if torch is not None:
@@ -235,14 +167,6 @@ def implementations(names, torch) -> dict:
         sys.exit(f"sweep.py: implementation(s) {', '.join(missing)} not available here "
                  f"(available: {', '.join(impls)}; torch peers need torch)")
     return {n: impls[n] for n in names}
-
-
-def release_memory(torch) -> None:
-    """Hand cached blocks back, so one implementation's pool does not starve the next."""
-    import cupy
-    cupy.get_default_memory_pool().free_all_blocks()
-    if torch is not None:
-        torch.cuda.empty_cache()
 
 
 def measure(run, mode, inputs, causal, row_flops, timing, torch) -> dict:
@@ -379,41 +303,28 @@ def parse_args(argv):
     return args
 
 
-def require_gpu():
-    try:
-        import cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no CuPy, no driver: both mean no GPU to measure
-        sys.exit(f"sweep.py needs a CUDA GPU and CuPy, and found none "
-                 f"({type(e).__name__}: {e})")
-    if count == 0:
-        sys.exit("sweep.py needs a CUDA GPU, and CuPy sees none")
-    return cupy
+def warm_up_gpu(seconds: float = WARM_UP_SECONDS) -> None:
+    """Large matmuls for ``seconds``, so the GPU runs at full clock from the first row (after
+    a few warm-up calls alone, an idle GPU was seen at 345 MHz in the first rows)."""
+    import cupy
+    a = cupy.ones((4096, 4096), cupy.float16)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        cupy.cuda.Device().synchronize()
+    del a
+    cupy.get_default_memory_pool().free_all_blocks()
 
 
-def import_torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def environment(cupy, torch, argv) -> dict:
-    import cuflash
-    device = cupy.cuda.Device()
-    return {
-        "device": cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode(),
-        "compute_capability": device.compute_capability,
-        "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-        "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
-        "cuflash": cuflash.__version__,
-        "cupy": cupy.__version__,
-        "numpy": np.__version__,
-        "torch": None if torch is None else torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *argv]),
-    }
+def write_results(out: Path, env, rows, names) -> str:
+    """sweep.json and sweep.md of the rows so far; returns the tables."""
+    table = markdown(rows, names)
+    (out / "sweep.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
+    (out / "sweep.md").write_text(
+        f"# Sweep on {env['device']}\n\n`{env['command']}`, {env['date']}; cupy {env['cupy']}, "
+        f"torch {env['torch']}, cuflash {env['cuflash']}\n\n" + table)
+    return table
 
 
 def main(argv=None) -> int:
@@ -426,6 +337,8 @@ def main(argv=None) -> int:
     env = environment(cupy, torch, argv)
     print(f"{env['device']}: cupy {env['cupy']}, torch {env['torch']}; "
           f"implementations: {', '.join(impls)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    warm_up_gpu()
     cupy.random.seed(0)
     causals = CAUSAL[args.causal]
     total = math.prod(map(len, (args.dtypes, args.headdims, args.seqlens, causals, args.modes)))
@@ -446,16 +359,12 @@ def main(argv=None) -> int:
                 if "error" in result and (name, result["error"]) not in errors_seen:
                     errors_seen.add((name, result["error"]))
                     print(f"      {name}: {result['error']}", flush=True)
+            # After every row: a run stopped by a time limit keeps what it measured.
+            table = write_results(args.out, env, rows, list(impls))
         del inputs
         release_memory(torch)
 
-    table = markdown(rows, list(impls))
     print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
-    (args.out / "sweep.md").write_text(
-        f"# Sweep on {env['device']}\n\n`{env['command']}`, {env['date']}; cupy {env['cupy']}, "
-        f"torch {env['torch']}, cuflash {env['cuflash']}\n\n" + table)
     plot(rows, list(impls), args.out / "sweep.png")
     print(f"wrote sweep.json, sweep.md and sweep.png to {args.out}")
     return 0

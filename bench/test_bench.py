@@ -9,7 +9,7 @@ comparison with peers use bench/sweep.py.
 import ml_dtypes
 import pytest
 
-from sweep import flops, make_inputs, standard_shape
+from _common import flops, make_inputs, standard_shape
 
 pytestmark = pytest.mark.gpu
 WARMUP_ROUNDS, ROUNDS = 3, 20

@@ -1,22 +1,14 @@
-"""GPU tests carry the marker `gpu` and are skipped cleanly where there is no CUDA GPU."""
+"""GPU tests carry the marker `gpu` and are skipped cleanly where there is no CUDA GPU (the hook
+lives in tests/gpu.py, shared with bench/conftest.py). ``rng``: a generator per test."""
+import zlib
+
+import numpy as np
 import pytest
 
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+from gpu import pytest_collection_modifyitems  # noqa: F401 (a pytest hook: skips `gpu` items)
 
 
-HAS_GPU = _has_gpu()
-
-
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+@pytest.fixture
+def rng(request):
+    """Seeded by the test's id: reproducible, and different for every test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

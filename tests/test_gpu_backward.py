@@ -12,15 +12,11 @@ import pytest
 
 from accuracy import assert_close
 from cuflash import _checks, reference
+from gpu import device_arch, import_cupy, poisoned
 
 pytestmark = pytest.mark.gpu
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _cupy():
-    import cupy
-    return cupy
 
 
 def _randn(rng, shape, dtype):
@@ -31,7 +27,7 @@ def _randn(rng, shape, dtype):
 @pytest.mark.parametrize("seqlen_q,headdim", [(1, 32), (97, 40), (200, 256)])
 def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
     """delta = rowsum(dout * out) in float32 from strided views; lse in base 2, +inf when -inf."""
-    cp = _cupy()
+    cp = import_cupy()
     from cuflash import _launch
     rng = np.random.default_rng(seqlen_q)
     b, h = 2, 3
@@ -64,33 +60,10 @@ F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 
 
-class PoisoningAllocator:
-    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
-
-    def __init__(self):
-        import cupy
-        self.pool = cupy.get_default_memory_pool()
-        self.sizes = []
-
-    def __call__(self, size):
-        import cupy
-        mem = self.pool.malloc(size)
-        self.sizes.append(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
-        return mem
-
-
 def _gpu_backward(dout, q, k, v, out, lse, **opts):
-    import cupy
     import cuflash
     from cuflash import _dispatch, _launch
-    alloc = PoisoningAllocator()
-    cupy.cuda.set_allocator(alloc)
-    try:
-        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
-    finally:
-        cupy.cuda.set_allocator(alloc.pool.malloc)
-    cupy.cuda.Device().synchronize()
+    grads, sizes = poisoned(cuflash.attention_backward, dout, q, k, v, out, lse, **opts)
     # Gradients, plus float32 scratch: lse_log2 and delta (rows padded to the largest query
     # tile) and, unless deterministic, the dq accumulator (head dim padded).
     b, sq, h, d = q.shape
@@ -101,9 +74,9 @@ def _gpu_backward(dout, q, k, v, out, lse, **opts):
     # Copies that make rows 16-byte aligned, if the inputs needed them.
     allowed += sum(x.nbytes for x in (dout, q, k, v, out)
                    if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]))
-    got = sum(alloc.sizes)
-    assert got <= allowed + 512 * len(alloc.sizes), (
-        f"backward allocated {got} bytes in {alloc.sizes}; allowed O(seqlen*headdim) "
+    got = sum(sizes)
+    assert got <= allowed + 512 * len(sizes), (
+        f"backward allocated {got} bytes in {sizes}; allowed O(seqlen*headdim) "
         f"{allowed}")
     return grads
 
@@ -116,7 +89,7 @@ def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="
     stored (batch, nheads, seqlen, headdim) and passed transposed.
     alibi: None, "heads" (slopes (nheads,)) or "batch" (slopes (batch, nheads)).
     """
-    cp = _cupy()
+    cp = import_cupy()
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
@@ -230,7 +203,7 @@ def test_float32(headdim):
 
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
 def test_deterministic_is_bitwise_reproducible(dtype):
-    cp = _cupy()
+    cp = import_cupy()
     import cuflash
     rng = np.random.default_rng(0)
     q = cp.asarray(_randn(rng, (2, 1025, 8, 64), dtype))
@@ -249,7 +222,7 @@ def test_deterministic_is_bitwise_reproducible(dtype):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_vjp_matches_forward_and_backward(deterministic):
-    cp = _cupy()
+    cp = import_cupy()
     import cuflash
     rng = np.random.default_rng(1)
     q = cp.asarray(_randn(rng, (1, 130, 4, 64), BF16))
@@ -272,11 +245,6 @@ def test_vjp_matches_forward_and_backward(deterministic):
 
 # --- The Hopper (wgmma) backward, kernels_cu/flash_bwd_sm90.cu ----------------------------
 
-def _device_arch():
-    from cuflash import _compile
-    return _compile.device_arch(_cupy().cuda.Device().id)
-
-
 def test_dispatch_picks_wgmma_backward_on_sm90():
     """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), and never where it cannot."""
     import cuflash
@@ -289,7 +257,7 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert pick("__nv_bfloat16", 128, False, True, "sm_90") is None   # soft-cap / ALiBi
     assert pick("float", 128, False, False, "sm_90") is None
     assert pick("__half", 256, False, False, "sm_90") is None
-    cp = _cupy()
+    cp = import_cupy()
     launched = []
     real = _launch.launch
 
@@ -305,7 +273,7 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
         cuflash.attention_backward(dout, q, k, v, out, lse)
     finally:
         _launch.launch = real
-    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in launched) == (_device_arch() == "sm_90")
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in launched) == (device_arch() == "sm_90")
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
@@ -315,7 +283,7 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""
-    if _device_arch() != "sm_90":
+    if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
     from cuflash import _dispatch
     seed = 11 + headdim

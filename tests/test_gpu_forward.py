@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from accuracy import assert_close
+from gpu import device_arch, poisoned
 
 pytestmark = pytest.mark.gpu
 
@@ -19,38 +20,16 @@ F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 
 
-class PoisoningAllocator:
-    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
-
-    def __init__(self):
-        import cupy
-        self.pool = cupy.get_default_memory_pool()
-        self.sizes = []
-
-    def __call__(self, size):
-        import cupy
-        mem = self.pool.malloc(size)
-        self.sizes.append(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size,
-                                      cupy.cuda.get_current_stream().ptr)
-        return mem
-
-
 def _gpu_forward(q, k, v, **opts):
     import cupy
     import cuflash
-    alloc = PoisoningAllocator()
-    used_before = alloc.pool.used_bytes()
-    cupy.cuda.set_allocator(alloc)
-    try:
-        out, lse = cuflash.attention_forward(q, k, v, **opts)
-    finally:
-        cupy.cuda.set_allocator(alloc.pool.malloc)
-    cupy.cuda.Device().synchronize()
-    assert sorted(alloc.sizes) == sorted([out.nbytes, lse.nbytes]), (
-        f"forward allocated {alloc.sizes}, expected only out ({out.nbytes} bytes) and lse "
+    pool = cupy.get_default_memory_pool()
+    used_before = pool.used_bytes()
+    (out, lse), sizes = poisoned(cuflash.attention_forward, q, k, v, **opts)
+    assert sorted(sizes) == sorted([out.nbytes, lse.nbytes]), (
+        f"forward allocated {sizes}, expected only out ({out.nbytes} bytes) and lse "
         f"({lse.nbytes} bytes)")
-    grown = alloc.pool.used_bytes() - used_before
+    grown = pool.used_bytes() - used_before
     assert grown < out.nbytes + lse.nbytes + 2 * 512, f"pool grew by {grown} bytes"
     return out, lse
 
@@ -206,9 +185,7 @@ def test_old_gpu_error_names_compute_capability(monkeypatch):
 # make sure that really happens (no silent fallback to mma.sync) and compare the two kernels.
 
 def _require_hopper():
-    import cupy
-    from cuflash import _compile
-    if _compile.device_arch(cupy.cuda.Device().id) != "sm_90":
+    if device_arch() != "sm_90":
         pytest.skip("flash_fwd_sm90 runs on compute capability 9.0 only")
 
 

@@ -8,8 +8,6 @@ fills every allocation with NaN bytes and records its size: the results must be 
 written, and only out, lse and (with several splits) the float32 partial results may be
 allocated.
 """
-import zlib
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,15 +15,11 @@ import pytest
 import cuflash
 from accuracy import assert_close
 from cuflash import _dispatch, kvcache, reference
+from gpu import import_cupy, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def bits(x):
@@ -382,54 +376,26 @@ def test_docstring_examples_run():
 # ------------------------------------------------------------------------------- GPU
 
 
-class PoisoningAllocator:
-    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
-
-    def __init__(self):
-        import cupy
-        self.pool = cupy.get_default_memory_pool()
-        self.sizes = []
-
-    def __call__(self, size):
-        import cupy
-        mem = self.pool.malloc(size)
-        self.sizes.append(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size,
-                                      cupy.cuda.get_current_stream().ptr)
-        return mem
-
-
 def gpu_call(num_splits=None):
     """attention_with_kvcache under the poisoning allocator, checking what it allocates:
     out and lse, plus (num_splits, ...) float32 partial results when it splits."""
     def call(**kwargs):
-        import cupy
-        alloc = PoisoningAllocator()
-        cupy.cuda.set_allocator(alloc)
-        try:
-            out, lse = cuflash.attention_with_kvcache(**kwargs, num_splits=num_splits)
-        finally:
-            cupy.cuda.set_allocator(alloc.pool.malloc)
-        cupy.cuda.Device().synchronize()
+        (out, lse), sizes = poisoned(cuflash.attention_with_kvcache, **kwargs,
+                                     num_splits=num_splits)
         expected = [out.nbytes, lse.nbytes]
-        scratch = sorted(alloc.sizes)
+        scratch = sorted(sizes)
         for size in expected:
-            assert size in scratch, f"allocated {alloc.sizes}, expected out and lse"
+            assert size in scratch, f"allocated {sizes}, expected out and lse"
             scratch.remove(size)
         if scratch:  # the split-KV partial results: S x out in float32, S x lse
             splits = scratch[-1] // (out.size * 4)
             assert splits > 1 and (num_splits is None or splits == num_splits)
             assert sorted(scratch) == sorted([splits * out.size * 4, splits * lse.nbytes]), (
-                f"allocated {alloc.sizes}")
+                f"allocated {sizes}")
         else:
             assert num_splits in (None, 1), f"{num_splits} splits allocated no scratch"
         return out, lse
     return call
-
-
-def cupy_module():
-    import cupy
-    return cupy
 
 
 @pytest.mark.gpu
@@ -439,7 +405,7 @@ def cupy_module():
 def test_gpu_layouts(rng, layout, seqlen_q, num_splits):
     p = Problem(rng, BF16, seqlen_q=seqlen_q, nheads=16, nheads_kv=2, headdim=128,
                 lengths=(0, 1, 700), seqlen_new=1, page_size=LAYOUTS[layout])
-    p.check(gpu_call(num_splits), cupy_module())
+    p.check(gpu_call(num_splits), import_cupy())
 
 
 @pytest.mark.gpu
@@ -449,7 +415,7 @@ def test_gpu_gqa_and_masks(rng, gqa, mask):
     nheads, nheads_kv = GQA[gqa]
     p = Problem(rng, F16, seqlen_q=4, nheads=nheads, nheads_kv=nheads_kv, headdim=64,
                 lengths=(33, 0, 250, 1), batch=4, seqlen_new=2, page_size=64)
-    p.check(gpu_call(5), cupy_module(), **MASKS[mask])
+    p.check(gpu_call(5), import_cupy(), **MASKS[mask])
 
 
 @pytest.mark.gpu
@@ -458,7 +424,7 @@ def test_gpu_num_splits(rng, num_splits):
     # GQA 32:8 as in the decode benchmark; 40 splits of ~300 keys leave some empty.
     p = Problem(rng, BF16, batch=2, nheads=32, nheads_kv=8, headdim=128,
                 lengths=(1000, 37), seqlen_new=1, page_size=256)
-    p.check(gpu_call(num_splits), cupy_module())
+    p.check(gpu_call(num_splits), import_cupy())
 
 
 @pytest.mark.gpu
@@ -466,13 +432,13 @@ def test_gpu_num_splits(rng, num_splits):
 def test_gpu_headdims(rng, headdim):
     p = Problem(rng, BF16, seqlen_q=2, nheads=6, nheads_kv=3, headdim=headdim,
                 lengths=(17, 200, 0), seqlen_new=1)
-    p.check(gpu_call(2), cupy_module(), causal=True)
+    p.check(gpu_call(2), import_cupy(), causal=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", ["softcap", "alibi", "all"])
 def test_gpu_score_options(rng, opts):
-    cupy = cupy_module()
+    cupy = import_cupy()
     options = {"softcap": dict(softcap=3.0),
                "alibi": dict(alibi_slopes=cupy.asarray(
                    rng.uniform(0.01, 0.5, (3, 8)).astype(np.float32))),
@@ -488,22 +454,22 @@ def test_gpu_group_times_seqlen_q_over_one_tile(rng):
     # 16 query heads per kv head x 3 query rows = 48 packed rows: three row blocks.
     p = Problem(rng, BF16, seqlen_q=3, nheads=32, nheads_kv=2, headdim=64,
                 lengths=(90, 3, 400), seqlen_new=3, page_size=16)
-    p.check(gpu_call(2), cupy_module(), causal=True)
+    p.check(gpu_call(2), import_cupy(), causal=True)
 
 
 @pytest.mark.gpu
 def test_gpu_int_cache_seqlens_and_no_new_keys(rng):
     p = Problem(rng, F16, lengths=(300, 300, 300), cache_seqlens_int=True)
-    p.check(gpu_call(4), cupy_module())
+    p.check(gpu_call(4), import_cupy())
     p = Problem(rng, F16, lengths=(0, 0, 0), cache_seqlens_int=True)  # all rows see nothing
-    out, lse, _ = p.check(gpu_call(1), cupy_module())
+    out, lse, _ = p.check(gpu_call(1), import_cupy())
     assert bool((out == 0).all()) and np.isneginf(lse.get()).all()
 
 
 @pytest.mark.gpu
 def test_gpu_float32_simple_path(rng):
     p = Problem(rng, F32, seqlen_q=2, lengths=(5, 0, 130), seqlen_new=2, page_size=16)
-    cupy = cupy_module()
+    cupy = import_cupy()
 
     def call(**kwargs):
         return cuflash.attention_with_kvcache(**kwargs)
@@ -515,7 +481,7 @@ def test_gpu_float32_simple_path(rng):
 def test_gpu_strided_inputs(rng):
     # q a view with strided rows; the caches and the new keys as k and v halves of packed
     # (..., 2, nheads_kv, headdim) buffers, as serving stacks often store them.
-    cupy = cupy_module()
+    cupy = import_cupy()
     p = Problem(rng, BF16, seqlen_q=2, nheads=4, nheads_kv=2, headdim=64,
                 lengths=(10, 40, 3), seqlen_new=2)
 
@@ -534,7 +500,7 @@ def test_gpu_strided_inputs(rng):
 @pytest.mark.gpu
 def test_gpu_dlpack_cache_is_updated_in_place(rng):
     # A cache passed through DLPack (here a CuPy array wrapped as a foreign one).
-    cupy = cupy_module()
+    cupy = import_cupy()
     p = Problem(rng, BF16, lengths=(3, 9, 1), seqlen_new=1)
 
     class Foreign:

@@ -5,8 +5,6 @@ aligned mask would shift with each part's seqlen_k), and the merge is held to th
 rule against the float64 reference over every key. The -inf rules (an empty part adds
 nothing, even NaN; all-empty rows give 0 and -inf) are checked exactly.
 """
-import zlib
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import pytest
 import cuflash
 from accuracy import FLOORS, assert_close
 from cuflash import reference
+from gpu import poisoned
 
 pytestmark = pytest.mark.filterwarnings("error")  # no exp(-inf + inf) or 0 * inf on the CPU
 
@@ -21,11 +20,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def split_problem(rng, dtype, bounds, batch=2, seqlen_q=5, nheads=4, nheads_kv=2, headdim=32,
@@ -170,19 +164,11 @@ def test_docstring_example_runs():
 def gpu_merge(outs, lses):
     """merge_attention under a NaN-filling allocator: a stacked call allocates exactly
     out and lse (a list is stacked first, one copy each)."""
-    import cupy
-    from test_kvcache import PoisoningAllocator
-    alloc = PoisoningAllocator()
-    cupy.cuda.set_allocator(alloc)
-    try:
-        out, lse = cuflash.merge_attention(outs, lses)
-    finally:
-        cupy.cuda.set_allocator(alloc.pool.malloc)
-    cupy.cuda.Device().synchronize()
+    (out, lse), sizes = poisoned(cuflash.merge_attention, outs, lses)
     expected = [out.nbytes, lse.nbytes]
     if isinstance(outs, list):
         expected += [len(outs) * out.nbytes, len(outs) * lse.nbytes]
-    assert sorted(alloc.sizes) == sorted(expected), f"allocated {alloc.sizes}"
+    assert sorted(sizes) == sorted(expected), f"allocated {sizes}"
     return out, lse
 
 

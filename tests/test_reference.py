@@ -1,7 +1,6 @@
 """The float64 reference against a scalar loop over CONVENTIONS.md, identities and
 finite differences; and the accuracy rule that every other test leans on."""
 import math
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -11,11 +10,6 @@ from accuracy import assert_close
 from cuflash import reference
 
 pytestmark = pytest.mark.filterwarnings("error")
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def normal(rng, *shape, dtype=np.float64):

@@ -11,8 +11,6 @@ boundaries) and the public API, plus the argument checks. GPU tests (marker ``gp
 varlen instantiations of the mma.sync kernels under an allocator hook that fills every
 allocation with NaN bytes and records its size, as tests/test_gpu_forward.py does.
 """
-import zlib
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 import cuflash
 from accuracy import assert_close
 from cuflash import _checks, cpu, reference
+from gpu import poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -32,11 +31,6 @@ F64 = np.dtype(np.float64)
 LENS_Q = (0, 1, 17, 5, 33, 1, 0, 24)
 LENS_K = (3, 1, 9, 0, 40, 2, 0, 24)
 BLOCKS = (16, 8)
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def cu_seqlens(lengths):
@@ -404,35 +398,6 @@ def test_backward_checks_its_arrays():
 
 # --------------------------------------------------------------------------- GPU
 
-class PoisoningAllocator:
-    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
-
-    def __init__(self):
-        import cupy
-        self.pool = cupy.get_default_memory_pool()
-        self.sizes = []
-
-    def __call__(self, size):
-        import cupy
-        mem = self.pool.malloc(size)
-        self.sizes.append(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
-        return mem
-
-
-def _poisoned(fn, *args, **kwargs):
-    """fn(*args, **kwargs) with every new allocation NaN-filled; (result, sizes)."""
-    import cupy
-    alloc = PoisoningAllocator()
-    cupy.cuda.set_allocator(alloc)
-    try:
-        result = fn(*args, **kwargs)
-    finally:
-        cupy.cuda.set_allocator(alloc.pool.malloc)
-    cupy.cuda.Device().synchronize()
-    return result, alloc.sizes
-
-
 def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
               deterministic=False, seed=None, **options):
     """Forward and backward on the GPU against the dense reference per sequence.
@@ -458,17 +423,17 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
     gopts = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
     max_q, max_k = max(lens_q), max(lens_k)
 
-    (out, lse), sizes = _poisoned(cuflash.attention_varlen_forward, g["q"], g["k"], g["v"],
-                                  g["cu_q"], g["cu_k"], max_q, max_k, **gopts)
+    (out, lse), sizes = poisoned(cuflash.attention_varlen_forward, g["q"], g["k"], g["v"],
+                                 g["cu_q"], g["cu_k"], max_q, max_k, **gopts)
     assert sorted(sizes) == sorted([out.nbytes, lse.nbytes]), (
         f"forward allocated {sizes}, expected only out and lse ({where})")
     ref = check_forward(out, lse, q, k, v, cu_q, cu_k, where, **options)
 
     dout = rng.standard_normal(q.shape).astype(dtype)
     ref_out, ref_lse = cupy.asarray(ref[0].astype(dtype)), cupy.asarray(ref[1].astype(F32))
-    grads, sizes = _poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout), g["q"],
-                             g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"], max_q,
-                             max_k, deterministic=deterministic, **gopts)
+    grads, sizes = poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout), g["q"],
+                            g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"], max_q,
+                            max_k, deterministic=deterministic, **gopts)
     # Gradients plus float32 scratch: lse_log2 and delta of (nheads, total_q rounded down to
     # 16 + 144 per sequence) rows and, unless deterministic, the dq accumulator.
     rows = nheads * (q.shape[0] // 16 * 16 + 144 * batch)

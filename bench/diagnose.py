@@ -1,0 +1,309 @@
+"""Device-side checks of the Hopper kernels (kernels_cu/flash_fwd_sm90.cu, flash_bwd_sm90.cu).
+
+    PYTHONPATH=. python bench/diagnose.py smoke [--only fwd|bwd] [--out DIR]
+    PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
+    PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
+
+(Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
+
+``smoke`` runs small cases, simplest first, forward then backward, each in its own process
+with a time limit (a kernel that deadlocks on an mbarrier, or faults, takes down only that
+case). Forward: out and lse errors against the float64 reference. Backward: dq, dk, dv of
+the wgmma kernel against the float64 reference (the tests' accuracy rule) and against
+bwd_main (mma.sync) on the same inputs; on a failure it prints where the error sits (rows,
+8-column chunks, 64-column blocks: the signatures of a wrong swizzle, descriptor stride or
+fragment layout). A failing case saves its inputs and outputs (``smoke_<case>.npz`` forward,
+``bwd_<case>.npz`` backward) into --out for offline study. Exits 0 if all pass, 1 on wrong
+results, 2 if a case hung or crashed.
+
+``overhead`` splits short calls into host and GPU time for cuflash and torch flash on the
+same inputs: per call (events around each call, as bench/tune.py times), back to back
+(events around many calls: the GPU time when the host keeps ahead) and, forward, host time
+alone plus a profile of cuflash's host path. The difference between per call and back to
+back is host time inside the per-call measurement (microseconds).
+
+``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
+other key-block sizes in the same process as the peers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from _common import (DTYPES, back_to_back_ms, flops, host_us, make_inputs, per_call_ms,
+                     require_gpu, run_torch, standard_shape)
+
+# name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, options)
+FWD_CASES = {
+    "bf16_d64_one_block": ("bf16", 1, 128, 128, 1, 1, 64, {}),
+    "bf16_d128_one_block": ("bf16", 1, 128, 128, 1, 1, 128, {}),
+    "bf16_d128_tails": ("bf16", 2, 200, 1000, 2, 2, 128, {}),
+    "fp16_d64_causal_gqa": ("fp16", 2, 777, 1000, 4, 2, 64, {"causal": True}),
+    "bf16_d40_window_softcap": ("bf16", 1, 300, 300, 2, 1, 40,
+                                {"window": (50, 10), "softcap": 3.0}),
+    # more tiles than SMs: the persistent grid's CTAs walk several (some with no key)
+    "bf16_d128_many_tiles": ("bf16", 4, 1025, 1025, 8, 2, 128, {}),
+    "fp16_d64_empty_tiles": ("fp16", 3, 1100, 300, 8, 8, 64, {"causal": True}),
+}
+BWD_CASES = {
+    "bf16_d128_one_block": ("bf16", 1, 64, 128, 1, 1, 128, {}),
+    "bf16_d64_one_block": ("bf16", 1, 128, 128, 1, 1, 64, {}),
+    "bf16_d128_tails_gqa": ("bf16", 2, 150, 200, 4, 2, 128, {}),
+    "fp16_d64_causal": ("fp16", 1, 333, 333, 2, 1, 64, {"causal": True}),
+    "fp16_d120_causal_sq_gt_sk": ("fp16", 1, 300, 100, 2, 2, 120, {"causal": True}),
+    "bf16_d48_window": ("bf16", 2, 203, 301, 4, 2, 48, {"window": (64, 20)}),
+}
+# direction: (cases, seconds a case may take, width of the name column)
+SMOKE = {"fwd": (FWD_CASES, 60, 26), "bwd": (BWD_CASES, 120, 28)}
+
+
+def spy_launches(launched, kernel_name=False):
+    """Record every launch through _launch.launch in ``launched``: its file name, or with
+    ``kernel_name`` its kernel's name."""
+    from cuflash import _launch
+    real_launch = _launch.launch
+
+    def spy(device_id, filename, name_expression, *args, **kwargs):
+        launched.append(name_expression.split("<")[0].split("::")[-1] if kernel_name
+                        else filename)
+        return real_launch(device_id, filename, name_expression, *args, **kwargs)
+
+    _launch.launch = spy
+
+
+def fwd_case(name, out_dir):
+    import cupy
+
+    import cuflash
+    from cuflash import reference
+    dname, batch, sq, sk, h, hkv, d, opts = FWD_CASES[name]
+    dtype = DTYPES[dname]
+    launched = []
+    spy_launches(launched)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((batch, sq, h, d)).astype(dtype)
+    k = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
+    v = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
+    out, lse = cuflash.attention_forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                         **opts)
+    cupy.cuda.Device().synchronize()
+    out, lse = out.get(), lse.get()
+    ref_out, ref_lse = reference.attention_forward(q, k, v, upcast=True, **opts)
+    naive_out, _ = reference.attention_forward(q, k, v, upcast=False, **opts)
+    finite = np.isfinite(ref_lse)
+    err_out = np.abs(out.astype(np.float64) - ref_out).max()
+    err_lse = np.abs(lse[finite] - ref_lse[finite]).max() if finite.any() else 0.0
+    bound = 2 * np.abs(naive_out.astype(np.float64) - ref_out).max() + 2.0 ** -7
+    ok = bool(err_out <= bound and err_lse <= 1e-3 * max(1, np.abs(ref_lse[finite]).max())
+              and np.isfinite(out).all() and (np.isneginf(lse) == ~finite).all())
+    print(f"{name:26} {','.join(launched):18} out err {err_out:.3e} (bound {bound:.3e})  "
+          f"lse err {err_lse:.3e}  {'ok' if ok else 'FAIL'}", flush=True)
+    if not ok:
+        rows = np.abs(out.astype(np.float64) - ref_out).max(axis=(0, 2, 3))
+        print(f"  rows with error > bound: {np.flatnonzero(rows > bound)[:40].tolist()}")
+        if out_dir:
+            np.savez_compressed(os.path.join(out_dir, f"smoke_{name}.npz"), q=q.view(np.uint16),
+                                k=k.view(np.uint16), v=v.view(np.uint16),
+                                out=out.astype(np.float32), lse=lse, ref_out=ref_out,
+                                ref_lse=ref_lse)
+    return ok
+
+
+def bwd_case(name, out_dir):
+    import cupy
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import cuflash
+    from accuracy import assert_close
+    from cuflash import _dispatch, reference
+    dname, batch, sq, sk, h, hkv, d, opts = BWD_CASES[name]
+    dtype = DTYPES[dname]
+    launched = []
+    spy_launches(launched, kernel_name=True)
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal(s).astype(dtype) for s in
+                   ((batch, sq, h, d), (batch, sk, hkv, d), (batch, sk, hkv, d), (batch, sq, h, d)))
+    out, lse = reference.attention_forward(q, k, v, upcast=True, **opts)
+    args = [cupy.asarray(x) for x in (do, q, k, v, out.astype(dtype))] + [
+        cupy.asarray(lse.astype(np.float32))]
+    got = [g.get() for g in cuflash.attention_backward(*args, **opts)]
+    cupy.cuda.Device().synchronize()
+    _dispatch.BWD_SM90_ENABLED = False
+    mma = [g.get() for g in cuflash.attention_backward(*args, **opts)]
+    _dispatch.BWD_SM90_ENABLED = True
+    ref = reference.attention_backward(do, q, k, v, upcast=True, **opts)
+    naive = reference.attention_backward(do, q, k, v, upcast=False, **opts)
+    ok = True
+    for gname, g, m, r, n in zip(("dq", "dk", "dv"), got, mma, ref, naive):
+        g64 = g.astype(np.float64)
+        err = np.abs(g64 - r)
+        try:
+            assert_close(gname, g, r, n)
+            verdict = "ok"
+        except AssertionError as e:
+            verdict, ok = f"FAIL ({str(e).splitlines()[0][:80]})", False
+        print(f"{name:28} {gname} err {err.max():.3e} |ref| {np.abs(r).max():.3e} "
+              f"vs mma.sync {np.abs(g64 - m.astype(np.float64)).max():.3e} "
+              f"nan {int(np.isnan(g64).sum())}  {verdict}", flush=True)
+        if verdict != "ok":
+            bad = err > 4 * np.abs(n.astype(np.float64) - r).max() + 1e-2
+            rows = np.flatnonzero(bad.any(axis=(0, 2, 3)))
+            cols = np.flatnonzero(bad.any(axis=(0, 1, 2)))
+            print(f"  bad rows ({len(rows)}): {rows[:32].tolist()}\n"
+                  f"  bad cols ({len(cols)}): {cols[:64].tolist()}\n"
+                  f"  bad fraction {bad.mean():.3f}; rows % 8 {np.bincount(rows % 8, minlength=8).tolist()}"
+                  f"; 64-row blocks {np.bincount(rows // 64).tolist()}")
+            num = (g64 * r).sum()
+            print(f"  <got, ref> / <ref, ref> = {num / max((r * r).sum(), 1e-30):.4f}  "
+                  f"|got| / |ref| = {np.linalg.norm(np.nan_to_num(g64)) / max(np.linalg.norm(r), 1e-30):.4f}")
+    print(f"{name:28} kernels: {','.join(launched)}", flush=True)
+    if not ok and out_dir:
+        np.savez_compressed(os.path.join(out_dir, f"bwd_{name}.npz"),
+                            **{f"got_{n}": g.astype(np.float32) for n, g in zip("qkv", got)},
+                            **{f"ref_{n}": r for n, r in zip("qkv", ref)})
+    return ok
+
+
+def smoke(args):
+    failed = hung = total = 0
+    for direction in ("fwd", "bwd") if args.only is None else (args.only,):
+        cases, timeout, width = SMOKE[direction]
+        failed_here = 0
+        for name in cases:
+            cmd = [sys.executable, os.path.abspath(__file__), "case", direction, name]
+            cmd += ["--out", args.out] if args.out else []
+            try:
+                rc = subprocess.run(cmd, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                print(f"{name:{width}} TIMEOUT (a deadlock?)", flush=True)
+                rc, hung = 1, hung + 1
+            failed_here += rc != 0
+            if rc not in (0, 1):
+                print(f"{name:{width}} crashed with exit code {rc}", flush=True)
+                hung += 1
+        print(f"smoke {direction}: {len(cases) - failed_here}/{len(cases)} cases passed",
+              flush=True)
+        failed, total = failed + failed_here, total + len(cases)
+    if args.only is None:
+        print(f"smoke: {total - failed}/{total} cases passed", flush=True)
+    # 2: a case hung or crashed (not worth running more); 1: wrong results only.
+    return 2 if hung else (1 if failed else 0)
+
+
+def case(args):
+    run = {"fwd": fwd_case, "bwd": bwd_case}[args.direction]
+    return 0 if run(args.name, args.out) else 1
+
+
+def overhead_fwd(cupy):
+    """Forward: per call, back to back and host time, then a profile of cuflash's host path."""
+    import cProfile
+    import pstats
+
+    import cuflash
+    print(f"{'config':24} {'impl':8} {'per-call us':>11} {'pipelined us':>12} {'host us':>8}")
+    for hd, n, causal in ((64, 512, False), (64, 512, True), (128, 512, False),
+                          (128, 1024, True)):
+        batch, nheads = standard_shape(n, hd)
+        q, k, v, dout = make_inputs(DTYPES["bf16"], batch, n, nheads, hd)
+
+        def ours():
+            return cuflash.attention(q, k, v, causal=causal)
+
+        with run_torch("FLASH_ATTENTION", "fwd", q, k, v, dout, causal) as flash:
+            for name, fn in (("cuflash", ours), ("flash", flash)):
+                print(f"bf16 hd{hd} {n} {'causal' if causal else 'full':7} {name:8} "
+                      f"{per_call_ms(fn, 5, 30) * 1e3:11.1f} "
+                      f"{back_to_back_ms(fn, 50) * 1e3:12.1f} {host_us(fn):8.1f}", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        ours()
+    prof.disable()
+    cupy.cuda.Device().synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+def overhead_bwd():
+    """Backward: per call against back to back (20 calls, median of 5)."""
+    import cuflash
+    for dname in ("bf16", "fp16"):
+        for hd, n, causal in ((64, 512, True), (64, 512, False), (64, 1024, True),
+                              (128, 512, True), (128, 8192, False)):
+            batch, nheads = standard_shape(n, hd)
+            q, k, v, dout = make_inputs(DTYPES[dname], batch, n, nheads, hd, seed=n * hd)
+            out, lse = cuflash.attention_forward(q, k, v, causal=causal)
+
+            def ours():
+                return cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+
+            with run_torch("FLASH_ATTENTION", "bwd", q, k, v, dout, causal) as flash:
+                r = {name: (per_call_ms(fn, 3, 30) * 1e3, back_to_back_ms(fn, 20, 5) * 1e3)
+                     for name, fn in (("cuflash", ours), ("flash", flash))}
+            row_flops = flops("bwd", batch, nheads, n, hd, causal)
+            c, f = r["cuflash"], r["flash"]
+            print(f"{dname:8} hd{hd:3} {n:5} causal={causal!s:5} | per call us: cuflash "
+                  f"{c[0]:7.1f} flash {f[0]:7.1f} ratio {f[0] / c[0]:.2f} | back to back: "
+                  f"cuflash {c[1]:7.1f} flash {f[1]:7.1f} ratio {f[1] / c[1]:.2f} "
+                  f"| b2b TFLOP/s {row_flops / c[1] / 1e6:.0f} / {row_flops / f[1] / 1e6:.0f}",
+                  flush=True)
+
+
+def overhead(args):
+    cupy = require_gpu()
+    if args.only in (None, "fwd"):
+        overhead_fwd(cupy)
+    if args.only in (None, "bwd"):
+        overhead_bwd()
+    return 0
+
+
+def tiles(args):
+    import tune
+    from cuflash import _dispatch
+    for item in args.tiles.split(","):
+        hd, bn = (int(x) for x in item.split(":"))
+        _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, bn, "tuning override")
+        print(f"FWD_SM90_TILES[{hd}] = Bc {bn}")
+    return tune.main(["fwd", *args.tune_args])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="smoke: device checks of the Hopper forward and backward, each case in its own "
+               "process with a timeout; overhead: host/GPU time split of short calls; "
+               "tiles: tune.py fwd with other Hopper forward key-block sizes")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("smoke", help="forward and backward cases, each in its own "
+                                          "process with a timeout")
+    p.add_argument("--only", choices=("fwd", "bwd"), help="one direction (default both)")
+    p.add_argument("--out", help="folder for the inputs and outputs of failing cases")
+    p.set_defaults(run=smoke)
+    p = commands.add_parser("case", help="one smoke case, in this process (smoke runs these)")
+    p.add_argument("direction", choices=("fwd", "bwd"))
+    p.add_argument("name")
+    p.add_argument("--out")
+    p.set_defaults(run=case)
+    p = commands.add_parser("overhead", help="host/GPU split of short forward and backward "
+                                             "calls, cuflash and torch flash")
+    p.add_argument("--only", choices=("fwd", "bwd"), help="one direction (default both)")
+    p.set_defaults(run=overhead)
+    p = commands.add_parser("tiles", help="override FWD_SM90_TILES and run tune.py fwd")
+    p.add_argument("tiles", help="head dim: key-block size, comma-separated, e.g. 128:176,64:192")
+    p.add_argument("tune_args", nargs=argparse.REMAINDER, help="bench/tune.py fwd arguments")
+    p.set_defaults(run=tiles)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What the GPU tests share: the skip of tests marked `gpu` where there is no CUDA GPU (used by
+tests/conftest.py and bench/conftest.py), the NaN-poisoning allocator hook, and CuPy.
+
+Usage: ``from gpu import poisoned`` (pytest puts ``tests/`` on ``sys.path``). Nothing here
+imports CuPy at import time, so CPU-only machines collect the GPU tests and skip them.
+"""
+import pytest
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver or no device: all mean no GPU
+        return False
+
+
+HAS_GPU = _has_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the items marked `gpu` without a GPU (a conftest.py hook: import it there)."""
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def import_cupy():
+    """The cupy module (imported only when a GPU test runs)."""
+    import cupy
+    return cupy
+
+
+def device_arch() -> str:
+    """The current device's architecture, e.g. "sm_90"."""
+    from cuflash import _compile
+    return _compile.device_arch(import_cupy().cuda.Device().id)
+
+
+class PoisoningAllocator:
+    """Allocate from CuPy's default pool, fill with NaN bytes, remember the sizes."""
+
+    def __init__(self):
+        import cupy
+        self.pool = cupy.get_default_memory_pool()
+        self.sizes = []
+
+    def __call__(self, size):
+        import cupy
+        mem = self.pool.malloc(size)
+        self.sizes.append(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+
+def poisoned(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every new allocation filled with 0xFF bytes (NaN in float16,
+    bfloat16 and float32), the device synced after; (result, sizes of the allocations)."""
+    import cupy
+    alloc = PoisoningAllocator()
+    cupy.cuda.set_allocator(alloc)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        cupy.cuda.set_allocator(alloc.pool.malloc)
+    cupy.cuda.Device().synchronize()
+    return result, alloc.sizes
