@@ -58,8 +58,7 @@ def options(arch: str) -> tuple:
 
 # Sources written for one architecture-specific target: sm_90a code (wgmma, setmaxnreg) runs
 # on compute capability 9.0 only. Every other source compiles for the device's own arch.
-ARCH_SPECIFIC = {"flash_fwd_sm90.cu": "sm_90a"}
-ARCH_SPECIFIC["flash_bwd_sm90.cu"] = "sm_90a"  # the wgmma backward
+ARCH_SPECIFIC = {"flash_fwd_sm90.cu": "sm_90a", "flash_bwd_sm90.cu": "sm_90a"}
 
 
 def target_arch(filename: str, arch: str):

@@ -284,20 +284,15 @@ bwd_main(const __grid_constant__ BwdParams p) {
   if constexpr (KEY_OWNER) {
     hkv = blockIdx.z;
     h_owner = hkv * group;
-    // Query rows that see at least one key of [o0, min(o0 + BLOCK_O, seqlen_k)).
-    int last = min(o0 + BLOCK_O, seq.seqlen_k()) - 1;
-    int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
-    int m_end = mask.left < 0 ? seq.seqlen_q()
-                              : min(seq.seqlen_q(), last - mask.diag + mask.left + 1);
-    s_begin = m_begin / BLOCK_R;
-    n_sblocks = m_end > m_begin ? (m_end - 1) / BLOCK_R + 1 - s_begin : 0;
+    int m_begin, m_end;
+    mask.query_range(o0, min(o0 + BLOCK_O, seq.seqlen_k()), m_begin, m_end);
+    block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
   } else {
     h_owner = blockIdx.z;
     hkv = h_owner / group;
     int k_begin, k_end;
     mask.key_range(o0, min(o0 + BLOCK_O, seq.seqlen_q()), k_begin, k_end);
-    s_begin = k_begin / BLOCK_R;
-    n_sblocks = k_end > k_begin ? (k_end - 1) / BLOCK_R + 1 - s_begin : 0;
+    block_span<BLOCK_R>(k_begin, k_end, s_begin, n_sblocks);
   }
   const int iters = (KEY_OWNER ? group : 1) * n_sblocks;
 
@@ -674,19 +669,15 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
   if constexpr (KEY_OWNER) {
     hkv = blockIdx.z;
     h_owner = hkv * group;
-    int last = min(o0 + F32_BLOCK, seq.seqlen_k()) - 1;
-    int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
-    int m_end = mask.left < 0 ? seq.seqlen_q()
-                              : min(seq.seqlen_q(), last - mask.diag + mask.left + 1);
-    s_begin = m_begin / F32_BLOCK;
-    n_sblocks = m_end > m_begin ? (m_end - 1) / F32_BLOCK + 1 - s_begin : 0;
+    int m_begin, m_end;
+    mask.query_range(o0, min(o0 + F32_BLOCK, seq.seqlen_k()), m_begin, m_end);
+    block_span<F32_BLOCK>(m_begin, m_end, s_begin, n_sblocks);
   } else {
     h_owner = blockIdx.z;
     hkv = h_owner / group;
     int k_begin, k_end;
     mask.key_range(o0, min(o0 + F32_BLOCK, seq.seqlen_q()), k_begin, k_end);
-    s_begin = k_begin / F32_BLOCK;
-    n_sblocks = k_end > k_begin ? (k_end - 1) / F32_BLOCK + 1 - s_begin : 0;
+    block_span<F32_BLOCK>(k_begin, k_end, s_begin, n_sblocks);
   }
   const int iters = (KEY_OWNER ? group : 1) * n_sblocks;
 

@@ -136,13 +136,9 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   const Mask mask(a);
   const float scale_log2 = a.scale * LOG2E;
 
-  // Query rows that see at least one key of [o0, min(o0 + BLOCK_C, seqlen_k)).
-  const int last = min(o0 + BLOCK_C, a.seqlen_k) - 1;
-  const int m_begin = mask.right < 0 ? 0 : max(0, o0 - mask.diag - mask.right);
-  const int m_end =
-      mask.left < 0 ? a.seqlen_q : min(a.seqlen_q, last - mask.diag + mask.left + 1);
-  const int s_begin = m_begin / BLOCK_R;
-  const int n_sblocks = m_end > m_begin ? (m_end - 1) / BLOCK_R + 1 - s_begin : 0;
+  int m_begin, m_end, s_begin, n_sblocks;
+  mask.query_range(o0, min(o0 + BLOCK_C, a.seqlen_k), m_begin, m_end);
+  block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
   const int iters = group * n_sblocks;
   auto stream_head = [&](int it) { return h0 + it / n_sblocks; };
   auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };

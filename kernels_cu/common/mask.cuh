@@ -46,6 +46,14 @@ struct Mask {
     end = right < 0 ? seqlen_k : min(seqlen_k, i_end + diag + right);
   }
 
+  // Query rows [begin, end) that see at least one key of [j_begin, j_end): key_range's
+  // inverse, for kernels that own keys and stream queries; empty when end <= begin.
+  __device__ __forceinline__ void query_range(int j_begin, int j_end, int& begin,
+                                              int& end) const {
+    begin = right < 0 ? 0 : max(0, j_begin - diag - right);
+    end = left < 0 ? seqlen_k - diag : min(seqlen_k - diag, j_end - diag + left);
+  }
+
   // True unless every (i, j) of the tile [i_begin, i_end) x [j_begin, j_end) is visible
   // (rows past seqlen_q count as rows; their results are never stored).
   __device__ __forceinline__ bool tile_needs_mask(int i_begin, int i_end, int j_begin,
@@ -54,6 +62,13 @@ struct Mask {
            (left >= 0 && j_begin < i_end - 1 + diag - left);
   }
 };
+
+// The blocks of BLOCK rows that cover rows [begin, end): the first one and how many.
+template <int BLOCK>
+__device__ __forceinline__ void block_span(int begin, int end, int& first, int& count) {
+  first = begin / BLOCK;
+  count = end > begin ? (end - 1) / BLOCK + 1 - first : 0;
+}
 
 // Raw dot product s = q_i . k_j -> base-2 logit
 //   log2(e) * (softcap * tanh(scale * s / softcap) - slope * |i + diag - j|).
