@@ -69,6 +69,18 @@ def attn_args(q, k, v, shape, opts, varlen=None):
             slopes_ptr, slopes_stride, *cu_seqlens)
 
 
+def _on_array_device(fn):
+    """Run ``fn`` with the device of its first argument (a CuPy array) current: CuPy
+    allocates, copies (``aligned``) and picks the current stream on the current device,
+    which need not be the one the arrays live on."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        import cupy
+        with cupy.cuda.Device(x.device.id):
+            return fn(x, *args, **kwargs)
+    return wrapper
+
+
 def _check_varlen_launch(shape, varlen):
     """Varlen grids have one CTA row per batch item, whose count CUDA caps at 65535."""
     if varlen is not None and shape.batch > 65535:
@@ -217,6 +229,7 @@ def _tile_counter(device_id):
     return ptr
 
 
+@_on_array_device
 def forward(q, k, v, shape, opts, varlen=None):
     """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else.
 
@@ -256,6 +269,7 @@ def forward(q, k, v, shape, opts, varlen=None):
     return out, lse
 
 
+@_on_array_device
 def backward(dout, q, k, v, out, lse, shape, opts, deterministic, varlen=None):
     """dq, dk, dv: preprocess -> dK/dV (+ dQ atomics, or a separate dQ kernel) -> dq convert.
 
@@ -350,6 +364,7 @@ def merge_into(parts, part_lse, out, lse):
            (_MERGE_WARPS * 32,), 0, params, MERGE_PARAMS)
 
 
+@_on_array_device
 def merge(parts, part_lse):
     """merge_attention on the GPU: allocates ``out`` (dtype of ``parts``) and ``lse``."""
     import cupy
@@ -418,6 +433,7 @@ def decode_plan(dtype, shape, opts, device_id):
     return cfg, m_blocks, num_splits
 
 
+@_on_array_device
 def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts, num_splits):
     """Split-KV decoding over caches already holding the new keys (fp16 / bf16).
 
