@@ -160,7 +160,9 @@ def _prepare(arrays: dict):
         if kind == "dlpack":
             arrays = {n: (xp.from_dlpack(x) if n in checked and x is not None else x)
                       for n, x in arrays.items()}
-            kind = "cupy"
+            # Now CuPy arrays: check that they share one device (same_kind does for CuPy).
+            kind = _checks.same_kind({n: arrays[n] for n in checked},
+                                     optional=("k", "v", "block_table", "alibi_slopes"))
     if not _is_int(arrays["cache_seqlens"]):
         arrays["cache_seqlens"] = xp.ascontiguousarray(arrays["cache_seqlens"])
     return kind, arrays

@@ -52,13 +52,11 @@ def merge_attention(outs, lses):
     """
     parts = _as_list(outs, "outs", 5)
     part_lses = _as_list(lses, "lses", 4)
-    named = {f"outs[{s}]": x for s, x in enumerate(parts)}
-    named.update({f"lses[{s}]": x for s, x in enumerate(part_lses)})
-    kind = _checks.same_kind(named, optional=())
+    kind = _checks.same_kind(_named(parts, part_lses), optional=())
     if kind == "dlpack":  # zero-copy CuPy views of the same memory
         outs, lses = _from_dlpack(outs), _from_dlpack(lses)
         parts, part_lses = _as_list(outs, "outs", 5), _as_list(lses, "lses", 4)
-        kind = "cupy"
+        kind = _checks.same_kind(_named(parts, part_lses), optional=())  # CuPy: one device
     _check(parts, part_lses, gpu=kind != "numpy")
 
     xp = np if kind == "numpy" else _checks._cupy()
@@ -72,6 +70,12 @@ def merge_attention(outs, lses):
         return cpu.merge(parts, part_lses)
     from . import _launch
     return _launch.merge(parts, part_lses)
+
+
+def _named(parts, part_lses) -> dict:
+    named = {f"outs[{s}]": x for s, x in enumerate(parts)}
+    named.update({f"lses[{s}]": x for s, x in enumerate(part_lses)})
+    return named
 
 
 def _as_list(x, name, stacked_ndim):
