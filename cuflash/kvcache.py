@@ -321,7 +321,10 @@ def forward_gathered(forward, xp, q, k_cache, v_cache, cache_seqlens, block_tabl
     out = xp.zeros(q.shape, q.dtype)
     lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
     for b in range(shape.batch):
-        length = int(lengths[b]) + cache.seqlen_new
+        # Clamped as flash_decode's cache_length does: GPU values are not checked (NumPy
+        # ones are, so this changes nothing there), and a negative or too large length would
+        # reach the kernel as seqlen_k or index past the cache.
+        length = min(max(int(lengths[b]), 0) + cache.seqlen_new, shape.seqlen_k)
         if length == 0:
             continue
         pages, rows = _key_rows(cache, b, length, block_table, xp)
