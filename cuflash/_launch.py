@@ -95,6 +95,10 @@ _SHARED_LIMIT = {}
 def launch(device_id, filename, name_expression, grid, block, shared_bytes, params, dtype):
     """Launch one kernel instantiation with its params struct (a record of ``dtype``)."""
     import cupy
+    if any(g > 65535 for g in grid[1:]):  # CUDA's gridDim.y / gridDim.z limit
+        raise ValueError(f"grid {tuple(grid)} of {name_expression}: its 2nd and 3rd axes "
+                         f"(batch, nheads or nheads_kv) must be at most 65535 on the GPU; "
+                         f"split the call")
     kernel = _compile.get_kernel(filename, name_expression, device_id)
     with cupy.cuda.Device(device_id):
         if shared_bytes > max(48 * 1024, _SHARED_LIMIT.get(kernel, 0)):
