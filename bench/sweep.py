@@ -56,16 +56,28 @@ class Skipped(Exception):
 # its untimed setup (a forward whose outputs the timed backward reads) and yields the
 # zero-argument callable to time. Arrays are (batch, seqlen, nheads, headdim).
 
+def timed_call(mode, forward, backward):
+    """The callable to time for ``mode``: ``forward()``, ``backward(*saved forward)`` (the
+    forward run once here, untimed), or both in sequence."""
+    if mode == "fwd":
+        return forward
+    if mode == "bwd":
+        saved = forward()
+        return lambda: backward(*saved)
+    return lambda: backward(*forward())
+
+
 @contextlib.contextmanager
 def run_cuflash(mode, q, k, v, dout, causal):
     import cuflash
-    if mode == "fwd":
-        yield lambda: cuflash.attention_forward(q, k, v, causal=causal)
-    elif mode == "bwd":
-        out, lse = cuflash.attention_forward(q, k, v, causal=causal)
-        yield lambda: cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
-    else:
-        yield lambda: cuflash.attention_vjp(q, k, v, causal=causal)[1](dout)
+
+    def forward():
+        return cuflash.attention_forward(q, k, v, causal=causal)
+
+    def backward(out, lse):
+        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+
+    yield timed_call(mode, forward, backward)
 
 
 @contextlib.contextmanager
@@ -87,13 +99,7 @@ def run_cuflash_varlen(mode, q, k, v, dout, causal):
         return cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *packing,
                                                  causal=causal)
 
-    if mode == "fwd":
-        yield forward
-    elif mode == "bwd":
-        saved = forward()
-        yield lambda: backward(*saved)
-    else:
-        yield lambda: backward(*forward())
+    yield timed_call(mode, forward, backward)
 
 
 @contextlib.contextmanager
@@ -144,13 +150,7 @@ def run_naive(mode, q, k, v, dout, causal):
         ds *= scale
         return ds @ kh, ds.transpose(0, 1, 3, 2) @ qh, dv
 
-    if mode == "fwd":
-        yield forward
-    elif mode == "bwd":
-        saved = forward()
-        yield lambda: backward(*saved)
-    else:
-        yield lambda: backward(*forward())
+    yield timed_call(mode, forward, backward)
 
 
 def implementations(names, torch) -> dict:
