@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/diagnose.py smoke [--only fwd|bwd] [--out DIR]
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
+    PYTHONPATH=. python bench/diagnose.py decode [--splits 1,2,4,8,16,32]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -21,6 +22,11 @@ same inputs: per call (events around each call, as bench/tune.py times), back to
 (events around many calls: the GPU time when the host keeps ahead) and, forward, host time
 alone plus a profile of cuflash's host path. The difference between per call and back to
 back is host time inside the per-call measurement (microseconds).
+
+``decode`` splits decode calls (bench/decode.py's shape, L2 flushed before each call) into
+host time, kernel time (CUPTI, through torch.profiler, which sees every kernel of the
+process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
+torch flash / cudnn, and times cuflash at several forced ``num_splits``.
 
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
 other key-block sizes in the same process as the peers.
@@ -262,6 +268,70 @@ def overhead(args):
     return 0
 
 
+def decode(args):
+    """Host, kernel and event times of decode calls, and cuflash over forced split counts."""
+    import statistics
+
+    import decode as dec
+    cupy = require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    from torch.profiler import ProfilerActivity, profile
+    timer = dec.Timer()
+    rng = np.random.default_rng(0)
+
+    def kernel_us(fn, calls=20):
+        """Median over calls of the summed kernel time of one call (CUPTI), and its kernels."""
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                timer.flush.fill(0)
+                fn()
+            cupy.cuda.Device().synchronize()
+        kernels = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA" and "fill" not in e.name.lower() \
+                    and "memset" not in e.name.lower():
+                kernels.setdefault(e.name[:60], []).append(e.device_time)
+        total = sum(sum(t) for t in kernels.values()) / calls
+        return total, {n: statistics.median(t) for n, t in kernels.items()}
+
+    splits = [int(s) for s in args.splits.split(",")]
+    for batch, length in ((1, 1024), (1, 4096), (1, 16384), (1, 131072), (4, 1024),
+                          (4, 16384), (16, 4096)):
+        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
+                                        dtype=np.float32).astype(dec.DTYPE)
+        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
+        lengths = cupy.full(batch, length, np.int32)
+        kp, vp, table = dec.paged(k, v, 64, rng)
+        impls = {
+            "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
+            "page64": lambda: cuflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths,
+                                                             block_table=table)}
+        for name, backend in dec.TORCH_BACKENDS.items():
+            impls[name] = dec.torch_call(torch, backend, q, k, v)[0]
+        for s in splits:
+            impls[f"splits={s}"] = (lambda s=s: cuflash.attention_with_kvcache(
+                q, k, v, cache_seqlens=lengths, num_splits=s))
+        print(f"--- batch {batch} length {length}", flush=True)
+        for name, fn in impls.items():
+            ms = timer(fn)
+            total, kernels = kernel_us(fn)
+            detail = "; ".join(f"{n} {t:.1f}" for n, t in kernels.items())
+            print(f"{name:10} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us | host "
+                  f"{host_us(fn):6.1f} us | {detail}", flush=True)
+        del k, v, kp, vp
+        cupy.get_default_memory_pool().free_all_blocks()
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        impls["cuflash"]()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    return 0
+
+
 def tiles(args):
     import tune
     from cuflash import _dispatch
@@ -297,6 +367,9 @@ def parse_args(argv):
     p.add_argument("tiles", help="head dim: key-block size, comma-separated, e.g. 128:176,64:192")
     p.add_argument("tune_args", nargs=argparse.REMAINDER, help="bench/tune.py fwd arguments")
     p.set_defaults(run=tiles)
+    p = commands.add_parser("decode", help="host / kernel / event time of decode calls")
+    p.add_argument("--splits", default="1,2,4,8,16,32", help="forced num_splits to time")
+    p.set_defaults(run=decode)
     return parser.parse_args(argv)
 
 
