@@ -422,7 +422,8 @@ _FAMILIES.append(_decode_family)
 # ---------------------------------------------------------------------------------------
 # Backward on Hopper (kernels_cu/flash_bwd_sm90.cu, compiled for sm_90a): wgmma, K and V of
 # 128 keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add. It serves fp16/bf16 with
-# head dims padded to 64 or 128, atomic dQ, no soft-cap or ALiBi; everything else (float32,
+# head dims padded to 64 or 128, atomic dQ, no soft-cap or ALiBi, dense or varlen (VARLEN
+# instantiations: a template flag, dense ones compile as without it); everything else (float32,
 # deterministic=True, soft-cap, ALiBi, other head dims, GPUs other than sm_90) runs on
 # bwd_main (mma.sync) above, which stays the reference the tests compare it with.
 BWD_SM90_FILE = "flash_bwd_sm90.cu"
@@ -458,15 +459,17 @@ class BwdSm90Launch:
     shared_bytes: int
 
 
-def _bwd_sm90_names(cxx_type, hd):
-    return (f"cuflash::bwd_sm90<{cxx_type}, {hd}, {BWD_SM90_TILES[hd].block_r}>",
-            f"cuflash::bwd_convert_dq_sm90<{cxx_type}, {hd}>")
+def _bwd_sm90_names(cxx_type, hd, varlen=False):
+    v = _varlen_flag(varlen)
+    return (f"cuflash::bwd_sm90<{cxx_type}, {hd}, {BWD_SM90_TILES[hd].block_r}{v}>",
+            f"cuflash::bwd_convert_dq_sm90<{cxx_type}, {hd}{v}>")
 
 
 def backward_sm90(cxx_type: str, headdim: int, deterministic: bool, score_mod: bool,
-                  arch: str):
+                  arch: str, varlen: bool = False):
     """The Hopper backward for one call on a device of ``arch``, or None where bwd_main
-    serves it (see above)."""
+    serves it (see above). ``varlen``: packed batches (cu_seqlens), the VARLEN
+    instantiations; the grid then spans the longest item's keys."""
     hd = padded_headdim(headdim)
     if (not BWD_SM90_ENABLED or arch != "sm_90" or cxx_type == "float" or deterministic
             or score_mod or hd not in BWD_SM90_TILES):
@@ -476,14 +479,15 @@ def backward_sm90(cxx_type: str, headdim: int, deterministic: bool, score_mod: b
     # delta); 1 KiB to align the tiles to 1024 bytes.
     shared = (2 * BWD_SM90_KEYS * hd + 4 * br * hd + 2 * BWD_SM90_KEYS * br) * 2 + \
         2 * 64 * 64 * 4 + 4 * br * 4 + 1024
-    name, convert = _bwd_sm90_names(cxx_type, hd)
+    name, convert = _bwd_sm90_names(cxx_type, hd, varlen)
     return BwdSm90Launch(name, convert, BWD_SM90_KEYS, BWD_SM90_THREADS, shared)
 
 
 def _bwd_sm90_family():
-    for cxx in ("__half", "__nv_bfloat16"):
-        for hd in BWD_SM90_TILES:
-            yield from ((BWD_SM90_FILE, n) for n in _bwd_sm90_names(cxx, hd))
+    for varlen in (False, True):
+        for cxx in ("__half", "__nv_bfloat16"):
+            for hd in BWD_SM90_TILES:
+                yield from ((BWD_SM90_FILE, n) for n in _bwd_sm90_names(cxx, hd, varlen))
 
 
 _FAMILIES.append(_bwd_sm90_family)

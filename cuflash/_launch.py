@@ -278,19 +278,20 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic, varlen=None):
     """dq, dk, dv: preprocess -> dK/dV (+ dQ atomics, or a separate dQ kernel) -> dq convert.
 
     Allocates only the gradients and O(seqlen * headdim) float32 scratch. ``varlen`` as in
-    :func:`forward` (lse (nheads, total_q)); bwd_main's VARLEN instantiations run it.
+    :func:`forward` (lse (nheads, total_q)): the VARLEN instantiations of bwd_sm90 (Hopper)
+    or bwd_main run it, with the grids spanning the longest item (``shape``).
     """
     from . import _dispatch
     _check_varlen_launch(shape, varlen)
     q, k, v = aligned(q), aligned(k), aligned(v)
     cxx = CXX_TYPES[q.dtype]
     dev = q.device.id
-    hopper = None if varlen is not None else _dispatch.backward_sm90(
+    hopper = _dispatch.backward_sm90(
         cxx, shape.headdim, deterministic, opts.softcap > 0 or opts.alibi_slopes is not None,
-        _compile.device_arch(dev))
+        _compile.device_arch(dev), varlen is not None)
     if hopper is not None:
         state = bwd_preprocess(dout, q, k, v, out, lse, shape, opts,
-                               _dispatch.padded_headdim(shape.headdim), True)
+                               _dispatch.padded_headdim(shape.headdim), True, varlen)
         launch(dev, _dispatch.BWD_SM90_FILE, hopper.name_expression,
                (-(-shape.seqlen_k // hopper.block_c), shape.batch, shape.nheads_kv),
                (hopper.num_threads, 1, 1), hopper.shared_bytes, state.params, BWD_PARAMS)

@@ -25,6 +25,7 @@
 // A-fragments of the two accumulating products (no shared-memory round trip). For
 // BWD_DKDV_DQ, dS^T also goes to shared memory, and after a barrier the CTA computes its
 // share dQ_i += dS K_j of the streamed query block and adds it into dq_accum.
+#include "common/bwd_scratch.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
 
@@ -73,25 +74,6 @@ template <typename T> __device__ __forceinline__ uint4 pack16(const float* f) {
 constexpr int PRE_LANES = 8;
 constexpr int PRE_THREADS = 256;
 constexpr int PRE_ROWS = PRE_THREADS / PRE_LANES;
-
-// The float32 scratch (lse_log2, delta, dq_accum). Dense: rows (batch, nheads, seqlen_q_pad).
-// Varlen: rows (nheads, seqlen_q_pad), batch item b's starting at
-//   (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b,
-// 64-byte aligned (cp.async of lse/delta) and at least seqlen + 129 rows before the next
-// item's, so at least round_up(seqlen, SCRATCH_TILE): every query tile (all of whose heights
-// divide SCRATCH_TILE) stays inside its item's rows. cuflash/_launch.py allocates
-// seqlen_q_pad = total_q rounded down to 16 + VARLEN_GAP * batch (the start of item "batch").
-constexpr int SCRATCH_TILE = 128;
-constexpr int VARLEN_GAP = SCRATCH_TILE + 16;
-
-// Index of scratch row 0 of head h of batch item `item` (whose view is `seq`).
-template <bool VARLEN>
-__device__ __forceinline__ int64 scratch_row0(const BwdParams& p, const SeqView<VARLEN>& seq,
-                                              int item, int h) {
-  int64 r = (int64(seq.b) * p.attn.nheads + h) * p.seqlen_q_pad;
-  if constexpr (VARLEN) r += (seq.q0 & ~15) + VARLEN_GAP * item;  // < seqlen_q_pad, an int
-  return r;
-}
 
 // grid (seqlen_q_pad / PRE_ROWS, nheads, batch); varlen: round_up(max_seqlen_q,
 // SCRATCH_TILE) / PRE_ROWS. Padded rows (>= seqlen_q) get delta 0 and lse_log2 +inf; so does

@@ -39,6 +39,14 @@
 //
 // Shared-memory tiles are 128B-swizzled (common/sm90.cuh): rows of 64 elements (128 bytes)
 // in column blocks, 16-byte chunk c of row r at c ^ (r % 8), every tile 1024-byte aligned.
+//
+// VARLEN instantiations (packed batches, AttnArgs cu_seqlens_q/k; dense ones compile to the
+// same code as without the flag): SeqView gives batch item b's first rows and lengths, key
+// blocks past its keys exit at once, Q/dO/K/V rows past its end load as zeros and are
+// masked, dK/dV rows past it are not stored. Its scratch rows (lse_log2, delta, dq_accum)
+// start at scratch_row0 (common/bwd_scratch.cuh) and span its length rounded up to 128, so
+// the dq_accum tiles above are laid out from there and reduce-adds stay inside the item.
+#include "common/bwd_scratch.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
 #include "common/sm90.cuh"
@@ -114,7 +122,7 @@ __device__ __forceinline__ bool tile_fully_masked(const Mask& m, int i0, int i1,
          (m.left >= 0 && j1 - 1 < i0 + m.diag - m.left);
 }
 
-template <typename T, int D, int BLOCK_R>
+template <typename T, int D, int BLOCK_R, bool VARLEN = false>
 __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
@@ -133,27 +141,35 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   const int b = blockIdx.y, hkv = blockIdx.z;
   const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
   const int o0 = blockIdx.x * BLOCK_C;  // first key of the CTA
-  const Mask mask(a);
+  // Varlen: batch item b's rows and lengths (the grid covers the longest item's keys).
+  const SeqView<VARLEN> seq(a, b);
+  if constexpr (VARLEN) {
+    if (o0 >= seq.seqlen_k()) return;
+  }
+  const Mask mask(a, seq);
   const float scale_log2 = a.scale * LOG2E;
 
   int m_begin, m_end, s_begin, n_sblocks;
-  mask.query_range(o0, min(o0 + BLOCK_C, a.seqlen_k), m_begin, m_end);
+  mask.query_range(o0, min(o0 + BLOCK_C, seq.seqlen_k()), m_begin, m_end);
   block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
   const int iters = group * n_sblocks;
   auto stream_head = [&](int it) { return h0 + it / n_sblocks; };
   auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
 
-  const T* q_base = static_cast<const T*>(a.q) + b * a.q_batch_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride;
-  auto load_stream = [&](int it) {
+  // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
+  // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
+  // sv: the item's view (seq, or its re-read inside the main loop).
+  const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride;
+  const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride;
+  auto load_stream = [&](int it, const SeqView<VARLEN>& sv) {
     const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
     sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_Q + buf * Tr::Q_BYTES,
-                               q_base + r0 * a.q_row_stride + h * a.q_head_stride,
-                               a.q_row_stride, a.seqlen_q - r0, a.headdim, tid);
+                               q_base + (sv.q0 + r0) * a.q_row_stride + h * a.q_head_stride,
+                               a.q_row_stride, sv.seqlen_q() - r0, a.headdim, tid);
     sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_DO + buf * Tr::Q_BYTES,
-                               do_base + r0 * p.do_row_stride + h * p.do_head_stride,
-                               p.do_row_stride, a.seqlen_q - r0, a.headdim, tid);
-    const int64 row = (int64(b) * a.nheads + h) * p.seqlen_q_pad + r0;
+                               do_base + (sv.q0 + r0) * p.do_row_stride + h * p.do_head_stride,
+                               p.do_row_stride, sv.seqlen_q() - r0, a.headdim, tid);
+    const int64 row = scratch_row0(p, sv, b, h) + r0;
     if (tid < BLOCK_R / 4)
       cp_async_16(base + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * tid, p.lse_log2 + row + 4 * tid,
                   true);
@@ -166,7 +182,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
   const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
   const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
-  auto dq_step = [&](int j) {
+  auto dq_step = [&](int j, const SeqView<VARLEN>& sv) {
     const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
     const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
     float dq[32];
@@ -190,7 +206,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::named_barrier(1 + wg, 128);
     if (wtid == 0) {
       const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
-      float* dst = p.dq_accum + (int64(b) * a.nheads + h) * p.seqlen_q_pad * D +
+      float* dst = p.dq_accum + scratch_row0(p, sv, b, h) * D +
                    (int64(tile_row) * (D / 64) + dblk) * 4096;
       sm90::bulk_reduce_add_f32(dst, stage, Tr::DQ_BYTES);
       sm90::bulk_commit();
@@ -202,16 +218,17 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
 
   if (iters > 0) {
-    const int nk = a.seqlen_k - o0;
+    // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
+    const int nk = seq.seqlen_k() - o0;
     sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
-                               static_cast<const T*>(a.k) + b * a.k_batch_stride +
-                                   o0 * a.k_row_stride + hkv * a.k_head_stride,
+                               static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+                                   (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
                                a.k_row_stride, nk, a.headdim, tid);
     sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
-                               static_cast<const T*>(a.v) + b * a.v_batch_stride +
-                                   o0 * a.v_row_stride + hkv * a.v_head_stride,
+                               static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                                   (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                                a.v_row_stride, nk, a.headdim, tid);
-    load_stream(0);
+    load_stream(0, seq);
   }
   cp_async_commit();
 
@@ -223,6 +240,10 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   for (int it = 0; it < iters; ++it) {
     const int buf = it & 1, r0 = stream_row(it);
+    // Varlen: the item's view re-read each step rather than held in registers across the
+    // loop (this kernel runs at 255 registers; dense reads its lengths from the params).
+    const SeqView<VARLEN> iseq = reread(seq, a, b);
+    const Mask imask = VARLEN ? Mask(a, iseq) : mask;
     // One barrier a step. Before it: this thread's copies of step it have landed, its dS^T
     // stores of step it - 1 are done, the previous bulk reduce has read its staging tile;
     // every wgmma of step it - 1 has completed. After it, everything of step it may start
@@ -231,12 +252,12 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::fence_proxy_async();
     if (wtid == 0) sm90::bulk_wait_read();
     __syncthreads();
-    if (it + 1 < iters) load_stream(it + 1);
+    if (it + 1 < iters) load_stream(it + 1, iseq);
     cp_async_commit();
     // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
     // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
     // work instead of running in step (both meet only at the barrier above).
-    if (wg == 0 && it > 0) dq_step(it - 1);
+    if (wg == 0 && it > 0) dq_step(it - 1, iseq);
 
     // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
     // keeps BLOCK_R = 128 (head dim 64) within the registers. A sub-tile that no (query,
@@ -250,7 +271,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
     for (int sb = 0; sb < SB; ++sb) {
       const int q0 = r0 + 64 * sb;
-      live[sb] = q0 < a.seqlen_q && !tile_fully_masked(mask, q0, q0 + 64, key0, key0 + 64);
+      live[sb] = q0 < iseq.seqlen_q() && !tile_fully_masked(imask, q0, q0 + 64, key0, key0 + 64);
     }
     auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
       const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
@@ -291,7 +312,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
         // 2 qd + e % 2. Only tiles on a mask boundary test each element.
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-        const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+        const bool need_mask = imask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           const int qc = 8 * t + 2 * qd;
@@ -301,7 +322,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * t + e;
             float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
-            if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+            if (need_mask && !imask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
             s[sb][i] = pv;
             dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
           }
@@ -348,25 +369,26 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::fence_regs<D / 2>(dk);
     sm90::fence_regs_u32<16>(&pa[SB - 1][0][0]);
     sm90::fence_regs_u32<16>(&dsa[SB - 1][0][0]);
-    if (wg == 1 && it > 0) dq_step(it - 1);
+    if (wg == 1 && it > 0) dq_step(it - 1, iseq);
   }
+  const SeqView<VARLEN> out_seq = reread(seq, a, b);
   if (iters > 0) {
     sm90::fence_proxy_async();
     if (wtid == 0) sm90::bulk_wait_read();
     __syncthreads();
-    dq_step(iters - 1);
+    dq_step(iters - 1, out_seq);
   }
   cp_async_wait<0>();
 
-  // dK (with the softmax scale) and dV: rows = keys, 2 columns a store.
+  // dK (with the softmax scale) and dV: rows = keys of the item, 2 columns a store.
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = krow + 8 * hh;
-    if (row >= a.seqlen_k) continue;
-    T* dk_row = static_cast<T*>(p.dk) + b * p.dk_batch_stride + row * p.dk_row_stride +
-                hkv * p.dk_head_stride;
-    T* dv_row = static_cast<T*>(p.dv) + b * p.dv_batch_stride + row * p.dv_row_stride +
-                hkv * p.dv_head_stride;
+    if (row >= out_seq.seqlen_k()) continue;
+    T* dk_row = static_cast<T*>(p.dk) + out_seq.b * p.dk_batch_stride +
+                (out_seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
+    T* dv_row = static_cast<T*>(p.dv) + out_seq.b * p.dv_batch_stride +
+                (out_seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
       const int col = 8 * t + 2 * qd;
@@ -383,15 +405,16 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded
 // to T, reading bwd_sm90's tiled and permuted dq_accum layout (see the top). 8 threads a
 // row, 8 columns each: 8 consecutive columns are 8 consecutive floats there too.
-template <typename T, int D>
+template <typename T, int D, bool VARLEN = false>
 __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
   const int row = blockIdx.x * 32 + threadIdx.x / 8;
   const int h = blockIdx.y, b = blockIdx.z;
-  if (row >= a.seqlen_q) return;
-  const float* slab = p.dq_accum + (int64(b) * a.nheads + h) * p.seqlen_q_pad * D;
-  T* dst = static_cast<T*>(p.dq) + b * p.dq_batch_stride + row * p.dq_row_stride +
-           h * p.dq_head_stride;
+  const SeqView<VARLEN> seq(a, b);
+  if (row >= seq.seqlen_q()) return;
+  const float* slab = p.dq_accum + scratch_row0(p, seq, b, h) * D;
+  T* dst = static_cast<T*>(p.dq) + seq.b * p.dq_batch_stride +
+           (seq.q0 + row) * p.dq_row_stride + h * p.dq_head_stride;
   for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
     const float* src = slab + ((row / 64) * (D / 64) + c0 / 64) * 4096 + (row % 64) * 64 +
                        2 * (((c0 % 64) / 2) ^ (4 * (row % 8)));
