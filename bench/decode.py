@@ -145,8 +145,7 @@ def run_shape(timer, batch, length, torch, rng, impls):
     k, v = random_cache(batch, length), random_cache(batch, length)
     lengths = cupy.full(batch, length, np.int32)
     shape = _checks.Shape(batch, 1, length, NHEADS, NHEADS_KV, HEADDIM)
-    opts = _checks.Options(HEADDIM ** -0.5, False, -1, -1, 0.0, None)
-    splits = _launch.decode_plan(DTYPE, shape, opts, q.device.id)[2]
+    splits = _launch.decode_plan(DTYPE, shape, False, q.device.id)[2]
     makers = {"cuflash": lambda: (
         lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths), {})}
     for page_size in PAGE_SIZES:

@@ -70,6 +70,7 @@ def target_arch(filename: str, arch: str):
     return special if special.rstrip("a") == arch else None
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device_id: int) -> str:
     import cupy
     cc = cupy.cuda.Device(device_id).compute_capability  # e.g. "90"

@@ -328,9 +328,9 @@ DECODE_FILE = "flash_decode.cu"
 DECODE_ROWS = 16   # packed query rows (query heads of a kv head x query rows) per CTA
 DECODE_KEYS = 16   # keys per tile
 DECODE_WARPS = 4
-# Split-KV heuristic: a split gets at least this many keys (2 tiles per warp), so that the
-# split's fixed cost (Q load, warp merge, its share of merge_parts) stays small, and at
-# most this many splits.
+# Split-KV heuristic (bench/NOTES.md, "Split-KV decode v2"): a split gets at least this
+# many keys (2 tiles per warp), and there are at most this many splits (the fused combine
+# keeps one weight per split and row in 8 KiB of shared memory).
 DECODE_MIN_SPLIT_KEYS = 128
 DECODE_MAX_SPLITS = 128
 
@@ -377,28 +377,20 @@ def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
     return DecodeConfig(_decode_name(cxx_type, hd, score_mod), DECODE_WARPS * 32, shared)
 
 
-def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int, ctas_per_sm: int) -> int:
-    """Splits of the keys so that ``ctas`` CTAs per split fill the GPU in whole waves.
+def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
+    """Splits of the keys so that the ``ctas`` CTAs of one split become about one per SM.
 
-    FlashAttention-2's rule: among 1 .. max splits, the fewest whose wave efficiency
-    (CTAs / (waves x slots)) is within 90% of the best; one split when the CTAs already
-    fill most of the GPU, so that nothing pays for the merge without a need.
+    Measured on the H100 (NOTES, "Split-KV decode v2"): decoding reaches its bandwidth with
+    about one 4-warp CTA per SM, and more splits only add combine work; one split when the
+    CTAs already fill 80% of the SMs.
     """
-    slots = num_sms * max(1, ctas_per_sm)
-    max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS)
-    if ctas >= 0.8 * slots or max_splits <= 1:
+    if ctas >= 0.8 * num_sms:
         return 1
-
-    def efficiency(splits):
-        waves = ctas * splits / slots
-        return waves / -(-waves // 1)
-
-    best = max(efficiency(s) for s in range(1, max_splits + 1))
-    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.9 * best)
+    return max(1, min(-(-num_sms // ctas), seqlen_k // DECODE_MIN_SPLIT_KEYS, DECODE_MAX_SPLITS))
 
 
-def merge_name(part_cxx: str, out_cxx: str) -> str:
-    return f"cuflash::merge_parts<{part_cxx}, {out_cxx}>"
+def merge_name(cxx_type: str) -> str:
+    return f"cuflash::merge_parts<{cxx_type}>"
 
 
 def append_name(cxx_type: str) -> str:
@@ -411,8 +403,7 @@ def _decode_family():
             for score_mod in (False, True):
                 yield DECODE_FILE, _decode_name(cxx, hd, score_mod)
     for cxx in ("__half", "__nv_bfloat16", "float"):
-        yield DECODE_FILE, merge_name("float", cxx)   # split-KV's combine
-        yield DECODE_FILE, merge_name(cxx, cxx)       # merge_attention
+        yield DECODE_FILE, merge_name(cxx)  # merge_attention
         yield DECODE_FILE, append_name(cxx)
 
 

@@ -211,7 +211,8 @@ FWD_SM90_PARAMS = np.dtype({
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_id):
-    return _sm_resources(device_id)[0]
+    from cupy.cuda import runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id)
 
 
 # (device, stream) -> two int32 tile counters of flash_fwd_sm90's scheduler. They are zero
@@ -328,7 +329,7 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic, varlen=None):
 DECODE_PARAMS = np.dtype([
     ("attn", ATTN_ARGS),
     ("block_table", np.uint64), ("block_table_batch_stride", np.int64),
-    ("page_size", np.int32),
+    ("page_size", np.int32), ("num_pages", np.int32),
     ("cache_seqlens", np.uint64), ("cache_seqlen", np.int32), ("seqlen_new", np.int32),
     ("k_new", np.uint64), ("v_new", np.uint64),
     ("kn_batch_stride", np.int64), ("kn_row_stride", np.int64), ("kn_head_stride", np.int64),
@@ -336,7 +337,7 @@ DECODE_PARAMS = np.dtype([
     ("o", np.uint64),
     ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
     ("lse", np.uint64), ("o_accum", np.uint64), ("lse_accum", np.uint64),
-    ("num_splits", np.int32), ("m_blocks", np.int32),
+    ("split_counter", np.uint64), ("num_splits", np.int32), ("m_blocks", np.int32),
 ], align=True)
 
 MERGE_PARAMS = np.dtype([
@@ -353,61 +354,47 @@ _MERGE_WARPS = 4      # MERGE_WARPS in flash_decode.cu
 _APPEND_THREADS = 128  # APPEND_THREADS in flash_decode.cu
 
 
-def merge_into(parts, part_lse, out, lse):
-    """Launch merge_parts: ``parts`` (num_parts, batch, seqlen_q, nheads, headdim) and
-    ``part_lse`` (num_parts, batch, nheads, seqlen_q) float32 into ``out`` (batch, seqlen_q,
-    nheads, headdim) and contiguous ``lse`` (batch, nheads, seqlen_q)."""
+@_on_array_device
+def merge(parts, part_lse):
+    """merge_attention on the GPU (merge_parts): ``parts`` (num_parts, batch, seqlen_q,
+    nheads, headdim) and ``part_lse`` (num_parts, batch, nheads, seqlen_q) float32 into a
+    new ``out`` (batch, seqlen_q, nheads, headdim; the dtype of ``parts``) and ``lse``
+    (batch, nheads, seqlen_q)."""
+    import cupy
     from . import _dispatch
     num_parts, batch, seqlen_q, nheads, headdim = parts.shape
+    out = cupy.empty(parts.shape[1:], parts.dtype)
+    lse = cupy.empty((batch, nheads, seqlen_q), np.float32)
     item = parts.dtype.itemsize
     params = (parts.data.ptr, part_lse.data.ptr, out.data.ptr, lse.data.ptr,
               *(s // item for s in parts.strides[:4]), *(s // 4 for s in part_lse.strides),
               *strides(out), num_parts, batch, seqlen_q, nheads, headdim)
     rows = batch * seqlen_q * nheads
-    name = _dispatch.merge_name(CXX_TYPES[parts.dtype], CXX_TYPES[out.dtype])
-    launch(out.device.id, _dispatch.DECODE_FILE, name, (-(-rows // _MERGE_WARPS),),
-           (_MERGE_WARPS * 32,), 0, params, MERGE_PARAMS)
-
-
-@_on_array_device
-def merge(parts, part_lse):
-    """merge_attention on the GPU: allocates ``out`` (dtype of ``parts``) and ``lse``."""
-    import cupy
-    _, batch, seqlen_q, nheads, _ = parts.shape
-    with cupy.cuda.Device(parts.device.id):
-        out = cupy.empty(parts.shape[1:], parts.dtype)
-        lse = cupy.empty((batch, nheads, seqlen_q), np.float32)
-    merge_into(parts, part_lse, out, lse)
+    cxx = CXX_TYPES[parts.dtype]
+    launch(out.device.id, _dispatch.DECODE_FILE, _dispatch.merge_name(cxx),
+           (-(-rows // _MERGE_WARPS),), (_MERGE_WARPS * 32,), 0, params, MERGE_PARAMS)
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_resources(device_id):
-    """(SM count, shared memory bytes per SM) of a device."""
-    from cupy.cuda import runtime
-    return (runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id),
-            runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                       device_id))
-
-
 def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache,
-                   opts, out=None, lse=None, o_accum=None, lse_accum=None, num_splits=1,
-                   m_blocks=1):
+                   opts, out=None, lse=None, o_accum=None, lse_accum=None, split_counter=0,
+                   num_splits=1, m_blocks=1):
     shape = cache.shape
     if isinstance(cache_seqlens, int):
         seqlens_ptr, seqlen_const = 0, cache_seqlens
     else:
         seqlens_ptr, seqlen_const = cache_seqlens.data.ptr, 0
     if block_table is not None:
-        table = (block_table.data.ptr, block_table.strides[0] // 4, cache.page_size)
+        table = (block_table.data.ptr, block_table.strides[0] // 4, cache.page_size,
+                 cache.num_blocks)
     else:
-        table = (0, 0, 0)
+        table = (0, 0, 0, 0)
     new = (_ptr(k_new), _ptr(v_new),
            *(strides(k_new) if k_new is not None else (0, 0, 0)),
            *(strides(v_new) if v_new is not None else (0, 0, 0)))
     return (attn_args(q, k_cache, v_cache, shape, opts), *table, seqlens_ptr, seqlen_const,
             cache.seqlen_new, *new, _ptr(out), *(strides(out) if out is not None else (0, 0, 0)),
-            _ptr(lse), _ptr(o_accum), _ptr(lse_accum), num_splits, m_blocks)
+            _ptr(lse), _ptr(o_accum), _ptr(lse_accum), split_counter, num_splits, m_blocks)
 
 
 def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache, opts):
@@ -423,48 +410,70 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
            DECODE_PARAMS)
 
 
-def decode_plan(dtype, shape, opts, device_id):
-    """(config, row blocks per kv head, default num_splits) of flash_decode for one call;
-    ``shape.seqlen_k`` is the cache capacity."""
+@functools.lru_cache(maxsize=1024)
+def decode_plan(dtype, shape, score_mod, device_id):
+    """(config, row blocks per kv head, default num_splits) of flash_decode for one call
+    shape (``shape.seqlen_k`` is the cache capacity); memoised, since decoding calls the
+    same shape again and again."""
     from . import _dispatch
-    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim,
-                                  opts.softcap > 0 or opts.alibi_slopes is not None)
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
     group = shape.nheads // shape.nheads_kv
     m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
-    num_sms, smem_per_sm = _sm_resources(device_id)
-    ctas_per_sm = min(2, smem_per_sm // (cfg.shared_bytes + 1024))  # 1 KiB reserved per CTA
     num_splits = _dispatch.decode_num_splits(shape.batch * shape.nheads_kv * m_blocks,
-                                             shape.seqlen_k, num_sms, ctas_per_sm)
+                                             shape.seqlen_k, _num_sms(device_id))
     return cfg, m_blocks, num_splits
+
+
+# (device, stream) -> (address, count) of the int32 split counters of flash_decode's fused
+# combine. They are zero between launches (each group's last split resets its own), so one
+# array serves a stream's launches, which run one after the other. Allocated outside the
+# memory pool (a call allocates only its outputs and partial results), and replaced by a
+# larger one when a call needs more (cudaFree waits for the launches that used the old).
+_SPLIT_COUNTERS = {}
+
+
+def _split_counter(count):
+    import cupy
+    from cupy.cuda import runtime
+    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    ptr, size = _SPLIT_COUNTERS.get(key, (0, 0))
+    if size < count:
+        if ptr:
+            runtime.free(ptr)
+        size = max(count, 1024)
+        ptr = runtime.malloc(4 * size)
+        runtime.memset(ptr, 0, 4 * size)
+        _SPLIT_COUNTERS[key] = (ptr, size)
+    return ptr
 
 
 @_on_array_device
 def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts, num_splits):
-    """Split-KV decoding over caches already holding the new keys (fp16 / bf16).
+    """Split-KV decoding over caches already holding the new keys (fp16 / bf16), one launch.
 
     Allocates ``out`` and ``lse`` and, with several splits, the float32 partial results
-    (num_splits x the size of ``out``) that merge_parts combines.
+    (num_splits x the size of ``out``) that the last split of each group merges.
     """
     import cupy
     from . import _dispatch
-    device_id = q.device.id
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    cfg, m_blocks, auto_splits = decode_plan(q.dtype, shape, opts, device_id)
+    cfg, m_blocks, auto_splits = decode_plan(
+        q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id)
     num_splits = num_splits or auto_splits
-    with cupy.cuda.Device(device_id):
-        out = cupy.empty(q.shape, q.dtype)
-        lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
-        o_accum = lse_accum = None
-        if num_splits > 1:
-            o_accum = cupy.empty((num_splits,) + q.shape, np.float32)
-            lse_accum = cupy.empty((num_splits,) + lse.shape, np.float32)
-    params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
-                            cache, opts, out, lse, o_accum, lse_accum, num_splits, m_blocks)
-    grid = (shape.batch * num_splits * shape.nheads_kv * m_blocks,)
-    launch(device_id, _dispatch.DECODE_FILE, cfg.name_expression, grid, (cfg.num_threads,),
-           cfg.shared_bytes, params, DECODE_PARAMS)
+    out = cupy.empty(q.shape, q.dtype)
+    lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
+    o_accum = lse_accum = None
+    counter = 0
+    ctas = shape.batch * shape.nheads_kv * m_blocks
     if num_splits > 1:
-        merge_into(o_accum, lse_accum, out, lse)
+        o_accum = cupy.empty((num_splits,) + q.shape, np.float32)
+        lse_accum = cupy.empty((num_splits,) + lse.shape, np.float32)
+        counter = _split_counter(ctas)
+    params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
+                            cache, opts, out, lse, o_accum, lse_accum, counter, num_splits,
+                            m_blocks)
+    launch(q.device.id, _dispatch.DECODE_FILE, cfg.name_expression, (ctas * num_splits,),
+           (cfg.num_threads,), cfg.shared_bytes, params, DECODE_PARAMS)
     return out, lse

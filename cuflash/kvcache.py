@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
+from ._dispatch import DECODE_MAX_SPLITS
 
 # Pages hold a multiple of the GPU kernel's 16-key tiles, so that no tile straddles two
 # pages; every backend enforces it, so that a call valid on one is valid on all.
@@ -63,7 +64,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         Pages of each batch item's cache, in key order: key ``j`` of batch item ``b`` lives
         in page ``block_table[b, j // page_size]`` at row ``j % page_size``. Entries must lie
         in ``[0, num_blocks)`` (checked for NumPy inputs only).
-    num_splits : int, optional
+    num_splits : int in [1, 128], optional
         GPU: how many CTAs share one (batch item, kv head)'s keys; default from the SM count
         and the cache length. Results do not depend on it beyond rounding. Ignored on the
         CPU.
@@ -103,8 +104,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         if isinstance(num_splits, (bool, np.bool_)) or not isinstance(num_splits,
                                                                       (int, np.integer)):
             raise TypeError(f"num_splits must be None or an int, got {num_splits!r}")
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+            raise ValueError(f"num_splits must lie in [1, {DECODE_MAX_SPLITS}], got "
+                             f"{num_splits}")
         num_splits = int(num_splits)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")

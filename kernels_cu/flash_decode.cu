@@ -11,12 +11,15 @@
 //   tiles through a private STAGES-deep cp.async ring (no block-wide barrier in the key
 //   loop) and runs its own online softmax: S = Q K^T and O += P V on tensor cores, P never
 //   leaving registers. At the end the warps' results are merged by their LSE, and the
-//   split's (out, lse) goes to out directly (one split) or to float32 scratch.
+//   split's (out, lse) goes to out directly (one split) or to float32 scratch, where the
+//   last split of the group to finish (an atomic counter) merges every split's partial
+//   result by LSE into out: one launch, the partials read back from L2.
 //   Decoding reads every byte of K and V once and does ~2 * 16 rows of MMA per key, so it
 //   is bound by memory bandwidth: what matters is bytes in flight (warps x stages x tiles),
 //   not the MMAs.
 // merge_parts: out = sum_s exp(lse_s - lse) * out_s with lse = log sum_s exp(lse_s), the
-//   combine step of split-KV and the kernel of merge_attention.
+//   kernel of merge_attention (split-KV's combine, fused into flash_decode, uses the same
+//   LseMerge).
 #include "common/mask.cuh"
 #include "common/params.cuh"
 #include "common/softmax.cuh"
@@ -77,11 +80,13 @@ __device__ __forceinline__ int cache_length(const DecodeParams& p, int b) {
 }
 
 // Where key `pos` of batch item b lives: its page (the batch item for contiguous caches)
-// and its row in that page.
+// and its row in that page. Block-table entries are not checked on the GPU either: one
+// outside [0, num_pages) is clamped into it.
 __device__ __forceinline__ void locate_key(const DecodeParams& p, int b, int pos, int& page,
                                            int& row) {
   if (p.block_table) {
-    page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+    page = min(max(p.block_table[b * p.block_table_batch_stride + pos / p.page_size], 0),
+               p.num_pages - 1);
     row = pos % p.page_size;
   } else {
     page = b;
@@ -152,6 +157,35 @@ __device__ __forceinline__ void load_kv_tile(uint32_t dst, const T* src, int64 r
   }
 }
 
+// A CTA's place: blockIdx.x = ((b * num_splits + split) * nheads_kv + h_kv) * m_blocks +
+// m_block, so that CTAs that read the same key rows (row blocks of one kv head, then the kv
+// heads, which share cache rows) are neighbours in launch order; its packed rows r0 ..
+// r0 + rows - 1. The epilogue builds it again from an opaque copy of blockIdx.x, so that
+// none of it stays live in registers across the key loop (hd 256 sits at 255 registers).
+struct DecodeCta {
+  int m_block, h_kv, split, b, group, r0, rows;
+  __device__ __forceinline__ DecodeCta(const DecodeParams& p, int idx) {
+    m_block = idx % p.m_blocks;
+    idx /= p.m_blocks;
+    h_kv = idx % p.attn.nheads_kv;
+    idx /= p.attn.nheads_kv;
+    split = idx % p.num_splits;
+    b = idx / p.num_splits;
+    group = p.attn.nheads / p.attn.nheads_kv;
+    r0 = m_block * DECODE_ROWS;
+    rows = min(DECODE_ROWS, group * p.attn.seqlen_q - r0);
+  }
+  // Index of this CTA's split group (batch item, kv head, row block) in split_counter.
+  __device__ __forceinline__ int group_index(const DecodeParams& p) const {
+    return (b * p.attn.nheads_kv + h_kv) * p.m_blocks + m_block;
+  }
+};
+
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(NUM_WARPS * 32, 2)
 flash_decode(const __grid_constant__ DecodeParams p) {
@@ -163,22 +197,11 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   const uint32_t sQ = smem_addr(smem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  // blockIdx.x = ((b * num_splits + split) * nheads_kv + h_kv) * m_blocks + m_block: CTAs
-  // that read the same key rows (row blocks of one kv head, then the kv heads, which share
-  // cache rows) are neighbours in launch order.
-  int idx = blockIdx.x;
-  const int m_block = idx % p.m_blocks;
-  idx /= p.m_blocks;
-  const int h_kv = idx % p.attn.nheads_kv;
-  idx /= p.attn.nheads_kv;
-  const int split = idx % p.num_splits;
-  const int b = idx / p.num_splits;
-
+  const DecodeCta cta(p, blockIdx.x);
+  const int h_kv = cta.h_kv, split = cta.split, b = cta.b, group = cta.group, r0 = cta.r0,
+            rows = cta.rows;
   AttnArgs a = p.attn;  // with this batch item's seqlen_k, for Mask and ScoreMod
   a.seqlen_k = cache_length(p, b);
-  const int group = a.nheads / a.nheads_kv;
-  const int r0 = m_block * DECODE_ROWS;                       // first packed row
-  const int rows = min(DECODE_ROWS, group * a.seqlen_q - r0);  // valid packed rows
   const int i_begin = r0 / group, i_end = (r0 + rows - 1) / group + 1;  // their query rows
 
   // This split's tiles: the tiles of keys seen by any of the rows, cut into num_splits
@@ -340,30 +363,86 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   __syncthreads();
 
   // Store: out / lse directly with one split, else this split's float32 partial result.
-  const int64 nheads = a.nheads, seqlen_q = a.seqlen_q;
+  const DecodeCta c(p, opaque(blockIdx.x));
+  const int64 nheads = p.attn.nheads, seqlen_q = p.attn.seqlen_q, batch = p.attn.batch;
+  const int headdim = p.attn.headdim;
+  auto out_at = [&](int r, int d) -> T* {  // out element (packed row r, column d)
+    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
+    return static_cast<T*>(p.o) + c.b * p.o_batch_stride + i * p.o_row_stride +
+           h * p.o_head_stride + d;
+  };
+  auto lse_at = [&](float* base, int split, int r) -> float* {  // lse / lse_accum element
+    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
+    return base + ((split * batch + c.b) * nheads + h) * seqlen_q + i;
+  };
+  auto o_accum_at = [&](int split, int r) -> float* {  // row r of a split's partial result
+    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
+    return p.o_accum + (((split * batch + c.b) * seqlen_q + i) * nheads + h) * headdim;
+  };
   for (int e = tid; e < DECODE_ROWS * HEAD_DIM; e += NUM_THREADS) {
     const int r = e / HEAD_DIM, d = e % HEAD_DIM;
-    if (r >= rows || d >= a.headdim) continue;
+    if (r >= c.rows || d >= headdim) continue;
     float x = 0.f;
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w)
       x = fmaf(sW[w * DECODE_ROWS + r], sO[(w * DECODE_ROWS + r) * Tr::OS + d], x);
-    const int pr = r0 + r, i = pr / group, h = h_kv * group + pr % group;
-    if (p.o_accum) {
-      p.o_accum[(((split * static_cast<int64>(a.batch) + b) * seqlen_q + i) * nheads + h) *
-                    a.headdim + d] = x;
-    } else {
-      static_cast<T*>(p.o)[b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + d] =
-          from_float<T>(x);
-    }
-  }
-  if (tid < rows) {
-    const int pr = r0 + tid, i = pr / group, h = h_kv * group + pr % group;
     if (p.o_accum)
-      p.lse_accum[((split * static_cast<int64>(a.batch) + b) * nheads + h) * seqlen_q + i] =
-          sLse[tid];
+      o_accum_at(c.split, r)[d] = x;
     else
-      p.lse[(b * nheads + h) * seqlen_q + i] = sLse[tid];
+      *out_at(r, d) = from_float<T>(x);
+  }
+  if (tid < c.rows) *lse_at(p.o_accum ? p.lse_accum : p.lse, p.o_accum ? c.split : 0, tid) = sLse[tid];
+  if (!p.o_accum) return;
+
+  // Split-KV combine: the last split of this (batch item, kv head, row block) to get here
+  // merges all the splits' partials, which the others have made visible (fence, then the
+  // counter) and which it reads from L2 (ld.cg: its L1 may hold none of them, but say so).
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  if (tid == 0) {
+    int* counter = p.split_counter + c.group_index(p);
+    is_last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (is_last) *counter = 0;  // re-armed for the next launch
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // Weights exp(lse_s - lse) of every (split, row) into sW2 [num_splits][DECODE_ROWS] (over
+  // the rings: num_splits <= 128 takes 8 KiB), the merged lse to lse.
+  float* sW2 = reinterpret_cast<float*>(smem + Tr::Q_BYTES);
+  for (int e = tid; e < p.num_splits * DECODE_ROWS; e += NUM_THREADS)
+    if (e % DECODE_ROWS < c.rows) sW2[e] = __ldcg(lse_at(p.lse_accum, e / DECODE_ROWS, e % DECODE_ROWS));
+  __syncthreads();
+  if (tid < c.rows) {
+    LseMerge m;
+    for (int s = 0; s < p.num_splits; ++s) m.add(sW2[s * DECODE_ROWS + tid]);
+    const float lse = m.lse();
+    for (int s = 0; s < p.num_splits; ++s)
+      sW2[s * DECODE_ROWS + tid] = merge_weight(sW2[s * DECODE_ROWS + tid], lse);
+    *lse_at(p.lse, 0, tid) = lse;
+  }
+  __syncthreads();
+  // out = sum_s w_s out_s, four columns a thread (headdim is a multiple of 8).
+  const int quads = headdim / 4;
+  for (int e = tid; e < c.rows * quads; e += NUM_THREADS) {
+    const int r = e / quads, d = e % quads * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = sW2[s * DECODE_ROWS + r];
+      if (w == 0.f) continue;  // an empty split adds nothing, whatever its partial holds
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(o_accum_at(s, r) + d));
+      acc.x = fmaf(w, x.x, acc.x);
+      acc.y = fmaf(w, x.y, acc.y);
+      acc.z = fmaf(w, x.z, acc.z);
+      acc.w = fmaf(w, x.w, acc.w);
+    }
+    T* o = out_at(r, d);
+    o[0] = from_float<T>(acc.x);
+    o[1] = from_float<T>(acc.y);
+    o[2] = from_float<T>(acc.z);
+    o[3] = from_float<T>(acc.w);
   }
 }
 
@@ -373,7 +452,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 // 32 parts at a time are computed one per lane and broadcast by shuffles, and the part loop
 // is unrolled so that several parts' loads are in flight: after flash_decode the parts sit
 // in L2, so latency, not bandwidth, is what this kernel waits on.
-template <typename TI, typename TO>
+template <typename T>
 __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_constant__ MergeParams p) {
   constexpr int SLAB = 8;  // columns per lane per pass: 8 * 32 = 256
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -392,9 +471,9 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_con
     m.combine(__shfl_xor_sync(0xffffffffu, m.mx, off), __shfl_xor_sync(0xffffffffu, m.sum, off));
   const float lse = m.lse();
 
-  const TI* part = static_cast<const TI*>(p.parts) + b * p.p_batch_stride + i * p.p_row_stride +
+  const T* part = static_cast<const T*>(p.parts) + b * p.p_batch_stride + i * p.p_row_stride +
                    h * p.p_head_stride;
-  TO* o = static_cast<TO*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   for (int d0 = 0; d0 < p.headdim; d0 += SLAB * 32) {
     float acc[SLAB];
 #pragma unroll
@@ -407,7 +486,7 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_con
 #pragma unroll 4
       for (int k = 0; k < n; ++k) {
         const float w = __shfl_sync(0xffffffffu, w_lane, k);
-        const TI* x = part + (s0 + k) * p.p_part_stride;
+        const T* x = part + (s0 + k) * p.p_part_stride;
 #pragma unroll
         for (int c = 0; c < SLAB; ++c) {
           const int d = d0 + c * 32 + lane;
@@ -420,7 +499,7 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_con
 #pragma unroll
     for (int c = 0; c < SLAB; ++c) {
       const int d = d0 + c * 32 + lane;
-      if (d < p.headdim) o[d] = from_float<TO>(acc[c]);
+      if (d < p.headdim) o[d] = from_float<T>(acc[c]);
     }
   }
   if (lane == 0) p.lse[(static_cast<int64>(b) * p.nheads + h) * p.seqlen_q + i] = lse;

@@ -132,6 +132,7 @@ struct DecodeParams {
   const int* block_table;          // nullptr: contiguous caches; else (batch, max_blocks)
   int64 block_table_batch_stride;  // elements
   int page_size;                   // keys per page, a multiple of 16 (paged only)
+  int num_pages;                   // num_blocks: block-table entries are clamped below it
   const int* cache_seqlens;        // nullptr: every batch item holds cache_seqlen keys
   int cache_seqlen;
   int seqlen_new;                  // rows of k_new / v_new per batch item (0: none)
@@ -143,11 +144,13 @@ struct DecodeParams {
   int64 o_batch_stride, o_row_stride, o_head_stride;
   float* lse;                      // (batch, nheads, seqlen_q), contiguous
   // One split writes o and lse directly (o_accum == nullptr). Several write float32
-  // partial results, contiguous, that merge_parts combines into o and lse:
-  // o_accum (num_splits, batch, seqlen_q, nheads, headdim), lse_accum (num_splits, batch,
-  // nheads, seqlen_q).
+  // partial results, contiguous, which the last split of each CTA group to finish merges
+  // into o and lse: o_accum (num_splits, batch, seqlen_q, nheads, headdim), lse_accum
+  // (num_splits, batch, nheads, seqlen_q). split_counter has one int per (batch item, kv
+  // head, row block), zero at launch and left zero (the last split re-arms it).
   float* o_accum;
   float* lse_accum;
+  int* split_counter;
   int num_splits;
   int m_blocks;                    // CTAs per (kv head, split): ceil(group * seqlen_q / 16)
 };
