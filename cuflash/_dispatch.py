@@ -378,15 +378,25 @@ def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
 
 
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
-    """Splits of the keys so that the ``ctas`` CTAs of one split become about one per SM.
+    """Splits of the keys so that the ``ctas`` CTAs of one split fill the SMs in even waves.
 
-    Measured on the H100 (NOTES, "Split-KV decode v2"): decoding reaches its bandwidth with
-    about one 4-warp CTA per SM, and more splits only add combine work; one split when the
-    CTAs already fill 80% of the SMs.
+    Measured on the H100 (NOTES, "Split-KV decode v2"): one 4-warp CTA per SM reaches the
+    bandwidth, a second wave of CTAs on only some SMs leaves the others idle at the end, and
+    more splits add combine work. So FlashAttention-2's rule with one CTA per SM as the
+    slot: the fewest splits whose wave efficiency (CTAs / (waves x SMs)) is within 90% of
+    the best, at least 128 keys a split, at most 128 splits; 1 when the CTAs already fill
+    80% of the SMs.
     """
-    if ctas >= 0.8 * num_sms:
+    max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS)
+    if ctas >= 0.8 * num_sms or max_splits <= 1:
         return 1
-    return max(1, min(-(-num_sms // ctas), seqlen_k // DECODE_MIN_SPLIT_KEYS, DECODE_MAX_SPLITS))
+
+    def efficiency(splits):
+        waves = ctas * splits / num_sms
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.9 * best)
 
 
 def merge_name(cxx_type: str) -> str:

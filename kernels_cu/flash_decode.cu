@@ -423,20 +423,23 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     *lse_at(p.lse, 0, tid) = lse;
   }
   __syncthreads();
-  // out = sum_s w_s out_s, four columns a thread (headdim is a multiple of 8).
+  // out = sum_s w_s out_s, four columns a thread (headdim is a multiple of 8). The loads
+  // do not depend on the weights, so that the unrolled loop keeps 8 of them in flight
+  // (a load behind a branch on w waited a full L2 round trip per split).
   const int quads = headdim / 4;
   for (int e = tid; e < c.rows * quads; e += NUM_THREADS) {
     const int r = e / quads, d = e % quads * 4;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
     for (int s = 0; s < p.num_splits; ++s) {
-      const float w = sW2[s * DECODE_ROWS + r];
-      if (w == 0.f) continue;  // an empty split adds nothing, whatever its partial holds
       const float4 x = __ldcg(reinterpret_cast<const float4*>(o_accum_at(s, r) + d));
-      acc.x = fmaf(w, x.x, acc.x);
-      acc.y = fmaf(w, x.y, acc.y);
-      acc.z = fmaf(w, x.z, acc.z);
-      acc.w = fmaf(w, x.w, acc.w);
+      const float w = sW2[s * DECODE_ROWS + r];
+      if (w != 0.f) {  // an empty split adds nothing, whatever its partial holds
+        acc.x = fmaf(w, x.x, acc.x);
+        acc.y = fmaf(w, x.y, acc.y);
+        acc.z = fmaf(w, x.z, acc.z);
+        acc.w = fmaf(w, x.w, acc.w);
+      }
     }
     T* o = out_at(r, d);
     o[0] = from_float<T>(acc.x);

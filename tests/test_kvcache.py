@@ -320,12 +320,12 @@ def test_num_splits_heuristic():
     # Short caches: never below DECODE_MIN_SPLIT_KEYS keys per split.
     assert _dispatch.decode_num_splits(8, 1024, sms) == 1024 // 128
     assert _dispatch.decode_num_splits(8, 100, sms) == 1
-    # One batch item, long cache: about one CTA per SM.
-    assert _dispatch.decode_num_splits(8, 131072, sms) == 17
-    assert _dispatch.decode_num_splits(4 * 8, 16384, sms) == 5
+    # One batch item, long cache: about one CTA per SM, in one even wave.
+    assert _dispatch.decode_num_splits(8, 131072, sms) == 15
+    assert _dispatch.decode_num_splits(4 * 8, 16384, sms) == 4
     for ctas in (1, 3, 8, 24, 100, 200):
         assert 1 <= _dispatch.decode_num_splits(ctas, 131072, sms) <= 128
-    assert _dispatch.decode_num_splits(1, 10**6, 1000) == _dispatch.DECODE_MAX_SPLITS
+    assert _dispatch.decode_num_splits(1, 10**6, 1000) <= _dispatch.DECODE_MAX_SPLITS
 
 
 def test_every_headdim_has_a_decode_config():
