@@ -157,19 +157,20 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
 
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
-  // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
-  // sv: the item's view (seq, or its re-read inside the main loop).
+  // lse_log2 (+inf) and delta (0) make their p and dS exactly 0. Varlen: the item's view
+  // stays in registers across the main loop (no spills at 255; re-reading cu_seqlens each
+  // step measured 2.5-4% slower than dense, bench/NOTES.md).
   const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride;
   const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride;
-  auto load_stream = [&](int it, const SeqView<VARLEN>& sv) {
+  auto load_stream = [&](int it) {
     const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
     sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_Q + buf * Tr::Q_BYTES,
-                               q_base + (sv.q0 + r0) * a.q_row_stride + h * a.q_head_stride,
-                               a.q_row_stride, sv.seqlen_q() - r0, a.headdim, tid);
+                               q_base + (seq.q0 + r0) * a.q_row_stride + h * a.q_head_stride,
+                               a.q_row_stride, seq.seqlen_q() - r0, a.headdim, tid);
     sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_DO + buf * Tr::Q_BYTES,
-                               do_base + (sv.q0 + r0) * p.do_row_stride + h * p.do_head_stride,
-                               p.do_row_stride, sv.seqlen_q() - r0, a.headdim, tid);
-    const int64 row = scratch_row0(p, sv, b, h) + r0;
+                               do_base + (seq.q0 + r0) * p.do_row_stride + h * p.do_head_stride,
+                               p.do_row_stride, seq.seqlen_q() - r0, a.headdim, tid);
+    const int64 row = scratch_row0(p, seq, b, h) + r0;
     if (tid < BLOCK_R / 4)
       cp_async_16(base + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * tid, p.lse_log2 + row + 4 * tid,
                   true);
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
   const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
   const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
-  auto dq_step = [&](int j, const SeqView<VARLEN>& sv) {
+  auto dq_step = [&](int j) {
     const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
     const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
     float dq[32];
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::named_barrier(1 + wg, 128);
     if (wtid == 0) {
       const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
-      float* dst = p.dq_accum + scratch_row0(p, sv, b, h) * D +
+      float* dst = p.dq_accum + scratch_row0(p, seq, b, h) * D +
                    (int64(tile_row) * (D / 64) + dblk) * 4096;
       sm90::bulk_reduce_add_f32(dst, stage, Tr::DQ_BYTES);
       sm90::bulk_commit();
@@ -228,7 +229,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
                                static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
                                    (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                                a.v_row_stride, nk, a.headdim, tid);
-    load_stream(0, seq);
+    load_stream(0);
   }
   cp_async_commit();
 
@@ -240,10 +241,6 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   for (int it = 0; it < iters; ++it) {
     const int buf = it & 1, r0 = stream_row(it);
-    // Varlen: the item's view re-read each step rather than held in registers across the
-    // loop (this kernel runs at 255 registers; dense reads its lengths from the params).
-    const SeqView<VARLEN> iseq = reread(seq, a, b);
-    const Mask imask = VARLEN ? Mask(a, iseq) : mask;
     // One barrier a step. Before it: this thread's copies of step it have landed, its dS^T
     // stores of step it - 1 are done, the previous bulk reduce has read its staging tile;
     // every wgmma of step it - 1 has completed. After it, everything of step it may start
@@ -252,12 +249,12 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::fence_proxy_async();
     if (wtid == 0) sm90::bulk_wait_read();
     __syncthreads();
-    if (it + 1 < iters) load_stream(it + 1, iseq);
+    if (it + 1 < iters) load_stream(it + 1);
     cp_async_commit();
     // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
     // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
     // work instead of running in step (both meet only at the barrier above).
-    if (wg == 0 && it > 0) dq_step(it - 1, iseq);
+    if (wg == 0 && it > 0) dq_step(it - 1);
 
     // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
     // keeps BLOCK_R = 128 (head dim 64) within the registers. A sub-tile that no (query,
@@ -271,7 +268,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
     for (int sb = 0; sb < SB; ++sb) {
       const int q0 = r0 + 64 * sb;
-      live[sb] = q0 < iseq.seqlen_q() && !tile_fully_masked(imask, q0, q0 + 64, key0, key0 + 64);
+      live[sb] = q0 < seq.seqlen_q() && !tile_fully_masked(mask, q0, q0 + 64, key0, key0 + 64);
     }
     auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
       const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
@@ -312,7 +309,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
         // 2 qd + e % 2. Only tiles on a mask boundary test each element.
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-        const bool need_mask = imask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+        const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           const int qc = 8 * t + 2 * qd;
@@ -322,7 +319,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * t + e;
             float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
-            if (need_mask && !imask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+            if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
             s[sb][i] = pv;
             dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
           }
@@ -369,14 +366,13 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::fence_regs<D / 2>(dk);
     sm90::fence_regs_u32<16>(&pa[SB - 1][0][0]);
     sm90::fence_regs_u32<16>(&dsa[SB - 1][0][0]);
-    if (wg == 1 && it > 0) dq_step(it - 1, iseq);
+    if (wg == 1 && it > 0) dq_step(it - 1);
   }
-  const SeqView<VARLEN> out_seq = reread(seq, a, b);
   if (iters > 0) {
     sm90::fence_proxy_async();
     if (wtid == 0) sm90::bulk_wait_read();
     __syncthreads();
-    dq_step(iters - 1, out_seq);
+    dq_step(iters - 1);
   }
   cp_async_wait<0>();
 
@@ -384,11 +380,11 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = krow + 8 * hh;
-    if (row >= out_seq.seqlen_k()) continue;
-    T* dk_row = static_cast<T*>(p.dk) + out_seq.b * p.dk_batch_stride +
-                (out_seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
-    T* dv_row = static_cast<T*>(p.dv) + out_seq.b * p.dv_batch_stride +
-                (out_seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+    if (row >= seq.seqlen_k()) continue;
+    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
+    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
       const int col = 8 * t + 2 * qd;
