@@ -49,27 +49,33 @@ class Shape:
 
 @dataclass(frozen=True, eq=False)
 class Varlen:
-    """The packing of a varlen call, validated.
+    """The packing of a varlen call, validated as far as the host can see it.
 
-    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the caller's int32 prefix sums (the kind of
-    ``q``; contiguous on the GPU), ``offsets_q`` / ``offsets_k`` their host copies. The
-    call's ``Shape`` holds ``batch`` and the longest ``seqlen_q`` / ``seqlen_k``.
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` are the int32 prefix sums where the backend reads
+    them (NumPy on the CPU; contiguous CuPy arrays on the q's GPU, a host copy of NumPy ones
+    put there). ``offsets_q`` / ``offsets_k`` are int64 host copies of prefix sums that came
+    as NumPy arrays and were checked here, or None for device arrays, which are not read on
+    the host (that would wait for the stream): varlen_check (kernels_cu/varlen_check.cu)
+    checks them on the device after the call. ``max_seqlen_q`` / ``max_seqlen_k`` bound the
+    lengths the kernels are launched for: the longest sequence where known, else the
+    caller's bound (at most the total). The call's ``Shape`` holds ``batch`` and these.
     """
     cu_seqlens_q: Any
     cu_seqlens_k: Any
-    offsets_q: np.ndarray
-    offsets_k: np.ndarray
+    offsets_q: np.ndarray | None
+    offsets_k: np.ndarray | None
+    total_q: int
+    total_k: int
+    max_seqlen_q: int
+    max_seqlen_k: int
 
     @property
-    def total_q(self) -> int:
-        return int(self.offsets_q[-1])
-
-    @property
-    def total_k(self) -> int:
-        return int(self.offsets_k[-1])
+    def checked_on_host(self) -> bool:
+        return self.offsets_q is not None and self.offsets_k is not None
 
     def items(self):
-        """(q_begin, q_end, k_begin, k_end) of each batch item, as Python ints."""
+        """(q_begin, q_end, k_begin, k_end) of each batch item, as Python ints (host-checked
+        prefix sums only)."""
         q, k = self.offsets_q.tolist(), self.offsets_k.tolist()
         return list(zip(q[:-1], q[1:], k[:-1], k[1:]))
 
@@ -154,9 +160,11 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     """Validate a varlen call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv,
     headdim) and the prefix sums. Returns ``(Shape, Varlen)``.
 
-    The prefix sums are copied to the host to check them (for CuPy arrays a device-to-host
-    copy of batch + 1 ints, which waits for the stream): a wrong one would make the kernels
-    read and write outside the arrays.
+    NumPy prefix sums are checked here, in full (a ValueError names what is wrong); for a
+    GPU call they are then copied to q's device (a host-to-device copy, no wait). Prefix
+    sums already on the GPU (CuPy or DLPack) get the checks that need no values (dtype,
+    shape, device) and are never read on the host: the kernels stay inside the arrays
+    whatever they hold, and varlen_check NaN-fills the call's outputs if they are invalid.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
@@ -167,30 +175,46 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                          f"k and v must share (total_k, nheads_kv)")
     # The dense checks on (1, total, nheads, headdim) views: dtypes, head dims, GQA, layout.
     dense = check_qkv(q[None], k[None], v[None], gpu=gpu)
-    offsets_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "total_q")
-    offsets_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "total_k")
-    if len(offsets_q) != len(offsets_k):
-        raise ValueError(f"cu_seqlens_q has {len(offsets_q)} entries but cu_seqlens_k has "
-                         f"{len(offsets_k)}; both must have batch + 1")
-    longest_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q, "cu_seqlens_q")
-    longest_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k, "cu_seqlens_k")
-    if gpu:
-        xp = _cupy()
-        cu_seqlens_q, cu_seqlens_k = (xp.ascontiguousarray(x)
-                                      for x in (cu_seqlens_q, cu_seqlens_k))
-    shape = Shape(len(offsets_q) - 1, longest_q, longest_k, dense.nheads, dense.nheads_kv,
+    total_q, total_k = int(q.shape[0]), int(k.shape[0])
+    cu_q, offsets_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q, "total_q", q,
+                                        gpu)
+    cu_k, offsets_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k, "total_k", q,
+                                        gpu)
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q has {cu_q.shape[0]} entries but cu_seqlens_k has "
+                         f"{cu_k.shape[0]}; both must have batch + 1")
+    longest_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q, "cu_seqlens_q",
+                                  total_q)
+    longest_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k, "cu_seqlens_k",
+                                  total_k)
+    shape = Shape(cu_q.shape[0] - 1, longest_q, longest_k, dense.nheads, dense.nheads_kv,
                   dense.headdim)
-    return shape, Varlen(cu_seqlens_q, cu_seqlens_k, offsets_q, offsets_k)
+    return shape, Varlen(cu_q, cu_k, offsets_q, offsets_k, total_q, total_k, longest_q,
+                         longest_k)
 
 
-def _check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
-    """Host copy (int64) of valid prefix sums: int32, 1-D, from 0 to ``total``, monotone."""
+def _check_cu_seqlens(cu, name: str, total: int, total_name: str, q, gpu: bool):
+    """(prefix sums where the backend reads them, int64 host copy or None). NumPy prefix
+    sums must be valid: int32, 1-D, from 0 to ``total``, non-decreasing; device ones are
+    checked for what needs no values."""
+    kind = array_kind(cu, name)
+    if not gpu and kind != "numpy":
+        raise TypeError(f"{name} is a {kind} array but q is a numpy array; pass arrays of "
+                        f"one kind")
+    if kind == "dlpack":
+        cu = _cupy().from_dlpack(cu)
     if cu.dtype != np.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of length batch + 1, got shape "
                          f"{tuple(cu.shape)}")
-    host = (cu if isinstance(cu, np.ndarray) else cu.get()).astype(np.int64)
+    if kind != "numpy":  # on a GPU: not read here
+        if cu.device.id != q.device.id:
+            raise ValueError(f"{name} is on CUDA device {cu.device.id} but q is on device "
+                             f"{q.device.id}; pass arrays on one device")
+        with _cupy().cuda.Device(q.device.id):
+            return _cupy().ascontiguousarray(cu), None
+    host = cu.astype(np.int64)
     if host[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {host[0]}")
     if host[-1] != total:
@@ -201,13 +225,21 @@ def _check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
         i = int(np.argmax(steps < 0))
         raise ValueError(f"{name} must be non-decreasing; {name}[{i + 1}] = {host[i + 1]} < "
                          f"{name}[{i}] = {host[i]}")
-    return host
+    if gpu:  # a host-to-device copy on q's device, queued without waiting for the stream
+        with _cupy().cuda.Device(q.device.id):
+            cu = _cupy().asarray(cu)
+    return cu, host
 
 
-def _check_max_seqlen(value, name: str, offsets: np.ndarray, cu_name: str) -> int:
-    """The longest sequence of ``offsets``, after checking that ``value`` bounds it."""
+def _check_max_seqlen(value, name: str, offsets, cu_name: str, total: int) -> int:
+    """The longest sequence of ``offsets`` after checking that ``value`` bounds it; without
+    host offsets, ``value`` itself (at most ``total``: no sequence is longer)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if offsets is None:
+        return min(int(value), total)
     longest = int(np.diff(offsets).max(initial=0))
     if value < longest:
         raise ValueError(f"{name} ({value}) is smaller than the longest sequence in {cu_name} "

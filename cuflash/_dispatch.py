@@ -203,15 +203,14 @@ def forward_config(dtype, headdim, softcap=0.0, alibi=False, arch=None,
                    varlen=False, seqlen_k=None) -> FwdConfig:
     """The forward instantiation and launch shape for one call on a device of ``arch``
     (``sm_90`` picks the Hopper kernel where FWD_SM90_TILES has the head dim; ``seqlen_k``
-    picks its key-block size). Varlen calls (packed batches with cu_seqlens) run flash_fwd's
-    VARLEN instantiations on every arch: the Hopper kernel does not read cu_seqlens."""
+    picks its key-block size). Varlen calls (packed batches with cu_seqlens) run the VARLEN
+    instantiations of the same kernels (a template flag)."""
     import numpy as np
     from ._launch import CXX_TYPES
     hd = padded_headdim(headdim)
-    if (arch == "sm_90" and not varlen and np.dtype(dtype) != np.float32
-            and hd in FWD_SM90_TILES):
+    if arch == "sm_90" and np.dtype(dtype) != np.float32 and hd in FWD_SM90_TILES:
         return _fwd_sm90_config(CXX_TYPES[np.dtype(dtype)], hd, softcap > 0 or alibi,
-                                seqlen_k)
+                                seqlen_k, varlen)
     if np.dtype(dtype) == np.float32:
         smem = (FWD_F32_BLOCK_M * hd + 32 * (hd + 1) + 32 * hd) * 4
         return FwdConfig(f"cuflash::flash_fwd_f32<{hd}{_varlen_flag(varlen)}>", FWD_F32_BLOCK_M,
@@ -262,31 +261,48 @@ FWD_SM90_TILES = {
 }
 
 
-def _fwd_sm90_name(cxx_type, hd, block_n, score_mod):
+def _fwd_sm90_name(cxx_type, hd, block_n, score_mod, varlen=False):
     mod = "true" if score_mod else "false"
-    return f"cuflash::flash_fwd_sm90<{cxx_type}, {hd}, {block_n}, {mod}>"
+    return f"cuflash::flash_fwd_sm90<{cxx_type}, {hd}, {block_n}, {mod}{_varlen_flag(varlen)}>"
 
 
-def _fwd_sm90_config(cxx_type, hd, score_mod, seqlen_k=None) -> FwdConfig:
+def _fwd_sm90_config(cxx_type, hd, score_mod, seqlen_k=None, varlen=False) -> FwdConfig:
     tile = FWD_SM90_TILES[hd]
     short = seqlen_k is not None and seqlen_k < FWD_SM90_SHORT_KEYS
     bn = tile.block_n_short if score_mod or short else tile.block_n
     # FwdSm90Traits::SMEM_BYTES: Q + STAGES x (K + V) tiles + 1 KiB for 1024-byte alignment.
     smem = (FWD_SM90_BLOCK_M + 2 * FWD_SM90_STAGES * bn) * hd * 2 + 1024
-    return FwdConfig(_fwd_sm90_name(cxx_type, hd, bn, score_mod), FWD_SM90_BLOCK_M,
+    return FwdConfig(_fwd_sm90_name(cxx_type, hd, bn, score_mod, varlen), FWD_SM90_BLOCK_M,
                      FWD_SM90_THREADS, smem, FWD_SM90_FILE, bn)
 
 
 def _forward_sm90_kernels():
-    for hd in FWD_SM90_TILES:
-        for cxx in ("__half", "__nv_bfloat16"):
-            for score_mod in (False, True):
-                for seqlen_k in (None, 1):
-                    yield FWD_SM90_FILE, _fwd_sm90_config(cxx, hd, score_mod,
-                                                          seqlen_k).name_expression
+    for varlen in (False, True):
+        for hd in FWD_SM90_TILES:
+            for cxx in ("__half", "__nv_bfloat16"):
+                for score_mod in (False, True):
+                    for seqlen_k in (None, 1):
+                        yield FWD_SM90_FILE, _fwd_sm90_config(cxx, hd, score_mod, seqlen_k,
+                                                              varlen).name_expression
 
 
 _FAMILIES.append(_forward_sm90_kernels)
+
+
+# Device-side check of varlen prefix sums (kernels_cu/varlen_check.cu): launched after the
+# kernels of a varlen call whose cu_seqlens were not read on the host; NaN-fills the call's
+# outputs if they are invalid.
+VARLEN_CHECK_FILE = "varlen_check.cu"
+VARLEN_CHECK_KERNEL = "cuflash::varlen_check"
+VARLEN_CHECK_THREADS = 256  # CHECK_THREADS in the kernel
+VARLEN_CHECK_MAX_OUTPUTS = 5  # CHECK_MAX_OUTPUTS: out, lse or dq, dk, dv
+
+
+def _varlen_check_family():
+    yield VARLEN_CHECK_FILE, VARLEN_CHECK_KERNEL
+
+
+_FAMILIES.append(_varlen_check_family)
 
 
 # float32: one tiling for every head dim (F32_BLOCK, F32_THREADS in flash_bwd.cu): 32 owner

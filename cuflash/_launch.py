@@ -199,14 +199,19 @@ FWD_PARAMS = np.dtype([
 ], align=True)
 
 # FwdSm90Params (kernels_cu/flash_fwd_sm90.cu): three 64-byte aligned TMA maps (q, k, v),
-# FwdParams, the tile counters' address; the size is a multiple of the 64-byte alignment.
+# FwdParams, the tile counters' address, the varlen query blocks per (head, item); the size
+# is a multiple of the 64-byte alignment.
 _MAPS_BYTES = 3 * 128
 FWD_SM90_PARAMS = np.dtype({
-    "names": ["tma", "fwd", "tile_counter"],
-    "formats": [(np.uint8, (_MAPS_BYTES,)), FWD_PARAMS, np.uint64],
-    "offsets": [0, _MAPS_BYTES, _MAPS_BYTES + FWD_PARAMS.itemsize],
-    "itemsize": -(-(_MAPS_BYTES + FWD_PARAMS.itemsize + 8) // 64) * 64,
+    "names": ["tma", "fwd", "tile_counter", "varlen_m_blocks"],
+    "formats": [(np.uint8, (_MAPS_BYTES,)), FWD_PARAMS, np.uint64, np.int32],
+    "offsets": [0, _MAPS_BYTES, _MAPS_BYTES + FWD_PARAMS.itemsize,
+                _MAPS_BYTES + FWD_PARAMS.itemsize + 8],
+    "itemsize": -(-(_MAPS_BYTES + FWD_PARAMS.itemsize + 8 + 4) // 64) * 64,
 }, align=True)
+# The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
+# the counter runs up to one past the last tile for every CTA.
+_FWD_SM90_MAX_TILES = 2**31 - 2**16
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,8 +243,9 @@ def _tile_counter(device_id):
 def forward(q, k, v, shape, opts, varlen=None):
     """Launch the forward kernel; allocates ``out`` and ``lse`` and nothing else.
 
-    ``varlen`` (a ``_checks.Varlen``, with ``shape`` holding the longest lengths): q, k, v
-    are packed and lse is (nheads, total_q); flash_fwd's VARLEN instantiations run it.
+    ``varlen`` (a ``_checks.Varlen``, with ``shape`` holding the longest lengths, or the
+    caller's bounds when the prefix sums were not read on the host): q, k, v are packed and
+    lse is (nheads, total_q); the VARLEN instantiations of the same kernels run it.
     """
     import cupy
     from . import _dispatch
@@ -248,14 +254,20 @@ def forward(q, k, v, shape, opts, varlen=None):
     _check_varlen_launch(shape, varlen)
     q, k, v = aligned(q), aligned(k), aligned(v)
     score_mod = dict(softcap=opts.softcap, alibi=opts.alibi_slopes is not None)
+    is_varlen = varlen is not None
     cfg = _dispatch.forward_config(q.dtype, shape.headdim, arch=arch, seqlen_k=shape.seqlen_k,
-                                   varlen=varlen is not None, **score_mod)
+                                   varlen=is_varlen, **score_mod)
     maps = None
     if cfg.filename == _dispatch.FWD_SM90_FILE:
         from . import _tma
-        maps = _tma.forward_maps(q, k, v, cfg.block_m, cfg.block_n)
-        if maps is None:  # strides a TMA map cannot describe: the mma.sync kernel takes any
-            cfg = _dispatch.forward_config(q.dtype, shape.headdim, **score_mod)
+        tiles = -(-shape.seqlen_q // cfg.block_m) * shape.nheads * shape.batch
+        if tiles <= _FWD_SM90_MAX_TILES:
+            maps = _tma.forward_maps(q, k, v, cfg.block_m, cfg.block_n)
+        # Strides a TMA map cannot describe, or more tiles than its int32 tile index
+        # takes: the mma.sync kernel takes any.
+        if maps is None:
+            cfg = _dispatch.forward_config(q.dtype, shape.headdim, varlen=is_varlen,
+                                           **score_mod)
     with cupy.cuda.Device(device_id):
         out = cupy.empty(q.shape, q.dtype)
         lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q) if varlen is None else
@@ -264,14 +276,55 @@ def forward(q, k, v, shape, opts, varlen=None):
               lse.data.ptr)
     grid = ((shape.seqlen_q + cfg.block_m - 1) // cfg.block_m, shape.nheads, shape.batch)
     if maps is not None:  # persistent: one CTA per SM walks the tiles of that grid
+        params = (np.frombuffer(maps, np.uint8), params, _tile_counter(device_id), grid[0])
         grid = (min(grid[0] * grid[1] * grid[2], _num_sms(device_id)),)
-        params = (np.frombuffer(maps, np.uint8), params, _tile_counter(device_id))
         dtype = FWD_SM90_PARAMS
     else:
         dtype = FWD_PARAMS
     launch(device_id, cfg.filename, cfg.name_expression, grid, (cfg.num_threads,),
            cfg.shared_bytes, params, dtype)
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------
+# Varlen prefix sums checked on the device (kernels_cu/varlen_check.cu)
+
+VARLEN_CHECK_PARAMS = np.dtype([
+    ("cu_seqlens_q", np.uint64), ("cu_seqlens_k", np.uint64),
+    ("outputs", np.uint64, (5,)), ("output_bytes", np.int64, (5,)),
+    ("batch", np.int32), ("total_q", np.int32), ("total_k", np.int32),
+    ("max_seqlen_q", np.int32), ("max_seqlen_k", np.int32),
+], align=True)
+# Every CTA of varlen_check reads all batch + 1 entries of both prefix sums: at most about
+# this many entries in all (a few MiB of L2 reads) however long the batch.
+_CHECK_READS = 1 << 22
+
+
+def varlen_check(varlen, outputs):
+    """Queue varlen_check after a varlen call: if the prefix sums in device memory are
+    invalid (cu[0] != 0, cu[batch] != total, a negative length or one past max_seqlen), it
+    fills every array of ``outputs`` (contiguous CuPy arrays) with NaN bytes. Nothing to do
+    when the prefix sums were validated on the host."""
+    from . import _dispatch
+    if varlen.checked_on_host:
+        return
+    outputs = [x for x in outputs if x.size]
+    if not outputs:
+        return
+    assert len(outputs) <= _dispatch.VARLEN_CHECK_MAX_OUTPUTS
+    assert all(x.flags.c_contiguous for x in outputs)
+    pad = _dispatch.VARLEN_CHECK_MAX_OUTPUTS - len(outputs)
+    batch = varlen.cu_seqlens_q.size - 1
+    params = (varlen.cu_seqlens_q.data.ptr, varlen.cu_seqlens_k.data.ptr,
+              [x.data.ptr for x in outputs] + [0] * pad,
+              [x.nbytes for x in outputs] + [0] * pad,
+              batch, varlen.total_q, varlen.total_k, varlen.max_seqlen_q,
+              varlen.max_seqlen_k)
+    device_id = varlen.cu_seqlens_q.device.id
+    fill = -(-sum(x.nbytes for x in outputs) // (_dispatch.VARLEN_CHECK_THREADS * 16 * 8))
+    blocks = max(1, min(fill, _num_sms(device_id), _CHECK_READS // (batch + 1)))
+    launch(device_id, _dispatch.VARLEN_CHECK_FILE, _dispatch.VARLEN_CHECK_KERNEL, (blocks,),
+           (_dispatch.VARLEN_CHECK_THREADS,), 0, params, VARLEN_CHECK_PARAMS)
 
 
 @_on_array_device

@@ -5,7 +5,9 @@ ctypes; CuPy has no binding for it) and passed inside the kernel's parameter str
 describes a (batch, seqlen, heads, headdim) array as the 4-D tensor (headdim, seqlen, heads,
 batch), innermost first, with the array's own strides, so that strided and GQA inputs need
 no copy; its box is 64 elements (one 128-byte swizzle row) x ``rows`` x 1 x 1, and elements
-outside the tensor (past seqlen, past headdim) read as zeros.
+outside the tensor (past seqlen, past headdim) read as zeros. A packed varlen array (total,
+heads, headdim) is the tensor (headdim, total, heads, 1): the kernel adds each sequence's
+first row to the row coordinate, and only rows past ``total`` read as zeros.
 """
 from __future__ import annotations
 
@@ -57,13 +59,18 @@ def _encode(ptr, dtype, shape, strides, rows):
 
 
 def tensor_map(x, rows):
-    """The TMA map of ``x`` (fp16 / bf16, (batch, seqlen, heads, headdim)) with boxes of
-    ``rows`` rows, or None where TMA cannot address it (an address or a stride that is not a
-    multiple of 16 bytes). Maps are cached: a map is a function of these arguments only."""
-    return _encode(x.data.ptr, x.dtype, tuple(x.shape), tuple(x.strides), rows)
+    """The TMA map of ``x`` (fp16 / bf16, (batch, seqlen, heads, headdim), or a packed varlen
+    (total, heads, headdim) as a batch of one) with boxes of ``rows`` rows, or None where TMA
+    cannot address it (an address or a stride that is not a multiple of 16 bytes). Maps are
+    cached: a map is a function of these arguments only."""
+    shape, strides = tuple(x.shape), tuple(x.strides)
+    if x.ndim == 3:
+        shape, strides = (1,) + shape, (0,) + strides
+    return _encode(x.data.ptr, x.dtype, shape, strides, rows)
 
 
 def forward_maps(q, k, v, block_m, block_n):
-    """The maps of q (boxes of Br rows), k and v (Bc rows), concatenated; None if any fails."""
+    """The maps of q (boxes of Br rows), k and v (Bc rows), concatenated; None if any fails.
+    Dense (batch, seqlen, heads, headdim) or packed varlen (total, heads, headdim) arrays."""
     maps = (tensor_map(q, block_m), tensor_map(k, block_n), tensor_map(v, block_n))
     return None if None in maps else b"".join(maps)

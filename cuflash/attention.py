@@ -194,13 +194,18 @@ _VARLEN_DOC = """
         Prefix sums of the sequence lengths: batch item ``b`` owns rows
         ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q`` and
         ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of ``k`` and ``v``. They start at 0, never
-        decrease (sequences of length 0 are allowed) and end at ``total_q`` / ``total_k``;
-        arrays of the kind of ``q``. They are checked on the host, which for CuPy arrays
-        costs a device-to-host copy of ``batch + 1`` ints (and waits for the stream): a
-        wrong one would send the kernels outside the arrays.
+        decrease (sequences of length 0 are allowed) and end at ``total_q`` / ``total_k``.
+        NumPy arrays are checked on the host (a ValueError says what is wrong) and, in a
+        GPU call, copied to the device of ``q``. GPU arrays (CuPy or DLPack, on the device
+        of ``q``) are never read on the host, which would wait for the stream: the kernels
+        stay inside the arrays whatever they hold, and a check on the device, queued after
+        the call's kernels, fills every output of the call (``out`` and ``lse``; ``dq``,
+        ``dk`` and ``dv``) with NaN if they break a rule above or a ``max_seqlen`` bound.
     max_seqlen_q, max_seqlen_k : int
-        Upper bounds of the sequence lengths (checked; the kernels are launched for the
-        longest actual sequence).
+        Upper bounds (>= 0) of the sequence lengths. With NumPy prefix sums a bound below
+        the longest sequence is a ValueError (and the kernels are launched for the longest
+        sequence); with GPU prefix sums the kernels are launched for the bound, and a
+        longer sequence gives NaN outputs.
 """
 
 _VARLEN_MASKS = """
@@ -248,22 +253,23 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     >>> bool(np.allclose(out[3:8], ref[0], atol=1e-6))
     True
     """
-    kind, a = _prepare({"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q,
-                        "cu_seqlens_k": cu_seqlens_k, "alibi_slopes": alibi_slopes})
+    kind, a = _prepare({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes})
     q, k, v = a["q"], a["k"], a["v"]
-    shape, varlen = _checks.check_varlen(q, k, v, a["cu_seqlens_q"], a["cu_seqlens_k"],
-                                         max_seqlen_q, max_seqlen_k, gpu=kind != "numpy")
+    shape, varlen = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, gpu=kind != "numpy")
     opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
     xp = _xp(kind)
     if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
         out = xp.zeros(q.shape, q.dtype)
-        return out, xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32)
-    if kind == "numpy":
+        result = out, xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32)
+    elif kind == "numpy":
         from . import cpu
         return cpu.forward_varlen(q, k, v, shape, opts, varlen)
-    from . import _launch
-    return _launch.forward(q, k, v, shape, opts, varlen)
+    else:
+        from . import _launch
+        result = _launch.forward(q, k, v, shape, opts, varlen)
+    return _varlen_checked(kind, varlen, result)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -334,11 +340,10 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     ((10, 2, 32), (10, 2, 32))
     """
     kind, a = _prepare({"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse,
-                        "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
                         "alibi_slopes": alibi_slopes})
     dout, q, k, v, out, lse = (a[n] for n in ("dout", "q", "k", "v", "out", "lse"))
-    shape, varlen = _checks.check_varlen(q, k, v, a["cu_seqlens_q"], a["cu_seqlens_k"],
-                                         max_seqlen_q, max_seqlen_k, gpu=kind != "numpy")
+    shape, varlen = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, gpu=kind != "numpy")
     _checks.check_backward(dout, out, lse, q, shape, varlen)
     opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
@@ -346,12 +351,26 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     xp = _xp(kind)
     if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
-        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
-    if kind == "numpy":
+        result = xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape,
+                                                                                   v.dtype)
+    elif kind == "numpy":
         from . import cpu
         return cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen)
-    from . import _launch
-    return _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic), varlen)
+    else:
+        from . import _launch
+        result = _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic),
+                                  varlen)
+    return _varlen_checked(kind, varlen, result)
+
+
+def _varlen_checked(kind, varlen, outputs):
+    """``outputs`` of a varlen call, after queueing the device check of prefix sums that
+    were not read on the host (NaN outputs if they are invalid): the one place the
+    forward and the backward hand their results back through."""
+    if kind != "numpy":
+        from . import _launch
+        _launch.varlen_check(varlen, outputs)
+    return outputs
 
 
 for _f in (attention_forward, attention, attention_backward, attention_varlen_forward,

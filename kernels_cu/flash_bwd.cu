@@ -694,15 +694,24 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
     const int r0 = (s_begin + it % n_sblocks) * F32_BLOCK;
     __syncthreads();  // the previous step is done with the streamed tiles, P and dS
     const SeqView<VARLEN> lseq = unpark(seq, sSeq);
+    // Varlen: the streamed arrays' rows from the parked view too (the four base pointers
+    // held across the loop spill at 128 registers); dense: the bases above.
+    const float *q_s = q_base, *do_s = do_base, *k_s = k_base, *v_s = v_base;
+    if constexpr (VARLEN) {
+      q_s = static_cast<const float*>(a.q) + lseq.q0 * a.q_row_stride;
+      do_s = static_cast<const float*>(p.dout) + lseq.q0 * p.do_row_stride;
+      k_s = static_cast<const float*>(a.k) + lseq.k0 * a.k_row_stride;
+      v_s = static_cast<const float*>(a.v) + lseq.k0 * a.v_row_stride;
+    }
     if constexpr (KEY_OWNER) {
-      f32_load_tile<D>(sB1, q_base + r0 * a.q_row_stride + h * a.q_head_stride, a.q_row_stride,
+      f32_load_tile<D>(sB1, q_s + r0 * a.q_row_stride + h * a.q_head_stride, a.q_row_stride,
                        lseq.seqlen_q() - r0, a.headdim, tid);
-      f32_load_tile<D>(sB2, do_base + r0 * p.do_row_stride + h * p.do_head_stride,
+      f32_load_tile<D>(sB2, do_s + r0 * p.do_row_stride + h * p.do_head_stride,
                        p.do_row_stride, lseq.seqlen_q() - r0, a.headdim, tid);
     } else {
-      f32_load_tile<D>(sB1, k_base + r0 * a.k_row_stride + hkv * a.k_head_stride,
+      f32_load_tile<D>(sB1, k_s + r0 * a.k_row_stride + hkv * a.k_head_stride,
                        a.k_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
-      f32_load_tile<D>(sB2, v_base + r0 * a.v_row_stride + hkv * a.v_head_stride,
+      f32_load_tile<D>(sB2, v_s + r0 * a.v_row_stride + hkv * a.v_head_stride,
                        a.v_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
     }
     __syncthreads();

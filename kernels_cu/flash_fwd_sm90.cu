@@ -14,6 +14,15 @@
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
 // out-of-bounds elements with zeros); stores are predicated.
+// VARLEN instantiations serve packed variable-length batches (AttnArgs.cu_seqlens_q/k): the
+// maps describe the packed (total, heads, headdim) arrays as (headdim, total, heads, 1), and
+// tile (m_block, h, b) reads rows from cu_seqlens_q[b] + m_block * Br on (SeqView). Rows
+// past an item's end are then the next item's, not zeros: keys >= its seqlen_k are masked
+// (Mask(a, seq): the tile counts as a boundary tile), query rows >= its seqlen_q are never
+// stored, and V rows past the end meet p = 0. Tiles are those of the longest item
+// (FwdSm90Params.varlen_m_blocks query blocks per head and item); the producer skips the
+// ones past an item's end without handing them to the consumers. Dense instantiations
+// compile exactly as before.
 // Layouts, descriptors and fragment conventions: common/sm90.cuh.
 #include "common/mask.cuh"
 #include "common/params.cuh"
@@ -27,14 +36,17 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
 // usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
 // scheduler's two counters (next tile, CTAs done), zero at launch and left zero at exit,
-// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...).
+// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...). Varlen: the
+// maps view q, k, v as (headdim, total, heads, 1) and varlen_m_blocks is the number of
+// query blocks of the longest item (ceil(max_seqlen_q / Br)); dense kernels ignore it.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v;
   FwdParams fwd;
   int* tile_counter;
+  int varlen_m_blocks;
 };
 static_assert(sizeof(FwdSm90Params) ==
-                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + 63) / 64 * 64,
+                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + sizeof(int) + 63) / 64 * 64,
               "FWD_SM90_PARAMS (cuflash/_launch.py) assumes fwd at byte 384, no other padding");
 
 template <int HEAD_DIM, int BLOCK_N>
@@ -61,20 +73,24 @@ struct FwdSm90Traits {
 };
 
 // One work tile: query block m_block of head h of batch item b, and the key blocks
-// [n_block_min, n_block_max) some row of it sees. Tiles are numbered as the grid of a
-// non-persistent launch would be (query blocks fastest, last-first, then heads, then batch
-// items), so that the CTAs working at one time share their heads' K and V in L2.
+// [n_block_min, n_block_max) some row of it sees (seq: the item's rows and lengths).
+// Tiles are numbered as the grid of a non-persistent launch would be (query blocks fastest,
+// last-first, then heads, then batch items), so that the CTAs working at one time share
+// their heads' K and V in L2.
 struct FwdTile {
   int m_block, h, b, n_block_min, n_block_max;
-  __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int Br, int Bc, const AttnArgs& a,
-                                     const Mask& mask) {
+  __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads) {
     m_block = num_m_blocks - 1 - t % num_m_blocks;
     const int hb = t / num_m_blocks;
-    h = hb % a.nheads;
-    b = hb / a.nheads;
+    h = hb % nheads;
+    b = hb / nheads;
+  }
+  template <bool VARLEN>
+  __device__ __forceinline__ void set_keys(int Br, int Bc, const SeqView<VARLEN>& seq,
+                                           const Mask& mask) {
     const int m0 = m_block * Br;
     int key_begin, key_end;
-    mask.key_range(m0, min(m0 + Br, a.seqlen_q), key_begin, key_end);
+    mask.key_range(m0, min(m0 + Br, seq.seqlen_q()), key_begin, key_end);
     n_block_min = key_begin / Bc;
     n_block_max = key_end > key_begin ? (key_end + Bc - 1) / Bc : n_block_min;
   }
@@ -89,7 +105,7 @@ struct FwdTile {
 // P V, epilogue), the producer already loads the next tile's Q (the consumers release Q
 // after their last S = Q K^T) and first K/V stages: the ring of K/V stages and its barrier
 // phases run on across tiles.
-template <typename T, int HEAD_DIM, int BLOCK_N, bool HAS_SCORE_MOD>
+template <typename T, int HEAD_DIM, int BLOCK_N, bool HAS_SCORE_MOD, bool VARLEN = false>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N>;
@@ -100,7 +116,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   // full_k, full_v, empty per stage, then full_q, empty_q.
   __shared__ __align__(8) uint64_t barriers[3 * STAGES + 2];
-  __shared__ int tile_slot;  // the tile of the current full_q phase
+  // The tile of the current full_q phase; varlen: and its item's q0, k0, len_q, len_k.
+  __shared__ int tile_slot[VARLEN ? 5 : 1];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   const uint32_t sQ = base;
   auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::KV_BYTES; };
@@ -112,8 +129,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const uint32_t empty_q = smem_addr(&barriers[3 * STAGES + 1]);
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
-  const Mask mask(a);
-  const int num_m_blocks = (a.seqlen_q + Br - 1) / Br;
+  const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
+  const int num_m_blocks = VARLEN ? p.varlen_m_blocks : (a.seqlen_q + Br - 1) / Br;
   const int num_tiles = num_m_blocks * a.nheads * a.batch;
   const int group = a.nheads / a.nheads_kv;
 
@@ -138,15 +155,47 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int* counter = p.tile_counter;
       for (int t = -1;;) {
         t = counter ? atomicAdd(counter, 1) : (t < 0 ? blockIdx.x : t + gridDim.x);
+        SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
+        if constexpr (VARLEN) {
+          // Skip the tiles past the end of their item (no rows to compute or store): the
+          // consumers never see them. A run of such tiles (this m_block down to the item's
+          // last query block) goes at once: atomicMax moves the counter past the run unless
+          // other CTAs already took the counter further.
+          for (; t < num_tiles;) {
+            const FwdTile tile(t, num_m_blocks, a.nheads);
+            item = SeqView<true>(a, tile.b);
+            if (tile.m_block * Br < item.seqlen_q()) break;
+            if (counter) {
+              atomicMax(counter, t + tile.m_block - (item.seqlen_q() + Br - 1) / Br + 1);
+              t = atomicAdd(counter, 1);
+            } else {
+              t += gridDim.x;
+            }
+          }
+        }
         // The consumers read the previous index and ran their last S on the previous Q.
         if (q_loads > 0) sm90::mbar_wait(empty_q, (q_loads - 1) & 1);
         ++q_loads;
-        tile_slot = t;
+        tile_slot[0] = t;
         if (t >= num_tiles) {
           sm90::mbar_arrive(full_q);  // stop
           break;
         }
-        const FwdTile tile(t, num_m_blocks, Br, Bc, a, mask);
+        FwdTile tile(t, num_m_blocks, a.nheads);
+        const SeqView<VARLEN> seq = [&] {
+          if constexpr (VARLEN)
+            return item;
+          else
+            return SeqView<false>(a, tile.b);
+        }();
+        if constexpr (VARLEN) {
+          tile_slot[1] = seq.q0;
+          tile_slot[2] = seq.k0;
+          tile_slot[3] = seq.len_q;
+          tile_slot[4] = seq.len_k;
+        }
+        const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
+        tile.set_keys(Br, Bc, seq, mask);
         if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
           sm90::mbar_arrive(full_q);
           continue;
@@ -155,23 +204,23 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 #pragma unroll
         for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
           sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64,
-                            tile.m_block * Br, tile.h, tile.b);
+                            seq.q0 + tile.m_block * Br, tile.h, seq.b);
         for (int n_block = tile.n_block_max - 1; n_block >= tile.n_block_min; --n_block, ++g) {
           const int s = g % STAGES;
           // Stage s was last filled STAGES loads ago: wait until every consumer warp
           // released it.
           if (g >= STAGES) sm90::mbar_wait(empty(s), (g / STAGES - 1) & 1);
-          const int n0 = n_block * Bc, h_kv = tile.h / group;
+          const int n0 = seq.k0 + n_block * Bc, h_kv = tile.h / group;
           sm90::mbar_arrive_expect_tx(full_k(s), Tr::KV_BYTES);
 #pragma unroll
           for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
             sm90::tma_load_4d(sK(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_k, full_k(s), cb * 64,
-                              n0, h_kv, tile.b);
+                              n0, h_kv, seq.b);
           sm90::mbar_arrive_expect_tx(full_v(s), Tr::KV_BYTES);
 #pragma unroll
           for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
             sm90::tma_load_4d(sV(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_v, full_v(s), cb * 64,
-                              n0, h_kv, tile.b);
+                              n0, h_kv, seq.b);
         }
       }
       // Keep this thread until its last copies were consumed.
@@ -197,9 +246,20 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 
     for (int q_loads = 0;; ++q_loads) {
       sm90::mbar_wait(full_q, q_loads & 1);
-      const int t = *static_cast<volatile int*>(&tile_slot);
+      const volatile int* slot = tile_slot;
+      const int t = slot[0];
       if (t >= num_tiles) break;
-      const FwdTile tile(t, num_m_blocks, Br, Bc, a, mask);
+      FwdTile tile(t, num_m_blocks, a.nheads);
+      // The producer's view of the item, read before this warp releases Q (empty_q), after
+      // which the producer may overwrite the slot with the next tile's.
+      const SeqView<VARLEN> seq = [&] {
+        if constexpr (VARLEN)
+          return SeqView<true>(slot[1], slot[2], slot[3], slot[4]);
+        else
+          return SeqView<false>(a, tile.b);
+      }();
+      const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
+      tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
       if (n_blocks <= 0) {  // read the index, no Q: release at once
         __syncwarp();
@@ -214,7 +274,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
       OnlineSoftmax<1> softmax;
-      const ScoreMod mod(a, tile.b, tile.h);
+      const ScoreMod mod(a, tile.b, tile.h, seq);
 
       for (int it = 0; it < n_blocks; ++it, ++g) {
         const int s = g % STAGES;
@@ -284,15 +344,16 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       }
       float lse[1][2];
       softmax.finalize(acc_o, lse);
-      T* o = static_cast<T*>(p.fwd.o) + tile.b * p.fwd.o_batch_stride +
-             tile.h * p.fwd.o_head_stride;
+      // lse (batch, nheads, seqlen_q); varlen (nheads, total_q), a.seqlen_q being the total.
+      T* o = static_cast<T*>(p.fwd.o) + seq.b * p.fwd.o_batch_stride +
+             tile.h * p.fwd.o_head_stride + seq.q0 * p.fwd.o_row_stride;
       float* lse_out =
-          p.fwd.lse + (static_cast<int64>(tile.b) * a.nheads + tile.h) * a.seqlen_q;
+          p.fwd.lse + (static_cast<int64>(seq.b) * a.nheads + tile.h) * a.seqlen_q + seq.q0;
       const int col = 2 * (lane & 3);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = frag_row0 + r * 8;
-        if (i >= a.seqlen_q) continue;
+        if (i >= seq.seqlen_q()) continue;
         T* o_row = o + i * p.fwd.o_row_stride;
 #pragma unroll
         for (int dt = 0; dt < D_TILES; ++dt)

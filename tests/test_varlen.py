@@ -8,8 +8,11 @@ differ between queries and keys per sequence.
 
 CPU tests run the NumPy backend (small blocks, so that short sequences cross many block
 boundaries) and the public API, plus the argument checks. GPU tests (marker ``gpu``) run the
-varlen instantiations of the mma.sync kernels under an allocator hook that fills every
-allocation with NaN bytes and records its size, as tests/test_gpu_forward.py does.
+varlen instantiations of the kernels (flash_fwd_sm90 on Hopper for head dims 64/128, the
+mma.sync kernels otherwise) under an allocator hook that fills every allocation with NaN
+bytes and records its size, as tests/test_gpu_forward.py does, and the device check of
+prefix sums that the host does not read (CuPy cu_seqlens): invalid ones give all-NaN
+outputs, never a crash.
 """
 import ml_dtypes
 import numpy as np
@@ -367,6 +370,7 @@ def test_valid_arguments_pass():
      r"cu_seqlens_q has 3 entries but cu_seqlens_k has 2"),
     (dict(max_seqlen_q=2), ValueError,
      r"max_seqlen_q \(2\) is smaller than the longest sequence in cu_seqlens_q \(3\)"),
+    (dict(max_seqlen_q=-1), ValueError, r"max_seqlen_q must be >= 0, got -1"),
     (dict(max_seqlen_k=3.0), TypeError, r"max_seqlen_k must be an int, got float"),
     (dict(max_seqlen_k=True), TypeError, r"max_seqlen_k must be an int, got bool"),
     (dict(alibi_slopes=np.ones((3, 4), np.float32)), ValueError,
@@ -493,12 +497,21 @@ def test_gpu_long_sequences(causal):
     check_gpu(F16, (1025, 3, 300), (1025, 700, 1), 2, 1, 128, causal=causal)
 
 
+def _is_varlen_instantiation(filename, name):
+    from cuflash import _dispatch
+    if filename == _dispatch.BWD_FILE and name.startswith("cuflash::bwd_main"):
+        return int(name.rsplit(", ", 1)[1][:-1]) & _dispatch.BWD_VARLEN != 0
+    return name.endswith(", true>")
+
+
 @pytest.mark.gpu
 def test_gpu_runs_the_varlen_instantiations(monkeypatch):
-    """Every launch of a varlen call is a VARLEN instantiation of an mma.sync kernel (also
-    on sm_90, whose Hopper kernels do not read cu_seqlens)."""
+    """Every kernel launch of a varlen call is a VARLEN instantiation of the kernel the dense
+    call would run (flash_fwd_sm90 on sm_90), and each call ends with the device check of
+    its prefix sums (CuPy cu_seqlens are not read on the host)."""
     import cupy
     from cuflash import _dispatch, _launch
+    from gpu import device_arch
     launched = []
     real = _launch.launch
 
@@ -510,14 +523,22 @@ def test_gpu_runs_the_varlen_instantiations(monkeypatch):
     rng = np.random.default_rng(0)
     q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, BF16, headdim=128))
     out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
+    check = (_dispatch.VARLEN_CHECK_FILE, _dispatch.VARLEN_CHECK_KERNEL)
+    if device_arch() == "sm_90":
+        want = (_dispatch.FWD_SM90_FILE,
+                "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, false, true>")
+    else:
+        want = (_dispatch.FWD_FILE,
+                "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")
+    assert launched == [want, check]
+    launched.clear()
     cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 33, 40)
-    assert launched[0] == (_dispatch.FWD_FILE,
-                           "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")
-    assert all(f == _dispatch.BWD_FILE for f, _ in launched[1:]), launched
-    assert launched[1][1] == "cuflash::bwd_preprocess<__nv_bfloat16, true>"
-    assert launched[-1][1] == "cuflash::bwd_convert_dq<__nv_bfloat16, true>"
-    assert all(int(n.rsplit(", ", 1)[1][:-1]) & _dispatch.BWD_VARLEN
-               for _, n in launched[2:-1]), launched
+    assert launched[-1] == check
+    assert all(_is_varlen_instantiation(*x) for x in launched[:-1]), launched
+    # Host-checked (NumPy) prefix sums need no device check.
+    launched.clear()
+    cuflash.attention_varlen_forward(q, k, v, cu_q.get(), cu_k.get(), 33, 40)
+    assert launched == [want]
 
 
 @pytest.mark.gpu
@@ -563,17 +584,228 @@ def test_gpu_deterministic_is_bitwise_reproducible():
 
 @pytest.mark.gpu
 def test_gpu_checks_the_prefix_sums():
+    """NumPy prefix sums with GPU arrays: checked on the host (ValueError), then copied to
+    the device, giving the CuPy prefix sums' results. Strided CuPy prefix sums are taken."""
     import cupy
     q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(np.random.default_rng(0), BF16))
-    with pytest.raises(TypeError, match=r"cu_seqlens_q is a numpy array but q is a cupy"):
-        cuflash.attention_varlen_forward(q, k, v, cu_q.get(), cu_k, 33, 40)
-    bad = cu_q.copy()
+    want, want_lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q.get(), cu_k, 33, 40)
+    assert np.array_equal(out.get().view(np.uint16), want.get().view(np.uint16))
+    np.testing.assert_array_equal(lse.get(), want_lse.get())
+    bad = cu_q.get()
     bad[2] = bad[3] + 1
     with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
         cuflash.attention_varlen_forward(q, k, v, bad, cu_k, 33, 40)
-    # A strided view of the prefix sums is taken (the kernels get a contiguous copy).
+    with pytest.raises(ValueError, match=r"max_seqlen_k \(39\) is smaller"):
+        cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k.get(), 33, 39)
+    with pytest.raises(TypeError, match=r"cu_seqlens_q is a cupy array but q is a numpy"):
+        cuflash.attention_varlen_forward(q.get(), k.get(), v.get(), cu_q, cu_k.get(), 33, 40)
     wide = cupy.zeros(2 * cu_k.size, cupy.int32)
     wide[::2] = cu_k
     out, _ = cuflash.attention_varlen_forward(q, k, v, cu_q, wide[::2], 33, 40)
-    want, _ = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
     assert np.array_equal(out.get().view(np.uint16), want.get().view(np.uint16))
+
+
+# --------------------------------------------------------------------------- GPU: Hopper
+# flash_fwd_sm90's VARLEN instantiations (head dims 64 and 128, fp16/bf16 on sm_90): rows
+# past a sequence's end are the next sequence's (TMA reads the packed arrays), so the
+# masking of keys past seqlen_k and the stores of rows past seqlen_q are what these test.
+
+def _require_hopper():
+    from gpu import device_arch
+    if device_arch() != "sm_90":
+        pytest.skip("flash_fwd_sm90 runs on compute capability 9.0 only")
+
+
+def check_gpu_forward(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
+                      seed=None, **options):
+    """The forward alone on the GPU (CuPy prefix sums) against the dense reference per
+    sequence; asserts that it allocates only out and lse. Returns (out, lse, inputs)."""
+    import cupy
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    q, k, v, cu_q, cu_k = pack(rng, dtype, lens_q, lens_k, nheads, nheads_kv, headdim)
+    if alibi == "batch":
+        options["alibi_slopes"] = rng.uniform(0.01, 0.5, (len(lens_q), nheads)).astype(F32)
+    elif alibi == "heads":
+        options["alibi_slopes"] = rng.uniform(0.01, 0.5, nheads).astype(F32)
+    where = (f"seed {seed}, {dtype}, lens_q {lens_q} lens_k {lens_k} h{nheads}/{nheads_kv} "
+             f"d{headdim} alibi={alibi} {options}")
+    g = [cupy.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    gopts = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    pool = cupy.get_default_memory_pool()
+    used_before = pool.used_bytes()
+    (out, lse), sizes = poisoned(cuflash.attention_varlen_forward, *g, max(lens_q),
+                                 max(lens_k), **gopts)
+    assert sorted(sizes) == sorted([out.nbytes, lse.nbytes]), (
+        f"forward allocated {sizes}, expected only out and lse ({where})")
+    grown = pool.used_bytes() - used_before
+    assert grown < out.nbytes + lse.nbytes + 2 * 512, f"pool grew by {grown} bytes ({where})"
+    check_forward(out, lse, q, k, v, cu_q, cu_k, where, **options)
+    return out, lse, (g, gopts)
+
+
+# Lengths 0, 1, 17, 97, 1025 (a query block and a key block past 1024) in both orders, and
+# sequences with more queries than keys and the reverse.
+HOPPER_LENS = [
+    ((0, 1, 17, 97, 1025, 5), (3, 1, 40, 97, 1025, 0)),
+    ((1025, 97, 17, 1, 0, 300), (1, 200, 17, 1025, 4, 129)),
+]
+HOPPER_OPTIONS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window=(50, 9)),
+    "window-left": dict(window=(100, None), causal=False),
+    "softcap-causal": dict(softcap=4.0, causal=True),
+    "alibi-batch": dict(alibi="batch", window=(None, 30)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", HOPPER_OPTIONS.values(), ids=HOPPER_OPTIONS.keys())
+@pytest.mark.parametrize("lens", HOPPER_LENS, ids=["lens0", "lens1"])
+@pytest.mark.parametrize("dtype, headdim, group", [(BF16, 128, 1), (F16, 64, 4),
+                                                   (BF16, 64, 2), (F16, 128, 8)],
+                         ids=["bf16-128", "fp16-64-gqa4", "bf16-64-gqa2", "fp16-128-mqa"])
+def test_gpu_hopper_forward(dtype, headdim, group, lens, options):
+    _require_hopper()
+    check_gpu_forward(dtype, *lens, 8, 8 // group, headdim, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_gpu_hopper_skewed_lengths(headdim):
+    """One long sequence among many short ones: most tiles (query blocks of the longest
+    sequence x items) lie past their item's end and are skipped by the producer, in runs.
+    Run twice (the tile counter must come back to zero), then a dense call on the same
+    counter."""
+    _require_hopper()
+    import cupy
+    rng = np.random.default_rng(7)
+    lens_q = (5, 1500) + tuple(int(x) for x in rng.integers(0, 140, 40))
+    lens_k = (700, 1500) + tuple(int(x) for x in rng.integers(0, 300, 40))
+    out, lse, (g, gopts) = check_gpu_forward(BF16, lens_q, lens_k, 4, 2, headdim,
+                                             causal=True)
+    again = cuflash.attention_varlen_forward(*g, max(lens_q), max(lens_k), causal=True)
+    assert np.array_equal(again[0].get().view(np.uint16), out.get().view(np.uint16))
+    np.testing.assert_array_equal(again[1].get(), lse.get())
+    q4 = cupy.asarray(rng.standard_normal((2, 600, 4, headdim)).astype(BF16))
+    k4 = cupy.asarray(rng.standard_normal((2, 700, 2, headdim)).astype(BF16))
+    dense, _ = cuflash.attention_forward(q4, k4, k4, causal=True)
+    ref, _ = cuflash.attention_varlen_forward(q4.reshape(1200, 4, headdim),
+                                              k4.reshape(1400, 2, headdim),
+                                              k4.reshape(1400, 2, headdim),
+                                              cupy.asarray([0, 600, 1200], cupy.int32),
+                                              cupy.asarray([0, 700, 1400], cupy.int32),
+                                              600, 700, causal=True)
+    assert np.array_equal(dense.reshape(ref.shape).get().view(np.uint16),
+                          ref.get().view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(77, 5)),
+                                  dict(softcap=3.0, causal=True)],
+                         ids=["full", "causal", "window", "softcap-causal"])
+def test_gpu_hopper_varlen_equals_dense_per_sequence(launched_files, dtype, headdim, opts):
+    """flash_fwd_sm90's varlen instantiation does the dense one's arithmetic per sequence:
+    out and lse of each sequence are bitwise those of a dense call on that sequence alone
+    (key counts under 2048 throughout, so both pick the same key-block size)."""
+    _require_hopper()
+    import cupy
+    from cuflash import _dispatch
+    rng = np.random.default_rng(headdim)
+    lens_q, lens_k = (300, 1, 129, 0, 640), (250, 1000, 129, 7, 640)
+    q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, dtype, lens_q, lens_k, 4, 2,
+                                                         headdim))
+    out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, max(lens_q),
+                                                max(lens_k), **opts)
+    cq, ck = cu_q.get(), cu_k.get()
+    for b in range(len(lens_q)):
+        rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if lens_q[b] == 0 or lens_k[b] == 0:
+            continue
+        want, want_lse = cuflash.attention_forward(q[None, rq], k[None, rk], v[None, rk],
+                                                   **opts)
+        assert np.array_equal(out[rq].get().view(np.uint16), want[0].get().view(np.uint16)), b
+        np.testing.assert_array_equal(lse[:, rq].get(), want_lse[0].get())
+    assert set(launched_files) == {_dispatch.FWD_SM90_FILE, _dispatch.VARLEN_CHECK_FILE}
+
+
+@pytest.fixture
+def launched_files(monkeypatch):
+    """The file of every kernel launched through _launch.launch."""
+    from cuflash import _launch
+    calls = []
+    real = _launch.launch
+
+    def spy(device_id, filename, *args, **kwargs):
+        calls.append(filename)
+        return real(device_id, filename, *args, **kwargs)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- GPU: invalid
+# CuPy prefix sums are not read on the host: whatever they hold, the kernels stay inside
+# the arrays (SeqView clamps) and varlen_check turns every output of the call into NaN.
+
+def _invalid_prefix_sums(cu_q, cu_k, case):
+    cu_q, cu_k = cu_q.copy(), cu_k.copy()
+    if case == "non-monotone":
+        cu_q[2], cu_q[3] = cu_q[3], cu_q[2] - 1
+    elif case == "wrong-last":
+        cu_k[-1] -= 1
+    elif case == "first-not-zero":
+        cu_q[0] = 1
+    elif case == "negative":
+        cu_k[1:3] = -5
+    elif case == "past-the-end":
+        cu_q[1:-1] = 2**31 - 1
+    elif case == "too-long":  # valid prefix sums, but a sequence longer than max_seqlen_q
+        pass
+    return cu_q, cu_k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["non-monotone", "wrong-last", "first-not-zero", "negative",
+                                  "past-the-end", "too-long"])
+@pytest.mark.parametrize("dtype, headdim", [(BF16, 128), (F16, 64), (BF16, 32), (F32, 40)],
+                         ids=["bf16-128", "fp16-64", "bf16-32", "fp32-40"])
+def test_gpu_invalid_prefix_sums_give_nan(dtype, headdim, case):
+    import cupy
+    rng = np.random.default_rng(11)
+    lens_q, lens_k = (40, 300, 0, 7, 129), (64, 2, 50, 7, 200)
+    q, k, v, cu_q, cu_k = pack(rng, dtype, lens_q, lens_k, 4, 2, headdim)
+    bad_q, bad_k = _invalid_prefix_sums(cu_q, cu_k, case)
+    max_q = 299 if case == "too-long" else max(lens_q)
+    g = [cupy.asarray(x) for x in (q, k, v, bad_q, bad_k)]
+    out, lse = cuflash.attention_varlen_forward(*g, max_q, max(lens_k), causal=True)
+    dout = cupy.asarray(rng.standard_normal(q.shape).astype(dtype))
+    grads = cuflash.attention_varlen_backward(dout, g[0], g[1], g[2], out, lse, g[3], g[4],
+                                              max_q, max(lens_k), causal=True)
+    cupy.cuda.Device().synchronize()  # an out-of-bounds access would raise here
+    for name, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert np.isnan(x.get().astype(F32)).all(), (case, name)
+    # Valid prefix sums on the same arrays afterwards: the GPU is fine, the results finite.
+    out, lse = cuflash.attention_varlen_forward(*g[:3], cupy.asarray(cu_q),
+                                                cupy.asarray(cu_k), max(lens_q), max(lens_k))
+    assert np.isfinite(out.get().astype(F32)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_invalid_prefix_sums_empty_problem():
+    """No keys at all (total_k 0) with prefix sums that claim some: NaN, not zeros."""
+    import cupy
+    q = cupy.asarray(np.ones((6, 2, 64), BF16))
+    k = cupy.asarray(np.ones((0, 2, 64), BF16))
+    cu_q = cupy.asarray([0, 3, 6], cupy.int32)
+    bad_k = cupy.asarray([0, 4, 0], cupy.int32)
+    out, lse = cuflash.attention_varlen_forward(q, k, k, cu_q, bad_k, 3, 4)
+    assert np.isnan(out.get().astype(F32)).all() and np.isnan(lse.get()).all()
+    out, lse = cuflash.attention_varlen_forward(q, k, k, cu_q, cupy.zeros(3, cupy.int32), 3, 4)
+    assert (out.get().astype(F32) == 0).all() and np.isneginf(lse.get()).all()

@@ -53,13 +53,26 @@ struct SeqView<false> {
 // Varlen: the packed arrays have no batch axis (b = 0); the item's first rows and lengths
 // come from cu_seqlens, read at kernel start (and again where a kernel would otherwise hold
 // them in registers across its main loop: reread).
+// cu_seqlens in device memory are not validated on the host (that would synchronize), so
+// the view clamps them: 0 <= q0 <= q0 + len_q <= total_q (seqlen_q), likewise for keys.
+// Whatever the prefix sums hold, every row a kernel touches is then a row of the packed
+// arrays, and the backward's scratch rows of an item stay inside seqlen_q_pad
+// (scratch_row0 in common/bwd_scratch.cuh). Lengths past max_seqlen need no clamp: the grid
+// only covers max_seqlen rows, so the rest are not computed. Invalid prefix sums give wrong
+// numbers, never out-of-bounds accesses; varlen_check (kernels_cu/varlen_check.cu), run
+// after the call, turns those outputs into NaN.
 template <>
 struct SeqView<true> {
   static constexpr int b = 0;
   int q0, k0, len_q, len_k;
   __device__ __forceinline__ SeqView(const AttnArgs& a, int item)
-      : q0(a.cu_seqlens_q[item]), k0(a.cu_seqlens_k[item]),
-        len_q(a.cu_seqlens_q[item + 1] - q0), len_k(a.cu_seqlens_k[item + 1] - k0) {}
+      : q0(clamp(a.cu_seqlens_q[item], a.seqlen_q)), k0(clamp(a.cu_seqlens_k[item], a.seqlen_k)),
+        len_q(max(clamp(a.cu_seqlens_q[item + 1], a.seqlen_q) - q0, 0)),
+        len_k(max(clamp(a.cu_seqlens_k[item + 1], a.seqlen_k) - k0, 0)) {}
+  // x into [0, total]: a negative x is a large unsigned number, so one unsigned min.
+  static __device__ __forceinline__ int clamp(int x, int total) {
+    return static_cast<int>(min(static_cast<unsigned>(x), static_cast<unsigned>(total)));
+  }
   __device__ __forceinline__ SeqView(int q0_, int k0_, int len_q_, int len_k_)
       : q0(q0_), k0(k0_), len_q(len_q_), len_k(len_k_) {}
   __device__ __forceinline__ int seqlen_q() const { return len_q; }
