@@ -174,7 +174,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; "
                          f"k and v must share (total_k, nheads_kv)")
     # The dense checks on (1, total, nheads, headdim) views: dtypes, head dims, GQA, layout.
-    dense = check_qkv(q[None], k[None], v[None], gpu=gpu)
+    dense = check_qkv(_Batch1(q), _Batch1(k), _Batch1(v), gpu=gpu)
     total_q, total_k = int(q.shape[0]), int(k.shape[0])
     cu_q, offsets_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q, "total_q", q,
                                         gpu)
@@ -191,6 +191,18 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                   dense.headdim)
     return shape, Varlen(cu_q, cu_k, offsets_q, offsets_k, total_q, total_k, longest_q,
                          longest_k)
+
+
+class _Batch1:
+    """What check_qkv reads of ``x[None]`` (a batch of one), without making the view: a CuPy
+    view costs microseconds of host time, which a short varlen call feels."""
+    ndim = 4
+
+    def __init__(self, x):
+        self.shape = (1, *x.shape)
+        self.strides = (0, *x.strides)
+        self.dtype = x.dtype
+        self.size = x.size
 
 
 def _check_cu_seqlens(cu, name: str, total: int, total_name: str, q, gpu: bool):
@@ -212,6 +224,8 @@ def _check_cu_seqlens(cu, name: str, total: int, total_name: str, q, gpu: bool):
         if cu.device.id != q.device.id:
             raise ValueError(f"{name} is on CUDA device {cu.device.id} but q is on device "
                              f"{q.device.id}; pass arrays on one device")
+        if cu.flags.c_contiguous:
+            return cu, None
         with _cupy().cuda.Device(q.device.id):
             return _cupy().ascontiguousarray(cu), None
     host = cu.astype(np.int64)

@@ -303,25 +303,23 @@ _CHECK_READS = 1 << 22
 def varlen_check(varlen, outputs):
     """Queue varlen_check after a varlen call: if the prefix sums in device memory are
     invalid (cu[0] != 0, cu[batch] != total, a negative length or one past max_seqlen), it
-    fills every array of ``outputs`` (contiguous CuPy arrays) with NaN bytes. Nothing to do
-    when the prefix sums were validated on the host."""
+    fills every array of ``outputs`` (the call's own contiguous allocations) with NaN bytes.
+    Nothing to do when the prefix sums were validated on the host."""
     from . import _dispatch
     if varlen.checked_on_host:
         return
     outputs = [x for x in outputs if x.size]
     if not outputs:
         return
-    assert len(outputs) <= _dispatch.VARLEN_CHECK_MAX_OUTPUTS
-    assert all(x.flags.c_contiguous for x in outputs)
     pad = _dispatch.VARLEN_CHECK_MAX_OUTPUTS - len(outputs)
+    nbytes = [x.nbytes for x in outputs]
     batch = varlen.cu_seqlens_q.size - 1
     params = (varlen.cu_seqlens_q.data.ptr, varlen.cu_seqlens_k.data.ptr,
-              [x.data.ptr for x in outputs] + [0] * pad,
-              [x.nbytes for x in outputs] + [0] * pad,
+              [x.data.ptr for x in outputs] + [0] * pad, nbytes + [0] * pad,
               batch, varlen.total_q, varlen.total_k, varlen.max_seqlen_q,
               varlen.max_seqlen_k)
     device_id = varlen.cu_seqlens_q.device.id
-    fill = -(-sum(x.nbytes for x in outputs) // (_dispatch.VARLEN_CHECK_THREADS * 16 * 8))
+    fill = -(-sum(nbytes) // (_dispatch.VARLEN_CHECK_THREADS * 16 * 8))
     blocks = max(1, min(fill, _num_sms(device_id), _CHECK_READS // (batch + 1)))
     launch(device_id, _dispatch.VARLEN_CHECK_FILE, _dispatch.VARLEN_CHECK_KERNEL, (blocks,),
            (_dispatch.VARLEN_CHECK_THREADS,), 0, params, VARLEN_CHECK_PARAMS)
