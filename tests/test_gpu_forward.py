@@ -174,8 +174,12 @@ def test_old_gpu_error_names_compute_capability(monkeypatch):
             pass
 
     monkeypatch.setattr(cupy.cuda, "Device", Turing)
-    with pytest.raises(RuntimeError, match=r"compute capability 8\.0.*has 7\.5"):
-        _compile.device_arch(0)
+    _compile.device_arch.cache_clear()  # memoised per device: look again, at the fake
+    try:
+        with pytest.raises(RuntimeError, match=r"compute capability 8\.0.*has 7\.5"):
+            _compile.device_arch(0)
+    finally:
+        _compile.device_arch.cache_clear()  # nothing of the fake stays memoised
 
 
 # --- Hopper: the wgmma kernel (kernels_cu/flash_fwd_sm90.cu) ------------------------------
