@@ -344,10 +344,11 @@ DECODE_FILE = "flash_decode.cu"
 DECODE_ROWS = 16   # packed query rows (query heads of a kv head x query rows) per CTA
 DECODE_KEYS = 16   # keys per tile
 DECODE_WARPS = 4
-# Split-KV heuristic (bench/NOTES.md, "Split-KV decode v2"): a split gets at least this
-# many keys (2 tiles per warp), and there are at most this many splits (the fused combine
-# keeps one weight per split and row in 8 KiB of shared memory).
-DECODE_MIN_SPLIT_KEYS = 128
+# Split-KV heuristic (bench/NOTES.md, "Split-KV decode v3"): a split gets at least this
+# many keys (its fixed cost, ~Q load, warp merge and combine, is worth a few microseconds:
+# b1 x 4k took 17.9 us with 8 splits against 20.2 with 15), and there are at most this many
+# splits (the fused combine keeps one weight per split and row in 8 KiB of shared memory).
+DECODE_MIN_SPLIT_KEYS = 512
 DECODE_MAX_SPLITS = 128
 
 
@@ -396,12 +397,12 @@ def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
     """Splits of the keys so that the ``ctas`` CTAs of one split fill the SMs in even waves.
 
-    Measured on the H100 (NOTES, "Split-KV decode v2"): one 4-warp CTA per SM reaches the
+    Measured on the H100 (NOTES, "Split-KV decode v2/v3"): one CTA per SM reaches the
     bandwidth, a second wave of CTAs on only some SMs leaves the others idle at the end, and
     more splits add combine work. So FlashAttention-2's rule with one CTA per SM as the
     slot: the fewest splits whose wave efficiency (CTAs / (waves x SMs)) is within 90% of
-    the best, at least 128 keys a split, at most 128 splits; 1 when the CTAs already fill
-    80% of the SMs.
+    the best, at least DECODE_MIN_SPLIT_KEYS keys a split, at most DECODE_MAX_SPLITS
+    splits; 1 when the CTAs already fill 80% of the SMs.
     """
     max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS)
     if ctas >= 0.8 * num_sms or max_splits <= 1:

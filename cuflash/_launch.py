@@ -462,16 +462,17 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_plan(dtype, shape, score_mod, device_id):
-    """(config, row blocks per kv head, default num_splits) of flash_decode for one call
-    shape (``shape.seqlen_k`` is the cache capacity); memoised, since decoding calls the
-    same shape again and again."""
+def decode_plan(dtype, shape, score_mod, device_id, num_splits=None):
+    """(config, row blocks per kv head, num_splits) of flash_decode for one call shape
+    (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's);
+    memoised, since decoding calls the same shape again and again."""
     from . import _dispatch
-    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
     group = shape.nheads // shape.nheads_kv
     m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
-    num_splits = _dispatch.decode_num_splits(shape.batch * shape.nheads_kv * m_blocks,
-                                             shape.seqlen_k, _num_sms(device_id))
+    ctas = shape.batch * shape.nheads_kv * m_blocks
+    num_sms = _num_sms(device_id)
+    num_splits = num_splits or _dispatch.decode_num_splits(ctas, shape.seqlen_k, num_sms)
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
     return cfg, m_blocks, num_splits
 
 
@@ -510,9 +511,9 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    cfg, m_blocks, auto_splits = decode_plan(
-        q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id)
-    num_splits = num_splits or auto_splits
+    cfg, m_blocks, num_splits = decode_plan(
+        q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id,
+        num_splits)
     out = cupy.empty(q.shape, q.dtype)
     lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
     o_accum = lse_accum = None

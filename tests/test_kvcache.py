@@ -318,7 +318,8 @@ def test_num_splits_heuristic():
     assert _dispatch.decode_num_splits(64 * 8, 131072, sms) == 1
     assert _dispatch.decode_num_splits(16 * 8, 4096, sms) == 1
     # Short caches: never below DECODE_MIN_SPLIT_KEYS keys per split.
-    assert _dispatch.decode_num_splits(8, 1024, sms) == 1024 // 128
+    assert _dispatch.decode_num_splits(8, 1024, sms) == 1024 // _dispatch.DECODE_MIN_SPLIT_KEYS
+    assert _dispatch.decode_num_splits(8, 4096, sms) == 4096 // _dispatch.DECODE_MIN_SPLIT_KEYS
     assert _dispatch.decode_num_splits(8, 100, sms) == 1
     # One batch item, long cache: about one CTA per SM, in one even wave.
     assert _dispatch.decode_num_splits(8, 131072, sms) == 15
