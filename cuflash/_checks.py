@@ -276,6 +276,18 @@ def _as_float(value) -> float:
         return math.inf
 
 
+# The kernels take scale and softcap as float32, and divide by softcap: a value that float32
+# rounds to inf, 0 or a subnormal (whose reciprocal overflows) would change the answer.
+_F32_NORMAL = (float(np.finfo(np.float32).smallest_normal), float(np.finfo(np.float32).max))
+
+
+def _check_float32(value: float, name: str) -> None:
+    low, high = _F32_NORMAL
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in float32's normal range [{low:.4g}, {high:.4g}] "
+                         f"(the GPU kernels take it as a float32), got {value}")
+
+
 def _window_side(value, side: str) -> int:
     if value is None:
         return -1
@@ -297,6 +309,7 @@ def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(Non
     scale = _as_float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
+    _check_float32(scale, "scale")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -320,6 +333,8 @@ def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(Non
     softcap = _as_float(softcap)
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be finite and >= 0 (0 disables it), got {softcap}")
+    if softcap > 0:
+        _check_float32(softcap, "softcap")
     if alibi_slopes is not None:
         alibi_slopes = _check_alibi(alibi_slopes, shape, kind, q)
     return Options(scale, bool(causal), left, right, softcap, alibi_slopes)

@@ -362,6 +362,23 @@ def test_scale_not_finite_positive(bad):
         cuflash.attention(*qkv(), scale=bad)
 
 
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+@pytest.mark.parametrize("bad", [1e39, 3.5e38, 10 ** 39, 1e-39, 1e-45, 1e-300])
+def test_scale_softcap_outside_float32(name, bad):
+    """Finite and positive in float64 but inf, 0 or subnormal as the kernels' float32."""
+    with raises(ValueError, rf"^{name} must lie in float32's normal range "
+                            rf"\[1\.175e-38, 3\.403e\+38\] \(the GPU kernels take it as a "
+                            rf"float32\), got "):
+        cuflash.attention(*qkv(), **{name: bad})
+
+
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+def test_scale_softcap_float32_extremes_pass(name):
+    tiny, big = np.finfo(np.float32).smallest_normal, np.finfo(np.float32).max
+    assert getattr(opts(**{name: tiny}), name) == float(tiny)
+    assert getattr(opts(**{name: big}), name) == float(big)
+
+
 @pytest.mark.parametrize("bad", ["0.1", True, [0.1], np.array(0.1), 1j])
 def test_scale_wrong_type(bad):
     with raises(TypeError, rf"^scale must be a float or None, got {type(bad).__name__}$"):
