@@ -104,8 +104,8 @@ def run_cuflash_varlen(mode, q, k, v, dout, causal):
 
 @contextlib.contextmanager
 def run_cuflash_mma(mode, q, k, v, dout, causal):
-    """cuflash with the Hopper (wgmma) kernels switched off: the dense mma.sync kernels,
-    whose varlen instantiations cuflash-varlen runs on every GPU."""
+    """cuflash with the Hopper (wgmma) kernels switched off: the dense mma.sync kernels
+    (the path of Ampere and Ada GPUs, and of the options the Hopper kernels do not take)."""
     from cuflash import _dispatch
     forward_config, sm90_backward = _dispatch.forward_config, _dispatch.BWD_SM90_ENABLED
     _dispatch.forward_config = lambda *a, arch=None, **kw: forward_config(*a, **kw)
