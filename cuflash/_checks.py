@@ -5,6 +5,7 @@ TypeError / ValueError naming it whichever backend would have run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -373,6 +374,14 @@ def check_backward(dout, out, lse, q, shape: Shape, varlen: Varlen | None = None
         raise ValueError(f"lse must have shape {names} = {want}, got {tuple(lse.shape)}")
     if lse.dtype != np.float32:
         raise TypeError(f"lse must be float32, got {lse.dtype}")
+
+
+def on_device(kind: str, x):
+    """A context with the CUDA device of ``x`` current for a GPU call (CuPy allocates on the
+    current device, which need not be the inputs'); nothing for a NumPy call."""
+    if kind == "numpy":
+        return contextlib.nullcontext()
+    return _cupy().cuda.Device(x.device.id)
 
 
 def _cupy():

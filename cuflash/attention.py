@@ -75,8 +75,9 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
     xp = _xp(kind)
     if min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0:
-        out = xp.zeros(q.shape, q.dtype)
-        lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
+        with _checks.on_device(kind, q):
+            out = xp.zeros(q.shape, q.dtype)
+            lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
         return out, lse
     if kind == "numpy":
         from . import cpu
@@ -153,7 +154,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     xp = _xp(kind)
     if min(shape.batch, shape.seqlen_q, shape.nheads, shape.seqlen_k) == 0:
-        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+        with _checks.on_device(kind, q):
+            return (xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype),
+                    xp.zeros(v.shape, v.dtype))
     if kind == "numpy":
         from . import cpu
         return cpu.backward(dout, q, k, v, out, lse, shape, opts)
@@ -261,8 +264,9 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
     xp = _xp(kind)
     if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
-        out = xp.zeros(q.shape, q.dtype)
-        result = out, xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32)
+        with _checks.on_device(kind, q):
+            result = (xp.zeros(q.shape, q.dtype),
+                      xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32))
     elif kind == "numpy":
         from . import cpu
         return cpu.forward_varlen(q, k, v, shape, opts, varlen)
@@ -351,8 +355,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     xp = _xp(kind)
     if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
-        result = xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape,
-                                                                                   v.dtype)
+        with _checks.on_device(kind, q):
+            result = (xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype),
+                      xp.zeros(v.shape, v.dtype))
     elif kind == "numpy":
         from . import cpu
         return cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen)

@@ -122,8 +122,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
 
     xp = np if kind == "numpy" else _checks._cupy()
     if min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0:
-        out = xp.zeros(q.shape, q.dtype)
-        lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
+        with _checks.on_device(kind, q):
+            out = xp.zeros(q.shape, q.dtype)
+            lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
     elif kind == "numpy":
         from . import cpu
         out, lse = forward_gathered(cpu.forward, np, q, k_cache, v_cache, cache_seqlens,
@@ -131,8 +132,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     elif q.dtype == np.float32:
         from . import _launch
         seqlens = cache_seqlens if isinstance(cache_seqlens, int) else cache_seqlens.get()
-        out, lse = forward_gathered(_launch.forward, xp, q, k_cache, v_cache, seqlens,
-                                    block_table, cache, opts)
+        with _checks.on_device(kind, q):  # the gather allocates and indexes
+            out, lse = forward_gathered(_launch.forward, xp, q, k_cache, v_cache, seqlens,
+                                        block_table, cache, opts)
     else:
         from . import _launch
         out, lse = _launch.kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table,
@@ -166,7 +168,8 @@ def _prepare(arrays: dict):
             kind = _checks.same_kind({n: arrays[n] for n in checked},
                                      optional=("k", "v", "block_table", "alibi_slopes"))
     if not _is_int(arrays["cache_seqlens"]):
-        arrays["cache_seqlens"] = xp.ascontiguousarray(arrays["cache_seqlens"])
+        with _checks.on_device(kind, arrays["q"]):  # a copy, if any, on the inputs' device
+            arrays["cache_seqlens"] = xp.ascontiguousarray(arrays["cache_seqlens"])
     return kind, arrays
 
 

@@ -60,11 +60,12 @@ def merge_attention(outs, lses):
     _check(parts, part_lses, gpu=kind != "numpy")
 
     xp = np if kind == "numpy" else _checks._cupy()
-    parts, part_lses = _stacked(outs, xp), _stacked(lses, xp)
-    _, batch, seqlen_q, nheads, _ = parts.shape
-    if batch * seqlen_q * nheads == 0:
-        return (xp.zeros(parts.shape[1:], parts.dtype),
-                xp.full((batch, nheads, seqlen_q), -np.inf, np.float32))
+    with _checks.on_device(kind, parts[0]):  # stacking and empty outputs allocate
+        parts, part_lses = _stacked(outs, xp), _stacked(lses, xp)
+        _, batch, seqlen_q, nheads, _ = parts.shape
+        if batch * seqlen_q * nheads == 0:
+            return (xp.zeros(parts.shape[1:], parts.dtype),
+                    xp.full((batch, nheads, seqlen_q), -np.inf, np.float32))
     if kind == "numpy":
         from . import cpu
         return cpu.merge(parts, part_lses)

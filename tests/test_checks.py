@@ -292,6 +292,40 @@ def test_arrays_on_different_cupy_devices():
         cuflash.attention(q0, k0, v1)
 
 
+@pytest.mark.gpu
+def test_empty_problems_return_arrays_on_the_inputs_device():
+    """Empty problems skip the kernels; their outputs must still be on the inputs' device,
+    not the current one."""
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    with cupy.cuda.Device(1):
+        q, k, v = (cupy.asarray(x) for x in qkv(b=0, dtype=np.float16))
+        dense_bwd = [cupy.asarray(x) for x in qkv(sk=0, dtype=np.float16)]
+        packed = cupy.zeros((0, H, D), np.float16)
+        cu = cupy.zeros(2, np.int32)
+        cache = cupy.zeros((0, 64, HKV, D), np.float16)
+        seqlens = cupy.zeros(0, np.int32)
+        parts = [cupy.zeros((0, SQ, H, D), np.float16)] * 2
+        lses = [cupy.zeros((0, H, SQ), np.float32)] * 2
+        dout = cupy.ones_like(dense_bwd[0])
+        lse = cupy.zeros((B, H, SQ), np.float32)
+        packed_lse = cupy.zeros((H, 0), np.float32)
+    with cupy.cuda.Device(0):
+        results = [
+            cuflash.attention_forward(q, k, v),
+            cuflash.attention_backward(dout, *dense_bwd, dout, lse),
+            cuflash.attention_varlen_forward(packed, packed, packed, cu, cu, 0, 0),
+            cuflash.attention_varlen_backward(packed, packed, packed, packed, packed,
+                                              packed_lse, cu, cu, 0, 0),
+            cuflash.attention_with_kvcache(q, cache, cache, cache_seqlens=seqlens,
+                                           return_lse=True),
+            cuflash.merge_attention(parts, lses),
+        ]
+    for result in results:
+        assert [x.device.id for x in result] == [1] * len(result)
+
+
 # --------------------------------------------------------------------------- window
 
 
