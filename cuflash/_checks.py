@@ -123,16 +123,8 @@ def check_qkv(q, k, v, *, gpu: bool) -> Shape:
         if x.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), "
                              f"got shape {tuple(x.shape)}")
-    supported = GPU_DTYPES if gpu else CPU_DTYPES
-    if q.dtype not in supported:
-        names = ", ".join(str(d) for d in supported)
-        where = "on the GPU" if gpu else "on the CPU"
-        raise TypeError(f"q has dtype {q.dtype}, which is not supported {where}; "
-                        f"supported: {names}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}; "
-                            f"q, k and v must share one dtype")
+    check_dtype(q, "q", gpu=gpu)
+    check_same_dtype(q, "q", {"k": k, "v": v}, "q, k and v must share one dtype")
     batch, seqlen_q, nheads, headdim = q.shape
     _, seqlen_k, nheads_kv, _ = k.shape
     for name, x in (("k", k), ("v", v)):
@@ -144,16 +136,44 @@ def check_qkv(q, k, v, *, gpu: bool) -> Shape:
     if v.shape[1] != seqlen_k or v.shape[2] != nheads_kv:
         raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; "
                          f"k and v must share (batch, seqlen_k, nheads_kv)")
+    check_headdim(headdim)
+    check_gqa(nheads, nheads_kv, "nheads_kv")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_last_axis_contiguous(x, name)
+    return Shape(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim)
+
+
+def check_dtype(x, name: str, *, gpu: bool) -> None:
+    """``x`` has a dtype the backend computes in."""
+    supported = GPU_DTYPES if gpu else CPU_DTYPES
+    if x.dtype not in supported:
+        names = ", ".join(str(d) for d in supported)
+        where = "on the GPU" if gpu else "on the CPU"
+        raise TypeError(f"{name} has dtype {x.dtype}, which is not supported {where}; "
+                        f"supported: {names}")
+
+
+def check_same_dtype(first, first_name: str, others: dict, rule: str) -> None:
+    """Every array of ``others`` (name -> array or None) has the dtype of ``first``."""
+    for name, x in others.items():
+        if x is not None and x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has dtype "
+                            f"{first.dtype}; {rule}")
+
+
+def check_headdim(headdim: int) -> None:
     if not (HEADDIM_MULTIPLE <= headdim <= MAX_HEADDIM and headdim % HEADDIM_MULTIPLE == 0):
         raise ValueError(f"headdim {headdim} is not supported; supported: multiples of "
                          f"{HEADDIM_MULTIPLE} from {HEADDIM_MULTIPLE} to {MAX_HEADDIM} "
                          f"(32, 64, 96, 128, 192 and 256 run without padding on the GPU)")
+
+
+def check_gqa(nheads: int, nheads_kv: int, kv_name: str) -> None:
+    """Grouped-query attention: ``nheads`` query heads share ``nheads_kv`` (named
+    ``kv_name`` in the message) kv heads evenly."""
     if nheads_kv == 0 or nheads % nheads_kv != 0:
-        raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv}) "
+        raise ValueError(f"nheads ({nheads}) must be a multiple of {kv_name} ({nheads_kv}) "
                          f"for grouped-query attention")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_last_axis_contiguous(x, name)
-    return Shape(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim)
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,

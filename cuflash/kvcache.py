@@ -187,16 +187,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
                 "page_size, nheads_kv, headdim)")
             raise ValueError(f"{name} must have 4 dimensions {what}, got shape "
                              f"{tuple(x.shape)}")
-    supported = _checks.GPU_DTYPES if gpu else _checks.CPU_DTYPES
-    if q.dtype not in supported:
-        names = ", ".join(str(d) for d in supported)
-        where = "on the GPU" if gpu else "on the CPU"
-        raise TypeError(f"q has dtype {q.dtype}, which is not supported {where}; "
-                        f"supported: {names}")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if x is not None and x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}; "
-                            f"q, the caches and k, v must share one dtype")
+    _checks.check_dtype(q, "q", gpu=gpu)
+    _checks.check_same_dtype(q, "q", {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v},
+                             "q, the caches and k, v must share one dtype")
     batch, seqlen_q, nheads, headdim = q.shape
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has shape "
@@ -204,14 +197,8 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
     rows, slots, nheads_kv, cache_headdim = k_cache.shape
     if cache_headdim != headdim:
         raise ValueError(f"k_cache has headdim {cache_headdim} but q has headdim {headdim}")
-    if not (_checks.HEADDIM_MULTIPLE <= headdim <= _checks.MAX_HEADDIM
-            and headdim % _checks.HEADDIM_MULTIPLE == 0):
-        raise ValueError(f"headdim {headdim} is not supported; supported: multiples of "
-                         f"{_checks.HEADDIM_MULTIPLE} from {_checks.HEADDIM_MULTIPLE} to "
-                         f"{_checks.MAX_HEADDIM}")
-    if nheads_kv == 0 or nheads % nheads_kv != 0:
-        raise ValueError(f"nheads ({nheads}) must be a multiple of the caches' nheads_kv "
-                         f"({nheads_kv}) for grouped-query attention")
+    _checks.check_headdim(headdim)
+    _checks.check_gqa(nheads, nheads_kv, "the caches' nheads_kv")
 
     if block_table is None:
         if rows != batch:

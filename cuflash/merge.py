@@ -101,19 +101,14 @@ def _check(parts, part_lses, *, gpu: bool) -> None:
     if first.ndim != 4:
         raise ValueError(f"outs[0] must have 4 dimensions (batch, seqlen_q, nheads, headdim), "
                          f"got shape {tuple(first.shape)}")
-    supported = _checks.GPU_DTYPES if gpu else _checks.CPU_DTYPES
-    if first.dtype not in supported:
-        names = ", ".join(str(d) for d in supported)
-        raise TypeError(f"outs[0] has dtype {first.dtype}, which is not supported "
-                        f"{'on the GPU' if gpu else 'on the CPU'}; supported: {names}")
+    _checks.check_dtype(first, "outs[0]", gpu=gpu)
     batch, seqlen_q, nheads, _ = first.shape
     for s, (x, lse) in enumerate(zip(parts, part_lses)):
         if tuple(x.shape) != tuple(first.shape):
             raise ValueError(f"outs[{s}] has shape {tuple(x.shape)} but outs[0] has shape "
                              f"{tuple(first.shape)}; every part must share one shape")
-        if x.dtype != first.dtype:
-            raise TypeError(f"outs[{s}] has dtype {x.dtype} but outs[0] has dtype "
-                            f"{first.dtype}; every part must share one dtype")
+        _checks.check_same_dtype(first, "outs[0]", {f"outs[{s}]": x},
+                                 "every part must share one dtype")
         _checks.check_last_axis_contiguous(x, f"outs[{s}]")
         if lse.dtype != np.float32:
             raise TypeError(f"lses[{s}] must be float32, got {lse.dtype}")

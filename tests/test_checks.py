@@ -618,3 +618,52 @@ def test_checks_run_even_for_empty_problems():
     q, k, v = qkv(sk=0)
     with raises(TypeError, r"^deterministic must be a bool"):
         cuflash.attention_backward(a["dout"], q, k, v, a["out"], a["lse"], deterministic=None)
+
+
+# --------------------------------------------------------------------------- kvcache, merge
+
+
+def _kvcache(d=D, dtype=np.float32, hkv=HKV):
+    q = qkv(d=d, dtype=dtype)[0]
+    cache = np.zeros((B, 16, hkv, d), dtype)
+    return cuflash.attention_with_kvcache(q, cache, cache, cache_seqlens=1)
+
+
+def _merge(d=D, dtype=np.float32):
+    out = qkv(d=d, dtype=dtype)[0]
+    return cuflash.merge_attention([out, out], [np.zeros((B, H, SQ), np.float32)] * 2)
+
+
+def test_kvcache_and_merge_check_dtypes_as_attention_does():
+    with raises(TypeError, r"^q has dtype int32, which is not supported on the CPU; "
+                           r"supported: float16, bfloat16, float32, float64$"):
+        _kvcache(dtype=np.int32)
+    with raises(TypeError, r"^outs\[0\] has dtype int32, which is not supported on the CPU; "
+                           r"supported: float16, bfloat16, float32, float64$"):
+        _merge(dtype=np.int32)
+    q = qkv()[0]
+    cache = np.zeros((B, 16, HKV, D), np.float16)
+    with raises(TypeError, r"^k_cache has dtype float16 but q has dtype float32; q, the "
+                           r"caches and k, v must share one dtype$"):
+        cuflash.attention_with_kvcache(q, cache, cache, cache_seqlens=1)
+    with raises(TypeError, r"^outs\[1\] has dtype float16 but outs\[0\] has dtype float32; "
+                           r"every part must share one dtype$"):
+        cuflash.merge_attention([q, q.astype(np.float16)],
+                                [np.zeros((B, H, SQ), np.float32)] * 2)
+
+
+@pytest.mark.parametrize("d", [12, 264])
+def test_kvcache_checks_headdim_and_heads_as_attention_does(d):
+    with raises(ValueError, rf"^headdim {d} is not supported; supported: multiples of 8 "
+                            rf"from 8 to 256 \(32, 64, 96, 128, 192 and 256 run without "
+                            rf"padding on the GPU\)$"):
+        _kvcache(d=d)
+    with raises(ValueError, rf"^nheads \({H}\) must be a multiple of the caches' nheads_kv "
+                            rf"\(3\) for grouped-query attention$"):
+        _kvcache(hkv=3)
+
+
+def test_merge_takes_any_headdim():
+    """merge_attention has no head-dim rule: the merge kernel reads rows of any length."""
+    out, lse = _merge(d=12)
+    assert out.shape == (B, SQ, H, 12) and lse.shape == (B, H, SQ)
