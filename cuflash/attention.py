@@ -263,7 +263,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
     xp = _xp(kind)
-    if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
+    if _varlen_empty(shape, varlen):
         with _checks.on_device(kind, q):
             result = (xp.zeros(q.shape, q.dtype),
                       xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32))
@@ -354,7 +354,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     xp = _xp(kind)
-    if min(varlen.total_q, varlen.total_k, shape.nheads) == 0:
+    if _varlen_empty(shape, varlen):
         with _checks.on_device(kind, q):
             result = (xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype),
                       xp.zeros(v.shape, v.dtype))
@@ -366,6 +366,15 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         result = _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic),
                                   varlen)
     return _varlen_checked(kind, varlen, result)
+
+
+def _varlen_empty(shape, varlen) -> bool:
+    """Nothing to compute: no rows, no heads, no sequences or a zero ``max_seqlen``. With
+    host-checked prefix sums the last two imply empty totals; prefix sums on the GPU may
+    claim rows with them (invalid: varlen_check NaN-fills the zeros), and the kernels would
+    be launched on an empty grid, which CUDA rejects."""
+    return min(varlen.total_q, varlen.total_k, shape.nheads, shape.batch, shape.seqlen_q,
+               shape.seqlen_k) == 0
 
 
 def _varlen_checked(kind, varlen, outputs):

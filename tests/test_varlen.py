@@ -809,3 +809,24 @@ def test_gpu_invalid_prefix_sums_empty_problem():
     assert np.isnan(out.get().astype(F32)).all() and np.isnan(lse.get()).all()
     out, lse = cuflash.attention_varlen_forward(q, k, k, cu_q, cupy.zeros(3, cupy.int32), 3, 4)
     assert (out.get().astype(F32) == 0).all() and np.isneginf(lse.get()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["max_seqlen_q=0", "max_seqlen_k=0", "batch=0"])
+def test_gpu_invalid_prefix_sums_that_leave_no_grid(case):
+    """Device prefix sums with rows to spare but a zero bound or no sequences: the kernels
+    would get an empty grid (a CUDA error); the call returns NaN outputs instead."""
+    import cupy
+    rng = np.random.default_rng(3)
+    q = cupy.asarray(rng.standard_normal((6, 2, 64)).astype(BF16))
+    cu, max_q, max_k = cupy.asarray([0, 3, 6], cupy.int32), 3, 3
+    if case == "max_seqlen_q=0":
+        max_q = 0
+    elif case == "max_seqlen_k=0":
+        max_k = 0
+    else:
+        cu = cupy.zeros(1, cupy.int32)
+    out, lse = cuflash.attention_varlen_forward(q, q, q, cu, cu, max_q, max_k)
+    grads = cuflash.attention_varlen_backward(q, q, q, q, out, lse, cu, cu, max_q, max_k)
+    for name, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert np.isnan(x.get().astype(F32)).all(), name
