@@ -1,10 +1,12 @@
 """GPU tests carry the marker `gpu` and are skipped cleanly where there is no CUDA GPU (the hook
-lives in tests/gpu.py, shared with bench/conftest.py). ``rng``: a generator per test."""
+lives in tests/gpu.py, shared with bench/conftest.py). ``rng``: a generator per test;
+``launched``: the (filename, name expression) of every kernel the test launches."""
 import zlib
 
 import numpy as np
 import pytest
 
+from gpu import launches
 from gpu import pytest_collection_modifyitems  # noqa: F401 (a pytest hook: skips `gpu` items)
 
 
@@ -12,3 +14,10 @@ from gpu import pytest_collection_modifyitems  # noqa: F401 (a pytest hook: skip
 def rng(request):
     """Seeded by the test's id: reproducible, and different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def launched():
+    """(filename, name expression) of every kernel launched through _launch.launch."""
+    with launches() as calls:
+        yield calls

@@ -1,9 +1,12 @@
 """What the GPU tests share: the skip of tests marked `gpu` where there is no CUDA GPU (used by
 tests/conftest.py and bench/conftest.py), the NaN-poisoning allocator hook, and CuPy.
 
-Usage: ``from gpu import poisoned`` (pytest puts ``tests/`` on ``sys.path``). Nothing here
+Usage: ``from gpu import poisoned`` (pytest puts ``tests/`` on ``sys.path``); the
+``launched`` fixture (tests/conftest.py) wraps :func:`launches`. Nothing here
 imports CuPy at import time, so CPU-only machines collect the GPU tests and skip them.
 """
+import contextlib
+
 import pytest
 
 
@@ -26,6 +29,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def launches():
+    """Inside the block, record (filename, name expression) of every kernel launched through
+    cuflash._launch.launch, in order; yields that list."""
+    from cuflash import _launch
+    calls, real = [], _launch.launch
+
+    def spy(device_id, filename, name_expression, *args, **kwargs):
+        calls.append((filename, name_expression))
+        return real(device_id, filename, name_expression, *args, **kwargs)
+
+    _launch.launch = spy
+    try:
+        yield calls
+    finally:
+        _launch.launch = real
 
 
 def import_cupy():

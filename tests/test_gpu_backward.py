@@ -12,7 +12,7 @@ import pytest
 
 from accuracy import assert_close
 from cuflash import _checks, reference
-from gpu import device_arch, import_cupy, poisoned
+from gpu import device_arch, import_cupy, launches, poisoned
 
 pytestmark = pytest.mark.gpu
 
@@ -248,7 +248,7 @@ def test_vjp_matches_forward_and_backward(deterministic):
 def test_dispatch_picks_wgmma_backward_on_sm90():
     """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), and never where it cannot."""
     import cuflash
-    from cuflash import _dispatch, _launch
+    from cuflash import _dispatch
     pick = _dispatch.backward_sm90
     assert pick("__nv_bfloat16", 128, False, False, "sm_90").name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64>"
@@ -258,22 +258,13 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert pick("float", 128, False, False, "sm_90") is None
     assert pick("__half", 256, False, False, "sm_90") is None
     cp = import_cupy()
-    launched = []
-    real = _launch.launch
-
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        launched.append(name_expression)
-        return real(device_id, filename, name_expression, *args, **kwargs)
-
     rng = np.random.default_rng(3)
     q, k, v, dout, out = (cp.asarray(_randn(rng, (1, 70, 2, 128), BF16)) for _ in range(5))
     lse = cp.zeros((1, 2, 70), np.float32)
-    try:
-        _launch.launch = spy
+    with launches() as launched:
         cuflash.attention_backward(dout, q, k, v, out, lse)
-    finally:
-        _launch.launch = real
-    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in launched) == (device_arch() == "sm_90")
+    names = [n for _, n in launched]
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in names) == (device_arch() == "sm_90")
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])

@@ -193,21 +193,6 @@ def _require_hopper():
         pytest.skip("flash_fwd_sm90 runs on compute capability 9.0 only")
 
 
-@pytest.fixture
-def launched(monkeypatch):
-    """(filename, name expression) of every kernel launched through _launch.launch."""
-    from cuflash import _launch
-    calls = []
-    real = _launch.launch
-
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        calls.append((filename, name_expression))
-        return real(device_id, filename, name_expression, *args, **kwargs)
-
-    monkeypatch.setattr(_launch, "launch", spy)
-    return calls
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "qkv", "bhsd"])
 @pytest.mark.parametrize("dtype, headdim", [(BF16, 128), (F16, 64), (BF16, 40)],
                          ids=["bf16-128", "fp16-64", "bf16-40"])

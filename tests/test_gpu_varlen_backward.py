@@ -20,7 +20,7 @@ import pytest
 import cuflash
 from accuracy import assert_close
 from cuflash import _dispatch, _launch, reference
-from gpu import device_arch, import_cupy, poisoned
+from gpu import device_arch, import_cupy, launches, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -76,26 +76,16 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
     cp = import_cupy()
     g = [cp.asarray(x) for x in (dout, q, k, v, out, lse, cu_q, cu_k)]
     lens_q, lens_k = np.diff(cu_q), np.diff(cu_k)
-    launched = []
-    real = _launch.launch
-
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        launched.append(name_expression)
-        return real(device_id, filename, name_expression, *args, **kwargs)
-
-    _launch.launch = spy
-    try:
+    with launches() as launched:
         grads, sizes = poisoned(cuflash.attention_varlen_backward, *g, int(lens_q.max()),
                                 int(lens_k.max()), **opts)
-    finally:
-        _launch.launch = real
     # Gradients plus float32 scratch: lse_log2, delta and dq_accum, each of
     # (nheads, total_q rounded down to 16 + 144 per sequence) rows.
     batch, nheads = len(lens_q), q.shape[1]
     rows = nheads * (q.shape[0] // 16 * 16 + _launch.BWD_VARLEN_GAP * batch)
     allowed = sum(x.nbytes for x in grads) + rows * (2 + _dispatch.padded_headdim(q.shape[2])) * 4
     assert sum(sizes) <= allowed + 512 * len(sizes), f"allocated {sizes}; allowed {allowed}"
-    return grads, launched
+    return grads, [n for _, n in launched]
 
 
 def _expects_wgmma(dtype, headdim, deterministic=False):

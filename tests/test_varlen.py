@@ -505,21 +505,13 @@ def _is_varlen_instantiation(filename, name):
 
 
 @pytest.mark.gpu
-def test_gpu_runs_the_varlen_instantiations(monkeypatch):
+def test_gpu_runs_the_varlen_instantiations(launched):
     """Every kernel launch of a varlen call is a VARLEN instantiation of the kernel the dense
     call would run (flash_fwd_sm90 on sm_90), and each call ends with the device check of
     its prefix sums (CuPy cu_seqlens are not read on the host)."""
     import cupy
-    from cuflash import _dispatch, _launch
+    from cuflash import _dispatch
     from gpu import device_arch
-    launched = []
-    real = _launch.launch
-
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        launched.append((filename, name_expression))
-        return real(device_id, filename, name_expression, *args, **kwargs)
-
-    monkeypatch.setattr(_launch, "launch", spy)
     rng = np.random.default_rng(0)
     q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, BF16, headdim=128))
     out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
@@ -710,7 +702,7 @@ def test_gpu_hopper_skewed_lengths(headdim):
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(77, 5)),
                                   dict(softcap=3.0, causal=True)],
                          ids=["full", "causal", "window", "softcap-causal"])
-def test_gpu_hopper_varlen_equals_dense_per_sequence(launched_files, dtype, headdim, opts):
+def test_gpu_hopper_varlen_equals_dense_per_sequence(launched, dtype, headdim, opts):
     """flash_fwd_sm90's varlen instantiation does the dense one's arithmetic per sequence:
     out and lse of each sequence are bitwise those of a dense call on that sequence alone
     (key counts under 2048 throughout, so both pick the same key-block size)."""
@@ -732,22 +724,7 @@ def test_gpu_hopper_varlen_equals_dense_per_sequence(launched_files, dtype, head
                                                    **opts)
         assert np.array_equal(out[rq].get().view(np.uint16), want[0].get().view(np.uint16)), b
         np.testing.assert_array_equal(lse[:, rq].get(), want_lse[0].get())
-    assert set(launched_files) == {_dispatch.FWD_SM90_FILE, _dispatch.VARLEN_CHECK_FILE}
-
-
-@pytest.fixture
-def launched_files(monkeypatch):
-    """The file of every kernel launched through _launch.launch."""
-    from cuflash import _launch
-    calls = []
-    real = _launch.launch
-
-    def spy(device_id, filename, *args, **kwargs):
-        calls.append(filename)
-        return real(device_id, filename, *args, **kwargs)
-
-    monkeypatch.setattr(_launch, "launch", spy)
-    return calls
+    assert {f for f, _ in launched} == {_dispatch.FWD_SM90_FILE, _dispatch.VARLEN_CHECK_FILE}
 
 
 # --------------------------------------------------------------------------- GPU: invalid
