@@ -280,11 +280,15 @@ def check_cache_values(cache_seqlens, block_table, cache: CacheShape) -> None:
 
 
 def _key_rows(cache: CacheShape, b, length, block_table, xp):
-    """Where batch item b's first ``length`` keys live: (page index, row) arrays."""
+    """Where batch item b's first ``length`` keys live: (page index, row) arrays. Pages are
+    clamped into the cache as flash_decode's locate_key does: GPU block tables are not
+    checked (NumPy ones are, so this changes nothing there), and CuPy would wrap an
+    out-of-range index around instead."""
     pos = xp.arange(length)
     if block_table is None:
         return xp.full(length, b), pos
-    return block_table[b][pos // cache.page_size], pos % cache.page_size
+    pages = xp.clip(block_table[b][pos // cache.page_size], 0, cache.num_blocks - 1)
+    return pages, pos % cache.page_size
 
 
 def append_numpy(k_cache, v_cache, k, v, cache_seqlens, block_table, cache: CacheShape):

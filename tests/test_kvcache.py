@@ -445,19 +445,30 @@ def test_gpu_fused_combine_rearms_and_max_splits(rng):
 
 
 @pytest.mark.gpu
-def test_gpu_block_table_entries_out_of_range_stay_in_the_caches(rng):
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16-kernel", "f32-gathered"])
+def test_gpu_block_table_entries_out_of_range_stay_in_the_caches(rng, dtype):
     # GPU block tables are not checked (that needs a device synchronisation): entries past
-    # the pages are clamped, so nothing outside the caches is read or written.
+    # the pages are clamped into [0, num_blocks), by the decode kernel and by the float32
+    # gathered path alike, so nothing outside the caches is read or written and the result
+    # is the CPU's on the clamped table.
     cupy = import_cupy()
-    q = cupy.asarray(rng.standard_normal((2, 1, 4, 64)).astype(BF16))
-    k_cache = cupy.asarray(rng.standard_normal((3, 16, 1, 64)).astype(BF16))
-    table = cupy.asarray(np.array([[0, 2**30], [-5, 1]], np.int32))
-    out = cuflash.attention_with_kvcache(q, k_cache, k_cache, k=q[:, :, :1], v=q[:, :, :1],
-                                         cache_seqlens=cupy.asarray(np.array([20, 31],
-                                                                             np.int32)),
-                                         block_table=table, num_splits=2)
+    q = rng.standard_normal((2, 1, 4, 64)).astype(dtype)
+    k_cache = rng.standard_normal((3, 16, 1, 64)).astype(dtype)
+    table = np.array([[0, 2**30], [-5, 1]], np.int32)
+    lengths = np.array([20, 31], np.int32)
+    g_cache = cupy.asarray(k_cache)
+    out = cuflash.attention_with_kvcache(cupy.asarray(q), g_cache, g_cache,
+                                         k=cupy.asarray(q[:, :, :1]),
+                                         v=cupy.asarray(q[:, :, :1]),
+                                         cache_seqlens=cupy.asarray(lengths),
+                                         block_table=cupy.asarray(table), num_splits=2)
     cupy.cuda.Device().synchronize()
-    assert out.shape == q.shape and bool(cupy.isfinite(out).all())
+    want = cuflash.attention_with_kvcache(q, k_cache, k_cache, k=q[:, :, :1], v=q[:, :, :1],
+                                          cache_seqlens=lengths,
+                                          block_table=np.clip(table, 0, 2))
+    tol = 2e-2 if dtype == BF16 else 1e-4
+    np.testing.assert_allclose(out.get().astype(F32), want.astype(F32), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(g_cache.get(), k_cache)
 
 
 @pytest.mark.gpu
