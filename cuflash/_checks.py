@@ -138,6 +138,11 @@ def check_qkv(q, k, v, *, gpu: bool) -> Shape:
                          f"k and v must share (batch, seqlen_k, nheads_kv)")
     check_headdim(headdim)
     check_gqa(nheads, nheads_kv, "nheads_kv")
+    if gpu:  # the kernels index rows with int32 (varlen: the packed totals)
+        for name, n in (("q", seqlen_q), ("k", seqlen_k)):
+            if n >= 2**31:
+                raise ValueError(f"{name} has {n} rows per batch item (sequence axis); the "
+                                 f"GPU kernels take fewer than 2**31")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_last_axis_contiguous(x, name)
     return Shape(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim)

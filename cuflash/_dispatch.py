@@ -6,7 +6,6 @@ table entry carries the reason it was chosen (a measurement in bench/NOTES.md, o
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 # Head dims that have their own instantiation; others (multiples of 8 up to 256) run in the

@@ -12,7 +12,7 @@ from . import _checks
 
 _OPTIONS_DOC = """
     scale : float, optional
-        Multiplies ``q @ k.T``; default ``headdim ** -0.5``.
+        Multiplies ``q @ k.T``; default ``headdim ** -0.5``. A normal float32 > 0.
     causal : bool, default False
         Bottom-right aligned causal mask: query ``i`` sees keys
         ``j <= i + seqlen_k - seqlen_q`` (the last query sees every key).
@@ -21,7 +21,8 @@ _OPTIONS_DOC = """
         ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``.
         ``None`` or ``-1`` leaves that side unbounded. ``causal=True`` is ``right=0``.
     softcap : float, default 0.0
-        If > 0, scores become ``softcap * tanh(score / softcap)`` (after scaling).
+        If > 0, scores become ``softcap * tanh(score / softcap)`` (after scaling); a
+        normal float32.
     alibi_slopes : float32 array (nheads,) or (batch, nheads), optional
         Subtracts ``slope * |i + seqlen_k - seqlen_q - j|`` from the scores.
 """

@@ -667,3 +667,13 @@ def test_merge_takes_any_headdim():
     """merge_attention has no head-dim rule: the merge kernel reads rows of any length."""
     out, lse = _merge(d=12)
     assert out.shape == (B, SQ, H, 12) and lse.shape == (B, H, SQ)
+
+
+def test_gpu_rows_past_int32_are_a_value_error():
+    # A zero-stride view claims 2**31 rows without allocating them.
+    huge = np.lib.stride_tricks.as_strided(np.zeros(8, np.float16), (1, 2**31, 1, 8),
+                                           (0, 0, 0, 2))
+    small = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(ValueError, match=r"k has 2147483648 rows .* fewer than 2\*\*31"):
+        _checks.check_qkv(small, huge, huge, gpu=True)
+    _checks.check_qkv(small, huge, huge, gpu=False)  # the CPU backend indexes in int64
