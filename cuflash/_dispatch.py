@@ -343,11 +343,15 @@ DECODE_FILE = "flash_decode.cu"
 DECODE_ROWS = 16   # packed query rows (query heads of a kv head x query rows) per CTA
 DECODE_KEYS = 16   # keys per tile
 DECODE_WARPS = 4
-# Split-KV heuristic (bench/NOTES.md, "Split-KV decode v3"): a split gets at least this
-# many keys (its fixed cost, ~Q load, warp merge and combine, is worth a few microseconds:
-# b1 x 4k took 17.9 us with 8 splits against 20.2 with 15), and there are at most this many
-# splits (the fused combine keeps one weight per split and row in 8 KiB of shared memory).
-DECODE_MIN_SPLIT_KEYS = 512
+# Split-KV heuristic (bench/NOTES.md, "Split-KV decode v3"): a split gets at least
+# DECODE_MIN_SPLIT_KEYS keys (two tiles per warp), and past DECODE_SHORT_SPLITS splits at
+# least DECODE_SPLIT_KEYS (a split's fixed cost, Q load, warp merge and its share of the
+# combine, is worth a few microseconds: b1 x 4k took 17.9 us with 8 splits against 20.2 with
+# 15, while b1 x 1k was fastest with 8 splits of 128 keys); at most DECODE_MAX_SPLITS (the
+# fused combine keeps one weight per split and row in 8 KiB of shared memory).
+DECODE_MIN_SPLIT_KEYS = 128
+DECODE_SPLIT_KEYS = 512
+DECODE_SHORT_SPLITS = 8
 DECODE_MAX_SPLITS = 128
 
 
@@ -399,11 +403,12 @@ def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
     Measured on the H100 (NOTES, "Split-KV decode v2/v3"): one CTA per SM reaches the
     bandwidth, a second wave of CTAs on only some SMs leaves the others idle at the end, and
     more splits add combine work. So FlashAttention-2's rule with one CTA per SM as the
-    slot: the fewest splits whose wave efficiency (CTAs / (waves x SMs)) is within 90% of
-    the best, at least DECODE_MIN_SPLIT_KEYS keys a split, at most DECODE_MAX_SPLITS
-    splits; 1 when the CTAs already fill 80% of the SMs.
+    slot: the fewest splits whose wave efficiency (CTAs / (waves x SMs)) is within 95% of
+    the best (b1 x 128k: 16 splits, 128 CTAs, 192 us against 196 with 15), within the key
+    bounds above; 1 when the CTAs already fill 80% of the SMs.
     """
-    max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS)
+    max_splits = min(DECODE_MAX_SPLITS, seqlen_k // DECODE_MIN_SPLIT_KEYS,
+                     max(DECODE_SHORT_SPLITS, seqlen_k // DECODE_SPLIT_KEYS))
     if ctas >= 0.8 * num_sms or max_splits <= 1:
         return 1
 
@@ -412,7 +417,7 @@ def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
         return waves / -(-waves // 1)
 
     best = max(efficiency(s) for s in range(1, max_splits + 1))
-    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.9 * best)
+    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.95 * best)
 
 
 def merge_name(cxx_type: str) -> str:

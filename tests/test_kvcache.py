@@ -317,12 +317,14 @@ def test_num_splits_heuristic():
     # CTAs already fill most SMs: no split.
     assert _dispatch.decode_num_splits(64 * 8, 131072, sms) == 1
     assert _dispatch.decode_num_splits(16 * 8, 4096, sms) == 1
-    # Short caches: never below DECODE_MIN_SPLIT_KEYS keys per split.
-    assert _dispatch.decode_num_splits(8, 1024, sms) == 1024 // _dispatch.DECODE_MIN_SPLIT_KEYS
-    assert _dispatch.decode_num_splits(8, 4096, sms) == 4096 // _dispatch.DECODE_MIN_SPLIT_KEYS
+    # Short caches: never below DECODE_MIN_SPLIT_KEYS keys per split, and past
+    # DECODE_SHORT_SPLITS splits never below DECODE_SPLIT_KEYS.
+    assert _dispatch.decode_num_splits(8, 1024, sms) == 8
+    assert _dispatch.decode_num_splits(8, 512, sms) == 4
+    assert _dispatch.decode_num_splits(8, 4096, sms) == 8
     assert _dispatch.decode_num_splits(8, 100, sms) == 1
     # One batch item, long cache: about one CTA per SM, in one even wave.
-    assert _dispatch.decode_num_splits(8, 131072, sms) == 15
+    assert _dispatch.decode_num_splits(8, 131072, sms) == 16
     assert _dispatch.decode_num_splits(4 * 8, 16384, sms) == 4
     for ctas in (1, 3, 8, 24, 100, 200):
         assert 1 <= _dispatch.decode_num_splits(ctas, 131072, sms) <= 128
