@@ -426,7 +426,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     else
       *out_at(r, d) = from_float<T>(x);
   }
-  if (tid < c.rows) *lse_at(p.o_accum ? p.lse_accum : p.lse, p.o_accum ? c.split : 0, tid) = sLse[tid];
+  if (tid < c.rows)
+    *lse_at(p.o_accum ? p.lse_accum : p.lse, p.o_accum ? c.split : 0, tid) = sLse[tid];
   if (!p.o_accum) return;
 
   // Split-KV combine: the last split of this (batch item, kv head, row block) to get here
@@ -447,7 +448,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // the rings: num_splits <= 128 takes 8 KiB), the merged lse to lse.
   float* sW2 = reinterpret_cast<float*>(smem + Tr::Q_BYTES);
   for (int e = tid; e < p.num_splits * DECODE_ROWS; e += NUM_THREADS)
-    if (e % DECODE_ROWS < c.rows) sW2[e] = __ldcg(lse_at(p.lse_accum, e / DECODE_ROWS, e % DECODE_ROWS));
+    if (e % DECODE_ROWS < c.rows)
+      sW2[e] = __ldcg(lse_at(p.lse_accum, e / DECODE_ROWS, e % DECODE_ROWS));
   __syncthreads();
   if (tid < c.rows) {
     LseMerge m;
@@ -488,8 +490,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 // merge_parts: one warp per output row (b, i, h). Lanes take the parts for the LSE, then
 // the head dimension (coalesced) for the weighted sum, 256 columns a pass. The weights of
 // 32 parts at a time are computed one per lane and broadcast by shuffles, and the part loop
-// is unrolled so that several parts' loads are in flight: after flash_decode the parts sit
-// in L2, so latency, not bandwidth, is what this kernel waits on.
+// is unrolled so that several parts' loads are in flight: parts just computed sit in L2,
+// so latency, not bandwidth, is what this kernel waits on.
 template <typename T>
 __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_parts(const __grid_constant__ MergeParams p) {
   constexpr int SLAB = 8;  // columns per lane per pass: 8 * 32 = 256
