@@ -268,32 +268,35 @@ def overhead(args):
     return 0
 
 
-def decode(args):
-    """Host, kernel and event times of decode calls, and cuflash over forced split counts."""
+def kernel_us(timer, fn, calls=20):
+    """Median over calls of the summed kernel time of one call (CUPTI through the torch
+    profiler, which sees CuPy's kernels too), the L2 flushed before each, and its kernels."""
     import statistics
 
+    import cupy
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            timer.flush.fill(0)
+            fn()
+        cupy.cuda.Device().synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and "fill" not in e.name.lower() \
+                and "memset" not in e.name.lower():
+            kernels.setdefault(e.name[:60], []).append(e.device_time)
+    total = sum(sum(t) for t in kernels.values()) / calls
+    return total, {n: statistics.median(t) for n, t in kernels.items()}
+
+
+def decode(args):
+    """Host, kernel and event times of decode calls, and cuflash over forced split counts."""
     import decode as dec
     cupy = require_gpu()
     torch = dec.import_torch()
     import cuflash
-    from torch.profiler import ProfilerActivity, profile
     timer = dec.Timer()
     rng = np.random.default_rng(0)
-
-    def kernel_us(fn, calls=20):
-        """Median over calls of the summed kernel time of one call (CUPTI), and its kernels."""
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                timer.flush.fill(0)
-                fn()
-            cupy.cuda.Device().synchronize()
-        kernels = {}
-        for e in prof.events():
-            if e.device_type.name == "CUDA" and "fill" not in e.name.lower() \
-                    and "memset" not in e.name.lower():
-                kernels.setdefault(e.name[:60], []).append(e.device_time)
-        total = sum(sum(t) for t in kernels.values()) / calls
-        return total, {n: statistics.median(t) for n, t in kernels.items()}
 
     splits = [int(s) for s in args.splits.split(",")]
     for batch, length in ((1, 1024), (1, 4096), (1, 16384), (1, 131072), (4, 1024),
@@ -315,7 +318,7 @@ def decode(args):
         print(f"--- batch {batch} length {length}", flush=True)
         for name, fn in impls.items():
             ms = timer(fn)
-            total, kernels = kernel_us(fn)
+            total, kernels = kernel_us(timer, fn)
             detail = "; ".join(f"{n} {t:.1f}" for n, t in kernels.items())
             print(f"{name:10} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us | host "
                   f"{host_us(fn):6.1f} us | {detail}", flush=True)
@@ -342,6 +345,58 @@ def tiles(args):
         _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, bn, "tuning override")
         print(f"FWD_SM90_TILES[{hd}] = Bc {bn}")
     return tune.main(["fwd", *args.tune_args])
+
+
+def decode_stages(args):
+    """cuflash decode with other cp.async ring depths (DECODE_TILES override) against torch
+    cudnn: event time (L2 flushed) and kernel time per call."""
+    import decode as dec
+    cupy = require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    from cuflash import _dispatch, _launch
+    timer = dec.Timer()
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
+                                        dtype=np.float32).astype(dec.DTYPE)
+        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
+        lengths = cupy.full(batch, length, np.int32)
+        impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
+        for stages in (int(x) for x in args.stages.split(",")):
+            impls[f"stages={stages}"] = (stages, lambda: cuflash.attention_with_kvcache(
+                q, k, v, cache_seqlens=lengths))
+        print(f"--- batch {batch} length {length}", flush=True)
+        for name, fn in impls.items():
+            if isinstance(fn, tuple):
+                _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(fn[0], "override")
+                _launch.decode_plan.cache_clear()
+                fn = fn[1]
+            ms = timer(fn)
+            total, kernels = kernel_us(timer, fn)
+            print(f"{name:12} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us", flush=True)
+
+
+def decode_calls(args):
+    """Calls of cuflash and torch cudnn on decode shapes, to run under ncu (which flushes
+    the caches itself): each twice, so the second call of each is a warm one."""
+    import decode as dec
+    cupy = require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
+                                        dtype=np.float32).astype(dec.DTYPE)
+        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
+        lengths = cupy.full(batch, length, np.int32)
+        cudnn = dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]
+        for _ in range(2):
+            cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
+                                           num_splits=args.splits)
+            cudnn()
+        cupy.cuda.Device().synchronize()
+        print(f"batch {batch} length {length}: done", flush=True)
 
 
 def parse_args(argv):
@@ -372,6 +427,15 @@ def parse_args(argv):
     p = commands.add_parser("decode", help="host / kernel / event time of decode calls")
     p.add_argument("--splits", default="1,2,4,8,16,32", help="forced num_splits to time")
     p.set_defaults(run=decode)
+    p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
+    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
+    p.add_argument("--stages", default="3,4,6", help="ring depths to time")
+    p.set_defaults(run=decode_stages)
+    p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
+                                                 "each twice, to run under ncu")
+    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
+    p.add_argument("--splits", type=int, help="forced num_splits (default: the heuristic)")
+    p.set_defaults(run=decode_calls)
     return parser.parse_args(argv)
 
 

@@ -144,42 +144,54 @@ struct DecodeTraits {
 // swizzled 16 x SC tile at `dst`. Rows >= nrows (past seqlen_k) and columns >= headdim are
 // zero-filled: a stale or NaN row of the cache must not reach P V, where 0 * NaN = NaN.
 // Where a row's 16-byte chunks divide the warp, lane copies chunk lane % CHUNKS of rows
-// lane / CHUNKS + p * ROWS_PER_PASS: its offsets are set up once (KvTileCopy) and a pass
-// costs a 64-bit add and a constant XOR, about a third of the generic path's instructions,
-// which is what a decode warp spends its time on between memory waits.
+// lane / CHUNKS + p * ROWS_PER_PASS: its offsets are set up once per tensor (KvTileCopy)
+// and a pass costs a 64-bit add and a constant XOR, about a third of the generic path's
+// instructions, which is what a decode warp spends its time on between memory waits.
 template <int HEAD_DIM>
 struct KvTileCopy {
   static constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
   static constexpr int SC = (HEAD_DIM + 63) / 64 * 64;
   static constexpr bool BY_PASS = 32 % CHUNKS == 0;
   static constexpr int ROWS_PER_PASS = BY_PASS ? 32 / CHUNKS : 1;
-  int row0, col, lane;
+  int row0, lane, headdim;
+  int64 row_stride, lane_offset, pass_bytes;  // elements, elements, bytes
   uint32_t dst_lane;  // the lane's chunk of row row0 (bytes, swizzled)
   bool col_ok;
-  __device__ __forceinline__ KvTileCopy(int lane_, int headdim) : lane(lane_) {
+  template <typename T>
+  __device__ __forceinline__ KvTileCopy(int lane_, int headdim_, int64 row_stride_, const T*)
+      : lane(lane_), headdim(headdim_), row_stride(row_stride_) {
     row0 = lane / CHUNKS;
-    col = lane % CHUNKS * 8;
+    const int col = lane % CHUNKS * 8;
     col_ok = col < headdim;
     dst_lane = swizzle<SC>(row0, col) * 2;
+    lane_offset = row0 * row_stride + col;
+    pass_bytes = ROWS_PER_PASS * row_stride * static_cast<int64>(sizeof(T));
+  }
+
+  // Row row0 + dr of each pass: row0 < ROWS_PER_PASS and dr a multiple of it, so the
+  // swizzle's XOR term (row & 7) is row0's XOR dr's, a constant.
+  template <typename Valid>
+  __device__ __forceinline__ void passes(uint32_t dst, const char* lane_src, Valid valid) const {
+#pragma unroll
+    for (int pass = 0; pass < DECODE_KEYS / ROWS_PER_PASS; ++pass) {
+      const int dr = pass * ROWS_PER_PASS;
+      cp_async_16(dst + dr * SC * 2 + (dst_lane ^ ((dr & 7) << 4)), lane_src, valid(dr));
+      lane_src += pass_bytes;
+    }
   }
 
   template <typename T>
-  __device__ __forceinline__ void operator()(uint32_t dst, const T* src, int64 row_stride,
-                                             int nrows, int headdim) const {
+  __device__ __forceinline__ void operator()(uint32_t dst, const T* src, int nrows) const {
     if constexpr (BY_PASS) {
       // A zero-byte cp.async reads nothing, so a row past nrows keeps its address (which may
-      // lie past the cache) instead of paying for a select of a valid one.
-      const char* lane_src = reinterpret_cast<const char*>(src + row0 * row_stride + col);
-      const int64 pass_bytes = ROWS_PER_PASS * row_stride * static_cast<int64>(sizeof(T));
-#pragma unroll
-      for (int pass = 0; pass < DECODE_KEYS / ROWS_PER_PASS; ++pass) {
-        const int dr = pass * ROWS_PER_PASS;
-        // Row row0 + dr: row0 < ROWS_PER_PASS and dr a multiple of it, so the swizzle's
-        // XOR term (row & 7) is row0's XOR dr's, a constant.
-        const uint32_t d = dst + dr * SC * 2 + (dst_lane ^ ((dr & 7) << 4));
-        cp_async_16(d, lane_src, col_ok && row0 + dr < nrows);
-        lane_src += pass_bytes;
-      }
+      // lie past the cache) instead of paying for a select of a valid one. Every tile but
+      // an item's last is whole: there the row test, a compare and a predicate shuffle per
+      // copy, is left out.
+      const char* lane_src = reinterpret_cast<const char*>(src + lane_offset);
+      if (nrows >= DECODE_KEYS)
+        passes(dst, lane_src, [&](int) { return col_ok; });
+      else
+        passes(dst, lane_src, [&](int dr) { return col_ok && row0 + dr < nrows; });
     } else {  // hd 96, 192: chunks straddle the warp's rows
 #pragma unroll
       for (int it = 0; it < DECODE_KEYS * CHUNKS / 32; ++it) {
@@ -271,15 +283,15 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // tile's compute instead of in front of the tile's copies.
   int page = 0, row = 0;
   if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
-  const KvTileCopy<HEAD_DIM> copy(lane, a.headdim);
+  const KvTileCopy<HEAD_DIM> k_copy(lane, a.headdim, a.k_row_stride, k_cache);
+  const KvTileCopy<HEAD_DIM> v_copy(lane, a.headdim, a.v_row_stride, v_cache);
   auto load_next = [&](int stage) {
     if (t_load < t_end) {
       const int nrows = a.seqlen_k - t_load * DECODE_KEYS;
       const uint32_t dst = ring + stage * 2 * Tr::TILE_BYTES;
-      copy(dst, k_cache + page * a.k_batch_stride + row * a.k_row_stride, a.k_row_stride,
-           nrows, a.headdim);
-      copy(dst + Tr::TILE_BYTES, v_cache + page * a.v_batch_stride + row * a.v_row_stride,
-           a.v_row_stride, nrows, a.headdim);
+      k_copy(dst, k_cache + page * a.k_batch_stride + row * a.k_row_stride, nrows);
+      v_copy(dst + Tr::TILE_BYTES, v_cache + page * a.v_batch_stride + row * a.v_row_stride,
+             nrows);
       t_load += NUM_WARPS;
       if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
     }
@@ -293,8 +305,18 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // ldmatrix.x4 lanes (as in flash_fwd.cu): A (Q) reads row lane % 16, k-half lane / 16;
   // B of two n8 tiles (K) row lane % 8 + 8 * (lane / 16), k-half (lane / 8) % 2; V (.trans,
   // k = keys) key lane % 8 + 8 * ((lane / 8) % 2), column half lane / 16.
-  // Q stays in shared memory and is re-read every tile: the key loop waits on memory, not
-  // on ldmatrix, and Q in registers (HEAD_DIM / 4 of them) spills at hd 256.
+  // Q's A-fragments stay in registers up to hd 128 (HEAD_DIM / 4 of them): re-read from
+  // shared memory they cost a tile 8 ldmatrix and their swizzled addresses, a tenth of the
+  // instructions of a loop that is bound by instruction issue (ncu, bench/NOTES.md). At hd
+  // 192 / 256 they would spill, and Q is re-read every tile.
+  constexpr bool Q_IN_REGS = HEAD_DIM <= 128;
+  uint32_t q_regs[Q_IN_REGS ? K_STEPS : 1][4];
+  auto q_fragment = [&](uint32_t (&qf)[4], int ks) {
+    ldmatrix_x4(qf, sQ + swizzle<SC>(lane & 15, ks * 16 + (lane >> 4) * 8) * 2);
+  };
+  if constexpr (Q_IN_REGS)
+#pragma unroll
+    for (int ks = 0; ks < K_STEPS; ++ks) q_fragment(q_regs[ks], ks);
   const int k_row = (lane & 7) + (lane >> 4) * 8, k_half = (lane >> 3) & 1;
   const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_half = lane >> 4;
 
@@ -315,7 +337,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   int stage = 0;
   for (int t = t_begin + warp; t < t_end; t += NUM_WARPS) {
     __syncwarp();  // every lane is done with the stage that the next load overwrites
-    load_next((stage + STAGES - 1) % STAGES);
+    load_next(stage == 0 ? STAGES - 1 : stage - 1);  // the stage computed last
     cp_async_wait<STAGES - 1>();  // this lane's copies of tile t landed
     __syncwarp();                 // and every other lane's
     const uint32_t sK = ring + stage * 2 * Tr::TILE_BYTES, sV = sK + Tr::TILE_BYTES;
@@ -327,8 +349,9 @@ flash_decode(const __grid_constant__ DecodeParams p) {
       for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < K_STEPS; ++ks) {
-      uint32_t qf[4], kf[4];
-      ldmatrix_x4(qf, sQ + swizzle<SC>(lane & 15, ks * 16 + (lane >> 4) * 8) * 2);
+      uint32_t q_smem[4], kf[4];
+      if constexpr (!Q_IN_REGS) q_fragment(q_smem, ks);
+      const uint32_t(&qf)[4] = Q_IN_REGS ? q_regs[Q_IN_REGS ? ks : 0] : q_smem;
       ldmatrix_x4(kf, sK + swizzle<SC>(k_row, ks * 16 + k_half * 8) * 2);
       mma_16816<T>(s[0][0], qf, kf[0], kf[1]);
       mma_16816<T>(s[0][1], qf, kf[2], kf[3]);
@@ -349,7 +372,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
           s[0][nt][e] = !boundary || mask.visible(i, j) ? x : neg_inf();
         }
     }
-    softmax.update(s, acc_o, HAS_SCORE_MOD ? 1.f : mods[0].scale_log2);
+    softmax.update<true>(s, acc_o, HAS_SCORE_MOD ? 1.f : mods[0].scale_log2);
 
     // O += P V: P's C-fragments, rounded to T, are the A-fragment of one k16 step.
     uint32_t pf[4] = {dtype_traits<T>::pack(s[0][0][0], s[0][0][1]),
@@ -363,7 +386,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
       mma_16816<T>(acc_o[0][2 * dp], pf, vf[0], vf[1]);
       mma_16816<T>(acc_o[0][2 * dp + 1], pf, vf[2], vf[3]);
     }
-    stage = (stage + 1) % STAGES;
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   cp_async_wait<0>();
 

@@ -447,6 +447,28 @@ def test_gpu_fused_combine_rearms_and_max_splits(rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("trend", ["rising", "late-spike", "falling"])
+def test_gpu_rescale_only_when_a_max_grows(rng, trend):
+    # flash_decode rescales its output accumulator only when some row's running max grows
+    # (LAZY_RESCALE in softmax.cuh). Keys aligned with the queries, scaled by position:
+    # rising scores grow the max in every tile, a spike in the last keys grows it once after
+    # a long run of skipped rescales, falling scores never after the first tile. A missed or
+    # stale rescale would weigh earlier keys by up to exp(8 * 8 / sqrt(128)) too much.
+    p = Problem(rng, BF16, batch=2, nheads=8, nheads_kv=2, headdim=128, lengths=(1500, 700),
+                page_size=64)
+    direction = p.q.astype(F32).reshape(2, 1, 2, 4, 128).mean(axis=(1, 3))  # (batch, kv, hd)
+    direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+    for b, length in enumerate(p.lengths):
+        ramp = {"rising": np.linspace(0, 8, length),
+                "late-spike": np.where(np.arange(length) >= length - 3, 8.0, 0.0),
+                "falling": np.linspace(8, 0, length)}[trend]
+        page, row = p.where(b, np.arange(length))
+        keys = p.k_cache[page, row].astype(F32) + ramp[:, None, None] * direction[b]
+        p.k_cache[page, row] = keys.astype(BF16)
+    p.check(gpu_call(2), import_cupy())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16-kernel", "f32-gathered"])
 def test_gpu_block_table_entries_out_of_range_stay_in_the_caches(rng, dtype):
     # GPU block tables are not checked (that needs a device synchronisation): entries past

@@ -37,9 +37,16 @@ struct OnlineSoftmax {
   // place and the output accumulator is rescaled by exp2(m_old - m_new). `factor` is
   // scale * log2(e) for raw scores, 1 for logits already in base 2; it must be > 0.
   // A row that has seen only -inf keeps m_i = -inf and P = 0 (the exp2 uses 0 for its max).
-  template <int N_TILES, int D_TILES>
+  // LAZY_RESCALE: the accumulator is rescaled only when some row of the warp has a new max.
+  // Otherwise every alpha is exp2(0) = 1, or exp2(-inf) = 0 on a row still at -inf whose
+  // accumulator holds nothing yet, so skipping the multiplies changes no result; it pays
+  // where they are a large share of the loop (decoding: D_TILES * 4 FMUL a 16-key tile,
+  // beside 32 MMAs), and the max of a long row rarely grows after its first tiles.
+  template <bool LAZY_RESCALE = false, int N_TILES, int D_TILES>
   __device__ __forceinline__ void update(float (&s)[M_TILES][N_TILES][4],
                                          float (&acc_o)[M_TILES][D_TILES][4], float factor) {
+    float alpha[M_TILES][2];
+    bool grew = false;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -50,7 +57,8 @@ struct OnlineSoftmax {
           mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
         float m_new = fmaxf(m_i[mt][r], quad_max(mx) * factor);
         float m_use = m_new == neg_inf() ? 0.f : m_new;
-        float alpha = fast_exp2(m_i[mt][r] - m_use);
+        alpha[mt][r] = fast_exp2(m_i[mt][r] - m_use);
+        grew |= m_new != m_i[mt][r];
         m_i[mt][r] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -61,13 +69,25 @@ struct OnlineSoftmax {
             s[mt][nt][e] = p;
             sum += p;
           }
-        l_i[mt][r] = l_i[mt][r] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < D_TILES; ++dt) {
-          acc_o[mt][dt][2 * r] *= alpha;
-          acc_o[mt][dt][2 * r + 1] *= alpha;
-        }
+        l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + sum;
+        if (!LAZY_RESCALE) rescale(acc_o, mt, r, alpha[mt][r]);
       }
+    if (LAZY_RESCALE && __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) rescale(acc_o, mt, r, alpha[mt][r]);
+    }
+  }
+
+  template <int D_TILES>
+  __device__ __forceinline__ static void rescale(float (&acc_o)[M_TILES][D_TILES][4], int mt,
+                                                 int r, float alpha) {
+#pragma unroll
+    for (int dt = 0; dt < D_TILES; ++dt) {
+      acc_o[mt][dt][2 * r] *= alpha;
+      acc_o[mt][dt][2 * r + 1] *= alpha;
+    }
   }
 
   // Divides the accumulator by l_i (once, at the end) and returns each row's natural-log
