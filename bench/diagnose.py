@@ -347,8 +347,8 @@ def tiles(args):
     return tune.main(["fwd", *args.tune_args])
 
 
-def decode_tiles(args):
-    """cuflash decode with other DECODE_TILES entries (ring depth, L2 prefetch) against torch
+def decode_stages(args):
+    """cuflash decode with other cp.async ring depths (DECODE_TILES override) against torch
     cudnn: event time (L2 flushed) and kernel time per call."""
     import decode as dec
     cupy = require_gpu()
@@ -363,15 +363,13 @@ def decode_tiles(args):
         k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
         lengths = cupy.full(batch, length, np.int32)
         impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
-        for tile in args.tiles.split(","):
-            stages, prefetch = (int(x) for x in tile.split(":"))
-            impls[f"tile={tile}"] = (_dispatch.DecodeTile(stages, prefetch, "override"),
-                                     lambda: cuflash.attention_with_kvcache(
-                                         q, k, v, cache_seqlens=lengths))
+        for stages in (int(x) for x in args.stages.split(",")):
+            impls[f"stages={stages}"] = (stages, lambda: cuflash.attention_with_kvcache(
+                q, k, v, cache_seqlens=lengths))
         print(f"--- batch {batch} length {length}", flush=True)
         for name, fn in impls.items():
             if isinstance(fn, tuple):
-                _dispatch.DECODE_TILES[dec.HEADDIM] = fn[0]
+                _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(fn[0], "override")
                 _launch.decode_plan.cache_clear()
                 fn = fn[1]
             ms = timer(fn)
@@ -429,12 +427,10 @@ def parse_args(argv):
     p = commands.add_parser("decode", help="host / kernel / event time of decode calls")
     p.add_argument("--splits", default="1,2,4,8,16,32", help="forced num_splits to time")
     p.set_defaults(run=decode)
-    p = commands.add_parser("decode-tiles", help="decode with other DECODE_TILES entries "
-                                                 "vs cudnn")
+    p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
-    p.add_argument("--tiles", default="3:0,4:0,6:0",
-                   help="stages:l2_prefetch entries to time at hd 128")
-    p.set_defaults(run=decode_tiles)
+    p.add_argument("--stages", default="3,4,6", help="ring depths to time")
+    p.set_defaults(run=decode_stages)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")

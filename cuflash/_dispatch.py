@@ -358,21 +358,19 @@ DECODE_MAX_SPLITS = 128
 @dataclass(frozen=True)
 class DecodeTile:
     stages: int  # cp.async ring depth per warp (16-key K and V tiles per stage)
-    l2_prefetch: int  # bytes L2 fetches around each K/V copy (cp.async .L2::128B); 0: none
     reason: str
 
 
 # Decoding is bound by memory bandwidth, so the ring depth is set by the bytes in flight it
 # buys: 4 warps x stages x 2 tiles of 16 x hd elements, aiming at two CTAs per SM (96 KiB
-# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory. Deeper
-# rings measured no faster on the H200 (NOTES, "On the H200").
+# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory.
 DECODE_TILES = {
-    32: DecodeTile(4, 128, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
-    64: DecodeTile(4, 128, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
-    96: DecodeTile(3, 128, "rows padded to 128 elements, as hd 128"),
-    128: DecodeTile(3, 128, "8 KiB a stage per warp: 100 KiB a CTA, 2 CTAs per SM"),
-    192: DecodeTile(2, 128, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
-    256: DecodeTile(2, 128, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
+    32: DecodeTile(4, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
+    64: DecodeTile(4, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
+    96: DecodeTile(3, "rows padded to 128 elements, as hd 128"),
+    128: DecodeTile(3, "8 KiB a stage per warp: 100 KiB a CTA, 2 CTAs per SM"),
+    192: DecodeTile(2, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
+    256: DecodeTile(2, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
 }
 
 
@@ -385,9 +383,8 @@ class DecodeConfig:
 
 def _decode_name(cxx_type, hd, score_mod):
     mod = "true" if score_mod else "false"
-    tile = DECODE_TILES[hd]
-    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {DECODE_WARPS}, {tile.stages}, "
-            f"{tile.l2_prefetch}, {mod}>")
+    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {DECODE_WARPS}, "
+            f"{DECODE_TILES[hd].stages}, {mod}>")
 
 
 def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:

@@ -147,7 +147,7 @@ struct DecodeTraits {
 // lane / CHUNKS + p * ROWS_PER_PASS: its offsets are set up once per tensor (KvTileCopy)
 // and a pass costs a 64-bit add and a constant XOR, about a third of the generic path's
 // instructions, which is what a decode warp spends its time on between memory waits.
-template <int HEAD_DIM, int L2_PREFETCH>
+template <int HEAD_DIM>
 struct KvTileCopy {
   static constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
   static constexpr int SC = (HEAD_DIM + 63) / 64 * 64;
@@ -175,8 +175,7 @@ struct KvTileCopy {
 #pragma unroll
     for (int pass = 0; pass < DECODE_KEYS / ROWS_PER_PASS; ++pass) {
       const int dr = pass * ROWS_PER_PASS;
-      cp_async_16<L2_PREFETCH>(dst + dr * SC * 2 + (dst_lane ^ ((dr & 7) << 4)), lane_src,
-                               valid(dr));
+      cp_async_16(dst + dr * SC * 2 + (dst_lane ^ ((dr & 7) << 4)), lane_src, valid(dr));
       lane_src += pass_bytes;
     }
   }
@@ -199,8 +198,7 @@ struct KvTileCopy {
         const int idx = it * 32 + lane;
         const int r = idx / CHUNKS, c = idx % CHUNKS;
         const bool ok = r < nrows && c * 8 < headdim;
-        cp_async_16<L2_PREFETCH>(dst + swizzle<SC>(r, c * 8) * 2,
-                                 ok ? src + r * row_stride + c * 8 : src, ok);
+        cp_async_16(dst + swizzle<SC>(r, c * 8) * 2, ok ? src + r * row_stride + c * 8 : src, ok);
       }
     }
   }
@@ -235,8 +233,7 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
-template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, int L2_PREFETCH,
-          bool HAS_SCORE_MOD>
+template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(NUM_WARPS * 32, 2)
 flash_decode(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<HEAD_DIM, NUM_WARPS, STAGES>;
@@ -286,8 +283,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // tile's compute instead of in front of the tile's copies.
   int page = 0, row = 0;
   if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
-  const KvTileCopy<HEAD_DIM, L2_PREFETCH> k_copy(lane, a.headdim, a.k_row_stride, k_cache);
-  const KvTileCopy<HEAD_DIM, L2_PREFETCH> v_copy(lane, a.headdim, a.v_row_stride, v_cache);
+  const KvTileCopy<HEAD_DIM> k_copy(lane, a.headdim, a.k_row_stride, k_cache);
+  const KvTileCopy<HEAD_DIM> v_copy(lane, a.headdim, a.v_row_stride, v_cache);
   auto load_next = [&](int stage) {
     if (t_load < t_end) {
       const int nrows = a.seqlen_k - t_load * DECODE_KEYS;

@@ -41,22 +41,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // 16-byte global -> shared copy; bytes past `src_bytes` (0 or 16) are zero-filled, which is
-// how out-of-range rows and padded head dims read as zeros without a branch. L2_PREFETCH
-// (128 or 256) asks L2 to fetch that many bytes around the copy from memory.
-template <int L2_PREFETCH = 0>
+// how out-of-range rows and padded head dims read as zeros without a branch.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   int src_bytes = valid ? 16 : 0;
-  if constexpr (L2_PREFETCH == 0)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(src_bytes));
-  else if constexpr (L2_PREFETCH == 128)
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
-                 "l"(src), "r"(src_bytes));
-  else {
-    static_assert(L2_PREFETCH == 256, "L2 prefetch sizes: 0, 128, 256");
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
-                 "l"(src), "r"(src_bytes));
-  }
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
