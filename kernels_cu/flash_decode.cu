@@ -307,8 +307,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // k = keys) key lane % 8 + 8 * ((lane / 8) % 2), column half lane / 16.
   // Q's A-fragments stay in registers up to hd 128 (HEAD_DIM / 4 of them): re-read from
   // shared memory they cost a tile 8 ldmatrix and their swizzled addresses, a tenth of the
-  // instructions of a loop that is bound by instruction issue (ncu, bench/NOTES.md). At hd
-  // 192 / 256 they would spill, and Q is re-read every tile.
+  // loop's instructions (bench/NOTES.md, decode v4). At hd 192 / 256 they would spill, and
+  // Q is re-read every tile.
   constexpr bool Q_IN_REGS = HEAD_DIM <= 128;
   uint32_t q_regs[Q_IN_REGS ? K_STEPS : 1][4];
   auto q_fragment = [&](uint32_t (&qf)[4], int ks) {

@@ -39,9 +39,9 @@ struct OnlineSoftmax {
   // A row that has seen only -inf keeps m_i = -inf and P = 0 (the exp2 uses 0 for its max).
   // LAZY_RESCALE: the accumulator is rescaled only when some row of the warp has a new max.
   // Otherwise every alpha is exp2(0) = 1, or exp2(-inf) = 0 on a row still at -inf whose
-  // accumulator holds nothing yet, so skipping the multiplies changes no result; it pays
-  // where they are a large share of the loop (decoding: D_TILES * 4 FMUL a 16-key tile,
-  // beside 32 MMAs), and the max of a long row rarely grows after its first tiles.
+  // accumulator holds nothing yet, so skipping the multiplies changes no result. Decoding
+  // uses it: there they are D_TILES * 4 FMUL of a 16-key tile's ~400 instructions, and the
+  // max of a long row rarely grows after its first tiles.
   template <bool LAZY_RESCALE = false, int N_TILES, int D_TILES>
   __device__ __forceinline__ void update(float (&s)[M_TILES][N_TILES][4],
                                          float (&acc_o)[M_TILES][D_TILES][4], float factor) {
