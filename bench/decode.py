@@ -86,6 +86,15 @@ def random_cache(batch, length):
     return x
 
 
+def inputs(batch, length):
+    """(q, k_cache, v_cache, cache_seqlens) of one decode step: every item holds ``length``
+    keys, random normal."""
+    import cupy
+    q = cupy.random.standard_normal((batch, 1, NHEADS, HEADDIM), dtype=np.float32).astype(DTYPE)
+    k, v = random_cache(batch, length), random_cache(batch, length)
+    return q, k, v, cupy.full(batch, length, np.int32)
+
+
 def paged(k, v, page_size, rng):
     """The same keys and values in randomly permuted pages: (k_pages, v_pages, table)."""
     import cupy
@@ -142,13 +151,10 @@ def measure(timer, make, nbytes, torch):
 
 def run_shape(timer, batch, length, torch, rng, impls):
     """One row: every implementation on one (batch, length)."""
-    import cupy
     import cuflash
     from cuflash import _checks, _launch
     nbytes = 2 * batch * length * NHEADS_KV * HEADDIM * DTYPE.itemsize
-    q = cupy.random.standard_normal((batch, 1, NHEADS, HEADDIM), dtype=np.float32).astype(DTYPE)
-    k, v = random_cache(batch, length), random_cache(batch, length)
-    lengths = cupy.full(batch, length, np.int32)
+    q, k, v, lengths = inputs(batch, length)
     shape = _checks.Shape(batch, 1, length, NHEADS, NHEADS_KV, HEADDIM)
     splits = _launch.decode_plan(DTYPE, shape, False, q.device.id)[2]
     makers = {"cuflash": lambda: (

@@ -301,10 +301,7 @@ def decode(args):
     splits = [int(s) for s in args.splits.split(",")]
     for batch, length in ((1, 1024), (1, 4096), (1, 16384), (1, 131072), (4, 1024),
                           (4, 16384), (4, 131072), (16, 4096)):
-        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
-                                        dtype=np.float32).astype(dec.DTYPE)
-        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
-        lengths = cupy.full(batch, length, np.int32)
+        q, k, v, lengths = dec.inputs(batch, length)
         kp, vp, table = dec.paged(k, v, 64, rng)
         impls = {
             "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
@@ -351,17 +348,14 @@ def decode_stages(args):
     """cuflash decode with other cp.async ring depths (DECODE_TILES override) against torch
     cudnn: event time (L2 flushed) and kernel time per call."""
     import decode as dec
-    cupy = require_gpu()
+    require_gpu()
     torch = dec.import_torch()
     import cuflash
     from cuflash import _dispatch, _launch
     timer = dec.Timer()
     for shape in args.shapes.split(","):
         batch, length = (int(x) for x in shape.split("x"))
-        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
-                                        dtype=np.float32).astype(dec.DTYPE)
-        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
-        lengths = cupy.full(batch, length, np.int32)
+        q, k, v, lengths = dec.inputs(batch, length)
         impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
         for stages in (int(x) for x in args.stages.split(",")):
             impls[f"stages={stages}"] = (stages, lambda: cuflash.attention_with_kvcache(
@@ -386,10 +380,7 @@ def decode_calls(args):
     import cuflash
     for shape in args.shapes.split(","):
         batch, length = (int(x) for x in shape.split("x"))
-        q = cupy.random.standard_normal((batch, 1, dec.NHEADS, dec.HEADDIM),
-                                        dtype=np.float32).astype(dec.DTYPE)
-        k, v = dec.random_cache(batch, length), dec.random_cache(batch, length)
-        lengths = cupy.full(batch, length, np.int32)
+        q, k, v, lengths = dec.inputs(batch, length)
         cudnn = dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]
         for _ in range(2):
             cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
