@@ -356,19 +356,18 @@ def decode_stages(args):
     for shape in args.shapes.split(","):
         batch, length = (int(x) for x in shape.split("x"))
         q, k, v, lengths = dec.inputs(batch, length)
-        impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
-        for stages in (int(x) for x in args.stages.split(",")):
-            impls[f"stages={stages}"] = (stages, lambda: cuflash.attention_with_kvcache(
-                q, k, v, cache_seqlens=lengths))
         print(f"--- batch {batch} length {length}", flush=True)
-        for name, fn in impls.items():
-            if isinstance(fn, tuple):
-                _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(fn[0], "override")
-                _launch.decode_plan.cache_clear()
-                fn = fn[1]
-            ms = timer(fn)
-            total, kernels = kernel_us(timer, fn)
+
+        def report(name, fn):
+            ms, (total, _) = timer(fn), kernel_us(timer, fn)
             print(f"{name:12} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us", flush=True)
+
+        report("torch-cudnn", dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0])
+        for stages in (int(x) for x in args.stages.split(",")):
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
+            _launch.decode_plan.cache_clear()
+            report(f"stages={stages}",
+                   lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
 
 
 def decode_calls(args):

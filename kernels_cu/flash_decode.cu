@@ -147,7 +147,7 @@ struct DecodeTraits {
 // lane / CHUNKS + p * ROWS_PER_PASS: its offsets are set up once per tensor (KvTileCopy)
 // and a pass costs a 64-bit add and a constant XOR, about a third of the generic path's
 // instructions, which is what a decode warp spends its time on between memory waits.
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 struct KvTileCopy {
   static constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
   static constexpr int SC = (HEAD_DIM + 63) / 64 * 64;
@@ -157,8 +157,7 @@ struct KvTileCopy {
   int64 row_stride, lane_offset, pass_bytes;  // elements, elements, bytes
   uint32_t dst_lane;  // the lane's chunk of row row0 (bytes, swizzled)
   bool col_ok;
-  template <typename T>
-  __device__ __forceinline__ KvTileCopy(int lane_, int headdim_, int64 row_stride_, const T*)
+  __device__ __forceinline__ KvTileCopy(int lane_, int headdim_, int64 row_stride_)
       : lane(lane_), headdim(headdim_), row_stride(row_stride_) {
     row0 = lane / CHUNKS;
     const int col = lane % CHUNKS * 8;
@@ -180,7 +179,6 @@ struct KvTileCopy {
     }
   }
 
-  template <typename T>
   __device__ __forceinline__ void operator()(uint32_t dst, const T* src, int nrows) const {
     if constexpr (BY_PASS) {
       // A zero-byte cp.async reads nothing, so a row past nrows keeps its address (which may
@@ -283,8 +281,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // tile's compute instead of in front of the tile's copies.
   int page = 0, row = 0;
   if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
-  const KvTileCopy<HEAD_DIM> k_copy(lane, a.headdim, a.k_row_stride, k_cache);
-  const KvTileCopy<HEAD_DIM> v_copy(lane, a.headdim, a.v_row_stride, v_cache);
+  const KvTileCopy<T, HEAD_DIM> k_copy(lane, a.headdim, a.k_row_stride);
+  const KvTileCopy<T, HEAD_DIM> v_copy(lane, a.headdim, a.v_row_stride);
   auto load_next = [&](int stage) {
     if (t_load < t_end) {
       const int nrows = a.seqlen_k - t_load * DECODE_KEYS;
@@ -310,7 +308,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // loop's instructions (bench/NOTES.md, decode v4). At hd 192 / 256 they would spill, and
   // Q is re-read every tile.
   constexpr bool Q_IN_REGS = HEAD_DIM <= 128;
-  uint32_t q_regs[Q_IN_REGS ? K_STEPS : 1][4];
+  uint32_t q_regs[K_STEPS][4];  // unused (and dropped by the compiler) past hd 128
   auto q_fragment = [&](uint32_t (&qf)[4], int ks) {
     ldmatrix_x4(qf, sQ + swizzle<SC>(lane & 15, ks * 16 + (lane >> 4) * 8) * 2);
   };
@@ -351,7 +349,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     for (int ks = 0; ks < K_STEPS; ++ks) {
       uint32_t q_smem[4], kf[4];
       if constexpr (!Q_IN_REGS) q_fragment(q_smem, ks);
-      const uint32_t(&qf)[4] = Q_IN_REGS ? q_regs[Q_IN_REGS ? ks : 0] : q_smem;
+      const uint32_t(&qf)[4] = Q_IN_REGS ? q_regs[ks] : q_smem;
       ldmatrix_x4(kf, sK + swizzle<SC>(k_row, ks * 16 + k_half * 8) * 2);
       mma_16816<T>(s[0][0], qf, kf[0], kf[1]);
       mma_16816<T>(s[0][1], qf, kf[2], kf[3]);
