@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/diagnose.py smoke [--only fwd|bwd] [--out DIR]
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
-    PYTHONPATH=. python bench/diagnose.py decode [--splits 1,2,4,8,16,32]
+    PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -268,16 +268,18 @@ def overhead(args):
     return 0
 
 
-def kernel_us(timer, fn, calls=20):
+def kernel_us(timer, fn, calls=20, before=None):
     """Median over calls of the summed kernel time of one call (CUPTI through the torch
-    profiler, which sees CuPy's kernels too), the L2 flushed before each, and its kernels."""
+    profiler, which sees CuPy's kernels too), the L2 flushed before each (or ``before()``
+    run instead), and its kernels."""
     import statistics
 
     import cupy
     from torch.profiler import ProfilerActivity, profile
+    before = before or (lambda: timer.flush.fill(0))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            timer.flush.fill(0)
+            before()
             fn()
         cupy.cuda.Device().synchronize()
     kernels = {}
@@ -298,13 +300,15 @@ def decode(args):
     timer = dec.Timer()
     rng = np.random.default_rng(0)
 
-    splits = [int(s) for s in args.splits.split(",")]
-    for batch, length in ((1, 1024), (1, 4096), (1, 16384), (1, 131072), (4, 1024),
-                          (4, 16384), (4, 131072), (16, 4096)):
+    splits = [int(s) for s in args.splits.split(",")] if args.splits else []
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
         q, k, v, lengths = dec.inputs(batch, length)
         kp, vp, table = dec.paged(k, v, 64, rng)
         impls = {
             "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
+            # the same keys with cache_seqlens a Python int: no length read on the GPU
+            "int-len": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=length),
             "page64": lambda: cuflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths,
                                                              block_table=table)}
         for name, backend in dec.TORCH_BACKENDS.items():
@@ -319,7 +323,7 @@ def decode(args):
             detail = "; ".join(f"{n} {t:.1f}" for n, t in kernels.items())
             print(f"{name:10} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us | host "
                   f"{host_us(fn):6.1f} us | {detail}", flush=True)
-        if batch == 1 and length == 1024:  # where the host path shows: its profile
+        if args.profile and batch == 1 and length == 1024:  # the host path: its profile
             import cProfile
             import pstats
             prof = cProfile.Profile()
@@ -329,7 +333,7 @@ def decode(args):
             prof.disable()
             cupy.cuda.Device().synchronize()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        del impls, k, v, kp, vp
+        impls = k = v = kp = vp = None  # this shape's buffers go before the next one's
         cupy.get_default_memory_pool().free_all_blocks()
     return 0
 
@@ -368,6 +372,40 @@ def decode_stages(args):
             _launch.decode_plan.cache_clear()
             report(f"stages={stages}",
                    lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
+
+
+def decode_fixed(args):
+    """Where a short decode call's fixed cost goes: kernel time of cuflash (also with a
+    2-stage ring: less shared memory) and torch cudnn with the L2 flushed before each call
+    (1 GiB fill), with a 4 KiB fill before it (another kernel, the L2 warm), and back to back."""
+    import decode as dec
+    cupy = require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    from cuflash import _dispatch, _launch
+    timer = dec.Timer()
+    small = cupy.empty(4096, np.uint8)
+    befores = {"flushed": None, "4k-fill": lambda: small.fill(0), "b2b": lambda: None}
+    default = _dispatch.DECODE_TILES[dec.HEADDIM]
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        q, k, v, lengths = dec.inputs(batch, length)
+        print(f"--- batch {batch} length {length}", flush=True)
+        impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0],
+                 "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths)}
+        for stages in (3, 2):
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
+            _launch.decode_plan.cache_clear()
+            for name, fn in impls.items():
+                if name.startswith("torch") and stages != 3:
+                    continue
+                cells = []
+                for where, before in befores.items():
+                    total, _ = kernel_us(timer, fn, before=before)
+                    cells.append(f"{where} {total:6.1f}")
+                print(f"{name:12} stages {stages}: kernel us " + " | ".join(cells), flush=True)
+        _dispatch.DECODE_TILES[dec.HEADDIM] = default
+        _launch.decode_plan.cache_clear()
 
 
 def decode_calls(args):
@@ -415,12 +453,20 @@ def parse_args(argv):
     p.add_argument("tune_args", nargs=argparse.REMAINDER, help="bench/tune.py fwd arguments")
     p.set_defaults(run=tiles)
     p = commands.add_parser("decode", help="host / kernel / event time of decode calls")
-    p.add_argument("--splits", default="1,2,4,8,16,32", help="forced num_splits to time")
+    p.add_argument("--shapes", default="1x1024,1x4096,1x16384,1x131072,4x1024,4x16384,"
+                   "4x131072,16x4096", help="batch x length, comma-separated")
+    p.add_argument("--splits", default="1,2,4,8,16,32",
+                   help="forced num_splits to time ('' for none)")
+    p.add_argument("--profile", action="store_true", help="cProfile of the b1 x 1k host path")
     p.set_defaults(run=decode)
     p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
     p.add_argument("--stages", default="3,4,6", help="ring depths to time")
     p.set_defaults(run=decode_stages)
+    p = commands.add_parser("decode-fixed", help="kernel time of short decode calls, L2 "
+                                                 "flushed, warm, back to back")
+    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 1x64,16x1024")
+    p.set_defaults(run=decode_fixed)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")

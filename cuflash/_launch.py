@@ -377,10 +377,21 @@ def backward(dout, q, k, v, out, lse, shape, opts, deterministic, varlen=None):
 # ---------------------------------------------------------------------------------------
 # KV-cache decoding and merging (kernels_cu/flash_decode.cu)
 
+# FastDiv (common/params.cuh): a divisor d >= 1 and its magic number for n / d, n < 2^31.
+FAST_DIV = np.dtype([("d", np.int32), ("mul", np.uint32), ("shift", np.uint32)], align=True)
+
+
+@functools.lru_cache(maxsize=256)
+def fast_div(d: int) -> tuple:
+    """FastDiv(d): shift = ceil(log2 d), mul = floor(2^32 (2^shift - d) / d) + 1."""
+    shift = (d - 1).bit_length()
+    return d, (2**32 * (2**shift - d)) // d + 1, shift
+
+
 DECODE_PARAMS = np.dtype([
     ("attn", ATTN_ARGS),
     ("block_table", np.uint64), ("block_table_batch_stride", np.int64),
-    ("page_size", np.int32), ("num_pages", np.int32),
+    ("page_size", FAST_DIV), ("num_pages", np.int32),
     ("cache_seqlens", np.uint64), ("cache_seqlen", np.int32), ("seqlen_new", np.int32),
     ("k_new", np.uint64), ("v_new", np.uint64),
     ("kn_batch_stride", np.int64), ("kn_row_stride", np.int64), ("kn_head_stride", np.int64),
@@ -388,7 +399,8 @@ DECODE_PARAMS = np.dtype([
     ("o", np.uint64),
     ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
     ("lse", np.uint64), ("o_accum", np.uint64), ("lse_accum", np.uint64),
-    ("split_counter", np.uint64), ("num_splits", np.int32), ("m_blocks", np.int32),
+    ("split_counter", np.uint64), ("num_splits", FAST_DIV), ("m_blocks", FAST_DIV),
+    ("nheads_kv", FAST_DIV), ("group", FAST_DIV),
 ], align=True)
 
 MERGE_PARAMS = np.dtype([
@@ -436,16 +448,18 @@ def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table
     else:
         seqlens_ptr, seqlen_const = cache_seqlens.data.ptr, 0
     if block_table is not None:
-        table = (block_table.data.ptr, block_table.strides[0] // 4, cache.page_size,
+        table = (block_table.data.ptr, block_table.strides[0] // 4, fast_div(cache.page_size),
                  cache.num_blocks)
     else:
-        table = (0, 0, 0, 0)
+        table = (0, 0, fast_div(1), 0)
     new = (_ptr(k_new), _ptr(v_new),
            *(strides(k_new) if k_new is not None else (0, 0, 0)),
            *(strides(v_new) if v_new is not None else (0, 0, 0)))
     return (attn_args(q, k_cache, v_cache, shape, opts), *table, seqlens_ptr, seqlen_const,
             cache.seqlen_new, *new, _ptr(out), *(strides(out) if out is not None else (0, 0, 0)),
-            _ptr(lse), _ptr(o_accum), _ptr(lse_accum), split_counter, num_splits, m_blocks)
+            _ptr(lse), _ptr(o_accum), _ptr(lse_accum), split_counter, fast_div(num_splits),
+            fast_div(m_blocks), fast_div(shape.nheads_kv),
+            fast_div(shape.nheads // shape.nheads_kv))
 
 
 def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache, opts):

@@ -85,9 +85,8 @@ __device__ __forceinline__ int cache_length(const DecodeParams& p, int b) {
 __device__ __forceinline__ void locate_key(const DecodeParams& p, int b, int pos, int& page,
                                            int& row) {
   if (p.block_table) {
-    page = min(max(p.block_table[b * p.block_table_batch_stride + pos / p.page_size], 0),
-               p.num_pages - 1);
-    row = pos % p.page_size;
+    const int block = p.page_size.divmod(pos, row);
+    page = min(max(p.block_table[b * p.block_table_batch_stride + block], 0), p.num_pages - 1);
   } else {
     page = b;
     row = pos;
@@ -207,22 +206,27 @@ struct KvTileCopy {
 // heads, which share cache rows) are neighbours in launch order; its packed rows r0 ..
 // r0 + rows - 1. The epilogue builds it again from an opaque copy of blockIdx.x, so that
 // none of it stays live in registers across the key loop (hd 256 sits at 255 registers).
+// Divisions are FastDiv's: the CTA's first K/V copy waits for everything computed before
+// it, at one warp per scheduler about 5 cycles an instruction (bench/NOTES.md, decode v6).
 struct DecodeCta {
   int m_block, h_kv, split, b, group, r0, rows;
   __device__ __forceinline__ DecodeCta(const DecodeParams& p, int idx) {
-    m_block = idx % p.m_blocks;
-    idx /= p.m_blocks;
-    h_kv = idx % p.attn.nheads_kv;
-    idx /= p.attn.nheads_kv;
-    split = idx % p.num_splits;
-    b = idx / p.num_splits;
-    group = p.attn.nheads / p.attn.nheads_kv;
+    idx = p.m_blocks.divmod(idx, m_block);
+    idx = p.nheads_kv.divmod(idx, h_kv);
+    b = p.num_splits.divmod(idx, split);
+    group = p.group.d;
     r0 = m_block * DECODE_ROWS;
     rows = min(DECODE_ROWS, group * p.attn.seqlen_q - r0);
   }
   // Index of this CTA's split group (batch item, kv head, row block) in split_counter.
   __device__ __forceinline__ int group_index(const DecodeParams& p) const {
-    return (b * p.attn.nheads_kv + h_kv) * p.m_blocks + m_block;
+    return (b * p.attn.nheads_kv + h_kv) * p.m_blocks.d + m_block;
+  }
+  // Packed row r0 + r is query row i of head h.
+  __device__ __forceinline__ void query_of(const DecodeParams& p, int r, int& i, int& h) const {
+    int g;
+    i = p.group.divmod(r0 + r, g);
+    h = h_kv * group + g;
   }
 };
 
@@ -243,30 +247,33 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   const DecodeCta cta(p, blockIdx.x);
-  const int h_kv = cta.h_kv, split = cta.split, b = cta.b, group = cta.group, r0 = cta.r0,
-            rows = cta.rows;
+  const int h_kv = cta.h_kv, split = cta.split, b = cta.b, r0 = cta.r0, rows = cta.rows;
   AttnArgs a = p.attn;  // with this batch item's seqlen_k, for Mask and ScoreMod
   a.seqlen_k = cache_length(p, b);
-  const int i_begin = r0 / group, i_end = (r0 + rows - 1) / group + 1;  // their query rows
+  const int i_begin = p.group.div(r0), i_end = p.group.div(r0 + rows - 1) + 1;  // query rows
 
   // This split's tiles: the tiles of keys seen by any of the rows, cut into num_splits
-  // near-equal ranges.
+  // ranges of base or base + 1 tiles.
   const Mask mask(a);
   int key_begin, key_end;
   mask.key_range(i_begin, i_end, key_begin, key_end);
   const int t_first = key_begin / DECODE_KEYS;
   const int n_tiles = key_end > key_begin ? (key_end + DECODE_KEYS - 1) / DECODE_KEYS - t_first : 0;
-  const int t_begin = t_first + static_cast<int>(static_cast<int64>(n_tiles) * split / p.num_splits);
-  const int t_end = t_first + static_cast<int>(static_cast<int64>(n_tiles) * (split + 1) / p.num_splits);
+  int extra;
+  const int base = p.num_splits.divmod(n_tiles, extra);
+  const int t_begin = t_first + split * base + min(split, extra);
+  const int t_end = t_begin + base + (split < extra);
 
-  // Q: packed row r is query row (r0 + r) / group of head h_kv * group + (r0 + r) % group.
+  // Q: packed row r is query row i of head h (DecodeCta::query_of).
   const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride;
-  for (int c = tid; c < DECODE_ROWS * CHUNKS; c += NUM_THREADS) {
-    const int r = c / CHUNKS, ch = c % CHUNKS, pr = r0 + r;
-    const bool ok = r < rows && ch * 8 < a.headdim;
-    const T* src = ok ? q + (pr / group) * a.q_row_stride +
-                            (h_kv * group + pr % group) * a.q_head_stride + ch * 8
-                      : q;
+  constexpr int Q_CHUNKS = DECODE_ROWS * CHUNKS;
+#pragma unroll
+  for (int it = 0; it < (Q_CHUNKS + NUM_THREADS - 1) / NUM_THREADS; ++it) {
+    const int c = it * NUM_THREADS + tid, r = c / CHUNKS, ch = c % CHUNKS;
+    const bool ok = r < rows && ch * 8 < a.headdim;  // rows <= 16: c < Q_CHUNKS
+    int i, h;
+    cta.query_of(p, r, i, h);
+    const T* src = ok ? q + i * a.q_row_stride + h * a.q_head_stride + ch * 8 : q;
     cp_async_16(sQ + swizzle<SC>(r, ch * 8) * 2, src, ok);
   }
   cp_async_commit();
@@ -320,10 +327,10 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
   // The two packed rows of this thread's C-fragments (lane / 4 and lane / 4 + 8): their
   // query rows and score functions (ALiBi slopes differ between the heads of a group).
-  const int pr0 = r0 + lane / 4, pr1 = pr0 + 8;
-  const int qi[2] = {pr0 / group, pr1 / group};
-  const ScoreMod mods[2] = {ScoreMod(a, b, h_kv * group + pr0 % group),
-                            ScoreMod(a, b, h_kv * group + pr1 % group)};
+  int qi[2], qh[2];
+  cta.query_of(p, lane / 4, qi[0], qh[0]);
+  cta.query_of(p, lane / 4 + 8, qi[1], qh[1]);
+  const ScoreMod mods[2] = {ScoreMod(a, b, qh[0]), ScoreMod(a, b, qh[1])};
 
   float acc_o[1][D_TILES][4];
 #pragma unroll
@@ -423,74 +430,102 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   const int64 nheads = p.attn.nheads, seqlen_q = p.attn.seqlen_q, batch = p.attn.batch;
   const int headdim = p.attn.headdim;
   auto out_at = [&](int r, int d) -> T* {  // out element (packed row r, column d)
-    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
+    int i, h;
+    c.query_of(p, r, i, h);
     return static_cast<T*>(p.o) + c.b * p.o_batch_stride + i * p.o_row_stride +
            h * p.o_head_stride + d;
   };
   auto lse_at = [&](float* base, int split, int r) -> float* {  // lse / lse_accum element
-    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
+    int i, h;
+    c.query_of(p, r, i, h);
     return base + ((split * batch + c.b) * nheads + h) * seqlen_q + i;
   };
+  const int64 accum_split_stride = batch * seqlen_q * nheads * headdim;
   auto o_accum_at = [&](int split, int r) -> float* {  // row r of a split's partial result
-    const int pr = c.r0 + r, i = pr / c.group, h = c.h_kv * c.group + pr % c.group;
-    return p.o_accum + (((split * batch + c.b) * seqlen_q + i) * nheads + h) * headdim;
+    int i, h;
+    c.query_of(p, r, i, h);
+    return p.o_accum + split * accum_split_stride + ((c.b * seqlen_q + i) * nheads + h) * headdim;
   };
-  for (int e = tid; e < DECODE_ROWS * HEAD_DIM; e += NUM_THREADS) {
-    const int r = e / HEAD_DIM, d = e % HEAD_DIM;
-    if (r >= c.rows || d >= headdim) continue;
-    float x = 0.f;
+  // A thread sums 8 columns of a row over the warps and stores them with one 16-byte store
+  // (two for float32): out and the partials are ours, contiguous, rows of a multiple of 8.
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w)
-      x = fmaf(sW[w * DECODE_ROWS + r], sO[(w * DECODE_ROWS + r) * Tr::OS + d], x);
-    if (p.o_accum)
-      o_accum_at(c.split, r)[d] = x;
-    else
-      *out_at(r, d) = from_float<T>(x);
+  for (int it = 0; it < (Q_CHUNKS + NUM_THREADS - 1) / NUM_THREADS; ++it) {
+    const int e = it * NUM_THREADS + tid, r = e / CHUNKS, d = e % CHUNKS * 8;
+    if (r >= c.rows || d >= headdim) continue;
+    float x[8] = {};
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float wt = sW[w * DECODE_ROWS + r];
+      const float4* o = reinterpret_cast<const float4*>(sO + (w * DECODE_ROWS + r) * Tr::OS + d);
+      const float4 lo = o[0], hi = o[1];
+      const float y[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[k] = fmaf(wt, y[k], x[k]);
+    }
+    if (p.o_accum) {
+      float4* dst = reinterpret_cast<float4*>(o_accum_at(c.split, r) + d);
+      dst[0] = make_float4(x[0], x[1], x[2], x[3]);
+      dst[1] = make_float4(x[4], x[5], x[6], x[7]);
+    } else {
+      *reinterpret_cast<uint4*>(out_at(r, d)) = make_uint4(
+          dtype_traits<T>::pack(x[0], x[1]), dtype_traits<T>::pack(x[2], x[3]),
+          dtype_traits<T>::pack(x[4], x[5]), dtype_traits<T>::pack(x[6], x[7]));
+    }
   }
   if (tid < c.rows)
     *lse_at(p.o_accum ? p.lse_accum : p.lse, p.o_accum ? c.split : 0, tid) = sLse[tid];
   if (!p.o_accum) return;
 
   // Split-KV combine: the last split of this (batch item, kv head, row block) to get here
-  // merges all the splits' partials, which the others have made visible (fence, then the
-  // counter) and which it reads from L2 (ld.cg: its L1 may hold none of them, but say so).
-  __threadfence();
+  // merges all the splits' partials. The barrier-then-one-thread pattern of CUTLASS's
+  // split-K semaphore: the barrier orders every thread's partial stores before thread 0's
+  // release (the counter's acq_rel add, cumulative over what the barrier ordered), and its
+  // acquire before every thread's reads after the second barrier; the reads go to L2
+  // (ld.cg: L1 is not coherent with the other SMs' stores).
   __syncthreads();
   __shared__ int is_last;
   if (tid == 0) {
     int* counter = p.split_counter + c.group_index(p);
-    is_last = atomicAdd(counter, 1) == p.num_splits - 1;
+    int arrived;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
+                 : "=r"(arrived) : "l"(counter) : "memory");
+    is_last = arrived == p.num_splits.d - 1;
     if (is_last) *counter = 0;  // re-armed for the next launch
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
   // Weights exp(lse_s - lse) of every (split, row) into sW2 [num_splits][DECODE_ROWS] (over
-  // the rings: num_splits <= 128 takes 8 KiB), the merged lse to lse.
+  // the rings: num_splits <= 128 takes 8 KiB), the merged lse to lse: a warp per row, its
+  // lanes over the splits, merged by shuffles.
   float* sW2 = reinterpret_cast<float*>(smem + Tr::Q_BYTES);
-  for (int e = tid; e < p.num_splits * DECODE_ROWS; e += NUM_THREADS)
-    if (e % DECODE_ROWS < c.rows)
-      sW2[e] = __ldcg(lse_at(p.lse_accum, e / DECODE_ROWS, e % DECODE_ROWS));
-  __syncthreads();
-  if (tid < c.rows) {
+  for (int r = warp; r < c.rows; r += NUM_WARPS) {
     LseMerge m;
-    for (int s = 0; s < p.num_splits; ++s) m.add(sW2[s * DECODE_ROWS + tid]);
+    for (int s = lane; s < p.num_splits.d; s += 32) {
+      const float lse_s = __ldcg(lse_at(p.lse_accum, s, r));
+      sW2[s * DECODE_ROWS + r] = lse_s;
+      m.add(lse_s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+      m.combine(__shfl_xor_sync(0xffffffffu, m.mx, off), __shfl_xor_sync(0xffffffffu, m.sum, off));
     const float lse = m.lse();
-    for (int s = 0; s < p.num_splits; ++s)
-      sW2[s * DECODE_ROWS + tid] = merge_weight(sW2[s * DECODE_ROWS + tid], lse);
-    *lse_at(p.lse, 0, tid) = lse;
+    for (int s = lane; s < p.num_splits.d; s += 32)  // the entries this lane wrote
+      sW2[s * DECODE_ROWS + r] = merge_weight(sW2[s * DECODE_ROWS + r], lse);
+    if (lane == 0) *lse_at(p.lse, 0, r) = lse;
   }
   __syncthreads();
   // out = sum_s w_s out_s, four columns a thread (headdim is a multiple of 8). The loads
   // do not depend on the weights, so that the unrolled loop keeps 8 of them in flight
   // (a load behind a branch on w waited a full L2 round trip per split).
-  const int quads = headdim / 4;
-  for (int e = tid; e < c.rows * quads; e += NUM_THREADS) {
-    const int r = e / quads, d = e % quads * 4;
+  constexpr int QUADS = HEAD_DIM / 4;
+  for (int e = tid; e < c.rows * QUADS; e += NUM_THREADS) {
+    const int r = e / QUADS, d = e % QUADS * 4;
+    if (d >= headdim) continue;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float* part = o_accum_at(0, r) + d;
 #pragma unroll 8
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(o_accum_at(s, r) + d));
+    for (int s = 0; s < p.num_splits.d; ++s) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(part + s * accum_split_stride));
       const float w = sW2[s * DECODE_ROWS + r];
       if (w != 0.f) {  // an empty split adds nothing, whatever its partial holds
         acc.x = fmaf(w, x.x, acc.x);
@@ -499,11 +534,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         acc.w = fmaf(w, x.w, acc.w);
       }
     }
-    T* o = out_at(r, d);
-    o[0] = from_float<T>(acc.x);
-    o[1] = from_float<T>(acc.y);
-    o[2] = from_float<T>(acc.z);
-    o[3] = from_float<T>(acc.w);
+    *reinterpret_cast<uint2*>(out_at(r, d)) =
+        make_uint2(dtype_traits<T>::pack(acc.x, acc.y), dtype_traits<T>::pack(acc.z, acc.w));
   }
 }
 

@@ -6,6 +6,25 @@
 
 namespace cuflash {
 
+// n / d and n % d for 0 <= n < 2^31 and a divisor d >= 1 fixed for a launch, by a
+// multiply-high with a magic number made on the host (fast_div in cuflash/_launch.py):
+// shift = ceil(log2 d), mul = floor(2^32 (2^shift - d) / d) + 1, and then
+// n / d = (umulhi(n, mul) + n) >> shift (Granlund & Montgomery; the sum stays below 2^32).
+// Three dependent instructions where a division by a runtime value is a chain of ~20.
+struct FastDiv {
+  int d;
+  unsigned mul, shift;
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>((__umulhi(static_cast<unsigned>(n), mul) + n) >> shift);
+  }
+  // n / d, with n % d in r.
+  __device__ __forceinline__ int divmod(int n, int& r) const {
+    const int q = div(n);
+    r = n - q * d;
+    return q;
+  }
+};
+
 // What every attention kernel needs to know about q, k, v and the score function.
 // Strides are in elements; the head dimension is contiguous.
 struct AttnArgs {
@@ -144,7 +163,7 @@ struct DecodeParams {
   AttnArgs attn;
   const int* block_table;          // nullptr: contiguous caches; else (batch, max_blocks)
   int64 block_table_batch_stride;  // elements
-  int page_size;                   // keys per page, a multiple of 16 (paged only)
+  FastDiv page_size;               // keys per page, a multiple of 16 (paged only)
   int num_pages;                   // num_blocks: block-table entries are clamped below it
   const int* cache_seqlens;        // nullptr: every batch item holds cache_seqlen keys
   int cache_seqlen;
@@ -164,8 +183,10 @@ struct DecodeParams {
   float* o_accum;
   float* lse_accum;
   int* split_counter;
-  int num_splits;
-  int m_blocks;                    // CTAs per (kv head, split): ceil(group * seqlen_q / 16)
+  FastDiv num_splits;
+  FastDiv m_blocks;                // CTAs per (kv head, split): ceil(group * seqlen_q / 16)
+  FastDiv nheads_kv;               // attn.nheads_kv, as a divisor
+  FastDiv group;                   // query heads per kv head: attn.nheads / attn.nheads_kv
 };
 
 // The LSE merge of partial attention results (merge_parts in kernels_cu/flash_decode.cu):
