@@ -305,10 +305,14 @@ def decode(args):
         batch, length = (int(x) for x in shape.split("x"))
         q, k, v, lengths = dec.inputs(batch, length)
         kp, vp, table = dec.paged(k, v, 64, rng)
+        # the same keys in caches 16 rows longer: batch strides off a power of two
+        kx, vx = (cupy.zeros((batch, length + 16) + x.shape[2:], x.dtype) for x in (k, v))
+        kx[:, :length], vx[:, :length] = k, v
         impls = {
             "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
             # the same keys with cache_seqlens a Python int: no length read on the GPU
             "int-len": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=length),
+            "padded": lambda: cuflash.attention_with_kvcache(q, kx, vx, cache_seqlens=lengths),
             "page64": lambda: cuflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths,
                                                              block_table=table)}
         for name, backend in dec.TORCH_BACKENDS.items():
@@ -333,7 +337,7 @@ def decode(args):
             prof.disable()
             cupy.cuda.Device().synchronize()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        impls = k = v = kp = vp = None  # this shape's buffers go before the next one's
+        impls = k = v = kp = vp = kx = vx = None  # this shape's buffers go before the next one's
         cupy.get_default_memory_pool().free_all_blocks()
     return 0
 
@@ -349,8 +353,8 @@ def tiles(args):
 
 
 def decode_stages(args):
-    """cuflash decode with other cp.async ring depths (DECODE_TILES override) against torch
-    cudnn: event time (L2 flushed) and kernel time per call."""
+    """cuflash decode with other cp.async ring depths and warps per CTA (DECODE_TILES
+    override) against torch cudnn: event time (L2 flushed) and kernel time per call."""
     import decode as dec
     require_gpu()
     torch = dec.import_torch()
@@ -367,10 +371,10 @@ def decode_stages(args):
             print(f"{name:12} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us", flush=True)
 
         report("torch-cudnn", dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0])
-        for stages in (int(x) for x in args.stages.split(",")):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
+        for stages, warps in (map(int, x.split(":")) for x in args.stages.split(",")):
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, warps, "override")
             _launch.decode_plan.cache_clear()
-            report(f"stages={stages}",
+            report(f"stages={stages} warps={warps}",
                    lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
 
 
@@ -394,7 +398,8 @@ def decode_fixed(args):
         impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0],
                  "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths)}
         for stages in (3, 2):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, default.warps,
+                                                                       "override")
             _launch.decode_plan.cache_clear()
             for name, fn in impls.items():
                 if name.startswith("torch") and stages != 3:
@@ -406,6 +411,36 @@ def decode_fixed(args):
                 print(f"{name:12} stages {stages}: kernel us " + " | ".join(cells), flush=True)
         _dispatch.DECODE_TILES[dec.HEADDIM] = default
         _launch.decode_plan.cache_clear()
+
+
+def decode_sms(args):
+    """Is a decode call that fills every SM faster per byte than one that leaves a few idle?
+    cuflash (one split) and torch cudnn on (batch, kv heads, length) shapes with query
+    heads = 4 x kv heads, e.g. 32 x 4 (128 CTAs) against 33 x 4 (132 CTAs): kernel time
+    and effective bandwidth."""
+    import cupy
+
+    import decode as dec
+    require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    timer = dec.Timer()
+    for shape in args.shapes.split(","):
+        batch, hkv, length = (int(x) for x in shape.split("x"))
+        cupy.random.seed(0)
+        q, k, v = (cupy.random.standard_normal((batch, n, h, dec.HEADDIM), dtype=np.float32)
+                   .astype(dec.DTYPE) for n, h in ((1, 4 * hkv), (length, hkv), (length, hkv)))
+        nbytes = 2 * k.nbytes
+        impls = {"cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=length,
+                                                                   num_splits=1),
+                 "torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
+        cells = []
+        for name, fn in impls.items():
+            total, _ = kernel_us(timer, fn)
+            cells.append(f"{name} {total:7.1f} us {nbytes / total / 1e3:6.0f} GB/s")
+        print(f"{batch:3} x {hkv} kv heads x {length:6}: " + " | ".join(cells), flush=True)
+        impls = q = k = v = None
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def decode_calls(args):
@@ -461,12 +496,18 @@ def parse_args(argv):
     p.set_defaults(run=decode)
     p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
-    p.add_argument("--stages", default="3,4,6", help="ring depths to time")
+    p.add_argument("--stages", default="3:4,4:4,3:8",
+                   help="ring depth:warps per CTA pairs to time")
     p.set_defaults(run=decode_stages)
     p = commands.add_parser("decode-fixed", help="kernel time of short decode calls, L2 "
                                                  "flushed, warm, back to back")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 1x64,16x1024")
     p.set_defaults(run=decode_fixed)
+    p = commands.add_parser("decode-sms", help="decode filling every SM or not: cuflash "
+                                               "(one split) and cudnn per byte")
+    p.add_argument("shapes", help="batch x kv heads x length, comma-separated, e.g. "
+                                  "32x4x65536,33x4x65536")
+    p.set_defaults(run=decode_sms)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")

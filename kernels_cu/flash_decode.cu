@@ -236,7 +236,7 @@ __device__ __forceinline__ int opaque(int x) {
 }
 
 template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
-__global__ void __launch_bounds__(NUM_WARPS * 32, 2)
+__global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
 flash_decode(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<HEAD_DIM, NUM_WARPS, STAGES>;
   constexpr int SC = Tr::SC, D_TILES = Tr::D_TILES, K_STEPS = Tr::K_STEPS;
