@@ -60,6 +60,14 @@ class Timer:
         import cupy
         self.flush = cupy.empty(FLUSH_BYTES, np.uint8)
 
+    def warm(self, fills=100):
+        """~35 ms of GPU work (L2 flushes), so that the first implementation timed after a
+        row's inputs are drawn does not start on an idle GPU (it measured 5-10% slow)."""
+        import cupy
+        for _ in range(fills):
+            self.flush.fill(0)
+        cupy.cuda.Device().synchronize()
+
     def __call__(self, fn) -> float:
         """Median milliseconds of ``fn()``, L2 flushed before each call."""
         return time_ms(fn, BUDGET_MS, *CALLS, before=lambda: self.flush.fill(0))
@@ -168,6 +176,7 @@ def run_shape(timer, batch, length, torch, rng, impls):
     if torch is not None:
         for name, backend in TORCH_BACKENDS.items():
             makers[name] = lambda backend=backend: torch_call(torch, backend, q, k, v)
+    timer.warm()
     results = {name: measure(timer, makers[name], nbytes, torch)
                for name in impls if name in makers}
     return {"batch": batch, "length": length, "kv_bytes": nbytes, "num_splits": splits,
