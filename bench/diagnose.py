@@ -353,9 +353,8 @@ def tiles(args):
 
 
 def decode_stages(args):
-    """cuflash decode with other ring depths, warps per CTA (DECODE_TILES override) and
-    copies (DECODE_TMA) against torch cudnn: event time (L2 flushed) and kernel time per
-    call."""
+    """cuflash decode with other cp.async ring depths and warps per CTA (DECODE_TILES
+    override) against torch cudnn: event time (L2 flushed) and kernel time per call."""
     import decode as dec
     require_gpu()
     torch = dec.import_torch()
@@ -372,13 +371,10 @@ def decode_stages(args):
             print(f"{name:12} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us", flush=True)
 
         report("torch-cudnn", dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0])
-        for spec in args.stages.split(","):
-            stages, warps, copies = spec.split(":")
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(int(stages), int(warps),
-                                                                       "override")
-            _dispatch.DECODE_TMA = copies == "tma"
+        for stages, warps in (map(int, x.split(":")) for x in args.stages.split(",")):
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, warps, "override")
             _launch.decode_plan.cache_clear()
-            report(f"{spec:14}",
+            report(f"stages={stages} warps={warps}",
                    lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
 
 
@@ -500,8 +496,8 @@ def parse_args(argv):
     p.set_defaults(run=decode)
     p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
-    p.add_argument("--stages", default="3:4:tma,3:4:cp.async,3:8:tma",
-                   help="ring depth:warps per CTA:copies (tma or cp.async) to time")
+    p.add_argument("--stages", default="3:4,4:4,3:8",
+                   help="ring depth:warps per CTA pairs to time")
     p.set_defaults(run=decode_stages)
     p = commands.add_parser("decode-fixed", help="kernel time of short decode calls, L2 "
                                                  "flushed, warm, back to back")

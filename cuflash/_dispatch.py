@@ -348,10 +348,6 @@ DECODE_KEYS = 16   # keys per tile
 # combine, is worth a few microseconds: b1 x 4k took 17.9 us with 8 splits against 20.2 with
 # 15, while b1 x 1k was fastest with 8 splits of 128 keys); at most DECODE_MAX_SPLITS (the
 # fused combine keeps one weight per split and row in 8 KiB of shared memory).
-# K and V tiles by TMA copies on sm_90 and newer (a cp.async copy's outstanding L1 misses cap
-# what one SM streams: bench/NOTES.md, decode v8); False runs the cp.async instantiations
-# there too (the tests of that path on a Hopper).
-DECODE_TMA = True
 DECODE_MIN_SPLIT_KEYS = 128
 DECODE_SPLIT_KEYS = 512
 DECODE_SHORT_SPLITS = 8
@@ -385,24 +381,21 @@ class DecodeConfig:
     shared_bytes: int
 
 
-def _decode_name(cxx_type, hd, score_mod, tma):
+def _decode_name(cxx_type, hd, score_mod):
+    mod = "true" if score_mod else "false"
     tile = DECODE_TILES[hd]
-    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {tile.warps}, {tile.stages}, "
-            f"{str(score_mod).lower()}, {str(tma).lower()}>")
+    return f"cuflash::flash_decode<{cxx_type}, {hd}, {tile.warps}, {tile.stages}, {mod}>"
 
 
-def decode_config(cxx_type: str, headdim: int, score_mod: bool, tma: bool) -> DecodeConfig:
-    """The flash_decode instantiation for fp16 / bf16 and its launch shape; ``tma``: K and V
-    tiles by TMA copies (sm_90, the caches' tensor maps in the params), else cp.async."""
+def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
+    """The flash_decode instantiation for fp16 / bf16 and its launch shape."""
     hd = padded_headdim(headdim)
     sc = _smem_cols(hd)
     tile = DECODE_TILES[hd]
     ring = tile.stages * 2 * DECODE_KEYS * sc * 2
     merge = (tile.warps * DECODE_ROWS * (hd + 8) + (tile.warps + 1) * DECODE_ROWS) * 4
     shared = DECODE_ROWS * sc * 2 + max(tile.warps * ring, merge)  # DecodeTraits
-    if tma:
-        shared += 1024  # TMA_SMEM_BYTES: the rings start on a 1024-byte boundary
-    return DecodeConfig(_decode_name(cxx_type, hd, score_mod, tma), tile.warps * 32, shared)
+    return DecodeConfig(_decode_name(cxx_type, hd, score_mod), tile.warps * 32, shared)
 
 
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
@@ -440,8 +433,7 @@ def _decode_family():
     for cxx in ("__half", "__nv_bfloat16"):
         for hd in HEADDIMS:
             for score_mod in (False, True):
-                for tma in (False, True):
-                    yield DECODE_FILE, _decode_name(cxx, hd, score_mod, tma)
+                yield DECODE_FILE, _decode_name(cxx, hd, score_mod)
     for cxx in ("__half", "__nv_bfloat16", "float"):
         yield DECODE_FILE, merge_name(cxx)  # merge_attention
         yield DECODE_FILE, append_name(cxx)

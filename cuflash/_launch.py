@@ -388,7 +388,7 @@ def fast_div(d: int) -> tuple:
     return d, (2**32 * (2**shift - d)) // d + 1, shift
 
 
-_DECODE_FIELDS = np.dtype([
+DECODE_PARAMS = np.dtype([
     ("attn", ATTN_ARGS),
     ("block_table", np.uint64), ("block_table_batch_stride", np.int64),
     ("page_size", FAST_DIV), ("num_pages", np.int32),
@@ -402,16 +402,6 @@ _DECODE_FIELDS = np.dtype([
     ("split_counter", np.uint64), ("num_splits", FAST_DIV), ("m_blocks", FAST_DIV),
     ("nheads_kv", FAST_DIV), ("group", FAST_DIV),
 ], align=True)
-# DecodeParams: two 64-byte aligned TMA maps (k, v; zeros where unused), then the fields
-# above; the size a multiple of the 64-byte alignment.
-DECODE_PARAMS = np.dtype({
-    "names": ["k_map", "v_map", *_DECODE_FIELDS.names],
-    "formats": [(np.uint8, (128,)), (np.uint8, (128,)),
-                *(_DECODE_FIELDS.fields[n][0] for n in _DECODE_FIELDS.names)],
-    "offsets": [0, 128, *(256 + _DECODE_FIELDS.fields[n][1] for n in _DECODE_FIELDS.names)],
-    "itemsize": -(-(256 + _DECODE_FIELDS.itemsize) // 64) * 64,
-})
-_NO_MAPS = (np.zeros(128, np.uint8), np.zeros(128, np.uint8))
 
 MERGE_PARAMS = np.dtype([
     ("parts", np.uint64), ("part_lse", np.uint64), ("o", np.uint64), ("lse", np.uint64),
@@ -451,7 +441,7 @@ def merge(parts, part_lse):
 
 def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache,
                    opts, out=None, lse=None, o_accum=None, lse_accum=None, split_counter=0,
-                   num_splits=1, m_blocks=1, maps=None):
+                   num_splits=1, m_blocks=1):
     shape = cache.shape
     if isinstance(cache_seqlens, int):
         seqlens_ptr, seqlen_const = 0, cache_seqlens
@@ -465,8 +455,7 @@ def _decode_params(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table
     new = (_ptr(k_new), _ptr(v_new),
            *(strides(k_new) if k_new is not None else (0, 0, 0)),
            *(strides(v_new) if v_new is not None else (0, 0, 0)))
-    maps = _NO_MAPS if maps is None else tuple(np.frombuffer(m, np.uint8) for m in maps)
-    return (*maps, attn_args(q, k_cache, v_cache, shape, opts), *table, seqlens_ptr, seqlen_const,
+    return (attn_args(q, k_cache, v_cache, shape, opts), *table, seqlens_ptr, seqlen_const,
             cache.seqlen_new, *new, _ptr(out), *(strides(out) if out is not None else (0, 0, 0)),
             _ptr(lse), _ptr(o_accum), _ptr(lse_accum), split_counter, fast_div(num_splits),
             fast_div(m_blocks), fast_div(shape.nheads_kv),
@@ -487,29 +476,18 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_plan(dtype, shape, score_mod, device_id, num_splits=None, tma=False):
+def decode_plan(dtype, shape, score_mod, device_id, num_splits=None):
     """(config, row blocks per kv head, num_splits) of flash_decode for one call shape
-    (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's; ``tma``:
-    the TMA instantiation); memoised, since decoding calls the same shape again and again."""
+    (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's);
+    memoised, since decoding calls the same shape again and again."""
     from . import _dispatch
     group = shape.nheads // shape.nheads_kv
     m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
     ctas = shape.batch * shape.nheads_kv * m_blocks
     num_sms = _num_sms(device_id)
     num_splits = num_splits or _dispatch.decode_num_splits(ctas, shape.seqlen_k, num_sms)
-    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod, tma)
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
     return cfg, m_blocks, num_splits
-
-
-def decode_maps(k_cache, v_cache):
-    """The caches' TMA maps (boxes of 16 rows) where flash_decode takes its tiles by TMA: on
-    sm_90 and newer, with _dispatch.DECODE_TMA set, and both caches addressable; else None."""
-    from . import _dispatch, _tma
-    if not _dispatch.DECODE_TMA or int(_compile.device_arch(k_cache.device.id)[3:]) < 90:
-        return None
-    maps = (_tma.tensor_map(k_cache, _dispatch.DECODE_KEYS),
-            _tma.tensor_map(v_cache, _dispatch.DECODE_KEYS))
-    return None if None in maps else maps
 
 
 # (device, stream) -> (address, count) of the int32 split counters of flash_decode's fused
@@ -547,10 +525,9 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    maps = decode_maps(k_cache, v_cache)
     cfg, m_blocks, num_splits = decode_plan(
         q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id,
-        num_splits, maps is not None)
+        num_splits)
     out = cupy.empty(q.shape, q.dtype)
     lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
     o_accum = lse_accum = None
@@ -562,7 +539,7 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
         counter = _split_counter(ctas)
     params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
                             cache, opts, out, lse, o_accum, lse_accum, counter, num_splits,
-                            m_blocks, maps)
+                            m_blocks)
     launch(q.device.id, _dispatch.DECODE_FILE, cfg.name_expression, (ctas * num_splits,),
            (cfg.num_threads,), cfg.shared_bytes, params, DECODE_PARAMS)
     return out, lse

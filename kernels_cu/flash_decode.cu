@@ -22,7 +22,6 @@
 //   LseMerge).
 #include "common/mask.cuh"
 #include "common/params.cuh"
-#include "common/sm90.cuh"
 #include "common/softmax.cuh"
 
 namespace cuflash {
@@ -137,8 +136,6 @@ struct DecodeTraits {
   static constexpr int BODY_BYTES = NUM_WARPS * RING_BYTES > MERGE_BYTES ? NUM_WARPS * RING_BYTES : MERGE_BYTES;
   // cuflash/_dispatch.py (decode_config) computes the same size.
   static constexpr int SMEM_BYTES = Q_BYTES + BODY_BYTES;
-  // TMA rings start on a 1024-byte boundary (the 128-byte swizzle's period): 1 KiB more.
-  static constexpr int TMA_SMEM_BYTES = SMEM_BYTES + 1024;
   static_assert(HEAD_DIM % 16 == 0, "k16 steps");
 };
 
@@ -204,52 +201,6 @@ struct KvTileCopy {
   }
 };
 
-// The TMA copies of a warp's K/V tiles (sm_90; the caches' maps in DecodeParams). A tile
-// is SC / 64 column blocks of 16 rows x 128 bytes in TMA's 128-byte swizzle (16-byte chunk c
-// of row r at chunk c ^ (r % 8)), one mbarrier per ring stage counting its K and V bytes.
-// Elsewhere (sm_80 compiles these instantiations for the compile check but never runs them)
-// the copies trap.
-template <int SC>
-struct TmaTiles {
-  static constexpr int BLOCKS = SC / 64;
-  static constexpr int BLOCK_BYTES = DECODE_KEYS * 128;
-  static constexpr int TILE_BYTES = BLOCKS * BLOCK_BYTES;
-  // Element offset of (row, col) in a tile.
-  static __device__ __forceinline__ int offset(int row, int col) {
-    return (col >> 6) * DECODE_KEYS * 64 + row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
-  }
-  static __device__ __forceinline__ void init(uint32_t bar) {
-#if __CUDA_ARCH__ >= 900
-    sm90::mbar_init(bar, 1);
-    sm90::fence_barrier_init();
-#else
-    __trap();
-#endif
-  }
-  // Tile rows [row, row + 16) of kv head h in batch item or page `page`, K to dst and V
-  // after it; rows past the map's extent arrive as zeros.
-  static __device__ __forceinline__ void load(uint32_t dst, uint32_t bar, const DecodeParams& p,
-                                              int row, int h, int page) {
-#if __CUDA_ARCH__ >= 900
-    sm90::mbar_arrive_expect_tx(bar, 2 * TILE_BYTES);
-#pragma unroll
-    for (int cb = 0; cb < BLOCKS; ++cb) {
-      sm90::tma_load_4d(dst + cb * BLOCK_BYTES, &p.k_map, bar, cb * 64, row, h, page);
-      sm90::tma_load_4d(dst + TILE_BYTES + cb * BLOCK_BYTES, &p.v_map, bar, cb * 64, row, h, page);
-    }
-#else
-    __trap();
-#endif
-  }
-  static __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
-#if __CUDA_ARCH__ >= 900
-    sm90::mbar_wait(bar, parity);
-#else
-    __trap();
-#endif
-  }
-};
-
 // A CTA's place: blockIdx.x = ((b * num_splits + split) * nheads_kv + h_kv) * m_blocks +
 // m_block, so that CTAs that read the same key rows (row blocks of one kv head, then the kv
 // heads, which share cache rows) are neighbours in launch order; its packed rows r0 ..
@@ -284,21 +235,12 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
-template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD, bool TMA>
+template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
 flash_decode(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<HEAD_DIM, NUM_WARPS, STAGES>;
-  using Tma = TmaTiles<Tr::SC>;
   constexpr int SC = Tr::SC, D_TILES = Tr::D_TILES, K_STEPS = Tr::K_STEPS;
   constexpr int NUM_THREADS = Tr::NUM_THREADS, CHUNKS = HEAD_DIM / 8;
-  static_assert(!TMA || Tma::TILE_BYTES == Tr::TILE_BYTES, "the same tile size either way");
-  // Element offset of (row, col) in a K or V tile of the ring.
-  auto kv_offset = [](int row, int col) {
-    if constexpr (TMA)
-      return Tma::offset(row, col);
-    else
-      return swizzle<SC>(row, col);
-  };
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
@@ -338,16 +280,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
   // This warp's ring: stage s holds K at ring + 2 s TILE_BYTES, V right after. Warp w loads
   // and computes tiles t_begin + w, t_begin + w + NUM_WARPS, ...
-  const uint32_t ring = (TMA ? (sQ + Tr::Q_BYTES + 1023) / 1024 * 1024 : sQ + Tr::Q_BYTES) +
-                        warp * Tr::RING_BYTES;
-  // TMA: stage s of this warp completes full_bar[warp][s], in phases 0, 1, 0, ...
-  __shared__ uint64_t full_bar[TMA ? NUM_WARPS : 1][TMA ? STAGES : 1];
-  auto stage_bar = [&](int s) { return smem_addr(&full_bar[TMA ? warp : 0][TMA ? s : 0]); };
-  if constexpr (TMA) {
-    if (lane == 0)
-      for (int s = 0; s < STAGES; ++s) Tma::init(stage_bar(s));
-    __syncwarp();
-  }
+  const uint32_t ring = sQ + Tr::Q_BYTES + warp * Tr::RING_BYTES;
   const T* k_cache = static_cast<const T*>(a.k) + h_kv * a.k_head_stride;
   const T* v_cache = static_cast<const T*>(a.v) + h_kv * a.v_head_stride;
   int t_load = t_begin + warp;
@@ -359,24 +292,20 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   const KvTileCopy<T, HEAD_DIM> v_copy(lane, a.headdim, a.v_row_stride);
   auto load_next = [&](int stage) {
     if (t_load < t_end) {
+      const int nrows = a.seqlen_k - t_load * DECODE_KEYS;
       const uint32_t dst = ring + stage * 2 * Tr::TILE_BYTES;
-      if constexpr (TMA) {
-        if (lane == 0) Tma::load(dst, stage_bar(stage), p, row, h_kv, page);
-      } else {
-        const int nrows = a.seqlen_k - t_load * DECODE_KEYS;
-        k_copy(dst, k_cache + page * a.k_batch_stride + row * a.k_row_stride, nrows);
-        v_copy(dst + Tr::TILE_BYTES, v_cache + page * a.v_batch_stride + row * a.v_row_stride,
-               nrows);
-      }
+      k_copy(dst, k_cache + page * a.k_batch_stride + row * a.k_row_stride, nrows);
+      v_copy(dst + Tr::TILE_BYTES, v_cache + page * a.v_batch_stride + row * a.v_row_stride,
+             nrows);
       t_load += NUM_WARPS;
       if (t_load < t_end) locate_key(p, b, t_load * DECODE_KEYS, page, row);
     }
-    if constexpr (!TMA) cp_async_commit();  // empty groups keep the wait counts uniform
+    cp_async_commit();  // empty groups keep the wait counts below uniform
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) load_next(s);
 
-  cp_async_wait<TMA ? 0 : STAGES - 1>();  // Q (the oldest cp.async group) landed
+  cp_async_wait<STAGES - 1>();  // Q (the oldest group) landed
   __syncthreads();
   // ldmatrix.x4 lanes (as in flash_fwd.cu): A (Q) reads row lane % 16, k-half lane / 16;
   // B of two n8 tiles (K) row lane % 8 + 8 * (lane / 16), k-half (lane / 8) % 2; V (.trans,
@@ -411,29 +340,12 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   OnlineSoftmax<1> softmax;
 
   int stage = 0;
-  uint32_t phase = 0;  // TMA: parity of the current use of `stage`
   for (int t = t_begin + warp; t < t_end; t += NUM_WARPS) {
     __syncwarp();  // every lane is done with the stage that the next load overwrites
     load_next(stage == 0 ? STAGES - 1 : stage - 1);  // the stage computed last
+    cp_async_wait<STAGES - 1>();  // this lane's copies of tile t landed
+    __syncwarp();                 // and every other lane's
     const uint32_t sK = ring + stage * 2 * Tr::TILE_BYTES, sV = sK + Tr::TILE_BYTES;
-    if constexpr (TMA) {
-      Tma::wait(stage_bar(stage), phase);
-      // Rows past this item's keys hold whatever the cache holds there: S masks them, but
-      // P V needs them zero (0 * NaN = NaN). Only an item's last tile has such rows.
-      const int nrows = a.seqlen_k - t * DECODE_KEYS;
-      if (nrows < DECODE_KEYS) {
-        for (int e = lane; e < DECODE_KEYS * SC / 8; e += 32) {
-          const int r = e / (SC / 8), c = e % (SC / 8) * 8;
-          if (r >= nrows)
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
-                             sV + kv_offset(r, c) * 2), "r"(0) : "memory");
-        }
-        __syncwarp();
-      }
-    } else {
-      cp_async_wait<STAGES - 1>();  // this lane's copies of tile t landed
-      __syncwarp();                 // and every other lane's
-    }
 
     float s[1][2][4];
 #pragma unroll
@@ -445,7 +357,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
       uint32_t q_smem[4], kf[4];
       if constexpr (!Q_IN_REGS) q_fragment(q_smem, ks);
       const uint32_t(&qf)[4] = Q_IN_REGS ? q_regs[ks] : q_smem;
-      ldmatrix_x4(kf, sK + kv_offset(k_row, ks * 16 + k_half * 8) * 2);
+      ldmatrix_x4(kf, sK + swizzle<SC>(k_row, ks * 16 + k_half * 8) * 2);
       mma_16816<T>(s[0][0], qf, kf[0], kf[1]);
       mma_16816<T>(s[0][1], qf, kf[2], kf[3]);
     }
@@ -475,14 +387,11 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 #pragma unroll
     for (int dp = 0; dp < D_TILES / 2; ++dp) {
       uint32_t vf[4];
-      ldmatrix_x4_trans(vf, sV + kv_offset(v_row, dp * 16 + v_half * 8) * 2);
+      ldmatrix_x4_trans(vf, sV + swizzle<SC>(v_row, dp * 16 + v_half * 8) * 2);
       mma_16816<T>(acc_o[0][2 * dp], pf, vf[0], vf[1]);
       mma_16816<T>(acc_o[0][2 * dp + 1], pf, vf[2], vf[3]);
     }
-    if (++stage == STAGES) {
-      stage = 0;
-      phase ^= 1;
-    }
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   cp_async_wait<0>();
 

@@ -333,10 +333,9 @@ def test_num_splits_heuristic():
 
 def test_every_headdim_has_a_decode_config():
     for hd in range(8, 257, 8):
-        for tma in (False, True):
-            cfg = _dispatch.decode_config("__nv_bfloat16", hd, False, tma)
-            assert cfg.shared_bytes <= 227 * 1024, (hd, cfg)
-            assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
+        cfg = _dispatch.decode_config("__nv_bfloat16", hd, False)
+        assert cfg.shared_bytes <= 227 * 1024, (hd, cfg)
+        assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
 
 
 def _layout_asserts(struct, dtype):
@@ -405,19 +404,11 @@ def gpu_call(num_splits=None):
     return call
 
 
-@pytest.fixture(params=["tma", "cp.async"])
-def copies(request, monkeypatch):
-    """Both ways flash_decode takes its K/V tiles: TMA (where the GPU has it, sm_90+; else
-    this runs cp.async again) and cp.async."""
-    monkeypatch.setattr(_dispatch, "DECODE_TMA", request.param == "tma")
-    return request.param
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("seqlen_q", [1, 4])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
-def test_gpu_layouts(rng, layout, seqlen_q, num_splits, copies):
+def test_gpu_layouts(rng, layout, seqlen_q, num_splits):
     p = Problem(rng, BF16, seqlen_q=seqlen_q, nheads=16, nheads_kv=2, headdim=128,
                 lengths=(0, 1, 700), seqlen_new=1, page_size=LAYOUTS[layout])
     p.check(gpu_call(num_splits), import_cupy())
@@ -426,7 +417,7 @@ def test_gpu_layouts(rng, layout, seqlen_q, num_splits, copies):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
 @pytest.mark.parametrize("gqa", GQA, ids=list(GQA))
-def test_gpu_gqa_and_masks(rng, gqa, mask, copies):
+def test_gpu_gqa_and_masks(rng, gqa, mask):
     nheads, nheads_kv = GQA[gqa]
     p = Problem(rng, F16, seqlen_q=4, nheads=nheads, nheads_kv=nheads_kv, headdim=64,
                 lengths=(33, 0, 250, 1), batch=4, seqlen_new=2, page_size=64)
@@ -435,7 +426,7 @@ def test_gpu_gqa_and_masks(rng, gqa, mask, copies):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 7, 40])
-def test_gpu_num_splits(rng, num_splits, copies):
+def test_gpu_num_splits(rng, num_splits):
     # GQA 32:8 as in the decode benchmark; 40 splits of ~300 keys leave some empty.
     p = Problem(rng, BF16, batch=2, nheads=32, nheads_kv=8, headdim=128,
                 lengths=(1000, 37), seqlen_new=1, page_size=256)
@@ -507,7 +498,7 @@ def test_gpu_block_table_entries_out_of_range_stay_in_the_caches(rng, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("headdim", [32, 80, 96, 192, 256])
-def test_gpu_headdims(rng, headdim, copies):
+def test_gpu_headdims(rng, headdim):
     p = Problem(rng, BF16, seqlen_q=2, nheads=6, nheads_kv=3, headdim=headdim,
                 lengths=(17, 200, 0), seqlen_new=1)
     p.check(gpu_call(2), import_cupy(), causal=True)

@@ -6,15 +6,6 @@
 
 namespace cuflash {
 
-namespace sm90 {
-// A CUtensorMap (cuTensorMapEncodeTiled on the host, cuflash/_tma.py): opaque, 64-byte
-// aligned, passed inside a __grid_constant__ kernel parameter so that its generic address
-// is valid (kernels use them through common/sm90.cuh).
-struct alignas(64) TmaMap {
-  uint64_t opaque[16];
-};
-}  // namespace sm90
-
 // n / d and n % d for 0 <= n < 2^31 and a divisor d >= 1 fixed for a launch, by a
 // multiply-high with a magic number made on the host (fast_div in cuflash/_launch.py):
 // shift = ceil(log2 d), mul = floor(2^32 (2^shift - d) / d) + 1, and then
@@ -169,9 +160,6 @@ struct BwdParams {
 // seqlen_k = min(cache_seqlens[b] + seqlen_new, capacity) keys, the last seqlen_new of
 // which append_kv has copied from k_new / v_new.
 struct DecodeParams {
-  // The caches as 4-D tensors (headdim, rows, nheads_kv, batch items or pages), boxes of
-  // 64 columns x 16 rows: read by the TMA instantiations of flash_decode (sm_90) only.
-  sm90::TmaMap k_map, v_map;
   AttnArgs attn;
   const int* block_table;          // nullptr: contiguous caches; else (batch, max_blocks)
   int64 block_table_batch_stride;  // elements

@@ -25,10 +25,15 @@
 // mma.m16n8k16 A layout), exactly as the mma.sync kernel reuses S for P.
 #pragma once
 #include "common/mma.cuh"
-#include "common/params.cuh"  // sm90::TmaMap
 
 namespace cuflash {
 namespace sm90 {
+
+// A CUtensorMap (cuTensorMapEncodeTiled on the host): opaque, 64-byte aligned, passed
+// inside a __grid_constant__ kernel parameter so that its generic address is valid.
+struct alignas(64) TmaMap {
+  uint64_t opaque[16];
+};
 
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<__half> { static constexpr bool value = true; };
