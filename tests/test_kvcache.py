@@ -331,6 +331,21 @@ def test_num_splits_heuristic():
     assert _dispatch.decode_num_splits(1, 10**6, 1000) <= _dispatch.DECODE_MAX_SPLITS
 
 
+def test_fast_div_magic_numbers():
+    """FastDiv (common/params.cuh): (umulhi(n, mul) + n) >> shift is n // d for every
+    0 <= n < 2^31, here at the edges and at random for divisors up to 2^31 - 1."""
+    from cuflash import _launch
+    rng = np.random.default_rng(0)
+    divisors = [*range(1, 300), 1023, 1024, 1025, 2**30, 2**30 + 1, 2**31 - 1,
+                *rng.integers(1, 2**31, 200).tolist()]
+    for d in divisors:
+        d_, mul, shift = _launch.fast_div(d)
+        assert d_ == d and 0 < mul < 2**32 and shift <= 31
+        ns = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2**31 - 1, *rng.integers(0, 2**31, 50).tolist()]
+        for n in (n for n in ns if 0 <= n < 2**31):
+            assert (((n * mul) >> 32) + n) >> shift == n // d, (d, n)
+
+
 def test_every_headdim_has_a_decode_config():
     for hd in range(8, 257, 8):
         cfg = _dispatch.decode_config("__nv_bfloat16", hd, False)
@@ -431,6 +446,17 @@ def test_gpu_num_splits(rng, num_splits):
     p = Problem(rng, BF16, batch=2, nheads=32, nheads_kv=8, headdim=128,
                 lengths=(1000, 37), seqlen_new=1, page_size=256)
     p.check(gpu_call(num_splits), import_cupy())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [3, 5])
+def test_gpu_divisors_off_powers_of_two(rng, num_splits):
+    # Every FastDiv of the kernel at a divisor that is not a power of two: pages of 48 keys,
+    # 6 query heads per kv head on 3 kv heads, 3 query rows (18 packed rows: 2 row blocks),
+    # 3 or 5 splits.
+    p = Problem(rng, BF16, seqlen_q=3, nheads=18, nheads_kv=3, headdim=128,
+                lengths=(97, 1025, 0, 17), batch=4, seqlen_new=1, page_size=48)
+    p.check(gpu_call(num_splits), import_cupy(), causal=True)
 
 
 @pytest.mark.gpu
