@@ -270,8 +270,8 @@ struct LeanChunks {
   __device__ __forceinline__ LeanChunks(int total, int chunks)
       : base(total / chunks), rem(total % chunks) {}
   __device__ __forceinline__ int begin(int c) const { return c * base + min(c, rem); }
-  // The CTA whose chunk holds tile x (base 0: only the first rem CTAs hold a tile).
-  __device__ __forceinline__ int cta_of(int x) const {
+  // The chunk that holds tile x (base 0: only the first rem chunks hold a tile).
+  __device__ __forceinline__ int chunk_of(int x) const {
     const int big = rem * (base + 1);
     return x < big ? x / (base + 1) : rem + (x - big) / base;
   }
@@ -680,7 +680,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
       for (int step = LEAN_MAX_ITEMS / 2; step > 0; step /= 2)
         if (b + step < batch && item_start[b + step] <= x) b += step;
       const int n = item_tiles[b], t0 = x - item_start[b], t1 = min(n, t0 + (x_end - x));
-      const int first = chunks.cta_of(item_start[b]), last = chunks.cta_of(item_start[b] + n - 1);
+      const int first = chunks.chunk_of(item_start[b]), last = chunks.chunk_of(item_start[b] + n - 1);
       run(DecodeCta(p, b, h_kv), t0, t1, first == last,
           LeanPieces{first, last - first + 1, chunks.begin(first) < item_start[b] ? 1 : 0,
                      chunk - first, h_kv, nheads_kv});
