@@ -680,7 +680,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
       for (int step = LEAN_MAX_ITEMS / 2; step > 0; step /= 2)
         if (b + step < batch && item_start[b + step] <= x) b += step;
       const int n = item_tiles[b], t0 = x - item_start[b], t1 = min(n, t0 + (x_end - x));
-      const int first = chunks.chunk_of(item_start[b]), last = chunks.chunk_of(item_start[b] + n - 1);
+      const int first = chunks.chunk_of(item_start[b]);
+      const int last = chunks.chunk_of(item_start[b] + n - 1);
       run(DecodeCta(p, b, h_kv), t0, t1, first == last,
           LeanPieces{first, last - first + 1, chunks.begin(first) < item_start[b] ? 1 : 0,
                      chunk - first, h_kv, nheads_kv});
