@@ -416,8 +416,9 @@ def gpu_call(num_splits=None, lean=False):
             splits = scratch[-1] // (out.size * 4)
             ctas = scratch[-1] // (2 * 16 * out.shape[-1] * 4)
             slots = [ctas * 2 * 16 * 4, ctas * 2 * 16 * out.shape[-1] * 4]
-            assert lean == (scratch == slots), f"allocated {sizes}, lean {lean}"
-            if not lean:
+            if lean:
+                assert scratch == slots, f"allocated {sizes}"
+            else:
                 assert splits > 1 and (num_splits is None or splits == num_splits)
                 assert scratch == sorted([splits * out.size * 4, splits * lse.nbytes]), (
                     f"allocated {sizes}")
