@@ -443,32 +443,6 @@ def decode_sms(args):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def decode_lean(args):
-    """cuflash decode with the lean schedule (DECODE_LEAN_MIN_TILES 0: wherever it may run)
-    against split-KV (the threshold out of reach) and torch cudnn: kernel time per call."""
-    import decode as dec
-    require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    from cuflash import _dispatch, _launch
-    timer = dec.Timer()
-    default = _dispatch.DECODE_LEAN_MIN_TILES
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        cudnn = dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]
-        cells = [f"torch-cudnn {kernel_us(timer, cudnn)[0]:7.1f}"]
-        for name, threshold in (("split-kv", 2**31), ("lean", 0)):
-            _dispatch.DECODE_LEAN_MIN_TILES = threshold
-            _launch.decode_plan.cache_clear()
-            total, _ = kernel_us(
-                timer, lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
-            cells.append(f"{name} {total:7.1f}")
-        print(f"batch {batch:3} length {length:6}: kernel us " + " | ".join(cells), flush=True)
-    _dispatch.DECODE_LEAN_MIN_TILES = default
-    _launch.decode_plan.cache_clear()
-
-
 def decode_calls(args):
     """Calls of cuflash and torch cudnn on decode shapes, to run under ncu (which flushes
     the caches itself): each twice, so the second call of each is a warm one."""
@@ -534,9 +508,6 @@ def parse_args(argv):
     p.add_argument("shapes", help="batch x kv heads x length, comma-separated, e.g. "
                                   "32x4x65536,33x4x65536")
     p.set_defaults(run=decode_sms)
-    p = commands.add_parser("decode-lean", help="decode: lean schedule vs split-KV vs cudnn")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x65536,1x16384")
-    p.set_defaults(run=decode_lean)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")

@@ -348,19 +348,6 @@ DECODE_KEYS = 16   # keys per tile
 # combine, is worth a few microseconds: b1 x 4k took 17.9 us with 8 splits against 20.2 with
 # 15, while b1 x 1k was fastest with 8 splits of 128 keys); at most DECODE_MAX_SPLITS (the
 # fused combine keeps one weight per split and row in 8 KiB of shared memory).
-# Lean schedule (LeanAttention / stream-K; kernels_cu/flash_decode.cu): where the groups
-# (batch item x kv head) are fewer than the SMs, the items' key tiles are cut into equal
-# chunks, as many as fill two CTAs per SM with every kv head of a chunk in its own CTA (the
-# heads read the same cache rows in step), crossing item boundaries. Split-KV's equal CTAs
-# leave SMs idle there (128 CTAs on 132 SMs) and each busy SM streams ~34 GB/s, its cap
-# (bench/NOTES.md, decode v6, v9, v10). A CTA pays a segment's fixed cost per item it
-# touches, so short caches keep split-KV: lean only from DECODE_LEAN_MIN_TILES tiles per
-# CTA, and batch <= DECODE_LEAN_MAX_ITEMS (LEAN_MAX_ITEMS, its scan in shared memory), one row
-# block per group, head dims up to DECODE_LEAN_MAX_HEADDIM (past it the segment loop's
-# state spills registers).
-DECODE_LEAN_MIN_TILES = 96
-DECODE_LEAN_MAX_ITEMS = 256
-DECODE_LEAN_MAX_HEADDIM = 128
 DECODE_MIN_SPLIT_KEYS = 128
 DECODE_SPLIT_KEYS = 512
 DECODE_SHORT_SPLITS = 8
@@ -394,22 +381,21 @@ class DecodeConfig:
     shared_bytes: int
 
 
-def _decode_name(cxx_type, hd, score_mod, lean):
+def _decode_name(cxx_type, hd, score_mod):
+    mod = "true" if score_mod else "false"
     tile = DECODE_TILES[hd]
-    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {tile.warps}, {tile.stages}, "
-            f"{str(score_mod).lower()}, {str(lean).lower()}>")
+    return f"cuflash::flash_decode<{cxx_type}, {hd}, {tile.warps}, {tile.stages}, {mod}>"
 
 
-def decode_config(cxx_type: str, headdim: int, score_mod: bool, lean: bool) -> DecodeConfig:
-    """The flash_decode instantiation for fp16 / bf16 and its launch shape; ``lean``: the
-    lean schedule (decode_lean), else split-KV."""
+def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
+    """The flash_decode instantiation for fp16 / bf16 and its launch shape."""
     hd = padded_headdim(headdim)
     sc = _smem_cols(hd)
     tile = DECODE_TILES[hd]
     ring = tile.stages * 2 * DECODE_KEYS * sc * 2
     merge = (tile.warps * DECODE_ROWS * (hd + 8) + (tile.warps + 1) * DECODE_ROWS) * 4
     shared = DECODE_ROWS * sc * 2 + max(tile.warps * ring, merge)  # DecodeTraits
-    return DecodeConfig(_decode_name(cxx_type, hd, score_mod, lean), tile.warps * 32, shared)
+    return DecodeConfig(_decode_name(cxx_type, hd, score_mod), tile.warps * 32, shared)
 
 
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
@@ -435,21 +421,6 @@ def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
     return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.95 * best)
 
 
-def decode_lean_chunks(batch: int, nheads_kv: int, m_blocks: int, seqlen_k: int,
-                       headdim: int, num_sms: int) -> int:
-    """The lean schedule's chunks of the items' keys (its CTAs: chunks x nheads_kv), or 0
-    for split-KV: lean where the groups (batch x kv heads) are fewer than the SMs, one row
-    block each, at most DECODE_LEAN_MAX_ITEMS items, head dim up to DECODE_LEAN_MAX_HEADDIM,
-    and at least DECODE_LEAN_MIN_TILES tiles per CTA at the cache's capacity."""
-    chunks = 2 * num_sms // nheads_kv
-    tiles = batch * -(-seqlen_k // DECODE_KEYS)
-    lean = (m_blocks == 1 and batch * nheads_kv < num_sms and chunks > 0
-            and batch <= DECODE_LEAN_MAX_ITEMS
-            and padded_headdim(headdim) <= DECODE_LEAN_MAX_HEADDIM
-            and tiles >= DECODE_LEAN_MIN_TILES * chunks and tiles < 2**31)
-    return chunks if lean else 0
-
-
 def merge_name(cxx_type: str) -> str:
     return f"cuflash::merge_parts<{cxx_type}>"
 
@@ -462,8 +433,7 @@ def _decode_family():
     for cxx in ("__half", "__nv_bfloat16"):
         for hd in HEADDIMS:
             for score_mod in (False, True):
-                for lean in (False, True) if hd <= DECODE_LEAN_MAX_HEADDIM else (False,):
-                    yield DECODE_FILE, _decode_name(cxx, hd, score_mod, lean)
+                yield DECODE_FILE, _decode_name(cxx, hd, score_mod)
     for cxx in ("__half", "__nv_bfloat16", "float"):
         yield DECODE_FILE, merge_name(cxx)  # merge_attention
         yield DECODE_FILE, append_name(cxx)

@@ -477,25 +477,17 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(dtype, shape, score_mod, device_id, num_splits=None):
-    """(config, row blocks per kv head, num_splits, lean CTAs) of flash_decode for one call
-    shape (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's,
-    which may pick the lean schedule: lean CTAs > 0, num_splits 1); memoised, since decoding
-    calls the same shape again and again."""
+    """(config, row blocks per kv head, num_splits) of flash_decode for one call shape
+    (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's);
+    memoised, since decoding calls the same shape again and again."""
     from . import _dispatch
     group = shape.nheads // shape.nheads_kv
     m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
     ctas = shape.batch * shape.nheads_kv * m_blocks
     num_sms = _num_sms(device_id)
-    lean_ctas = 0
-    if num_splits is None:
-        lean_ctas = shape.nheads_kv * _dispatch.decode_lean_chunks(
-            shape.batch, shape.nheads_kv, m_blocks, shape.seqlen_k, shape.headdim, num_sms)
-    if lean_ctas:
-        num_splits = 1
     num_splits = num_splits or _dispatch.decode_num_splits(ctas, shape.seqlen_k, num_sms)
-    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod,
-                                  lean_ctas > 0)
-    return cfg, m_blocks, num_splits, lean_ctas
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
+    return cfg, m_blocks, num_splits
 
 
 # (device, stream) -> (address, count) of the int32 split counters of flash_decode's fused
@@ -526,15 +518,14 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
     """Split-KV decoding over caches already holding the new keys (fp16 / bf16), one launch.
 
     Allocates ``out`` and ``lse`` and, with several splits, the float32 partial results
-    (num_splits x the size of ``out``) that the last split of each group merges; with the
-    lean schedule, two slots of 16 rows per CTA for the groups it shares with others.
+    (num_splits x the size of ``out``) that the last split of each group merges.
     """
     import cupy
     from . import _dispatch
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    cfg, m_blocks, num_splits, lean_ctas = decode_plan(
+    cfg, m_blocks, num_splits = decode_plan(
         q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id,
         num_splits)
     out = cupy.empty(q.shape, q.dtype)
@@ -542,18 +533,13 @@ def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts
     o_accum = lse_accum = None
     counter = 0
     ctas = shape.batch * shape.nheads_kv * m_blocks
-    if lean_ctas:
-        o_accum = cupy.empty((lean_ctas, 2, _dispatch.DECODE_ROWS, shape.headdim), np.float32)
-        lse_accum = cupy.empty((lean_ctas, 2, _dispatch.DECODE_ROWS), np.float32)
-        counter = _split_counter(ctas)
-    elif num_splits > 1:
+    if num_splits > 1:
         o_accum = cupy.empty((num_splits,) + q.shape, np.float32)
         lse_accum = cupy.empty((num_splits,) + lse.shape, np.float32)
         counter = _split_counter(ctas)
     params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
                             cache, opts, out, lse, o_accum, lse_accum, counter, num_splits,
                             m_blocks)
-    launch(q.device.id, _dispatch.DECODE_FILE, cfg.name_expression,
-           (lean_ctas or ctas * num_splits,), (cfg.num_threads,), cfg.shared_bytes, params,
-           DECODE_PARAMS)
+    launch(q.device.id, _dispatch.DECODE_FILE, cfg.name_expression, (ctas * num_splits,),
+           (cfg.num_threads,), cfg.shared_bytes, params, DECODE_PARAMS)
     return out, lse

@@ -30,7 +30,6 @@ constexpr int DECODE_ROWS = 16;  // packed query rows per CTA: one m16 tile
 constexpr int DECODE_KEYS = 16;  // keys per tile: two n8 tiles of S, one k16 step of P V
 constexpr int MERGE_WARPS = 4;   // merge_parts: one warp per output row
 constexpr int APPEND_THREADS = 128;
-constexpr int LEAN_MAX_ITEMS = 256;  // batch items of a lean launch (its scan in shared memory)
 
 // The merge of partial attention results over disjoint key sets: with lse_s the natural-log
 // log-sum-exp of part s, lse = log sum_s exp(lse_s) and part s weighs exp(lse_s - lse).
@@ -78,17 +77,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 __device__ __forceinline__ int cache_length(const DecodeParams& p, int b) {
   const int cached = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
   return min(max(cached, 0) + p.seqlen_new, p.attn.seqlen_k);
-}
-
-// out[b, i, h, :] and lse (or split-KV's lse_accum) [split, b, h, i].
-template <typename T>
-__device__ __forceinline__ T* out_row(const DecodeParams& p, int b, int i, int h) {
-  return static_cast<T*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-}
-__device__ __forceinline__ float* lse_elem(const DecodeParams& p, float* base, int split, int b,
-                                           int i, int h) {
-  const AttnArgs& a = p.attn;
-  return base + ((static_cast<int64>(split) * a.batch + b) * a.nheads + h) * a.seqlen_q + i;
 }
 
 // Where key `pos` of batch item b lives: its page (the batch item for contiguous caches)
@@ -230,10 +218,6 @@ struct DecodeCta {
     r0 = m_block * DECODE_ROWS;
     rows = min(DECODE_ROWS, group * p.attn.seqlen_q - r0);
   }
-  // A lean segment's: batch item b, kv head h_kv, the one row block (m_blocks is 1).
-  __device__ __forceinline__ DecodeCta(const DecodeParams& p, int b_, int h_kv_)
-      : m_block(0), h_kv(h_kv_), split(0), b(b_), group(p.group.d), r0(0),
-        rows(min(DECODE_ROWS, p.group.d * p.attn.seqlen_q)) {}
   // Index of this CTA's split group (batch item, kv head, row block) in split_counter.
   __device__ __forceinline__ int group_index(const DecodeParams& p) const {
     return (b * p.attn.nheads_kv + h_kv) * p.m_blocks.d + m_block;
@@ -246,57 +230,12 @@ struct DecodeCta {
   }
 };
 
-// Tiles of the keys that query rows [i_begin, i_end) of a batch item see (`mask` holds the
-// item's seqlen_k): the first one and how many.
-__device__ __forceinline__ void key_tiles(const Mask& mask, int i_begin, int i_end, int& t_first,
-                                          int& n_tiles) {
-  int key_begin, key_end;
-  mask.key_range(i_begin, i_end, key_begin, key_end);
-  t_first = key_begin / DECODE_KEYS;
-  n_tiles = key_end > key_begin ? (key_end + DECODE_KEYS - 1) / DECODE_KEYS - t_first : 0;
-}
-
-// The lean schedule (LeanAttention, stream-K): the key tiles of every batch item, one item
-// after the other, cut into C = gridDim.x / nheads_kv chunks of base or base + 1 tiles; CTA
-// (chunk c, kv head h) = blockIdx.x c * nheads_kv + h takes chunk c of head h. The kv heads
-// of a chunk read the same cache rows (heads interleaved, 2 KiB a row at 8 x 128 x 2 bytes)
-// in step, as split-KV's neighbour CTAs do; chunks that start at other offsets per head
-// lose 1.5-2.5% to DRAM (bench/NOTES.md, decode v9). A group (item, head) whose tiles span
-// several chunks ("pieces") is merged by the last of its CTAs to finish, as split-KV's
-// splits are. A CTA holds at most two pieces, its first segment and its last, in its
-// partial slots 0 and 1.
-struct LeanChunks {
-  int base, rem;  // total tiles = base * chunks + rem
-  __device__ __forceinline__ LeanChunks(int total, int chunks)
-      : base(total / chunks), rem(total % chunks) {}
-  __device__ __forceinline__ int begin(int c) const { return c * base + min(c, rem); }
-  // The chunk that holds tile x (base 0: only the first rem chunks hold a tile).
-  __device__ __forceinline__ int chunk_of(int x) const {
-    const int big = rem * (base + 1);
-    return x < big ? x / (base + 1) : rem + (x - big) / base;
-  }
-};
-
-// Where a segment's partial result goes, and the group's other pieces: pieces are the
-// CTAs of chunks first .. first + count - 1 and the segment's kv head h (of nheads_kv), this
-// CTA is piece self; piece k's slot is 0 but the first piece's, which is first_slot (1 when
-// the item starts inside that chunk, after other segments of it).
-struct LeanPieces {
-  int first, count, first_slot, self, h, nheads_kv;
-  __device__ __forceinline__ int slot_row(int k) const {  // (CTA, slot) of piece k, as a row
-    return ((first + k) * nheads_kv + h) * 2 + (k == 0 ? first_slot : 0);
-  }
-};
-
 __device__ __forceinline__ int opaque(int x) {
   asm volatile("" : "+r"(x));
   return x;
 }
 
-// LEAN: the lean schedule over gridDim.x = chunks x nheads_kv CTAs (m_blocks 1, batch <=
-// LEAN_MAX_ITEMS, o_accum (gridDim.x, 2, 16, headdim) and lse_accum (gridDim.x, 2, 16) for
-// the pieces); else split-KV, one CTA per (row block, kv head, split, batch item).
-template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD, bool LEAN>
+template <typename T, int HEAD_DIM, int NUM_WARPS, int STAGES, bool HAS_SCORE_MOD>
 __global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
 flash_decode(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<HEAD_DIM, NUM_WARPS, STAGES>;
@@ -307,28 +246,23 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   const uint32_t sQ = smem_addr(smem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  // One segment: tiles [t_first + seg_begin, t_first + seg_end) of the group of `cta` (split-KV:
-  // seg_begin < 0, the split's share, computed here), written to out when it is the whole
-  // group, else as a partial result, merged by the group's last piece to finish.
-  auto run = [&](const DecodeCta& cta, int seg_begin, int seg_end, bool whole,
-                 const LeanPieces& pieces) {
+  const DecodeCta cta(p, blockIdx.x);
   const int h_kv = cta.h_kv, split = cta.split, b = cta.b, r0 = cta.r0, rows = cta.rows;
   AttnArgs a = p.attn;  // with this batch item's seqlen_k, for Mask and ScoreMod
   a.seqlen_k = cache_length(p, b);
   const int i_begin = p.group.div(r0), i_end = p.group.div(r0 + rows - 1) + 1;  // query rows
 
-  // The tiles of keys seen by any of the rows; split-KV cuts them into num_splits ranges of
-  // base or base + 1 tiles.
+  // This split's tiles: the tiles of keys seen by any of the rows, cut into num_splits
+  // ranges of base or base + 1 tiles.
   const Mask mask(a);
-  int t_first, n_tiles;
-  key_tiles(mask, i_begin, i_end, t_first, n_tiles);
-  if (seg_begin < 0) {
-    int extra;
-    const int base = p.num_splits.divmod(n_tiles, extra);
-    seg_begin = split * base + min(split, extra);
-    seg_end = seg_begin + base + (split < extra);
-  }
-  const int t_begin = t_first + seg_begin, t_end = t_first + seg_end;
+  int key_begin, key_end;
+  mask.key_range(i_begin, i_end, key_begin, key_end);
+  const int t_first = key_begin / DECODE_KEYS;
+  const int n_tiles = key_end > key_begin ? (key_end + DECODE_KEYS - 1) / DECODE_KEYS - t_first : 0;
+  int extra;
+  const int base = p.num_splits.divmod(n_tiles, extra);
+  const int t_begin = t_first + split * base + min(split, extra);
+  const int t_end = t_begin + base + (split < extra);
 
   // Q: packed row r is query row i of head h (DecodeCta::query_of).
   const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride;
@@ -491,45 +425,27 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   }
   __syncthreads();
 
-  // Store: out / lse directly when the segment is its whole group, else its float32
-  // partial result: split-KV's (num_splits, batch, seqlen_q, nheads, headdim) and (num_splits,
-  // batch, nheads, seqlen_q); lean's (CTA, slot, 16, headdim) and (CTA, slot, 16).
-  const DecodeCta c = [&] {
-    if constexpr (LEAN)
-      return cta;
-    else
-      return DecodeCta(p, opaque(blockIdx.x));
-  }();
+  // Store: out / lse directly with one split, else this split's float32 partial result.
+  const DecodeCta c(p, opaque(blockIdx.x));
   const int64 nheads = p.attn.nheads, seqlen_q = p.attn.seqlen_q, batch = p.attn.batch;
   const int headdim = p.attn.headdim;
   auto out_at = [&](int r, int d) -> T* {  // out element (packed row r, column d)
     int i, h;
     c.query_of(p, r, i, h);
-    return out_row<T>(p, c.b, i, h) + d;
+    return static_cast<T*>(p.o) + c.b * p.o_batch_stride + i * p.o_row_stride +
+           h * p.o_head_stride + d;
   };
-  auto lse_at = [&](float* base, int split, int r) -> float* {  // lse / split-KV lse_accum
+  auto lse_at = [&](float* base, int split, int r) -> float* {  // lse / lse_accum element
     int i, h;
     c.query_of(p, r, i, h);
-    return lse_elem(p, base, split, c.b, i, h);
+    return base + ((split * batch + c.b) * nheads + h) * seqlen_q + i;
   };
   const int64 accum_split_stride = batch * seqlen_q * nheads * headdim;
-  auto part_o = [&](int k, int r) -> float* {  // row r of piece k's partial result
-    if constexpr (LEAN) {
-      return p.o_accum + (pieces.slot_row(k) * DECODE_ROWS + r) * static_cast<int64>(headdim);
-    } else {
-      int i, h;
-      c.query_of(p, r, i, h);
-      return p.o_accum + k * accum_split_stride + ((c.b * seqlen_q + i) * nheads + h) * headdim;
-    }
+  auto o_accum_at = [&](int split, int r) -> float* {  // row r of a split's partial result
+    int i, h;
+    c.query_of(p, r, i, h);
+    return p.o_accum + split * accum_split_stride + ((c.b * seqlen_q + i) * nheads + h) * headdim;
   };
-  auto part_lse = [&](int k, int r) -> float* {
-    if constexpr (LEAN)
-      return p.lse_accum + pieces.slot_row(k) * DECODE_ROWS + r;
-    else
-      return lse_at(p.lse_accum, k, r);
-  };
-  const bool partial = LEAN ? !whole : p.o_accum != nullptr;
-  const int self = LEAN ? pieces.self : c.split, count = LEAN ? pieces.count : p.num_splits.d;
   // A thread sums 8 columns of a row over the warps and stores them with one 16-byte store
   // (two for float32): out and the partials are ours, contiguous, rows of a multiple of 8.
 #pragma unroll
@@ -546,8 +462,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) x[k] = fmaf(wt, y[k], x[k]);
     }
-    if (partial) {
-      float4* dst = reinterpret_cast<float4*>(part_o(self, r) + d);
+    if (p.o_accum) {
+      float4* dst = reinterpret_cast<float4*>(o_accum_at(c.split, r) + d);
       dst[0] = make_float4(x[0], x[1], x[2], x[3]);
       dst[1] = make_float4(x[4], x[5], x[6], x[7]);
     } else {
@@ -556,11 +472,12 @@ flash_decode(const __grid_constant__ DecodeParams p) {
           dtype_traits<T>::pack(x[4], x[5]), dtype_traits<T>::pack(x[6], x[7]));
     }
   }
-  if (tid < c.rows) *(partial ? part_lse(self, tid) : lse_at(p.lse, 0, tid)) = sLse[tid];
-  if (!partial) return;
+  if (tid < c.rows)
+    *lse_at(p.o_accum ? p.lse_accum : p.lse, p.o_accum ? c.split : 0, tid) = sLse[tid];
+  if (!p.o_accum) return;
 
-  // The combine: the last piece of this (batch item, kv head, row block) to get here
-  // merges all the pieces' partials. The barrier-then-one-thread pattern of CUTLASS's
+  // Split-KV combine: the last split of this (batch item, kv head, row block) to get here
+  // merges all the splits' partials. The barrier-then-one-thread pattern of CUTLASS's
   // split-K semaphore: the barrier orders every thread's partial stores before thread 0's
   // release (the counter's acq_rel add, cumulative over what the barrier ordered), and its
   // acquire before every thread's reads after the second barrier; the reads go to L2
@@ -572,44 +489,45 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     int arrived;
     asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
                  : "=r"(arrived) : "l"(counter) : "memory");
-    is_last = arrived == count - 1;
+    is_last = arrived == p.num_splits.d - 1;
     if (is_last) *counter = 0;  // re-armed for the next launch
   }
   __syncthreads();
   if (!is_last) return;
-  // Weights exp(lse_k - lse) of every (piece, row) into sW2 [count][DECODE_ROWS] (over the
-  // rings: count <= 2 * gridDim.x or num_splits <= 128 fit), the merged lse to lse: a warp
-  // per row, its lanes over the pieces, merged by shuffles.
+  // Weights exp(lse_s - lse) of every (split, row) into sW2 [num_splits][DECODE_ROWS] (over
+  // the rings: num_splits <= 128 takes 8 KiB), the merged lse to lse: a warp per row, its
+  // lanes over the splits, merged by shuffles.
   float* sW2 = reinterpret_cast<float*>(smem + Tr::Q_BYTES);
   for (int r = warp; r < c.rows; r += NUM_WARPS) {
     LseMerge m;
-    for (int k = lane; k < count; k += 32) {
-      const float lse_k = __ldcg(part_lse(k, r));
-      sW2[k * DECODE_ROWS + r] = lse_k;
-      m.add(lse_k);
+    for (int s = lane; s < p.num_splits.d; s += 32) {
+      const float lse_s = __ldcg(lse_at(p.lse_accum, s, r));
+      sW2[s * DECODE_ROWS + r] = lse_s;
+      m.add(lse_s);
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2)
       m.combine(__shfl_xor_sync(0xffffffffu, m.mx, off), __shfl_xor_sync(0xffffffffu, m.sum, off));
     const float lse = m.lse();
-    for (int k = lane; k < count; k += 32)  // the entries this lane wrote
-      sW2[k * DECODE_ROWS + r] = merge_weight(sW2[k * DECODE_ROWS + r], lse);
+    for (int s = lane; s < p.num_splits.d; s += 32)  // the entries this lane wrote
+      sW2[s * DECODE_ROWS + r] = merge_weight(sW2[s * DECODE_ROWS + r], lse);
     if (lane == 0) *lse_at(p.lse, 0, r) = lse;
   }
   __syncthreads();
-  // out = sum_k w_k out_k, four columns a thread (headdim is a multiple of 8). The loads
+  // out = sum_s w_s out_s, four columns a thread (headdim is a multiple of 8). The loads
   // do not depend on the weights, so that the unrolled loop keeps 8 of them in flight
-  // (a load behind a branch on w waited a full L2 round trip per piece).
+  // (a load behind a branch on w waited a full L2 round trip per split).
   constexpr int QUADS = HEAD_DIM / 4;
   for (int e = tid; e < c.rows * QUADS; e += NUM_THREADS) {
     const int r = e / QUADS, d = e % QUADS * 4;
     if (d >= headdim) continue;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float* part = o_accum_at(0, r) + d;
 #pragma unroll 8
-    for (int k = 0; k < count; ++k) {
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(part_o(k, r) + d));
-      const float w = sW2[k * DECODE_ROWS + r];
-      if (w != 0.f) {  // an empty piece adds nothing, whatever its partial holds
+    for (int s = 0; s < p.num_splits.d; ++s) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(part + s * accum_split_stride));
+      const float w = sW2[s * DECODE_ROWS + r];
+      if (w != 0.f) {  // an empty split adds nothing, whatever its partial holds
         acc.x = fmaf(w, x.x, acc.x);
         acc.y = fmaf(w, x.y, acc.y);
         acc.z = fmaf(w, x.z, acc.z);
@@ -618,76 +536,6 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     }
     *reinterpret_cast<uint2*>(out_at(r, d)) =
         make_uint2(dtype_traits<T>::pack(acc.x, acc.y), dtype_traits<T>::pack(acc.z, acc.w));
-  }
-  };  // run
-
-  if constexpr (!LEAN) {
-    run(DecodeCta(p, blockIdx.x), -1, -1, false, LeanPieces{});
-  } else {
-    // Every item's tiles (its kv heads' alike: one row block) and where they start in the
-    // sequence of all items' tiles, by a scan of warp 0.
-    __shared__ int item_tiles[LEAN_MAX_ITEMS], item_start[LEAN_MAX_ITEMS + 1];
-    const int batch = p.attn.batch, nheads_kv = p.attn.nheads_kv;
-    const int i_end = p.group.div(min(DECODE_ROWS, p.group.d * p.attn.seqlen_q) - 1) + 1;
-    for (int b = tid; b < batch; b += NUM_THREADS) {
-      AttnArgs a = p.attn;
-      a.seqlen_k = cache_length(p, b);
-      int t_first;
-      key_tiles(Mask(a), 0, i_end, t_first, item_tiles[b]);
-    }
-    __syncthreads();
-    if (warp == 0) {
-      const int per = (batch + 31) / 32, lo = min(lane * per, batch), hi = min(lo + per, batch);
-      int sum = 0;
-      for (int b = lo; b < hi; ++b) sum += item_tiles[b];
-      int incl = sum;
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += y;
-      }
-      int start = incl - sum;
-      for (int b = lo; b < hi; ++b) {
-        item_start[b] = start;
-        start += item_tiles[b];
-      }
-      if (lane == 31) item_start[batch] = incl;
-    }
-    __syncthreads();
-    int h_kv;
-    const int chunk = p.nheads_kv.divmod(blockIdx.x, h_kv);
-    const int num_chunks = gridDim.x / nheads_kv;
-    const LeanChunks chunks(item_start[batch], num_chunks);
-    // Items with no tile to read (no key, or none visible): out 0 and lse -inf, by the CTAs
-    // of chunk b % C, each for its kv head.
-    for (int b = chunk; b < batch; b += num_chunks) {
-      if (item_tiles[b] != 0) continue;
-      const DecodeCta g(p, b, h_kv);
-      for (int e = tid; e < DECODE_ROWS * CHUNKS; e += NUM_THREADS) {
-        const int r = e / CHUNKS, d = e % CHUNKS * 8;
-        if (r >= g.rows || d >= p.attn.headdim) continue;
-        int i, h;
-        g.query_of(p, r, i, h);
-        *reinterpret_cast<uint4*>(out_row<T>(p, b, i, h) + d) = make_uint4(0, 0, 0, 0);
-        if (d == 0) *lse_elem(p, p.lse, 0, b, i, h) = neg_inf();
-      }
-    }
-    // This CTA's segments: the item holding tile x is the last one starting at or before it
-    // (an item with tiles: x is below the total).
-    const int x_end = chunks.begin(chunk + 1);
-    for (int x = chunks.begin(chunk); x < x_end;) {
-      int b = 0;
-      for (int step = LEAN_MAX_ITEMS / 2; step > 0; step /= 2)
-        if (b + step < batch && item_start[b + step] <= x) b += step;
-      const int n = item_tiles[b], t0 = x - item_start[b], t1 = min(n, t0 + (x_end - x));
-      const int first = chunks.chunk_of(item_start[b]);
-      const int last = chunks.chunk_of(item_start[b] + n - 1);
-      run(DecodeCta(p, b, h_kv), t0, t1, first == last,
-          LeanPieces{first, last - first + 1, chunks.begin(first) < item_start[b] ? 1 : 0,
-                     chunk - first, h_kv, nheads_kv});
-      x += t1 - t0;
-      __syncthreads();  // this segment's shared memory is read before the next one's Q and rings
-    }
   }
 }
 

@@ -348,10 +348,9 @@ def test_fast_div_magic_numbers():
 
 def test_every_headdim_has_a_decode_config():
     for hd in range(8, 257, 8):
-        for lean in (False, True) if hd <= _dispatch.DECODE_LEAN_MAX_HEADDIM else (False,):
-            cfg = _dispatch.decode_config("__nv_bfloat16", hd, False, lean)
-            assert cfg.shared_bytes <= 225 * 1024, (hd, cfg)  # + 2 KiB static (lean's scan)
-            assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
+        cfg = _dispatch.decode_config("__nv_bfloat16", hd, False)
+        assert cfg.shared_bytes <= 227 * 1024, (hd, cfg)
+        assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
 
 
 def _layout_asserts(struct, dtype):
@@ -398,10 +397,9 @@ def test_docstring_examples_run():
 # ------------------------------------------------------------------------------- GPU
 
 
-def gpu_call(num_splits=None, lean=False):
+def gpu_call(num_splits=None):
     """attention_with_kvcache under the poisoning allocator, checking what it allocates:
-    out and lse, plus (num_splits, ...) float32 partial results when it splits, or (with
-    ``lean``, and only then) the lean schedule's slots."""
+    out and lse, plus (num_splits, ...) float32 partial results when it splits."""
     def call(**kwargs):
         (out, lse), sizes = poisoned(cuflash.attention_with_kvcache, **kwargs,
                                      num_splits=num_splits)
@@ -410,32 +408,15 @@ def gpu_call(num_splits=None, lean=False):
         for size in expected:
             assert size in scratch, f"allocated {sizes}, expected out and lse"
             scratch.remove(size)
-        if scratch:
-            # split-KV's partial results: S x out and S x lse in float32; or the lean
-            # schedule's slots: (CTAs, 2, 16, headdim) and (CTAs, 2, 16) in float32.
+        if scratch:  # the split-KV partial results: S x out in float32, S x lse
             splits = scratch[-1] // (out.size * 4)
-            ctas = scratch[-1] // (2 * 16 * out.shape[-1] * 4)
-            slots = [ctas * 2 * 16 * 4, ctas * 2 * 16 * out.shape[-1] * 4]
-            if lean:
-                assert scratch == slots, f"allocated {sizes}"
-            else:
-                assert splits > 1 and (num_splits is None or splits == num_splits)
-                assert scratch == sorted([splits * out.size * 4, splits * lse.nbytes]), (
-                    f"allocated {sizes}")
+            assert splits > 1 and (num_splits is None or splits == num_splits)
+            assert sorted(scratch) == sorted([splits * out.size * 4, splits * lse.nbytes]), (
+                f"allocated {sizes}")
         else:
-            assert num_splits in (None, 1) and not lean, "allocated no scratch"
+            assert num_splits in (None, 1), f"{num_splits} splits allocated no scratch"
         return out, lse
     return call
-
-
-@pytest.fixture
-def lean(monkeypatch):
-    """The lean schedule wherever it may run (any cache length), for small problems."""
-    from cuflash import _launch
-    monkeypatch.setattr(_dispatch, "DECODE_LEAN_MIN_TILES", 0)
-    _launch.decode_plan.cache_clear()
-    yield
-    _launch.decode_plan.cache_clear()
 
 
 @pytest.mark.gpu
@@ -476,38 +457,6 @@ def test_gpu_divisors_off_powers_of_two(rng, num_splits):
     p = Problem(rng, BF16, seqlen_q=3, nheads=18, nheads_kv=3, headdim=128,
                 lengths=(97, 1025, 0, 17), batch=4, seqlen_new=1, page_size=48)
     p.check(gpu_call(num_splits), import_cupy(), causal=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
-@pytest.mark.parametrize("seqlen_q, mask", [(1, "full"), (4, "causal"), (2, "window")])
-def test_gpu_lean_schedule(rng, lean, layout, seqlen_q, mask):
-    # Groups of ragged lengths (empty ones among them) cut across the CTAs: pieces of one
-    # tile, groups inside one CTA, groups over many; GQA 4:1 (rows 4 x seqlen_q <= 16).
-    p = Problem(rng, BF16, batch=6, seqlen_q=seqlen_q, nheads=12, nheads_kv=3, headdim=128,
-                lengths=(700, 0, 1, 3000, 17, 97), seqlen_new=1, page_size=LAYOUTS[layout])
-    p.check(gpu_call(lean=True), import_cupy(), **MASKS[mask])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [32, 96])
-def test_gpu_lean_schedule_headdims(rng, lean, headdim):
-    p = Problem(rng, BF16, seqlen_q=2, nheads=6, nheads_kv=3, headdim=headdim,
-                lengths=(17, 2000, 0), seqlen_new=1)
-    p.check(gpu_call(lean=True), import_cupy(), causal=True)
-
-
-@pytest.mark.gpu
-def test_gpu_lean_schedule_every_item_empty_and_again(rng, lean):
-    # No tile at all (every item empty: out 0, lse -inf from the empty-item pass), then the
-    # same call twice more with keys (the counters re-armed), bit for bit.
-    cupy = import_cupy()
-    p = Problem(rng, F16, batch=3, nheads=8, nheads_kv=2, headdim=64, lengths=(0, 0, 0))
-    p.check(gpu_call(lean=True), cupy)
-    p = Problem(rng, F16, batch=3, nheads=8, nheads_kv=2, headdim=64, lengths=(900, 5, 333))
-    first = p.check(gpu_call(lean=True), cupy)[:2]
-    again = p.check(gpu_call(lean=True), cupy)[:2]
-    assert all(bool((a == b).all()) for a, b in zip(first, again))
 
 
 @pytest.mark.gpu
