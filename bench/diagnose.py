@@ -4,6 +4,9 @@
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
+    PYTHONPATH=. python bench/diagnose.py decode-stages 16x1024,1x16384 [--stages 3:4,3:8]
+    PYTHONPATH=. python bench/diagnose.py decode-fixed 1x64,16x1024
+    PYTHONPATH=. python bench/diagnose.py decode-sms 32x4x65536,33x4x65536
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -27,6 +30,11 @@ back is host time inside the per-call measurement (microseconds).
 host time, kernel time (CUPTI, through torch.profiler, which sees every kernel of the
 process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
 torch flash / cudnn, and times cuflash at several forced ``num_splits``.
+
+``decode-stages`` times other decode ring depths and warps per CTA (stages:warps) against
+cudnn; ``decode-fixed`` the kernel time of short decode calls with the L2 flushed, warm, and
+back to back (where a call's fixed cost goes); ``decode-sms`` one-split decode on (batch, kv
+heads, length) shapes whose CTAs fill every SM or not, against cudnn per byte.
 
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
 other key-block sizes in the same process as the peers.
