@@ -363,7 +363,9 @@ class DecodeTile:
 
 # Decoding is bound by memory bandwidth, so the ring depth is set by the bytes in flight it
 # buys: 4 warps x stages x 2 tiles of 16 x hd elements, aiming at two CTAs per SM (96 KiB
-# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory.
+# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory. 8 warps a
+# CTA (one CTA per SM) measured +0.5% at long caches and 1-2% slower at short ones on the
+# H200 (bench/NOTES.md, after decode v6): 4 everywhere.
 DECODE_TILES = {
     32: DecodeTile(4, 4, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
     64: DecodeTile(4, 4, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
