@@ -361,8 +361,9 @@ def tiles(args):
 
 
 def decode_stages(args):
-    """cuflash decode with other cp.async ring depths and warps per CTA (DECODE_TILES
-    override) against torch cudnn: event time (L2 flushed) and kernel time per call."""
+    """cuflash decode with other cp.async ring depths and warps per CTA (DECODE_TILES and
+    DECODE_WARPS overrides) against torch cudnn: event time (L2 flushed) and kernel time per
+    call."""
     import decode as dec
     require_gpu()
     torch = dec.import_torch()
@@ -380,7 +381,8 @@ def decode_stages(args):
 
         report("torch-cudnn", dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0])
         for stages, warps in (map(int, x.split(":")) for x in args.stages.split(",")):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, warps, "override")
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
+            _dispatch.DECODE_WARPS = warps
             _launch.decode_plan.cache_clear()
             report(f"stages={stages} warps={warps}",
                    lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
@@ -406,8 +408,7 @@ def decode_fixed(args):
         impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0],
                  "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths)}
         for stages in (3, 2):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, default.warps,
-                                                                       "override")
+            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
             _launch.decode_plan.cache_clear()
             for name, fn in impls.items():
                 if name.startswith("torch") and stages != 3:

@@ -342,6 +342,9 @@ _FAMILIES.append(_bwd_f32_family)
 DECODE_FILE = "flash_decode.cu"
 DECODE_ROWS = 16   # packed query rows (query heads of a kv head x query rows) per CTA
 DECODE_KEYS = 16   # keys per tile
+# 8 warps a CTA (one CTA per SM) measured +0.5% at long caches and 1-2% slower at short
+# ones on the H200 (bench/NOTES.md, after decode v6).
+DECODE_WARPS = 4
 # Split-KV heuristic (bench/NOTES.md, "Split-KV decode v3"): a split gets at least
 # DECODE_MIN_SPLIT_KEYS keys (two tiles per warp), and past DECODE_SHORT_SPLITS splits at
 # least DECODE_SPLIT_KEYS (a split's fixed cost, Q load, warp merge and its share of the
@@ -357,22 +360,19 @@ DECODE_MAX_SPLITS = 128
 @dataclass(frozen=True)
 class DecodeTile:
     stages: int  # cp.async ring depth per warp (16-key K and V tiles per stage)
-    warps: int   # warps per CTA, each streaming its own tiles
     reason: str
 
 
 # Decoding is bound by memory bandwidth, so the ring depth is set by the bytes in flight it
 # buys: 4 warps x stages x 2 tiles of 16 x hd elements, aiming at two CTAs per SM (96 KiB
-# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory. 8 warps a
-# CTA (one CTA per SM) measured +0.5% at long caches and 1-2% slower at short ones on the
-# H200 (bench/NOTES.md, after decode v6): 4 everywhere.
+# each at hd 128: 192 KiB in flight per H100 SM) within 227 KiB of shared memory.
 DECODE_TILES = {
-    32: DecodeTile(4, 4, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
-    64: DecodeTile(4, 4, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
-    96: DecodeTile(3, 4, "rows padded to 128 elements, as hd 128"),
-    128: DecodeTile(3, 4, "8 KiB a stage per warp: 100 KiB a CTA, 2 CTAs per SM"),
-    192: DecodeTile(2, 4, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
-    256: DecodeTile(2, 4, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
+    32: DecodeTile(4, "rows of 64 elements (swizzle width): 4 KiB a stage pair"),
+    64: DecodeTile(4, "8 KiB a stage pair per warp: 128 KiB in flight for 2 CTAs"),
+    96: DecodeTile(3, "rows padded to 128 elements, as hd 128"),
+    128: DecodeTile(3, "8 KiB a stage per warp: 100 KiB a CTA, 2 CTAs per SM"),
+    192: DecodeTile(2, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
+    256: DecodeTile(2, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
 }
 
 
@@ -385,19 +385,18 @@ class DecodeConfig:
 
 def _decode_name(cxx_type, hd, score_mod):
     mod = "true" if score_mod else "false"
-    tile = DECODE_TILES[hd]
-    return f"cuflash::flash_decode<{cxx_type}, {hd}, {tile.warps}, {tile.stages}, {mod}>"
+    return (f"cuflash::flash_decode<{cxx_type}, {hd}, {DECODE_WARPS}, "
+            f"{DECODE_TILES[hd].stages}, {mod}>")
 
 
 def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
     """The flash_decode instantiation for fp16 / bf16 and its launch shape."""
     hd = padded_headdim(headdim)
     sc = _smem_cols(hd)
-    tile = DECODE_TILES[hd]
-    ring = tile.stages * 2 * DECODE_KEYS * sc * 2
-    merge = (tile.warps * DECODE_ROWS * (hd + 8) + (tile.warps + 1) * DECODE_ROWS) * 4
-    shared = DECODE_ROWS * sc * 2 + max(tile.warps * ring, merge)  # DecodeTraits
-    return DecodeConfig(_decode_name(cxx_type, hd, score_mod), tile.warps * 32, shared)
+    ring = DECODE_TILES[hd].stages * 2 * DECODE_KEYS * sc * 2
+    merge = (DECODE_WARPS * DECODE_ROWS * (hd + 8) + (DECODE_WARPS + 1) * DECODE_ROWS) * 4
+    shared = DECODE_ROWS * sc * 2 + max(DECODE_WARPS * ring, merge)  # DecodeTraits
+    return DecodeConfig(_decode_name(cxx_type, hd, score_mod), DECODE_WARPS * 32, shared)
 
 
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:

@@ -266,11 +266,12 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
   // Q: packed row r is query row i of head h (DecodeCta::query_of).
   const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride;
-  constexpr int Q_CHUNKS = DECODE_ROWS * CHUNKS;
+  // 16-byte chunks of 16 rows (of Q here, of out in the epilogue): passes of the CTA.
+  constexpr int ROW_PASSES = (DECODE_ROWS * CHUNKS + NUM_THREADS - 1) / NUM_THREADS;
 #pragma unroll
-  for (int it = 0; it < (Q_CHUNKS + NUM_THREADS - 1) / NUM_THREADS; ++it) {
+  for (int it = 0; it < ROW_PASSES; ++it) {
     const int c = it * NUM_THREADS + tid, r = c / CHUNKS, ch = c % CHUNKS;
-    const bool ok = r < rows && ch * 8 < a.headdim;  // rows <= 16: c < Q_CHUNKS
+    const bool ok = r < rows && ch * 8 < a.headdim;  // rows <= 16: c is in the tile
     int i, h;
     cta.query_of(p, r, i, h);
     const T* src = ok ? q + i * a.q_row_stride + h * a.q_head_stride + ch * 8 : q;
@@ -449,7 +450,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // A thread sums 8 columns of a row over the warps and stores them with one 16-byte store
   // (two for float32): out and the partials are ours, contiguous, rows of a multiple of 8.
 #pragma unroll
-  for (int it = 0; it < (Q_CHUNKS + NUM_THREADS - 1) / NUM_THREADS; ++it) {
+  for (int it = 0; it < ROW_PASSES; ++it) {
     const int e = it * NUM_THREADS + tid, r = e / CHUNKS, d = e % CHUNKS * 8;
     if (r >= c.rows || d >= headdim) continue;
     float x[8] = {};
