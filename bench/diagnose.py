@@ -7,6 +7,7 @@
     PYTHONPATH=. python bench/diagnose.py decode-stages 16x1024,1x16384 [--stages 3:4,3:8]
     PYTHONPATH=. python bench/diagnose.py decode-fixed 1x64,16x1024
     PYTHONPATH=. python bench/diagnose.py decode-sms 32x4x65536,33x4x65536
+    PYTHONPATH=. python bench/diagnose.py decode-stream 16x1024,16x65536
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -34,7 +35,10 @@ torch flash / cudnn, and times cuflash at several forced ``num_splits``.
 ``decode-stages`` times other decode ring depths and warps per CTA (stages:warps) against
 cudnn; ``decode-fixed`` the kernel time of short decode calls with the L2 flushed, warm, and
 back to back (where a call's fixed cost goes); ``decode-sms`` one-split decode on (batch, kv
-heads, length) shapes whose CTAs fill every SM or not, against cudnn per byte.
+heads, length) shapes whose CTAs fill every SM or not, against cudnn per byte;
+``decode-stream`` reads the same K and V with no attention math in three schedules
+(bench/stream_probe.cu: flash_decode's CTA per kv head, a CTA per item with a warp per kv
+head, and that over equal shares of all items' keys) against cuflash and cudnn.
 
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
 other key-block sizes in the same process as the peers.
@@ -452,6 +456,51 @@ def decode_sms(args):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+def decode_stream(args):
+    """What the memory system gives each decode schedule: bench/stream_probe.cu's kernels
+    (no attention math) on bench/decode.py's caches, beside cuflash and cudnn (kernel time,
+    L2 flushed; GB/s of K and V)."""
+    import cupy
+
+    import decode as dec
+    require_gpu()
+    torch = dec.import_torch()
+    import cuflash
+    timer = dec.Timer()
+    source = open(os.path.join(os.path.dirname(__file__), "stream_probe.cu")).read()
+    module = cupy.RawModule(code=source, options=("-std=c++17",))
+    sink = cupy.zeros(1, np.uint32)
+    ring = 3 * 2 * 16 * 256  # STAGES x (K, V) x a 16-key tile of one head, per warp
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        q, k, v, lengths = dec.inputs(batch, length)
+        hkv = dec.NHEADS_KV
+        nbytes = 2 * k.nbytes
+        impls = {"cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
+                 "torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
+
+        def probe(name, grid, warps, last):
+            kernel = module.get_function(name)
+            kernel.max_dynamic_shared_size_bytes = warps * ring
+            return lambda: kernel((grid,), (32 * warps,), (k, v, np.int32(batch),
+                                  np.int32(length), np.int32(hkv), np.int32(last), sink),
+                                  shared_mem=warps * ring)
+        for s in sorted({max(1, 128 // (batch * hkv)), max(1, 256 // (batch * hkv))}):
+            impls[f"head S={s} ({batch * hkv * s} CTAs)"] = probe(
+                "stream_head", batch * hkv * s, 4, s)
+        for s in sorted({max(1, 128 // batch), max(1, sms // batch)}):
+            impls[f"item S={s} ({batch * s} CTAs)"] = probe("stream_item", batch * s, hkv, s)
+        for c in (128, sms, 2 * sms):
+            impls[f"lean C={c}"] = probe("stream_lean", c, hkv, c)
+        print(f"--- batch {batch} length {length}", flush=True)
+        for name, fn in impls.items():
+            total, _ = kernel_us(timer, fn)
+            print(f"{name:24} {total:8.1f} us {nbytes / total / 1e3:6.0f} GB/s", flush=True)
+        impls = q = k = v = None
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def decode_calls(args):
     """Calls of cuflash and torch cudnn on decode shapes, to run under ncu (which flushes
     the caches itself): each twice, so the second call of each is a warm one."""
@@ -517,6 +566,10 @@ def parse_args(argv):
     p.add_argument("shapes", help="batch x kv heads x length, comma-separated, e.g. "
                                   "32x4x65536,33x4x65536")
     p.set_defaults(run=decode_sms)
+    p = commands.add_parser("decode-stream", help="K/V streaming alone in three schedules "
+                                                  "(bench/stream_probe.cu) vs cuflash, cudnn")
+    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,16x65536")
+    p.set_defaults(run=decode_stream)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
