@@ -541,6 +541,331 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// flash_decode_lean: the lean schedule (LeanAttention's stream-K) where every kv head's
+// query rows fit one m16 tile (group * seqlen_q <= 16), head dims up to 128 and kv heads in
+// blocks of LEAN_WARPS. The key tiles of all batch items, one item after the other, are cut
+// into C = num_splits equal chunks, C the SM count: CTA (chunk c, kv-head block) =
+// blockIdx.x c * nheads_kv / LEAN_WARPS + block, one per SM, every SM streaming. Warp w
+// takes kv head block * LEAN_WARPS + w over the whole chunk, so a CTA reads whole cache rows
+// (8 heads x 256 bytes at hd 128), the heads of an item in step (split-KV's CTAs of one item
+// must stay in step to keep DRAM's rows: bench/NOTES.md, decode v9), and no merge across
+// warps is needed. The warp's cp.async ring runs on across item boundaries: an item's
+// segment ends with the warp's store while the next item's tiles are in flight.
+// A segment that is its whole item writes out; a piece of an item writes a float32 partial
+// result to its CTA's slot (0: the chunk's first segment, 1: its last), and the last piece
+// of the (item, kv head) to finish merges them (split-KV's combine, by one warp).
+// Scratch: o_accum (C, 2, nheads_kv, rows, headdim) and lse_accum (C, 2, nheads_kv, rows)
+// with rows = group * seqlen_q; split_counter one int per (item, kv head).
+constexpr int LEAN_WARPS = 8;
+constexpr int LEAN_MAX_ITEMS = 256;  // batch items of a lean launch (their scan in shared memory)
+
+// The chunks: total tiles = base * chunks + rem, chunk c of base or base + 1 tiles.
+struct LeanChunks {
+  int base, rem;
+  __device__ __forceinline__ LeanChunks(int total, int chunks)
+      : base(total / chunks), rem(total % chunks) {}
+  __device__ __forceinline__ int begin(int c) const { return c * base + min(c, rem); }
+  __device__ __forceinline__ int chunk_of(int x) const {  // the chunk holding tile x
+    const int big = rem * (base + 1);
+    return x < big ? x / (base + 1) : rem + (x - big) / base;
+  }
+};
+
+template <typename T, int HEAD_DIM, int STAGES, bool HAS_SCORE_MOD>
+__global__ void __launch_bounds__(LEAN_WARPS * 32, 1)
+flash_decode_lean(const __grid_constant__ DecodeParams p) {
+  using Tr = DecodeTraits<HEAD_DIM, LEAN_WARPS, STAGES>;
+  constexpr int SC = Tr::SC, D_TILES = Tr::D_TILES, K_STEPS = Tr::K_STEPS;
+  constexpr int CHUNKS = HEAD_DIM / 8, QUADS = HEAD_DIM / 4;
+  static_assert(HEAD_DIM <= 128, "Q's fragments live in registers");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  // Per batch item: its keys (seqlen_k), first key tile, and where its tiles start in the
+  // sequence of all items' tiles (item_start[batch] = the total).
+  __shared__ int item_len[LEAN_MAX_ITEMS], item_first[LEAN_MAX_ITEMS];
+  __shared__ int item_start[LEAN_MAX_ITEMS + 1];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const AttnArgs& pa = p.attn;
+  const int batch = pa.batch, group = p.group.d, rows = group * pa.seqlen_q;
+
+  for (int b = tid; b < batch; b += LEAN_WARPS * 32) {
+    AttnArgs a = pa;
+    a.seqlen_k = cache_length(p, b);
+    int key_begin, key_end;
+    Mask(a).key_range(0, pa.seqlen_q, key_begin, key_end);
+    item_len[b] = a.seqlen_k;
+    item_first[b] = key_begin / DECODE_KEYS;
+    item_start[b] = key_end > key_begin ? (key_end + DECODE_KEYS - 1) / DECODE_KEYS -
+                                              key_begin / DECODE_KEYS : 0;
+  }
+  __syncthreads();
+  if (warp == 0) {  // tile counts -> exclusive prefix sums, a lane per run of items
+    const int per = (batch + 31) / 32, lo = min(lane * per, batch), hi = min(lo + per, batch);
+    int sum = 0;
+    for (int b = lo; b < hi; ++b) sum += item_start[b];
+    int incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    int start = incl - sum;
+    for (int b = lo; b < hi; ++b) {
+      const int n = item_start[b];
+      item_start[b] = start;
+      start += n;
+    }
+    if (lane == 31) item_start[batch] = incl;
+  }
+  __syncthreads();
+
+  const int blocks = pa.nheads_kv / LEAN_WARPS;
+  const int chunk = blockIdx.x / blocks;
+  const int h_kv = (blockIdx.x - chunk * blocks) * LEAN_WARPS + warp;
+  const int num_chunks = p.num_splits.d;
+  const LeanChunks chunks(item_start[batch], num_chunks);
+  const int x_begin = chunks.begin(chunk), x_end = chunks.begin(chunk + 1);
+  // The item holding tile x < total: the last one starting at or before it.
+  auto item_of = [&](int x) {
+    int b = 0;
+    for (int step = LEAN_MAX_ITEMS / 2; step > 0; step /= 2)
+      if (b + step < batch && item_start[b + step] <= x) b += step;
+    return b;
+  };
+
+  // Packed row r of this warp's tile is query row r / group of head h_kv * group + r % group.
+  int qi[2], qh[2];  // this thread's C-fragment rows: lane / 4 and lane / 4 + 8
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int g;
+    qi[j] = p.group.divmod(lane / 4 + 8 * j, g);
+    qh[j] = h_kv * group + g;
+  }
+  const int headdim = pa.headdim;
+
+  // Items with no key tile are written here (out 0, lse -inf), by the CTAs of chunk b % C.
+  for (int b = chunk; b < batch; b += num_chunks) {
+    if (item_start[b + 1] != item_start[b]) continue;
+    for (int e = lane; e < rows * CHUNKS; e += 32) {
+      const int r = e / CHUNKS, d = e % CHUNKS * 8;
+      if (d >= headdim) continue;
+      int g;
+      const int i = p.group.divmod(r, g), h = h_kv * group + g;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.o) + b * p.o_batch_stride +
+                                i * p.o_row_stride + h * p.o_head_stride + d) = make_uint4(0, 0, 0, 0);
+      if (d == 0) p.lse[(static_cast<int64>(b) * pa.nheads + h) * pa.seqlen_q + i] = neg_inf();
+    }
+  }
+  if (x_begin >= x_end) return;
+
+  // The ring: tiles x_begin .. x_end - 1 in order, whatever item they belong to.
+  const uint32_t ring = smem_addr(smem) + warp * Tr::RING_BYTES;
+  const T* k_cache = static_cast<const T*>(pa.k) + h_kv * pa.k_head_stride;
+  const T* v_cache = static_cast<const T*>(pa.v) + h_kv * pa.v_head_stride;
+  const KvTileCopy<T, HEAD_DIM> k_copy(lane, headdim, pa.k_row_stride);
+  const KvTileCopy<T, HEAD_DIM> v_copy(lane, headdim, pa.v_row_stride);
+  int x_load = x_begin, b_load = item_of(x_begin);
+  auto first_key = [&](int b, int x) {
+    return (item_first[b] + x - item_start[b]) * DECODE_KEYS;
+  };
+  // The next tile's page, read one load ahead (as flash_decode's).
+  int page, row;
+  locate_key(p, b_load, first_key(b_load, x_load), page, row);
+  auto load_next = [&](int stage) {
+    if (x_load < x_end) {
+      const int nrows = item_len[b_load] - first_key(b_load, x_load);
+      const uint32_t dst = ring + stage * 2 * Tr::TILE_BYTES;
+      k_copy(dst, k_cache + page * pa.k_batch_stride + row * pa.k_row_stride, nrows);
+      v_copy(dst + Tr::TILE_BYTES, v_cache + page * pa.v_batch_stride + row * pa.v_row_stride,
+             nrows);
+      if (++x_load < x_end) {
+        while (item_start[b_load + 1] <= x_load) ++b_load;
+        locate_key(p, b_load, first_key(b_load, x_load), page, row);
+      }
+    }
+    cp_async_commit();  // empty groups keep the wait counts uniform
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) load_next(s);
+
+  // Q's A-fragments straight from global memory (ldmatrix_x4's layout: register j holds
+  // row lane / 4 + 8 (j & 1), columns 2 (lane % 4) + 8 (j >> 1) of each k16 step); the next
+  // item's are fetched at the start of a segment that has one after it.
+  auto load_q = [&](uint32_t(&qf)[K_STEPS][4], int b) {
+    const T* q = static_cast<const T*>(pa.q) + b * pa.q_batch_stride;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = lane / 4 + 8 * (j & 1);
+      const T* q_row = q + qi[j & 1] * pa.q_row_stride + qh[j & 1] * pa.q_head_stride;
+#pragma unroll
+      for (int ks = 0; ks < K_STEPS; ++ks) {
+        const int col = ks * 16 + 2 * (lane % 4) + 8 * (j >> 1);
+        qf[ks][j] = r < rows && col < headdim
+                        ? __ldg(reinterpret_cast<const uint32_t*>(q_row + col)) : 0u;
+      }
+    }
+  };
+  uint32_t q_cur[K_STEPS][4], q_next[K_STEPS][4];
+  load_q(q_cur, b_load);
+
+  const int k_row = (lane & 7) + (lane >> 4) * 8, k_half = (lane >> 3) & 1;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_half = lane >> 4;
+  int stage = 0;
+  for (int x = x_begin; x < x_end;) {
+    const int b = item_of(x);
+    const int seg_end = min(x_end, item_start[b + 1]);
+    const bool more = seg_end < x_end;
+    if (more) load_q(q_next, item_of(seg_end));
+    AttnArgs a = pa;
+    a.seqlen_k = item_len[b];
+    const Mask mask(a);
+    const ScoreMod mods[2] = {ScoreMod(a, b, qh[0]), ScoreMod(a, b, qh[1])};
+
+    float acc_o[1][D_TILES][4];
+#pragma unroll
+    for (int dt = 0; dt < D_TILES; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+    OnlineSoftmax<1> softmax;
+    const int seg_begin = x;
+    for (; x < seg_end; ++x) {
+      __syncwarp();  // every lane is done with the stage that the next load overwrites
+      load_next(stage == 0 ? STAGES - 1 : stage - 1);
+      cp_async_wait<STAGES - 1>();
+      __syncwarp();
+      const uint32_t sK = ring + stage * 2 * Tr::TILE_BYTES, sV = sK + Tr::TILE_BYTES;
+
+      float s[1][2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < K_STEPS; ++ks) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, sK + swizzle<SC>(k_row, ks * 16 + k_half * 8) * 2);
+        mma_16816<T>(s[0][0], q_cur[ks], kf[0], kf[1]);
+        mma_16816<T>(s[0][1], q_cur[ks], kf[2], kf[3]);
+      }
+      const int n0 = first_key(b, x);
+      const bool boundary = mask.tile_needs_mask(0, pa.seqlen_q, n0, n0 + DECODE_KEYS);
+      if (HAS_SCORE_MOD || boundary) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = qi[e >> 1], j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+            float v = s[0][nt][e];
+            if constexpr (HAS_SCORE_MOD) v = mods[e >> 1].apply(v, i, j);
+            s[0][nt][e] = !boundary || mask.visible(i, j) ? v : neg_inf();
+          }
+      }
+      softmax.update<true>(s, acc_o, HAS_SCORE_MOD ? 1.f : mods[0].scale_log2);
+
+      uint32_t pf[4] = {dtype_traits<T>::pack(s[0][0][0], s[0][0][1]),
+                        dtype_traits<T>::pack(s[0][0][2], s[0][0][3]),
+                        dtype_traits<T>::pack(s[0][1][0], s[0][1][1]),
+                        dtype_traits<T>::pack(s[0][1][2], s[0][1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D_TILES / 2; ++dp) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, sV + swizzle<SC>(v_row, dp * 16 + v_half * 8) * 2);
+        mma_16816<T>(acc_o[0][2 * dp], pf, vf[0], vf[1]);
+        mma_16816<T>(acc_o[0][2 * dp + 1], pf, vf[2], vf[3]);
+      }
+      stage = stage == STAGES - 1 ? 0 : stage + 1;
+    }
+
+    // The segment's result, from the C-fragments: rows lane / 4 (+ 8), columns dt * 8 +
+    // 2 (lane % 4) and one more.
+    float lse_r[1][2];
+    softmax.finalize(acc_o, lse_r);
+    const int first = chunks.chunk_of(item_start[b]);
+    const int count = chunks.chunk_of(item_start[b + 1] - 1) - first + 1;  // pieces
+    // Piece k's rows in the scratch: chunk first + k, slot 0 but for the first piece when
+    // its chunk starts before the item (other segments come first there).
+    auto piece_row = [&](int k) -> int64 {
+      const int slot = k == 0 && chunks.begin(first) < item_start[b] ? 1 : 0;
+      return ((static_cast<int64>(first + k) * 2 + slot) * pa.nheads_kv + h_kv) * rows;
+    };
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int r = lane / 4 + 8 * j;
+      if (r >= rows) continue;
+      T* out = static_cast<T*>(p.o) + b * p.o_batch_stride + qi[j] * p.o_row_stride +
+               qh[j] * p.o_head_stride;
+      float* part = p.o_accum + (piece_row(chunk - first) + r) * headdim;
+#pragma unroll
+      for (int dt = 0; dt < D_TILES; ++dt) {
+        const int d = dt * 8 + 2 * (lane % 4);
+        if (d >= headdim) continue;
+        const float o0 = acc_o[0][dt][2 * j], o1 = acc_o[0][dt][2 * j + 1];
+        if (count == 1)
+          *reinterpret_cast<uint32_t*>(out + d) = dtype_traits<T>::pack(o0, o1);
+        else
+          *reinterpret_cast<float2*>(part + d) = make_float2(o0, o1);
+      }
+      if (lane % 4 == 0) {
+        if (count == 1)
+          p.lse[(static_cast<int64>(b) * pa.nheads + qh[j]) * pa.seqlen_q + qi[j]] = lse_r[0][j];
+        else
+          p.lse_accum[piece_row(chunk - first) + r] = lse_r[0][j];
+      }
+    }
+    if (count > 1) {
+      // The last piece of (item, kv head) to get here merges them all: split-KV's combine
+      // at warp scope (the __syncwarp orders the lanes' partial stores before lane 0's
+      // release; lane 0's acquire is ordered before the lanes' L2 reads by the second).
+      __syncwarp();
+      int arrived = 0;
+      if (lane == 0) {
+        int* counter = p.split_counter + b * pa.nheads_kv + h_kv;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
+                     : "=r"(arrived) : "l"(counter) : "memory");
+        if (arrived == count - 1) *counter = 0;  // re-armed for the next launch
+      }
+      arrived = __shfl_sync(0xffffffffu, arrived, 0);
+      __syncwarp();
+      if (arrived == count - 1) {
+        for (int e = lane; e < rows * QUADS; e += 32) {
+          const int r = e / QUADS, d = e % QUADS * 4;
+          if (d >= headdim) continue;
+          LseMerge m;
+          for (int k = 0; k < count; ++k) m.add(__ldcg(p.lse_accum + piece_row(k) + r));
+          const float lse = m.lse();
+          float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+          for (int k = 0; k < count; ++k) {
+            const float4 y = __ldcg(reinterpret_cast<const float4*>(
+                p.o_accum + (piece_row(k) + r) * headdim + d));
+            const float w = merge_weight(__ldcg(p.lse_accum + piece_row(k) + r), lse);
+            if (w != 0.f) {  // an empty piece adds nothing, whatever its partial holds
+              acc.x = fmaf(w, y.x, acc.x);
+              acc.y = fmaf(w, y.y, acc.y);
+              acc.z = fmaf(w, y.z, acc.z);
+              acc.w = fmaf(w, y.w, acc.w);
+            }
+          }
+          int g;
+          const int i = p.group.divmod(r, g), h = h_kv * group + g;
+          *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + b * p.o_batch_stride +
+                                    i * p.o_row_stride + h * p.o_head_stride + d) =
+              make_uint2(dtype_traits<T>::pack(acc.x, acc.y), dtype_traits<T>::pack(acc.z, acc.w));
+          if (d == 0) p.lse[(static_cast<int64>(b) * pa.nheads + h) * pa.seqlen_q + i] = lse;
+        }
+      }
+    }
+    if (more) {
+#pragma unroll
+      for (int ks = 0; ks < K_STEPS; ++ks)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q_cur[ks][j] = q_next[ks][j];
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------
 // merge_parts: one warp per output row (b, i, h). Lanes take the parts for the LSE, then
 // the head dimension (coalesced) for the weighted sum, 256 columns a pass. The weights of
 // 32 parts at a time are computed one per lane and broadcast by shuffles, and the part loop

@@ -346,6 +346,28 @@ def test_fast_div_magic_numbers():
             assert (((n * mul) >> 32) + n) >> shift == n // d, (d, n)
 
 
+def test_lean_schedule_choice():
+    sms = 132
+    # The decode benchmark's shapes (32 query heads on 8 kv heads, hd 128, one query): lean
+    # from batch 16 on long caches; split-KV where an item would span too many chunks or a
+    # warp would get too few tiles.
+    assert _dispatch.decode_lean_chunks(16, 8, 4, 65536, sms) == sms
+    assert _dispatch.decode_lean_chunks(64, 8, 4, 65536, sms) == sms
+    assert _dispatch.decode_lean_chunks(1, 8, 4, 131072, sms) is None
+    assert _dispatch.decode_lean_chunks(16, 8, 4, 256, sms) is None
+    # kv heads not in blocks of 8, a second row block, more items than the scan holds
+    assert _dispatch.decode_lean_chunks(16, 4, 4, 65536, sms) is None
+    assert _dispatch.decode_lean_chunks(16, 8, 17, 65536, sms) is None
+    assert _dispatch.decode_lean_chunks(257, 8, 4, 65536, sms) is None
+    for hd in range(8, 257, 8):
+        cfg = _dispatch.decode_lean_config("__half", hd, True)
+        if _dispatch.padded_headdim(hd) in _dispatch.DECODE_LEAN_HEADDIMS:
+            assert cfg.shared_bytes + 4 * 1024 <= 227 * 1024, (hd, cfg)
+            assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
+        else:
+            assert cfg is None
+
+
 def test_every_headdim_has_a_decode_config():
     for hd in range(8, 257, 8):
         cfg = _dispatch.decode_config("__nv_bfloat16", hd, False)
@@ -614,3 +636,87 @@ def test_gpu_dlpack_cache_is_updated_in_place(rng):
                                               cache_seqlens=Foreign(cache_seqlens), **kwargs)
 
     p.check(call, cupy)
+
+
+@pytest.fixture
+def lean(monkeypatch):
+    """``lean(chunks)``: the lean schedule, with that many chunks, for every call that it
+    can take (whatever its size)."""
+    from cuflash import _launch
+
+    def use(chunks):
+        monkeypatch.setattr(_dispatch, "DECODE_LEAN_CHUNKS", chunks)
+        monkeypatch.setattr(_dispatch, "DECODE_LEAN_MIN_TILES", 0)
+        monkeypatch.setattr(_dispatch, "DECODE_LEAN_MAX_PIECES", 10**6)
+        _launch.decode_plan.cache_clear()
+    yield use
+    _launch.decode_plan.cache_clear()
+
+
+def lean_call(chunks):
+    """attention_with_kvcache under the poisoning allocator, checking that it ran the lean
+    schedule: out, lse and the pieces' slots (chunks x 2 x kv heads x group rows, of
+    headdim floats and of one) are all it allocates."""
+    def call(**kwargs):
+        (out, lse), sizes = poisoned(cuflash.attention_with_kvcache, **kwargs)
+        batch, seqlen_q, nheads, headdim = out.shape
+        nheads_kv = kwargs["k_cache"].shape[2]
+        slots = chunks * 2 * nheads_kv * nheads // nheads_kv * seqlen_q
+        assert sorted(sizes) == sorted([out.nbytes, lse.nbytes, slots * headdim * 4,
+                                        slots * 4]), f"allocated {sizes}"
+        return out, lse
+    return call
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks", [1, 5, 13, 40])
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+def test_gpu_lean_layouts(rng, lean, layout, seqlen_q, chunks):
+    # Items of 0 to 700 keys over 1-40 chunks: whole items, items in pieces over several
+    # chunks, chunks holding the end of one item and the start of another, empty chunks.
+    lean(chunks)
+    p = Problem(rng, BF16, batch=6, seqlen_q=seqlen_q, nheads=32, nheads_kv=8, headdim=128,
+                lengths=(0, 1, 700, 33, 0, 260), seqlen_new=1, page_size=LAYOUTS[layout])
+    p.check(lean_call(chunks), import_cupy())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", ["causal", "window", "softcap", "alibi", "all"])
+def test_gpu_lean_masks_and_score_options(rng, lean, opts):
+    cupy = import_cupy()
+    lean(7)
+    options = {"causal": dict(causal=True), "window": dict(window=(40, 2)),
+               "softcap": dict(softcap=3.0),
+               "alibi": dict(alibi_slopes=cupy.asarray(
+                   rng.uniform(0.01, 0.5, (3, 16)).astype(np.float32))),
+               "all": dict(softcap=2.0, window=(64, 0), alibi_slopes=cupy.asarray(
+                   rng.uniform(0.01, 0.5, 16).astype(np.float32)))}[opts]
+    p = Problem(rng, F16, batch=3, seqlen_q=4, nheads=16, nheads_kv=8, headdim=64,
+                lengths=(100, 1, 513), seqlen_new=2, page_size=16)
+    p.check(lean_call(7), cupy, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, headdim", [((16, 16), 32), ((32, 16), 128), ((8, 8), 64)])
+def test_gpu_lean_head_blocks(rng, lean, heads, headdim):
+    # Two blocks of 8 kv heads (two CTAs a chunk), and one query head per kv head.
+    lean(3)
+    nheads, nheads_kv = heads
+    p = Problem(rng, BF16, batch=4, nheads=nheads, nheads_kv=nheads_kv, headdim=headdim,
+                lengths=(97, 1025, 17, 0), seqlen_new=1, page_size=48)
+    p.check(lean_call(3), import_cupy(), causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_lean_rearms_and_repeats(rng, lean):
+    # The last piece of each (item, kv head) merges and resets its counter: the same call
+    # again gives the same bits, and a call with other chunks after it is right too.
+    cupy = import_cupy()
+    lean(9)
+    p = Problem(rng, BF16, batch=2, nheads=32, nheads_kv=8, headdim=128, lengths=(900, 500))
+    first = p.check(lean_call(9), cupy)[:2]
+    again = p.check(lean_call(9), cupy)[:2]
+    assert all(bool((a == b).all()) for a, b in zip(first, again))
+    lean(4)
+    p.check(lean_call(4), cupy)
