@@ -408,6 +408,9 @@ def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
 # an item spans at most DECODE_LEAN_MAX_PIECES chunks (one warp merges an item's pieces).
 DECODE_LEAN_WARPS = 8
 DECODE_LEAN_MAX_ITEMS = 256  # LEAN_MAX_ITEMS: the items' scan lives in shared memory
+# flash_decode_lean's static shared memory, at most: the items' scan (3 ints an item) and
+# each warp's merge weights (16 rows x 32 pieces), 19584 bytes as compiled.
+DECODE_LEAN_STATIC_SHARED = 20 * 1024
 DECODE_LEAN_MIN_TILES = 64
 DECODE_LEAN_MAX_PIECES = 16
 DECODE_LEAN_CHUNKS = None  # chunks per kv-head block; None: the SM count (tests set it)

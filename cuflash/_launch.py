@@ -504,7 +504,8 @@ def decode_plan(dtype, shape, score_mod, device_id, num_splits=None):
         lean = _dispatch.decode_lean_config(cxx, shape.headdim, score_mod)
         chunks = _dispatch.decode_lean_chunks(shape.batch, shape.nheads_kv,
                                               group * shape.seqlen_q, shape.seqlen_k, num_sms)
-        if lean and chunks and lean.shared_bytes <= _max_shared(device_id):
+        shared = lean and lean.shared_bytes + _dispatch.DECODE_LEAN_STATIC_SHARED
+        if lean and chunks and shared <= _max_shared(device_id):
             return DecodePlan(lean, 1, chunks, True)
     ctas = shape.batch * shape.nheads_kv * m_blocks
     num_splits = num_splits or _dispatch.decode_num_splits(ctas, shape.seqlen_k, num_sms)

@@ -664,23 +664,33 @@ flash_decode_lean(const __grid_constant__ DecodeParams p) {
   const T* v_cache = static_cast<const T*>(pa.v) + h_kv * pa.v_head_stride;
   const KvTileCopy<T, HEAD_DIM> k_copy(lane, headdim, pa.k_row_stride);
   const KvTileCopy<T, HEAD_DIM> v_copy(lane, headdim, pa.v_row_stride);
-  int x_load = x_begin, b_load = item_of(x_begin);
+  const int b_begin = item_of(x_begin);
+  // The load cursor: tile x_load, of item b_load, whose keys start at key_load; the item's
+  // keys and where its tiles end, in registers (shared memory is read at item boundaries).
+  int x_load = x_begin, b_load = b_begin;
   auto first_key = [&](int b, int x) {
     return (item_first[b] + x - item_start[b]) * DECODE_KEYS;
   };
+  int key_load = first_key(b_load, x_load), len_load = item_len[b_load];
+  int end_load = item_start[b_load + 1];
   // The next tile's page, read one load ahead (as flash_decode's).
   int page, row;
-  locate_key(p, b_load, first_key(b_load, x_load), page, row);
+  locate_key(p, b_load, key_load, page, row);
   auto load_next = [&](int stage) {
     if (x_load < x_end) {
-      const int nrows = item_len[b_load] - first_key(b_load, x_load);
       const uint32_t dst = ring + stage * 2 * Tr::TILE_BYTES;
-      k_copy(dst, k_cache + page * pa.k_batch_stride + row * pa.k_row_stride, nrows);
+      k_copy(dst, k_cache + page * pa.k_batch_stride + row * pa.k_row_stride, len_load - key_load);
       v_copy(dst + Tr::TILE_BYTES, v_cache + page * pa.v_batch_stride + row * pa.v_row_stride,
-             nrows);
+             len_load - key_load);
+      key_load += DECODE_KEYS;
       if (++x_load < x_end) {
-        while (item_start[b_load + 1] <= x_load) ++b_load;
-        locate_key(p, b_load, first_key(b_load, x_load), page, row);
+        if (x_load == end_load) {  // the next item with tiles
+          do ++b_load; while (item_start[b_load + 1] == x_load);
+          key_load = item_first[b_load] * DECODE_KEYS;
+          len_load = item_len[b_load];
+          end_load = item_start[b_load + 1];
+        }
+        locate_key(p, b_load, key_load, page, row);
       }
     }
     cp_async_commit();  // empty groups keep the wait counts uniform
@@ -706,7 +716,73 @@ flash_decode_lean(const __grid_constant__ DecodeParams p) {
     }
   };
   uint32_t q_cur[K_STEPS][4], q_next[K_STEPS][4];
-  load_q(q_cur, b_load);
+  load_q(q_cur, b_begin);  // b_load has moved on by STAGES - 1 tiles
+
+  // The merge of an (item b, kv head)'s `count` pieces by this warp, the last to finish
+  // (split-KV's combine): the latency of L2 round trips is what it costs, in the kernel's
+  // tail, so every loop keeps its loads in flight together. Lane r < rows merges row r's
+  // lse; the weights of 32 pieces at a time go to the warp's merge_w; then lane (row r0 +
+  // lane / QUADS + R_LANES j for j < 4, column quad lane % QUADS) sums 4 rows' pieces.
+  __shared__ float merge_w[LEAN_WARPS][DECODE_ROWS][32];
+  auto merge_pieces = [&](int b, int count, auto piece_row) {
+    constexpr int R_LANES = 32 / QUADS;  // rows a pass of the warp covers
+    float lse_lane = neg_inf();
+    if (lane < rows) {
+      LseMerge m;
+#pragma unroll 8
+      for (int k = 0; k < count; ++k) m.add(__ldcg(p.lse_accum + piece_row(k) + lane));
+      lse_lane = m.lse();
+      int g;
+      const int i = p.group.divmod(lane, g);
+      p.lse[(static_cast<int64>(b) * pa.nheads + h_kv * group + g) * pa.seqlen_q + i] = lse_lane;
+    }
+    const int rs = lane / QUADS, d = lane % QUADS * 4;
+    for (int r0 = 0; r0 < rows; r0 += 4 * R_LANES) {
+      float4 acc[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int k0 = 0; k0 < count; k0 += 32) {
+        __syncwarp();  // the last group's weights are read
+        const int k = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < DECODE_ROWS; ++r) {
+          const float lse_r = __shfl_sync(0xffffffffu, lse_lane, r);
+          if (r < rows && k < count)
+            merge_w[warp][r][lane] = merge_weight(__ldcg(p.lse_accum + piece_row(k) + r), lse_r);
+        }
+        __syncwarp();
+        const int n = min(32, count - k0);
+#pragma unroll 4
+        for (int kk = 0; kk < n; ++kk) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int r = r0 + rs + R_LANES * j;
+            if (r >= rows || d >= headdim) continue;
+            const float w = merge_w[warp][r][kk];
+            const float4 y = __ldcg(reinterpret_cast<const float4*>(
+                p.o_accum + (piece_row(k0 + kk) + r) * headdim + d));
+            if (w != 0.f) {  // an empty piece adds nothing, whatever its partial holds
+              acc[j].x = fmaf(w, y.x, acc[j].x);
+              acc[j].y = fmaf(w, y.y, acc[j].y);
+              acc[j].z = fmaf(w, y.z, acc[j].z);
+              acc[j].w = fmaf(w, y.w, acc[j].w);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = r0 + rs + R_LANES * j;
+        if (r >= rows || d >= headdim) continue;
+        int g;
+        const int i = p.group.divmod(r, g), h = h_kv * group + g;
+        *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + b * p.o_batch_stride +
+                                  i * p.o_row_stride + h * p.o_head_stride + d) =
+            make_uint2(dtype_traits<T>::pack(acc[j].x, acc[j].y),
+                       dtype_traits<T>::pack(acc[j].z, acc[j].w));
+      }
+    }
+  };
 
   const int k_row = (lane & 7) + (lane >> 4) * 8, k_half = (lane >> 3) & 1;
   const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_half = lane >> 4;
@@ -727,8 +803,7 @@ flash_decode_lean(const __grid_constant__ DecodeParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
     OnlineSoftmax<1> softmax;
-    const int seg_begin = x;
-    for (; x < seg_end; ++x) {
+    for (int n0 = first_key(b, x); x < seg_end; ++x, n0 += DECODE_KEYS) {
       __syncwarp();  // every lane is done with the stage that the next load overwrites
       load_next(stage == 0 ? STAGES - 1 : stage - 1);
       cp_async_wait<STAGES - 1>();
@@ -747,7 +822,6 @@ flash_decode_lean(const __grid_constant__ DecodeParams p) {
         mma_16816<T>(s[0][0], q_cur[ks], kf[0], kf[1]);
         mma_16816<T>(s[0][1], q_cur[ks], kf[2], kf[3]);
       }
-      const int n0 = first_key(b, x);
       const bool boundary = mask.tile_needs_mask(0, pa.seqlen_q, n0, n0 + DECODE_KEYS);
       if (HAS_SCORE_MOD || boundary) {
 #pragma unroll
@@ -826,34 +900,7 @@ flash_decode_lean(const __grid_constant__ DecodeParams p) {
       }
       arrived = __shfl_sync(0xffffffffu, arrived, 0);
       __syncwarp();
-      if (arrived == count - 1) {
-        for (int e = lane; e < rows * QUADS; e += 32) {
-          const int r = e / QUADS, d = e % QUADS * 4;
-          if (d >= headdim) continue;
-          LseMerge m;
-          for (int k = 0; k < count; ++k) m.add(__ldcg(p.lse_accum + piece_row(k) + r));
-          const float lse = m.lse();
-          float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-          for (int k = 0; k < count; ++k) {
-            const float4 y = __ldcg(reinterpret_cast<const float4*>(
-                p.o_accum + (piece_row(k) + r) * headdim + d));
-            const float w = merge_weight(__ldcg(p.lse_accum + piece_row(k) + r), lse);
-            if (w != 0.f) {  // an empty piece adds nothing, whatever its partial holds
-              acc.x = fmaf(w, y.x, acc.x);
-              acc.y = fmaf(w, y.y, acc.y);
-              acc.z = fmaf(w, y.z, acc.z);
-              acc.w = fmaf(w, y.w, acc.w);
-            }
-          }
-          int g;
-          const int i = p.group.divmod(r, g), h = h_kv * group + g;
-          *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + b * p.o_batch_stride +
-                                    i * p.o_row_stride + h * p.o_head_stride + d) =
-              make_uint2(dtype_traits<T>::pack(acc.x, acc.y), dtype_traits<T>::pack(acc.z, acc.w));
-          if (d == 0) p.lse[(static_cast<int64>(b) * pa.nheads + h) * pa.seqlen_q + i] = lse;
-        }
-      }
+      if (arrived == count - 1) merge_pieces(b, count, piece_row);
     }
     if (more) {
 #pragma unroll

@@ -362,7 +362,7 @@ def test_lean_schedule_choice():
     for hd in range(8, 257, 8):
         cfg = _dispatch.decode_lean_config("__half", hd, True)
         if _dispatch.padded_headdim(hd) in _dispatch.DECODE_LEAN_HEADDIMS:
-            assert cfg.shared_bytes + 4 * 1024 <= 227 * 1024, (hd, cfg)
+            assert cfg.shared_bytes + _dispatch.DECODE_LEAN_STATIC_SHARED <= 227 * 1024, (hd, cfg)
             assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
         else:
             assert cfg is None
