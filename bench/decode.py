@@ -164,8 +164,7 @@ def run_shape(timer, batch, length, torch, rng, impls):
     nbytes = 2 * batch * length * NHEADS_KV * HEADDIM * DTYPE.itemsize
     q, k, v, lengths = inputs(batch, length)
     shape = _checks.Shape(batch, 1, length, NHEADS, NHEADS_KV, HEADDIM)
-    plan = _launch.decode_plan(DTYPE, shape, False, q.device.id)
-    splits = f"lean {plan.num_splits}" if plan.lean else plan.num_splits
+    splits = _launch.decode_plan(DTYPE, shape, False, q.device.id)[2]
     makers = {"cuflash": lambda: (
         lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths), {})}
     for page_size in PAGE_SIZES:

@@ -8,7 +8,6 @@
     PYTHONPATH=. python bench/diagnose.py decode-fixed 1x64,16x1024
     PYTHONPATH=. python bench/diagnose.py decode-sms 32x4x65536,33x4x65536
     PYTHONPATH=. python bench/diagnose.py decode-stream 16x1024,16x65536
-    PYTHONPATH=. python bench/diagnose.py decode-lean 16x4096,16x65536
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -39,8 +38,7 @@ back to back (where a call's fixed cost goes); ``decode-sms`` one-split decode o
 heads, length) shapes whose CTAs fill every SM or not, against cudnn per byte;
 ``decode-stream`` reads the same K and V with no attention math in three schedules
 (bench/stream_probe.cu: flash_decode's CTA per kv head, a CTA per item with a warp per kv
-head, and that over equal shares of all items' keys) against cuflash and cudnn;
-``decode-lean`` times flash_decode_lean (forced on) against split-KV and cudnn.
+head, and that over equal shares of all items' keys) against cuflash and cudnn.
 
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
 other key-block sizes in the same process as the peers.
@@ -503,54 +501,6 @@ def decode_stream(args):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def decode_lean(args):
-    """flash_decode_lean forced on (one chunk per SM, or --chunks) against split-KV with the
-    heuristic's splits and torch cudnn: kernel time, L2 flushed, on decode.py's shapes."""
-    import cupy
-
-    import decode as dec
-    require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    from cuflash import _checks, _dispatch, _launch
-    timer = dec.Timer()
-    rng = np.random.default_rng(0)
-    forced = dict(DECODE_LEAN_MIN_TILES=0, DECODE_LEAN_MAX_PIECES=10**6)
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        kp, vp, table = dec.paged(k, v, 64, rng)
-        call_shape = _checks.Shape(batch, 1, length, dec.NHEADS, dec.NHEADS_KV, dec.HEADDIM)
-        _launch.decode_plan.cache_clear()
-        plan = _launch.decode_plan(dec.DTYPE, call_shape, False, q.device.id)
-        splits = 1 if plan.lean else plan.num_splits
-        impls = {f"split-KV {splits}": lambda: cuflash.attention_with_kvcache(
-                     q, k, v, cache_seqlens=lengths, num_splits=splits),
-                 "torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
-        for chunks in [int(c) for c in args.chunks.split(",")] if args.chunks else [None]:
-            impls[f"lean {chunks or 'SMs'}"] = (chunks, lambda: cuflash.attention_with_kvcache(
-                q, k, v, cache_seqlens=lengths))
-            impls[f"lean {chunks or 'SMs'} page64"] = (chunks, lambda: cuflash.attention_with_kvcache(
-                q, kp, vp, cache_seqlens=lengths, block_table=table))
-        print(f"--- batch {batch} length {length} (default: {'lean' if plan.lean else 'split-KV'})",
-              flush=True)
-        for name, fn in impls.items():
-            saved = {n: getattr(_dispatch, n) for n in (*forced, "DECODE_LEAN_CHUNKS")}
-            if isinstance(fn, tuple):
-                chunks, fn = fn
-                for n, x in forced.items():
-                    setattr(_dispatch, n, x)
-                _dispatch.DECODE_LEAN_CHUNKS = chunks
-            _launch.decode_plan.cache_clear()
-            total, _ = kernel_us(timer, fn)
-            for n, x in saved.items():
-                setattr(_dispatch, n, x)
-            print(f"{name:18} {total:8.1f} us {2 * k.nbytes / total / 1e3:6.0f} GB/s", flush=True)
-        _launch.decode_plan.cache_clear()
-        impls = q = k = v = kp = vp = None
-        cupy.get_default_memory_pool().free_all_blocks()
-
-
 def decode_calls(args):
     """Calls of cuflash and torch cudnn on decode shapes, to run under ncu (which flushes
     the caches itself): each twice, so the second call of each is a warm one."""
@@ -620,11 +570,6 @@ def parse_args(argv):
                                                   "(bench/stream_probe.cu) vs cuflash, cudnn")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,16x65536")
     p.set_defaults(run=decode_stream)
-    p = commands.add_parser("decode-lean", help="flash_decode_lean forced on vs split-KV "
-                                                "and cudnn")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x4096,16x65536")
-    p.add_argument("--chunks", default="", help="chunk counts to time (default: the SMs)")
-    p.set_defaults(run=decode_lean)
     p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
                                                  "each twice, to run under ncu")
     p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")

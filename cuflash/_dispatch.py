@@ -399,55 +399,6 @@ def decode_config(cxx_type: str, headdim: int, score_mod: bool) -> DecodeConfig:
     return DecodeConfig(_decode_name(cxx_type, hd, score_mod), DECODE_WARPS * 32, shared)
 
 
-# The lean schedule (flash_decode_lean): every batch item's key tiles, one item after the
-# other, cut into one chunk per SM for each block of DECODE_LEAN_WARPS kv heads, a warp per
-# kv head. Split-KV's grids are batch x kv heads x splits CTAs, a power of two at common
-# shapes, and leave 4 of 132 SMs idle; streaming alone measured 2.2% faster over 132 equal
-# shares than over 128 CTAs (bench/NOTES.md, decode v11). Used where each warp gets at
-# least DECODE_LEAN_MIN_TILES tiles (a piece's partial store and merge are then small) and
-# an item spans at most DECODE_LEAN_MAX_PIECES chunks (one warp merges an item's pieces).
-DECODE_LEAN_WARPS = 8
-DECODE_LEAN_MAX_ITEMS = 256  # LEAN_MAX_ITEMS: the items' scan lives in shared memory
-# flash_decode_lean's static shared memory, at most: the items' scan (3 ints an item) and
-# each warp's merge weights (16 rows x 32 pieces), 19584 bytes as compiled.
-DECODE_LEAN_STATIC_SHARED = 20 * 1024
-DECODE_LEAN_MIN_TILES = 64
-DECODE_LEAN_MAX_PIECES = 16
-DECODE_LEAN_CHUNKS = None  # chunks per kv-head block; None: the SM count (tests set it)
-# Q's fragments live in registers up to hd 128; hd 96 spills there with a score function on
-# sm_80 (255 registers), and stays with split-KV.
-DECODE_LEAN_HEADDIMS = (32, 64, 128)
-
-
-def _decode_lean_name(cxx_type, hd, score_mod):
-    mod = "true" if score_mod else "false"
-    return f"cuflash::flash_decode_lean<{cxx_type}, {hd}, {DECODE_TILES[hd].stages}, {mod}>"
-
-
-def decode_lean_config(cxx_type: str, headdim: int, score_mod: bool):
-    """The flash_decode_lean instantiation and its launch shape, or None for head dims
-    it does not take (DECODE_LEAN_HEADDIMS)."""
-    hd = padded_headdim(headdim)
-    if hd not in DECODE_LEAN_HEADDIMS:
-        return None
-    ring = DECODE_TILES[hd].stages * 2 * DECODE_KEYS * _smem_cols(hd) * 2
-    return DecodeConfig(_decode_lean_name(cxx_type, hd, score_mod), DECODE_LEAN_WARPS * 32,
-                        DECODE_LEAN_WARPS * ring)
-
-
-def decode_lean_chunks(batch: int, nheads_kv: int, group_rows: int, seqlen_k: int,
-                       num_sms: int):
-    """Chunks of the lean schedule for this call shape, or None where split-KV is used
-    (``seqlen_k`` the cache capacity, ``group_rows`` query heads per kv head x seqlen_q)."""
-    chunks = DECODE_LEAN_CHUNKS or num_sms
-    tiles = batch * -(-seqlen_k // DECODE_KEYS)
-    if (nheads_kv % DECODE_LEAN_WARPS or group_rows > DECODE_ROWS
-            or batch > DECODE_LEAN_MAX_ITEMS or tiles < DECODE_LEAN_MIN_TILES * chunks
-            or chunks > DECODE_LEAN_MAX_PIECES * batch):
-        return None
-    return chunks
-
-
 def decode_num_splits(ctas: int, seqlen_k: int, num_sms: int) -> int:
     """Splits of the keys so that the ``ctas`` CTAs of one split fill the SMs in even waves.
 
@@ -484,8 +435,6 @@ def _decode_family():
         for hd in HEADDIMS:
             for score_mod in (False, True):
                 yield DECODE_FILE, _decode_name(cxx, hd, score_mod)
-                if hd in DECODE_LEAN_HEADDIMS:
-                    yield DECODE_FILE, _decode_lean_name(cxx, hd, score_mod)
     for cxx in ("__half", "__nv_bfloat16", "float"):
         yield DECODE_FILE, merge_name(cxx)  # merge_attention
         yield DECODE_FILE, append_name(cxx)

@@ -6,7 +6,6 @@ field for field (``align=True`` gives C layout); CuPy passes such a record by va
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -476,41 +475,19 @@ def append_kv(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cac
            DECODE_PARAMS)
 
 
-@dataclass(frozen=True)
-class DecodePlan:
-    cfg: object      # _dispatch.DecodeConfig
-    m_blocks: int    # CTAs per (kv head, split): 16-row blocks of packed query rows
-    num_splits: int  # split-KV's splits per group, or lean's chunks over all items
-    lean: bool       # flash_decode_lean, else flash_decode (split-KV)
-
-
-def _max_shared(device_id):
-    from cupy.cuda import runtime
-    return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                      device_id)
-
-
 @functools.lru_cache(maxsize=1024)
 def decode_plan(dtype, shape, score_mod, device_id, num_splits=None):
-    """The decode kernel and its grid for one call shape (``shape.seqlen_k`` is the cache
-    capacity; ``num_splits`` None: the heuristics', else split-KV with that many splits);
+    """(config, row blocks per kv head, num_splits) of flash_decode for one call shape
+    (``shape.seqlen_k`` is the cache capacity; ``num_splits`` None: the heuristic's);
     memoised, since decoding calls the same shape again and again."""
     from . import _dispatch
     group = shape.nheads // shape.nheads_kv
     m_blocks = -(-group * shape.seqlen_q // _dispatch.DECODE_ROWS)
-    num_sms = _num_sms(device_id)
-    cxx = CXX_TYPES[np.dtype(dtype)]
-    if num_splits is None:
-        lean = _dispatch.decode_lean_config(cxx, shape.headdim, score_mod)
-        chunks = _dispatch.decode_lean_chunks(shape.batch, shape.nheads_kv,
-                                              group * shape.seqlen_q, shape.seqlen_k, num_sms)
-        shared = lean and lean.shared_bytes + _dispatch.DECODE_LEAN_STATIC_SHARED
-        if lean and chunks and shared <= _max_shared(device_id):
-            return DecodePlan(lean, 1, chunks, True)
     ctas = shape.batch * shape.nheads_kv * m_blocks
+    num_sms = _num_sms(device_id)
     num_splits = num_splits or _dispatch.decode_num_splits(ctas, shape.seqlen_k, num_sms)
-    return DecodePlan(_dispatch.decode_config(cxx, shape.headdim, score_mod), m_blocks,
-                      num_splits, False)
+    cfg = _dispatch.decode_config(CXX_TYPES[np.dtype(dtype)], shape.headdim, score_mod)
+    return cfg, m_blocks, num_splits
 
 
 # (device, stream) -> (address, count) of the int32 split counters of flash_decode's fused
@@ -538,40 +515,31 @@ def _split_counter(count):
 
 @_on_array_device
 def kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, cache, opts, num_splits):
-    """Decoding over caches already holding the new keys (fp16 / bf16), one launch: the
-    lean schedule or split-KV (decode_plan).
+    """Split-KV decoding over caches already holding the new keys (fp16 / bf16), one launch.
 
     Allocates ``out`` and ``lse`` and, with several splits, the float32 partial results
-    (num_splits x the size of ``out``) that the last split of each group merges; lean, its
-    pieces' (two slots per chunk and kv head, 2 x SMs x kv heads x group rows x headdim).
+    (num_splits x the size of ``out``) that the last split of each group merges.
     """
     import cupy
     from . import _dispatch
     shape = cache.shape
     # cp.async needs 16-byte aligned rows; a cache that is not (an odd view) is copied.
     q, k_cache, v_cache = aligned(q), aligned(k_cache), aligned(v_cache)
-    plan = decode_plan(q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None,
-                       q.device.id, num_splits)
+    cfg, m_blocks, num_splits = decode_plan(
+        q.dtype, shape, opts.softcap > 0 or opts.alibi_slopes is not None, q.device.id,
+        num_splits)
     out = cupy.empty(q.shape, q.dtype)
     lse = cupy.empty((shape.batch, shape.nheads, shape.seqlen_q), np.float32)
     o_accum = lse_accum = None
     counter = 0
-    if plan.lean:  # a slot pair per (chunk, kv head), a counter per (item, kv head)
-        grid = plan.num_splits * shape.nheads_kv // _dispatch.DECODE_LEAN_WARPS
-        rows = shape.nheads // shape.nheads_kv * shape.seqlen_q
-        lse_accum = cupy.empty((plan.num_splits, 2, shape.nheads_kv, rows), np.float32)
-        o_accum = cupy.empty(lse_accum.shape + (shape.headdim,), np.float32)
-        counter = _split_counter(shape.batch * shape.nheads_kv)
-    else:
-        ctas = shape.batch * shape.nheads_kv * plan.m_blocks
-        grid = ctas * plan.num_splits
-        if plan.num_splits > 1:
-            o_accum = cupy.empty((plan.num_splits,) + q.shape, np.float32)
-            lse_accum = cupy.empty((plan.num_splits,) + lse.shape, np.float32)
-            counter = _split_counter(ctas)
+    ctas = shape.batch * shape.nheads_kv * m_blocks
+    if num_splits > 1:
+        o_accum = cupy.empty((num_splits,) + q.shape, np.float32)
+        lse_accum = cupy.empty((num_splits,) + lse.shape, np.float32)
+        counter = _split_counter(ctas)
     params = _decode_params(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
-                            cache, opts, out, lse, o_accum, lse_accum, counter,
-                            plan.num_splits, plan.m_blocks)
-    launch(q.device.id, _dispatch.DECODE_FILE, plan.cfg.name_expression, (grid,),
-           (plan.cfg.num_threads,), plan.cfg.shared_bytes, params, DECODE_PARAMS)
+                            cache, opts, out, lse, o_accum, lse_accum, counter, num_splits,
+                            m_blocks)
+    launch(q.device.id, _dispatch.DECODE_FILE, cfg.name_expression, (ctas * num_splits,),
+           (cfg.num_threads,), cfg.shared_bytes, params, DECODE_PARAMS)
     return out, lse
