@@ -467,8 +467,8 @@ def decode_stream(args):
     torch = dec.import_torch()
     import cuflash
     timer = dec.Timer()
-    source = open(os.path.join(os.path.dirname(__file__), "stream_probe.cu")).read()
-    module = cupy.RawModule(code=source, options=("-std=c++17",))
+    with open(os.path.join(os.path.dirname(__file__), "stream_probe.cu")) as f:
+        module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
     sink = cupy.zeros(1, np.uint32)
     ring = 3 * 2 * 16 * 256  # STAGES x (K, V) x a 16-key tile of one head, per warp
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
