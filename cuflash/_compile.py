@@ -25,8 +25,18 @@ class CompileError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def source_dir() -> Path:
-    root = importlib.resources.files("cuflash") / "kernels_cu"
-    return Path(str(root))
+    """The directory of the CUDA sources.
+
+    An installed wheel holds them as package data in ``cuflash/kernels_cu``. A source tree
+    keeps them in the top-level ``kernels_cu/`` beside ``cuflash/``, which is where an
+    editable install and a run with ``PYTHONPATH=.`` find them: pyproject.toml maps the
+    data-only package there, but an editable install's import finder cannot resolve a
+    subpackage without ``__init__.py`` outside its parent's directory.
+    """
+    packaged = Path(str(importlib.resources.files("cuflash") / "kernels_cu"))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "kernels_cu"
 
 
 @functools.lru_cache(maxsize=None)

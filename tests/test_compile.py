@@ -2,6 +2,8 @@
 
 These run NVRTC without a GPU (CuPy's ctk extra brings it), as CI does.
 """
+from pathlib import Path
+
 import pytest
 
 from cuflash import _compile
@@ -35,9 +37,13 @@ def sources(tmp_path, monkeypatch):
 
 
 def test_sources_come_from_the_package():
+    # Package data in an installed wheel, else the top-level kernels_cu/ of the source tree
+    # that pyproject.toml maps to cuflash.kernels_cu.
     root = _compile.source_dir()
-    assert root.parent.name == "cuflash"
+    package = Path(_compile.__file__).resolve().parent
+    assert root in (package / "kernels_cu", package.parent / "kernels_cu")
     assert (root / "common" / "mma.cuh").is_file()
+    assert (root / "flash_fwd.cu").is_file()
 
 
 def test_header_edit_changes_the_compile_options(sources):
