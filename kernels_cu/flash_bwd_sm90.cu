@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
   // lse_log2 (+inf) and delta (0) make their p and dS exactly 0. Varlen: the item's view
   // stays in registers across the main loop (no spills at 255; re-reading cu_seqlens each
-  // step measured 2.5-4% slower than dense, bench/NOTES.md).
+  // step measured 2.5-4% slower than dense, docs/notes/varlen.md).
   const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride;
   const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride;
   auto load_stream = [&](int it) {

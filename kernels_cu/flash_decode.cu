@@ -207,7 +207,7 @@ struct KvTileCopy {
 // r0 + rows - 1. The epilogue builds it again from an opaque copy of blockIdx.x, so that
 // none of it stays live in registers across the key loop (hd 256 sits at 255 registers).
 // Divisions are FastDiv's: the CTA's first K/V copy waits for everything computed before
-// it, at one warp per scheduler about 5 cycles an instruction (bench/NOTES.md, decode v6).
+// it, at one warp per scheduler about 5 cycles an instruction (docs/notes/decode.md, v6).
 struct DecodeCta {
   int m_block, h_kv, split, b, group, r0, rows;
   __device__ __forceinline__ DecodeCta(const DecodeParams& p, int idx) {
@@ -313,7 +313,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
   // k = keys) key lane % 8 + 8 * ((lane / 8) % 2), column half lane / 16.
   // Q's A-fragments stay in registers up to hd 128 (HEAD_DIM / 4 of them): re-read from
   // shared memory they cost a tile 8 ldmatrix and their swizzled addresses, a tenth of the
-  // loop's instructions (bench/NOTES.md, decode v4). At hd 192 / 256 they would spill, and
+  // loop's instructions (docs/notes/decode.md, v4). At hd 192 / 256 they would spill, and
   // Q is re-read every tile.
   constexpr bool Q_IN_REGS = HEAD_DIM <= 128;
   uint32_t q_regs[K_STEPS][4];  // unused (and dropped by the compiler) past hd 128

@@ -34,7 +34,7 @@ struct FwdTraits {
   static constexpr int SC = smem_cols(HEAD_DIM);
   // Q in registers costs M_TILES * HEAD_DIM / 4 registers; past 32 (16 with the score
   // function's extra live values) it would crowd out the accumulators, so Q fragments are
-  // then re-read from shared memory (as FlashAttention-2). Measured in bench/NOTES.md (v3).
+  // then re-read from shared memory (as FlashAttention-2; docs/notes/forward.md, v3).
   static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= (HAS_SCORE_MOD ? 64 : 128);
   // Recompute K/V copy addresses per tile (load_tile's LAUNDER) where registers are short.
   static constexpr bool LAUNDER = Q_IN_REGS || HAS_SCORE_MOD;
