@@ -4,10 +4,6 @@
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
-    PYTHONPATH=. python bench/diagnose.py decode-stages 16x1024,1x16384 [--stages 3:4,3:8]
-    PYTHONPATH=. python bench/diagnose.py decode-fixed 1x64,16x1024
-    PYTHONPATH=. python bench/diagnose.py decode-sms 32x4x65536,33x4x65536
-    PYTHONPATH=. python bench/diagnose.py decode-stream 16x1024,16x65536
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -31,14 +27,6 @@ back is host time inside the per-call measurement (microseconds).
 host time, kernel time (CUPTI, through torch.profiler, which sees every kernel of the
 process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
 torch flash / cudnn, and times cuflash at several forced ``num_splits``.
-
-``decode-stages`` times other decode ring depths and warps per CTA (stages:warps) against
-cudnn; ``decode-fixed`` the kernel time of short decode calls with the L2 flushed, warm, and
-back to back (where a call's fixed cost goes); ``decode-sms`` one-split decode on (batch, kv
-heads, length) shapes whose CTAs fill every SM or not, against cudnn per byte;
-``decode-stream`` reads the same K and V with no attention math in three schedules
-(bench/stream_probe.cu: flash_decode's CTA per kv head, a CTA per item with a warp per kv
-head, and that over equal shares of all items' keys) against cuflash and cudnn.
 
 ``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
 other key-block sizes in the same process as the peers.
@@ -364,162 +352,6 @@ def tiles(args):
     return tune.main(["fwd", *args.tune_args])
 
 
-def decode_stages(args):
-    """cuflash decode with other cp.async ring depths and warps per CTA (DECODE_TILES and
-    DECODE_WARPS overrides) against torch cudnn: event time (L2 flushed) and kernel time per
-    call."""
-    import decode as dec
-    require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    from cuflash import _dispatch, _launch
-    timer = dec.Timer()
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        print(f"--- batch {batch} length {length}", flush=True)
-
-        def report(name, fn):
-            ms, (total, _) = timer(fn), kernel_us(timer, fn)
-            print(f"{name:12} events {ms * 1e3:7.1f} us | kernels {total:6.1f} us", flush=True)
-
-        report("torch-cudnn", dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0])
-        for stages, warps in (map(int, x.split(":")) for x in args.stages.split(",")):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
-            _dispatch.DECODE_WARPS = warps
-            _launch.decode_plan.cache_clear()
-            report(f"stages={stages} warps={warps}",
-                   lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths))
-
-
-def decode_fixed(args):
-    """Where a short decode call's fixed cost goes: kernel time of cuflash (also with a
-    2-stage ring: less shared memory) and torch cudnn with the L2 flushed before each call
-    (1 GiB fill), with a 4 KiB fill before it (another kernel, the L2 warm), and back to back."""
-    import decode as dec
-    cupy = require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    from cuflash import _dispatch, _launch
-    timer = dec.Timer()
-    small = cupy.empty(4096, np.uint8)
-    befores = {"flushed": None, "4k-fill": lambda: small.fill(0), "b2b": lambda: None}
-    default = _dispatch.DECODE_TILES[dec.HEADDIM]
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        print(f"--- batch {batch} length {length}", flush=True)
-        impls = {"torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0],
-                 "cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths)}
-        for stages in (3, 2):
-            _dispatch.DECODE_TILES[dec.HEADDIM] = _dispatch.DecodeTile(stages, "override")
-            _launch.decode_plan.cache_clear()
-            for name, fn in impls.items():
-                if name.startswith("torch") and stages != 3:
-                    continue
-                cells = []
-                for where, before in befores.items():
-                    total, _ = kernel_us(timer, fn, before=before)
-                    cells.append(f"{where} {total:6.1f}")
-                print(f"{name:12} stages {stages}: kernel us " + " | ".join(cells), flush=True)
-        _dispatch.DECODE_TILES[dec.HEADDIM] = default
-        _launch.decode_plan.cache_clear()
-
-
-def decode_sms(args):
-    """Is a decode call that fills every SM faster per byte than one that leaves a few idle?
-    cuflash (one split) and torch cudnn on (batch, kv heads, length) shapes with query
-    heads = 4 x kv heads, e.g. 32 x 4 (128 CTAs) against 33 x 4 (132 CTAs): kernel time
-    and effective bandwidth."""
-    import cupy
-
-    import decode as dec
-    require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    timer = dec.Timer()
-    for shape in args.shapes.split(","):
-        batch, hkv, length = (int(x) for x in shape.split("x"))
-        cupy.random.seed(0)
-        q, k, v = (cupy.random.standard_normal((batch, n, h, dec.HEADDIM), dtype=np.float32)
-                   .astype(dec.DTYPE) for n, h in ((1, 4 * hkv), (length, hkv), (length, hkv)))
-        nbytes = 2 * k.nbytes
-        impls = {"cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=length,
-                                                                   num_splits=1),
-                 "torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
-        cells = []
-        for name, fn in impls.items():
-            total, _ = kernel_us(timer, fn)
-            cells.append(f"{name} {total:7.1f} us {nbytes / total / 1e3:6.0f} GB/s")
-        print(f"{batch:3} x {hkv} kv heads x {length:6}: " + " | ".join(cells), flush=True)
-        impls = q = k = v = None
-        cupy.get_default_memory_pool().free_all_blocks()
-
-
-def decode_stream(args):
-    """What the memory system gives each decode schedule: bench/stream_probe.cu's kernels
-    (no attention math) on bench/decode.py's caches, beside cuflash and cudnn (kernel time,
-    L2 flushed; GB/s of K and V)."""
-    import cupy
-
-    import decode as dec
-    require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    timer = dec.Timer()
-    with open(os.path.join(os.path.dirname(__file__), "stream_probe.cu")) as f:
-        module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
-    sink = cupy.zeros(1, np.uint32)
-    ring = 3 * 2 * 16 * 256  # STAGES x (K, V) x a 16-key tile of one head, per warp
-    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        hkv = dec.NHEADS_KV
-        nbytes = 2 * k.nbytes
-        impls = {"cuflash": lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths),
-                 "torch-cudnn": dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]}
-
-        def probe(name, grid, warps, last):
-            kernel = module.get_function(name)
-            kernel.max_dynamic_shared_size_bytes = warps * ring
-            return lambda: kernel((grid,), (32 * warps,), (k, v, np.int32(batch),
-                                  np.int32(length), np.int32(hkv), np.int32(last), sink),
-                                  shared_mem=warps * ring)
-        for s in sorted({max(1, 128 // (batch * hkv)), max(1, 256 // (batch * hkv))}):
-            impls[f"head S={s} ({batch * hkv * s} CTAs)"] = probe(
-                "stream_head", batch * hkv * s, 4, s)
-        for s in sorted({max(1, 128 // batch), max(1, sms // batch)}):
-            impls[f"item S={s} ({batch * s} CTAs)"] = probe("stream_item", batch * s, hkv, s)
-        for c in (128, sms, 2 * sms):
-            impls[f"lean C={c}"] = probe("stream_lean", c, hkv, c)
-        print(f"--- batch {batch} length {length}", flush=True)
-        for name, fn in impls.items():
-            total, _ = kernel_us(timer, fn)
-            print(f"{name:24} {total:8.1f} us {nbytes / total / 1e3:6.0f} GB/s", flush=True)
-        impls = q = k = v = None
-        cupy.get_default_memory_pool().free_all_blocks()
-
-
-def decode_calls(args):
-    """Calls of cuflash and torch cudnn on decode shapes, to run under ncu (which flushes
-    the caches itself): each twice, so the second call of each is a warm one."""
-    import decode as dec
-    cupy = require_gpu()
-    torch = dec.import_torch()
-    import cuflash
-    for shape in args.shapes.split(","):
-        batch, length = (int(x) for x in shape.split("x"))
-        q, k, v, lengths = dec.inputs(batch, length)
-        cudnn = dec.torch_call(torch, "CUDNN_ATTENTION", q, k, v)[0]
-        for _ in range(2):
-            cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
-                                           num_splits=args.splits)
-            cudnn()
-        cupy.cuda.Device().synchronize()
-        print(f"batch {batch} length {length}: done", flush=True)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -552,29 +384,6 @@ def parse_args(argv):
                    help="forced num_splits to time ('' for none)")
     p.add_argument("--profile", action="store_true", help="cProfile of the b1 x 1k host path")
     p.set_defaults(run=decode)
-    p = commands.add_parser("decode-stages", help="decode with other ring depths vs cudnn")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
-    p.add_argument("--stages", default="3:4,4:4,3:8",
-                   help="ring depth:warps per CTA pairs to time")
-    p.set_defaults(run=decode_stages)
-    p = commands.add_parser("decode-fixed", help="kernel time of short decode calls, L2 "
-                                                 "flushed, warm, back to back")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 1x64,16x1024")
-    p.set_defaults(run=decode_fixed)
-    p = commands.add_parser("decode-sms", help="decode filling every SM or not: cuflash "
-                                               "(one split) and cudnn per byte")
-    p.add_argument("shapes", help="batch x kv heads x length, comma-separated, e.g. "
-                                  "32x4x65536,33x4x65536")
-    p.set_defaults(run=decode_sms)
-    p = commands.add_parser("decode-stream", help="K/V streaming alone in three schedules "
-                                                  "(bench/stream_probe.cu) vs cuflash, cudnn")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,16x65536")
-    p.set_defaults(run=decode_stream)
-    p = commands.add_parser("decode-calls", help="cuflash and torch cudnn decode calls, "
-                                                 "each twice, to run under ncu")
-    p.add_argument("shapes", help="batch x length, comma-separated, e.g. 16x1024,1x16384")
-    p.add_argument("--splits", type=int, help="forced num_splits (default: the heuristic)")
-    p.set_defaults(run=decode_calls)
     return parser.parse_args(argv)
 
 
