@@ -416,3 +416,97 @@ def _cupy():
         raise ImportError("CUDA arrays need CuPy: pip install 'cuflash[cuda13]' "
                           "(or [cuda12])") from e
     return cupy
+
+
+def shares_memory(a, b) -> bool:
+    """Whether two arrays (both NumPy, or both CUDA arrays of one device) have a byte in
+    common, from their pointers, shapes and strides alone: the data is never read, so CUDA
+    arrays cost no device synchronisation. NumPy's exact solver decides (interleaved views
+    of one buffer, such as ``kv[:, :, 0]`` and ``kv[:, :, 1]``, do not overlap); a layout
+    too hard for it within a bounded effort counts as overlapping."""
+    if a.size == 0 or b.size == 0:
+        return False
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        a, b = _layout(a), _layout(b)
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 20))
+    except getattr(np, "exceptions", np).TooHardError:
+        return True
+
+
+class _Layout:
+    """The memory layout of a CUDA array as a read-only NumPy array interface at its device
+    pointer: NumPy's overlap solver works on addresses and never dereferences them."""
+
+    def __init__(self, x):
+        self.__array_interface__ = {
+            "version": 3, "shape": tuple(x.shape), "strides": tuple(x.strides),
+            "typestr": f"|V{x.dtype.itemsize}", "data": (x.data.ptr, True)}
+
+
+def _layout(x):
+    return np.asarray(_Layout(x))
+
+
+def intake(arrays: dict, optional=()):
+    """The kind of a call ('numpy' or 'cupy') and its arrays as that backend takes them:
+    CUDA arrays of other frameworks become zero-copy CuPy views through DLPack. Checks that
+    the arrays are of one kind and on one device; only ``optional`` names may be None."""
+    kind = same_kind(arrays, optional)
+    if kind == "dlpack":
+        cupy = _cupy()
+        arrays = {n: (None if a is None else cupy.from_dlpack(a)) for n, a in arrays.items()}
+        kind = same_kind(arrays, optional)
+    return kind, arrays
+
+
+def check_output(x, name: str, shape: tuple, dtype, kind: str, q, *, contiguous=False):
+    """A caller's output array ``x`` (or None): of the call's kind and device, exactly the
+    ``shape`` and ``dtype`` the call returns, writable, its last axis contiguous (all of it
+    with ``contiguous``)."""
+    if x is None:
+        return
+    if array_kind(x, name) != kind:
+        raise TypeError(f"{name} is a {array_kind(x, name)} array but q is a {kind} array; "
+                        f"pass outputs of the inputs' kind")
+    if kind != "numpy" and x.device.id != q.device.id:
+        raise ValueError(f"{name} is on CUDA device {x.device.id} but q is on device "
+                         f"{q.device.id}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if kind == "numpy" and not x.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if contiguous and not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    check_last_axis_contiguous(x, name)
+
+
+def _span(x):
+    """[first, last] byte addresses a strided array can touch."""
+    if isinstance(x, np.ndarray):
+        start = x.__array_interface__["data"][0]
+    else:
+        start = x.data.ptr
+    low = high = start
+    for n, s in zip(x.shape, x.strides):
+        if n > 1:
+            low, high = (low + s * (n - 1), high) if s < 0 else (low, high + s * (n - 1))
+    return low, high + x.dtype.itemsize - 1
+
+
+def check_disjoint(outputs: dict, inputs: dict) -> None:
+    """No output (name -> array or None) shares memory with an input or another output:
+    a ValueError naming the pair. Decided from address ranges, so strided arrays that
+    interleave without sharing an element count as overlapping too."""
+    spans = {n: _span(x) for n, x in outputs.items() if x is not None and x.size}
+    if not spans:
+        return
+    others = dict(spans)
+    others.update({n: _span(x) for n, x in inputs.items() if x is not None and x.size})
+    for name, (low, high) in spans.items():
+        for other, (lo, hi) in others.items():
+            if other != name and low <= hi and lo <= high:
+                raise ValueError(f"{name} overlaps {other} in memory; pass an output that "
+                                 f"shares no memory with the call's other arrays")

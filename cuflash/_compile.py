@@ -146,3 +146,22 @@ def _parse_ptxas(log: str, mangled: str) -> Report:
                   spill_stores=grab(r"(\d+) bytes spill stores"),
                   spill_loads=grab(r"(\d+) bytes spill loads"),
                   shared_bytes=grab(r"(\d+) bytes smem"))
+
+
+def prove(filename: str, facts: list, arch: str) -> None:
+    """Compile ``filename`` with a ``static_assert`` per (C++ expression, value) of
+    ``facts``: the proof that a number Python uses equals the CUDA source's (struct sizes
+    and offsets, tile constants, shared-memory sizes). Raises CompileError naming each one
+    that differs. No kernel is instantiated, so this is quick."""
+    from cupy_backends.cuda.libs import nvrtc
+    asserts = "".join(f'static_assert(({expr}) == {value}, "{expr} == {value} (Python)");\n'
+                      for expr, value in facts)
+    source = f'#include "{filename}"\n{asserts}'
+    prog = nvrtc.createProgram(source, f"facts_{filename}", [], [])
+    try:
+        nvrtc.compileProgram(prog, list(options(arch)))
+    except nvrtc.NVRTCError:
+        raise CompileError(f"facts of kernels_cu/{filename} for {arch} do not hold:\n"
+                           f"{nvrtc.getProgramLog(prog)}") from None
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -35,42 +36,40 @@ def _encode_tiled():
     return fn
 
 
-@functools.lru_cache(maxsize=256)
-def _encode(ptr, dtype, shape, strides, rows):
-    batch, seqlen, heads, headdim = shape
-    dims = (headdim, seqlen, heads, batch)
-    # Byte strides of dims 1..3; an extent-1 dimension is never stepped, so any valid stride
-    # does for it (views may carry 0 or odd strides there).
-    steps = []
-    for extent, stride in ((seqlen, strides[1]), (heads, strides[2]), (batch, strides[0])):
-        if extent == 1 and not (0 < stride < 2**40 and stride % 16 == 0):
-            stride = 16
-        steps.append(stride)
-    if ptr % 16 or any(not (0 < s < 2**40 and s % 16 == 0) for s in steps):
-        return None
-    buf = ctypes.create_string_buffer(MAP_BYTES + 64)
-    addr = (ctypes.addressof(buf) + 63) // 64 * 64  # the driver wants 64-byte alignment
-    rc = _encode_tiled()(
-        addr, _DATA_TYPE[dtype], 4, ptr, (ctypes.c_uint64 * 4)(*dims),
-        (ctypes.c_uint64 * 3)(*steps), (ctypes.c_uint32 * 4)(_BOX_COLS, rows, 1, 1),
-        (ctypes.c_uint32 * 4)(1, 1, 1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B,
-        _OOB_FILL_ZEROS)
-    return ctypes.string_at(addr, MAP_BYTES) if rc == 0 else None
+class MapMaker:
+    """The TMA maps of every array of one layout: dtype, shape and byte strides of a
+    (batch, seqlen, heads, headdim) array, or of a packed varlen (total, heads, headdim) one
+    (a batch of one), with boxes of ``rows`` rows. ``ok`` is False where TMA cannot describe
+    the layout (a stride that is not a positive multiple of 16 bytes below 2^40); a map is
+    then never made. Calling it with an address gives the 128 map bytes (None if the driver
+    refuses, e.g. an address that is not a multiple of 16)."""
 
+    def __init__(self, dtype, shape, strides, rows):
+        if len(shape) == 3:
+            shape, strides = (1, *shape), (0, *strides)
+        batch, seqlen, heads, headdim = shape
+        # Byte strides of dims 1..3; an extent-1 dimension is never stepped, so any valid
+        # stride does for it (views may carry 0 or odd strides there).
+        steps = []
+        for extent, stride in ((seqlen, strides[1]), (heads, strides[2]), (batch, strides[0])):
+            if extent == 1 and not (0 < stride < 2**40 and stride % 16 == 0):
+                stride = 16
+            steps.append(stride)
+        self.ok = all(0 < s < 2**40 and s % 16 == 0 for s in steps)
+        self._args = (_DATA_TYPE[np.dtype(dtype)], 4,
+                      (ctypes.c_uint64 * 4)(headdim, seqlen, heads, batch),
+                      (ctypes.c_uint64 * 3)(*steps), (ctypes.c_uint32 * 4)(_BOX_COLS, rows, 1, 1),
+                      (ctypes.c_uint32 * 4)(1, 1, 1, 1))
+        self._buffer = ctypes.create_string_buffer(MAP_BYTES + 64)
+        self._address = (ctypes.addressof(self._buffer) + 63) // 64 * 64  # 64-byte aligned
+        self._lock = threading.Lock()
 
-def tensor_map(x, rows):
-    """The TMA map of ``x`` (fp16 / bf16, (batch, seqlen, heads, headdim), or a packed varlen
-    (total, heads, headdim) as a batch of one) with boxes of ``rows`` rows, or None where TMA
-    cannot address it (an address or a stride that is not a multiple of 16 bytes). Maps are
-    cached: a map is a function of these arguments only."""
-    shape, strides = tuple(x.shape), tuple(x.strides)
-    if x.ndim == 3:
-        shape, strides = (1,) + shape, (0,) + strides
-    return _encode(x.data.ptr, x.dtype, shape, strides, rows)
-
-
-def forward_maps(q, k, v, block_m, block_n):
-    """The maps of q (boxes of Br rows), k and v (Bc rows), concatenated; None if any fails.
-    Dense (batch, seqlen, heads, headdim) or packed varlen (total, heads, headdim) arrays."""
-    maps = (tensor_map(q, block_m), tensor_map(k, block_n), tensor_map(v, block_n))
-    return None if None in maps else b"".join(maps)
+    def __call__(self, ptr: int):
+        if not self.ok or ptr % 16:
+            return None
+        data_type, rank, dims, steps, box, elem = self._args
+        with self._lock:  # one output buffer per maker
+            rc = _encode_tiled()(self._address, data_type, rank, ptr, dims, steps, box, elem,
+                                 _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_128B,
+                                 _OOB_FILL_ZEROS)
+            return ctypes.string_at(self._address, MAP_BYTES) if rc == 0 else None

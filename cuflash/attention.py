@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _core, cpu, ops
+from ._api import (CALLS, MISS, OnDevice, contiguous_strides, disjoint, fill, into, meta,
+                   remember)
 
 _OPTIONS_DOC = """
     scale : float, optional
@@ -28,22 +30,20 @@ _OPTIONS_DOC = """
 """
 
 
-def _prepare(arrays: dict):
-    """Kind of the call, and the arrays as that backend takes them (DLPack -> CuPy)."""
-    kind = _checks.same_kind(arrays)
-    if kind == "dlpack":
-        cupy = _checks._cupy()
-        arrays = {n: (None if a is None else cupy.from_dlpack(a)) for n, a in arrays.items()}
-        kind = _checks.same_kind(arrays)
-    return kind, arrays
-
+_OUTPUTS_DOC = """
+    out, lse : arrays, optional
+        Where to write the results (NumPy style): exactly the shape and dtype returned,
+        of the inputs' kind and device, last axis contiguous (``lse`` C-contiguous), sharing
+        no memory with the inputs. They are returned. With both given on the GPU, the call
+        allocates nothing.
+"""
 
 def _xp(kind):
     return np if kind == "numpy" else _checks._cupy()
 
 
 def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, out=None, lse=None):
     """Exact attention forward, returning the output and its log-sum-exp.
 
     Parameters
@@ -69,26 +69,113 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
     >>> out.shape, lse.shape
     ((1, 5, 2, 64), (1, 2, 5))
     """
-    kind, a = _prepare({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes})
+    options = (scale, causal, window, softcap)
+    args, outputs = (q, k, v, alibi_slopes, None, None), (out, lse)
+    try:
+        call = CALLS[("fwd", meta(q), meta(k), meta(v), meta(alibi_slopes), meta(out),
+                       meta(lse), options)]
+    except MISS:
+        call, args, outputs = _forward_call(q, k, v, alibi_slopes, out, lse, options)
+    return call(args, outputs)
+
+
+_FWD_NAMES = ("q", "k", "v", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "out", "lse")
+
+
+def _forward_call(q, k, v, alibi_slopes, out, lse, options, packing=None):
+    """Validate a forward call (``packing``: the varlen arguments cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k): (the function that runs it, its inputs and
+    outputs as that function takes them). GPU calls are memoized."""
+    scale, causal, window, softcap = options
+    kind, a = _checks.intake({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes,
+                              "out": out, "lse": lse}, ("alibi_slopes", "out", "lse"))
     q, k, v = a["q"], a["k"], a["v"]
-    shape = _checks.check_qkv(q, k, v, gpu=kind != "numpy")
+    gpu = kind != "numpy"
+    if packing is None:
+        shape, varlen = _checks.check_qkv(q, k, v, gpu=gpu), None
+        lse_shape = (shape.batch, shape.nheads, shape.seqlen_q)
+        empty = min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0
+    else:
+        shape, varlen = _checks.check_varlen(q, k, v, *packing, gpu=gpu)
+        lse_shape = (shape.nheads, varlen.total_q)
+        empty = _varlen_empty(shape, varlen)
     opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    # varlen_check fills whole byte ranges with NaN: the outputs must be contiguous.
+    nan_filled = varlen is not None and gpu and not varlen.checked_on_host
+    _checks.check_output(a["out"], "out", q.shape, q.dtype, kind, q, contiguous=nan_filled)
+    _checks.check_output(a["lse"], "lse", lse_shape, np.float32, kind, q, contiguous=True)
+    cu = (None, None) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
+    args, outputs = (q, k, v, a["alibi_slopes"], *cu), (a["out"], a["lse"])
     xp = _xp(kind)
-    if min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0:
-        with _checks.on_device(kind, q):
-            out = xp.zeros(q.shape, q.dtype)
-            lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
-        return out, lse
+    if empty:
+        def run(args, outputs):
+            disjoint(_FWD_NAMES, args, outputs)
+            with _checks.on_device(kind, q):
+                return _checked(varlen, fill([(q.shape, q.dtype, xp),
+                                               (lse_shape, np.float32, xp)], outputs,
+                                              (0, -np.inf)))
+        return run, args, outputs
     if kind == "numpy":
-        from . import cpu
-        return cpu.forward(q, k, v, shape, opts)
-    from . import _launch
-    return _launch.forward(q, k, v, shape, opts)
+        def run(args, outputs):
+            disjoint(_FWD_NAMES, args, outputs)
+            if varlen is None:
+                return into(cpu.forward(q, k, v, shape, opts), outputs)
+            return into(cpu.forward_varlen(q, k, v, shape, opts, varlen), outputs)
+        return run, args, outputs
+    out_strides = a["out"].strides if a["out"] is not None else \
+        contiguous_strides(q.shape, q.dtype.itemsize)
+    launch = ops.forward.Launch(_core.problem(q, k, v, shape, opts, varlen), out_strides,
+                                lse_shape)
+    if nan_filled:
+        launch = _VarlenChecked(launch, varlen, (q.nbytes, 4 * lse_shape[0] * lse_shape[1]),
+                                cu_at=4)
+    call = OnDevice(launch, q.data.device_id, _FWD_NAMES)
+    if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
+        key = ("fwd", meta(q), meta(k), meta(v), meta(a["alibi_slopes"]),
+               meta(a["out"]), meta(a["lse"]), options)
+        remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
+                  call)
+    return call, args, outputs
+
+
+class _VarlenChecked:
+    """A varlen launch followed by the device check of its prefix sums, which NaN-fills
+    the call's outputs (contiguous, of ``output_bytes``) when they are invalid."""
+    __slots__ = ("launch", "check", "cu_at")
+
+    def __init__(self, launch, varlen, output_bytes, cu_at):
+        self.launch, self.cu_at = launch, cu_at
+        device_id = varlen.cu_seqlens_q.data.device_id
+        self.check = ops.varlen_check.plan(
+            device_id, varlen.cu_seqlens_q.size - 1, varlen.total_q, varlen.total_k,
+            varlen.max_seqlen_q, varlen.max_seqlen_k, tuple(n for n in output_bytes if n))
+
+    def __call__(self, *args):
+        import cupy
+        results = self.launch(*args)
+        cu_q, cu_k = args[self.cu_at:self.cu_at + 2]
+        self.check(cupy.cuda.get_current_stream().ptr, cu_q.data.ptr, cu_k.data.ptr,
+                   *(x.data.ptr for x in results if x.size))
+        return results
+
+
+def _checked(varlen, outputs):
+    """``outputs`` of an empty varlen call, after the device check of prefix sums that were
+    not read on the host (NaN outputs if they are invalid)."""
+    if varlen is not None and not varlen.checked_on_host:
+        import cupy
+        check = ops.varlen_check.plan(
+            varlen.cu_seqlens_q.data.device_id, varlen.cu_seqlens_q.size - 1, varlen.total_q,
+            varlen.total_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
+            tuple(x.nbytes for x in outputs if x.size))
+        check(cupy.cuda.get_current_stream().ptr, varlen.cu_seqlens_q.data.ptr,
+              varlen.cu_seqlens_k.data.ptr, *(x.data.ptr for x in outputs if x.size))
+    return outputs
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-              alibi_slopes=None, return_lse=False):
+              alibi_slopes=None, return_lse=False, out=None, lse=None):
     """Exact attention ``softmax(scale * q @ k.T + masks) @ v`` in O(seqlen) memory.
 
     Parameters
@@ -112,13 +199,13 @@ def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap
     (2, 17, 4, 64)
     """
     out, lse = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
-                                 softcap=softcap, alibi_slopes=alibi_slopes)
+                                 softcap=softcap, alibi_slopes=alibi_slopes, out=out, lse=lse)
     return (out, lse) if return_lse else out
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
                        window=(None, None), softcap=0.0, alibi_slopes=None,
-                       deterministic=False):
+                       deterministic=False, dq=None, dk=None, dv=None):
     """Gradients of attention, recomputing the probabilities from the saved ``lse``.
 
     Parameters
@@ -144,25 +231,78 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
     >>> dq.shape
     (1, 8, 2, 32)
     """
-    kind, a = _prepare({"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse,
-                        "alibi_slopes": alibi_slopes})
-    dout, q, k, v, out, lse = (a[n] for n in ("dout", "q", "k", "v", "out", "lse"))
-    shape = _checks.check_qkv(q, k, v, gpu=kind != "numpy")
-    _checks.check_backward(dout, out, lse, q, shape)
+    options = (scale, causal, window, softcap, deterministic)
+    args, outputs = (dout, q, k, v, out, lse, alibi_slopes, None, None), (dq, dk, dv)
+    try:
+        call = CALLS[("bwd", meta(dout), meta(q), meta(k), meta(v), meta(out), meta(lse),
+                       meta(alibi_slopes), meta(dq), meta(dk), meta(dv), options)]
+    except MISS:
+        call, args, outputs = _backward_call(args, outputs, options)
+    return call(args, outputs)
+
+
+_BWD_NAMES = ("dout", "q", "k", "v", "out", "lse", "alibi_slopes", "cu_seqlens_q",
+              "cu_seqlens_k", "dq", "dk", "dv")
+
+
+def _backward_call(args, outputs, options, packing=None):
+    """Validate a backward call (``packing`` as in :func:`_forward_call`): (the function
+    that runs it, its inputs and outputs as that function takes them). GPU calls are
+    memoized."""
+    scale, causal, window, softcap, deterministic = options
+    names = _BWD_NAMES[:7] + _BWD_NAMES[9:]
+    kind, a = _checks.intake(dict(zip(names, args[:7] + outputs)),
+                             ("alibi_slopes", "dq", "dk", "dv"))
+    dout, q, k, v, out, lse = (a[n] for n in _BWD_NAMES[:6])
+    gpu = kind != "numpy"
+    if packing is None:
+        shape, varlen = _checks.check_qkv(q, k, v, gpu=gpu), None
+        empty = min(shape.batch, shape.seqlen_q, shape.nheads, shape.seqlen_k) == 0
+    else:
+        shape, varlen = _checks.check_varlen(q, k, v, *packing, gpu=gpu)
+        empty = _varlen_empty(shape, varlen)
+    _checks.check_backward(dout, out, lse, q, shape, varlen)
     opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
                            softcap=softcap, alibi_slopes=a["alibi_slopes"])
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    nan_filled = varlen is not None and gpu and not varlen.checked_on_host
+    for name, like in (("dq", q), ("dk", k), ("dv", v)):
+        _checks.check_output(a[name], name, like.shape, like.dtype, kind, q,
+                             contiguous=nan_filled)
+    cu = (None, None) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
+    args = (dout, q, k, v, out, lse, a["alibi_slopes"], *cu)
+    outputs = (a["dq"], a["dk"], a["dv"])
     xp = _xp(kind)
-    if min(shape.batch, shape.seqlen_q, shape.nheads, shape.seqlen_k) == 0:
-        with _checks.on_device(kind, q):
-            return (xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype),
-                    xp.zeros(v.shape, v.dtype))
+    if empty:
+        def run(args, outputs):
+            disjoint(_BWD_NAMES, args, outputs)
+            with _checks.on_device(kind, q):
+                return _checked(varlen, fill([(x.shape, x.dtype, xp) for x in (q, k, v)],
+                                              outputs, (0, 0, 0)))
+        return run, args, outputs
     if kind == "numpy":
-        from . import cpu
-        return cpu.backward(dout, q, k, v, out, lse, shape, opts)
-    from . import _launch
-    return _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic))
+        def run(args, outputs):
+            disjoint(_BWD_NAMES, args, outputs)
+            if varlen is None:
+                return into(cpu.backward(dout, q, k, v, out, lse, shape, opts), outputs)
+            return into(cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen),
+                         outputs)
+        return run, args, outputs
+    strides = (out.strides, dout.strides, lse.strides,
+               *(a[n].strides if a[n] is not None else
+                 contiguous_strides(x.shape, x.dtype.itemsize)
+                 for n, x in (("dq", q), ("dk", k), ("dv", v))))
+    launch = ops.backward.Launch(_core.problem(q, k, v, shape, opts, varlen), strides,
+                                 bool(deterministic))
+    if nan_filled:
+        launch = _VarlenChecked(launch, varlen, (q.nbytes, k.nbytes, v.nbytes), cu_at=7)
+    call = OnDevice(launch, q.data.device_id, _BWD_NAMES)
+    if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
+        key = ("bwd", *(meta(x) for x in args[:7]), *(meta(x) for x in outputs), options)
+        remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
+                  call)
+    return call, args, outputs
 
 
 def attention_vjp(q, k, v, *, deterministic=False, **options):
@@ -183,9 +323,9 @@ def attention_vjp(q, k, v, *, deterministic=False, **options):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     out, lse = attention_forward(q, k, v, **options)
 
-    def vjp(dout):
+    def vjp(dout, *, dq=None, dk=None, dv=None):
         return attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
-                                  **options)
+                                  dq=dq, dk=dk, dv=dv, **options)
 
     return out, vjp
 
@@ -224,7 +364,7 @@ _VARLEN_MASKS = """
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              *, scale=None, causal=False, window=(None, None), softcap=0.0,
-                             alibi_slopes=None):
+                             alibi_slopes=None, out=None, lse=None):
     """Exact attention forward over a packed batch of variable-length sequences.
 
     The same result as :func:`attention_forward` run on each sequence alone.
@@ -257,29 +397,21 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     >>> bool(np.allclose(out[3:8], ref[0], atol=1e-6))
     True
     """
-    kind, a = _prepare({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes})
-    q, k, v = a["q"], a["k"], a["v"]
-    shape, varlen = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, gpu=kind != "numpy")
-    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
-                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
-    xp = _xp(kind)
-    if _varlen_empty(shape, varlen):
-        with _checks.on_device(kind, q):
-            result = (xp.zeros(q.shape, q.dtype),
-                      xp.full((shape.nheads, varlen.total_q), -np.inf, np.float32))
-    elif kind == "numpy":
-        from . import cpu
-        return cpu.forward_varlen(q, k, v, shape, opts, varlen)
-    else:
-        from . import _launch
-        result = _launch.forward(q, k, v, shape, opts, varlen)
-    return _varlen_checked(kind, varlen, result)
+    options = (scale, causal, window, softcap)
+    packing = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args, outputs = (q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k), (out, lse)
+    try:
+        call = CALLS[("fwd", meta(q), meta(k), meta(v), meta(alibi_slopes), meta(out),
+                       meta(lse), options, meta(cu_seqlens_q), meta(cu_seqlens_k),
+                       max_seqlen_q, max_seqlen_k)]
+    except MISS:
+        call, args, outputs = _forward_call(q, k, v, alibi_slopes, out, lse, options, packing)
+    return call(args, outputs)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      scale=None, causal=False, window=(None, None), softcap=0.0,
-                     alibi_slopes=None, return_lse=False):
+                     alibi_slopes=None, return_lse=False, out=None, lse=None):
     """Exact attention over a packed batch of variable-length sequences (no padding).
 
     Parameters
@@ -309,13 +441,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out, lse = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale=scale, causal=causal,
                                         window=window, softcap=softcap,
-                                        alibi_slopes=alibi_slopes)
+                                        alibi_slopes=alibi_slopes, out=out, lse=lse)
     return (out, lse) if return_lse else out
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, scale=None, causal=False, window=(None, None),
-                              softcap=0.0, alibi_slopes=None, deterministic=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, dq=None,
+                              dk=None, dv=None):
     """Gradients of :func:`attention_varlen`, recomputing the probabilities from ``lse``.
 
     Parameters
@@ -344,29 +477,17 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     >>> dq.shape, dk.shape
     ((10, 2, 32), (10, 2, 32))
     """
-    kind, a = _prepare({"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse,
-                        "alibi_slopes": alibi_slopes})
-    dout, q, k, v, out, lse = (a[n] for n in ("dout", "q", "k", "v", "out", "lse"))
-    shape, varlen = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, gpu=kind != "numpy")
-    _checks.check_backward(dout, out, lse, q, shape, varlen)
-    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
-                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
-    if not isinstance(deterministic, (bool, np.bool_)):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    xp = _xp(kind)
-    if _varlen_empty(shape, varlen):
-        with _checks.on_device(kind, q):
-            result = (xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype),
-                      xp.zeros(v.shape, v.dtype))
-    elif kind == "numpy":
-        from . import cpu
-        return cpu.backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen)
-    else:
-        from . import _launch
-        result = _launch.backward(dout, q, k, v, out, lse, shape, opts, bool(deterministic),
-                                  varlen)
-    return _varlen_checked(kind, varlen, result)
+    options = (scale, causal, window, softcap, deterministic)
+    args = (dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    outputs = (dq, dk, dv)
+    try:
+        call = CALLS[("bwd", *(meta(x) for x in args[:7]), *(meta(x) for x in outputs),
+                       options, meta(cu_seqlens_q), meta(cu_seqlens_k), max_seqlen_q,
+                       max_seqlen_k)]
+    except MISS:
+        packing = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        call, args, outputs = _backward_call(args, outputs, options, packing)
+    return call(args, outputs)
 
 
 def _varlen_empty(shape, varlen) -> bool:
@@ -376,16 +497,6 @@ def _varlen_empty(shape, varlen) -> bool:
     be launched on an empty grid, which CUDA rejects."""
     return min(varlen.total_q, varlen.total_k, shape.nheads, shape.batch, shape.seqlen_q,
                shape.seqlen_k) == 0
-
-
-def _varlen_checked(kind, varlen, outputs):
-    """``outputs`` of a varlen call, after queueing the device check of prefix sums that
-    were not read on the host (NaN outputs if they are invalid): the one place the
-    forward and the backward hand their results back through."""
-    if kind != "numpy":
-        from . import _launch
-        _launch.varlen_check(varlen, outputs)
-    return outputs
 
 
 for _f in (attention_forward, attention, attention_backward, attention_varlen_forward,

@@ -2,8 +2,11 @@
 
     python -m cuflash.compile_check --arch sm_80,sm_90
 
-Prints registers, stack and spill bytes per instantiation; exits 1 on a compile error or on
-any register spill (local-memory traffic in an attention kernel is a performance bug).
+Prints registers, stack and spill bytes per instantiation; exits 1 on a compile error, on
+any register spill (local-memory traffic in an attention kernel is a performance bug), or on
+a number Python shares with the CUDA sources that differs from theirs (``ops.all_facts``:
+params struct sizes and offsets, tile constants, shared-memory sizes), proven by
+``static_assert`` at compile time.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from . import _compile, _dispatch
+from . import _compile, ops
 
 
 def main(argv=None) -> int:
@@ -28,7 +31,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Architecture-specific sources (e.g. sm_90a) compile once, for the arch they run on.
     jobs = [(target, filename, name) for arch in args.arch.split(",")
-            for filename, name in _dispatch.all_kernels() if args.pattern in name
+            for filename, name in ops.all_kernels() if args.pattern in name
             for target in [_compile.target_arch(filename, arch)] if target is not None]
     if not jobs:
         print("compile_check: no kernels to compile", file=sys.stderr)
@@ -40,7 +43,27 @@ def main(argv=None) -> int:
             failures += failed
     print(f"compile_check: {len(jobs) - failures}/{len(jobs)} instantiations compiled "
           f"without spills")
-    return 1 if failures else 0
+    return 1 if failures or not _prove_facts(args.arch.split(",")) else 0
+
+
+def _prove_facts(archs) -> bool:
+    """Prove every shared number once per source file; False (and the log) if one fails."""
+    by_file = {}
+    for filename, expression, value in ops.all_facts():
+        by_file.setdefault(filename, []).append((expression, value))
+    ok, count = True, 0
+    for filename, facts in by_file.items():
+        targets = [t for t in (_compile.target_arch(filename, a) for a in archs) if t]
+        if not targets:
+            continue
+        try:
+            _compile.prove(filename, facts, targets[0])
+            count += len(facts)
+        except _compile.CompileError as e:
+            print(f"FAIL  {e}", flush=True)
+            ok = False
+    print(f"compile_check: {count} shared numbers proven equal in the CUDA sources")
+    return ok
 
 
 def _check_one(job):

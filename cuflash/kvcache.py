@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checks
-from ._dispatch import DECODE_MAX_SPLITS
+from . import _checks, _core, cpu, ops
+from ._api import CALLS, MISS, contiguous_strides, into, meta, remember
 
 # Pages hold a multiple of the GPU kernel's 16-key tiles, so that no tile straddles two
 # pages; every backend enforces it, so that a call valid on one is valid on all.
@@ -35,7 +35,7 @@ class CacheShape:
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, num_splits=None, scale=None, causal=False,
                            window=(None, None), softcap=0.0, alibi_slopes=None,
-                           return_lse=False):
+                           return_lse=False, out=None, lse=None):
     """Attention of a few new queries over a KV cache, appending new keys and values first.
 
     Batch item ``b`` attends over ``seqlen_k[b] = cache_seqlens[b] + seqlen_new`` keys: the
@@ -91,55 +91,130 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     >>> out.shape, bool((k_cache[1, 17] == k[1, 0]).all())
     ((2, 1, 4, 32), True)
     """
-    kind, a = _prepare({"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
-                        "cache_seqlens": cache_seqlens, "block_table": block_table,
-                        "alibi_slopes": alibi_slopes})
-    cache = check_kvcache(a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"],
-                          a["cache_seqlens"], a["block_table"], gpu=kind != "numpy")
-    q, k_cache, v_cache, k, v = (a[n] for n in ("q", "k_cache", "v_cache", "k", "v"))
-    cache_seqlens, block_table = a["cache_seqlens"], a["block_table"]
-    opts = _checks.options(cache.shape, kind, q, scale=scale, causal=causal, window=window,
-                           softcap=softcap, alibi_slopes=a["alibi_slopes"])
+    options = (num_splits, scale, causal, window, softcap)
+    seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
+    args = (q, k_cache, v_cache, alibi_slopes, block_table, cache_seqlens, k, v)
+    try:
+        call = CALLS[(*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v),
+                       meta(out), meta(lse), options)]
+    except MISS:
+        call, args = _kvcache_call(args, (out, lse), options)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse = call(args, (out, lse))
+    return (out, lse) if return_lse else out
+
+
+_NAMES = ("q", "k_cache", "v_cache", "alibi_slopes", "block_table", "cache_seqlens", "k", "v",
+          "out", "lse")
+
+
+def _kvcache_call(args, outputs, options):
+    """Validate a kvcache call: (the function that runs it, its inputs as that function
+    takes them). GPU calls of fp16 / bf16 are memoized."""
+    num_splits, scale, causal, window, softcap = options
+    kind, a = _prepare(dict(zip(_NAMES, args + outputs)))
+    q, k_cache, v_cache, slopes, block_table, cache_seqlens, k, v, out, lse = \
+        (a[n] for n in _NAMES)
+    cache = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                          gpu=kind != "numpy")
+    shape = cache.shape
+    opts = _checks.options(shape, kind, q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=slopes)
     if num_splits is not None:
         if isinstance(num_splits, (bool, np.bool_)) or not isinstance(num_splits,
                                                                       (int, np.integer)):
             raise TypeError(f"num_splits must be None or an int, got {num_splits!r}")
-        if not 1 <= num_splits <= DECODE_MAX_SPLITS:
-            raise ValueError(f"num_splits must lie in [1, {DECODE_MAX_SPLITS}], got "
+        if not 1 <= num_splits <= ops.decode.MAX_SPLITS:
+            raise ValueError(f"num_splits must lie in [1, {ops.decode.MAX_SPLITS}], got "
                              f"{num_splits}")
         num_splits = int(num_splits)
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    lse_shape = (shape.batch, shape.nheads, shape.seqlen_q)
+    _checks.check_output(out, "out", q.shape, q.dtype, kind, q)
+    _checks.check_output(lse, "lse", lse_shape, np.float32, kind, q, contiguous=True)
+    args = (q, k_cache, v_cache, slopes, block_table, cache_seqlens, k, v)
     if kind == "numpy":
         check_cache_values(cache_seqlens, block_table, cache)
+    empty = min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0
+    gpu_decode = kind != "numpy" and q.dtype != np.float32 and not empty
+    if not gpu_decode:
+        def run(args, outputs):
+            _checked_call(cache, args, outputs)
+            xp = np if kind == "numpy" else _checks._cupy()
+            with _checks.on_device(kind, q):
+                if kind == "numpy":
+                    append_numpy(k_cache, v_cache, k, v, cache_seqlens, block_table, cache)
+                elif k is not None:
+                    ops.decode.append(_core.problem(q, k_cache, v_cache, shape, opts),
+                                      _cache(cache, block_table, cache_seqlens, k, v), *args)
+                if empty:
+                    result = (xp.zeros(q.shape, q.dtype),
+                              xp.full(lse_shape, -np.inf, np.float32))
+                elif kind == "numpy":
+                    result = forward_gathered(cpu.forward, np, q, k_cache, v_cache,
+                                              cache_seqlens, block_table, cache, opts)
+                else:  # float32 on the GPU: the dense kernel over each item's keys
+                    seqlens = cache_seqlens if isinstance(cache_seqlens, int) else \
+                        cache_seqlens.get()
+                    result = forward_gathered(_gpu_forward, xp, q, k_cache, v_cache, seqlens,
+                                              block_table, cache, opts)
+            return into(result, outputs)
+        return run, args
+    out_strides = out.strides if out is not None else \
+        contiguous_strides(q.shape, q.dtype.itemsize)
+    launch = ops.decode.Launch(_core.problem(q, k_cache, v_cache, shape, opts),
+                               _cache(cache, block_table, cache_seqlens, k, v), out_strides,
+                               num_splits)
+    call = _KvcacheCall(launch, cache, q.data.device_id)
+    seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
+    remember((*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v), meta(out),
+               meta(lse), options), call)
+    return call, args
 
-    shape = cache.shape
-    if kind == "numpy":
-        append_numpy(k_cache, v_cache, k, v, cache_seqlens, block_table, cache)
-    elif k is not None:
-        from . import _launch
-        _launch.append_kv(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache, opts)
 
-    xp = np if kind == "numpy" else _checks._cupy()
-    if min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0:
-        with _checks.on_device(kind, q):
-            out = xp.zeros(q.shape, q.dtype)
-            lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, np.float32)
-    elif kind == "numpy":
-        from . import cpu
-        out, lse = forward_gathered(cpu.forward, np, q, k_cache, v_cache, cache_seqlens,
-                                    block_table, cache, opts)
-    elif q.dtype == np.float32:
-        from . import _launch
-        seqlens = cache_seqlens if isinstance(cache_seqlens, int) else cache_seqlens.get()
-        with _checks.on_device(kind, q):  # the gather allocates and indexes
-            out, lse = forward_gathered(_launch.forward, xp, q, k_cache, v_cache, seqlens,
-                                        block_table, cache, opts)
-    else:
-        from . import _launch
-        out, lse = _launch.kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table,
-                                           cache, opts, num_splits)
-    return (out, lse) if return_lse else out
+class _KvcacheCall:
+    """A memoized GPU kvcache call: the checks that depend on addresses, then the launches
+    with the arrays' device current."""
+    __slots__ = ("launch", "cache", "device")
+
+    def __init__(self, launch, cache, device):
+        self.launch, self.cache, self.device = launch, cache, device
+
+    def __call__(self, args, outputs):
+        import cupy
+        _checked_call(self.cache, args, outputs)
+        if cupy.cuda.runtime.getDevice() == self.device:
+            return self.launch(*args, *outputs)
+        with cupy.cuda.Device(self.device):
+            return self.launch(*args, *outputs)
+
+
+def _checked_call(cache, args, outputs) -> None:
+    """What a call must check again whatever its layout: that the arrays the append writes
+    share no memory with each other, and the caller's outputs none with any array."""
+    q, k_cache, v_cache, _, _, _, k, v = args
+    if k is not None:
+        _check_append_targets(k_cache, v_cache, k, v)
+    if any(x is not None for x in outputs):
+        _checks.check_disjoint(dict(zip(_NAMES[8:], outputs)),
+                               {n: x for n, x in zip(_NAMES, args) if not _is_int(x)})
+
+
+def _cache(cache: CacheShape, block_table, cache_seqlens, k, v) -> "ops.decode.Cache":
+    """What the decode plans need of a validated kvcache call besides its Problem."""
+    return ops.decode.Cache(cache.seqlen_new, cache.page_size, cache.num_blocks,
+                            0 if block_table is None else block_table.strides[0],
+                            cache_seqlens if _is_int(cache_seqlens) else None,
+                            (0, 0, 0) if k is None else k.strides,
+                            (0, 0, 0) if v is None else v.strides)
+
+
+def _gpu_forward(q, k, v, shape, opts):
+    """The dense GPU forward of validated CuPy arrays (the float32 kvcache path)."""
+    launch = ops.forward.Launch(_core.problem(q, k, v, shape, opts),
+                                contiguous_strides(q.shape, q.dtype.itemsize),
+                                (shape.batch, shape.nheads, shape.seqlen_q))
+    return launch(q, k, v, opts.alibi_slopes)
 
 
 def _is_int(x) -> bool:
@@ -156,29 +231,26 @@ def _prepare(arrays: dict):
     elif not (hasattr(seqlens, "dtype") or hasattr(seqlens, "__dlpack__")):
         raise TypeError(f"cache_seqlens must be an int or an int32 array of shape (batch,), "
                         f"got {type(seqlens).__name__}")
-    checked = {n: x for n, x in arrays.items() if not _is_int(x)}
-    kind = _checks.same_kind(checked, optional=("k", "v", "block_table", "alibi_slopes"))
-    xp = np
-    if kind != "numpy":
-        xp = _checks._cupy()
-        if kind == "dlpack":
-            arrays = {n: (xp.from_dlpack(x) if n in checked and x is not None else x)
-                      for n, x in arrays.items()}
-            # Now CuPy arrays: check that they share one device (same_kind does for CuPy).
-            kind = _checks.same_kind({n: arrays[n] for n in checked},
-                                     optional=("k", "v", "block_table", "alibi_slopes"))
+    kind, converted = _checks.intake(
+        {n: x for n, x in arrays.items() if not _is_int(x)},
+        ("k", "v", "block_table", "alibi_slopes", "out", "lse"))
+    arrays = dict(arrays, **converted)
     if not _is_int(arrays["cache_seqlens"]):
+        xp = np if kind == "numpy" else _checks._cupy()
         with _checks.on_device(kind, arrays["q"]):  # a copy, if any, on the inputs' device
             arrays["cache_seqlens"] = xp.ascontiguousarray(arrays["cache_seqlens"])
     return kind, arrays
 
 
-def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu: bool
-                  ) -> CacheShape:
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu: bool,
+                  appends: bool | None = None) -> CacheShape:
     """Shapes, dtypes and layouts of a kvcache call; returns its :class:`CacheShape`.
 
     ``cache_seqlens`` is an int or an array; its values (and the block table's) are
-    checked separately, by :func:`check_cache_values`, where that is cheap.
+    checked separately, by :func:`check_cache_values`, where that is cheap. ``appends``
+    (default: whether k, v are given) adds the checks of a call that writes the caches:
+    both writable, no byte of one in the other or in k, v (pointers and strides only, no
+    device synchronisation), all before anything is written.
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.ndim != 4:
@@ -217,6 +289,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
             raise ValueError(f"page_size (k_cache.shape[1]) must be a positive multiple of "
                              f"{PAGE_MULTIPLE}, got {page_size}")
         _checks.check_last_axis_contiguous(block_table, "block_table")
+        if rows == 0:  # every page index, clamped or not, would lie outside the caches
+            raise ValueError("a paged cache needs at least one page: k_cache.shape[0] "
+                             "(num_blocks) is 0")
         capacity = block_table.shape[1] * page_size
 
     seqlen_new = 0
@@ -252,8 +327,28 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
                     ("v", v)):
         if x is not None:
             _checks.check_last_axis_contiguous(x, name)
+    if appends is None:
+        appends = k is not None
+    if appends:
+        _check_append_targets(k_cache, v_cache, k, v)
     shape = _checks.Shape(batch, seqlen_q, capacity, nheads, nheads_kv, headdim)
     return CacheShape(shape, seqlen_new, page_size, rows if block_table is not None else 0)
+
+
+def _check_append_targets(k_cache, v_cache, k, v) -> None:
+    """The caches can take the append whole: writable (NumPy's flag; CUDA arrays have
+    none), and no two of k_cache, v_cache and k / v share memory, else keys would be
+    overwritten by values (or the new rows by the append itself)."""
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not getattr(getattr(x, "flags", None), "writeable", True):
+            raise ValueError(f"{name} is read-only, but k, v are appended to it in place")
+    pairs = [("k_cache", k_cache, "v_cache", v_cache)]
+    pairs += [(new, x, cache, c) for new, x in (("k", k), ("v", v)) if x is not None
+              for cache, c in (("k_cache", k_cache), ("v_cache", v_cache))]
+    for a_name, a, b_name, b in pairs:
+        if _checks.shares_memory(a, b):
+            raise ValueError(f"{a_name} and {b_name} share memory, but k, v are appended "
+                             f"to the caches in place; pass separate arrays")
 
 
 def check_cache_values(cache_seqlens, block_table, cache: CacheShape) -> None:
@@ -277,6 +372,21 @@ def check_cache_values(cache_seqlens, block_table, cache: CacheShape) -> None:
         b, j = (int(x) for x in np.argwhere(bad)[0])
         raise ValueError(f"block_table[{b}, {j}] = {block_table[b, j]} is not a page of "
                          f"the cache: entries in use must lie in [0, {cache.num_blocks})")
+    if cache.seqlen_new == 0:
+        return
+    # A page the append writes must be used once, by its batch item alone: pages only read
+    # may be shared (a common prompt's pages, say), but a write into a shared page would
+    # change another item's keys (or, used twice by one item, its own earlier keys).
+    blocks = np.arange(block_table.shape[1])[None, :]
+    written = (blocks >= lengths[:, None] // cache.page_size) & (blocks < pages[:, None])
+    counts = np.bincount(block_table[used], minlength=cache.num_blocks)
+    shared = written & (counts[np.where(used, block_table, 0)] > 1)
+    if shared.any():
+        b, j = (int(x) for x in np.argwhere(shared)[0])
+        raise ValueError(f"block_table[{b}, {j}] = {block_table[b, j]}: the append writes "
+                         f"page {block_table[b, j]}, which other entries in use also name; "
+                         f"a page that k, v are appended to must belong to one batch item "
+                         f"and appear once in its row")
 
 
 def _key_rows(cache: CacheShape, b, length, block_table, xp):

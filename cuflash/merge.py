@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _checks, cpu, ops
+from ._api import fill, into
 
 
-def merge_attention(outs, lses):
+def merge_attention(outs, lses, *, out=None, lse=None):
     """Combine attention over disjoint key sets into attention over their union.
 
     ``lse = logsumexp_s lse_s`` and ``out = sum_s exp(lse_s - lse) * out_s``, accumulated in
@@ -33,6 +34,11 @@ def merge_attention(outs, lses):
     lses : sequence of float32 arrays (batch, nheads, seqlen_q), or one float32 array
            (num_parts, batch, nheads, seqlen_q)
         The parts' natural-log log-sum-exps, as :func:`attention_forward` returns them.
+
+    out, lse : arrays, optional
+        Where to write the results (NumPy style): exactly the shape and dtype returned, of
+        the parts' kind and device, last axis contiguous (``lse`` C-contiguous), sharing no
+        memory with the parts. They are returned.
 
     Returns
     -------
@@ -59,18 +65,35 @@ def merge_attention(outs, lses):
         kind = _checks.same_kind(_named(parts, part_lses), optional=())  # CuPy: one device
     _check(parts, part_lses, gpu=kind != "numpy")
 
+    first = parts[0]
+    batch, seqlen_q, nheads, _ = first.shape
+    lse_shape = (batch, nheads, seqlen_q)
+    given = {"out": out, "lse": lse}
+    if kind != "numpy" and any(x is not None and _checks.array_kind(x, n) == "dlpack"
+                               for n, x in given.items()):
+        given = {n: (None if x is None else _checks._cupy().from_dlpack(x))
+                 for n, x in given.items()}
+    _checks.check_output(given["out"], "out", first.shape, first.dtype, kind, first)
+    _checks.check_output(given["lse"], "lse", lse_shape, np.float32, kind, first,
+                         contiguous=True)
+    _checks.check_disjoint(given, _named(parts, part_lses))
     xp = np if kind == "numpy" else _checks._cupy()
-    with _checks.on_device(kind, parts[0]):  # stacking and empty outputs allocate
+    with _checks.on_device(kind, first):  # stacking, empty outputs and the launch allocate
         parts, part_lses = _stacked(outs, xp), _stacked(lses, xp)
-        _, batch, seqlen_q, nheads, _ = parts.shape
+        outputs = (given["out"], given["lse"])
         if batch * seqlen_q * nheads == 0:
-            return (xp.zeros(parts.shape[1:], parts.dtype),
-                    xp.full((batch, nheads, seqlen_q), -np.inf, np.float32))
-    if kind == "numpy":
-        from . import cpu
-        return cpu.merge(parts, part_lses)
-    from . import _launch
-    return _launch.merge(parts, part_lses)
+            return fill([(first.shape, first.dtype, xp), (lse_shape, np.float32, xp)],
+                         outputs, (0, -np.inf))
+        if kind == "numpy":
+            return into(cpu.merge(parts, part_lses), outputs)
+        import cupy
+        out, lse = (cupy.empty(first.shape, first.dtype) if outputs[0] is None else outputs[0],
+                    cupy.empty(lse_shape, np.float32) if outputs[1] is None else outputs[1])
+        launch = ops.merge.plan(first.data.device_id, parts.dtype, parts.shape, parts.strides,
+                                part_lses.strides, out.strides)
+        launch(cupy.cuda.get_current_stream().ptr, parts.data.ptr, part_lses.data.ptr,
+               out.data.ptr, lse.data.ptr)
+        return out, lse
 
 
 def _named(parts, part_lses) -> dict:

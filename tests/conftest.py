@@ -18,6 +18,6 @@ def rng(request):
 
 @pytest.fixture
 def launched():
-    """(filename, name expression) of every kernel launched through _launch.launch."""
+    """(filename, name expression) of every kernel launched through _core.Kernel."""
     with launches() as calls:
         yield calls

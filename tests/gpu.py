@@ -34,19 +34,19 @@ def pytest_collection_modifyitems(config, items):
 @contextlib.contextmanager
 def launches():
     """Inside the block, record (filename, name expression) of every kernel launched through
-    cuflash._launch.launch, in order; yields that list."""
-    from cuflash import _launch
-    calls, real = [], _launch.launch
+    cuflash._core.Kernel, in order; yields that list."""
+    from cuflash import _core
+    calls, real = [], _core.Kernel.__call__
 
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        calls.append((filename, name_expression))
-        return real(device_id, filename, name_expression, *args, **kwargs)
+    def spy(kernel, stream, argv):
+        calls.append((kernel.filename, kernel.name))
+        return real(kernel, stream, argv)
 
-    _launch.launch = spy
+    _core.Kernel.__call__ = spy
     try:
         yield calls
     finally:
-        _launch.launch = real
+        _core.Kernel.__call__ = real
 
 
 def import_cupy():

@@ -1,0 +1,28 @@
+"""The kernel families, a module each: its tile table (a reason per entry), its params
+mirror, its memoized plans and their launches. Every module offers ``kernels()``, the
+(filename, name_expression) of everything it can launch, which the compile check builds,
+and ``facts()``, the (filename, C++ expression, value) triples of every number it shares
+with the CUDA sources, which the compile check proves equal."""
+from __future__ import annotations
+
+from . import backward, decode, forward, merge, varlen_check
+
+FAMILIES = (forward, backward, decode, merge, varlen_check)
+
+
+def all_kernels() -> list:
+    """Every (filename, name_expression) the dispatcher can choose, once each."""
+    seen = {}
+    for family in FAMILIES:
+        for item in family.kernels():
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+def all_facts() -> list:
+    """Every (filename, C++ expression, value) the compile check proves, once each."""
+    seen = {}
+    for family in FAMILIES:
+        for item in family.facts():
+            seen.setdefault(item, None)
+    return list(seen)

@@ -1,0 +1,344 @@
+"""The backward family: bwd_preprocess, then bwd_main (mma.sync, sm_80 and newer) or bwd_sm90
+(wgmma; Hopper), then the dQ conversion (kernels_cu/flash_bwd.cu, flash_bwd_sm90.cu).
+
+preprocess: delta = rowsum(dout * out), lse in base 2, dq_accum zeroed. The main kernels
+recompute P from lse and write dK, dV (and add dQ into dq_accum by atomics, or write dQ in a
+separate kernel when deterministic). convert: dq = scale * dq_accum in the input dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _compile, _core
+from . import tiles
+
+FILE = "flash_bwd.cu"
+SM90_FILE = "flash_bwd_sm90.cu"
+
+# Flags of bwd_main's MODE (enum BwdMode in flash_bwd.cu). VARLEN selects the instantiations
+# for packed variable-length batches (cu_seqlens).
+DK, DV, DQ_ATOMIC, DQ, VARLEN = 1, 2, 4, 8, 16
+# Rows per block of bwd_preprocess / bwd_convert_dq (PRE_ROWS) and their threads.
+PRE_ROWS, PRE_THREADS = 32, 256
+# Query rows of the float32 scratch are padded to a multiple of every query tile
+# (SCRATCH_TILE in common/bwd_scratch.cuh), so tiles read lse/delta and add into dq_accum
+# without bounds checks. Varlen scratch rows are (nheads, seqlen_q_pad) with item b's
+# starting at (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b.
+SCRATCH_TILE = 128
+VARLEN_GAP = SCRATCH_TILE + 16
+
+
+@dataclass(frozen=True)
+class BwdTile:
+    block_r: int    # streamed rows per iteration (queries for dK/dV, keys for dQ)
+    num_warps: int  # each warp owns 16 * m_tiles owner rows (keys for dK/dV, queries for dQ)
+    m_tiles: int
+    reason: str
+
+
+# bwd_main per padded head dim and pass: "dkdv" (dK, dV, and dQ by atomics unless
+# deterministic), "dv" / "dk" (head dims whose dK and dV accumulators do not fit a thread
+# together: a thread holds 16 * m_tiles * hd / 32 floats per accumulator), and "dq"
+# (deterministic mode's separate dQ kernel). Limits: 255 registers a thread without spills
+# (python -m cuflash.compile_check), shared memory (2 owner tiles + 2 x 2 streamed tiles of
+# rows hd + 8) under 227 KiB.
+TILES = {
+    32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    64: {"dkdv": BwdTile(16, 4, 2, "2 m16 tiles per warp halve B-fragment reads per FLOP: "
+                                    "182 vs 154-158 TFLOP/s for 1-tile layouts "
+                                    "(docs/notes/backward.md v2); block_r 32 spills"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    96: {"dv": BwdTile(64, 8, 1, "split like 192/256: dK+dV together spill on sm_80 at "
+                                  "block_r 64, and block_r 32 leaves dQ slices of 24 columns"),
+         "dk": BwdTile(64, 8, 1, "dQ columns split 48/48 between warp pairs"),
+         "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
+    128: {"dkdv": BwdTile(16, 8, 1, "128 keys x 16 queries: dK+dV take 128 registers; "
+                                     "block_r 32 is 20% faster on sm_90 (notes v2) but "
+                                     "spills on sm_80"),
+          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps: 240 registers")},
+    192: {"dv": BwdTile(32, 8, 1, "dV alone: 96 accumulator registers"),
+          "dk": BwdTile(16, 4, 1, "dK (+ dQ share) alone, 64 keys; block_r 32 spills on "
+                                  "sm_80, 8 warps x block_r 16 leave dQ slices of 24 columns"),
+          "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
+    256: {"dv": BwdTile(32, 8, 1, "dV alone: 128 accumulator registers, 250 in all"),
+          "dk": BwdTile(16, 8, 1, "dK (+ dQ share) alone; block_r 32 spills"),
+          "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
+}
+# float32: one tiling for every head dim (F32_BLOCK, F32_THREADS in flash_bwd.cu): 32 owner
+# x 32 streamed rows, 256 threads; plain FMAs, so tile sizes matter little.
+F32_BLOCK, F32_THREADS = 32, 256
+
+
+@dataclass(frozen=True)
+class Sm90Tile:
+    block_r: int   # queries per step (block_r * headdim = 8192: a warpgroup's dQ tile is 64x64)
+    reason: str
+
+
+# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add.
+# It serves fp16/bf16 at head dims padded to 64 or 128 without soft-cap or ALiBi, and not
+# deterministic (bulk reduce-adds have no fixed order); bwd_main serves the rest.
+SM90_KEYS, SM90_THREADS = 128, 256
+SM90_TILES = {
+    64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
+                      "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
+                      "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
+    128: Sm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
+                      "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
+}
+
+# BwdParams (kernels_cu/common/params.cuh).
+PARAMS = np.dtype([
+    ("attn", _core.ATTN_ARGS),
+    ("out", np.uint64), ("dout", np.uint64), ("lse", np.uint64),
+    ("dq", np.uint64), ("dk", np.uint64), ("dv", np.uint64),
+    ("lse_log2", np.uint64), ("delta", np.uint64), ("dq_accum", np.uint64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("do_batch_stride", np.int64), ("do_row_stride", np.int64), ("do_head_stride", np.int64),
+    ("lse_batch_stride", np.int64), ("lse_head_stride", np.int64),
+    ("lse_row_stride", np.int64),
+    ("dq_batch_stride", np.int64), ("dq_row_stride", np.int64), ("dq_head_stride", np.int64),
+    ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
+    ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
+    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32),
+], align=True)
+_ADDRESSES = tuple(f"attn.{f}" for f in _core.ATTN_ADDRESSES) + (
+    "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One launch of a backward plan."""
+    filename: str
+    name_expression: str
+    owner: str          # the grid: "keys" (key blocks x batch x kv heads) or "queries"
+    block_o: int        # owner rows per CTA
+    num_threads: int
+    shared_bytes: int
+    traits: str = ""    # the C++ traits whose SMEM_BYTES is shared_bytes
+
+
+def _cxx(dtype) -> str:
+    return _core.CXX_TYPES[np.dtype(dtype)]
+
+
+def _main_step(dtype, hd: int, tile: BwdTile, mode: int) -> Step:
+    key_owner = not mode & DQ
+    block_o = 16 * tile.m_tiles * tile.num_warps
+    ld = hd + 8
+    elems = 2 * block_o * ld + 4 * tile.block_r * ld
+    if mode & DQ_ATOMIC:
+        elems += block_o * (tile.block_r + 8)
+    shared = elems * 2 + (4 * tile.block_r * 4 if key_owner else 0)  # + lse/delta buffers
+    args = f"{_cxx(dtype)}, {hd}, {tile.block_r}, {tile.num_warps}, {tile.m_tiles}, {mode}"
+    return Step(FILE, f"cuflash::bwd_main<{args}>", "keys" if key_owner else "queries",
+                block_o, 32 * tile.num_warps, shared, f"cuflash::BwdTraits<{args}>")
+
+
+def _f32_step(hd: int, mode: int) -> Step:
+    shared = (4 * F32_BLOCK * (hd + 4) + 2 * F32_BLOCK * (F32_BLOCK + 1)) * 4
+    shared += 16 if mode & VARLEN else 0  # the batch item's view, parked (park in flash_bwd.cu)
+    return Step(FILE, f"cuflash::bwd_main_f32<{hd}, {mode}>",
+                "queries" if mode & DQ else "keys", F32_BLOCK, F32_THREADS, shared)
+
+
+def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool) -> list:
+    """The bwd_main launches of one backward call, in order."""
+    hd = tiles.padded_headdim(headdim)
+    v = VARLEN if varlen else 0
+    dq = 0 if deterministic else DQ_ATOMIC
+    if np.dtype(dtype) == np.float32:
+        if deterministic:
+            return [_f32_step(hd, DK | DV | v), _f32_step(hd, DQ | v)]
+        return [_f32_step(hd, DK | DV | DQ_ATOMIC | v)]
+    t = TILES[hd]
+    if "dkdv" in t:
+        steps = [_main_step(dtype, hd, t["dkdv"], DK | DV | dq | v)]
+    else:
+        steps = [_main_step(dtype, hd, t["dv"], DV | v), _main_step(dtype, hd, t["dk"], DK | dq | v)]
+    if deterministic:
+        steps.append(_main_step(dtype, hd, t["dq"], DQ | v))
+    return steps
+
+
+def _pre(kind: str, dtype, varlen: bool) -> Step:
+    name = f"cuflash::bwd_{kind}<{_cxx(dtype)}{tiles.varlen_flag(varlen)}>"
+    return Step(FILE, name, "rows", PRE_ROWS, PRE_THREADS, 0)
+
+
+def sm90_steps(dtype, headdim: int, varlen: bool) -> list:
+    """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
+    hd = tiles.padded_headdim(headdim)
+    br = SM90_TILES[hd].block_r
+    # BwdSm90Traits::SMEM_BYTES: K, V; 2 x (Q, dO); 2 x dS^T; 2 dQ staging tiles; 2 x (lse,
+    # delta); 1 KiB to align the tiles to 1024 bytes.
+    shared = (2 * SM90_KEYS * hd + 4 * br * hd + 2 * SM90_KEYS * br) * 2 + \
+        2 * 64 * 64 * 4 + 4 * br * 4 + 1024
+    v = tiles.varlen_flag(varlen)
+    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}{v}>", "keys",
+                 SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
+            Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
+                 PRE_ROWS, PRE_THREADS, 0)]
+
+
+def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
+    """Every launch of a backward call after preprocess, in order. ``hopper=False`` keeps
+    bwd_main on sm_90 (tests and benchmarks compare the two)."""
+    hd = tiles.padded_headdim(p.headdim)
+    if (hopper and arch == "sm_90" and p.dtype != np.float32 and not deterministic
+            and not p.score_mod and hd in SM90_TILES):
+        return sm90_steps(p.dtype, p.headdim, p.varlen)
+    steps = main_steps(p.dtype, p.headdim, deterministic, p.varlen)
+    if not deterministic:
+        steps.append(_pre("convert_dq", p.dtype, p.varlen))
+    return steps
+
+
+class Plan:
+    """A memoized backward: its launches share one BwdParams record and one scratch
+    allocation (lse_log2, delta and dq_accum, float32)."""
+
+    def __init__(self, p: _core.Problem, strides: tuple, steps: list):
+        out_s, dout_s, lse_s, dq_s, dk_s, dv_s = strides
+        item = p.dtype.itemsize
+        with_accum = steps[-1].owner == "rows"  # a dQ conversion reads dq_accum
+        if p.varlen:
+            seqlen_q_pad = p.total_q // 16 * 16 + VARLEN_GAP * p.batch
+            if seqlen_q_pad >= 2**31:
+                raise ValueError(f"total_q ({p.total_q}) is too large for the varlen "
+                                 f"backward's int32 row indices")
+            rows = p.nheads * seqlen_q_pad
+            lse_strides = (0, *(s // 4 for s in lse_s))
+            pre_rows = -(-p.seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+        else:
+            seqlen_q_pad = -(-p.seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+            rows = p.batch * p.nheads * seqlen_q_pad
+            lse_strides = tuple(s // 4 for s in lse_s)
+            pre_rows = seqlen_q_pad
+        headdim_pad = tiles.padded_headdim(p.headdim)
+        # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad).
+        self.delta_offset = _core.align(4 * rows)
+        self.accum_offset = 2 * self.delta_offset
+        self.scratch_bytes = self.accum_offset + (4 * rows * headdim_pad if with_accum else 0)
+        self.with_accum = with_accum
+        record = (_core.attn_args(p), *[0] * 9,
+                  *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
+                  *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
+                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad)
+        self.record = _core.Record(PARAMS, record, _ADDRESSES)
+        grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
+                 "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
+                 "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
+        pre = _pre("preprocess", p.dtype, p.varlen)
+        self.steps = steps
+        self.kernels = [_core.Kernel(FILE, pre.name_expression, p.device_id,
+                                     (pre_rows // PRE_ROWS, p.nheads, p.batch),
+                                     (PRE_THREADS,), 0)]
+        self.kernels += [_core.Kernel(s.filename, s.name_expression, p.device_id,
+                                      grids[s.owner](s), (s.num_threads,), s.shared_bytes)
+                         for s in steps]
+
+    def __call__(self, stream: int, scratch: int, q, k, v, slopes, cu_q, cu_k, out, dout,
+                 lse, dq, dk, dv) -> None:
+        """Queue every launch on ``stream``; ``scratch`` holds ``scratch_bytes``."""
+        accum = scratch + self.accum_offset if self.with_accum else 0
+        argv = self.record.fill(q, k, v, slopes, cu_q, cu_k, out, dout, lse, dq, dk, dv,
+                                scratch, scratch + self.delta_offset, accum)
+        for kernel in self.kernels:
+            kernel(stream, argv)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(p: _core.Problem, strides: tuple, deterministic: bool, hopper: bool = True) -> Plan:
+    """The plan of a backward problem; ``strides``: byte strides of out, dout, lse, dq, dk,
+    dv. ``hopper=False`` keeps bwd_main on sm_90."""
+    arch = _compile.device_arch(p.device_id)
+    return Plan(p, strides, choose(p, deterministic, arch, hopper))
+
+
+def kernels():
+    """Every (filename, name_expression) this family can launch."""
+    return [(s.filename, s.name_expression) for s in _steps()]
+
+
+def _steps():
+    for varlen in (False, True):
+        for dtype in (np.float16, tiles.BFLOAT16, np.float32):
+            for kind in ("preprocess", "convert_dq"):
+                yield _pre(kind, dtype, varlen)
+            for hd in tiles.HEADDIMS:
+                for deterministic in (False, True):
+                    yield from main_steps(dtype, hd, deterministic, varlen)
+                if dtype != np.float32 and hd in SM90_TILES:
+                    yield from sm90_steps(dtype, hd, varlen)
+
+
+def facts():
+    """(filename, C++ expression, the value Python uses) for the compile check to prove."""
+    out = [(FILE, e, v) for e, v in _core.struct_facts("cuflash::BwdParams", PARAMS)]
+    out += [(FILE, f"cuflash::{name}", value) for name, value in (
+        ("BWD_DK", DK), ("BWD_DV", DV), ("BWD_DQ_ATOMIC", DQ_ATOMIC), ("BWD_DQ", DQ),
+        ("BWD_VARLEN", VARLEN), ("PRE_ROWS", PRE_ROWS), ("PRE_THREADS", PRE_THREADS),
+        ("SCRATCH_TILE", SCRATCH_TILE), ("VARLEN_GAP", VARLEN_GAP),
+        ("F32_BLOCK", F32_BLOCK), ("F32_THREADS", F32_THREADS))]
+    out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
+            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS)]
+    out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
+            for s in set(_steps()) if s.traits]
+    return out
+
+
+class Launch:
+    """The GPU backward of one validated call layout: arrays in, ``(dq, dk, dv)`` back.
+    Allocates the gradients the caller gave none of, and the float32 scratch."""
+
+    def __init__(self, p: _core.Problem, strides: tuple, deterministic: bool,
+                 hopper: bool = True):
+        self.problem, self.strides = p, strides
+        self.deterministic, self.hopper = deterministic, hopper
+        self.plan = plan(p, strides, deterministic, hopper)
+        self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, *strides[:2],
+                                           *strides[3:]) for s in x[:-1])
+
+    def __call__(self, dout, q, k, v, out, lse, slopes=None, cu_q=None, cu_k=None, dq=None,
+                 dk=None, dv=None):
+        import cupy
+        if dq is None:
+            dq = cupy.empty(q.shape, q.dtype)
+        if dk is None:
+            dk = cupy.empty(k.shape, k.dtype)
+        if dv is None:
+            dv = cupy.empty(v.shape, v.dtype)
+        ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr,
+                dq.data.ptr, dk.data.ptr, dv.data.ptr)
+        if self.copies or (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5] | ptrs[6]
+                           | ptrs[7]) & 15:
+            return self._copied(dout, q, k, v, out, lse, slopes, cu_q, cu_k, dq, dk, dv)
+        stream = cupy.cuda.get_current_stream()
+        scratch, owner = _core.scratch(self.plan.scratch_bytes, stream)
+        qp, kp, vp, op, dop, dqp, dkp, dvp = ptrs
+        self.plan(stream.ptr, scratch, qp, kp, vp, _core.address(slopes), _core.address(cu_q),
+                  _core.address(cu_k), op, dop, lse.data.ptr, dqp, dkp, dvp)
+        del owner  # the launches are queued: the pool may hand it out again on this stream
+        return dq, dk, dv
+
+    def _copied(self, dout, q, k, v, out, lse, slopes, cu_q, cu_k, dq, dk, dv):
+        """The call through 16-byte aligned copies of the arrays whose rows are not."""
+        import cupy
+        dout2, q2, k2, v2, out2 = (_core.aligned_copy(x) for x in (dout, q, k, v, out))
+        grads = [g if _core.rows_aligned(g) else cupy.empty(g.shape, g.dtype)
+                 for g in (dq, dk, dv)]
+        p = dataclasses.replace(self.problem, q_strides=q2.strides, k_strides=k2.strides,
+                                v_strides=v2.strides)
+        strides = (out2.strides, dout2.strides, self.strides[2], *(g.strides for g in grads))
+        Launch(p, strides, self.deterministic, self.hopper)(dout2, q2, k2, v2, out2, lse,
+                                                            slopes, cu_q, cu_k, *grads)
+        for given, computed in zip((dq, dk, dv), grads):
+            if computed is not given:
+                given[...] = computed
+        return dq, dk, dv

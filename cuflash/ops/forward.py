@@ -1,0 +1,308 @@
+"""The forward family: flash_fwd (mma.sync, sm_80 and newer) and flash_fwd_sm90 (TMA, wgmma,
+warp specialisation; Hopper).
+
+A plan is memoized per :class:`~cuflash._core.Problem` (and the layout of ``out``): the
+kernel, its grid and its params record with every field but the addresses filled. Choosing
+one never reads array contents, synchronises or allocates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _compile, _core, _tma
+from . import tiles
+
+FILE = "flash_fwd.cu"
+SM90_FILE = "flash_fwd_sm90.cu"
+
+
+@dataclass(frozen=True)
+class FwdTile:
+    block_m: int   # Br: query rows per CTA
+    block_n: int   # Bc: keys per K/V tile
+    num_warps: int
+    reason: str
+
+
+# flash_fwd, per padded head dim, fp16 and bf16 alike. With R = Br / warps rows per warp, a
+# thread holds R * hd / 64 registers of Q (when in registers), R * hd / 16 of O and
+# R * Bc / 16 of S; the aim is 128-row query blocks (K/V re-read from L2 once per 128 rows)
+# without spills.
+TILES = {
+    32: FwdTile(128, 64, 4, "2 m16 tiles per warp (each K/V fragment feeds twice the "
+                            "MMAs); Q in registers; no spills"),
+    64: FwdTile(128, 64, 4, "2 m16 tiles per warp: 0.94-1.04x torch flash vs 0.66-0.82x "
+                            "for 8 warps of one tile (128x128x8w), docs/notes/forward.md v2"),
+    96: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.78x flash vs 0.66x for 128x64x8w at "
+                            "8k (notes v2 call); Bc=32 keeps O and S without spills"),
+    128: FwdTile(128, 32, 4, "2 m16 tiles per warp: 0.85-0.89x flash vs 0.60-0.80x for "
+                             "128x64x8w (notes v2); Bc=64 spills, Bc=32 does not"),
+    192: FwdTile(128, 64, 8, "one m16 tile per warp: O alone needs 96 registers per tile"),
+    256: FwdTile(64, 32, 4, "128-row blocks spill (Bc=64: 136 bytes, Bc=32: 20); 64x32 fits "
+                            "in 255 registers"),
+}
+# float32: one generic tiling (F32_WARPS warps of F32_ROWS rows in flash_fwd.cu), 32-key tiles.
+F32_WARPS, F32_ROWS, F32_KEYS = 4, 4, 32
+
+
+@dataclass(frozen=True)
+class Sm90Tile:
+    block_n: int        # Bc: keys per K/V tile (wgmma N of S = Q K^T)
+    block_n_short: int  # Bc under SM90_SHORT_KEYS keys, and with softcap / ALiBi
+    reason: str
+
+
+# flash_fwd_sm90: one producer and two consumer warpgroups of 64 rows (FwdSm90Traits), a
+# STAGES-deep K/V ring, a persistent grid of one CTA per SM. Head dims padded to 64 or 128
+# run here; others, float32, and layouts a TMA map cannot describe stay on flash_fwd.
+SM90_BLOCK_M, SM90_THREADS, SM90_STAGES = 128, 384, 2
+# Below this many keys a large Bc mostly computes padding (hd64 Bc 192 covers 512 or 1024
+# keys with 12.5% waste, 2048 with 3%).
+SM90_SHORT_KEYS = 2048
+SM90_TILES = {
+    64: Sm90Tile(192, 128, "Bc 192: +18% over Bc 128 at 8k (docs/notes/forward.md, Hopper "
+                           "v1); 128 for short keys (padding) and softcap/ALiBi (Bc 192 "
+                           "spills 8 B)"),
+    128: Sm90Tile(176, 176, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (notes, Hopper v1); "
+                            "S 88 + O 64 registers, 209 KiB shared memory"),
+}
+# The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
+# its counter runs up to one past the last tile for every CTA.
+SM90_MAX_TILES = 2**31 - 2**16
+
+# FwdParams (kernels_cu/common/params.cuh).
+PARAMS = np.dtype([
+    ("attn", _core.ATTN_ARGS), ("o", np.uint64),
+    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
+    ("lse", np.uint64),
+], align=True)
+# FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k and v, FwdParams, the scheduler's two
+# counters, the varlen query blocks per (head, item); padded to its 64-byte alignment.
+_MAP = (np.uint8, (_tma.MAP_BYTES,))
+SM90_PARAMS = _core.padded(np.dtype([
+    ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("fwd", PARAMS),
+    ("tile_counter", np.uint64), ("varlen_m_blocks", np.int32)], align=True), 64)
+_MAPS_BYTES = 3 * _tma.MAP_BYTES
+
+
+@dataclass(frozen=True)
+class Config:
+    """One forward kernel and its launch shape."""
+    filename: str
+    name_expression: str
+    block_m: int
+    num_threads: int
+    shared_bytes: int
+    block_n: int = 0  # Bc of the TMA boxes of K and V (flash_fwd_sm90 only)
+    traits: str = ""  # the C++ traits whose SMEM_BYTES is shared_bytes (the compile check)
+
+    @property
+    def hopper(self) -> bool:
+        return self.filename == SM90_FILE
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool) -> Config:
+    """flash_fwd (mma.sync) for one padded head dim; float32 runs flash_fwd_f32."""
+    hd = tiles.padded_headdim(headdim)
+    v = tiles.varlen_flag(varlen)
+    if np.dtype(dtype) == np.float32:
+        block_m = F32_WARPS * F32_ROWS
+        smem = (block_m * hd + F32_KEYS * (hd + 1) + F32_KEYS * hd) * 4
+        return Config(FILE, f"cuflash::flash_fwd_f32<{hd}{v}>", block_m, F32_WARPS * 32, smem)
+    t = TILES[hd]
+    args = (f"{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {t.block_m}, {t.block_n}, "
+            f"{t.num_warps}, {_flag(score_mod)}")
+    smem = (t.block_m + 2 * t.block_n) * tiles.smem_cols(hd) * 2
+    return Config(FILE, f"cuflash::flash_fwd<{args}{v}>", t.block_m, t.num_warps * 32, smem,
+                  traits=f"cuflash::FwdTraits<{args}>")
+
+
+def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int) -> Config:
+    """flash_fwd_sm90 for fp16 / bf16 at a head dim padded to one of SM90_TILES."""
+    hd = tiles.padded_headdim(headdim)
+    t = SM90_TILES[hd]
+    bn = t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n
+    smem = (SM90_BLOCK_M + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
+    name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, "
+            f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
+    return Config(SM90_FILE, name, SM90_BLOCK_M, SM90_THREADS, smem, bn,
+                  f"cuflash::FwdSm90Traits<{hd}, {bn}>")
+
+
+def choose(p: _core.Problem, arch: str) -> Config:
+    """The forward kernel for a problem on a device of ``arch``: the Hopper kernel where it
+    serves (fp16 / bf16, head dim padded to 64 or 128), else flash_fwd."""
+    hd = tiles.padded_headdim(p.headdim)
+    if arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES:
+        return sm90_config(p.dtype, p.headdim, p.score_mod, p.varlen, p.seqlen_k)
+    return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
+
+
+class Plan:
+    """A memoized forward launch: call it with the arrays' addresses."""
+
+    def __init__(self, p: _core.Problem, out_strides: tuple, config: Config):
+        self.problem, self.config = p, config
+        grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
+        attn = _core.attn_args(p)
+        fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
+        fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
+        self.maps = None
+        if config.hopper:
+            shape_q = _shape(p, p.total_q, p.nheads)
+            shape_k = _shape(p, p.total_k, p.nheads_kv)
+            self.maps = (_tma.MapMaker(p.dtype, shape_q, p.q_strides, config.block_m),
+                         _tma.MapMaker(p.dtype, shape_k, p.k_strides, config.block_n),
+                         _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
+            self._encoded = {}
+            record = (np.zeros(_MAPS_BYTES, np.uint8), fwd, 0, grid[0])
+            fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
+            grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
+                SM90_PARAMS
+        else:
+            record, dtype = fwd, PARAMS
+        self.record = _core.Record(dtype, record, fields)
+        self.kernel = _core.Kernel(config.filename, config.name_expression, p.device_id, grid,
+                                   (config.num_threads,), config.shared_bytes)
+
+    def hopper_serves(self) -> bool:
+        """Whether TMA maps describe these layouts and the tile count fits the kernel."""
+        p = self.problem
+        tiles_ = -(-p.seqlen_q // self.config.block_m) * p.nheads * p.batch
+        return all(m.ok for m in self.maps) and tiles_ <= SM90_MAX_TILES
+
+    def _head(self, q, k, v) -> bytes | None:
+        """The three TMA maps of these addresses (None where the driver refuses one)."""
+        key = (q, k, v)
+        found = self._encoded.get(key)
+        if found is None:
+            maps = [make(ptr) for make, ptr in zip(self.maps, key)]
+            if None in maps:
+                return None
+            if len(self._encoded) >= 64:
+                self._encoded.clear()
+            found = self._encoded[key] = b"".join(maps)
+        return found
+
+    def __call__(self, stream: int, q: int, k: int, v: int, slopes: int, cu_q: int,
+                 cu_k: int, out: int, lse: int) -> bool:
+        """Queue the launch on ``stream``; False (nothing queued) if the Hopper kernel's
+        maps cannot address these arrays."""
+        if self.maps is None:
+            self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse))
+            return True
+        head = self._head(q, k, v)
+        if head is None:
+            return False
+        counter = _core.counters(self.problem.device_id, stream, 2)
+        self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
+                                             head=head))
+        return True
+
+
+def _shape(p: _core.Problem, rows: int, heads: int) -> tuple:
+    if p.varlen:
+        return (rows, heads, p.headdim)
+    return (p.batch, rows, heads, p.headdim)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> Plan:
+    """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
+    arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
+    chosen = config or choose(p, arch)
+    result = Plan(p, out_strides, chosen)
+    if chosen.hopper and not result.hopper_serves():
+        if config is not None:
+            raise ValueError(f"{config.name_expression} cannot run this problem (strides a "
+                             f"TMA map cannot describe, or too many tiles)")
+        return Plan(p, out_strides, mma_config(p.dtype, p.headdim, p.score_mod, p.varlen))
+    return result
+
+
+def fallback(p: _core.Problem, out_strides: tuple) -> Plan:
+    """The flash_fwd plan of a problem, for addresses the Hopper kernel's maps refuse."""
+    return plan(p, out_strides, mma_config(p.dtype, p.headdim, p.score_mod, p.varlen))
+
+
+def kernels():
+    """Every (filename, name_expression) this family can launch."""
+    return [(c.filename, c.name_expression) for c in _configs()]
+
+
+def _configs():
+    for varlen in (False, True):
+        for hd in tiles.HEADDIMS:
+            for dtype in (np.float16, tiles.BFLOAT16):
+                for score_mod in (False, True):
+                    yield mma_config(dtype, hd, score_mod, varlen)
+                    if hd in SM90_TILES:
+                        for seqlen_k in (SM90_SHORT_KEYS, 1):
+                            yield sm90_config(dtype, hd, score_mod, varlen, seqlen_k)
+            yield mma_config(np.float32, hd, False, varlen)
+
+
+def facts():
+    """(filename, C++ expression, the value Python uses) for the compile check to prove."""
+    out = [(FILE, e, v) for e, v in _core.struct_facts("cuflash::FwdParams", PARAMS)]
+    out += [(SM90_FILE, e, v) for e, v in
+            _core.struct_facts("cuflash::FwdSm90Params", SM90_PARAMS)]
+    out += [(FILE, "F32_WARPS", F32_WARPS), (FILE, "F32_ROWS", F32_ROWS),
+            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::BLOCK_M", SM90_BLOCK_M),
+            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::NUM_THREADS", SM90_THREADS),
+            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::STAGES", SM90_STAGES)]
+    out += [(c.filename, f"{c.traits}::SMEM_BYTES", c.shared_bytes)
+            for c in set(_configs()) if c.traits]
+    return out
+
+
+class Launch:
+    """The GPU forward of one validated call layout: arrays in, ``(out, lse)`` back.
+    Allocates ``out`` and ``lse`` where the caller gave none, and nothing else."""
+
+    def __init__(self, p: _core.Problem, out_strides: tuple, lse_shape: tuple,
+                 config: Config | None = None):
+        self.problem, self.config = p, config
+        self.out_shape = _shape(p, p.total_q, p.nheads)
+        self.out_strides, self.lse_shape = out_strides, lse_shape
+        self.plan = plan(p, out_strides, config)
+        # Rows that do not start on 16 bytes (odd strides) go through contiguous copies.
+        self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, out_strides)
+                          for s in x[:-1])
+
+    def __call__(self, q, k, v, slopes=None, cu_q=None, cu_k=None, out=None, lse=None):
+        import cupy
+        if out is None:
+            out = cupy.empty(self.out_shape, self.problem.dtype)
+        if lse is None:
+            lse = cupy.empty(self.lse_shape, np.float32)
+        qp, kp, vp, op = q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr
+        if self.copies or (qp | kp | vp | op) & 15:
+            return self._copied(q, k, v, slopes, cu_q, cu_k, out, lse)
+        stream = cupy.cuda.get_current_stream().ptr
+        args = (stream, qp, kp, vp, _core.address(slopes), _core.address(cu_q),
+                _core.address(cu_k), op, lse.data.ptr)
+        if not self.plan(*args):
+            fallback(self.problem, self.out_strides)(*args)
+        return out, lse
+
+    def _copied(self, q, k, v, slopes, cu_q, cu_k, out, lse):
+        """The call through 16-byte aligned copies of the arrays whose rows are not."""
+        import cupy
+        q2, k2, v2 = (_core.aligned_copy(x) for x in (q, k, v))
+        out2 = out if _core.rows_aligned(out) else cupy.empty(out.shape, out.dtype)
+        p = dataclasses.replace(self.problem, q_strides=q2.strides, k_strides=k2.strides,
+                                v_strides=v2.strides)
+        Launch(p, out2.strides, self.lse_shape, self.config)(q2, k2, v2, slopes, cu_q, cu_k,
+                                                              out2, lse)
+        if out2 is not out:
+            out[...] = out2
+        return out, lse
