@@ -198,3 +198,31 @@ def run_torch(backend, mode, q, k, v, dout, causal):
             yield lambda: torch.autograd.grad(out, leaves, tdout, retain_graph=True)
         else:
             yield lambda: torch.autograd.grad(forward(), leaves, tdout)
+
+
+def cuflash_launches(q, k, v, causal, *, fwd_config=None, bwd_hopper=True, bwd_steps=None,
+                     deterministic=False):
+    """(forward(), backward(out, lse)) of dense cuflash on CuPy arrays with explicit kernel
+    choices (tuning and the mma.sync peer): ``fwd_config`` an ``ops.forward.Config``,
+    ``bwd_hopper=False`` keeps bwd_main on sm_90, ``bwd_steps`` overrides the backward's
+    launches. The same validation and launches as the public functions, minus their memo."""
+    from cuflash import ops
+    from cuflash._api import contiguous_strides
+    p = ops.dense_problem(q, k, v, causal=causal)
+    batch, seqlen_q, nheads, _ = q.shape
+    lse_shape = (batch, nheads, seqlen_q)
+    layout = contiguous_strides(q.shape, q.dtype.itemsize)
+    fwd = ops.forward.Launch(p, layout, lse_shape, fwd_config)
+    lse_strides = contiguous_strides(lse_shape, 4)
+    bwd = ops.backward.Launch(p, (layout, layout, lse_strides, layout,
+                                  contiguous_strides(k.shape, k.dtype.itemsize),
+                                  contiguous_strides(v.shape, v.dtype.itemsize)),
+                              deterministic, bwd_hopper, bwd_steps)
+
+    def forward():
+        return fwd(q, k, v)
+
+    def backward(dout, out, lse):
+        return bwd(dout, q, k, v, out, lse)
+
+    return forward, backward

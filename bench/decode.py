@@ -160,11 +160,12 @@ def measure(timer, make, nbytes, torch):
 def run_shape(timer, batch, length, torch, rng, impls):
     """One row: every implementation on one (batch, length)."""
     import cuflash
-    from cuflash import _checks, _launch
+    from cuflash import _core, ops
     nbytes = 2 * batch * length * NHEADS_KV * HEADDIM * DTYPE.itemsize
     q, k, v, lengths = inputs(batch, length)
-    shape = _checks.Shape(batch, 1, length, NHEADS, NHEADS_KV, HEADDIM)
-    splits = _launch.decode_plan(DTYPE, shape, False, q.device.id)[2]
+    m_blocks = -(-(NHEADS // NHEADS_KV) // ops.decode.ROWS)
+    splits = ops.decode.num_splits(batch * NHEADS_KV * m_blocks, length,
+                                   _core.num_sms(q.device.id))
     makers = {"cuflash": lambda: (
         lambda: cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lengths), {})}
     for page_size in PAGE_SIZES:

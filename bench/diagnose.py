@@ -68,17 +68,17 @@ SMOKE = {"fwd": (FWD_CASES, 60, 26), "bwd": (BWD_CASES, 120, 28)}
 
 
 def spy_launches(launched, kernel_name=False):
-    """Record every launch through _launch.launch in ``launched``: its file name, or with
-    ``kernel_name`` its kernel's name."""
-    from cuflash import _launch
-    real_launch = _launch.launch
+    """Record every launch through cuflash._core.Kernel in ``launched``: its file name, or
+    with ``kernel_name`` its kernel's name."""
+    from cuflash import _core
+    real_launch = _core.Kernel.__call__
 
-    def spy(device_id, filename, name_expression, *args, **kwargs):
-        launched.append(name_expression.split("<")[0].split("::")[-1] if kernel_name
-                        else filename)
-        return real_launch(device_id, filename, name_expression, *args, **kwargs)
+    def spy(kernel, stream, argv):
+        launched.append(kernel.name.split("<")[0].split("::")[-1] if kernel_name
+                        else kernel.filename)
+        return real_launch(kernel, stream, argv)
 
-    _launch.launch = spy
+    _core.Kernel.__call__ = spy
 
 
 def fwd_case(name, out_dir):
@@ -125,7 +125,7 @@ def bwd_case(name, out_dir):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     import cuflash
     from accuracy import assert_close
-    from cuflash import _dispatch, reference
+    from cuflash import _checks, _core, ops, reference
     dname, batch, sq, sk, h, hkv, d, opts = BWD_CASES[name]
     dtype = DTYPES[dname]
     launched = []
@@ -138,9 +138,12 @@ def bwd_case(name, out_dir):
         cupy.asarray(lse.astype(np.float32))]
     got = [g.get() for g in cuflash.attention_backward(*args, **opts)]
     cupy.cuda.Device().synchronize()
-    _dispatch.BWD_SM90_ENABLED = False
-    mma = [g.get() for g in cuflash.attention_backward(*args, **opts)]
-    _dispatch.BWD_SM90_ENABLED = True
+    dout_, q_, k_, v_, out_, lse_ = args
+    shape = _checks.check_qkv(q_, k_, v_, gpu=True)
+    p = _core.problem(q_, k_, v_, shape, _checks.options(shape, "cupy", q_, **opts))
+    strides = (out_.strides, dout_.strides, lse_.strides, q_.strides, k_.strides, v_.strides)
+    mma = [g.get() for g in ops.backward.Launch(p, strides, False, hopper=False)(
+        dout_, q_, k_, v_, out_, lse_)]
     ref = reference.attention_backward(do, q, k, v, upcast=True, **opts)
     naive = reference.attention_backward(do, q, k, v, upcast=False, **opts)
     ok = True
@@ -343,13 +346,12 @@ def decode(args):
 
 
 def tiles(args):
+    """tune.py fwd with the Hopper forward's Bc given per head dim ('hd:Bc,...')."""
     import tune
-    from cuflash import _dispatch
-    for item in args.tiles.split(","):
-        hd, bn = (int(x) for x in item.split(":"))
-        _dispatch.FWD_SM90_TILES[hd] = _dispatch.FwdSm90Tile(bn, bn, "tuning override")
-        print(f"FWD_SM90_TILES[{hd}] = Bc {bn}")
-    return tune.main(["fwd", *args.tune_args])
+    blocks = dict((int(x) for x in item.split(":")) for item in args.tiles.split(","))
+    for hd, bn in blocks.items():
+        print(f"flash_fwd_sm90 at head dim {hd}: Bc {bn}")
+    return tune.main(["fwd", *args.tune_args], sm90_block_n=blocks)
 
 
 def parse_args(argv):

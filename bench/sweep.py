@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (DTYPES, TORCH_BACKENDS, environment, flops, import_torch, make_inputs,
-                     release_memory, require_gpu, run_torch, standard_shape, time_ms)
+from _common import (DTYPES, TORCH_BACKENDS, cuflash_launches, environment, flops,
+                     import_torch, make_inputs, release_memory, require_gpu, run_torch,
+                     standard_shape, time_ms)
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096)
@@ -106,15 +107,10 @@ def run_cuflash_varlen(mode, q, k, v, dout, causal):
 def run_cuflash_mma(mode, q, k, v, dout, causal):
     """cuflash with the Hopper (wgmma) kernels switched off: the dense mma.sync kernels
     (the path of Ampere and Ada GPUs, and of the options the Hopper kernels do not take)."""
-    from cuflash import _dispatch
-    forward_config, sm90_backward = _dispatch.forward_config, _dispatch.BWD_SM90_ENABLED
-    _dispatch.forward_config = lambda *a, arch=None, **kw: forward_config(*a, **kw)
-    _dispatch.BWD_SM90_ENABLED = False
-    try:
-        with run_cuflash(mode, q, k, v, dout, causal) as fn:
-            yield fn
-    finally:
-        _dispatch.forward_config, _dispatch.BWD_SM90_ENABLED = forward_config, sm90_backward
+    from cuflash import ops
+    config = ops.forward.mma_config(q.dtype, q.shape[3], False, False)
+    forward, backward = cuflash_launches(q, k, v, causal, fwd_config=config, bwd_hopper=False)
+    yield timed_call(mode, forward, lambda out, lse: backward(dout, out, lse))
 
 
 @contextlib.contextmanager

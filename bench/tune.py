@@ -22,14 +22,15 @@ Writes tune_fwd.json / tune_bwd.json into --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 import numpy as np
 
-from _common import (DTYPES, flops, import_torch, make_inputs, per_call_ms, release_memory,
-                     require_gpu, run_torch, standard_shape)
+from _common import (DTYPES, cuflash_launches, flops, import_torch, make_inputs, per_call_ms,
+                     release_memory, require_gpu, run_torch, standard_shape)
 
 PEERS = (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"))
 WARMUP = {"fwd": 3, "bwd": 2}
@@ -53,12 +54,12 @@ def parse_args(argv):
     common.add_argument("--out", default=None, help="folder for tune_<mode>.json")
     fwd = modes.add_parser("fwd", parents=[common], help="the forward")
     fwd.add_argument("--rep", type=int, default=20)
-    fwd.add_argument("--tiles", default="", help="override FWD_TILES, 'hd:Br,Bc,warps;...'")
+    fwd.add_argument("--tiles", default="", help="override ops.forward.TILES, 'hd:Br,Bc,warps;...'")
     fwd.add_argument("--file", default="", help="kernel source under kernels_cu/ (tuning)")
     bwd = modes.add_parser("bwd", parents=[common], help="the backward")
     bwd.add_argument("--rep", type=int, default=10)
     bwd.add_argument("--tiles", default="",
-                     help="override BWD_TILES[hd]['dkdv'], 'hd:Br,warps,mt;...'")
+                     help="override ops.backward.TILES[hd]['dkdv'], 'hd:Br,warps,mt;...'")
     bwd.add_argument("--det", action="store_true", help="also time deterministic=True")
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in DTYPES]
@@ -69,17 +70,37 @@ def parse_args(argv):
     return args
 
 
-def override_tiles(mode, tiles, kernel_file=""):
-    from cuflash import _dispatch
+def tile_overrides(mode, tiles):
+    """{head dim: tile} of --tiles (flash_fwd's FwdTile, or bwd_main's "dkdv" BwdTile)."""
+    from cuflash import ops
+    overrides = {}
     for item in filter(None, tiles.split(";")):
         hd, tile = item.split(":")
         a, b, c = (int(x) for x in tile.split(","))
-        if mode == "fwd":
-            _dispatch.FWD_TILES[int(hd)] = _dispatch.FwdTile(a, b, c, "tuning override")
-        else:
-            _dispatch.BWD_TILES[int(hd)]["dkdv"] = _dispatch.BwdTile(a, b, c, "tuning override")
-    if kernel_file:
-        _dispatch.FWD_FILE = kernel_file
+        kind = ops.forward.FwdTile if mode == "fwd" else ops.backward.BwdTile
+        overrides[int(hd)] = kind(a, b, c, "tuning override")
+    return overrides
+
+
+def overridden(args, q, k, v, causal):
+    """(forward, backward) with this run's --tiles / --file for q's head dim, or None."""
+    from cuflash import ops
+    hd = q.shape[3]
+    tile = args.overrides.get(hd)
+    kernel_file = getattr(args, "file", "")
+    block_n = args.sm90_block_n.get(hd)
+    if block_n:
+        config = ops.forward.sm90_config(q.dtype, hd, False, False, k.shape[1], block_n)
+        return cuflash_launches(q, k, v, causal, fwd_config=config)
+    if tile is None and not kernel_file:
+        return None
+    if args.mode == "fwd":
+        config = ops.forward.mma_config(q.dtype, hd, False, False, tile)
+        if kernel_file:
+            config = dataclasses.replace(config, filename=kernel_file)
+        return cuflash_launches(q, k, v, causal, fwd_config=config)
+    steps = tuple(ops.backward.mma_steps(q.dtype, hd, False, False, tile))
+    return cuflash_launches(q, k, v, causal, bwd_steps=steps)
 
 
 def max_diff(torch, mode, ours, ref) -> float:
@@ -103,13 +124,18 @@ def tune_shape(args, torch, dname, hd, n):
         row_flops = flops(mode, batch, nheads, n, hd, causal)
         res = {"dtype": dname, "headdim": hd, "seqlen": n, "batch": batch, "nheads": nheads,
                "causal": causal}
+        launches = overridden(args, q, k, v, causal)
         if mode == "fwd":
             def ours():
+                if launches:
+                    return launches[0]()[0]
                 return cuflash.attention(q, k, v, causal=causal)
         else:
             out, lse = cuflash.attention_forward(q, k, v, causal=causal)
 
             def ours(det=False):
+                if launches and not det:
+                    return launches[1](dout, out, lse)
                 return cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
                                                   deterministic=det)
         got = ours()
@@ -141,11 +167,13 @@ def columns(mode):
     return ["cuflash"] + (["det"] if mode == "bwd" else []) + [name for name, _ in PEERS]
 
 
-def main(argv=None):
+def main(argv=None, sm90_block_n=None):
+    """``sm90_block_n``: {head dim: Bc} for the Hopper forward (bench/diagnose.py tiles)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.sm90_block_n = sm90_block_n or {}
     cupy = require_gpu()
     torch = None if args.no_peers else import_torch()
-    override_tiles(args.mode, args.tiles, getattr(args, "file", ""))
+    args.overrides = tile_overrides(args.mode, args.tiles)
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
     print(f"device: {device}", flush=True)
     print(f"{'dtype':5} {'hd':>4} {'seqlen':>6} {'causal':>6} | "

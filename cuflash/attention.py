@@ -33,9 +33,18 @@ _OPTIONS_DOC = """
 _OUTPUTS_DOC = """
     out, lse : arrays, optional
         Where to write the results (NumPy style): exactly the shape and dtype returned,
-        of the inputs' kind and device, last axis contiguous (``lse`` C-contiguous), sharing
-        no memory with the inputs. They are returned. With both given on the GPU, the call
-        allocates nothing.
+        of the inputs' kind and device, last axis contiguous (``lse`` C-contiguous; both
+        C-contiguous in a varlen call with GPU prefix sums), sharing no memory with the
+        inputs. They are returned. With both given, a GPU call allocates nothing.
+"""
+
+_GRADS_DOC = """
+    dq, dk, dv : arrays, optional
+        Where to write the gradients (NumPy style): exactly the shapes and dtypes of ``q``,
+        ``k`` and ``v``, of their kind and device, last axis contiguous (C-contiguous in a
+        varlen call with GPU prefix sums), sharing no memory with the inputs. They are
+        returned. The GPU backward still allocates its float32 scratch (O(seqlen x
+        headdim)); under CUDA graph capture it comes from a scratch kept per stream.
 """
 
 def _xp(kind):
@@ -53,6 +62,7 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
         float16, bfloat16 (``ml_dtypes.bfloat16``) or float32 (float64 too on the CPU).
         Only the last axis must be contiguous.
     {options}
+    {outputs}
 
     Returns
     -------
@@ -185,6 +195,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap
     {options}
     return_lse : bool, default False
         Also return the float32 log-sum-exp, shape (batch, nheads, seqlen_q).
+    {outputs}
 
     Returns
     -------
@@ -214,6 +225,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
     q, k, v : the forward's inputs
     out, lse : the forward's outputs (``attention_forward``)
     {options}
+    {grads}
     deterministic : bool, default False
         Make the gradients bitwise reproducible run to run (GPU: no float atomics).
 
@@ -375,6 +387,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     k, v : arrays (total_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
     {varlen}
     {options}
+    {outputs}
 
     Returns
     -------
@@ -422,6 +435,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     {options}
     return_lse : bool, default False
         Also return the float32 log-sum-exp, shape (nheads, total_q).
+    {outputs}
 
     Returns
     -------
@@ -457,6 +471,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k : the forward's inputs
     out, lse : the forward's outputs (:func:`attention_varlen_forward`)
     {options}
+    {grads}
     deterministic : bool, default False
         Make the gradients bitwise reproducible run to run (GPU: no float atomics).
 
@@ -503,5 +518,7 @@ for _f in (attention_forward, attention, attention_backward, attention_varlen_fo
            attention_varlen, attention_varlen_backward):
     if _f.__doc__:  # None under python -OO, which strips docstrings
         _f.__doc__ = (_f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
+                      .replace("    {outputs}\n", _OUTPUTS_DOC.lstrip("\n"))
+                      .replace("    {grads}\n", _GRADS_DOC.lstrip("\n"))
                       .replace("    {varlen}\n", _VARLEN_DOC.lstrip("\n"))
                       .replace("    {masks}\n", _VARLEN_MASKS.lstrip("\n")))

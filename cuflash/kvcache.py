@@ -71,6 +71,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     {options}
     return_lse : bool, default False
         Also return the float32 log-sum-exp, shape (batch, nheads, seqlen_q).
+    out, lse : arrays, optional
+        Where to write the results (NumPy style): exactly the shape and dtype returned, of
+        the inputs' kind and device, last axis contiguous (``lse`` C-contiguous), sharing
+        no memory with the inputs. They are returned (``lse`` is filled even without
+        ``return_lse``). With both given, a GPU decode step allocates only the splits'
+        partial results (none with ``num_splits=1``; under CUDA graph capture they come
+        from a scratch kept per stream).
 
     Returns
     -------

@@ -5,6 +5,7 @@ and ``facts()``, the (filename, C++ expression, value) triples of every number i
 with the CUDA sources, which the compile check proves equal."""
 from __future__ import annotations
 
+from .. import _checks, _core
 from . import backward, decode, forward, merge, varlen_check
 
 FAMILIES = (forward, backward, decode, merge, varlen_check)
@@ -26,3 +27,11 @@ def all_facts() -> list:
         for item in family.facts():
             seen.setdefault(item, None)
     return list(seen)
+
+
+def dense_problem(q, k, v, **options) -> _core.Problem:
+    """The Problem of a dense call on CuPy arrays, validated as :func:`cuflash.attention`
+    validates it: for tuning and benchmarks that launch a family's plans with explicit
+    overrides (e.g. ``forward.Launch(p, ..., config=forward.mma_config(...))``)."""
+    shape = _checks.check_qkv(q, k, v, gpu=True)
+    return _core.problem(q, k, v, shape, _checks.options(shape, "cupy", q, **options))

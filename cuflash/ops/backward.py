@@ -147,8 +147,10 @@ def _f32_step(hd: int, mode: int) -> Step:
                 "queries" if mode & DQ else "keys", F32_BLOCK, F32_THREADS, shared)
 
 
-def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool) -> list:
-    """The bwd_main launches of one backward call, in order."""
+def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
+               tile: BwdTile | None = None) -> list:
+    """The bwd_main launches of one backward call, in order (``tile`` overrides the
+    table's "dkdv" tile, for tuning)."""
     hd = tiles.padded_headdim(headdim)
     v = VARLEN if varlen else 0
     dq = 0 if deterministic else DQ_ATOMIC
@@ -156,7 +158,7 @@ def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool) -> list:
         if deterministic:
             return [_f32_step(hd, DK | DV | v), _f32_step(hd, DQ | v)]
         return [_f32_step(hd, DK | DV | DQ_ATOMIC | v)]
-    t = TILES[hd]
+    t = dict(TILES[hd], **({"dkdv": tile} if tile else {}))
     if "dkdv" in t:
         steps = [_main_step(dtype, hd, t["dkdv"], DK | DV | dq | v)]
     else:
@@ -193,9 +195,16 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     if (hopper and arch == "sm_90" and p.dtype != np.float32 and not deterministic
             and not p.score_mod and hd in SM90_TILES):
         return sm90_steps(p.dtype, p.headdim, p.varlen)
-    steps = main_steps(p.dtype, p.headdim, deterministic, p.varlen)
+    return mma_steps(p.dtype, p.headdim, deterministic, p.varlen)
+
+
+def mma_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
+              tile: BwdTile | None = None) -> list:
+    """bwd_main's launches and, unless deterministic, the dQ conversion (``tile`` as in
+    :func:`main_steps`)."""
+    steps = main_steps(dtype, headdim, deterministic, varlen, tile)
     if not deterministic:
-        steps.append(_pre("convert_dq", p.dtype, p.varlen))
+        steps.append(_pre("convert_dq", dtype, varlen))
     return steps
 
 
@@ -254,11 +263,13 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=1024)
-def plan(p: _core.Problem, strides: tuple, deterministic: bool, hopper: bool = True) -> Plan:
+def plan(p: _core.Problem, strides: tuple, deterministic: bool, hopper: bool = True,
+         steps: tuple | None = None) -> Plan:
     """The plan of a backward problem; ``strides``: byte strides of out, dout, lse, dq, dk,
-    dv. ``hopper=False`` keeps bwd_main on sm_90."""
+    dv. ``hopper=False`` keeps bwd_main on sm_90; ``steps`` overrides the launches after
+    preprocess (tuning)."""
     arch = _compile.device_arch(p.device_id)
-    return Plan(p, strides, choose(p, deterministic, arch, hopper))
+    return Plan(p, strides, list(steps or choose(p, deterministic, arch, hopper)))
 
 
 def kernels():
@@ -298,10 +309,10 @@ class Launch:
     Allocates the gradients the caller gave none of, and the float32 scratch."""
 
     def __init__(self, p: _core.Problem, strides: tuple, deterministic: bool,
-                 hopper: bool = True):
+                 hopper: bool = True, steps: tuple | None = None):
         self.problem, self.strides = p, strides
-        self.deterministic, self.hopper = deterministic, hopper
-        self.plan = plan(p, strides, deterministic, hopper)
+        self.deterministic, self.hopper, self.steps = deterministic, hopper, steps
+        self.plan = plan(p, strides, deterministic, hopper, steps)
         self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, *strides[:2],
                                            *strides[3:]) for s in x[:-1])
 
@@ -336,7 +347,7 @@ class Launch:
         p = dataclasses.replace(self.problem, q_strides=q2.strides, k_strides=k2.strides,
                                 v_strides=v2.strides)
         strides = (out2.strides, dout2.strides, self.strides[2], *(g.strides for g in grads))
-        Launch(p, strides, self.deterministic, self.hopper)(dout2, q2, k2, v2, out2, lse,
+        Launch(p, strides, self.deterministic, self.hopper, self.steps)(dout2, q2, k2, v2, out2, lse,
                                                             slopes, cu_q, cu_k, *grads)
         for given, computed in zip((dq, dk, dv), grads):
             if computed is not given:

@@ -86,7 +86,6 @@ _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
     ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("fwd", PARAMS),
     ("tile_counter", np.uint64), ("varlen_m_blocks", np.int32)], align=True), 64)
-_MAPS_BYTES = 3 * _tma.MAP_BYTES
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,17 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool) -> Config:
-    """flash_fwd (mma.sync) for one padded head dim; float32 runs flash_fwd_f32."""
+def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
+               tile: FwdTile | None = None) -> Config:
+    """flash_fwd (mma.sync) for one padded head dim (``tile`` overrides TILES, for tuning);
+    float32 runs flash_fwd_f32."""
     hd = tiles.padded_headdim(headdim)
     v = tiles.varlen_flag(varlen)
     if np.dtype(dtype) == np.float32:
         block_m = F32_WARPS * F32_ROWS
         smem = (block_m * hd + F32_KEYS * (hd + 1) + F32_KEYS * hd) * 4
         return Config(FILE, f"cuflash::flash_fwd_f32<{hd}{v}>", block_m, F32_WARPS * 32, smem)
-    t = TILES[hd]
+    t = tile or TILES[hd]
     args = (f"{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {t.block_m}, {t.block_n}, "
             f"{t.num_warps}, {_flag(score_mod)}")
     smem = (t.block_m + 2 * t.block_n) * tiles.smem_cols(hd) * 2
@@ -125,11 +126,13 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool) -> Config:
                   traits=f"cuflash::FwdTraits<{args}>")
 
 
-def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int) -> Config:
-    """flash_fwd_sm90 for fp16 / bf16 at a head dim padded to one of SM90_TILES."""
+def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int,
+                block_n: int | None = None) -> Config:
+    """flash_fwd_sm90 for fp16 / bf16 at a head dim padded to one of SM90_TILES (``block_n``
+    overrides the table's Bc, for tuning)."""
     hd = tiles.padded_headdim(headdim)
     t = SM90_TILES[hd]
-    bn = t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n
+    bn = block_n or (t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n)
     smem = (SM90_BLOCK_M + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, "
             f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
@@ -163,7 +166,8 @@ class Plan:
                          _tma.MapMaker(p.dtype, shape_k, p.k_strides, config.block_n),
                          _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
             self._encoded = {}
-            record = (np.zeros(_MAPS_BYTES, np.uint8), fwd, 0, grid[0])
+            blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
+            record = (blank, blank, blank, fwd, 0, grid[0])
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
                 SM90_PARAMS
