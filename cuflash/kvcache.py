@@ -99,11 +99,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     ((2, 1, 4, 32), True)
     """
     options = (num_splits, scale, causal, window, softcap)
-    seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
     args = (q, k_cache, v_cache, alibi_slopes, block_table, cache_seqlens, k, v)
     try:
+        seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
         call = CALLS[(*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v),
-                       meta(out), meta(lse), options)]
+                      meta(out), meta(lse), options)]
     except MISS:
         call, args = _kvcache_call(args, (out, lse), options)
     if not isinstance(return_lse, (bool, np.bool_)):
