@@ -38,6 +38,15 @@ _OUTPUTS_DOC = """
         inputs. They are returned. With both given, a GPU call allocates nothing.
 """
 
+_LAYOUT_DOC = """
+    layout : {'bshd', 'bhsd'}, default 'bshd'
+        The axes of the 4-D arrays (q, k, v, out, dout and the gradients): 'bshd' is
+        (batch, seqlen, heads, headdim); 'bhsd' is (batch, heads, seqlen, headdim), the
+        layout of torch's ``scaled_dot_product_attention``, taken as a zero-copy transposed
+        view (results come back in it, as views). ``lse`` is (batch, heads, seqlen_q) in
+        both.
+"""
+
 _GRADS_DOC = """
     dq, dk, dv : arrays, optional
         Where to write the gradients (NumPy style): exactly the shapes and dtypes of ``q``,
@@ -52,7 +61,7 @@ def _xp(kind):
 
 
 def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-                      alibi_slopes=None, out=None, lse=None):
+                      alibi_slopes=None, out=None, lse=None, layout="bshd"):
     """Exact attention forward, returning the output and its log-sum-exp.
 
     Parameters
@@ -63,6 +72,7 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
         Only the last axis must be contiguous.
     {options}
     {outputs}
+    {layout}
 
     Returns
     -------
@@ -79,6 +89,12 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
     >>> out.shape, lse.shape
     ((1, 5, 2, 64), (1, 2, 5))
     """
+    if layout != "bshd":
+        q, k, v, view = _as_bshd(layout, q=q, k=k, v=v, out=out)
+        result = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
+                                   softcap=softcap, alibi_slopes=alibi_slopes, out=view,
+                                   lse=lse)
+        return _from_bshd(result, (out, lse))
     options = (scale, causal, window, softcap)
     args, outputs = (q, k, v, alibi_slopes, None, None), (out, lse)
     try:
@@ -184,8 +200,42 @@ def _checked(varlen, outputs):
     return outputs
 
 
+LAYOUTS = ("bshd", "bhsd")
+
+
+def _as_bshd(layout, **arrays):
+    """``arrays`` given in ``layout`` as (batch, seqlen, heads, headdim) views, in order
+    (None stays None); the last is the caller's output buffer, if any, as such a view."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    views = []
+    for name, x in arrays.items():
+        if x is not None:
+            if getattr(x, "ndim", None) != 4:
+                raise ValueError(f"{name} must have 4 dimensions (batch, nheads, seqlen, "
+                                 f"headdim) with layout='bhsd', got shape "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            x = x.swapaxes(1, 2)
+        views.append(x)
+    return views
+
+
+def _from_bshd(results, given):
+    """``results`` of a call in (batch, seqlen, heads, headdim) order back in 'bhsd': the
+    caller's own buffers where given, else transposed views; lse has one layout only."""
+    back = []
+    for x, mine in zip(results, given):
+        if mine is not None:
+            back.append(mine)
+        elif x.ndim == 4:
+            back.append(x.swapaxes(1, 2))
+        else:
+            back.append(x)
+    return tuple(back)
+
+
 def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-              alibi_slopes=None, return_lse=False, out=None, lse=None):
+              alibi_slopes=None, return_lse=False, out=None, lse=None, layout="bshd"):
     """Exact attention ``softmax(scale * q @ k.T + masks) @ v`` in O(seqlen) memory.
 
     Parameters
@@ -196,6 +246,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap
     return_lse : bool, default False
         Also return the float32 log-sum-exp, shape (batch, nheads, seqlen_q).
     {outputs}
+    {layout}
 
     Returns
     -------
@@ -210,13 +261,14 @@ def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap
     (2, 17, 4, 64)
     """
     out, lse = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, out=out, lse=lse)
+                                 softcap=softcap, alibi_slopes=alibi_slopes, out=out, lse=lse,
+                                 layout=layout)
     return (out, lse) if return_lse else out
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
                        window=(None, None), softcap=0.0, alibi_slopes=None,
-                       deterministic=False, dq=None, dk=None, dv=None):
+                       deterministic=False, dq=None, dk=None, dv=None, layout="bshd"):
     """Gradients of attention, recomputing the probabilities from the saved ``lse``.
 
     Parameters
@@ -226,6 +278,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
     out, lse : the forward's outputs (``attention_forward``)
     {options}
     {grads}
+    {layout}
     deterministic : bool, default False
         Make the gradients bitwise reproducible run to run (GPU: no float atomics).
 
@@ -243,6 +296,13 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
     >>> dq.shape
     (1, 8, 2, 32)
     """
+    if layout != "bshd":
+        views = _as_bshd(layout, dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
+        result = attention_backward(*views[:5], lse, scale=scale, causal=causal,
+                                    window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                    deterministic=deterministic, dq=views[5], dk=views[6],
+                                    dv=views[7])
+        return _from_bshd(result, (dq, dk, dv))
     options = (scale, causal, window, softcap, deterministic)
     args, outputs = (dout, q, k, v, out, lse, alibi_slopes, None, None), (dq, dk, dv)
     try:
@@ -520,5 +580,6 @@ for _f in (attention_forward, attention, attention_backward, attention_varlen_fo
         _f.__doc__ = (_f.__doc__.replace("    {options}\n", _OPTIONS_DOC.lstrip("\n"))
                       .replace("    {outputs}\n", _OUTPUTS_DOC.lstrip("\n"))
                       .replace("    {grads}\n", _GRADS_DOC.lstrip("\n"))
+                      .replace("    {layout}\n", _LAYOUT_DOC.lstrip("\n"))
                       .replace("    {varlen}\n", _VARLEN_DOC.lstrip("\n"))
                       .replace("    {masks}\n", _VARLEN_MASKS.lstrip("\n")))
