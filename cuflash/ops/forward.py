@@ -158,13 +158,8 @@ class Plan:
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
         fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
-        self.maps = None
+        self.maps = _map_makers(p, config) if config.hopper else None
         if config.hopper:
-            shape_q = _shape(p, p.total_q, p.nheads)
-            shape_k = _shape(p, p.total_k, p.nheads_kv)
-            self.maps = (_tma.MapMaker(p.dtype, shape_q, p.q_strides, config.block_m),
-                         _tma.MapMaker(p.dtype, shape_k, p.k_strides, config.block_n),
-                         _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
             self._encoded = {}
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
             record = (blank, blank, blank, fwd, 0, grid[0])
@@ -176,12 +171,6 @@ class Plan:
         self.record = _core.Record(dtype, record, fields)
         self.kernel = _core.Kernel(config.filename, config.name_expression, p.device_id, grid,
                                    (config.num_threads,), config.shared_bytes)
-
-    def hopper_serves(self) -> bool:
-        """Whether TMA maps describe these layouts and the tile count fits the kernel."""
-        p = self.problem
-        tiles_ = -(-p.seqlen_q // self.config.block_m) * p.nheads * p.batch
-        return all(m.ok for m in self.maps) and tiles_ <= SM90_MAX_TILES
 
     def _head(self, q, k, v) -> bytes | None:
         """The three TMA maps of these addresses (None where the driver refuses one)."""
@@ -212,6 +201,21 @@ class Plan:
         return True
 
 
+def _map_makers(p: _core.Problem, config: Config) -> tuple:
+    """The TMA map makers of q (boxes of Br rows), k and v (Bc rows)."""
+    shape_q = _shape(p, p.total_q, p.nheads)
+    shape_k = _shape(p, p.total_k, p.nheads_kv)
+    return (_tma.MapMaker(p.dtype, shape_q, p.q_strides, config.block_m),
+            _tma.MapMaker(p.dtype, shape_k, p.k_strides, config.block_n),
+            _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
+
+
+def _hopper_serves(p: _core.Problem, config: Config) -> bool:
+    """Whether TMA maps describe these layouts and the tile count fits the kernel's int32."""
+    tiles_ = -(-p.seqlen_q // config.block_m) * p.nheads * p.batch
+    return tiles_ <= SM90_MAX_TILES and all(m.ok for m in _map_makers(p, config))
+
+
 def _shape(p: _core.Problem, rows: int, heads: int) -> tuple:
     if p.varlen:
         return (rows, heads, p.headdim)
@@ -223,13 +227,12 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
     """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
     arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
     chosen = config or choose(p, arch)
-    result = Plan(p, out_strides, chosen)
-    if chosen.hopper and not result.hopper_serves():
+    if chosen.hopper and not _hopper_serves(p, chosen):
         if config is not None:
             raise ValueError(f"{config.name_expression} cannot run this problem (strides a "
                              f"TMA map cannot describe, or too many tiles)")
-        return Plan(p, out_strides, mma_config(p.dtype, p.headdim, p.score_mod, p.varlen))
-    return result
+        chosen = mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
+    return Plan(p, out_strides, chosen)
 
 
 def fallback(p: _core.Problem, out_strides: tuple) -> Plan:
