@@ -101,6 +101,7 @@ def backward(dout, q, k, v, out, lse, shape, opts, *, Br=BR, Bc=BC):
             dV[:, :, c0:c1] += P.swapaxes(-1, -2) @ dOi
             dP = dOi @ Vj.swapaxes(-1, -2)
             dS = P * (dP - _rows(delta[..., None], r0, r1))
+            _dominant_ds(dS, P, dOi, _rows(O, r0, r1), Vj)
             if tanh is not None:
                 dS *= 1 - tanh * tanh  # d/dx softcap * tanh(x / softcap)
             dK[:, :, c0:c1] += dS.swapaxes(-1, -2) @ Qi
@@ -164,6 +165,22 @@ def backward_varlen(dout, q, k, v, out, lse, shape, opts, varlen, *, Br=BR, Bc=B
     return dq, dk, dv
 
 
+def _dominant_ds(dS, P, dOi, Oi, Vj):
+    """dS = P (dP - delta) again, in place, where P > 1/2 (at most one key a row).
+
+    There dP - delta = dO . v_j - dO . o is a near-total cancellation: a row that sees one
+    key has o == v_j and dS exactly 0, but dP (a matmul) and delta (a row sum) are float32
+    dot products summed in different orders, whose difference (~eps * sqrt(headdim)) dQ
+    and dK then scale up, past the accuracy rule (tests/test_reliability.py). The same
+    quantity as dO . (v_j - o) cancels before summing: exactly 0 for one key, and in
+    general an error relative to v_j - o instead of v_j. O(rows * headdim) a block pair.
+    """
+    big = P > 0.5
+    if big.any():
+        b, h, r, c = np.nonzero(big)
+        dS[b, h, r, c] = P[b, h, r, c] * (dOi[b, h, r] * (Vj[b, h, c] - Oi[b, h, r])).sum(-1)
+
+
 def _varlen_item(shape, opts, b, seqlen_q, seqlen_k):
     """Shape and options of batch item ``b`` of a varlen call, as a dense batch of one."""
     shape_b = dataclasses.replace(shape, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
@@ -195,11 +212,17 @@ def _forward(Q, K, V, shape, opts, Br, Bc):
             l_i = alpha * l_i + P.sum(-1, keepdims=True)
             O_i = alpha * O_i + P @ V[:, :, c0:c1]
             m_i = m_new
-        seen = l_i > 0
-        l_safe = np.where(seen, l_i, 1)
-        O[..., r0:r1, :] = (O_i / l_safe).reshape(O[..., r0:r1, :].shape)
-        lse[..., r0:r1] = np.where(seen, m_i + np.log(l_safe), -np.inf).reshape(
-            lse[..., r0:r1].shape)
+        # docs/CONVENTIONS.md: a row that saw no key (l_i == 0; a NaN l_i is not one) gets
+        # out 0 and lse -inf even where a masked value of its blocks was NaN (0 * NaN); a row
+        # that met a NaN (in l_i, from a score, or in O_i, from a value) is NaN in all of out
+        # and in lse.
+        empty = l_i == 0
+        nan = ~empty & (np.isnan(l_i) | np.isnan(O_i).any(-1, keepdims=True))
+        l_safe = np.where(empty, 1, l_i)
+        O_i = np.where(empty, 0, np.where(nan, np.nan, O_i / l_safe))
+        lse_i = np.where(empty, -np.inf, np.where(nan, np.nan, m_i + np.log(l_safe)))
+        O[..., r0:r1, :] = O_i.reshape(O[..., r0:r1, :].shape)
+        lse[..., r0:r1] = lse_i.reshape(lse[..., r0:r1].shape)
     return O, lse
 
 

@@ -254,15 +254,22 @@ def _forward(q, k, v, shape, opts, rnd):
         visible &= -diag <= opts.window_right
     s = np.where(visible, s, -np.inf)
 
-    m = s.max(-1, keepdims=True, initial=-np.inf)
+    m = s.max(-1, keepdims=True, initial=-np.inf)  # NaN if the row sees a NaN score
     m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf - 0) = 0, not NaN
     e = np.exp(s - m)
     l = e.sum(-1, keepdims=True)
-    seen = l > 0
+    seen = l != 0  # NaN (a NaN score) counts as seen
     l_safe = np.where(seen, l, 1.0)
     p = rnd(e / l_safe)
     lse = np.where(seen, m + np.log(l_safe), -np.inf)[..., 0]
-    out = rnd(_heads_first(p @ vf))
+    # Only values the row sees reach it (p @ vf alone would spread a NaN value to every
+    # row, 0 * NaN = NaN); a row that sees a NaN (score, so l, or value) is NaN in all of
+    # its out and in its lse (docs/CONVENTIONS.md).
+    v_nan = np.isnan(vf).any(-1)  # (b, h, sk)
+    nan = np.isnan(l[..., 0]) | (visible & v_nan[:, :, None, :]).any(-1)  # (b, h, sq)
+    out = _heads_first(p @ np.where(np.isnan(vf), 0.0, vf))
+    out = rnd(np.where(_heads_first(nan)[..., None], np.nan, out))
+    lse = np.where(nan, np.nan, lse)
     return out, rnd(lse), (p, tanh, qf, kf, vf)
 
 
@@ -316,7 +323,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     if not kvcache._is_int(cache_seqlens):
         cache_seqlens = _host(cache_seqlens)
     cache = kvcache.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                  gpu=False)
+                                  gpu=False, appends=False)  # it writes nothing
     kvcache.check_cache_values(cache_seqlens, block_table, cache)
     shape = cache.shape
     lengths = np.broadcast_to(np.asarray(cache_seqlens, np.int64), (shape.batch,))

@@ -412,7 +412,8 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant
   T* dst = static_cast<T*>(p.dq) + seq.b * p.dq_batch_stride +
            (seq.q0 + row) * p.dq_row_stride + h * p.dq_head_stride;
   for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
-    const float* src = slab + ((row / 64) * (D / 64) + c0 / 64) * 4096 + (row % 64) * 64 +
+    // In 64 bits, as bwd_sm90's dq_step: in int32 this wraps past 2^24 rows at D = 128.
+    const float* src = slab + (int64(row / 64) * (D / 64) + c0 / 64) * 4096 + (row % 64) * 64 +
                        2 * (((c0 % 64) / 2) ^ (4 * (row % 8)));
     const float4 x = *reinterpret_cast<const float4*>(src);
     const float4 y = *reinterpret_cast<const float4*>(src + 4);

@@ -35,7 +35,9 @@ constexpr int APPEND_THREADS = 128;
 // log-sum-exp of part s, lse = log sum_s exp(lse_s) and part s weighs exp(lse_s - lse).
 // Accumulated online (running max `mx`, sum of exp(lse_s - mx)), so parts can be added in
 // any order and two partial merges combined. A part with lse_s = -inf (no key) weighs 0;
-// when every part is -inf, lse = -inf and every weight is 0.
+// when every part is -inf, lse = -inf and every weight is 0. A part with lse_s = NaN (it
+// met a NaN, docs/CONVENTIONS.md) makes lse NaN, and with it every weight: fmaxf drops a
+// NaN from mx, so it is kept in sum, where it stays (NaN * 0 is NaN).
 struct LseMerge {
   float mx = neg_inf();
   float sum = 0.f;
@@ -45,14 +47,13 @@ struct LseMerge {
   // Folds in another merge's (mx, sum).
   __device__ __forceinline__ void combine(float other_mx, float other_sum) {
     const float m = fmaxf(mx, other_mx);
-    if (m == neg_inf()) return;  // both empty: exp(-inf - -inf) would be NaN
-    sum = sum * expf(mx - m) + other_sum * expf(other_mx - m);
+    const float m_use = m == neg_inf() ? 0.f : m;  // both empty: exp(-inf - -inf) is NaN
+    sum = sum * expf(mx - m_use) + other_sum * expf(other_mx - m_use);
     mx = m;
   }
 
-  __device__ __forceinline__ float lse() const {
-    return mx == neg_inf() ? neg_inf() : mx + logf(sum);
-  }
+  // -inf + log(0) = -inf when empty; NaN whenever sum is.
+  __device__ __forceinline__ float lse() const { return mx + logf(sum); }
 };
 
 __device__ __forceinline__ float merge_weight(float lse_s, float lse) {
@@ -74,19 +75,22 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // Keys a batch item attends over; cache_seqlens are not checked on the GPU (that needs a
 // device synchronisation), so out-of-range values are clamped here to keep every access
 // inside the caches.
+// In 64 bits: cached near 2^31 must not wrap past the capacity.
 __device__ __forceinline__ int cache_length(const DecodeParams& p, int b) {
   const int cached = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
-  return min(max(cached, 0) + p.seqlen_new, p.attn.seqlen_k);
+  return static_cast<int>(min(static_cast<int64>(max(cached, 0)) + p.seqlen_new,
+                              static_cast<int64>(p.attn.seqlen_k)));
 }
 
 // Where key `pos` of batch item b lives: its page (the batch item for contiguous caches)
-// and its row in that page. Block-table entries are not checked on the GPU either: one
-// outside [0, num_pages) is clamped into it.
+// and its row in that page, for 0 <= pos < attn.seqlen_k. Block-table entries are not
+// checked on the GPU either: one outside [0, num_pages) is clamped into it (the host
+// rejects a paged cache with no page; the outer max keeps even that at page 0, not -1).
 __device__ __forceinline__ void locate_key(const DecodeParams& p, int b, int pos, int& page,
                                            int& row) {
   if (p.block_table) {
     const int block = p.page_size.divmod(pos, row);
-    page = min(max(p.block_table[b * p.block_table_batch_stride + block], 0), p.num_pages - 1);
+    page = max(min(p.block_table[b * p.block_table_batch_stride + block], p.num_pages - 1), 0);
   } else {
     page = b;
     row = pos;
@@ -100,10 +104,11 @@ __global__ void __launch_bounds__(APPEND_THREADS) append_kv(const __grid_constan
   const AttnArgs& a = p.attn;
   const int t = blockIdx.x % p.seqlen_new, b = blockIdx.x / p.seqlen_new;
   const int cached = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
-  const int pos = max(cached, 0) + t;
+  // In 64 bits: in int32, cached near 2^31 would wrap to a negative row and pass the test.
+  const int64 pos = static_cast<int64>(max(cached, 0)) + t;
   if (pos >= a.seqlen_k) return;  // past the capacity (unchecked on the GPU): dropped
   int page, row;
-  locate_key(p, b, pos, page, row);
+  locate_key(p, b, static_cast<int>(pos), page, row);
   // AttnArgs holds the caches as const for the attention kernels; this one writes them.
   T* k = static_cast<T*>(const_cast<void*>(a.k)) + page * a.k_batch_stride + row * a.k_row_stride;
   T* v = static_cast<T*>(const_cast<void*>(a.v)) + page * a.v_batch_stride + row * a.v_row_stride;

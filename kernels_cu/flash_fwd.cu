@@ -397,12 +397,19 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
   for (int r = 0; r < F32_ROWS; ++r) {
     const int i = m0 + warp * F32_ROWS + r;
     if (i >= seq.seqlen_q()) continue;
-    const bool empty = !(l_i[r] > 0.f);
-    const float inv = empty ? 0.f : 1.f / l_i[r];
+    // As OnlineSoftmax::finalize (common/softmax.cuh): no key gives 0 and -inf; a NaN
+    // score (l_i NaN) or value (acc NaN) gives NaN in the whole row and in lse.
+    bool nan = false;
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) nan |= isnan(acc[r][c]);
+    nan = __any_sync(0xffffffffu, nan);
+    const bool empty = l_i[r] == 0.f;
+    const float inv = empty ? 0.f : nan ? quiet_nan() : 1.f / l_i[r];
 #pragma unroll
     for (int c = 0; c < COLS; ++c)
-      if (lane + 32 * c < a.headdim) o[i * p.o_row_stride + lane + 32 * c] = acc[r][c] * inv;
-    if (lane == 0) lse_out[i] = empty ? neg_inf() : m_i[r] + logf(l_i[r]);
+      if (lane + 32 * c < a.headdim)
+        o[i * p.o_row_stride + lane + 32 * c] = empty ? 0.f : acc[r][c] * inv;
+    if (lane == 0) lse_out[i] = empty ? neg_inf() : nan ? quiet_nan() : m_i[r] + logf(l_i[r]);
   }
 }
 

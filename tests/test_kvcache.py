@@ -505,21 +505,23 @@ def test_gpu_block_table_entries_out_of_range_stay_in_the_caches(rng, dtype):
     cupy = import_cupy()
     q = rng.standard_normal((2, 1, 4, 64)).astype(dtype)
     k_cache = rng.standard_normal((3, 16, 1, 64)).astype(dtype)
+    v_cache = k_cache.copy()  # one array for both would be rejected: the call appends
     table = np.array([[0, 2**30], [-5, 1]], np.int32)
     lengths = np.array([20, 31], np.int32)
-    g_cache = cupy.asarray(k_cache)
-    out = cuflash.attention_with_kvcache(cupy.asarray(q), g_cache, g_cache,
+    g_cache, g_v_cache = cupy.asarray(k_cache), cupy.asarray(v_cache)
+    out = cuflash.attention_with_kvcache(cupy.asarray(q), g_cache, g_v_cache,
                                          k=cupy.asarray(q[:, :, :1]),
                                          v=cupy.asarray(q[:, :, :1]),
                                          cache_seqlens=cupy.asarray(lengths),
                                          block_table=cupy.asarray(table), num_splits=2)
     cupy.cuda.Device().synchronize()
-    want = cuflash.attention_with_kvcache(q, k_cache, k_cache, k=q[:, :, :1], v=q[:, :, :1],
+    want = cuflash.attention_with_kvcache(q, k_cache, v_cache, k=q[:, :, :1], v=q[:, :, :1],
                                           cache_seqlens=lengths,
                                           block_table=np.clip(table, 0, 2))
     tol = 2e-2 if dtype == BF16 else 1e-4
     np.testing.assert_allclose(out.get().astype(F32), want.astype(F32), rtol=tol, atol=tol)
     np.testing.assert_array_equal(g_cache.get(), k_cache)
+    np.testing.assert_array_equal(g_v_cache.get(), v_cache)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,8 @@
 
 namespace cuflash {
 
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -91,7 +93,10 @@ struct OnlineSoftmax {
   }
 
   // Divides the accumulator by l_i (once, at the end) and returns each row's natural-log
-  // LSE in lse[mt][r]; a row that saw no key gets out = 0 and lse = -inf, never NaN.
+  // LSE in lse[mt][r] (docs/CONVENTIONS.md): a row that saw no key (l == 0) gets out = 0
+  // and lse = -inf, even where a masked value of its tiles was NaN (P V's 0 * NaN); a row
+  // that met a NaN, in a score (then l is NaN) or in a value (then only the accumulator
+  // is), gets NaN in all of out and in lse, so that a merge by LSE cannot drop it.
   template <int D_TILES>
   __device__ __forceinline__ void finalize(float (&acc_o)[M_TILES][D_TILES][4],
                                            float (&lse)[M_TILES][2]) {
@@ -99,14 +104,19 @@ struct OnlineSoftmax {
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float l = quad_sum(l_i[mt][r]);
-        bool empty = !(l > 0.f);
-        float inv = empty ? 0.f : 1.f / l;
-        lse[mt][r] = empty ? neg_inf() : (m_i[mt][r] + __log2f(l)) * LN2;
+        bool nan = false;  // this thread's columns of the row; the quad's, by a max below
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt)
+          nan |= isnan(acc_o[mt][dt][2 * r]) | isnan(acc_o[mt][dt][2 * r + 1]);
+        nan = quad_max(nan ? 1.f : 0.f) != 0.f;
+        const float l = quad_sum(l_i[mt][r]);
+        const bool empty = l == 0.f;  // a NaN l (a NaN score) is not empty
+        const float inv = empty ? 0.f : nan ? quiet_nan() : 1.f / l;
+        lse[mt][r] = empty ? neg_inf() : nan ? quiet_nan() : (m_i[mt][r] + __log2f(l)) * LN2;
 #pragma unroll
         for (int dt = 0; dt < D_TILES; ++dt) {
-          acc_o[mt][dt][2 * r] *= inv;
-          acc_o[mt][dt][2 * r + 1] *= inv;
+          acc_o[mt][dt][2 * r] = empty ? 0.f : acc_o[mt][dt][2 * r] * inv;
+          acc_o[mt][dt][2 * r + 1] = empty ? 0.f : acc_o[mt][dt][2 * r + 1] * inv;
         }
       }
   }
