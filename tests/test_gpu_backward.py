@@ -26,9 +26,11 @@ def _randn(rng, shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
 @pytest.mark.parametrize("seqlen_q,headdim", [(1, 32), (97, 40), (200, 256)])
 def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
-    """delta = rowsum(dout * out) in float32 from strided views; lse in base 2, +inf when -inf."""
+    """delta = rowsum(dout * out) in float32 from strided views; lse in base 2, +inf when -inf;
+    dq_accum zeroed. bwd_preprocess alone (the first launch of a backward plan), into
+    scratch filled with NaN bytes."""
     cp = import_cupy()
-    from cuflash import _launch
+    from cuflash import _core, ops
     rng = np.random.default_rng(seqlen_q)
     b, h = 2, 3
     # Non-contiguous views: heads interleaved with a spare head, rows of out reversed.
@@ -42,35 +44,74 @@ def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
     q = cp.asarray(_randn(rng, (b, seqlen_q, h, headdim), dtype))
     shape = _checks.check_qkv(q, q, q, gpu=True)
     opts = _checks.options(shape, "cupy", q)
-    state = _launch.bwd_preprocess(dout, q, q, q, out, lse, shape, opts, headdim_pad=256,
-                                   with_accum=True)
+    strides = (out.strides, dout.strides, lse.strides, q.strides, q.strides, q.strides)
+    plan = ops.backward.plan(_core.problem(q, q, q, shape, opts), strides, False)
+    pre = plan.kernels[0]
+    assert pre.filename == ops.backward.FILE and pre.name.startswith("cuflash::bwd_preprocess<")
+    # Scratch: lse_log2 and delta of (b, h, seqlen_q padded) floats, each aligned to 256
+    # bytes, then dq_accum (head dim padded).
+    pad = -(-seqlen_q // ops.backward.SCRATCH_TILE) * ops.backward.SCRATCH_TILE
+    rows, headdim_pad = b * h * pad, ops.tiles.padded_headdim(headdim)
+    assert plan.with_accum and plan.delta_offset == -(-4 * rows // 256) * 256
+    assert plan.accum_offset == 2 * plan.delta_offset
+    assert plan.scratch_bytes == plan.accum_offset + 4 * rows * headdim_pad
+    scratch = cp.full(plan.scratch_bytes, 0xFF, np.uint8)
+    base = scratch.data.ptr
+    argv = plan.record.fill(q.data.ptr, q.data.ptr, q.data.ptr, 0, 0, 0, out.data.ptr,
+                            dout.data.ptr, lse.data.ptr, 0, 0, 0, base,
+                            base + plan.delta_offset, base + plan.accum_offset)
+    pre(cp.cuda.get_current_stream().ptr, argv)
+
+    def floats(offset, count):
+        return scratch[offset:offset + 4 * count].view(np.float32).get()
+
     want = np.einsum("bihd,bihd->bhi", dout_h.astype(np.float64), out_h.astype(np.float64))
-    delta = state.delta.get()
+    delta = floats(plan.delta_offset, rows).reshape(b, h, pad)
     assert np.all(delta[..., seqlen_q:] == 0)
     np.testing.assert_allclose(delta[..., :seqlen_q], want, rtol=1e-5, atol=1e-5 * headdim)
-    lse2 = state.lse_log2.get()
+    lse2 = floats(0, rows).reshape(b, h, pad)
     assert np.all(lse2[..., seqlen_q:] == np.inf)
     assert lse2[0, 1, 0] == np.inf
     np.testing.assert_allclose(lse2[..., :seqlen_q][np.isfinite(lse_h)],
                                (lse_h * np.log2(np.e))[np.isfinite(lse_h)], rtol=1e-6)
-    assert not cp.any(state.dq_accum).item()
+    assert not floats(plan.accum_offset, rows * headdim_pad).any()
 
 
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 
 
-def _gpu_backward(dout, q, k, v, out, lse, **opts):
+def _mma_sync_backward(dout, q, k, v, out, lse, deterministic=False, alibi_slopes=None,
+                       **opts):
+    """attention_backward through bwd_main whatever the GPU, sm_90 included (the
+    ``hopper=False`` override of ops.backward.Launch), with the problem and strides built
+    as cuflash.attention_backward builds them for CuPy arrays."""
+    from cuflash import _api, ops
+    p = ops.dense_problem(q, k, v, alibi_slopes=alibi_slopes, **opts)
+    strides = (out.strides, dout.strides, lse.strides,
+               *(_api.contiguous_strides(x.shape, x.dtype.itemsize) for x in (q, k, v)))
+    launch = ops.backward.Launch(p, strides, bool(deterministic), hopper=False)
+    return launch(dout, q, k, v, out, lse, alibi_slopes)
+
+
+def _gpu_backward(dout, q, k, v, out, lse, hopper=True, **opts):
+    """The GPU backward under the poisoning allocator, with what it allocates checked;
+    ``hopper=False``: through bwd_main even on sm_90."""
     import cuflash
-    from cuflash import _dispatch, _launch
-    grads, sizes = poisoned(cuflash.attention_backward, dout, q, k, v, out, lse, **opts)
-    # Gradients, plus float32 scratch: lse_log2 and delta (rows padded to the largest query
-    # tile) and, unless deterministic, the dq accumulator (head dim padded).
+    from cuflash import ops
+    run = cuflash.attention_backward if hopper else _mma_sync_backward
+    with launches() as launched:
+        grads, sizes = poisoned(run, dout, q, k, v, out, lse, **opts)
+    if not hopper:
+        assert all(f != ops.backward.SM90_FILE for f, _ in launched), launched
+    # Gradients, plus one float32 scratch allocation: lse_log2 and delta (rows padded to the
+    # largest query tile), each aligned to 256 bytes, and, unless deterministic, the dq
+    # accumulator (head dim padded).
     b, sq, h, d = q.shape
-    rows = b * h * -(-sq // _launch.BWD_SEQLEN_Q_PAD) * _launch.BWD_SEQLEN_Q_PAD
-    allowed = sum(g.nbytes for g in grads) + 2 * rows * 4
+    rows = b * h * -(-sq // ops.backward.SCRATCH_TILE) * ops.backward.SCRATCH_TILE
+    allowed = sum(g.nbytes for g in grads) + 2 * (-(-4 * rows // 256) * 256)
     if not opts.get("deterministic"):
-        allowed += rows * _dispatch.padded_headdim(d) * 4
+        allowed += rows * ops.tiles.padded_headdim(d) * 4
     # Copies that make rows 16-byte aligned, if the inputs needed them.
     allowed += sum(x.nbytes for x in (dout, q, k, v, out)
                    if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]))
@@ -82,12 +123,13 @@ def _gpu_backward(dout, q, k, v, out, lse, **opts):
 
 
 def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="contiguous",
-          alibi=None, deterministic=False, seed=None, **opts):
+          alibi=None, deterministic=False, seed=None, hopper=True, **opts):
     """One backward on random data; the accuracy rule on dq, dk, dv. Returns the gradients.
 
     layout: "contiguous", or "strided": q/k/v slices of one packed tensor, dout and out
     stored (batch, nheads, seqlen, headdim) and passed transposed.
     alibi: None, "heads" (slopes (nheads,)) or "batch" (slopes (batch, nheads)).
+    hopper: False runs bwd_main on sm_90 too (the Hopper kernel's comparison).
     """
     cp = import_cupy()
     if seed is None:
@@ -126,8 +168,8 @@ def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="
     gopts = dict(opts)
     if alibi:
         gopts["alibi_slopes"] = cp.asarray(slopes)
-    grads = _gpu_backward(dout, q, k, v, out, cp.asarray(hlse), deterministic=deterministic,
-                          **gopts)
+    grads = _gpu_backward(dout, q, k, v, out, cp.asarray(hlse), hopper=hopper,
+                          deterministic=deterministic, **gopts)
     ref = reference.attention_backward(hdout, hq, hk, hv, upcast=True, **opts)
     naive = reference.attention_backward(hdout, hq, hk, hv, upcast=False, **opts)
     where = (f"seed {seed}, {dtype}, b{batch} sq{seqlen_q} sk{seqlen_k} h{nheads}/{nheads_kv} "
@@ -245,18 +287,42 @@ def test_vjp_matches_forward_and_backward(deterministic):
 
 # --- The Hopper (wgmma) backward, kernels_cu/flash_bwd_sm90.cu ----------------------------
 
+def _problem(dtype, headdim, softcap=0.0, alibi=False, varlen=False):
+    """The Problem of a (1, 70, 2, headdim) backward call (no array needed)."""
+    from cuflash import _core
+    dtype = np.dtype(dtype)
+    item = dtype.itemsize
+    strides = (2 * headdim * item, headdim * item, item)
+    if not varlen:
+        strides = (70 * strides[0], *strides)
+    return _core.Problem(0, dtype, 1, 70, 70, 2, 2, headdim, strides, strides, strides,
+                         headdim ** -0.5, softcap, -1, -1, 2 if alibi else None, varlen, 70, 70)
+
+
+def _pick_sm90(dtype, headdim, deterministic, arch, **problem):
+    """The steps of ops.backward.choose when they run bwd_sm90, else None."""
+    from cuflash import ops
+    steps = ops.backward.choose(_problem(dtype, headdim, **problem), deterministic, arch)
+    return steps if steps[0].filename == ops.backward.SM90_FILE else None
+
+
 def test_dispatch_picks_wgmma_backward_on_sm90():
     """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), and never where it cannot."""
     import cuflash
-    from cuflash import _dispatch
-    pick = _dispatch.backward_sm90
-    assert pick("__nv_bfloat16", 128, False, False, "sm_90").name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64>"
-    assert pick("__nv_bfloat16", 128, False, False, "sm_80") is None
-    assert pick("__nv_bfloat16", 128, True, False, "sm_90") is None   # deterministic
-    assert pick("__nv_bfloat16", 128, False, True, "sm_90") is None   # soft-cap / ALiBi
-    assert pick("float", 128, False, False, "sm_90") is None
-    assert pick("__half", 256, False, False, "sm_90") is None
+    from cuflash import ops
+    pick = _pick_sm90
+    assert [s.name_expression for s in pick(BF16, 128, False, "sm_90")] == [
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64>",
+        "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 128>"]
+    assert pick(BF16, 128, False, "sm_80") is None
+    assert pick(BF16, 128, True, "sm_90") is None                 # deterministic
+    assert pick(BF16, 128, False, "sm_90", softcap=2.0) is None   # soft-cap
+    assert pick(BF16, 128, False, "sm_90", alibi=True) is None    # ALiBi
+    assert pick(F32, 128, False, "sm_90") is None
+    assert pick(F16, 256, False, "sm_90") is None
+    # The explicit override keeps bwd_main on sm_90.
+    steps = ops.backward.choose(_problem(BF16, 128), False, "sm_90", hopper=False)
+    assert all(s.filename == ops.backward.FILE for s in steps), steps
     cp = import_cupy()
     rng = np.random.default_rng(3)
     q, k, v, dout, out = (cp.asarray(_randn(rng, (1, 70, 2, 128), BF16)) for _ in range(5))
@@ -276,14 +342,12 @@ def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
-    from cuflash import _dispatch
+    from cuflash import ops
     seed = 11 + headdim
-    wgmma, ref = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, **opts)
-    _dispatch.BWD_SM90_ENABLED = False
-    try:
-        mma, _ = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, **opts)
-    finally:
-        _dispatch.BWD_SM90_ENABLED = True
+    with launches() as launched:
+        wgmma, ref = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, **opts)
+    assert ops.backward.SM90_FILE in {f for f, _ in launched}, launched
+    mma, _ = check(dtype, 2, 257, 300, 4, 2, headdim, seed=seed, hopper=False, **opts)
     for name, a, b, r in zip(("dq", "dk", "dv"), wgmma, mma, ref):
         diff = np.abs(a.get().astype(np.float64) - b.get().astype(np.float64)).max()
         ulp = 2.0 ** (-7 if dtype == BF16 else -10) * max(1.0, np.abs(r).max())

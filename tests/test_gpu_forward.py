@@ -198,11 +198,14 @@ def _require_hopper():
                          ids=["bf16-128", "fp16-64", "bf16-40"])
 def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout):
     _require_hopper()
-    from cuflash import _compile, _dispatch
-    cfg = _dispatch.forward_config(dtype, headdim, arch=_compile.device_arch(0))
-    assert cfg.filename == _dispatch.FWD_SM90_FILE
+    import cupy
+    from cuflash import _compile, ops
+    q = cupy.empty((2, 200, 4, headdim), dtype)
+    k = cupy.empty((2, 200, 2, headdim), dtype)
+    cfg = ops.forward.choose(ops.dense_problem(q, k, k, causal=True), _compile.device_arch(0))
+    assert cfg.filename == ops.forward.SM90_FILE and cfg.hopper
     check(dtype, 2, 200, 200, 4, 2, headdim, layout=layout, causal=True)
-    assert [f for f, _ in launched] == [_dispatch.FWD_SM90_FILE], launched
+    assert [f for f, _ in launched] == [ops.forward.SM90_FILE], launched
 
 
 @pytest.mark.parametrize("case", [
@@ -227,21 +230,22 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
                          ids=["full", "causal", "window", "softcap-causal"])
 def test_wgmma_kernel_matches_mma_sync_kernel(monkeypatch, launched, dtype, headdim, opts):
     """The same inputs through flash_fwd_sm90 and flash_fwd (mma.sync): both meet the
-    accuracy rule, so they differ by at most twice its bound."""
+    accuracy rule, so they differ by at most twice its bound. flash_fwd runs as the fallback
+    for addresses the driver makes no TMA map of (MapMaker returning None)."""
     _require_hopper()
     import cupy
     import cuflash
-    from cuflash import _dispatch, reference
+    from cuflash import _tma, ops, reference
     rng = np.random.default_rng()
     q = cupy.asarray(rng.standard_normal((2, 333, 4, headdim)).astype(dtype))
     k = cupy.asarray(rng.standard_normal((2, 517, 2, headdim)).astype(dtype))
     v = cupy.asarray(rng.standard_normal((2, 517, 2, headdim)).astype(dtype))
     out90, lse90 = cuflash.attention_forward(q, k, v, **opts)
-    real = _dispatch.forward_config
-    monkeypatch.setattr(_dispatch, "forward_config",
-                        lambda *a, arch=None, **kw: real(*a, **kw))  # as on sm_80
-    out80, lse80 = cuflash.attention_forward(q, k, v, **opts)
-    assert [f for f, _ in launched] == [_dispatch.FWD_SM90_FILE, _dispatch.FWD_FILE]
+    # Copies: the Hopper plan keeps the maps of addresses it has encoded.
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    monkeypatch.setattr(_tma.MapMaker, "__call__", lambda self, ptr: None)
+    out80, lse80 = cuflash.attention_forward(q2, k2, v2, **opts)
+    assert [f for f, _ in launched] == [ops.forward.SM90_FILE, ops.forward.FILE], launched
     hq, hk, hv = q.get(), k.get(), v.get()
     ref_out, ref_lse = reference.attention_forward(hq, hk, hv, upcast=True, **opts)
     naive_out, _ = reference.attention_forward(hq, hk, hv, upcast=False, **opts)

@@ -19,7 +19,7 @@ import pytest
 
 import cuflash
 from accuracy import assert_close
-from cuflash import _dispatch, _launch, reference
+from cuflash import _core, ops, reference
 from gpu import device_arch, import_cupy, launches, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -79,18 +79,41 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
     with launches() as launched:
         grads, sizes = poisoned(cuflash.attention_varlen_backward, *g, int(lens_q.max()),
                                 int(lens_k.max()), **opts)
-    # Gradients plus float32 scratch: lse_log2, delta and dq_accum, each of
-    # (nheads, total_q rounded down to 16 + 144 per sequence) rows.
+    # Gradients plus one float32 scratch allocation: lse_log2, delta and dq_accum, each of
+    # (nheads, total_q rounded down to 16 + 144 per sequence) rows, lse_log2 and delta
+    # aligned to 256 bytes.
     batch, nheads = len(lens_q), q.shape[1]
-    rows = nheads * (q.shape[0] // 16 * 16 + _launch.BWD_VARLEN_GAP * batch)
-    allowed = sum(x.nbytes for x in grads) + rows * (2 + _dispatch.padded_headdim(q.shape[2])) * 4
+    rows = nheads * (q.shape[0] // 16 * 16 + ops.backward.VARLEN_GAP * batch)
+    allowed = sum(x.nbytes for x in grads) + 2 * (-(-4 * rows // 256) * 256) + \
+        rows * ops.tiles.padded_headdim(q.shape[2]) * 4
     assert sum(sizes) <= allowed + 512 * len(sizes), f"allocated {sizes}; allowed {allowed}"
     return grads, [n for _, n in launched]
 
 
+def _problem(dtype, headdim, softcap=0.0, alibi=False, varlen=True):
+    """The Problem of a backward call of one packed (70, 2, headdim) sequence, or of a
+    dense (1, 70, 2, headdim) batch (no array needed)."""
+    dtype = np.dtype(dtype)
+    item = dtype.itemsize
+    strides = (2 * headdim * item, headdim * item, item)
+    if not varlen:
+        strides = (70 * strides[0], *strides)
+    return _core.Problem(0, dtype, 1, 70, 70, 2, 2, headdim, strides, strides, strides,
+                         headdim ** -0.5, softcap, -1, -1, 2 if alibi else None, varlen, 70, 70)
+
+
+def _pick_sm90(dtype, headdim, deterministic, arch, **problem):
+    """The two Steps (bwd_sm90, its dQ conversion) that ops.backward.choose picks, or None
+    where it picks bwd_main."""
+    steps = ops.backward.choose(_problem(dtype, headdim, **problem), deterministic, arch)
+    if steps[0].filename != ops.backward.SM90_FILE:
+        return None
+    assert len(steps) == 2 and steps[1].filename == ops.backward.SM90_FILE, steps
+    return steps
+
+
 def _expects_wgmma(dtype, headdim, deterministic=False):
-    return _dispatch.backward_sm90(_launch.CXX_TYPES[np.dtype(dtype)], headdim, deterministic,
-                                   False, device_arch(), varlen=True)
+    return _pick_sm90(dtype, headdim, deterministic, device_arch())
 
 
 def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
@@ -104,8 +127,8 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
     out, lse = _dense_forward(q, k, v, cu_q, cu_k, **opts)
     grads, launched = _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts)
     pick = _expects_wgmma(dtype, headdim, opts.get("deterministic", False))
-    if pick is not None:  # sm_90: the varlen call ran the Hopper kernel
-        assert pick.name_expression in launched and pick.convert_expression in launched, launched
+    if pick is not None:  # sm_90: the varlen call ran the Hopper kernel and its conversion
+        assert all(s.name_expression in launched for s in pick), launched
     ref = _dense_backward(dout, q, k, v, cu_q, cu_k, True, **opts)
     naive = _dense_backward(dout, q, k, v, cu_q, cu_k, False, **opts)
     where = (f"seed {seed}, {np.dtype(dtype)}, lens_q {lens_q} lens_k {lens_k} "
@@ -119,28 +142,31 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
 # --------------------------------------------------------------------------- no GPU needed
 
 def test_dispatch_routes_varlen_to_wgmma_on_sm90():
-    pick = _dispatch.backward_sm90
-    assert pick("__nv_bfloat16", 128, False, False, "sm_90", varlen=True).name_expression == \
+    pick = _pick_sm90
+    assert pick(BF16, 128, False, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true>"
-    got = pick("__half", 40, False, False, "sm_90", varlen=True)
-    assert (got.name_expression, got.convert_expression) == (
-        "cuflash::bwd_sm90<__half, 64, 128, true>", "cuflash::bwd_convert_dq_sm90<__half, 64, true>")
+    got = pick(F16, 40, False, "sm_90")
+    assert [s.name_expression for s in got] == ["cuflash::bwd_sm90<__half, 64, 128, true>",
+                                                "cuflash::bwd_convert_dq_sm90<__half, 64, true>"]
+    # The two Steps of sm90_steps, which the dispatcher returns as they are.
+    assert got == ops.backward.sm90_steps(F16, 40, True)
     # Dense names are unchanged; varlen follows the dense rules otherwise.
-    assert pick("__half", 64, False, False, "sm_90").name_expression == \
+    assert pick(F16, 64, False, "sm_90", varlen=False)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128>"
-    for args in (("__nv_bfloat16", 128, True, False, "sm_90"),   # deterministic
-                 ("__nv_bfloat16", 128, False, True, "sm_90"),   # soft-cap / ALiBi
-                 ("__nv_bfloat16", 128, False, False, "sm_80"),
-                 ("float", 128, False, False, "sm_90"),
-                 ("__half", 256, False, False, "sm_90")):
-        assert pick(*args, varlen=True) is None, args
+    for args, problem in (((BF16, 128, True, "sm_90"), {}),                # deterministic
+                          ((BF16, 128, False, "sm_90"), dict(softcap=2.0)),  # soft-cap
+                          ((BF16, 128, False, "sm_90"), dict(alibi=True)),   # ALiBi
+                          ((BF16, 128, False, "sm_80"), {}),
+                          ((np.float32, 128, False, "sm_90"), {}),
+                          ((F16, 256, False, "sm_90"), {})):
+        assert pick(*args, **problem) is None, (args, problem)
     # The compile check (CI) compiles every varlen instantiation.
-    kernels = _dispatch.all_kernels()
-    for cxx in ("__half", "__nv_bfloat16"):
+    kernels = ops.all_kernels()
+    for dtype in (F16, BF16):
         for hd in (64, 128):
-            sm90 = pick(cxx, hd, False, False, "sm_90", varlen=True)
-            assert (_dispatch.BWD_SM90_FILE, sm90.name_expression) in kernels
-            assert (_dispatch.BWD_SM90_FILE, sm90.convert_expression) in kernels
+            for step in pick(dtype, hd, False, "sm_90"):
+                assert step.name_expression.endswith(", true>"), step
+                assert (ops.backward.SM90_FILE, step.name_expression) in kernels
 
 
 # --------------------------------------------------------------------------- GPU

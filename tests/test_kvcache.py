@@ -14,7 +14,7 @@ import pytest
 
 import cuflash
 from accuracy import assert_close
-from cuflash import _dispatch, kvcache, reference
+from cuflash import _core, kvcache, ops, reference
 from gpu import import_cupy, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -315,31 +315,30 @@ def test_contiguous_cache_batch_must_match_q():
 def test_num_splits_heuristic():
     sms = 132
     # CTAs already fill most SMs: no split.
-    assert _dispatch.decode_num_splits(64 * 8, 131072, sms) == 1
-    assert _dispatch.decode_num_splits(16 * 8, 4096, sms) == 1
-    # Short caches: never below DECODE_MIN_SPLIT_KEYS keys per split, and past
-    # DECODE_SHORT_SPLITS splits never below DECODE_SPLIT_KEYS.
-    assert _dispatch.decode_num_splits(8, 1024, sms) == 8
-    assert _dispatch.decode_num_splits(8, 512, sms) == 4
-    assert _dispatch.decode_num_splits(8, 4096, sms) == 8
-    assert _dispatch.decode_num_splits(8, 100, sms) == 1
+    assert ops.decode.num_splits(64 * 8, 131072, sms) == 1
+    assert ops.decode.num_splits(16 * 8, 4096, sms) == 1
+    # Short caches: never below MIN_SPLIT_KEYS keys per split, and past SHORT_SPLITS
+    # splits never below SPLIT_KEYS (cuflash/ops/decode.py).
+    assert ops.decode.num_splits(8, 1024, sms) == 8
+    assert ops.decode.num_splits(8, 512, sms) == 4
+    assert ops.decode.num_splits(8, 4096, sms) == 8
+    assert ops.decode.num_splits(8, 100, sms) == 1
     # One batch item, long cache: about one CTA per SM, in one even wave.
-    assert _dispatch.decode_num_splits(8, 131072, sms) == 16
-    assert _dispatch.decode_num_splits(4 * 8, 16384, sms) == 4
+    assert ops.decode.num_splits(8, 131072, sms) == 16
+    assert ops.decode.num_splits(4 * 8, 16384, sms) == 4
     for ctas in (1, 3, 8, 24, 100, 200):
-        assert 1 <= _dispatch.decode_num_splits(ctas, 131072, sms) <= 128
-    assert _dispatch.decode_num_splits(1, 10**6, 1000) <= _dispatch.DECODE_MAX_SPLITS
+        assert 1 <= ops.decode.num_splits(ctas, 131072, sms) <= 128
+    assert ops.decode.num_splits(1, 10**6, 1000) <= ops.decode.MAX_SPLITS
 
 
 def test_fast_div_magic_numbers():
     """FastDiv (common/params.cuh): (umulhi(n, mul) + n) >> shift is n // d for every
     0 <= n < 2^31, here at the edges and at random for divisors up to 2^31 - 1."""
-    from cuflash import _launch
     rng = np.random.default_rng(0)
     divisors = [*range(1, 300), 1023, 1024, 1025, 2**30, 2**30 + 1, 2**31 - 1,
                 *rng.integers(1, 2**31, 200).tolist()]
     for d in divisors:
-        d_, mul, shift = _launch.fast_div(d)
+        d_, mul, shift = _core.fast_div(d)
         assert d_ == d and 0 < mul < 2**32 and shift <= 31
         ns = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2**31 - 1, *rng.integers(0, 2**31, 50).tolist()]
         for n in (n for n in ns if 0 <= n < 2**31):
@@ -348,9 +347,9 @@ def test_fast_div_magic_numbers():
 
 def test_every_headdim_has_a_decode_config():
     for hd in range(8, 257, 8):
-        cfg = _dispatch.decode_config("__nv_bfloat16", hd, False)
-        assert cfg.shared_bytes <= 227 * 1024, (hd, cfg)
-        assert (_dispatch.DECODE_FILE, cfg.name_expression) in _dispatch.all_kernels()
+        name, _, shared, _ = ops.decode.config(BF16, hd, False)
+        assert shared <= 227 * 1024, (hd, name, shared)
+        assert (ops.decode.FILE, name) in ops.all_kernels()
 
 
 def _layout_asserts(struct, dtype):
@@ -364,10 +363,10 @@ def _layout_asserts(struct, dtype):
 def test_params_mirrors_match_the_c_structs():
     """The NumPy records passed by value lay out their fields where the kernels read them."""
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    from cuflash import _compile, _launch
+    from cuflash import _compile
     src = "\n".join(['#include "common/params.cuh"',
-                     _layout_asserts("DecodeParams", _launch.DECODE_PARAMS),
-                     _layout_asserts("MergeParams", _launch.MERGE_PARAMS)])
+                     _layout_asserts("DecodeParams", ops.decode.PARAMS),
+                     _layout_asserts("MergeParams", ops.merge.PARAMS)])
     prog = nvrtc.createProgram(src, "layout.cu", [], [])
     try:
         try:

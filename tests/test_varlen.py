@@ -302,15 +302,16 @@ def test_docstrings_document_every_argument():
 
 def test_param_structs_match_their_numpy_mirrors():
     """The cu_seqlens pointers appended to AttnArgs (and so to every params struct holding
-    it) keep each C struct the size of its NumPy mirror in cuflash/_launch.py. NVRTC only."""
+    it) keep each C struct the size of its NumPy mirror (cuflash/_core.py, cuflash/ops/).
+    NVRTC only."""
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    from cuflash import _compile, _launch
-    mirrors = dict(AttnArgs=_launch.ATTN_ARGS, FwdParams=_launch.FWD_PARAMS,
-                   BwdParams=_launch.BWD_PARAMS, DecodeParams=_launch.DECODE_PARAMS)
+    from cuflash import _compile, _core, ops
+    mirrors = dict(AttnArgs=_core.ATTN_ARGS, FwdParams=ops.forward.PARAMS,
+                   BwdParams=ops.backward.PARAMS, DecodeParams=ops.decode.PARAMS)
     source = '#include "common/params.cuh"\n' + "".join(
         f'static_assert(sizeof(cuflash::{name}) == {dtype.itemsize}, "{name}");\n'
         for name, dtype in mirrors.items())
-    assert _launch.ATTN_ARGS.names[-2:] == ("cu_seqlens_q", "cu_seqlens_k")
+    assert _core.ATTN_ARGS.names[-2:] == ("cu_seqlens_q", "cu_seqlens_k")
     prog = nvrtc.createProgram(source, "layout.cu", [], [])
     try:
         nvrtc.compileProgram(prog, list(_compile.options("sm_80")))
@@ -410,7 +411,7 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
     it does not depend on the forward kernel. Returns (out, lse, grads) as CuPy arrays.
     """
     import cupy
-    from cuflash import _dispatch
+    from cuflash import ops
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
@@ -438,12 +439,13 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
     grads, sizes = poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout), g["q"],
                             g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"], max_q,
                             max_k, deterministic=deterministic, **gopts)
-    # Gradients plus float32 scratch: lse_log2 and delta of (nheads, total_q rounded down to
-    # 16 + 144 per sequence) rows and, unless deterministic, the dq accumulator.
+    # Gradients plus one float32 scratch allocation: lse_log2 and delta of (nheads,
+    # total_q rounded down to 16 + 144 per sequence) rows, each aligned to 256 bytes, and,
+    # unless deterministic, the dq accumulator.
     rows = nheads * (q.shape[0] // 16 * 16 + 144 * batch)
-    allowed = sum(x.nbytes for x in grads) + 2 * rows * 4
+    allowed = sum(x.nbytes for x in grads) + 2 * (-(-rows * 4 // 256) * 256)
     if not deterministic:
-        allowed += rows * _dispatch.padded_headdim(headdim) * 4
+        allowed += rows * ops.tiles.padded_headdim(headdim) * 4
     assert sum(sizes) <= allowed + 512 * len(sizes), (
         f"backward allocated {sizes}; allowed {allowed} ({where})")
     check_backward(grads, dout, q, k, v, cu_q, cu_k, where, **options)
@@ -498,9 +500,9 @@ def test_gpu_long_sequences(causal):
 
 
 def _is_varlen_instantiation(filename, name):
-    from cuflash import _dispatch
-    if filename == _dispatch.BWD_FILE and name.startswith("cuflash::bwd_main"):
-        return int(name.rsplit(", ", 1)[1][:-1]) & _dispatch.BWD_VARLEN != 0
+    from cuflash import ops
+    if filename == ops.backward.FILE and name.startswith("cuflash::bwd_main"):
+        return int(name.rsplit(", ", 1)[1][:-1]) & ops.backward.VARLEN != 0
     return name.endswith(", true>")
 
 
@@ -510,17 +512,17 @@ def test_gpu_runs_the_varlen_instantiations(launched):
     call would run (flash_fwd_sm90 on sm_90), and each call ends with the device check of
     its prefix sums (CuPy cu_seqlens are not read on the host)."""
     import cupy
-    from cuflash import _dispatch
+    from cuflash import ops
     from gpu import device_arch
     rng = np.random.default_rng(0)
     q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, BF16, headdim=128))
     out, lse = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 33, 40)
-    check = (_dispatch.VARLEN_CHECK_FILE, _dispatch.VARLEN_CHECK_KERNEL)
+    check = (ops.varlen_check.FILE, ops.varlen_check.KERNEL)
     if device_arch() == "sm_90":
-        want = (_dispatch.FWD_SM90_FILE,
+        want = (ops.forward.SM90_FILE,
                 "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, false, true>")
     else:
-        want = (_dispatch.FWD_FILE,
+        want = (ops.forward.FILE,
                 "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")
     assert launched == [want, check]
     launched.clear()
@@ -708,7 +710,7 @@ def test_gpu_hopper_varlen_equals_dense_per_sequence(launched, dtype, headdim, o
     (key counts under 2048 throughout, so both pick the same key-block size)."""
     _require_hopper()
     import cupy
-    from cuflash import _dispatch
+    from cuflash import ops
     rng = np.random.default_rng(headdim)
     lens_q, lens_k = (300, 1, 129, 0, 640), (250, 1000, 129, 7, 640)
     q, k, v, cu_q, cu_k = (cupy.asarray(x) for x in pack(rng, dtype, lens_q, lens_k, 4, 2,
@@ -724,7 +726,7 @@ def test_gpu_hopper_varlen_equals_dense_per_sequence(launched, dtype, headdim, o
                                                    **opts)
         assert np.array_equal(out[rq].get().view(np.uint16), want[0].get().view(np.uint16)), b
         np.testing.assert_array_equal(lse[:, rq].get(), want_lse[0].get())
-    assert {f for f, _ in launched} == {_dispatch.FWD_SM90_FILE, _dispatch.VARLEN_CHECK_FILE}
+    assert {f for f, _ in launched} == {ops.forward.SM90_FILE, ops.varlen_check.FILE}
 
 
 # --------------------------------------------------------------------------- GPU: invalid
