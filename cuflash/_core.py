@@ -254,32 +254,33 @@ def stream_key(stream_ptr: int):
 
 # (device, stream key) -> int32 counters that kernels leave at zero (the last CTA of a
 # launch or of a group resets what it used), so one array serves every launch of a stream,
-# launches of one stream running one after the other. Grown, never freed: a graph captured
-# with an older array keeps using it.
+# launches of one stream running one after the other. Allocated outside CuPy's pool (a
+# call allocates only its outputs there) and never freed: a graph captured with an older
+# array keeps using it.
 _COUNTERS = {}
-_KEEP = []
 _LOCK = threading.Lock()
 
 
 def counters(device_id: int, stream_ptr: int, count: int) -> int:
-    """Address of ``count`` zero int32 counters owned by the current stream."""
+    """Address of ``count`` int32 counters owned by the current stream, zero when the
+    stream reaches its next launch."""
     key = (device_id, stream_key(stream_ptr))
     found = _COUNTERS.get(key)
     if found is not None and found[1] >= count:
         return found[0]
-    import cupy
+    from cupy.cuda import runtime
     with _LOCK:
         size = max(count, 1024, 2 * found[1] if found else 0)
-        with cupy.cuda.Device(device_id):
-            array = cupy.zeros(size, np.int32)  # zeroed on the current stream
-        _KEEP.append(array)
-        _COUNTERS[key] = (array.data.ptr, size)
-    return array.data.ptr
+        ptr = runtime.malloc(4 * size)
+        runtime.memsetAsync(ptr, 0, 4 * size, stream_ptr)  # before the stream's next launch
+        _COUNTERS[key] = (ptr, size)
+    return ptr
 
 
 # (device, stream key) -> scratch used by launches captured into CUDA graphs: a graph keeps
 # the addresses it was captured with, so that memory must outlive the call (never freed).
 _GRAPH_SCRATCH = {}
+_RETIRED = []
 
 
 def scratch(nbytes: int, stream):
@@ -295,9 +296,10 @@ def scratch(nbytes: int, stream):
     with _LOCK:
         array = _GRAPH_SCRATCH.get(key)
         if array is None or array.size < nbytes:
+            if array is not None:
+                _RETIRED.append(array)  # graphs captured before may still use it
             array = cupy.empty(max(nbytes, 2 * (array.size if array is not None else 0)),
                                np.uint8)
-            _KEEP.append(array)
             _GRAPH_SCRATCH[key] = array
     return array.data.ptr, array
 
