@@ -185,6 +185,12 @@ class Kernel:
             raise ValueError(f"grid {tuple(grid)} of {name_expression}: its 2nd and 3rd axes "
                              f"(batch, nheads or nheads_kv) must be at most {MAX_GRID_YZ} on "
                              f"the GPU; split the call")
+        limit = shared_memory_limit(device_id)
+        if shared_bytes > limit:
+            raise RuntimeError(
+                f"{name_expression} needs {shared_bytes} bytes of shared memory per block; "
+                f"device {device_id} ({_compile.device_arch(device_id)}) offers {limit}. This "
+                f"head dim and dtype are not supported on this GPU yet")
         raw = _compile.get_kernel(filename, name_expression, device_id)
         with cupy.cuda.Device(device_id):
             if shared_bytes > max(48 * 1024, _SHARED_LIMIT.get(raw, 0)):
@@ -232,6 +238,15 @@ class Record:
         if head:
             ctypes.memmove(address, head, len(head))
         return argv
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device_id: int) -> int:
+    """Dynamic shared memory a block may opt into on the device (99 KiB on sm_86/sm_89,
+    163 KiB on sm_80, 227 KiB on sm_90)."""
+    from cupy.cuda import runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                      device_id)
 
 
 @functools.lru_cache(maxsize=None)
