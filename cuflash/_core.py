@@ -1,6 +1,7 @@
 """The GPU core every kernel family builds on: launching a compiled kernel with its params
-struct, the struct mirrors' shared pieces, strides, streams, counters, scratch and DLPack
-intake. Nothing here knows a kernel family; ``cuflash/ops/`` holds those.
+struct, the struct mirrors' shared pieces, strides, streams, counters and scratch. Nothing
+here knows a kernel family (``cuflash/ops/`` holds those); arrays arrive validated and as
+CuPy arrays (``_checks.intake`` takes DLPack ones).
 
 Launches go straight to the driver (``cuLaunchKernel``) on the current CuPy stream, with the
 params struct in a per-thread buffer laid out by a NumPy structured dtype that mirrors the C
