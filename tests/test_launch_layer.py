@@ -1,0 +1,365 @@
+"""The launch layer (cuflash/_core.py, cuflash/ops/) launches exactly what the old one did.
+
+No GPU needed: tests/fake_cupy.py stands in for CuPy and records every launch (kernel,
+grid, block, dynamic shared memory, params struct bytes with pointers labelled by the role
+of the array they point into). tests/data/launches.json holds the launches of the old
+layer (cuflash/_launch.py + _dispatch.py, commit 9646626) for the call matrix of
+tests/data/record_launches.py, which says how to regenerate it; this file runs the same
+matrix on the current tree and compares record for record.
+
+Legitimate differences, excluded from the comparison (each with its reason):
+
+* Scratch and counter pointers (lse_log2, delta, dq_accum, o_accum, lse_accum,
+  split_counter, tile_counter) are compared as "nonzero or 0" only: the new backward
+  allocates its float32 scratch as one block (lse_log2, delta at +align256(4 rows),
+  dq_accum after) where the old made three arrays, the new decode one block (o_accum,
+  lse_accum) where the old made two, and the counters of the forward and of decoding are
+  one per-stream array from ``_core.counters`` where the old kept two malloc'd ones.
+  ``test_scratch_regions_hold_the_old_allocations`` checks their sizes and disjointness.
+* append_kv and flash_decode share one DecodeParams record in the new layer (the old
+  filled one per launch): ``_APPEND_UNREAD`` are the fields append_kv never reads
+  (kernels_cu/flash_decode.cu), which now carry the decode's values; ``_DECODE_UNREAD``
+  those flash_decode never reads (the new keys, which the append has already written),
+  which now carry the append's. Both kernels read everything else, which must match.
+* A kernel needing more shared memory than the device's opt-in limit (bwd_main at head
+  dim 256 on sm_80: 203264 bytes > 163 KiB): the old layer launched what came before it
+  and then failed when the driver refused the attribute (CUDADriverError, as the fake
+  driver refuses it too); the new one raises a RuntimeError naming the kernel when it
+  plans the call, before any launch. Such calls compare by that error alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fake_cupy
+
+DATA = Path(__file__).parent / "data"
+_spec = importlib.util.spec_from_file_location("record_launches",
+                                               DATA / "record_launches.py")
+record_launches = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(record_launches)
+
+_APPEND_UNREAD = ("o", "o_batch_stride", "o_row_stride", "o_head_stride", "lse", "o_accum",
+                  "lse_accum", "split_counter", "num_splits", "m_blocks", "nheads_kv",
+                  "group")
+_DECODE_UNREAD = ("k_new", "v_new", "kn_batch_stride", "kn_row_stride", "kn_head_stride",
+                  "vn_batch_stride", "vn_row_stride", "vn_head_stride")
+# Kernels that read each counter (their need: bytes, from the launch)
+_COUNTER_READERS = {"tile_counter": "cuflash::flash_fwd_sm90",
+                    "split_counter": "cuflash::flash_decode"}
+
+
+def _unread_words(name: str) -> set:
+    """Word indices of the params struct that kernel ``name`` does not read."""
+    base = name.split("<", 1)[0]
+    fields = {"cuflash::append_kv": _APPEND_UNREAD,
+              "cuflash::flash_decode": _DECODE_UNREAD}.get(base, ())
+    _, dtype = fake_cupy.struct_of(name)
+    words = set()
+    for path, off, size, _ in fake_cupy.leaves(dtype):
+        if path.split(".")[0].split("[")[0] in fields:
+            words.update(range(off // 8, (off + size - 1) // 8 + 1))
+    return words
+
+
+@contextlib.contextmanager
+def isolated_state():
+    """cuflash's module state (memoized calls and plans, counters, cached device facts)
+    empty inside, and as it was after: the fake's devices, addresses and kernels must not
+    leak into other tests (or theirs into these)."""
+    from cuflash import _api, _compile, _core, ops
+    containers = [getattr(_api, "CALLS", None)] + [
+        getattr(_core, n, None) for n in ("_COUNTERS", "_SHARED_LIMIT", "_GRAPH_SCRATCH",
+                                          "_KEEP", "_RETIRED")]
+    containers = [c for c in containers if c is not None]
+    caches = [getattr(m, n, None) for m, n in (
+        (_compile, "device_arch"), (_core, "num_sms"), (_core, "shared_memory_limit"),
+        (ops.forward, "plan"),
+        (ops.backward, "plan"), (ops.decode, "plan"), (ops.merge, "plan"),
+        (ops.varlen_check, "plan"))]
+    caches = [c for c in caches if hasattr(c, "cache_clear")]
+    saved = [c.copy() for c in containers]
+
+    def clear():
+        for c in containers:
+            c.clear()
+        for c in caches:
+            c.cache_clear()
+
+    clear()
+    try:
+        yield
+    finally:
+        clear()
+        for c, s in zip(containers, saved):
+            c.update(s) if isinstance(c, dict) else c.extend(s)
+
+
+@contextlib.contextmanager
+def fake_gpu():
+    world = fake_cupy.World()
+    with fake_cupy.installed(world), isolated_state():
+        import cuflash
+        yield cuflash, world
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return {call["id"]: call for call in
+            json.loads((DATA / "launches.json").read_text())["calls"]}
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    with fake_gpu() as (cuflash, world):
+        return {call_id: (record, launches) for call_id, record, launches in
+                record_launches.record_all(cuflash, world)}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _params_diffs(name, old: str, new: str):
+    """(field, old, new) of the words that differ, the kernel's unread words excepted."""
+    _, dtype = fake_cupy.struct_of(name)
+    old_w, new_w = old.split(), new.split()
+    if len(old_w) != len(new_w):
+        return [("params size", f"{8 * len(old_w)} bytes", f"{8 * len(new_w)} bytes")]
+    skip = _unread_words(name)
+    out = []
+    for i, (a, b) in enumerate(zip(old_w, new_w)):
+        if a == b or i in skip:
+            continue
+        fa = fake_cupy.decode_word_fields(dtype, i, a)
+        fb = fake_cupy.decode_word_fields(dtype, i, b)
+        for path in fa:
+            if fa[path] != fb[path]:
+                out.append((path, fa[path], fb[path]))
+        if not any(fa[p] != fb[p] for p in fa):  # e.g. padding
+            out.append((f"word {i}", a, b))
+    return out
+
+
+def _shared_memory_refused(old_err, new_err) -> bool:
+    """The documented difference: the driver refused the old layer's shared-memory
+    attribute, the new layer refuses the plan."""
+    return bool(old_err and new_err and old_err.startswith("CUDADriverError")
+                and "max dynamic shared memory" in old_err
+                and new_err.startswith("RuntimeError") and "shared memory" in new_err)
+
+
+def compare_call(call_id, old: dict, new: dict) -> list:
+    """Messages naming the call, launch and field of every difference."""
+    msgs = []
+    old_err, new_err = old.get("error"), new.get("error")
+    if _shared_memory_refused(old_err, new_err):
+        return msgs
+    if (old_err is None) != (new_err is None) or \
+            (old_err and old_err.split(":")[0] != new_err.split(":")[0]):
+        msgs.append(f"{call_id}: error: old {old_err!r}, new {new_err!r}")
+    if old["returns"] != new["returns"]:
+        msgs.append(f"{call_id}: returned arrays [shape, strides, dtype, device]: old "
+                    f"{old['returns']}, new {new['returns']}")
+    lo, ln = old["launches"], new["launches"]
+    if [x["name"] for x in lo] != [x["name"] for x in ln]:
+        msgs.append(f"{call_id}: kernels: old {[x['name'] for x in lo]}, new "
+                    f"{[x['name'] for x in ln]}")
+        return msgs
+    for i, (a, b) in enumerate(zip(lo, ln)):
+        where = f"{call_id} launch {i} ({a['name']})"
+        for key in ("file", "grid", "block", "shared", "smem_attr_ok", "on_device", "stream",
+                    "error"):
+            if a.get(key) != b.get(key):
+                msgs.append(f"{where}: {key}: old {a.get(key)!r}, new {b.get(key)!r}")
+        for field, va, vb in _params_diffs(a["name"], a["params"], b["params"]):
+            msgs.append(f"{where}: params.{field}: old {va!r}, new {vb!r}")
+    return msgs
+
+
+def _report(msgs, limit=80):
+    head = "\n".join(msgs[:limit])
+    more = f"\n... and {len(msgs) - limit} more" if len(msgs) > limit else ""
+    return f"{len(msgs)} differences from the old launch layer:\n{head}{more}"
+
+
+def test_matrix_is_the_recorded_one(golden, recorded):
+    assert list(golden) == list(recorded), \
+        "the call matrix changed: regenerate tests/data/launches.json (see its recorder)"
+    assert 300 <= len(golden) <= 600
+    failed = {i: c["error"] for i, c in golden.items() if "error" in c}
+    assert all(i.startswith("sm_80/") and "bwd" in i and "/hd256/" in i and
+               "max dynamic shared memory" in e for i, e in failed.items()), failed
+
+
+def test_launches_match_old_layer(golden, recorded):
+    msgs = []
+    for call_id, old in golden.items():
+        if call_id in recorded:
+            msgs += compare_call(call_id, old, recorded[call_id][0])
+    assert not msgs, _report(msgs)
+
+
+def test_scratch_regions_hold_the_old_allocations(golden, recorded):
+    """Each scratch pointer of a launch (the fields compared as nonzero only) starts a
+    region, up to the next scratch pointer of the launch in the same allocation or to its
+    end, at least as large as the old layer's allocation for it (so the backward's
+    lse_log2, delta and dq_accum, and decoding's o_accum and lse_accum, do not overlap);
+    counters hold what their kernel uses (2 int32 tile counters; an int32 per CTA group
+    of flash_decode) in zeroed memory; no scratch allocation is one the launch also
+    passes as an argument or output."""
+    msgs = []
+    for call_id, old in golden.items():
+        if call_id not in recorded:
+            continue
+        record, launches = recorded[call_id]
+        for i, (a, b) in enumerate(zip(old["launches"], launches)):
+            if a["name"] != b["name"]:
+                break
+            where = f"{call_id} launch {i} ({a['name']})"
+            base = a["name"].split("<", 1)[0]
+            skip = _APPEND_UNREAD if base == "cuflash::append_kv" else ()
+            labels = {w[1:].rsplit("+", 1)[0] for w in b["params"].split()
+                      if w.startswith("@")}
+            for field, old_size in a.get("regions", {}).items():
+                if field in skip:
+                    continue
+                detail = b["_scratch"].get(field)
+                if detail is None:
+                    msgs.append(f"{where}: {field} points into no allocation")
+                    continue
+                alloc, offset = detail
+                size = b["regions"][field]
+                if field in fake_cupy.COUNTERS:
+                    if base != _COUNTER_READERS[field]:
+                        continue
+                    need = 8 if field == "tile_counter" else \
+                        4 * (b["grid"][0] // _num_splits(b["params"]))
+                    if size < need or not alloc.zeroed:
+                        msgs.append(f"{where}: {field}: {size} bytes "
+                                    f"(zeroed: {alloc.zeroed}), the kernel uses {need}")
+                elif size < old_size:
+                    msgs.append(f"{where}: {field}: a region of {size} bytes (at +{offset} "
+                                f"of a {alloc.size}-byte allocation), old allocation "
+                                f"{old_size} bytes")
+                if alloc.role is not None or alloc.label(alloc.base).rsplit("+", 1)[0] \
+                        in labels:
+                    msgs.append(f"{where}: {field} is in {alloc.label(alloc.base)}, "
+                                f"an array of the call")
+    assert not msgs, _report(msgs)
+    bwd = [launches[0]["regions"] for call_id, (_, launches) in recorded.items()
+           if "/bwd" in call_id and launches]
+    assert bwd and all(set(r) >= {"lse_log2", "delta"} for r in bwd)
+
+
+def _num_splits(params: str) -> int:
+    off = fake_cupy.field_offset(fake_cupy.DECODE_PARAMS, "num_splits.d")
+    word = params.split()[off // 8]
+    return int(fake_cupy.decode_word_fields(fake_cupy.DECODE_PARAMS, off // 8,
+                                            word)["num_splits.d"])
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", [1, 0], ids=["sm_80", "sm_90"])
+def test_forward_with_out_and_lse_allocates_nothing(device):
+    with fake_gpu() as (cuflash, world):
+        mk = record_launches.Maker(world, device)
+        q, k, v = (mk.array((2, 300, 4, 64), fake_cupy.BF16, n) for n in "qkv")
+
+        def call():
+            out = mk.array((2, 300, 4, 64), fake_cupy.BF16, "out")
+            lse = mk.array((2, 4, 300), np.float32, "lse")
+            world.begin_call()
+            got = cuflash.attention_forward(q, k, v, causal=True, out=out, lse=lse)
+            assert got[0] is out and got[1] is lse
+            assert len(world.launches) == 1
+            return world.events
+
+        first = call()
+        # The Hopper forward's tile counters: one zeroed array per stream, made outside
+        # CuPy's pool (runtime.malloc) on the stream's first launch and kept, as the old
+        # layer's was. Nothing else, and nothing at all from then on.
+        assert first == ([] if device == 1 else [("malloc", 4096)])
+        assert call() == []
+
+
+def _spies(monkeypatch, cuflash):
+    counts = {}
+    for module, name in ((cuflash._checks, "check_qkv"), (cuflash._checks, "check_varlen"),
+                         (cuflash.kvcache, "check_kvcache")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return counts
+
+
+def _memo_calls():
+    """(name, spied check, function(cuflash, maker) -> a call to make twice)."""
+    def forward(cf, mk):
+        q, k, v = (mk.array((2, 129, 4, 128), np.float16, n) for n in "qkv")
+        out = mk.array((2, 129, 4, 128), np.float16, "out")
+        lse = mk.array((2, 4, 129), np.float32, "lse")
+        return lambda: record_launches.returned(("out", "lse"), cf.attention_forward(
+            q, k, v, causal=True, out=out, lse=lse))
+
+    def backward(cf, mk):
+        return _same_arrays(cf, mk, record_launches.backward_case("bf16", 64, "gqa", False))
+
+    def varlen(cf, mk):
+        run = record_launches.varlen_forward_case("fp16", 128, "plain", True)
+        return _same_arrays(cf, mk, run)
+
+    def kvcache(cf, mk):
+        run = record_launches.kvcache_case("bf16", 128, 16, True, "array", None, "gqa")
+        return _same_arrays(cf, mk, run)
+
+    return [("forward", "check_qkv", forward), ("backward", "check_qkv", backward),
+            ("varlen forward (device prefix sums)", "check_varlen", varlen),
+            ("kvcache (paged, append)", "check_kvcache", kvcache)]
+
+
+def _same_arrays(cf, mk, run):
+    """A call of ``run`` that makes its arrays once: the same arrays on every call."""
+    arrays = {}
+    real = mk.array
+
+    def array(shape, dtype, role):
+        if role not in arrays:
+            arrays[role] = real(shape, dtype, role)
+        return arrays[role]
+
+    mk.array = array
+    return lambda: run(cf, mk)
+
+
+@pytest.mark.parametrize("name,check,make", _memo_calls(), ids=[c[0] for c in _memo_calls()])
+@pytest.mark.parametrize("device", [0, 1], ids=["sm_90", "sm_80"])
+def test_second_identical_call_hits_the_memo(monkeypatch, name, check, make, device):
+    with fake_gpu() as (cuflash, world):
+        counts = _spies(monkeypatch, cuflash)
+        call = make(cuflash, record_launches.Maker(world, device))
+        runs = []
+        for _ in range(2):
+            world.begin_call()
+            result = call()
+            raw = [(x["kernel"].name, x["grid"], x["block"], x["shared"], x["raw"])
+                   for x in world.launches]
+            runs.append((counts.get(check, 0), raw, world.finish_call(result)))
+        (n1, raw1, rec1), (n2, raw2, rec2) = runs
+        assert n1 == 1 and n2 == 1, f"{check} ran {n1} then {n2 - n1} times"
+        strip = lambda rec: [{k: v for k, v in x.items() if k != "_scratch"}  # noqa: E731
+                             for x in rec]
+        assert rec1 and strip(rec1) == strip(rec2)
+        if name == "forward":  # every array the caller's: the very same bytes
+            assert raw1 == raw2
