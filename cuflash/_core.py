@@ -200,7 +200,7 @@ class Kernel:
             self.function = raw.kernel.ptr
         self._launch = driver.launchKernel
         self.filename, self.name = filename, name_expression
-        self.dims = (*grid, *(tuple(block) + (1, 1))[:3], shared_bytes)
+        self.dims = (*(tuple(grid) + (1, 1))[:3], *(tuple(block) + (1, 1))[:3], shared_bytes)
 
     def __call__(self, stream: int, argv: int) -> None:
         """Launch on ``stream`` (a CUDA stream handle) with the params of a filled

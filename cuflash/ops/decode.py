@@ -137,7 +137,8 @@ class Plan:
         group = p.nheads // p.nheads_kv
         self.m_blocks = -(-group * p.seqlen_q // ROWS)
         self.ctas = p.batch * p.nheads_kv * self.m_blocks
-        self.splits = splits or num_splits(self.ctas, p.seqlen_k, _core.num_sms(p.device_id))
+        self.splits = 1 if not decode else \
+            splits or num_splits(self.ctas, p.seqlen_k, _core.num_sms(p.device_id))
         self.device_id = p.device_id
         self.out_shape = (p.batch, p.seqlen_q, p.nheads, p.headdim)
         # Partial results of several splits (float32): o_accum (splits x out), lse_accum.
