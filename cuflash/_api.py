@@ -37,21 +37,44 @@ def disjoint(names: tuple, args: tuple, outputs: tuple) -> None:
 
 
 class OnDevice:
-    """A GPU launch run with its arrays' device current (CuPy allocates, and picks the
-    stream, on the current device)."""
-    __slots__ = ("launch", "device", "names")
+    """A memoized GPU launch: the checks that no array the call writes shares memory with
+    another, then the launch with the arrays' device current (CuPy allocates, and picks the
+    stream, on the current device).
 
-    def __init__(self, launch, device, names):
-        self.launch, self.device, self.names = launch, device, names
+    ``arrays`` are the first call's inputs and outputs; ``written`` the indices of those the
+    call writes (the caller's outputs, appended caches). Their extents are measured once
+    (the layout is the memo's key), so a call compares address ranges only; ranges that
+    meet go to ``check(args, outputs)``, the exact test that raises naming the arrays.
+    """
+    __slots__ = ("launch", "device", "check", "written", "extents")
+
+    def __init__(self, launch, device, check, arrays, written):
+        self.launch, self.device, self.check = launch, device, check
+        self.written = tuple(i for i in written if arrays[i] is not None)
+        self.extents = tuple(None if x is None or isinstance(x, int) else _checks.extent(x)
+                             for x in arrays)
 
     def __call__(self, args: tuple, outputs: tuple):
         """``launch(*args, *outputs)``; ``outputs`` are the caller's (None: allocate)."""
         import cupy
-        disjoint(self.names, args, outputs)
+        if self.written and self._ranges_meet(args + outputs):
+            self.check(args, outputs)
         if cupy.cuda.runtime.getDevice() == self.device:
             return self.launch(*args, *outputs)
         with cupy.cuda.Device(self.device):
             return self.launch(*args, *outputs)
+
+    def _ranges_meet(self, arrays) -> bool:
+        spans = [None if e is None else (x.data.ptr + e[0], x.data.ptr + e[1])
+                 for x, e in zip(arrays, self.extents)]
+        for i in self.written:
+            if spans[i] is None:
+                continue
+            low, high = spans[i]
+            for j, span in enumerate(spans):
+                if j != i and span is not None and low <= span[1] and span[0] <= high:
+                    return True
+        return False
 
 
 def contiguous_strides(shape, itemsize):

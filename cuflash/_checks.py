@@ -483,30 +483,48 @@ def check_output(x, name: str, shape: tuple, dtype, kind: str, q, *, contiguous=
     check_last_axis_contiguous(x, name)
 
 
-def _span(x):
-    """[first, last] byte addresses a strided array can touch."""
+def extent(x):
+    """(low, high): the byte offsets from ``x``'s first element of the first and last
+    bytes it can touch; None for an empty array."""
+    if x.size == 0:
+        return None
+    low, high = 0, x.dtype.itemsize - 1
+    for n, step in zip(x.shape, x.strides):
+        if step < 0:
+            low += step * (n - 1)
+        else:
+            high += step * (n - 1)
+    return low, high
+
+
+def address(x) -> int:
+    """The address of the first element of a NumPy or CUDA array."""
     if isinstance(x, np.ndarray):
-        start = x.__array_interface__["data"][0]
-    else:
-        start = x.data.ptr
-    low = high = start
-    for n, s in zip(x.shape, x.strides):
-        if n > 1:
-            low, high = (low + s * (n - 1), high) if s < 0 else (low, high + s * (n - 1))
-    return low, high + x.dtype.itemsize - 1
+        return x.__array_interface__["data"][0]
+    return x.data.ptr
 
 
 def check_disjoint(outputs: dict, inputs: dict) -> None:
-    """No output (name -> array or None) shares memory with an input or another output:
-    a ValueError naming the pair. Decided from address ranges, so strided arrays that
-    interleave without sharing an element count as overlapping too."""
-    spans = {n: _span(x) for n, x in outputs.items() if x is not None and x.size}
-    if not spans:
+    """No output (name -> array or None) shares a byte with an input or another output: a
+    ValueError naming the pair. Address ranges decide quickly; ranges that meet go to the
+    exact test (:func:`shares_memory`), so interleaved views of one buffer are allowed."""
+    given = {n: x for n, x in outputs.items() if x is not None}
+    if not given:
         return
-    others = dict(spans)
-    others.update({n: _span(x) for n, x in inputs.items() if x is not None and x.size})
-    for name, (low, high) in spans.items():
-        for other, (lo, hi) in others.items():
-            if other != name and low <= hi and lo <= high:
+    arrays = dict(given)
+    arrays.update({n: x for n, x in inputs.items() if x is not None and n not in given})
+    spans = {}
+    for n, x in arrays.items():
+        e = extent(x)
+        if e is not None:
+            start = address(x)
+            spans[n] = (start + e[0], start + e[1])
+    for name in given:
+        if name not in spans:
+            continue
+        low, high = spans[name]
+        for other, (lo, hi) in spans.items():
+            if other != name and low <= hi and lo <= high and \
+                    shares_memory(arrays[name], arrays[other]):
                 raise ValueError(f"{name} overlaps {other} in memory; pass an output that "
                                  f"shares no memory with the call's other arrays")

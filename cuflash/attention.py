@@ -156,13 +156,19 @@ def _forward_call(q, k, v, alibi_slopes, out, lse, options, packing=None):
     if nan_filled:
         launch = _VarlenChecked(launch, varlen, (q.nbytes, 4 * lse_shape[0] * lse_shape[1]),
                                 cu_at=4)
-    call = OnDevice(launch, q.data.device_id, _FWD_NAMES)
+    call = OnDevice(launch, q.data.device_id, _checker(_FWD_NAMES), args + outputs,
+                    range(len(args), len(args) + 2))
     if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
         key = ("fwd", meta(q), meta(k), meta(v), meta(a["alibi_slopes"]),
                meta(a["out"]), meta(a["lse"]), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
                   call)
     return call, args, outputs
+
+
+def _checker(names):
+    """The exact overlap check of a call whose arrays are named ``names``."""
+    return lambda args, outputs: disjoint(names, args, outputs)
 
 
 class _VarlenChecked:
@@ -369,7 +375,8 @@ def _backward_call(args, outputs, options, packing=None):
                                  bool(deterministic))
     if nan_filled:
         launch = _VarlenChecked(launch, varlen, (q.nbytes, k.nbytes, v.nbytes), cu_at=7)
-    call = OnDevice(launch, q.data.device_id, _BWD_NAMES)
+    call = OnDevice(launch, q.data.device_id, _checker(_BWD_NAMES), args + outputs,
+                    range(len(args), len(args) + 3))
     if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
         key = ("bwd", *(meta(x) for x in args[:7]), *(meta(x) for x in outputs), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks, _core, cpu, ops
-from ._api import CALLS, MISS, contiguous_strides, into, meta, remember
+from ._api import CALLS, MISS, OnDevice, contiguous_strides, into, meta, remember
 
 # Pages hold a multiple of the GPU kernel's 16-key tiles, so that no tile straddles two
 # pages; every backend enforces it, so that a call valid on one is valid on all.
@@ -172,28 +172,14 @@ def _kvcache_call(args, outputs, options):
     launch = ops.decode.Launch(_core.problem(q, k_cache, v_cache, shape, opts),
                                _cache(cache, block_table, cache_seqlens, k, v), out_strides,
                                num_splits)
-    call = _KvcacheCall(launch, cache, q.data.device_id)
+    written = (1, 2, 8, 9) if k is not None else (8, 9)  # the caches, out and lse
+    call = OnDevice(launch, q.data.device_id,
+                    lambda args, outputs: _checked_call(cache, args, outputs),
+                    args + (out, lse), written)
     seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
     remember((*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v), meta(out),
                meta(lse), options), call)
     return call, args
-
-
-class _KvcacheCall:
-    """A memoized GPU kvcache call: the checks that depend on addresses, then the launches
-    with the arrays' device current."""
-    __slots__ = ("launch", "cache", "device")
-
-    def __init__(self, launch, cache, device):
-        self.launch, self.cache, self.device = launch, cache, device
-
-    def __call__(self, args, outputs):
-        import cupy
-        _checked_call(self.cache, args, outputs)
-        if cupy.cuda.runtime.getDevice() == self.device:
-            return self.launch(*args, *outputs)
-        with cupy.cuda.Device(self.device):
-            return self.launch(*args, *outputs)
 
 
 def _checked_call(cache, args, outputs) -> None:
