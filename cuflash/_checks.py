@@ -241,8 +241,12 @@ def _check_cu_seqlens(cu, name: str, total: int, total_name: str, q, gpu: bool):
                         f"one kind")
     if kind == "dlpack":
         cu = _cupy().from_dlpack(cu)
-    if cu.dtype != np.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    # NumPy int64 is read and checked here, so its values are known to fit int32; GPU
+    # prefix sums are never read on the host, and a narrowing on the device could wrap an
+    # invalid value into a valid-looking one.
+    if cu.dtype != np.int32 and not (kind == "numpy" and cu.dtype == np.int64):
+        raise TypeError(f"{name} must be int32 (or int64 for NumPy prefix sums), got "
+                        f"{cu.dtype}")
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of length batch + 1, got shape "
                          f"{tuple(cu.shape)}")
@@ -267,7 +271,7 @@ def _check_cu_seqlens(cu, name: str, total: int, total_name: str, q, gpu: bool):
                          f"{name}[{i}] = {host[i]}")
     if gpu:  # a host-to-device copy on q's device, queued without waiting for the stream
         with _cupy().cuda.Device(q.device.id):
-            cu = _cupy().asarray(cu)
+            cu = _cupy().asarray(cu if cu.dtype == np.int32 else host.astype(np.int32))
     return cu, host
 
 
@@ -368,8 +372,12 @@ def options(shape: Shape, kind: str, q, *, scale=None, causal=False, window=(Non
 
 def _check_alibi(slopes, shape: Shape, kind: str, q):
     same_kind({"q": q, "alibi_slopes": slopes})
+    if slopes.dtype == np.float64:  # the kernels read float32: round, as NumPy would
+        with on_device(kind, q):
+            slopes = slopes.astype(np.float32)
     if slopes.dtype != np.float32:
-        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+        raise TypeError(f"alibi_slopes must be float32 (or float64, rounded to float32), got "
+                        f"{slopes.dtype}")
     # The kernels take one batch stride and assume consecutive heads.
     if slopes.ndim in (1, 2):
         check_last_axis_contiguous(slopes, "alibi_slopes")

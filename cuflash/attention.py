@@ -132,7 +132,7 @@ def _forward_call(q, k, v, alibi_slopes, out, lse, options, packing=None):
     _checks.check_output(a["out"], "out", q.shape, q.dtype, kind, q, contiguous=nan_filled)
     _checks.check_output(a["lse"], "lse", lse_shape, np.float32, kind, q, contiguous=True)
     cu = (None, None) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
-    args, outputs = (q, k, v, a["alibi_slopes"], *cu), (a["out"], a["lse"])
+    args, outputs = (q, k, v, opts.alibi_slopes, *cu), (a["out"], a["lse"])
     xp = _xp(kind)
     if empty:
         def run(args, outputs):
@@ -158,12 +158,20 @@ def _forward_call(q, k, v, alibi_slopes, out, lse, options, packing=None):
                                 cu_at=4)
     call = OnDevice(launch, q.data.device_id, _checker(_FWD_NAMES), args + outputs,
                     range(len(args), len(args) + 2))
-    if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
+    if _memoizable(varlen, a["alibi_slopes"]):
         key = ("fwd", meta(q), meta(k), meta(v), meta(a["alibi_slopes"]),
                meta(a["out"]), meta(a["lse"]), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
                   call)
     return call, args, outputs
+
+
+def _memoizable(varlen, slopes) -> bool:
+    """Whether a GPU call may be memoized on its layout: not when the checks read values
+    (host prefix sums), nor when an argument was converted (float64 slopes): a memoized
+    call takes the caller's arrays as they are."""
+    host_sums = varlen is not None and varlen.checked_on_host
+    return not host_sums and (slopes is None or slopes.dtype == np.float32)
 
 
 def _checker(names):
@@ -349,7 +357,7 @@ def _backward_call(args, outputs, options, packing=None):
         _checks.check_output(a[name], name, like.shape, like.dtype, kind, q,
                              contiguous=nan_filled)
     cu = (None, None) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
-    args = (dout, q, k, v, out, lse, a["alibi_slopes"], *cu)
+    args = (dout, q, k, v, out, lse, opts.alibi_slopes, *cu)
     outputs = (a["dq"], a["dk"], a["dv"])
     xp = _xp(kind)
     if empty:
@@ -377,8 +385,9 @@ def _backward_call(args, outputs, options, packing=None):
         launch = _VarlenChecked(launch, varlen, (q.nbytes, k.nbytes, v.nbytes), cu_at=7)
     call = OnDevice(launch, q.data.device_id, _checker(_BWD_NAMES), args + outputs,
                     range(len(args), len(args) + 3))
-    if varlen is None or nan_filled:  # host-checked prefix sums: their values were read
-        key = ("bwd", *(meta(x) for x in args[:7]), *(meta(x) for x in outputs), options)
+    if _memoizable(varlen, a["alibi_slopes"]):
+        key = ("bwd", *(meta(x) for x in args[:6]), meta(a["alibi_slopes"]),
+               *(meta(x) for x in outputs), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
                   call)
     return call, args, outputs

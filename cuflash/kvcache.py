@@ -102,7 +102,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     args = (q, k_cache, v_cache, alibi_slopes, block_table, cache_seqlens, k, v)
     try:
         seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
-        call = CALLS[(*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v),
+        call = CALLS[("kv", *(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v),
                       meta(out), meta(lse), options)]
     except MISS:
         call, args = _kvcache_call(args, (out, lse), options)
@@ -139,7 +139,7 @@ def _kvcache_call(args, outputs, options):
     lse_shape = (shape.batch, shape.nheads, shape.seqlen_q)
     _checks.check_output(out, "out", q.shape, q.dtype, kind, q)
     _checks.check_output(lse, "lse", lse_shape, np.float32, kind, q, contiguous=True)
-    args = (q, k_cache, v_cache, slopes, block_table, cache_seqlens, k, v)
+    args = (q, k_cache, v_cache, opts.alibi_slopes, block_table, cache_seqlens, k, v)
     if kind == "numpy":
         check_cache_values(cache_seqlens, block_table, cache)
     empty = min(shape.batch, shape.seqlen_q, shape.nheads) == 0 or shape.seqlen_k == 0
@@ -176,9 +176,10 @@ def _kvcache_call(args, outputs, options):
     call = OnDevice(launch, q.data.device_id,
                     lambda args, outputs: _checked_call(cache, args, outputs),
                     args + (out, lse), written)
-    seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
-    remember((*(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v), meta(out),
-               meta(lse), options), call)
+    if slopes is None or slopes.dtype == np.float32:  # else converted: not the caller's
+        seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
+        remember(("kv", meta(q), meta(k_cache), meta(v_cache), meta(slopes), meta(block_table),
+                  seqlens_key, meta(k), meta(v), meta(out), meta(lse), options), call)
     return call, args
 
 

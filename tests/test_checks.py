@@ -453,10 +453,18 @@ def test_alibi_wrong_shape(shape):
         cuflash.attention(*qkv(), alibi_slopes=slopes)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float16, ml_dtypes.bfloat16, np.int32])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.int32])
 def test_alibi_wrong_dtype(dtype):
-    with raises(TypeError, rf"^alibi_slopes must be float32, got {np.dtype(dtype)}$"):
+    with raises(TypeError, rf"^alibi_slopes must be float32 \(or float64, rounded to "
+                           rf"float32\), got {np.dtype(dtype)}$"):
         cuflash.attention(*qkv(), alibi_slopes=np.ones(H, dtype))
+
+
+def test_float64_alibi_slopes_are_rounded_to_float32():
+    slopes = np.random.default_rng(3).uniform(0.01, 1, H)
+    got = cuflash.attention(*qkv(), alibi_slopes=slopes)
+    want = cuflash.attention(*qkv(), alibi_slopes=slopes.astype(np.float32))
+    assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("bad", [[0.5] * H, (0.5,) * H, 0.5])
@@ -600,7 +608,7 @@ def test_every_entry_point_validates_the_same_way(entry, case):
     elif case == "softcap":
         kw, pattern = {"softcap": -1.0}, r"^softcap must be finite and >= 0"
     elif case == "alibi":
-        kw, exc = {"alibi_slopes": np.ones(H, np.float64)}, TypeError
+        kw, exc = {"alibi_slopes": np.ones(H, np.float16)}, TypeError
         pattern = r"^alibi_slopes must be float32"
     with raises(exc, pattern):
         entry(q, k, v, **kw)
@@ -613,7 +621,7 @@ def test_checks_run_even_for_empty_problems():
         cuflash.attention(q, k, v, scale=0.0)
     q, k, v = qkv(sk=0)
     with raises(TypeError, r"^alibi_slopes must be float32"):
-        cuflash.attention(q, k, v, alibi_slopes=np.ones(H))
+        cuflash.attention(q, k, v, alibi_slopes=np.ones(H, np.float16))
     a = bwd_args()
     q, k, v = qkv(sk=0)
     with raises(TypeError, r"^deterministic must be a bool"):

@@ -353,8 +353,8 @@ def test_valid_arguments_pass():
      r"k has dtype float16 but q has dtype float32"),
     (dict(k=np.zeros((5, 3, 32), np.float32), v=np.zeros((5, 3, 32), np.float32)), ValueError,
      r"nheads \(4\) must be a multiple of nheads_kv \(3\)"),
-    (dict(cu_seqlens_q=np.array([0, 2, 5], np.int64)), TypeError,
-     r"cu_seqlens_q must be int32, got int64"),
+    (dict(cu_seqlens_q=np.array([0, 2, 5], np.int16)), TypeError,
+     r"cu_seqlens_q must be int32 \(or int64 for NumPy prefix sums\), got int16"),
     (dict(cu_seqlens_k=[0, 4, 5]), TypeError, r"cu_seqlens_k must be a numpy.ndarray"),
     (dict(cu_seqlens_q=np.array([[0, 2, 5]], np.int32)), ValueError,
      r"cu_seqlens_q must be 1-D"),
@@ -809,3 +809,13 @@ def test_gpu_invalid_prefix_sums_that_leave_no_grid(case):
     grads = cuflash.attention_varlen_backward(q, q, q, q, out, lse, cu, cu, max_q, max_k)
     for name, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert np.isnan(x.get().astype(F32)).all(), name
+
+
+def test_int64_numpy_prefix_sums_are_taken_as_int32():
+    rng = np.random.default_rng(5)
+    cu = np.array([0, 3, 3, 11], np.int64)
+    q, k = rng.standard_normal((11, 2, 32)), rng.standard_normal((11, 1, 32))
+    got = cuflash.attention_varlen(q, k, k, cu, cu, 8, 8, causal=True)
+    want = cuflash.attention_varlen(q, k, k, cu.astype(np.int32), cu.astype(np.int32), 8, 8,
+                                    causal=True)
+    assert np.array_equal(got, want)
