@@ -33,9 +33,10 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # cupy-cuda12x and cupy-cuda13x both provide the module `cupy`: drop the one not chosen.
+# The jax extra (CPU JAX, ~500 MB with its scipy) runs tests/test_jax.py.
 $(STAMP): pyproject.toml | $(PY)
 	if $(PY) -m pip show --quiet $(OTHER_CUPY) 2>/dev/null; then \
 		$(PY) -m pip uninstall --quiet --yes $(OTHER_CUPY); fi
-	$(PY) -m pip install --quiet -e '.[test,$(CUDA)]'
+	$(PY) -m pip install --quiet -e '.[test,$(CUDA),jax]'
 	rm -f $(VENV)/.installed-*
 	touch $@
