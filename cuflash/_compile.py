@@ -55,9 +55,29 @@ def read_source(filename: str) -> str:
     return (source_dir() / filename).read_text()
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_include() -> str:
+    """The directory of the CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h).
+
+    The toolkit root CuPy found NVRTC in comes first, so the headers match the compiler:
+    a system CUDA, conda, or the CUDA 13 wheels' unified ``nvidia/cu13``. The CUDA 12 wheels
+    keep each component in its own directory (CuPy then reports no root), where
+    ``cuda.pathfinder`` (a CuPy dependency) finds the ``nvidia-cuda-runtime-cu12`` headers.
+    """
     import cupy
-    return os.path.join(cupy.cuda.get_cuda_path(), "include")
+    root = cupy.cuda.get_cuda_path()
+    if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+        return os.path.join(root, "include")
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        found = find_nvidia_header_directory("cudart")
+    except (ImportError, RuntimeError):
+        found = None
+    if found and os.path.isfile(os.path.join(found, "cuda_fp16.h")):
+        return found
+    raise CompileError("the CUDA headers (cuda_fp16.h) were not found: install cuflash with "
+                       "its CUDA extra (pip install 'cuflash[cuda13]' or '[cuda12]', which "
+                       "brings nvidia-cuda-runtime), or set CUDA_PATH to a CUDA toolkit")
 
 
 def options(arch: str) -> tuple:
