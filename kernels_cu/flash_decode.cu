@@ -36,8 +36,7 @@ constexpr int APPEND_THREADS = 128;
 // Accumulated online (running max `mx`, sum of exp(lse_s - mx)), so parts can be added in
 // any order and two partial merges combined. A part with lse_s = -inf (no key) weighs 0;
 // when every part is -inf, lse = -inf and every weight is 0. A part with lse_s = NaN (it
-// met a NaN, docs/CONVENTIONS.md) makes lse NaN, and with it every weight: fmaxf drops a
-// NaN from mx, so it is kept in sum, where it stays (NaN * 0 is NaN).
+// met a NaN, docs/CONVENTIONS.md) makes sum NaN for good, so lse and every weight are NaN.
 struct LseMerge {
   float mx = neg_inf();
   float sum = 0.f;
@@ -46,14 +45,16 @@ struct LseMerge {
 
   // Folds in another merge's (mx, sum).
   __device__ __forceinline__ void combine(float other_mx, float other_sum) {
-    const float m = fmaxf(mx, other_mx);
-    const float m_use = m == neg_inf() ? 0.f : m;  // both empty: exp(-inf - -inf) is NaN
-    sum = sum * expf(mx - m_use) + other_sum * expf(other_mx - m_use);
+    // Not fmaxf, which drops a NaN: a NaN part makes m NaN, and with it sum, for good.
+    const float m = mx > other_mx ? mx : other_mx;
+    if (m == neg_inf()) return;  // both empty: exp(-inf - -inf) would be NaN
+    sum = sum * expf(mx - m) + other_sum * expf(other_mx - m);
     mx = m;
   }
 
-  // -inf + log(0) = -inf when empty; NaN whenever sum is.
-  __device__ __forceinline__ float lse() const { return mx + logf(sum); }
+  __device__ __forceinline__ float lse() const {
+    return mx == neg_inf() ? neg_inf() : mx + logf(sum);
+  }
 };
 
 __device__ __forceinline__ float merge_weight(float lse_s, float lse) {
