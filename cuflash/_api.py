@@ -1,7 +1,17 @@
 """What the public modules share: memoized GPU calls and the caller's output arrays."""
 from __future__ import annotations
 
+from typing import Any, Optional, Tuple, Union
+
 from . import _checks
+
+# The public functions' types: an array is a numpy.ndarray, a cupy.ndarray or any CUDA array
+# with __dlpack__ (JAX, PyTorch, ...); results are of the inputs' kind (CuPy for DLPack).
+Array = Any
+Window = Tuple[Optional[int], Optional[int]]
+OutLse = Tuple[Array, Array]
+Grads = Tuple[Array, Array, Array]
+Lengths = Union[int, Array]
 
 # Memoized GPU calls: the layout of a call (every array's type, shape, strides, dtype and
 # device, and the options) -> its validated launch, so that a repeated call skips the

@@ -6,11 +6,13 @@ CuPy array; results are then CuPy arrays, which every framework takes back throu
 """
 from __future__ import annotations
 
+from typing import Callable, Tuple
+
 import numpy as np
 
 from . import _checks, _core, cpu, ops
-from ._api import (CALLS, MISS, OnDevice, contiguous_strides, disjoint, fill, into, meta,
-                   remember)
+from ._api import (CALLS, MISS, Array, Grads, OnDevice, OutLse, Window, contiguous_strides,
+                   disjoint, fill, into, meta, remember)
 
 _OPTIONS_DOC = """
     scale : float, optional
@@ -60,8 +62,11 @@ def _xp(kind):
     return np if kind == "numpy" else _checks._cupy()
 
 
-def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-                      alibi_slopes=None, out=None, lse=None, layout="bshd"):
+def attention_forward(q: Array, k: Array, v: Array, *, scale: float | None = None,
+                      causal: bool = False, window: Window = (None, None),
+                      softcap: float = 0.0, alibi_slopes: Array | None = None,
+                      out: Array | None = None, lse: Array | None = None,
+                      layout: str = "bshd") -> OutLse:
     """Exact attention forward, returning the output and its log-sum-exp.
 
     Parameters
@@ -248,8 +253,11 @@ def _from_bshd(results, given):
     return tuple(back)
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap=0.0,
-              alibi_slopes=None, return_lse=False, out=None, lse=None, layout="bshd"):
+def attention(q: Array, k: Array, v: Array, *, scale: float | None = None,
+              causal: bool = False, window: Window = (None, None), softcap: float = 0.0,
+              alibi_slopes: Array | None = None, return_lse: bool = False,
+              out: Array | None = None, lse: Array | None = None,
+              layout: str = "bshd") -> Array | OutLse:
     """Exact attention ``softmax(scale * q @ k.T + masks) @ v`` in O(seqlen) memory.
 
     Parameters
@@ -280,9 +288,12 @@ def attention(q, k, v, *, scale=None, causal=False, window=(None, None), softcap
     return (out, lse) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False,
-                       window=(None, None), softcap=0.0, alibi_slopes=None,
-                       deterministic=False, dq=None, dk=None, dv=None, layout="bshd"):
+def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
+                       scale: float | None = None, causal: bool = False,
+                       window: Window = (None, None), softcap: float = 0.0,
+                       alibi_slopes: Array | None = None, deterministic: bool = False,
+                       dq: Array | None = None, dk: Array | None = None,
+                       dv: Array | None = None, layout: str = "bshd") -> Grads:
     """Gradients of attention, recomputing the probabilities from the saved ``lse``.
 
     Parameters
@@ -393,7 +404,8 @@ def _backward_call(args, outputs, options, packing=None):
     return call, args, outputs
 
 
-def attention_vjp(q, k, v, *, deterministic=False, **options):
+def attention_vjp(q: Array, k: Array, v: Array, *, deterministic: bool = False,
+                  **options) -> Tuple[Array, Callable[..., Grads]]:
     """Forward pass and its vector-Jacobian product, in the style of ``jax.vjp``.
 
     Returns ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``. ``options`` are
@@ -450,9 +462,12 @@ _VARLEN_MASKS = """
 """
 
 
-def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             *, scale=None, causal=False, window=(None, None), softcap=0.0,
-                             alibi_slopes=None, out=None, lse=None):
+def attention_varlen_forward(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
+                             cu_seqlens_k: Array, max_seqlen_q: int, max_seqlen_k: int, *,
+                             scale: float | None = None, causal: bool = False,
+                             window: Window = (None, None), softcap: float = 0.0,
+                             alibi_slopes: Array | None = None, out: Array | None = None,
+                             lse: Array | None = None) -> OutLse:
     """Exact attention forward over a packed batch of variable-length sequences.
 
     The same result as :func:`attention_forward` run on each sequence alone.
@@ -498,9 +513,12 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     return call(args, outputs)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     scale=None, causal=False, window=(None, None), softcap=0.0,
-                     alibi_slopes=None, return_lse=False, out=None, lse=None):
+def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array,
+                     max_seqlen_q: int, max_seqlen_k: int, *, scale: float | None = None,
+                     causal: bool = False, window: Window = (None, None),
+                     softcap: float = 0.0, alibi_slopes: Array | None = None,
+                     return_lse: bool = False, out: Array | None = None,
+                     lse: Array | None = None) -> Array | OutLse:
     """Exact attention over a packed batch of variable-length sequences (no padding).
 
     Parameters
@@ -535,10 +553,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, *, scale=None, causal=False, window=(None, None),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, dq=None,
-                              dk=None, dv=None):
+def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
+                              lse: Array, cu_seqlens_q: Array, cu_seqlens_k: Array,
+                              max_seqlen_q: int, max_seqlen_k: int, *,
+                              scale: float | None = None, causal: bool = False,
+                              window: Window = (None, None), softcap: float = 0.0,
+                              alibi_slopes: Array | None = None, deterministic: bool = False,
+                              dq: Array | None = None, dk: Array | None = None,
+                              dv: Array | None = None) -> Grads:
     """Gradients of :func:`attention_varlen`, recomputing the probabilities from ``lse``.
 
     Parameters

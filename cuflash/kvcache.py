@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks, _core, cpu, ops
-from ._api import CALLS, MISS, OnDevice, contiguous_strides, into, meta, remember
+from ._api import (CALLS, MISS, Array, Lengths, OnDevice, OutLse, Window, contiguous_strides,
+                   into, meta, remember)
 
 # Pages hold a multiple of the GPU kernel's 16-key tiles, so that no tile straddles two
 # pages; every backend enforces it, so that a call valid on one is valid on all.
@@ -32,10 +33,14 @@ class CacheShape:
     num_blocks: int
 
 
-def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
-                           block_table=None, num_splits=None, scale=None, causal=False,
-                           window=(None, None), softcap=0.0, alibi_slopes=None,
-                           return_lse=False, out=None, lse=None):
+def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, *,
+                           k: Array | None = None, v: Array | None = None,
+                           cache_seqlens: Lengths, block_table: Array | None = None,
+                           num_splits: int | None = None, scale: float | None = None,
+                           causal: bool = False, window: Window = (None, None),
+                           softcap: float = 0.0, alibi_slopes: Array | None = None,
+                           return_lse: bool = False, out: Array | None = None,
+                           lse: Array | None = None) -> Array | OutLse:
     """Attention of a few new queries over a KV cache, appending new keys and values first.
 
     Batch item ``b`` attends over ``seqlen_k[b] = cache_seqlens[b] + seqlen_new`` keys: the

@@ -10,13 +10,16 @@ also combines the splits of :func:`cuflash.attention_with_kvcache`.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from . import _checks, cpu, ops
-from ._api import fill, into
+from ._api import Array, OutLse, fill, into
 
 
-def merge_attention(outs, lses, *, out=None, lse=None):
+def merge_attention(outs: Array | Sequence[Array], lses: Array | Sequence[Array], *,
+                    out: Array | None = None, lse: Array | None = None) -> OutLse:
     """Combine attention over disjoint key sets into attention over their union.
 
     ``lse = logsumexp_s lse_s`` and ``out = sum_s exp(lse_s - lse) * out_s``, accumulated in
