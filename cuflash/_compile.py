@@ -13,8 +13,12 @@ import hashlib
 import importlib.resources
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import _log
 
 STD = "--std=c++17"
 
@@ -47,6 +51,29 @@ def fingerprint() -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(filename: str) -> str:
+    """Hash of ``filename`` and of every kernels_cu/ file it includes (``#include "..."``,
+    recursively): what its compiled instantiations depend on besides NVRTC, the CUDA headers
+    and the options. Files it does not include do not change it."""
+    root = source_dir()
+    seen, todo = {}, [root / filename]
+    while todo:
+        path = todo.pop().resolve()
+        if path in seen or not path.is_file():
+            continue
+        seen[path] = path.read_bytes()
+        todo += [base / inc for inc in _INCLUDE.findall(seen[path].decode())
+                 for base in (path.parent, root)]
+    h = hashlib.sha256()
+    for path in sorted(seen):
+        h.update(os.path.relpath(path, root.resolve()).encode() + b"\0" + seen[path])
     return h.hexdigest()[:16]
 
 
@@ -119,14 +146,89 @@ def get_kernel(filename: str, name_expression: str, device_id: int):
     if arch is None:
         raise CompileError(f"kernels_cu/{filename} is built for {ARCH_SPECIFIC[filename]} only; "
                            f"device {device_id} is {device_arch(device_id)}")
+    t0 = time.perf_counter()
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=read_source(filename), options=options(arch),
                                 name_expressions=(name_expression,), backend="nvrtc")
         try:
-            return module.get_function(name_expression)
+            kernel = module.get_function(name_expression)
         except cupy.cuda.compiler.CompileException as e:
             raise CompileError(f"compiling {name_expression} from kernels_cu/{filename} for "
                                f"{arch} failed:\n{e.get_message()}") from None
+    _log.logger.debug("kernel %s (kernels_cu/%s) for %s on device %d ready in %.2f s "
+                      "(compiled by NVRTC, or loaded from CuPy's disk cache)", name_expression,
+                      filename, arch, device_id, time.perf_counter() - t0)
+    return kernel
+
+
+# cache_kernel stands in for two of CuPy's module globals while it runs.
+_CUPY_PATCH = threading.Lock()
+
+
+def cache_kernel(filename: str, name_expression: str, arch: str) -> bool:
+    """Compile one instantiation for devices of ``arch`` (e.g. ``sm_90``) into CuPy's disk
+    cache (``CUPY_CACHE_DIR``), under the key that :func:`get_kernel` looks up on such a
+    device, with no GPU needed. True if NVRTC compiled it now, False if it was cached.
+
+    ``cupy.RawModule`` asks the current device for its architecture before compiling, so it
+    cannot fill the cache without a GPU. This calls what RawModule compiles through
+    (``cupy._core.core.compile_with_cache``) with the architecture given, standing in only
+    for CuPy's per-device choice of NVRTC's ``-arch`` option (a cubin up to the newest
+    architecture NVRTC knows, else PTX, as CuPy decides it). CuPy saves the binary before it
+    loads it into a context, which without a GPU fails and is ignored. This leans on CuPy
+    internals (checked with CuPy 14): ``python -m cuflash.precompile --device`` loads every
+    kernel afterwards and reports any that a GPU did not find in the cache.
+    """
+    import cupy
+    from cupy._core import core
+    from cupy.cuda import compiler
+    target = target_arch(filename, arch)
+    if target is None:
+        raise CompileError(f"kernels_cu/{filename} is built for {ARCH_SPECIFIC[filename]} only, "
+                           f"not {arch}")
+    cc = arch[len("sm_"):]
+    backend = compiler._kernel_cache_backend
+    seen = {}
+
+    class Watched:  # CuPy's cache backend, noting whether it hit and whether it saved
+        def load(self, name):
+            payload = backend.load(name)
+            seen["hit"] = payload is not None
+            return payload
+
+        def save(self, name, payload, source):
+            backend.save(name, payload, source)
+            seen["saved"] = True
+
+    def arch_option(arch=None):  # CuPy's _get_arch_for_options_for_nvrtc, minus the device
+        if not compiler._use_ptx and int(arch) <= int(compiler._get_max_compute_capability()):
+            return f"-arch=sm_{arch}", "cubin"
+        return f"-arch=compute_{arch}", "ptx"
+
+    t0 = time.perf_counter()
+    with _CUPY_PATCH:
+        saved = compiler._get_arch_for_options_for_nvrtc, compiler._kernel_cache_backend
+        compiler._get_arch_for_options_for_nvrtc = arch_option
+        compiler._kernel_cache_backend = Watched()
+        try:
+            core.compile_with_cache(read_source(filename), options(target), arch=cc,
+                                    prepend_cupy_headers=False, backend="nvrtc",
+                                    name_expressions=(name_expression,))
+        except compiler.CompileException as e:
+            raise CompileError(f"compiling {name_expression} from kernels_cu/{filename} for "
+                               f"{target} failed:\n{e.get_message()}") from None
+        except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError):
+            pass  # loading the saved binary into a context: needs a GPU, and is not needed
+        finally:
+            compiler._get_arch_for_options_for_nvrtc, compiler._kernel_cache_backend = saved
+    if not (seen.get("hit") or seen.get("saved")):
+        raise CompileError(f"{name_expression}: CuPy's disk cache was not reached (is "
+                           f"CUPY_CACHE_IN_MEMORY set?)")
+    compiled = not seen.get("hit")
+    _log.logger.debug("kernel %s (kernels_cu/%s) for %s %s CuPy's disk cache in %.2f s",
+                      name_expression, filename, target,
+                      "compiled into" if compiled else "found in", time.perf_counter() - t0)
+    return compiled
 
 
 @dataclass(frozen=True)
@@ -141,6 +243,7 @@ class Report:
 def compile_report(filename: str, name_expression: str, arch: str) -> Report:
     """Compile with NVRTC directly (no GPU needed) and return ptxas' resource report."""
     from cupy_backends.cuda.libs import nvrtc
+    t0 = time.perf_counter()
     prog = nvrtc.createProgram(read_source(filename), filename, [], [])
     try:
         nvrtc.addNameExpression(prog, name_expression)
@@ -153,6 +256,8 @@ def compile_report(filename: str, name_expression: str, arch: str) -> Report:
         mangled = nvrtc.getLoweredName(prog, name_expression)
     finally:
         nvrtc.destroyProgram(prog)
+    _log.logger.debug("kernel %s (kernels_cu/%s) compiled for %s in %.2f s (resource report)",
+                      name_expression, filename, arch, time.perf_counter() - t0)
     return _parse_ptxas(log, mangled)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import _compile
+from . import _compile, _log
 
 # C++ element type of each supported dtype, as spelled in template name expressions.
 CXX_TYPES = {np.dtype(np.float16): "__half", np.dtype(ml_dtypes.bfloat16): "__nv_bfloat16",
@@ -201,6 +201,9 @@ class Kernel:
         self._launch = driver.launchKernel
         self.filename, self.name = filename, name_expression
         self.dims = (*(tuple(grid) + (1, 1))[:3], *(tuple(block) + (1, 1))[:3], shared_bytes)
+        _log.logger.debug("plan: %s (kernels_cu/%s) on device %d, grid %s, block %s, %d bytes "
+                          "of dynamic shared memory", name_expression, filename, device_id,
+                          self.dims[:3], self.dims[3:6], shared_bytes)
 
     def __call__(self, stream: int, argv: int) -> None:
         """Launch on ``stream`` (a CUDA stream handle) with the params of a filled

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _compile, _core, _tma
+from .. import _compile, _core, _log, _tma
 from . import tiles
 
 FILE = "flash_fwd.cu"
@@ -231,12 +231,18 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
         if config is not None:
             raise ValueError(f"{config.name_expression} cannot run this problem (strides a "
                              f"TMA map cannot describe, or too many tiles)")
+        _log.warn_once("forward-sm90-layout", "%s cannot run this problem (strides a TMA map "
+                       "cannot describe, or too many tiles): flash_fwd (mma.sync, slower) "
+                       "runs it; logged once per process", chosen.name_expression)
         chosen = mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
     return Plan(p, out_strides, chosen)
 
 
 def fallback(p: _core.Problem, out_strides: tuple) -> Plan:
     """The flash_fwd plan of a problem, for addresses the Hopper kernel's maps refuse."""
+    _log.warn_once("forward-sm90-address", "the driver could not encode TMA maps for these "
+                   "addresses: flash_fwd (mma.sync, slower) runs the Hopper forward's call; "
+                   "logged once per process")
     return plan(p, out_strides, mma_config(p.dtype, p.headdim, p.score_mod, p.varlen))
 
 
