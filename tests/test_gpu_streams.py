@@ -50,7 +50,7 @@ def poisoned(shape, dtype):
 
 def randn(gen, shape):
     cupy = import_cupy()
-    return gen.standard_normal(shape, dtype=cupy.float32).astype(BF16)
+    return cupy.asarray(gen.standard_normal(shape, dtype=np.float32).astype(BF16))
 
 
 class Forward:
@@ -159,7 +159,7 @@ def test_two_streams_at_once():
     """A long persistent forward on one stream; small forwards, split-KV decodes and
     backwards on the other, queued many times over without a synchronisation."""
     cupy = import_cupy()
-    gen = cupy.random.RandomState(0)
+    gen = np.random.default_rng(0)  # NumPy: cuflash's slim install has no cuRAND
     long = Forward(gen, (1, 8192, 16, 128), (1, 8192, 4, 128), causal=True)
     others = [
         Forward(gen, (2, 300, 4, 128), (2, 300, 2, 128), causal=True),
@@ -191,7 +191,7 @@ def test_threads_each_with_a_stream():
     (persistent forwards, split-KV decodes, backwards), started together."""
     cupy = import_cupy()
     threads, iterations = 8, 6
-    gen = cupy.random.RandomState(1)
+    gen = np.random.default_rng(1)
     work = [[Forward(gen, (2, 1024, 8, 128), (2, 1024, 2, 128), causal=True),
              Decode(gen, 16384, 16384 - 1000 * t, paged=bool(t % 2)),
              Backward(gen, (1, 256, 4, 64), (1, 256, 2, 64), deterministic=True, causal=True)]
@@ -233,12 +233,12 @@ import cuflash
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 THREADS, ITERATIONS = 8, 10
-gen = cupy.random.RandomState(2)
+gen = np.random.default_rng(2)
 print("current stream:", cupy.cuda.get_current_stream(), flush=True)
 
 
 def randn(shape):
-    return gen.standard_normal(shape, dtype=cupy.float32).astype(BF16)
+    return cupy.asarray(gen.standard_normal(shape, dtype=np.float32).astype(BF16))
 
 
 def poisoned(shape, dtype):
