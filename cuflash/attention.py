@@ -58,6 +58,7 @@ _GRADS_DOC = """
         headdim)); under CUDA graph capture it comes from a scratch kept per stream.
 """
 
+
 def _xp(kind):
     return np if kind == "numpy" else _checks._cupy()
 
@@ -167,7 +168,7 @@ def _forward_call(q, k, v, alibi_slopes, out, lse, options, packing=None):
         key = ("fwd", meta(q), meta(k), meta(v), meta(a["alibi_slopes"]),
                meta(a["out"]), meta(a["lse"]), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
-                  call)
+                 call)
     return call, args, outputs
 
 
@@ -191,17 +192,11 @@ class _VarlenChecked:
 
     def __init__(self, launch, varlen, output_bytes, cu_at):
         self.launch, self.cu_at = launch, cu_at
-        device_id = varlen.cu_seqlens_q.data.device_id
-        self.check = ops.varlen_check.plan(
-            device_id, varlen.cu_seqlens_q.size - 1, varlen.total_q, varlen.total_k,
-            varlen.max_seqlen_q, varlen.max_seqlen_k, tuple(n for n in output_bytes if n))
+        self.check = _prefix_sum_check(varlen, output_bytes)
 
     def __call__(self, *args):
-        import cupy
         results = self.launch(*args)
-        cu_q, cu_k = args[self.cu_at:self.cu_at + 2]
-        self.check(cupy.cuda.get_current_stream().ptr, cu_q.data.ptr, cu_k.data.ptr,
-                   *(x.data.ptr for x in results if x.size))
+        _run_check(self.check, *args[self.cu_at:self.cu_at + 2], results)
         return results
 
 
@@ -209,22 +204,31 @@ def _checked(varlen, outputs):
     """``outputs`` of an empty varlen call, after the device check of prefix sums that were
     not read on the host (NaN outputs if they are invalid)."""
     if varlen is not None and not varlen.checked_on_host:
-        import cupy
-        check = ops.varlen_check.plan(
-            varlen.cu_seqlens_q.data.device_id, varlen.cu_seqlens_q.size - 1, varlen.total_q,
-            varlen.total_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
-            tuple(x.nbytes for x in outputs if x.size))
-        check(cupy.cuda.get_current_stream().ptr, varlen.cu_seqlens_q.data.ptr,
-              varlen.cu_seqlens_k.data.ptr, *(x.data.ptr for x in outputs if x.size))
+        check = _prefix_sum_check(varlen, [x.nbytes for x in outputs])
+        _run_check(check, varlen.cu_seqlens_q, varlen.cu_seqlens_k, outputs)
     return outputs
+
+
+def _prefix_sum_check(varlen, output_bytes):
+    """The varlen_check plan of a call's prefix sums and its (non-empty) outputs."""
+    return ops.varlen_check.plan(
+        varlen.cu_seqlens_q.data.device_id, varlen.cu_seqlens_q.size - 1, varlen.total_q,
+        varlen.total_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
+        tuple(n for n in output_bytes if n))
+
+
+def _run_check(check, cu_q, cu_k, outputs):
+    import cupy
+    check(cupy.cuda.get_current_stream().ptr, cu_q.data.ptr, cu_k.data.ptr,
+          *(x.data.ptr for x in outputs if x.size))
 
 
 LAYOUTS = ("bshd", "bhsd")
 
 
 def _as_bshd(layout, **arrays):
-    """``arrays`` given in ``layout`` as (batch, seqlen, heads, headdim) views, in order
-    (None stays None); the last is the caller's output buffer, if any, as such a view."""
+    """``arrays`` (name -> 4-D array in ``layout``, or None) as (batch, seqlen, heads,
+    headdim) views, in order."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     views = []
@@ -400,7 +404,7 @@ def _backward_call(args, outputs, options, packing=None):
         key = ("bwd", *(meta(x) for x in args[:6]), meta(a["alibi_slopes"]),
                *(meta(x) for x in outputs), options)
         remember(key if varlen is None else key + (meta(cu[0]), meta(cu[1]), *packing[2:]),
-                  call)
+                 call)
     return call, args, outputs
 
 
