@@ -291,6 +291,13 @@ def _check_max_seqlen(value, name: str, offsets, cu_name: str, total: int) -> in
     return longest
 
 
+def check_cache_seqlen(value: int, seqlen_new: int, capacity: int) -> None:
+    """One ``cache_seqlens`` int for every batch item: its keys and the new ones fit."""
+    if not 0 <= value <= capacity - seqlen_new:
+        raise ValueError(f"cache_seqlens ({value}) + seqlen_new ({seqlen_new}) must lie in "
+                         f"[0, {capacity}] (the cache's capacity)")
+
+
 def check_last_axis_contiguous(x, name: str) -> None:
     # An empty array has no layout to honour (NumPy may give it any strides, even 0).
     if x.size > 0 and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:

@@ -106,7 +106,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, *,
     options = (num_splits, scale, causal, window, softcap)
     args = (q, k_cache, v_cache, alibi_slopes, block_table, cache_seqlens, k, v)
     try:
-        seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
+        seqlens_key = int if type(cache_seqlens) is int else meta(cache_seqlens)
         call = CALLS[("kv", *(meta(x) for x in args[:5]), seqlens_key, meta(k), meta(v),
                       meta(out), meta(lse), options)]
     except MISS:
@@ -182,7 +182,7 @@ def _kvcache_call(args, outputs, options):
                     lambda args, outputs: _checked_call(cache, args, outputs),
                     args + (out, lse), written)
     if slopes is None or slopes.dtype == np.float32:  # else converted: not the caller's
-        seqlens_key = cache_seqlens if type(cache_seqlens) is int else meta(cache_seqlens)
+        seqlens_key = int if _is_int(cache_seqlens) else meta(cache_seqlens)
         remember(("kv", meta(q), meta(k_cache), meta(v_cache), meta(slopes), meta(block_table),
                   seqlens_key, meta(k), meta(v), meta(out), meta(lse), options), call)
     return call, args
@@ -203,7 +203,7 @@ def _cache(cache: CacheShape, block_table, cache_seqlens, k, v) -> "ops.decode.C
     """What the decode plans need of a validated kvcache call besides its Problem."""
     return ops.decode.Cache(cache.seqlen_new, cache.page_size, cache.num_blocks,
                             0 if block_table is None else block_table.strides[0],
-                            cache_seqlens if _is_int(cache_seqlens) else None,
+                            _is_int(cache_seqlens),
                             (0, 0, 0) if k is None else k.strides,
                             (0, 0, 0) if v is None else v.strides)
 
@@ -311,9 +311,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
                              f"{capacity}")
 
     if _is_int(cache_seqlens):
-        if not 0 <= cache_seqlens <= capacity - seqlen_new:
-            raise ValueError(f"cache_seqlens ({cache_seqlens}) + seqlen_new ({seqlen_new}) "
-                             f"must lie in [0, {capacity}] (the cache's capacity)")
+        _checks.check_cache_seqlen(cache_seqlens, seqlen_new, capacity)
     else:
         if cache_seqlens.dtype != np.int32:
             raise TypeError(f"cache_seqlens must be an int or an int32 array, got dtype "

@@ -363,3 +363,27 @@ def test_second_identical_call_hits_the_memo(monkeypatch, name, check, make, dev
         assert rec1 and strip(rec1) == strip(rec2)
         if name == "forward":  # every array the caller's: the very same bytes
             assert raw1 == raw2
+
+
+def test_one_int_cache_length_is_written_per_call_and_checked_on_a_memo_hit(monkeypatch):
+    """A decode loop with one int ``cache_seqlens`` for every item: its value is a field the
+    call writes, not part of the memo's key, so each step reuses the memoized launch; and a
+    memo hit still refuses a length the cache cannot hold."""
+    with fake_gpu() as (cuflash, world):
+        counts = _spies(monkeypatch, cuflash)
+        mk = record_launches.Maker(world, 0)
+        q = mk.array((2, 1, 8, 128), fake_cupy.BF16, "q")
+        k_cache, v_cache = (mk.array((2, 512, 2, 128), fake_cupy.BF16, n)
+                            for n in ("k_cache", "v_cache"))
+        k, v = (mk.array((2, 1, 2, 128), fake_cupy.BF16, n) for n in "kv")
+        off = fake_cupy.field_offset(fake_cupy.DECODE_PARAMS, "cache_seqlen")
+        seen = []
+        for length in (7, 8, 300):
+            world.begin_call()
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=length)
+            seen.append({int.from_bytes(x["raw"][off:off + 4], "little", signed=True)
+                         for x in world.launches})
+        assert seen == [{7}, {8}, {300}]
+        assert counts["check_kvcache"] == 1
+        with pytest.raises(ValueError, match=r"cache_seqlens \(512\) \+ seqlen_new \(1\)"):
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=512)

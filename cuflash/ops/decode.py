@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _compile, _core
+from .. import _checks, _compile, _core
 from . import tiles
 
 FILE = "flash_decode.cu"
@@ -75,13 +75,13 @@ class Cache:
     """What a kvcache plan knows besides the attention problem (whose ``seqlen_k`` is the
     capacity of one batch item's cache, and whose k / v are the caches): the new rows per
     item, the pages (``page_size`` 0: contiguous), the block table's batch stride (bytes),
-    ``cache_seqlen`` when one int holds for every item (else None: an array), and the new
-    keys' and values' byte strides."""
+    ``uniform`` when one int ``cache_seqlens`` holds for every item (written per call; else
+    an array's address is), and the new keys' and values' byte strides."""
     seqlen_new: int
     page_size: int
     num_pages: int
     table_stride: int
-    cache_seqlen: int | None
+    uniform: bool
     kn_strides: tuple
     vn_strides: tuple
 
@@ -148,11 +148,11 @@ class Plan:
             self.lse_offset + 4 * self.splits * p.batch * p.nheads * p.seqlen_q
         new = (*_core.row_strides(c.kn_strides, item), *_core.row_strides(c.vn_strides, item))
         record = (_core.attn_args(p), 0, c.table_stride // 4,
-                  _core.fast_div(c.page_size or 1), c.num_pages, 0, c.cache_seqlen or 0,
+                  _core.fast_div(c.page_size or 1), c.num_pages, 0, 0,
                   c.seqlen_new, 0, 0, *new, 0, *_core.row_strides(out_strides, item), 0, 0,
                   0, 0, _core.fast_div(self.splits), _core.fast_div(self.m_blocks),
                   _core.fast_div(p.nheads_kv), _core.fast_div(group))
-        self.record = _core.Record(PARAMS, record, _ADDRESSES)
+        self.record = _core.Record(PARAMS, record, _ADDRESSES, ("cache_seqlen",))
         self.kernels = []
         if append and c.seqlen_new and p.batch:
             self.kernels.append(_core.Kernel(FILE, append_name(p.dtype), p.device_id,
@@ -163,14 +163,16 @@ class Plan:
                                              (self.ctas * self.splits,), (threads,), shared))
 
     def __call__(self, stream: int, scratch: int, q, k_cache, v_cache, slopes, block_table,
-                 cache_seqlens, k_new, v_new, out, lse) -> None:
-        """Queue the launches on ``stream``; ``scratch`` holds ``scratch_bytes``."""
+                 cache_seqlens, k_new, v_new, out, lse, cache_seqlen: int = 0) -> None:
+        """Queue the launches on ``stream``; ``scratch`` holds ``scratch_bytes``;
+        ``cache_seqlen`` is the one length of a uniform cache (``cache_seqlens`` 0)."""
         counter = o_accum = lse_accum = 0
         if self.splits > 1:
             counter = _core.counters(self.device_id, stream, self.ctas)
             o_accum, lse_accum = scratch, scratch + self.lse_offset
         argv = self.record.fill(q, k_cache, v_cache, slopes, block_table, cache_seqlens,
-                                k_new, v_new, out, lse, o_accum, lse_accum, counter)
+                                k_new, v_new, out, lse, o_accum, lse_accum, counter,
+                                ints=(cache_seqlen,))
         for kernel in self.kernels:
             kernel(stream, argv)
 
@@ -228,6 +230,7 @@ class Launch:
     def __call__(self, q, k_cache, v_cache, slopes=None, block_table=None, cache_seqlens=None,
                  k_new=None, v_new=None, out=None, lse=None):
         import cupy
+        length = self._uniform_length(cache_seqlens)
         if out is None:
             out = cupy.empty(self.out_shape, self.problem.dtype)
         if lse is None:
@@ -241,9 +244,17 @@ class Launch:
             _core.scratch(self.plan.scratch_bytes, stream)
         self.plan(stream.ptr, scratch, qp, kp, vp, _core.address(slopes),
                   _core.address(block_table), _seqlens_address(cache_seqlens),
-                  _core.address(k_new), _core.address(v_new), op, lse.data.ptr)
+                  _core.address(k_new), _core.address(v_new), op, lse.data.ptr, length)
         del owner  # the launches are queued: the pool may hand it out again on this stream
         return out, lse
+
+    def _uniform_length(self, cache_seqlens) -> int:
+        """The one length of a uniform cache, checked as the public function checks it (a
+        memoized call skips that check, and the length is not part of its key); else 0."""
+        if not self.cache.uniform:
+            return 0
+        _checks.check_cache_seqlen(cache_seqlens, self.cache.seqlen_new, self.problem.seqlen_k)
+        return cache_seqlens
 
     def _copied(self, q, k_cache, v_cache, slopes, block_table, cache_seqlens, k_new, v_new,
                 out, lse):
@@ -273,7 +284,8 @@ def append(p: _core.Problem, c: Cache, q, k_cache, v_cache, slopes, block_table,
     launch = plan(p, c, (0, 0, 0, 0), decode=False)
     launch(cupy.cuda.get_current_stream().ptr, 0, q.data.ptr, k_cache.data.ptr,
            v_cache.data.ptr, _core.address(slopes), _core.address(block_table),
-           _seqlens_address(cache_seqlens), k_new.data.ptr, v_new.data.ptr, 0, 0)
+           _seqlens_address(cache_seqlens), k_new.data.ptr, v_new.data.ptr, 0, 0,
+           cache_seqlens if c.uniform else 0)
 
 
 def _seqlens_address(cache_seqlens) -> int:
