@@ -34,6 +34,10 @@ into a batch axis without a copy either.
 
 Options are static (Python values: use ``functools.partial`` or ``static_argnames`` when
 jitting a function that takes them as arguments); arrays are traced.
+
+Every function also runs per device inside ``jax.shard_map`` (see :func:`_vary_like`), and
+``ring_attention`` (cuflash/jax_ring.py, served from here) splits one sequence over the
+devices of a mesh axis.
 """
 from __future__ import annotations
 
@@ -56,7 +60,20 @@ except ImportError as e:  # pragma: no cover - depends on the installed JAX
                       f"this is jax {jax.__version__}") from e
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_attention"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_attention",
+           "ring_attention", "to_zigzag", "from_zigzag", "zigzag_positions"]
+
+# Ring attention lives in cuflash/jax_ring.py (it builds on this module's private parts);
+# its names are served from here on first use (PEP 562), so that either module can be
+# imported first.
+_RING_NAMES = ("ring_attention", "to_zigzag", "from_zigzag", "zigzag_positions")
+
+
+def __getattr__(name):
+    if name in _RING_NAMES:
+        from cuflash import jax_ring
+        return getattr(jax_ring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # See the module docstring: one launch over the folded vmapped axes.
 VMAP_METHOD = "broadcast_all"
@@ -176,8 +193,45 @@ def _callback(body, static):
 def _call(body, static, results, *args, aliases=None):
     """Stage ``body`` on ``args`` (arrays or None); ``results``: (shape, dtype) pairs."""
     shapes = tuple(jax.ShapeDtypeStruct(s, d) for s, d in results)
-    return _buffer_callback(_callback(body, static), shapes, vmap_method=VMAP_METHOD,
+    outs = _buffer_callback(_callback(body, static), shapes, vmap_method=VMAP_METHOD,
                             input_output_aliases=aliases)(*args)
+    return _vary_like(outs, args)
+
+
+def _vma(x) -> frozenset:
+    """The mesh axes over which ``x`` varies under ``jax.shard_map``: its type's
+    ``manual_axis_type.varying`` (recent JAX) or ``vma`` (earlier); empty outside
+    shard_map, with ``check_vma=False``, or on a JAX without the notion."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    aval = typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(getattr(manual, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like(outs, args):
+    """``buffer_callback`` types its results from the given shapes alone, so under
+    ``jax.shard_map`` (``check_vma=True``) they would be invariant across the mesh even when
+    the inputs vary (a per-device shard in, a per-device result out), and a ``custom_vjp``
+    backward returning them is rejected ("the manual axis types do not match"). Mark them
+    varying over every axis an input varies over."""
+    axes = frozenset().union(*(_vma(a) for a in args if a is not None))
+    if not axes:
+        return outs
+    cast = getattr(jax.lax, "pcast", None)
+
+    def vary(x):
+        missing = tuple(sorted(axes - _vma(x), key=str))
+        if not missing:
+            return x
+        if cast is not None:
+            return cast(x, missing, to="varying")
+        pvary = getattr(jax.lax, "pvary", None)
+        return x if pvary is None else pvary(x, missing)
+    return type(outs)(vary(x) for x in outs) if isinstance(outs, (list, tuple)) else vary(outs)
 
 
 # ---------------------------------------------------------------------------------------
