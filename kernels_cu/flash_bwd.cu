@@ -25,6 +25,7 @@
 // A-fragments of the two accumulating products (no shared-memory round trip). For
 // BWD_DKDV_DQ, dS^T also goes to shared memory, and after a barrier the CTA computes its
 // share dQ_i += dS K_j of the streamed query block and adds it into dq_accum.
+#include "common/block_info.cuh"
 #include "common/bwd_scratch.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
@@ -244,45 +245,20 @@ bwd_main(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, qd = lane % 4;
-  const int b = blockIdx.y;
-  const SeqView<Tr::VARLEN> seq(a, b);
-  const int group = a.nheads / a.nheads_kv;
-  const int o0 = blockIdx.x * BLOCK_O;  // first owner row
-  if constexpr (Tr::VARLEN) {
-    if (o0 >= (KEY_OWNER ? seq.seqlen_k() : seq.seqlen_q())) return;
-  }
+  const SeqView<Tr::VARLEN> seq(a, blockIdx.y);
+  const BwdBlock<BLOCK_O, BLOCK_R, KEY_OWNER, Tr::VARLEN> blk(a);
+  if (blk.past_end(seq)) return;
   const Mask mask(a, seq);
-  const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride +
-                    seq.q0 * a.q_row_stride;
-  const T* k_base = static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-                    seq.k0 * a.k_row_stride;
-  const T* v_base = static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                    seq.k0 * a.v_row_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride +
-                     seq.q0 * p.do_row_stride;
+  const T* q_base = static_cast<const T*>(a.q) + blk.q_offset(a, seq);
+  const T* k_base = static_cast<const T*>(a.k) + blk.k_offset(a, seq);
+  const T* v_base = static_cast<const T*>(a.v) + blk.v_offset(a, seq);
+  const T* do_base = static_cast<const T*>(p.dout) + blk.dout_offset(p, seq);
+  const auto work = blk.work(mask, seq);
+  const int b = blk.b, o0 = blk.o0, hkv = work.hkv, h_owner = work.h_owner, iters = work.iters;
 
-  // The streamed blocks this CTA visits: (head, first row) of iteration it.
-  int hkv, h_owner, s_begin, n_sblocks;
-  if constexpr (KEY_OWNER) {
-    hkv = blockIdx.z;
-    h_owner = hkv * group;
-    int m_begin, m_end;
-    mask.query_range(o0, min(o0 + BLOCK_O, seq.seqlen_k()), m_begin, m_end);
-    block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
-  } else {
-    h_owner = blockIdx.z;
-    hkv = h_owner / group;
-    int k_begin, k_end;
-    mask.key_range(o0, min(o0 + BLOCK_O, seq.seqlen_q()), k_begin, k_end);
-    block_span<BLOCK_R>(k_begin, k_end, s_begin, n_sblocks);
-  }
-  const int iters = (KEY_OWNER ? group : 1) * n_sblocks;
-
-  auto stream_head = [&](int it) { return KEY_OWNER ? h_owner + it / n_sblocks : h_owner; };
-  auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
   // sv: this item's view (seq, or its re-read inside the main loop).
   auto load_stream = [&](int it, const SeqView<Tr::VARLEN>& sv) {
-    const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
+    const int h = work.head(it), r0 = work.row(it), buf = it & 1;
     T* b1 = sB1 + buf * BLOCK_R * LD;
     T* b2 = sB2 + buf * BLOCK_R * LD;
     if constexpr (KEY_OWNER) {
@@ -357,7 +333,7 @@ bwd_main(const __grid_constant__ BwdParams p) {
   cp_async_commit();
 
   for (int it = 0; it < iters; ++it) {
-    const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
+    const int h = work.head(it), r0 = work.row(it), buf = it & 1;
     // Varlen: the item's lengths are re-read each iteration rather than held in registers
     // across the loop (where they make instantiations near 255 registers spill).
     const SeqView<Tr::VARLEN> iseq = reread(seq, a, b);
@@ -547,20 +523,15 @@ bwd_main(const __grid_constant__ BwdParams p) {
 
   // Epilogue: owner rows < seqlen, columns < headdim. dK and dQ carry the softmax scale.
   const SeqView<Tr::VARLEN> out_seq = reread(seq, a, b);
-  const int nrows = KEY_OWNER ? out_seq.seqlen_k() : out_seq.seqlen_q();
-  const int row0 = KEY_OWNER ? out_seq.k0 : out_seq.q0;  // of the owner rows in dk, dv or dq
+  const int nrows = blk.owner_rows(out_seq);
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = o0 + w0 + mt * 16 + g + half * 8;
       if (row >= nrows) continue;
-      T* d1 = KEY_OWNER ? static_cast<T*>(p.dk) + out_seq.b * p.dk_batch_stride +
-                              (row0 + row) * p.dk_row_stride + hkv * p.dk_head_stride
-                        : static_cast<T*>(p.dq) + out_seq.b * p.dq_batch_stride +
-                              (row0 + row) * p.dq_row_stride + h_owner * p.dq_head_stride;
-      T* d2 = static_cast<T*>(p.dv) + out_seq.b * p.dv_batch_stride +
-              (row0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+      T* d1 = blk.template d1<T>(p, out_seq, work, row);
+      T* d2 = blk.template d2<T>(p, out_seq, work, row);
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + 2 * qd;
@@ -632,36 +603,16 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, orow = tid / 8, sub = tid % 8;
-  const int b = blockIdx.y, group = a.nheads / a.nheads_kv, o0 = blockIdx.x * F32_BLOCK;
-  const SeqView<VARLEN> seq(a, b);
-  if constexpr (VARLEN) {
-    if (o0 >= (KEY_OWNER ? seq.seqlen_k() : seq.seqlen_q())) return;
-  }
+  const BwdBlock<F32_BLOCK, F32_BLOCK, KEY_OWNER, VARLEN> blk(a);
+  const SeqView<VARLEN> seq(a, blk.b);
+  if (blk.past_end(seq)) return;
   const Mask mask(a, seq);
-  const float* q_base = static_cast<const float*>(a.q) + seq.b * a.q_batch_stride +
-                        seq.q0 * a.q_row_stride;
-  const float* k_base = static_cast<const float*>(a.k) + seq.b * a.k_batch_stride +
-                        seq.k0 * a.k_row_stride;
-  const float* v_base = static_cast<const float*>(a.v) + seq.b * a.v_batch_stride +
-                        seq.k0 * a.v_row_stride;
-  const float* do_base = static_cast<const float*>(p.dout) + seq.b * p.do_batch_stride +
-                         seq.q0 * p.do_row_stride;
-
-  int hkv, h_owner, s_begin, n_sblocks;
-  if constexpr (KEY_OWNER) {
-    hkv = blockIdx.z;
-    h_owner = hkv * group;
-    int m_begin, m_end;
-    mask.query_range(o0, min(o0 + F32_BLOCK, seq.seqlen_k()), m_begin, m_end);
-    block_span<F32_BLOCK>(m_begin, m_end, s_begin, n_sblocks);
-  } else {
-    h_owner = blockIdx.z;
-    hkv = h_owner / group;
-    int k_begin, k_end;
-    mask.key_range(o0, min(o0 + F32_BLOCK, seq.seqlen_q()), k_begin, k_end);
-    block_span<F32_BLOCK>(k_begin, k_end, s_begin, n_sblocks);
-  }
-  const int iters = (KEY_OWNER ? group : 1) * n_sblocks;
+  const float* q_base = static_cast<const float*>(a.q) + blk.q_offset(a, seq);
+  const float* k_base = static_cast<const float*>(a.k) + blk.k_offset(a, seq);
+  const float* v_base = static_cast<const float*>(a.v) + blk.v_offset(a, seq);
+  const float* do_base = static_cast<const float*>(p.dout) + blk.dout_offset(p, seq);
+  const auto work = blk.work(mask, seq);
+  const int b = blk.b, o0 = blk.o0, hkv = work.hkv, h_owner = work.h_owner, iters = work.iters;
 
   if constexpr (KEY_OWNER) {
     f32_load_tile<D>(sA1, k_base + o0 * a.k_row_stride + hkv * a.k_head_stride, a.k_row_stride,
@@ -690,8 +641,7 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
   for (int v = 0; v < (KEY_OWNER ? DV4 : 1); ++v) acc2[v] = make_float4(0.f, 0.f, 0.f, 0.f);
 
   for (int it = 0; it < iters; ++it) {
-    const int h = KEY_OWNER ? h_owner + it / n_sblocks : h_owner;
-    const int r0 = (s_begin + it % n_sblocks) * F32_BLOCK;
+    const int h = work.head(it), r0 = work.row(it);
     __syncthreads();  // the previous step is done with the streamed tiles, P and dS
     const SeqView<VARLEN> lseq = unpark(seq, sSeq);
     // Varlen: the streamed arrays' rows from the parked view too (the four base pointers
@@ -788,14 +738,9 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
 
   const SeqView<VARLEN> out_seq = reread(seq, a, b);
   const int row = o0 + orow;
-  if (row >= (KEY_OWNER ? out_seq.seqlen_k() : out_seq.seqlen_q())) return;
-  const int row0 = KEY_OWNER ? out_seq.k0 : out_seq.q0;  // of the owner rows in dk, dv or dq
-  float* d1 = KEY_OWNER ? static_cast<float*>(p.dk) + out_seq.b * p.dk_batch_stride +
-                              (row0 + row) * p.dk_row_stride + hkv * p.dk_head_stride
-                        : static_cast<float*>(p.dq) + out_seq.b * p.dq_batch_stride +
-                              (row0 + row) * p.dq_row_stride + h_owner * p.dq_head_stride;
-  float* d2 = static_cast<float*>(p.dv) + out_seq.b * p.dv_batch_stride +
-              (row0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+  if (row >= blk.owner_rows(out_seq)) return;
+  float* d1 = blk.template d1<float>(p, out_seq, work, row);
+  float* d2 = blk.template d2<float>(p, out_seq, work, row);
 #pragma unroll
   for (int v = 0; v < DV4; ++v) {
     const int d = 32 * v + 4 * sub;

@@ -15,6 +15,7 @@
 //   its length exit at once (the grid covers the longest item). Dense instantiations
 //   compile exactly as before: every SeqView value is then a constant.
 // flash_fwd_f32: float32, plain FMA (no TF32), the same algorithm without tensor cores.
+#include "common/block_info.cuh"
 #include "common/mask.cuh"
 #include "common/params.cuh"
 #include "common/softmax.cuh"
@@ -100,22 +101,11 @@ flash_fwd(const __grid_constant__ FwdParams p) {
   const uint32_t sV = sK + Bc * SC * 2;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const SeqView<VARLEN> seq(a, b);
-  const int h_kv = h / (a.nheads / a.nheads_kv);
-  const int m0 = m_block * Br;
-  if constexpr (VARLEN) {
-    if (m0 >= seq.seqlen_q()) return;
-  }
-  const int rows = min(Br, seq.seqlen_q() - m0);
-
-  const T* q = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride + h * a.q_head_stride +
-               (seq.q0 + m0) * a.q_row_stride;
-  const T* k = static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-               seq.k0 * a.k_row_stride + h_kv * a.k_head_stride;
-  const T* v = static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-               seq.k0 * a.v_row_stride + h_kv * a.v_head_stride;
+  const FwdBlock<T, Br, VARLEN> blk(a);
+  if (blk.past_end()) return;
+  const SeqView<VARLEN>& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, rows = blk.rows();
+  const T *q = blk.q(a, m0), *k = blk.k(a), *v = blk.v(a);
 
   const Mask mask(a, seq);
   const ScoreMod mod(a, b, h, seq);
@@ -267,11 +257,8 @@ flash_fwd(const __grid_constant__ FwdParams p) {
   softmax.finalize(acc_o, lse);
 
   const SeqView<VARLEN> out_seq = reread(seq, a, b);
-  T* o = static_cast<T*>(p.o) + out_seq.b * p.o_batch_stride + h * p.o_head_stride +
-         out_seq.q0 * p.o_row_stride;
-  // lse (batch, nheads, seqlen_q); varlen (nheads, total_q), a.seqlen_q being the total.
-  float* lse_out =
-      p.lse + (static_cast<int64>(out_seq.b) * a.nheads + h) * a.seqlen_q + out_seq.q0;
+  T* o = blk.out(p, out_seq);
+  float* lse_out = blk.lse(p, out_seq);
   const int col = 2 * (lane & 3);
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
@@ -309,21 +296,11 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
   float* sV = sK + Bc * KS;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const SeqView<VARLEN> seq(a, b);
-  const int h_kv = h / (a.nheads / a.nheads_kv);
-  const int m0 = m_block * Br;
-  if constexpr (VARLEN) {
-    if (m0 >= seq.seqlen_q()) return;
-  }
-  const int rows = min(Br, seq.seqlen_q() - m0);
-  const float* q = static_cast<const float*>(a.q) + seq.b * a.q_batch_stride +
-                   h * a.q_head_stride + seq.q0 * a.q_row_stride;
-  const float* k = static_cast<const float*>(a.k) + seq.b * a.k_batch_stride +
-                   h_kv * a.k_head_stride + seq.k0 * a.k_row_stride;
-  const float* v = static_cast<const float*>(a.v) + seq.b * a.v_batch_stride +
-                   h_kv * a.v_head_stride + seq.k0 * a.v_row_stride;
+  const FwdBlock<float, Br, VARLEN> blk(a);
+  if (blk.past_end()) return;
+  const SeqView<VARLEN>& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, rows = blk.rows();
+  const float *q = blk.q(a, 0), *k = blk.k(a), *v = blk.v(a);
 
   const Mask mask(a, seq);
   const int diag = seq.seqlen_k() - seq.seqlen_q();
@@ -390,9 +367,8 @@ flash_fwd_f32(const __grid_constant__ FwdParams p) {
     }
   }
 
-  float* o = static_cast<float*>(p.o) + seq.b * p.o_batch_stride + h * p.o_head_stride +
-             seq.q0 * p.o_row_stride;
-  float* lse_out = p.lse + (static_cast<int64>(seq.b) * a.nheads + h) * a.seqlen_q + seq.q0;
+  float* o = blk.out(p, seq);
+  float* lse_out = blk.lse(p, seq);
 #pragma unroll
   for (int r = 0; r < F32_ROWS; ++r) {
     const int i = m0 + warp * F32_ROWS + r;
