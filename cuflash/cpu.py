@@ -26,7 +26,7 @@ block); backward items are (batch item, kv head) or, when there are fewer than
 depends on the problem alone, so results are bitwise the same whatever the thread count
 and from run to run. NumPy's BLAS is held at one thread for the duration of a call
 (threadpoolctl when importable, else OpenBLAS's own setter found through ctypes): BLAS
-threads spinning next to ours is how a shared machine used to make this 2.5-12x slower.
+threads spinning next to ours made a shared machine 2.5-12x slower (docs/notes/cpu.md).
 
 Accumulation is in float32 for float16, bfloat16 and float32 inputs (as on the GPU) and in
 float64 for float64 inputs.

@@ -1,6 +1,6 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
 // (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, no soft-cap
-// or ALiBi (those, deterministic mode and other GPUs use bwd_main; cuflash/_dispatch.py).
+// or ALiBi (those, deterministic mode and other GPUs use bwd_main; cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout

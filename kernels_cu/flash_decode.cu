@@ -140,7 +140,7 @@ struct DecodeTraits {
   static constexpr int OS = HEAD_DIM + 8;
   static constexpr int MERGE_BYTES = (NUM_WARPS * DECODE_ROWS * OS + (NUM_WARPS + 1) * DECODE_ROWS) * 4;
   static constexpr int BODY_BYTES = NUM_WARPS * RING_BYTES > MERGE_BYTES ? NUM_WARPS * RING_BYTES : MERGE_BYTES;
-  // cuflash/_dispatch.py (decode_config) computes the same size.
+  // cuflash/ops/decode.py (config) computes the same size; the compile check proves it.
   static constexpr int SMEM_BYTES = Q_BYTES + BODY_BYTES;
   static_assert(HEAD_DIM % 16 == 0, "k16 steps");
 };

@@ -280,7 +280,7 @@ flash_fwd(const __grid_constant__ FwdParams p) {
 // lane d accumulates output columns d, d + 32, ... Natural-log softmax with expf, so the
 // result carries float32 rounding only.
 // Shared memory: Q (Br x HEAD_DIM), K (Bc x HEAD_DIM + 1), V (Bc x HEAD_DIM) floats; the
-// launcher (cuflash/_dispatch.py, forward_config) computes the same size.
+// launcher (cuflash/ops/forward.py, mma_config) computes the same size.
 #define F32_WARPS 4
 #define F32_ROWS 4
 

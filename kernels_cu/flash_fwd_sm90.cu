@@ -22,7 +22,7 @@
 // stored, and V rows past the end meet p = 0. Tiles are those of the longest item
 // (FwdSm90Params.varlen_m_blocks query blocks per head and item); the producer skips the
 // ones past an item's end without handing them to the consumers. Dense instantiations
-// compile exactly as before.
+// compile exactly as they would without varlen support.
 // Layouts, descriptors and fragment conventions: common/sm90.cuh.
 #include "common/mask.cuh"
 #include "common/params.cuh"
@@ -31,7 +31,7 @@
 
 namespace cuflash {
 
-// The kernel argument (mirrored by FWD_SM90_PARAMS in cuflash/_launch.py): TMA maps of q,
+// The kernel argument (mirrored by SM90_PARAMS in cuflash/ops/forward.py): TMA maps of q,
 // k and v, each viewed as a 4-D tensor (headdim, seqlen, heads, batch) with the arrays'
 // strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
 // usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
@@ -47,7 +47,7 @@ struct FwdSm90Params {
 };
 static_assert(sizeof(FwdSm90Params) ==
                   (3 * 128 + sizeof(FwdParams) + sizeof(int*) + sizeof(int) + 63) / 64 * 64,
-              "FWD_SM90_PARAMS (cuflash/_launch.py) assumes fwd at byte 384, no other padding");
+              "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 384, no other padding");
 
 template <int HEAD_DIM, int BLOCK_N>
 struct FwdSm90Traits {

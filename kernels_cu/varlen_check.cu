@@ -20,7 +20,7 @@ namespace cuflash {
 constexpr int CHECK_THREADS = 256;
 constexpr int CHECK_MAX_OUTPUTS = 5;
 
-// Mirrored by VARLEN_CHECK_PARAMS in cuflash/_launch.py. outputs[i] is nullptr (or its
+// Mirrored by PARAMS in cuflash/ops/varlen_check.py. outputs[i] is nullptr (or its
 // byte count 0) past the call's outputs; each output is one contiguous range of bytes.
 struct VarlenCheckParams {
   const int* cu_seqlens_q;

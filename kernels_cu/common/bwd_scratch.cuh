@@ -12,7 +12,7 @@ namespace cuflash {
 // 64-byte aligned (cp.async of lse/delta; 16-byte aligned dq_accum rows for bulk copies) and
 // at least seqlen + 129 rows before the next item's, so at least round_up(seqlen,
 // SCRATCH_TILE): every query tile (all of whose heights divide SCRATCH_TILE) stays inside
-// its item's rows. cuflash/_launch.py allocates seqlen_q_pad = total_q rounded down to 16 +
+// its item's rows. cuflash/ops/backward.py allocates seqlen_q_pad = total_q rounded down to 16 +
 // VARLEN_GAP * batch (the start of item "batch").
 constexpr int SCRATCH_TILE = 128;
 constexpr int VARLEN_GAP = SCRATCH_TILE + 16;

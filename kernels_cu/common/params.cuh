@@ -1,13 +1,14 @@
 // Kernel arguments. Each kernel family takes one struct by value as a
-// `const __grid_constant__` parameter; cuflash/_launch.py mirrors these layouts with NumPy
-// structured dtypes (align=True), so a field added here must be added there, in order.
+// `const __grid_constant__` parameter; cuflash/_core.py and cuflash/ops/*.py mirror these
+// layouts with NumPy structured dtypes (align=True), so a field added here must be added
+// there, in order (python -m cuflash.compile_check proves sizes and offsets equal).
 #pragma once
 #include "common/mma.cuh"
 
 namespace cuflash {
 
 // n / d and n % d for 0 <= n < 2^31 and a divisor d >= 1 fixed for a launch, by a
-// multiply-high with a magic number made on the host (fast_div in cuflash/_launch.py):
+// multiply-high with a magic number made on the host (fast_div in cuflash/_core.py):
 // shift = ceil(log2 d), mul = floor(2^32 (2^shift - d) / d) + 1, and then
 // n / d = (umulhi(n, mul) + n) >> shift (Granlund & Montgomery; the sum stays below 2^32).
 // Three dependent instructions where a division by a runtime value is a chain of ~20.
