@@ -32,11 +32,15 @@ def meta(x):
     return None if x is None else (type(x), x.shape, x.strides, x.dtype, x.data.device_id)
 
 
-def remember(key, call):
+def remember(key, call) -> None:
+    """Memoize ``call`` under ``key``; a key with an unhashable option (a list ``window``)
+    is not kept, and such calls take the full path every time."""
     if len(CALLS) >= MAX_CALLS:
         CALLS.clear()
-    CALLS[key] = call
-    return call
+    try:
+        CALLS[key] = call
+    except TypeError:
+        pass
 
 
 def disjoint(names: tuple, args: tuple, outputs: tuple) -> None:

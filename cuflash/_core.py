@@ -199,6 +199,7 @@ class Kernel:
                 _SHARED_LIMIT[raw] = shared_bytes
             self.function = raw.kernel.ptr
         self._launch = driver.launchKernel
+        self.raw = raw  # keeps the module, and so the function pointer, loaded
         self.filename, self.name = filename, name_expression
         self.dims = (*(tuple(grid) + (1, 1))[:3], *(tuple(block) + (1, 1))[:3], shared_bytes)
         _log.logger.debug("plan: %s (kernels_cu/%s) on device %d, grid %s, block %s, %d bytes "
@@ -228,6 +229,10 @@ class Record:
         try:
             return self._local.buffer
         except AttributeError:
+            # cuLaunchKernel needs a context current in this thread; a runtime call that
+            # uses the device makes its primary context current (CuPy's launches do the same).
+            from cupy.cuda import runtime
+            runtime.memGetInfo()
             record = self.bytes.copy()
             argv = np.array([record.ctypes.data], np.uint64)
             self._local.buffer = (record.view(np.uint64), record.view(np.int32),
@@ -269,10 +274,18 @@ def num_sms(device_id: int) -> int:
 _PER_THREAD_STREAM = 2
 
 
+_THREAD = threading.local()
+
+
 def stream_key(stream_ptr: int):
-    """What tells two streams apart, for the counters kept per stream."""
+    """What tells two streams apart, for the counters kept per stream: a per-thread
+    stream is told apart by a token of its thread (thread idents are reused, so a new
+    thread could meet a finished one's kernels still queued)."""
     if stream_ptr == _PER_THREAD_STREAM:
-        return stream_ptr, threading.get_ident()
+        token = getattr(_THREAD, "token", None)
+        if token is None:
+            token = _THREAD.token = object()
+        return stream_ptr, token
     return stream_ptr
 
 
@@ -286,8 +299,7 @@ _LOCK = threading.Lock()
 
 
 def counters(device_id: int, stream_ptr: int, count: int) -> int:
-    """Address of ``count`` int32 counters owned by the current stream, zero when the
-    stream reaches its next launch."""
+    """Address of ``count`` zero int32 counters owned by the stream ``stream_ptr``."""
     key = (device_id, stream_key(stream_ptr))
     found = _COUNTERS.get(key)
     if found is not None and found[1] >= count:
@@ -296,7 +308,9 @@ def counters(device_id: int, stream_ptr: int, count: int) -> int:
     with _LOCK:
         size = max(count, 1024, 2 * found[1] if found else 0)
         ptr = runtime.malloc(4 * size)
-        runtime.memsetAsync(ptr, 0, 4 * size, stream_ptr)  # before the stream's next launch
+        # Zeroed now, not on the stream: a memset queued on a capturing stream would only
+        # be a node of the graph, and eager launches would find the counters unset.
+        runtime.memset(ptr, 0, 4 * size)
         _COUNTERS[key] = (ptr, size)
     return ptr
 

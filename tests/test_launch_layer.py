@@ -387,3 +387,17 @@ def test_one_int_cache_length_is_written_per_call_and_checked_on_a_memo_hit(monk
         assert counts["check_kvcache"] == 1
         with pytest.raises(ValueError, match=r"cache_seqlens \(512\) \+ seqlen_new \(1\)"):
             cuflash.attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=512)
+
+
+def test_a_list_window_runs_on_the_gpu_path_without_a_memo():
+    """A ``window`` given as a list is valid; it cannot key the memo, so each such call
+    takes the full path, and launches what the tuple would."""
+    with fake_gpu() as (cuflash, world):
+        mk = record_launches.Maker(world, 0)
+        q, k, v = (mk.array((1, 97, 4, 64), fake_cupy.BF16, n) for n in "qkv")
+        records = []
+        for window in ([16, 0], [16, 0], (16, 0)):
+            world.begin_call()
+            cuflash.attention_forward(q, k, v, window=window)
+            records.append([x["raw"] for x in world.launches])
+        assert records[0] == records[1] == records[2]
