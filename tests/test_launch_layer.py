@@ -394,10 +394,11 @@ def test_a_list_window_runs_on_the_gpu_path_without_a_memo():
     takes the full path, and launches what the tuple would."""
     with fake_gpu() as (cuflash, world):
         mk = record_launches.Maker(world, 0)
-        q, k, v = (mk.array((1, 97, 4, 64), fake_cupy.BF16, n) for n in "qkv")
+        q, k, v, out = (mk.array((1, 97, 4, 64), fake_cupy.BF16, n) for n in "qkvo")
+        lse = mk.array((1, 4, 97), np.float32, "lse")
         records = []
         for window in ([16, 0], [16, 0], (16, 0)):
             world.begin_call()
-            cuflash.attention_forward(q, k, v, window=window)
+            cuflash.attention_forward(q, k, v, window=window, out=out, lse=lse)
             records.append([x["raw"] for x in world.launches])
         assert records[0] == records[1] == records[2]
