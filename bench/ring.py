@@ -89,7 +89,7 @@ def main(argv=None):
 
     import cuflash
     import cuflash.jax as fj
-    from cuflash import jax_ring
+    from cuflash.jax import ring as jax_ring
 
     try:
         gpus = jax.devices("cpu" if a.cpu else "gpu")

@@ -16,6 +16,7 @@ jnp = pytest.importorskip("jax.numpy")
 
 import cuflash  # noqa: E402
 import cuflash.jax as fj  # noqa: E402
+from cuflash.jax import _binding  # noqa: E402
 from accuracy import assert_close  # noqa: E402
 from cuflash import reference  # noqa: E402
 
@@ -108,8 +109,8 @@ def test_data_pointer_of_a_buffer_is_its_first_element():
     seen = []
 
     def callback(ctx, outs, x):
-        seen.append((fj._data_ptr(x), np.asarray(x).ctypes.data,
-                     fj._data_ptr(outs[0]), np.asarray(outs[0]).ctypes.data))
+        seen.append((_binding._data_ptr(x), np.asarray(x).ctypes.data,
+                     _binding._data_ptr(outs[0]), np.asarray(outs[0]).ctypes.data))
         np.asarray(outs[0])[...] = np.asarray(x)
 
     x = jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4)

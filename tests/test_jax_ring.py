@@ -16,7 +16,7 @@ in the natural token order:
 
 and the staged program: ``n - 1`` ppermutes of K/V in the forward (fewer where trailing
 steps are skipped), no conditional. The script also runs ``cuflash.jax.attention``'s
-gradient per device under ``jax.shard_map`` and the doctest of cuflash/jax_ring.py. It
+gradient per device under ``jax.shard_map`` and the doctest of cuflash/jax/ring.py. It
 compiles with ``--xla_backend_optimization_level=0`` (compiling is most of its ~4 s).
 
 The test marked `gpu` runs the same script on every GPU of the machine (bf16 and fp16, 2, 4
@@ -97,8 +97,8 @@ def test_docstring_example(cpu_report):
 
 def _plan(n, layout, seqlen, left, right, batch=1):
     fj = pytest.importorskip("cuflash.jax")
-    from cuflash import jax_ring
-    o = fj._options(None, False, (None, None), 0.0)
+    from cuflash.jax import _binding, ring as jax_ring
+    o = _binding._options(None, False, (None, None), 0.0)
     return jax_ring._plan("sp", n, layout, seqlen, batch, left, right, o)
 
 
@@ -148,7 +148,7 @@ def test_pair_calls_cover_exactly_the_band():
     """Every band of a c x c pair, as (query rows, key rows, window) with the window aligned
     as cuflash aligns it, gives the band's mask and nothing else."""
     pytest.importorskip("cuflash.jax")
-    from cuflash import jax_ring
+    from cuflash.jax import ring as jax_ring
     c = 6
     i, j = np.arange(c)[:, None], np.arange(c)[None]
     for lo in range(-(c - 1), c):
@@ -288,12 +288,12 @@ def run_case(jax, fj, reference, assert_close, devices, case):
 
     # The staged program: n - 1 transfers of K/V in the forward (fewer where trailing steps
     # are skipped), and no conditional (an XLA conditional syncs with the host on GPUs).
-    from cuflash import jax_ring
+    from cuflash.jax import _binding, ring as jax_ring
     hlo = jax.jit(sharded).lower(put(to(q)), put(to(k)), put(to(v))).as_text()
     plan_steps = len(jax_ring._plan(
         "sp", n, layout, seqlen // n, batch, options["window"][0],
         0 if options["causal"] else options["window"][1],
-        fj._options(None, False, (None, None), 0.0)).steps)
+        _binding._options(None, False, (None, None), 0.0)).steps)
     permutes = hlo.count("stablehlo.collective_permute")  # one for K, one for V
     assert permutes == 2 * (plan_steps - 1), f"{permutes} collective permutes for " \
         f"{plan_steps} steps"
@@ -382,7 +382,7 @@ def main(platform):
         except Exception as e:
             report["shard_map-attention-grad"] = f"{type(e).__name__}: {e}"[:2000]
         import doctest
-        from cuflash import jax_ring
+        from cuflash.jax import ring as jax_ring
         failed = doctest.testmod(jax_ring, verbose=False).failed
         report["doctest"] = "ok" if not failed else f"{failed} doctest examples failed"
     print(f"{len(cases)} cases in {time.perf_counter() - start:.1f} s", file=sys.stderr)

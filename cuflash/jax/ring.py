@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuflash import jax as _fj
+from . import _binding as _fj
 
 __all__ = ["ring_attention", "to_zigzag", "from_zigzag", "zigzag_positions"]
 
