@@ -2,9 +2,10 @@
 
 Sources are read from the ``kernels_cu`` package data through ``importlib.resources``.
 Templates are instantiated with ``name_expressions``; compiled modules are cached in memory
-per (device, source, instantiation) with CuPy's disk cache below. A fingerprint of every
-file under ``kernels_cu/`` goes into the compile options, because CuPy's disk cache keys on
-the top-level source and options only and would not see an edited header.
+per (device, source, instantiation) with CuPy's disk cache below. A fingerprint of the
+source and every ``kernels_cu/`` file it includes goes into its compile options, because
+CuPy's disk cache keys on the top-level source and options only and would not see an edited
+header; a file that does not include an edited one keeps its options and its cache.
 """
 from __future__ import annotations
 
@@ -41,17 +42,6 @@ def source_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "kernels_cu"
-
-
-@functools.lru_cache(maxsize=None)
-def fingerprint() -> str:
-    """Hash of every file under kernels_cu/ (names and contents)."""
-    h = hashlib.sha256()
-    root = source_dir()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
@@ -107,10 +97,12 @@ def _cuda_include() -> str:
                        "brings nvidia-cuda-runtime), or set CUDA_PATH to a CUDA toolkit")
 
 
-def options(arch: str) -> tuple:
-    """NVRTC options for ``arch`` (e.g. ``sm_90``); the same for run time and the check."""
+def options(arch: str, filename: str) -> tuple:
+    """NVRTC options for ``filename`` on ``arch`` (e.g. ``sm_90``); the same for run time
+    and the check."""
     return (STD, f"--gpu-architecture={arch}", "-I" + str(source_dir()),
-            "-I" + _cuda_include(), f"-DCUFLASH_FINGERPRINT=0x{fingerprint()}ULL")
+            "-I" + _cuda_include(),
+            f"-DCUFLASH_FINGERPRINT=0x{source_fingerprint(filename)}ULL")
 
 
 # Sources written for one architecture-specific target: sm_90a code (wgmma, setmaxnreg) runs
@@ -148,7 +140,7 @@ def get_kernel(filename: str, name_expression: str, device_id: int):
                            f"device {device_id} is {device_arch(device_id)}")
     t0 = time.perf_counter()
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=read_source(filename), options=options(arch),
+        module = cupy.RawModule(code=read_source(filename), options=options(arch, filename),
                                 name_expressions=(name_expression,), backend="nvrtc")
         try:
             kernel = module.get_function(name_expression)
@@ -211,7 +203,7 @@ def cache_kernel(filename: str, name_expression: str, arch: str) -> bool:
         compiler._get_arch_for_options_for_nvrtc = arch_option
         compiler._kernel_cache_backend = Watched()
         try:
-            core.compile_with_cache(read_source(filename), options(target), arch=cc,
+            core.compile_with_cache(read_source(filename), options(target, filename), arch=cc,
                                     prepend_cupy_headers=False, backend="nvrtc",
                                     name_expressions=(name_expression,))
         except compiler.CompileException as e:
@@ -248,7 +240,7 @@ def compile_report(filename: str, name_expression: str, arch: str) -> Report:
     try:
         nvrtc.addNameExpression(prog, name_expression)
         try:
-            nvrtc.compileProgram(prog, list(options(arch)) + ["-Xptxas", "-v"])
+            nvrtc.compileProgram(prog, list(options(arch, filename)) + ["-Xptxas", "-v"])
         except nvrtc.NVRTCError:
             raise CompileError(f"compiling {name_expression} from kernels_cu/{filename} for "
                                f"{arch} failed:\n{nvrtc.getProgramLog(prog)}") from None
@@ -284,7 +276,7 @@ def prove(filename: str, facts: list, arch: str) -> None:
     source = f'#include "{filename}"\n{asserts}'
     prog = nvrtc.createProgram(source, f"facts_{filename}", [], [])
     try:
-        nvrtc.compileProgram(prog, list(options(arch)))
+        nvrtc.compileProgram(prog, list(options(arch, filename)))
     except nvrtc.NVRTCError:
         raise CompileError(f"facts of kernels_cu/{filename} for {arch} do not hold:\n"
                            f"{nvrtc.getProgramLog(prog)}") from None

@@ -23,8 +23,8 @@ def sources(tmp_path, monkeypatch):
     """Point the compile layer at a scratch kernels_cu/ and clear its caches around the test."""
     (tmp_path / "common").mkdir()
     (tmp_path / "common" / "h.cuh").write_text("#pragma once\n")
-    (tmp_path / "k.cu").write_text(GOOD)
-    caches = (_compile.source_dir, _compile.fingerprint, _compile.read_source)
+    (tmp_path / "k.cu").write_text('#include "common/h.cuh"\n' + GOOD)
+    caches = (_compile.source_dir, _compile.source_fingerprint, _compile.read_source)
 
     def clear():
         for c in caches:
@@ -48,10 +48,10 @@ def test_sources_come_from_the_package():
 
 def test_header_edit_changes_the_compile_options(sources):
     root, clear = sources
-    before = _compile.options("sm_90")
+    before = _compile.options("sm_90", "k.cu")
     (root / "common" / "h.cuh").write_text("#pragma once\n// edited\n")
     clear()
-    after = _compile.options("sm_90")
+    after = _compile.options("sm_90", "k.cu")
     assert before != after
     assert any("CUFLASH_FINGERPRINT" in o for o in after)
 

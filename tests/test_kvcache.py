@@ -370,7 +370,7 @@ def test_params_mirrors_match_the_c_structs():
     prog = nvrtc.createProgram(src, "layout.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, list(_compile.options("sm_80")))
+            nvrtc.compileProgram(prog, list(_compile.options("sm_80", "common/params.cuh")))
         except nvrtc.NVRTCError:
             pytest.fail(nvrtc.getProgramLog(prog))
     finally:

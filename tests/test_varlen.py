@@ -314,7 +314,7 @@ def test_param_structs_match_their_numpy_mirrors():
     assert _core.ATTN_ARGS.names[-2:] == ("cu_seqlens_q", "cu_seqlens_k")
     prog = nvrtc.createProgram(source, "layout.cu", [], [])
     try:
-        nvrtc.compileProgram(prog, list(_compile.options("sm_80")))
+        nvrtc.compileProgram(prog, list(_compile.options("sm_80", "common/params.cuh")))
     except nvrtc.NVRTCError:
         pytest.fail(nvrtc.getProgramLog(prog))
     finally:
