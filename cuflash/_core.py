@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -127,6 +128,33 @@ def aligned_copy(x):
     allocation is aligned)."""
     import cupy
     return x if rows_aligned(x) else cupy.array(x, copy=True, order="C")
+
+
+def strides_aligned(*layouts) -> bool:
+    """Whether every row stride (all axes but the last) of these byte-stride tuples is a
+    multiple of 16 bytes: rows then start on 16 bytes wherever the first one does."""
+    return all(s % 16 == 0 for x in layouts for s in x[:-1])
+
+
+def realigned(p: Problem, q, k, v):
+    """(problem, q, k, v) with q, k, v copied where their rows do not start on 16 bytes:
+    the slow path of a call whose arrays the kernels cannot read as they are."""
+    q, k, v = (aligned_copy(x) for x in (q, k, v))
+    return dataclasses.replace(p, q_strides=q.strides, k_strides=k.strides,
+                               v_strides=v.strides), q, k, v
+
+
+def aligned_outputs(*outputs) -> list:
+    """Each output itself where its rows start on 16 bytes, else a fresh array to compute
+    into (:func:`write_back` copies it over)."""
+    import cupy
+    return [x if rows_aligned(x) else cupy.empty(x.shape, x.dtype) for x in outputs]
+
+
+def write_back(given, computed) -> None:
+    for g, c in zip(given, computed):
+        if c is not g:
+            g[...] = c
 
 
 def attn_args(p: Problem) -> tuple:

@@ -20,7 +20,8 @@ How it works (Liu et al., 2023, "Ring attention with blockwise transformers"):
   straight-line program to schedule, with no loop-carried buffer it must copy.
 - No ``lax.cond``: which part of a block pair a device computes depends on the device
   (``axis_index``), a runtime value in an SPMD program, and an XLA conditional on the GPU
-  copies its predicate to the host and waits for it (outside CUDA graphs). Instead every call is a varlen call
+  copies its predicate to the host and waits for it (outside CUDA graphs). Instead every
+  call is a varlen call
   (:func:`cuflash.jax.attention_varlen`'s kernels) whose ``cu_seqlens`` are read from a
   static per-device table at ``axis_index``: one "sequence" pairs the query rows with the
   key rows this device must combine, and the other rows sit in sequences with no keys (or

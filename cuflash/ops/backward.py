@@ -7,7 +7,6 @@ separate kernel when deterministic). convert: dq = scale * dq_accum in the input
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -162,7 +161,8 @@ def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
     if "dkdv" in t:
         steps = [_main_step(dtype, hd, t["dkdv"], DK | DV | dq | v)]
     else:
-        steps = [_main_step(dtype, hd, t["dv"], DV | v), _main_step(dtype, hd, t["dk"], DK | dq | v)]
+        steps = [_main_step(dtype, hd, t["dv"], DV | v),
+                 _main_step(dtype, hd, t["dk"], DK | dq | v)]
     if deterministic:
         steps.append(_main_step(dtype, hd, t["dq"], DQ | v))
     return steps
@@ -313,8 +313,8 @@ class Launch:
         self.problem, self.strides = p, strides
         self.deterministic, self.hopper, self.steps = deterministic, hopper, steps
         self.plan = plan(p, strides, deterministic, hopper, steps)
-        self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, *strides[:2],
-                                           *strides[3:]) for s in x[:-1])
+        self.copies = not _core.strides_aligned(p.q_strides, p.k_strides, p.v_strides,
+                                                *strides[:2], *strides[3:])
 
     def __call__(self, dout, q, k, v, out, lse, slopes=None, cu_q=None, cu_k=None, dq=None,
                  dk=None, dv=None):
@@ -325,14 +325,12 @@ class Launch:
             dk = cupy.empty(k.shape, k.dtype)
         if dv is None:
             dv = cupy.empty(v.shape, v.dtype)
-        ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr,
-                dq.data.ptr, dk.data.ptr, dv.data.ptr)
-        if self.copies or (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5] | ptrs[6]
-                           | ptrs[7]) & 15:
+        qp, kp, vp, op, dop = q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr
+        dqp, dkp, dvp = dq.data.ptr, dk.data.ptr, dv.data.ptr
+        if self.copies or (qp | kp | vp | op | dop | dqp | dkp | dvp) & 15:
             return self._copied(dout, q, k, v, out, lse, slopes, cu_q, cu_k, dq, dk, dv)
         stream = cupy.cuda.get_current_stream()
         scratch, owner = _core.scratch(self.plan.scratch_bytes, stream)
-        qp, kp, vp, op, dop, dqp, dkp, dvp = ptrs
         self.plan(stream.ptr, scratch, qp, kp, vp, _core.address(slopes), _core.address(cu_q),
                   _core.address(cu_k), op, dop, lse.data.ptr, dqp, dkp, dvp)
         del owner  # the launches are queued: the pool may hand it out again on this stream
@@ -340,16 +338,11 @@ class Launch:
 
     def _copied(self, dout, q, k, v, out, lse, slopes, cu_q, cu_k, dq, dk, dv):
         """The call through 16-byte aligned copies of the arrays whose rows are not."""
-        import cupy
-        dout2, q2, k2, v2, out2 = (_core.aligned_copy(x) for x in (dout, q, k, v, out))
-        grads = [g if _core.rows_aligned(g) else cupy.empty(g.shape, g.dtype)
-                 for g in (dq, dk, dv)]
-        p = dataclasses.replace(self.problem, q_strides=q2.strides, k_strides=k2.strides,
-                                v_strides=v2.strides)
-        strides = (out2.strides, dout2.strides, self.strides[2], *(g.strides for g in grads))
-        Launch(p, strides, self.deterministic, self.hopper, self.steps)(dout2, q2, k2, v2, out2, lse,
-                                                            slopes, cu_q, cu_k, *grads)
-        for given, computed in zip((dq, dk, dv), grads):
-            if computed is not given:
-                given[...] = computed
+        p, q, k, v = _core.realigned(self.problem, q, k, v)
+        dout, out = (_core.aligned_copy(x) for x in (dout, out))
+        grads = _core.aligned_outputs(dq, dk, dv)
+        strides = (out.strides, dout.strides, self.strides[2], *(g.strides for g in grads))
+        launch = Launch(p, strides, self.deterministic, self.hopper, self.steps)
+        launch(dout, q, k, v, out, lse, slopes, cu_q, cu_k, *grads)
+        _core.write_back((dq, dk, dv), grads)
         return dq, dk, dv

@@ -4,7 +4,6 @@ merges the splits by their log-sum-exp, in the same launch.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -224,8 +223,8 @@ class Launch:
         self.plan = plan(p, c, out_strides, splits, warps, append)
         self.out_shape = (p.batch, p.seqlen_q, p.nheads, p.headdim)
         self.lse_shape = (p.batch, p.nheads, p.seqlen_q)
-        self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, out_strides)
-                          for s in x[:-1])
+        self.copies = not _core.strides_aligned(p.q_strides, p.k_strides, p.v_strides,
+                                                out_strides)
 
     def __call__(self, q, k_cache, v_cache, slopes=None, block_table=None, cache_seqlens=None,
                  k_new=None, v_new=None, out=None, lse=None):
@@ -260,18 +259,14 @@ class Launch:
                 out, lse):
         """The append into the caches themselves, then decoding through 16-byte aligned
         copies of the arrays whose rows are not."""
-        import cupy
         p, c = self.problem, self.cache
         if c.seqlen_new:
             append(p, c, q, k_cache, v_cache, slopes, block_table, cache_seqlens, k_new, v_new)
-        q2, k2, v2 = (_core.aligned_copy(x) for x in (q, k_cache, v_cache))
-        out2 = out if _core.rows_aligned(out) else cupy.empty(out.shape, out.dtype)
-        p2 = dataclasses.replace(p, q_strides=q2.strides, k_strides=k2.strides,
-                                 v_strides=v2.strides)
+        p2, q, k_cache, v_cache = _core.realigned(p, q, k_cache, v_cache)
+        [out2] = _core.aligned_outputs(out)
         Launch(p2, c, out2.strides, self.splits, self.warps, append=False)(
-            q2, k2, v2, slopes, block_table, cache_seqlens, None, None, out2, lse)
-        if out2 is not out:
-            out[...] = out2
+            q, k_cache, v_cache, slopes, block_table, cache_seqlens, None, None, out2, lse)
+        _core.write_back([out], [out2])
         return out, lse
 
 

@@ -7,7 +7,6 @@ one never reads array contents, synchronises or allocates.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -288,8 +287,8 @@ class Launch:
         self.out_strides, self.lse_shape = out_strides, lse_shape
         self.plan = plan(p, out_strides, config)
         # Rows that do not start on 16 bytes (odd strides) go through contiguous copies.
-        self.copies = any(s % 16 for x in (p.q_strides, p.k_strides, p.v_strides, out_strides)
-                          for s in x[:-1])
+        self.copies = not _core.strides_aligned(p.q_strides, p.k_strides, p.v_strides,
+                                                out_strides)
 
     def __call__(self, q, k, v, slopes=None, cu_q=None, cu_k=None, out=None, lse=None):
         import cupy
@@ -309,13 +308,9 @@ class Launch:
 
     def _copied(self, q, k, v, slopes, cu_q, cu_k, out, lse):
         """The call through 16-byte aligned copies of the arrays whose rows are not."""
-        import cupy
-        q2, k2, v2 = (_core.aligned_copy(x) for x in (q, k, v))
-        out2 = out if _core.rows_aligned(out) else cupy.empty(out.shape, out.dtype)
-        p = dataclasses.replace(self.problem, q_strides=q2.strides, k_strides=k2.strides,
-                                v_strides=v2.strides)
-        Launch(p, out2.strides, self.lse_shape, self.config)(q2, k2, v2, slopes, cu_q, cu_k,
-                                                              out2, lse)
-        if out2 is not out:
-            out[...] = out2
+        p, q, k, v = _core.realigned(self.problem, q, k, v)
+        [out2] = _core.aligned_outputs(out)
+        Launch(p, out2.strides, self.lse_shape, self.config)(q, k, v, slopes, cu_q, cu_k,
+                                                             out2, lse)
+        _core.write_back([out], [out2])
         return out, lse
