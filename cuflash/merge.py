@@ -71,11 +71,8 @@ def merge_attention(outs: Array | Sequence[Array], lses: Array | Sequence[Array]
     first = parts[0]
     batch, seqlen_q, nheads, _ = first.shape
     lse_shape = (batch, nheads, seqlen_q)
-    given = {"out": out, "lse": lse}
-    if kind != "numpy" and any(x is not None and _checks.array_kind(x, n) == "dlpack"
-                               for n, x in given.items()):
-        given = {n: (None if x is None else _checks._cupy().from_dlpack(x))
-                 for n, x in given.items()}
+    given = {n: x if x is None or kind == "numpy" or _checks.array_kind(x, n) != "dlpack"
+             else _from_dlpack(x) for n, x in (("out", out), ("lse", lse))}
     _checks.check_output(given["out"], "out", first.shape, first.dtype, kind, first)
     _checks.check_output(given["lse"], "lse", lse_shape, np.float32, kind, first,
                          contiguous=True)
