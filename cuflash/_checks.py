@@ -512,7 +512,7 @@ def extent(x):
     return low, high
 
 
-def address(x) -> int:
+def _start(x) -> int:
     """The address of the first element of a NumPy or CUDA array."""
     if isinstance(x, np.ndarray):
         return x.__array_interface__["data"][0]
@@ -532,7 +532,7 @@ def check_disjoint(outputs: dict, inputs: dict) -> None:
     for n, x in arrays.items():
         e = extent(x)
         if e is not None:
-            start = address(x)
+            start = _start(x)
             spans[n] = (start + e[0], start + e[1])
     for name in given:
         if name not in spans:

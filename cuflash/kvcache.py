@@ -241,15 +241,14 @@ def _prepare(arrays: dict):
     return kind, arrays
 
 
-def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu: bool,
-                  appends: bool | None = None) -> CacheShape:
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu: bool
+                  ) -> CacheShape:
     """Shapes, dtypes and layouts of a kvcache call; returns its :class:`CacheShape`.
 
     ``cache_seqlens`` is an int or an array; its values (and the block table's) are
-    checked separately, by :func:`check_cache_values`, where that is cheap. ``appends``
-    (default: whether k, v are given) adds the checks of a call that writes the caches:
-    both writable, no byte of one in the other or in k, v (pointers and strides only, no
-    device synchronisation), all before anything is written.
+    checked separately, by :func:`check_cache_values`, where that is cheap. What depends on
+    the arrays' addresses (the append's targets, the caller's outputs) is checked on every
+    call, before anything is written (:func:`_checked_call`).
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.ndim != 4:
@@ -324,10 +323,6 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, *, gpu:
                     ("v", v)):
         if x is not None:
             _checks.check_last_axis_contiguous(x, name)
-    if appends is None:
-        appends = k is not None
-    if appends:
-        _check_append_targets(k_cache, v_cache, k, v)
     shape = _checks.Shape(batch, seqlen_q, capacity, nheads, nheads_kv, headdim)
     return CacheShape(shape, seqlen_new, page_size, rows if block_table is not None else 0)
 

@@ -323,7 +323,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     if not kvcache._is_int(cache_seqlens):
         cache_seqlens = _host(cache_seqlens)
     cache = kvcache.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                  gpu=False, appends=False)  # it writes nothing
+                                  gpu=False)
     kvcache.check_cache_values(cache_seqlens, block_table, cache)
     shape = cache.shape
     lengths = np.broadcast_to(np.asarray(cache_seqlens, np.int64), (shape.batch,))
