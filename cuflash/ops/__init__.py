@@ -13,20 +13,12 @@ FAMILIES = (forward, backward, decode, merge, varlen_check)
 
 def all_kernels() -> list:
     """Every (filename, name_expression) the dispatcher can choose, once each."""
-    seen = {}
-    for family in FAMILIES:
-        for item in family.kernels():
-            seen.setdefault(item, None)
-    return list(seen)
+    return list(dict.fromkeys(x for family in FAMILIES for x in family.kernels()))
 
 
 def all_facts() -> list:
     """Every (filename, C++ expression, value) the compile check proves, once each."""
-    seen = {}
-    for family in FAMILIES:
-        for item in family.facts():
-            seen.setdefault(item, None)
-    return list(seen)
+    return list(dict.fromkeys(x for family in FAMILIES for x in family.facts()))
 
 
 def dense_problem(q, k, v, **options) -> _core.Problem:
