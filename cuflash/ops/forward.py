@@ -151,13 +151,16 @@ def choose(p: _core.Problem, arch: str) -> Config:
 class Plan:
     """A memoized forward launch: call it with the arrays' addresses."""
 
-    def __init__(self, p: _core.Problem, out_strides: tuple, config: Config):
+    def __init__(self, p: _core.Problem, out_strides: tuple, config: Config,
+                 maps: tuple | None = None):
+        """``maps``: the TMA map makers of q, k, v (:func:`_map_makers`), for the Hopper
+        kernel."""
         self.problem, self.config = p, config
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
         fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
-        self.maps = _map_makers(p, config) if config.hopper else None
+        self.maps = maps
         if config.hopper:
             self._encoded = {}
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
@@ -209,10 +212,13 @@ def _map_makers(p: _core.Problem, config: Config) -> tuple:
             _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
 
 
-def _hopper_serves(p: _core.Problem, config: Config) -> bool:
-    """Whether TMA maps describe these layouts and the tile count fits the kernel's int32."""
-    tiles_ = -(-p.seqlen_q // config.block_m) * p.nheads * p.batch
-    return tiles_ <= SM90_MAX_TILES and all(m.ok for m in _map_makers(p, config))
+def _hopper_maps(p: _core.Problem, config: Config) -> tuple | None:
+    """The map makers of the Hopper kernel, or None where it cannot run the problem: a
+    layout TMA cannot describe, or more tiles than its int32 tile index takes."""
+    if -(-p.seqlen_q // config.block_m) * p.nheads * p.batch > SM90_MAX_TILES:
+        return None
+    maps = _map_makers(p, config)
+    return maps if all(m.ok for m in maps) else None
 
 
 def _shape(p: _core.Problem, rows: int, heads: int) -> tuple:
@@ -226,7 +232,8 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
     """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
     arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
     chosen = config or choose(p, arch)
-    if chosen.hopper and not _hopper_serves(p, chosen):
+    maps = _hopper_maps(p, chosen) if chosen.hopper else None
+    if chosen.hopper and maps is None:
         if config is not None:
             raise ValueError(f"{config.name_expression} cannot run this problem (strides a "
                              f"TMA map cannot describe, or too many tiles)")
@@ -234,7 +241,7 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
                        "cannot describe, or too many tiles): flash_fwd (mma.sync, slower) "
                        "runs it; logged once per process", chosen.name_expression)
         chosen = mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
-    return Plan(p, out_strides, chosen)
+    return Plan(p, out_strides, chosen, maps)
 
 
 def fallback(p: _core.Problem, out_strides: tuple) -> Plan:
