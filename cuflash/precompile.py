@@ -81,7 +81,8 @@ def select(dtypes, headdims, *, varlen=False, decode=False, backward_=True) -> l
     kernels = ops.all_kernels()
     names = {name for _, name in kernels}
     cxx = {DTYPES[d] for d in dtypes}
-    hds = {tiles.padded_headdim(h) for h in headdims}
+    # The mma.sync kernels' head dim, and the Hopper forward's (whole 64-column blocks).
+    hds = {f(h) for h in headdims for f in (tiles.padded_headdim, tiles.smem_cols)}
     chosen = []
     for filename, name in kernels:
         if filename.startswith("flash_decode"):

@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys = 16 rows of both tiles per step
-      sm90::WgmmaMN64<T>::ss(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
-                             sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
+      sm90::Wgmma<T, 64>::ss_mn(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
+                                sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_regs<32>(dq);

@@ -183,8 +183,8 @@ def test_old_gpu_error_names_compute_capability(monkeypatch):
 
 
 # --- Hopper: the wgmma kernel (kernels_cu/flash_fwd_sm90.cu) ------------------------------
-# On an sm_90 device the dispatcher sends fp16/bf16 head dims padded to 64 or 128 to
-# flash_fwd_sm90, so every test above with such a head dim (seqlens, features, GQA, strided
+# On an sm_90 device the dispatcher sends every fp16/bf16 head dim to flash_fwd_sm90 (in
+# whole 64-column blocks: 32 runs in 64, 96 in 128), so every fp16/bf16 test above (seqlens, features, GQA, strided
 # layouts, fully masked rows, NaN poisoning, the memory-pool check) runs it. The tests below
 # make sure that really happens (no silent fallback to mma.sync) and compare the two kernels.
 
@@ -194,8 +194,9 @@ def _require_hopper():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "qkv", "bhsd"])
-@pytest.mark.parametrize("dtype, headdim", [(BF16, 128), (F16, 64), (BF16, 40)],
-                         ids=["bf16-128", "fp16-64", "bf16-40"])
+@pytest.mark.parametrize("dtype, headdim", [
+    (BF16, 128), (F16, 64), (BF16, 40), (F16, 32), (BF16, 96), (F16, 192), (BF16, 256),
+    (F16, 200)], ids=lambda x: str(x) if isinstance(x, int) else np.dtype(x).name)
 def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout):
     _require_hopper()
     import cupy
@@ -213,7 +214,10 @@ def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout)
     (F16, 3, 1100, 300, 8, 8, 64, dict(causal=True)),  # rows 0..799 see no key
     (BF16, 2, 777, 2000, 16, 4, 64, dict(window=(100, 50))),
     (F16, 2, 2100, 2100, 16, 16, 128, dict(causal=True, softcap=5.0)),
-], ids=["bf16-128", "fp16-64-empty-tiles", "bf16-64-window", "fp16-128-causal-softcap"])
+    (BF16, 2, 1100, 1100, 64, 8, 256, dict(causal=True)),
+    (F16, 3, 900, 1500, 48, 16, 192, dict(window=(200, 0))),
+], ids=["bf16-128", "fp16-64-empty-tiles", "bf16-64-window", "fp16-128-causal-softcap",
+        "bf16-256-causal", "fp16-192-window"])
 def test_wgmma_kernel_with_more_tiles_than_sms(case):
     """The persistent grid: every CTA walks several tiles (some with no visible key), so Q
     reloads and the K/V ring's barrier phases carry over from tile to tile."""
@@ -224,7 +228,7 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),
                                   dict(softcap=4.0, causal=True)],
                          ids=["full", "causal", "window", "softcap-causal"])

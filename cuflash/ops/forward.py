@@ -56,8 +56,10 @@ class Sm90Tile:
 
 
 # flash_fwd_sm90: one producer and two consumer warpgroups of 64 rows (FwdSm90Traits), a
-# STAGES-deep K/V ring, a persistent grid of one CTA per SM. Head dims padded to 64 or 128
-# run here; others, float32, and layouts a TMA map cannot describe stay on flash_fwd.
+# STAGES-deep K/V ring, a persistent grid of one CTA per SM. A head dim runs in the entry of
+# its whole 64-column blocks (tiles.smem_cols: 32 and 40 in 64, 96 in 128): TMA fills the
+# columns past the head dim with zeros, which add nothing to Q K^T, and the epilogue skips
+# them. float32, and layouts a TMA map cannot describe, stay on flash_fwd.
 SM90_BLOCK_M, SM90_THREADS, SM90_STAGES = 128, 384, 2
 # Below this many keys a large Bc mostly computes padding (hd64 Bc 192 covers 512 or 1024
 # keys with 12.5% waste, 2048 with 3%).
@@ -68,6 +70,11 @@ SM90_TILES = {
                            "spills 8 B)"),
     128: Sm90Tile(176, 176, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (notes, Hopper v1); "
                             "S 88 + O 64 registers, 209 KiB shared memory"),
+    192: Sm90Tile(112, 96, "Bc 112: the largest whose two K/V stages fit next to Q (217 "
+                           "KiB), S 56 + O 96 registers; 96 for short keys and softcap/ALiBi "
+                           "(Bc 112 spills 8 B); not yet measured (notes, Hopper v4)"),
+    256: Sm90Tile(80, 80, "Bc 80: the largest whose two K/V stages fit next to Q (225 KiB); "
+                          "S 40 + O 128 registers; not yet measured (notes, Hopper v4)"),
 }
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
@@ -127,9 +134,9 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
 
 def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int,
                 block_n: int | None = None) -> Config:
-    """flash_fwd_sm90 for fp16 / bf16 at a head dim padded to one of SM90_TILES (``block_n``
-    overrides the table's Bc, for tuning)."""
-    hd = tiles.padded_headdim(headdim)
+    """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
+    SM90_TILES (``block_n`` overrides the table's Bc, for tuning)."""
+    hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     bn = block_n or (t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n)
     smem = (SM90_BLOCK_M + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
@@ -141,9 +148,8 @@ def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: in
 
 def choose(p: _core.Problem, arch: str) -> Config:
     """The forward kernel for a problem on a device of ``arch``: the Hopper kernel where it
-    serves (fp16 / bf16, head dim padded to 64 or 128), else flash_fwd."""
-    hd = tiles.padded_headdim(p.headdim)
-    if arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES:
+    serves (fp16 / bf16), else flash_fwd."""
+    if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES:
         return sm90_config(p.dtype, p.headdim, p.score_mod, p.varlen, p.seqlen_k)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
@@ -258,14 +264,18 @@ def kernels():
 
 
 def _configs():
+    """Every config the dispatcher can choose, each once."""
+    seen = set()
     for varlen in (False, True):
         for hd in tiles.HEADDIMS:
             for dtype in (np.float16, tiles.BFLOAT16):
                 for score_mod in (False, True):
                     yield mma_config(dtype, hd, score_mod, varlen)
-                    if hd in SM90_TILES:
-                        for seqlen_k in (SM90_SHORT_KEYS, 1):
-                            yield sm90_config(dtype, hd, score_mod, varlen, seqlen_k)
+                    for seqlen_k in (SM90_SHORT_KEYS, 1):
+                        c = sm90_config(dtype, hd, score_mod, varlen, seqlen_k)
+                        if c not in seen:
+                            seen.add(c)
+                            yield c
             yield mma_config(np.float32, hd, False, varlen)
 
 

@@ -22,9 +22,11 @@
 // lane / 4 + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2. That is the [N/8][4] layout of
 // common/softmax.cuh, so OnlineSoftmax<1> and score_fragment<..., 1, N/8> apply unchanged,
 // and its k16 slices packed to 16 bits are the A fragments of a register-A wgmma (the
-// mma.m16n8k16 A layout), exactly as the mma.sync kernel reuses S for P.
+// mma.m16n8k16 A layout), exactly as the mma.sync kernel reuses S for P. The wgmma
+// wrappers themselves, one per N, are generated into common/wgmma.cuh.
 #pragma once
 #include "common/mma.cuh"
+#include "common/wgmma.cuh"
 
 namespace cuflash {
 namespace sm90 {
@@ -118,128 +120,6 @@ template <int N> __device__ __forceinline__ void fence_regs(float* d) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-
-#define CUFLASH_D8(i)                                                                    \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),            \
-      "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-
-// Operand lists of the accumulator registers (generated once; N / 2 floats a thread).
-#define CUFLASH_REGS_32 "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-  "}"
-#define CUFLASH_OUT_32 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24)
-#define CUFLASH_REGS_64 "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-  "}"
-#define CUFLASH_OUT_64 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56)
-#define CUFLASH_REGS_88 "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
-  "%80, %81, %82, %83, %84, %85, %86, %87" \
-  "}"
-#define CUFLASH_OUT_88 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56), CUFLASH_D8(64), CUFLASH_D8(72), CUFLASH_D8(80)
-#define CUFLASH_REGS_96 "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
-  "}"
-#define CUFLASH_OUT_96 CUFLASH_D8(0), CUFLASH_D8(8), CUFLASH_D8(16), CUFLASH_D8(24), CUFLASH_D8(32), CUFLASH_D8(40), CUFLASH_D8(48), CUFLASH_D8(56), CUFLASH_D8(64), CUFLASH_D8(72), CUFLASH_D8(80), CUFLASH_D8(88)
-
-#define CUFLASH_WGMMA_SS_64(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"               \
-               : CUFLASH_OUT_32 : "l"(a), "l"(b), "r"(scale_d))
-#define CUFLASH_WGMMA_SS_128(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"               \
-               : CUFLASH_OUT_64 : "l"(a), "l"(b), "r"(scale_d))
-#define CUFLASH_WGMMA_SS_176(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n176k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_88 ", %88, %89, p, 1, 1, 0, 0;\n}\n"               \
-               : CUFLASH_OUT_88 : "l"(a), "l"(b), "r"(scale_d))
-#define CUFLASH_WGMMA_SS_192(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n192k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_96 ", %96, %97, p, 1, 1, 0, 0;\n}\n"               \
-               : CUFLASH_OUT_96 : "l"(a), "l"(b), "r"(scale_d))
-#define CUFLASH_WGMMA_RS_64(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
-               : CUFLASH_OUT_32                                                  \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
-#define CUFLASH_WGMMA_RS_128(PT)                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
-               : CUFLASH_OUT_64                                                  \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
-
-// D (64 x N float32, registers) = A (64 x 16) B (16 x N) + (scale_d ? D : 0), one k16 step.
-// ss: A and B from shared memory, both K-major (S = Q K^T). rs: A from registers (P), B
-// MN-major from shared memory (V of O = P V).
-template <typename T, int N> struct Wgmma;
-template <typename T> struct Wgmma<T, 64> {
-  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_64("f16");
-    else CUFLASH_WGMMA_SS_64("bf16");
-  }
-  static __device__ __forceinline__ void rs(float* d, const uint32_t (&a)[4], uint64_t b,
-                                            int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_RS_64("f16");
-    else CUFLASH_WGMMA_RS_64("bf16");
-  }
-};
-template <typename T> struct Wgmma<T, 128> {
-  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_128("f16");
-    else CUFLASH_WGMMA_SS_128("bf16");
-  }
-  static __device__ __forceinline__ void rs(float* d, const uint32_t (&a)[4], uint64_t b,
-                                            int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_RS_128("f16");
-    else CUFLASH_WGMMA_RS_128("bf16");
-  }
-};
-template <typename T> struct Wgmma<T, 176> {
-  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_176("f16");
-    else CUFLASH_WGMMA_SS_176("bf16");
-  }
-};
-template <typename T> struct Wgmma<T, 192> {
-  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_192("f16");
-    else CUFLASH_WGMMA_SS_192("bf16");
-  }
-};
-
-// --- Backward additions (flash_bwd_sm90.cu) ----------------------------------------------
-// dQ = dS K: A (dS, stored as dS^T) M-major and B (K) N-major from shared memory, m64n64.
-#define CUFLASH_WGMMA_SS_64_MN(PT)                                                  \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "          \
-               CUFLASH_REGS_32 ", %32, %33, p, 1, 1, 1, 1;\n}\n"               \
-               : CUFLASH_OUT_32 : "l"(a), "l"(b), "r"(scale_d))
-template <typename T> struct WgmmaMN64 {
-  static __device__ __forceinline__ void ss(float* d, uint64_t a, uint64_t b, int scale_d) {
-    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_64_MN("f16");
-    else CUFLASH_WGMMA_SS_64_MN("bf16");
-  }
-};
 
 // Pins A-fragment registers of a register-A wgmma until after its wgmma_wait (call there):
 // their values must survive until the tensor cores have read them.
