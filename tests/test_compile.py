@@ -82,3 +82,12 @@ def test_hopper_only_sources_compile_for_sm90a_and_nowhere_else():
     assert names, "the compile check must see the Hopper forward kernels"
     r = _compile.compile_report(ops.forward.SM90_FILE, names[0], "sm_90a")
     assert (r.stack_bytes, r.spill_stores, r.spill_loads) == (0, 0, 0)
+
+
+def test_generated_wgmma_header_is_current():
+    """kernels_cu/common/wgmma.cuh is what tools/gen_wgmma.py writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "tools" / "gen_wgmma.py"
+    assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0

@@ -26,6 +26,10 @@ Legitimate differences, excluded from the comparison (each with its reason):
   and then failed when the driver refused the attribute (CUDADriverError, as the fake
   driver refuses it too); the new one raises a RuntimeError naming the kernel when it
   plans the call, before any launch. Such calls compare by that error alone.
+* The Hopper forward runs every fp16/bf16 head dim since docs/notes/forward.md's v4 (the
+  old layer: only those padded to 64 or 128). Where the old layer launched flash_fwd on
+  sm_90 and the new one launches flash_fwd_sm90 in its place, that launch compares by its
+  kernel family alone; the call's other launches compare as usual.
 """
 from __future__ import annotations
 
@@ -167,6 +171,12 @@ def compare_call(call_id, old: dict, new: dict) -> list:
         msgs.append(f"{call_id}: returned arrays [shape, strides, dtype, device]: old "
                     f"{old['returns']}, new {new['returns']}")
     lo, ln = old["launches"], new["launches"]
+    if call_id.startswith("sm_90/"):
+        moved = [i for i, (a, b) in enumerate(zip(lo, ln))
+                 if a["name"].startswith("cuflash::flash_fwd<")
+                 and b["name"].startswith("cuflash::flash_fwd_sm90<")]
+        lo = [x for i, x in enumerate(lo) if i not in moved]
+        ln = [x for i, x in enumerate(ln) if i not in moved]
     if [x["name"] for x in lo] != [x["name"] for x in ln]:
         msgs.append(f"{call_id}: kernels: old {[x['name'] for x in lo]}, new "
                     f"{[x['name'] for x in ln]}")
