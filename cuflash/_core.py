@@ -332,13 +332,18 @@ def counters(device_id: int, stream_ptr: int, count: int) -> int:
     found = _COUNTERS.get(key)
     if found is not None and found[1] >= count:
         return found[0]
+    import cupy
     from cupy.cuda import runtime
     with _LOCK:
         size = max(count, 1024, 2 * found[1] if found else 0)
         ptr = runtime.malloc(4 * size)
-        # Zeroed now, not on the stream: a memset queued on a capturing stream would only
-        # be a node of the graph, and eager launches would find the counters unset.
-        runtime.memset(ptr, 0, 4 * size)
+        # Zeroed and waited for on a stream of its own: on ``stream_ptr`` a memset queued
+        # during a capture would only be a node of the graph; cudaMemset's legacy stream is
+        # not ordered before a non-blocking stream's launches (XLA's, a capture stream) and
+        # breaks the capture of a blocking one.
+        zeroing = cupy.cuda.Stream(non_blocking=True)
+        runtime.memsetAsync(ptr, 0, 4 * size, zeroing.ptr)
+        zeroing.synchronize()
         _COUNTERS[key] = (ptr, size)
     return ptr
 

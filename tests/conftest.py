@@ -1,6 +1,7 @@
 """GPU tests carry the marker `gpu` and are skipped cleanly where there is no CUDA GPU (the hook
 lives in tests/gpu.py, shared with bench/conftest.py). ``rng``: a generator per test;
 ``launched``: the (filename, name expression) of every kernel the test launches."""
+import os
 import zlib
 
 import numpy as np
@@ -8,6 +9,11 @@ import pytest
 
 from gpu import launches
 from gpu import pytest_collection_modifyitems  # noqa: F401 (a pytest hook: skips `gpu` items)
+
+# JAX's GPU backend takes 75% of the GPU's memory when it starts, in every process that
+# starts it: a second pytest-xdist worker running a JAX test, and CuPy in all of them,
+# would be out of memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture
