@@ -18,9 +18,14 @@ What is faked:
 * ``cupy.empty / zeros / full / ascontiguousarray / asarray / array / stack /
   broadcast_to``; ``cupy.cuda.Device`` (a current-device stack; device 0 is sm_90 and
   device 1 sm_80, both with 132 SMs, 227 and 163 KiB of opt-in shared memory),
-  ``get_current_stream`` (``.ptr``, ``is_capturing()``), ``runtime.getDevice /
-  deviceGetAttribute / malloc / memset / memsetAsync / free``, ``driver.launchKernel``
-  (reads the params struct back through ctypes at the address its ``argv`` holds).
+  ``get_current_stream`` (``.ptr``, ``is_capturing()``), ``cuda.Stream`` (a handle of
+  its own, ``synchronize()``), ``runtime.getDevice / deviceGetAttribute / malloc / memset /
+  memsetAsync / free``, ``driver.launchKernel`` (reads the params struct back through
+  ctypes at the address its ``argv`` holds). A memset is queued, as CUDA's are:
+  ``memsetAsync`` on its stream, ``memset`` on the legacy default stream (0); it is done
+  (an allocation zeroed whole counts as ``zeroed``) once its stream is synchronised or
+  runs a launch, the legacy stream's also by a launch on a stream that is not a
+  non-blocking ``cuda.Stream``.
   Setting a kernel's ``max_dynamic_shared_size_bytes`` past the device's opt-in limit
   raises ``driver.CUDADriverError``, as the driver refuses it.
 * ``cuflash._compile.get_kernel`` (:meth:`World.get_kernel`: a kernel object with
@@ -428,6 +433,8 @@ class World:
         self.call_index = 0
         self.host_roles = {}       # id(numpy array) -> (role, array)
         self.record_sizes = {}     # argv address -> struct size (new layer: Record.fill)
+        self.queued = []           # (allocation, stream) of memsets not yet done
+        self.non_blocking = set()  # handles of non-blocking cuda.Stream objects
         self.events = []           # allocation log of the current call: (ctor, nbytes)
         self.module = _build_module(self)
 
@@ -518,7 +525,17 @@ class World:
         raw = ctypes.string_at(address, size)
         self.record_launch(kernel, tuple(grid), tuple(block), shared, stream, raw, error)
 
+    def finish(self, stream: int) -> None:
+        """The queued memsets of ``stream`` are done."""
+        for alloc, on in self.queued:
+            if on == stream:
+                alloc.zeroed = True
+        self.queued = [(a, on) for a, on in self.queued if on != stream]
+
     def record_launch(self, kernel, grid, block, shared, stream, raw, error=None):
+        self.finish(stream)
+        if stream not in self.non_blocking:
+            self.finish(0)
         self.launches.append(dict(
             kernel=kernel, grid=grid, block=block, shared=int(shared), stream=int(stream),
             raw=raw, error=error, device=self.device,
@@ -733,14 +750,28 @@ def _build_module(world: World):
     def malloc(nbytes):
         return world.allocate(nbytes, "malloc").base
 
-    def memset(ptr, value, nbytes):
+    def memset_async(ptr, value, nbytes, stream):
         alloc = world.find(ptr)
         assert alloc is not None and ptr + nbytes <= alloc.base + alloc.size
         if value == 0 and ptr == alloc.base and nbytes == alloc.size:
-            alloc.zeroed = True
+            world.queued.append((alloc, stream))
 
-    def memset_async(ptr, value, nbytes, stream):
-        memset(ptr, value, nbytes)
+    def memset(ptr, value, nbytes):
+        memset_async(ptr, value, nbytes, 0)
+
+    class Stream:
+        def __init__(self, null=False, non_blocking=False, ptds=False):
+            self.ptr = id(self)
+            if non_blocking:
+                world.non_blocking.add(self.ptr)
+
+        def synchronize(self):
+            world.finish(self.ptr)
+
+        def is_capturing(self):
+            return False
+
+    cuda.Stream = Stream
 
     class CUDADriverError(RuntimeError):
         pass

@@ -300,6 +300,16 @@ def test_forward_with_out_and_lse_allocates_nothing(device):
         assert call() == []
 
 
+def test_counters_are_zero_before_any_stream_runs():
+    """Counters are zero when ``counters`` returns, whatever stream launches next: a
+    memset left queued on the legacy stream would race a non-blocking stream's kernel
+    (XLA's stream, a capture stream)."""
+    with fake_gpu() as (cuflash, world):
+        stream = world.module.cuda.Stream(non_blocking=True)
+        ptr = cuflash._core.counters(0, stream.ptr, 2)
+        assert world.find(ptr).zeroed and not world.queued
+
+
 def _spies(monkeypatch, cuflash):
     counts = {}
     for module, name in ((cuflash._checks, "check_qkv"), (cuflash._checks, "check_varlen"),
