@@ -246,6 +246,11 @@ def compile_report(filename: str, name_expression: str, arch: str) -> Report:
                                f"{arch} failed:\n{nvrtc.getProgramLog(prog)}") from None
         log = nvrtc.getProgramLog(prog)
         mangled = nvrtc.getLoweredName(prog, name_expression)
+        if "wgmma.mma_async instructions are serialized" in log:
+            # ptxas waits after every wgmma instead of where the kernel waits: as much a
+            # performance bug as a spill.
+            raise CompileError(f"ptxas serialized the wgmmas of {name_expression} "
+                               f"(kernels_cu/{filename}, {arch}):\n{log}")
     finally:
         nvrtc.destroyProgram(prog)
     _log.logger.debug("kernel %s (kernels_cu/%s) compiled for %s in %.2f s (resource report)",

@@ -3,14 +3,18 @@
 // One CTA per (query block of Br = 128 rows, head, batch item); query blocks run last-first
 // so that under a causal mask the heaviest start first. Three warpgroups:
 //   producer (warpgroup 0, one thread): TMA copies of Q (once) and of K, V tiles of
-//     Bc = BLOCK_N keys into a STAGES-deep ring of 128B-swizzled shared-memory buffers;
-//     "full" mbarriers count the bytes in, "empty" mbarriers say when the consumers are done
-//     with a stage. It gives most of its registers away (setmaxnreg) to
+//     Bc = BLOCK_N keys into two STAGES-deep rings (K and V each their own) of 128B-swizzled
+//     shared-memory buffers, K of the next key block before V of this one; "full"
+//     mbarriers count the bytes in, "empty" mbarriers say when the consumers are done with a
+//     stage. It gives most of its registers away (setmaxnreg) to
 //   consumers (warpgroups 1 and 2, 64 query rows each): S = Q K^T by wgmma with both
 //     operands in shared memory; mask and online softmax on the accumulator registers
 //     (base 2, scale * log2(e) folded into one FFMA per score; common/softmax.cuh); P
 //     rounded to 16 bits in registers is the A operand of O += P V by wgmma, V read
-//     MN-major from shared memory. O is divided by l_i once at the end, LSE written.
+//     MN-major from shared memory. S of the next key block is issued before P V of this
+//     one, so that the softmax of one runs under the GEMM of the other (FA3's
+//     intra-warpgroup overlap); at head dims up to 128 the two consumers also take turns
+//     issuing their GEMMs (ping-pong). O is divided by l_i once at the end, LSE written.
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
 // out-of-bounds elements with zeros); stores are predicated.
@@ -20,7 +24,7 @@
 // past an item's end are then the next item's, not zeros: keys >= its seqlen_k are masked
 // (Mask(a, seq): the tile counts as a boundary tile), query rows >= its seqlen_q are never
 // stored, and V rows past the end meet p = 0. Tiles are those of the longest item
-// (FwdSm90Params.varlen_m_blocks query blocks per head and item); the producer skips the
+// (FwdSm90Params.m_blocks query blocks per head and item); the producer skips the
 // ones past an item's end without handing them to the consumers. Dense instantiations
 // compile exactly as they would without varlen support.
 // Layouts, descriptors and fragment conventions: common/sm90.cuh.
@@ -36,14 +40,14 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
 // usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
 // scheduler's two counters (next tile, CTAs done), zero at launch and left zero at exit,
-// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...). Varlen: the
-// maps view q, k, v as (headdim, total, heads, 1) and varlen_m_blocks is the number of
-// query blocks of the longest item (ceil(max_seqlen_q / Br)); dense kernels ignore it.
+// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...); and m_blocks,
+// the query blocks per head and item, ceil(seqlen_q / Br). Varlen: the maps view q, k, v
+// as (headdim, total, heads, 1) and m_blocks is that of the longest item.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v;
   FwdParams fwd;
   int* tile_counter;
-  int varlen_m_blocks;
+  int m_blocks;
 };
 static_assert(sizeof(FwdSm90Params) ==
                   (3 * 128 + sizeof(FwdParams) + sizeof(int*) + sizeof(int) + 63) / 64 * 64,
@@ -67,6 +71,9 @@ struct FwdSm90Traits {
   // which __launch_bounds__(384, 1) hands out as 168 a thread at launch.
   static constexpr int PRODUCER_REGS = 24;
   static constexpr int CONSUMER_REGS = 240;
+  // Ping-pong between the consumers' GEMMs where the softmax is a large share of an
+  // iteration (FA3 does the same at head dims up to 128).
+  static constexpr bool PINGPONG = HEAD_DIM <= 128;
   static_assert(HEAD_DIM % 64 == 0, "whole 128-byte swizzle atoms per row");
   static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N and TMA box limits");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
@@ -114,8 +121,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
-  // full_k, full_v, empty per stage, then full_q, empty_q.
-  __shared__ __align__(8) uint64_t barriers[3 * STAGES + 2];
+  // full_k, full_v, empty_k, empty_v per stage, then full_q, empty_q.
+  __shared__ __align__(8) uint64_t barriers[4 * STAGES + 2];
   // The tile of the current full_q phase; varlen: and its item's q0, k0, len_q, len_k.
   __shared__ int tile_slot[VARLEN ? 5 : 1];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
@@ -124,13 +131,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   auto sV = [&](int s) { return base + Tr::Q_BYTES + (STAGES + s) * Tr::KV_BYTES; };
   auto full_k = [&](int s) { return smem_addr(&barriers[s]); };
   auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
-  auto empty = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
-  const uint32_t full_q = smem_addr(&barriers[3 * STAGES]);
-  const uint32_t empty_q = smem_addr(&barriers[3 * STAGES + 1]);
+  auto empty_k = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
+  auto empty_v = [&](int s) { return smem_addr(&barriers[3 * STAGES + s]); };
+  const uint32_t full_q = smem_addr(&barriers[4 * STAGES]);
+  const uint32_t empty_q = smem_addr(&barriers[4 * STAGES + 1]);
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
-  const int num_m_blocks = VARLEN ? p.varlen_m_blocks : (a.seqlen_q + Br - 1) / Br;
+  const int num_m_blocks = p.m_blocks;
   const int num_tiles = num_m_blocks * a.nheads * a.batch;
   const int group = a.nheads / a.nheads_kv;
 
@@ -139,7 +147,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     for (int s = 0; s < STAGES; ++s) {
       sm90::mbar_init(full_k(s), 1);
       sm90::mbar_init(full_v(s), 1);
-      sm90::mbar_init(empty(s), 4 * Tr::CONSUMERS);  // one arrival per consumer warp
+      sm90::mbar_init(empty_k(s), 4 * Tr::CONSUMERS);  // one arrival per consumer warp
+      sm90::mbar_init(empty_v(s), 4 * Tr::CONSUMERS);
     }
     sm90::mbar_init(full_q, 1);
     sm90::mbar_init(empty_q, 4 * Tr::CONSUMERS);
@@ -205,27 +214,38 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
           sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64,
                             seq.q0 + tile.m_block * Br, tile.h, seq.b);
-        for (int n_block = tile.n_block_max - 1; n_block >= tile.n_block_min; --n_block, ++g) {
-          const int s = g % STAGES;
-          // Stage s was last filled STAGES loads ago: wait until every consumer warp
+        // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
+        // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
+        // block before P V of this one.
+        const int h_kv = tile.h / group;
+        auto load = [&](bool value, int i) {
+          const int pos = g + i, s = pos % STAGES;
+          // Stage s was last filled STAGES blocks ago: wait until every consumer warp
           // released it.
-          if (g >= STAGES) sm90::mbar_wait(empty(s), (g / STAGES - 1) & 1);
-          const int n0 = seq.k0 + n_block * Bc, h_kv = tile.h / group;
-          sm90::mbar_arrive_expect_tx(full_k(s), Tr::KV_BYTES);
+          if (pos >= STAGES)
+            sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / STAGES - 1) & 1);
+          const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
+          const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
+          const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
+          sm90::mbar_arrive_expect_tx(full, Tr::KV_BYTES);
 #pragma unroll
           for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
-            sm90::tma_load_4d(sK(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_k, full_k(s), cb * 64,
-                              n0, h_kv, seq.b);
-          sm90::mbar_arrive_expect_tx(full_v(s), Tr::KV_BYTES);
-#pragma unroll
-          for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
-            sm90::tma_load_4d(sV(s) + cb * Tr::KV_BLOCK_BYTES, &p.tma_v, full_v(s), cb * 64,
-                              n0, h_kv, seq.b);
+            sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
+                              seq.b);
+        };
+        const int n_blocks = tile.n_blocks();
+        load(false, 0);
+        for (int i = 0; i < n_blocks; ++i) {
+          if (i + 1 < n_blocks) load(false, i + 1);
+          load(true, i);
         }
+        g += n_blocks;
       }
       // Keep this thread until its last copies were consumed.
-      for (int j = max(g, STAGES); j < g + STAGES; ++j)
-        sm90::mbar_wait(empty(j % STAGES), (j / STAGES - 1) & 1);
+      for (int j = max(g, STAGES); j < g + STAGES; ++j) {
+        sm90::mbar_wait(empty_k(j % STAGES), (j / STAGES - 1) & 1);
+        sm90::mbar_wait(empty_v(j % STAGES), (j / STAGES - 1) & 1);
+      }
       // The last CTA to finish (all others fetched their last index before counting
       // themselves done) leaves the counters at zero for the next launch.
       if (counter) {
@@ -243,6 +263,17 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     const int warp = (tid / 32) % 4, lane = tid % 32;
     const uint32_t sQ_wg = sQ + consumer * 64 * 128;  // its 64 rows of every column block
     int g = 0;
+    // Ping-pong: the consumers issue their GEMMs in turn, so that one's softmax runs while
+    // the tensor cores serve the other. Named barrier 1 + c is consumer c's turn: its 128
+    // threads wait there until the other consumer's 128 arrive, having issued theirs.
+    // Consumer 0 has the first turn.
+    auto take_turn = [&] {
+      if constexpr (Tr::PINGPONG) sm90::named_barrier(1 + consumer, 256);
+    };
+    auto pass_turn = [&] {
+      if constexpr (Tr::PINGPONG) sm90::named_barrier_arrive(2 - consumer, 256);
+    };
+    if (consumer == 1) pass_turn();
 
     for (int q_loads = 0;; ++q_loads) {
       sm90::mbar_wait(full_q, q_loads & 1);
@@ -261,10 +292,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
       tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
-      if (n_blocks <= 0) {  // read the index, no Q: release at once
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(empty_q);
-      }
+      __syncwarp();  // no key block: the index is read and Q not used, release at once
+      sm90::mbar_arrive_if(empty_q, lane == 0 && n_blocks <= 0);
       const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
       const int frag_row0 = wg_row0 + warp * 16 + lane / 4;    // this thread's first row
 
@@ -276,14 +305,37 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       OnlineSoftmax<1> softmax;
       const ScoreMod mod(a, tile.b, tile.h, seq);
 
-      for (int it = 0; it < n_blocks; ++it, ++g) {
-        const int s = g % STAGES;
-        const uint32_t parity = (g / STAGES) & 1;
-        const int n0 = (tile.n_block_max - 1 - it) * Bc;
-
-        // S = Q K^T: HEAD_DIM / 16 k-steps, the first one overwriting the accumulators.
-        float sc[1][N_TILES][4];
-        sm90::mbar_wait(full_k(s), parity);
+      // Key block it is ring position g + it. S of block it is issued before P V of block
+      // it - 1 (intra-warpgroup overlap: the tensor cores run P V while this warpgroup
+      // computes the softmax of S), and O is rescaled just before the P V that adds the
+      // block whose max rescales it.
+      float alpha[1][2];
+      uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
+      auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
+        const int pos = g + it, s = pos % STAGES;
+        softmax.rescale(acc_o, alpha);
+        sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
+        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) {  // 16 keys: 2048 bytes of every column block
+          const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
+          sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
+        }
+        sm90::wgmma_commit();
+      };
+      auto retire_pv = [&](int it) {  // wait for P V of block it and release its V
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
+        __syncwarp();
+        sm90::mbar_arrive_if(empty_v((g + it) % STAGES), lane == 0);
+      };
+      // S = Q K^T of block it: HEAD_DIM / 16 k-steps, the first overwriting the accumulators.
+      float sc[1][N_TILES][4];
+      auto issue_s = [&](int it) {
+        const int pos = g + it, s = pos % STAGES;
+        sm90::mbar_wait(full_k(s), (pos / STAGES) & 1);
         sm90::wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
@@ -295,18 +347,18 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           sm90::Wgmma<T, Bc>::ss(&sc[0][0][0], da, db, ks > 0);
         }
         sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
+      };
+      // Once S of block it is done: release its K (and Q after the last block), mask, and
+      // fold its row maxima into the softmax (alpha).
+      const float factor = HAS_SCORE_MOD ? 1.f : mod.scale_log2;
+      auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
-        if (it == n_blocks - 1) {  // this warp's last read of Q in this tile is done
-          __syncwarp();
-          if (lane == 0) sm90::mbar_arrive(empty_q);
-        }
-
-        const int col0 = n0 + 2 * (lane & 3);
+        __syncwarp();
+        sm90::mbar_arrive_if(empty_k((g + it) % STAGES), lane == 0);
+        sm90::mbar_arrive_if(empty_q, lane == 0 && it == n_blocks - 1);
+        const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
-        float factor = mod.scale_log2;
         if constexpr (HAS_SCORE_MOD) {
-          factor = 1.f;
           if (boundary)
             score_fragment<true, true>(sc, frag_row0, col0, mod, mask);
           else
@@ -314,10 +366,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         } else {
           if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
         }
-        softmax.update(sc, acc_o, factor);
-
-        // P in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
-        uint32_t pf[Bc / 16][4];
+        softmax.max_step(sc, factor, alpha);
+      };
+      // P = exp2(...) in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
+      auto make_p = [&] {
+        softmax.exp_step(sc, factor, alpha);
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
           pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);
@@ -325,23 +378,31 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
           pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
+      };
 
-        // O += P V: Bc / 16 k-steps of 16 keys (2048 bytes of every column block of V).
-        sm90::mbar_wait(full_v(s), parity);
-        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
-        sm90::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) {
-          const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
-          sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
-        }
-        sm90::wgmma_commit();
+      if (n_blocks > 0) {  // the first block: nothing to overlap its softmax with yet
+        take_turn();
+        issue_s(0);
+        pass_turn();
         sm90::wgmma_wait<0>();
-        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
-        sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(empty(s));  // this warp is done with stage s
+        scores(0);
+        make_p();
       }
+      for (int it = 1; it < n_blocks; ++it) {
+        take_turn();
+        issue_s(it);
+        issue_pv(it - 1);
+        pass_turn();
+        sm90::wgmma_wait<1>();  // S is done; P V may still run
+        scores(it);
+        retire_pv(it - 1);
+        make_p();
+      }
+      if (n_blocks > 0) {
+        issue_pv(n_blocks - 1);
+        retire_pv(n_blocks - 1);
+      }
+      g += n_blocks;
       float lse[1][2];
       softmax.finalize(acc_o, lse);
       // lse (batch, nheads, seqlen_q); varlen (nheads, total_q), a.seqlen_q being the total.

@@ -87,11 +87,11 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k and v, FwdParams, the scheduler's two
-# counters, the varlen query blocks per (head, item); padded to its 64-byte alignment.
+# counters, the query blocks per (head, item); padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
     ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("fwd", PARAMS),
-    ("tile_counter", np.uint64), ("varlen_m_blocks", np.int32)], align=True), 64)
+    ("tile_counter", np.uint64), ("m_blocks", np.int32)], align=True), 64)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// mbar_arrive where `pred` holds, predicated rather than branched around: no divergent
+// path between a wgmma and its wait (ptxas would serialize the wgmmas).
+__device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
+               "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+               "r"(static_cast<int>(pred))
+               : "memory");
+}
 // Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
 // so waiting for parity 1 returns at once: the usual "previous phase" convention).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -137,6 +145,10 @@ __device__ __forceinline__ void fence_proxy_async() {
 // bar.sync on named barrier `id` (1..15; 0 is __syncthreads) by `threads` threads.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Arrives at named barrier `id` (of `threads` threads) without waiting for it.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // dst[0 .. bytes) += src[0 .. bytes) in float32, by the bulk-copy engine (one thread issues

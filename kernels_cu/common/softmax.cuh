@@ -48,6 +48,18 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void update(float (&s)[M_TILES][N_TILES][4],
                                          float (&acc_o)[M_TILES][D_TILES][4], float factor) {
     float alpha[M_TILES][2];
+    const bool grew = max_step(s, factor, alpha);
+    exp_step(s, factor, alpha);
+    if (!LAZY_RESCALE || __any_sync(0xffffffffu, grew)) rescale(acc_o, alpha);
+  }
+
+  // update() in its three parts, for a kernel that interleaves them with its GEMMs (the
+  // Hopper forward rescales O just before the P V that adds this tile's P). max_step folds
+  // the tile's row maxima into m_i and gives each row's alpha = exp2(m_old - m_new); true
+  // where some row of this thread got a new max.
+  template <int N_TILES>
+  __device__ __forceinline__ bool max_step(const float (&s)[M_TILES][N_TILES][4], float factor,
+                                           float (&alpha)[M_TILES][2]) {
     bool grew = false;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -57,11 +69,24 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int nt = 0; nt < N_TILES; ++nt)
           mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        float m_new = fmaxf(m_i[mt][r], quad_max(mx) * factor);
-        float m_use = m_new == neg_inf() ? 0.f : m_new;
-        alpha[mt][r] = fast_exp2(m_i[mt][r] - m_use);
+        const float m_new = fmaxf(m_i[mt][r], quad_max(mx) * factor);
+        alpha[mt][r] = fast_exp2(m_i[mt][r] - (m_new == neg_inf() ? 0.f : m_new));
         grew |= m_new != m_i[mt][r];
         m_i[mt][r] = m_new;
+      }
+    return grew;
+  }
+
+  // s becomes P = exp2(factor * s - m_i) (after max_step), and l_i = l_i * alpha + the row
+  // sums of P.
+  template <int N_TILES>
+  __device__ __forceinline__ void exp_step(float (&s)[M_TILES][N_TILES][4], float factor,
+                                           const float (&alpha)[M_TILES][2]) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_use = m_i[mt][r] == neg_inf() ? 0.f : m_i[mt][r];
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < N_TILES; ++nt)
@@ -72,14 +97,17 @@ struct OnlineSoftmax {
             sum += p;
           }
         l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + sum;
-        if (!LAZY_RESCALE) rescale(acc_o, mt, r, alpha[mt][r]);
       }
-    if (LAZY_RESCALE && __any_sync(0xffffffffu, grew)) {
+  }
+
+  // The accumulator's rows times their alpha.
+  template <int D_TILES>
+  __device__ __forceinline__ static void rescale(float (&acc_o)[M_TILES][D_TILES][4],
+                                                 const float (&alpha)[M_TILES][2]) {
 #pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt)
+    for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) rescale(acc_o, mt, r, alpha[mt][r]);
-    }
+      for (int r = 0; r < 2; ++r) rescale(acc_o, mt, r, alpha[mt][r]);
   }
 
   template <int D_TILES>
