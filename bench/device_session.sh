@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The device session's runbook: the GPU work of a session in stages that each fit one `run`
+# call (10 minutes) on the nvidia-h200 machine. The command of a call:
+#
+#     bash bench/device_session.sh STAGE [STAGE ...]        (timeout_s: 600)
+#
+# Stages, in the order to spend scarce device time (minutes on one H200, a cold machine):
+#   tests     every sm_90 kernel precompiled, then pytest -m gpu -n 8 over tests/ but the
+#             JAX files (stage jax), a per-test timeout                              ~6-8
+#   sanitize  compute-sanitizer memcheck on small tests: reliability (huge cache lengths,
+#             pages, wild block tables, append), forward and backward at head dims 64 and
+#             128 (bf16), split-KV decode                                                ~3
+#   jax       the JAX GPU tests, then bench/ring.py on one GPU (a ring of one against
+#             cuflash.jax.attention)                                                     ~3
+#   host      bench/host.py: host time per call against torch SDPA and JAX cuDNN          ~2
+#   sweep     bench/sweep.py, bf16, fwd and bwd, against torch SDPA; stopped before the
+#             call's end (it writes its tables after every row)                         <=9
+# Stages named together share one call's time (9.5 minutes, then a stage is cut or
+# skipped) and the 8 files a call brings back: "tests sanitize" and "host jax" fit.
+#
+# Each stage writes $OUT/STAGE.log (host, sweep and jax also their tools' reports under
+# $OUT/STAGE/) and a line to $OUT/summary.txt, after one line of versions. Kernels compile
+# into CUPY_CACHE_DIR=/tmp/cfcache, which lasts only while the machine stays warm (30 s
+# after a call). Wheels in .whl/ (carry: [".whl"]) are installed first, e.g. a JAX peer.
+# Set CUFLASH_COMMIT=<sha> in the command for host.py's record (no .git travels).
+set -uo pipefail
+
+OUT=${OUT:-/tmp/device_out}
+BUDGET=570  # seconds of the call's 600 this script may use
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cfcache
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+summary() { echo "$1: $2" | tee -a "$OUT/summary.txt"; }
+
+# Seconds left of the budget.
+left() { echo $((BUDGET - SECONDS)); }
+
+# run SECONDS LOG COMMAND...: the command under a time limit (10 s at least: timeout 0
+# would be none), its output into LOG too.
+run() {
+    local limit=$(($1 > 10 ? $1 : 10)) log=$2
+    shift 2
+    timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+summary versions "$(python3 - <<'EOF' 2>&1 | tail -n 1
+import cupy, numpy, sys
+from cupy_backends.cuda.libs import nvrtc
+props = cupy.cuda.runtime.getDeviceProperties(0)
+print(f"python {sys.version.split()[0]}, {props['name'].decode()}, driver "
+      f"{cupy.cuda.runtime.driverGetVersion()}, cupy {cupy.__version__}, nvrtc "
+      f"{nvrtc.getVersion()}, numpy {numpy.__version__}", end="")
+for name in ("jax", "torch"):
+    try:
+        print(f", {name} {__import__(name).__version__}", end="")
+    except ImportError:
+        print(f", no {name}", end="")
+print()
+EOF
+)"
+
+# Every sm_90 kernel into CuPy's cache, once per machine: xdist workers would otherwise
+# compile the same kernels side by side.
+precompile() {
+    [ -e /tmp/cfcache/.complete ] && return
+    mkdir -p /tmp/cfcache
+    if run "$(left)" "$OUT/$1.log" python3 -m cuflash.precompile --arch sm_90 --all -j 16 \
+            | tail -n 1; then
+        touch /tmp/cfcache/.complete
+    fi
+}
+
+# The result line of a pytest log ("3 failed, 812 passed, 7 skipped in 301.2s").
+pytest_result() {
+    grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$1" | grep -E ' in [0-9.]+s' | tail -n 1
+}
+
+# pytest-timeout ends a test that hangs (a kernel that never finishes) and xdist goes on.
+per_test_timeout() {
+    python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=$1 --timeout-method=thread"
+}
+
+stage_tests() {
+    precompile tests
+    # shellcheck disable=SC2046
+    run $(($(left) - 5)) "$OUT/tests.log" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
+        $(per_test_timeout 180) --durations=30 --ignore=tests/test_jax.py \
+        --ignore=tests/test_jax_ring.py tests
+    summary tests "$(pytest_result "$OUT/tests.log")"
+}
+
+stage_sanitize() {
+    precompile sanitize
+    run $(($(left) - 5)) "$OUT/sanitize.log" compute-sanitizer --tool memcheck \
+        --print-limit 20 python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_reliability_gpu.py tests/test_gpu_forward.py tests/test_gpu_backward.py \
+        tests/test_kvcache.py -k "huge or pages or wild or append or test_gpu_num_splits or \
+        (test_headdims and bf16 and (64 or 128))"
+    summary sanitize "$(grep -E 'ERROR SUMMARY|Device not supported' "$OUT/sanitize.log" \
+        | tail -n 1); pytest: $(pytest_result "$OUT/sanitize.log")"
+}
+
+stage_jax() {
+    precompile jax
+    # shellcheck disable=SC2046
+    run $(($(left) / 2)) "$OUT/jax.log" python3 -m pytest -m gpu -q -p no:cacheprovider \
+        $(per_test_timeout 240) tests/test_jax.py tests/test_jax_ring.py
+    summary jax "$(pytest_result "$OUT/jax.log")"
+    run $(($(left) - 5)) "$OUT/jax.log" python3 bench/ring.py --out "$OUT/jax" --gpus 1
+    summary ring "$(tail -n 1 "$OUT/jax.log")"
+}
+
+stage_host() {
+    run $(($(left) - 5)) "$OUT/host.log" python3 bench/host.py --out "$OUT/host" \
+        ${CUFLASH_COMMIT:+--commit "$CUFLASH_COMMIT"}
+    summary host "$(grep -E '^(fwd_small|fwd_large|decode|fwdbwd_small):' "$OUT/host.log" \
+        | tr '\n' ';')"
+}
+
+stage_sweep() {
+    run $(($(left) - 5)) "$OUT/sweep.log" python3 bench/sweep.py --out "$OUT/sweep" \
+        --dtypes bf16 --modes fwd,bwd
+    summary sweep "$(grep -cE '^\[ *[0-9]+/' "$OUT/sweep.log") rows; $(grep -A5 \
+        '^## cuflash / ' "$OUT/sweep/sweep.md" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
+}
+
+[ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
+for stage in "$@"; do
+    if ! declare -F "stage_$stage" >/dev/null; then
+        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep)"
+    elif [ "$(left)" -lt 60 ]; then
+        summary "$stage" "skipped: $(left) s of the call's budget left"
+    else
+        "stage_$stage"
+    fi
+done
