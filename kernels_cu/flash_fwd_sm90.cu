@@ -1,19 +1,19 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads, wgmma, warp specialization.
 //
-// One CTA per (query block of Br = 128 rows, head, batch item); query blocks run last-first
-// so that under a causal mask the heaviest start first. Three warpgroups:
+// One CTA per (query block of Br = 64 x CONSUMERS rows, head, batch item); query blocks run
+// last-first so that under a causal mask the heaviest start first. 1 + CONSUMERS warpgroups:
 //   producer (warpgroup 0, one thread): TMA copies of Q (once) and of K, V tiles of
 //     Bc = BLOCK_N keys into two STAGES-deep rings (K and V each their own) of 128B-swizzled
 //     shared-memory buffers, K of the next key block before V of this one; "full"
 //     mbarriers count the bytes in, "empty" mbarriers say when the consumers are done with a
 //     stage. It gives most of its registers away (setmaxnreg) to
-//   consumers (warpgroups 1 and 2, 64 query rows each): S = Q K^T by wgmma with both
+//   consumers (warpgroups 1 .. CONSUMERS, 64 query rows each): S = Q K^T by wgmma with both
 //     operands in shared memory; mask and online softmax on the accumulator registers
 //     (base 2, scale * log2(e) folded into one FFMA per score; common/softmax.cuh); P
 //     rounded to 16 bits in registers is the A operand of O += P V by wgmma, V read
 //     MN-major from shared memory. S of the next key block is issued before P V of this
 //     one, so that the softmax of one runs under the GEMM of the other (FA3's
-//     intra-warpgroup overlap); at head dims up to 128 the two consumers also take turns
+//     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end, LSE written.
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
@@ -53,10 +53,9 @@ static_assert(sizeof(FwdSm90Params) ==
                   (3 * 128 + sizeof(FwdParams) + sizeof(int*) + sizeof(int) + 63) / 64 * 64,
               "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 384, no other padding");
 
-template <int HEAD_DIM, int BLOCK_N>
+template <int HEAD_DIM, int BLOCK_N, int CONSUMERS>
 struct FwdSm90Traits {
-  static constexpr int BLOCK_M = 128;             // 2 consumer warpgroups x 64 rows
-  static constexpr int CONSUMERS = 2;
+  static constexpr int BLOCK_M = 64 * CONSUMERS;  // 64 rows per consumer warpgroup
   static constexpr int NUM_THREADS = 128 * (CONSUMERS + 1);
   static constexpr int STAGES = 2;
   static constexpr int COL_BLOCKS = HEAD_DIM / 64;  // 64-element (128-byte) column blocks
@@ -67,10 +66,12 @@ struct FwdSm90Traits {
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
   static constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;
-  // Registers after setmaxnreg: 128 x 24 + 256 x 240 = 64512 <= 65536, the register file,
-  // which __launch_bounds__(384, 1) hands out as 168 a thread at launch.
-  static constexpr int PRODUCER_REGS = 24;
-  static constexpr int CONSUMER_REGS = 240;
+  // Registers after setmaxnreg, within the register file that __launch_bounds__(
+  // NUM_THREADS, 1) hands out evenly at launch (168 a thread for 2 consumers, 128 for 3).
+  static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 240 : 160;
+  static_assert(128 * (PRODUCER_REGS + CONSUMERS * CONSUMER_REGS) <= 65536, "registers");
+  static_assert(CONSUMERS == 2 || CONSUMERS == 3, "register split");
   // Ping-pong between the consumers' GEMMs where the softmax is a large share of an
   // iteration (FA3 does the same at head dims up to 128).
   static constexpr bool PINGPONG = HEAD_DIM <= 128;
@@ -112,12 +113,12 @@ struct FwdTile {
 // P V, epilogue), the producer already loads the next tile's Q (the consumers release Q
 // after their last S = Q K^T) and first K/V stages: the ring of K/V stages and its barrier
 // phases run on across tiles.
-template <typename T, int HEAD_DIM, int BLOCK_N, bool HAS_SCORE_MOD, bool VARLEN = false>
-__global__ void __launch_bounds__(384, 1)
+template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, bool HAS_SCORE_MOD,
+          bool VARLEN = false>
+__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
-  using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N>;
+  using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS>;
   constexpr int STAGES = Tr::STAGES, Br = Tr::BLOCK_M, Bc = BLOCK_N;
-  static_assert(Tr::NUM_THREADS == 384, "launch bounds");
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -147,11 +148,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     for (int s = 0; s < STAGES; ++s) {
       sm90::mbar_init(full_k(s), 1);
       sm90::mbar_init(full_v(s), 1);
-      sm90::mbar_init(empty_k(s), 4 * Tr::CONSUMERS);  // one arrival per consumer warp
-      sm90::mbar_init(empty_v(s), 4 * Tr::CONSUMERS);
+      sm90::mbar_init(empty_k(s), 4 * CONSUMERS);  // one arrival per consumer warp
+      sm90::mbar_init(empty_v(s), 4 * CONSUMERS);
     }
     sm90::mbar_init(full_q, 1);
-    sm90::mbar_init(empty_q, 4 * Tr::CONSUMERS);
+    sm90::mbar_init(empty_q, 4 * CONSUMERS);
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -263,17 +264,17 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     const int warp = (tid / 32) % 4, lane = tid % 32;
     const uint32_t sQ_wg = sQ + consumer * 64 * 128;  // its 64 rows of every column block
     int g = 0;
-    // Ping-pong: the consumers issue their GEMMs in turn, so that one's softmax runs while
-    // the tensor cores serve the other. Named barrier 1 + c is consumer c's turn: its 128
-    // threads wait there until the other consumer's 128 arrive, having issued theirs.
-    // Consumer 0 has the first turn.
+    // Ping-pong: the consumers issue their GEMMs in turn (0, 1, .., 0, ..), so that one's
+    // softmax runs while the tensor cores serve the others. Named barrier 1 + c is consumer
+    // c's turn: its 128 threads wait there until the 128 of the consumer before it arrive,
+    // having issued theirs. Consumer 0 has the first turn.
     auto take_turn = [&] {
       if constexpr (Tr::PINGPONG) sm90::named_barrier(1 + consumer, 256);
     };
     auto pass_turn = [&] {
-      if constexpr (Tr::PINGPONG) sm90::named_barrier_arrive(2 - consumer, 256);
+      if constexpr (Tr::PINGPONG) sm90::named_barrier_arrive(1 + (consumer + 1) % CONSUMERS, 256);
     };
-    if (consumer == 1) pass_turn();
+    if (consumer == CONSUMERS - 1) pass_turn();
 
     for (int q_loads = 0;; ++q_loads) {
       sm90::mbar_wait(full_q, q_loads & 1);

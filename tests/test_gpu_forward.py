@@ -223,7 +223,7 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
     reloads and the K/V ring's barrier phases carry over from tile to tile."""
     _require_hopper()
     dtype, batch, sq, sk, h, hkv, d, opts = case
-    assert -(-sq // 128) * h * batch > 132
+    assert -(-sq // 192) * h * batch > 132  # 192: the largest query block
     check(dtype, batch, sq, sk, h, hkv, d, **opts)
 
 

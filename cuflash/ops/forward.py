@@ -52,29 +52,32 @@ F32_WARPS, F32_ROWS, F32_KEYS = 4, 4, 32
 class Sm90Tile:
     block_n: int        # Bc: keys per K/V tile (wgmma N of S = Q K^T)
     block_n_short: int  # Bc under SM90_SHORT_KEYS keys, and with softcap / ALiBi
+    consumers: int      # consumer warpgroups of 64 query rows: Br = 64 x consumers
     reason: str
 
 
-# flash_fwd_sm90: one producer and two consumer warpgroups of 64 rows (FwdSm90Traits), a
-# STAGES-deep K/V ring, a persistent grid of one CTA per SM. A head dim runs in the entry of
-# its whole 64-column blocks (tiles.smem_cols: 32 and 40 in 64, 96 in 128): TMA fills the
-# columns past the head dim with zeros, which add nothing to Q K^T, and the epilogue skips
-# them. float32, and layouts a TMA map cannot describe, stay on flash_fwd.
-SM90_BLOCK_M, SM90_THREADS, SM90_STAGES = 128, 384, 2
+# flash_fwd_sm90: one producer and two or three consumer warpgroups of 64 rows
+# (FwdSm90Traits), STAGES-deep K and V rings, a persistent grid of one CTA per SM. A head
+# dim runs in the entry of its whole 64-column blocks (tiles.smem_cols: 32 and 40 in 64,
+# 96 in 128): TMA fills the columns past the head dim with zeros, which add nothing to
+# Q K^T, and the epilogue skips them. float32, and layouts a TMA map cannot describe, stay
+# on flash_fwd.
+SM90_STAGES = 2
 # Below this many keys a large Bc mostly computes padding (hd64 Bc 192 covers 512 or 1024
 # keys with 12.5% waste, 2048 with 3%).
 SM90_SHORT_KEYS = 2048
 SM90_TILES = {
-    64: Sm90Tile(192, 128, "Bc 192: +18% over Bc 128 at 8k (docs/notes/forward.md, Hopper "
-                           "v1); 128 for short keys (padding) and softcap/ALiBi (Bc 192 "
-                           "spills 8 B)"),
-    128: Sm90Tile(176, 176, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (notes, Hopper v1); "
-                            "S 88 + O 64 registers, 209 KiB shared memory"),
-    192: Sm90Tile(112, 96, "Bc 112: the largest whose two K/V stages fit next to Q (217 "
-                           "KiB), S 56 + O 96 registers; 96 for short keys and softcap/ALiBi "
-                           "(Bc 112 spills 8 B); not yet measured (notes, Hopper v4)"),
-    256: Sm90Tile(80, 80, "Bc 80: the largest whose two K/V stages fit next to Q (225 KiB); "
-                          "S 40 + O 128 registers; not yet measured (notes, Hopper v4)"),
+    64: Sm90Tile(128, 128, 3, "three consumers (FA3's 192 rows): the softmax of two runs "
+                              "under the GEMMs of the third; their 160 registers hold S, P "
+                              "and O at Bc 128, not 192; not yet measured (notes, Hopper v6)"),
+    128: Sm90Tile(176, 176, 2, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (notes, Hopper "
+                               "v1); S 88 + O 64 registers, 209 KiB shared memory"),
+    192: Sm90Tile(112, 96, 2, "Bc 112: the largest whose two K/V stages fit next to Q (217 "
+                              "KiB), S 56 + O 96 registers; 96 for short keys and softcap/"
+                              "ALiBi (Bc 112 spills 8 B); not yet measured (notes, Hopper v4)"),
+    256: Sm90Tile(80, 80, 2, "Bc 80: the largest whose two K/V stages fit next to Q (225 "
+                             "KiB); S 40 + O 128 registers; not yet measured (notes, Hopper "
+                             "v4)"),
 }
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
@@ -133,17 +136,19 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
 
 
 def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int,
-                block_n: int | None = None) -> Config:
+                block_n: int | None = None, consumers: int | None = None) -> Config:
     """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
-    SM90_TILES (``block_n`` overrides the table's Bc, for tuning)."""
+    SM90_TILES (``block_n`` and ``consumers`` override the table's, for tuning)."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     bn = block_n or (t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n)
-    smem = (SM90_BLOCK_M + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
-    name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, "
+    c = consumers or t.consumers
+    block_m = 64 * c
+    smem = (block_m + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
+    name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
             f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
-    return Config(SM90_FILE, name, SM90_BLOCK_M, SM90_THREADS, smem, bn,
-                  f"cuflash::FwdSm90Traits<{hd}, {bn}>")
+    return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
+                  f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>")
 
 
 def choose(p: _core.Problem, arch: str) -> Config:
@@ -284,12 +289,14 @@ def facts():
     out = [(FILE, e, v) for e, v in _core.struct_facts("cuflash::FwdParams", PARAMS)]
     out += [(SM90_FILE, e, v) for e, v in
             _core.struct_facts("cuflash::FwdSm90Params", SM90_PARAMS)]
-    out += [(FILE, "F32_WARPS", F32_WARPS), (FILE, "F32_ROWS", F32_ROWS),
-            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::BLOCK_M", SM90_BLOCK_M),
-            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::NUM_THREADS", SM90_THREADS),
-            (SM90_FILE, "cuflash::FwdSm90Traits<64, 128>::STAGES", SM90_STAGES)]
-    out += [(c.filename, f"{c.traits}::SMEM_BYTES", c.shared_bytes)
-            for c in set(_configs()) if c.traits]
+    out += [(FILE, "F32_WARPS", F32_WARPS), (FILE, "F32_ROWS", F32_ROWS)]
+    for c in set(_configs()):
+        if c.traits:
+            out.append((c.filename, f"{c.traits}::SMEM_BYTES", c.shared_bytes))
+        if c.hopper:
+            out += [(c.filename, f"{c.traits}::BLOCK_M", c.block_m),
+                    (c.filename, f"{c.traits}::NUM_THREADS", c.num_threads),
+                    (c.filename, f"{c.traits}::STAGES", SM90_STAGES)]
     return out
 
 
