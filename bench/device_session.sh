@@ -16,7 +16,8 @@
 #   sweep     bench/sweep.py, bf16, fwd and bwd, against torch SDPA; stopped before the
 #             call's end (it writes its tables after every row)                         <=9
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
-# skipped) and the 8 files a call brings back: "tests sanitize" and "host jax" fit.
+# skipped) and the 8 files a call brings back. Three calls: "tests", "sanitize jax",
+# "host sweep" (8 files).
 #
 # Each stage writes $OUT/STAGE.log (host, sweep and jax also their tools' reports under
 # $OUT/STAGE/) and a line to $OUT/summary.txt, after one line of versions. Kernels compile
