@@ -22,7 +22,7 @@ demo: $(VENV)
 
 test: $(VENV)
 	$(PY) -m pytest -q
-	$(PY) -m cuflash.compile_check --arch sm_80,sm_90
+	$(PY) -m cuflash.compile_check
 
 $(VENV): $(STAMP)
 

@@ -1,17 +1,19 @@
-"""Compile every kernel the dispatcher can choose, with NVRTC and no GPU.
+"""Compile every kernel the dispatcher can choose on each arch, with NVRTC and no GPU.
 
-    python -m cuflash.compile_check --arch sm_80,sm_90
+    python -m cuflash.compile_check --arch sm_80,sm_86,sm_89,sm_90
 
-Prints registers, stack and spill bytes per instantiation; exits 1 on a compile error, on
-any register spill (local-memory traffic in an attention kernel is a performance bug), or on
-a number Python shares with the CUDA sources that differs from theirs (``ops.all_facts``:
+Prints registers, stack, spill and shared-memory bytes per instantiation and arch; exits 1
+on a compile error, on any register spill (local-memory traffic in an attention kernel is a
+performance bug), on shared memory (the kernel's static bytes plus the dynamic bytes it is
+launched with) beyond what the arch lets a block use (``ops.tiles.SHARED_LIMITS``), or on a
+number Python shares with the CUDA sources that differs from theirs (``ops.all_facts``:
 params struct sizes and offsets, tile constants, shared-memory sizes), proven by
 ``static_assert`` at compile time.
 
 Results are reused: each instantiation's report line (and each file's proof) is kept in
 ``$CUFLASH_CACHE_DIR/compile_check/results.json`` (default ``~/.cache/cuflash``), keyed by
-(arch, file, name expression, NVRTC version, a hash of the file and every kernels_cu/ file it
-includes), so a second run recompiles only what an edit can have changed. Only passing
+(arch, file, name expression, shared bytes and limit, NVRTC version, a hash of the file and
+every kernels_cu/ file it includes), so a second run recompiles only what an edit can have changed. Only passing
 results are kept; ``--no-cache`` recompiles everything.
 """
 from __future__ import annotations
@@ -26,13 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import _compile, ops
+from .ops import tiles
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cuflash.compile_check",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sm_80,sm_90",
-                        help="comma-separated targets, e.g. sm_80,sm_90 (default)")
+    parser.add_argument("--arch", default=",".join(tiles.CHECKED_ARCHS),
+                        help="comma-separated targets (default: %(default)s)")
     parser.add_argument("-k", dest="pattern", default="",
                         help="only instantiations whose name contains this string")
     parser.add_argument("-j", dest="jobs", type=int, default=os.cpu_count(),
@@ -41,15 +44,15 @@ def main(argv=None) -> int:
                         help="recompile everything instead of reusing the passing results of "
                              "earlier runs whose sources did not change")
     args = parser.parse_args(argv)
-    # Architecture-specific sources (e.g. sm_90a) compile once, for the arch they run on.
-    jobs = [(target, filename, name) for arch in args.arch.split(",")
-            for filename, name in ops.all_kernels() if args.pattern in name
-            for target in [_compile.target_arch(filename, arch)] if target is not None]
+    # Architecture-specific sources (e.g. sm_90a) compile for the arch they run on.
+    jobs = [(_compile.target_arch(filename, arch), filename, name, shared,
+             tiles.shared_limit(arch)) for arch in args.arch.split(",")
+            for filename, name, shared in ops.all_kernels(arch) if args.pattern in name]
     if not jobs:
         print("compile_check: no kernels to compile", file=sys.stderr)
         return 1
     cache = ResultCache(None if args.no_cache else cache_path())
-    keys = {job: ResultCache.key("kernel", *job) for job in jobs}
+    keys = {job: ResultCache.key("kernel", *job[:2], "%s %d/%d" % job[2:]) for job in jobs}
     todo = [job for job in jobs if keys[job] not in cache]
     for job in jobs:
         if keys[job] in cache:
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
                     cache[keys[job]] = line
     reused = f"; {len(jobs) - len(todo)} reused from {cache.path}" if cache.path else ""
     print(f"compile_check: {len(jobs) - failures}/{len(jobs)} instantiations compiled "
-          f"without spills{reused}")
+          f"without spills, within their arch's shared memory{reused}")
     proven = _prove_facts(args.arch.split(","), cache)
     cache.save()
     return 1 if failures or not proven else 0
@@ -155,17 +158,20 @@ class ResultCache:
 
 
 def _check_one(job):
-    """(report line, failed) for one (arch, filename, name_expression)."""
-    arch, filename, name = job
+    """(report line, failed) for one (arch, filename, name_expression, dynamic shared bytes,
+    the arch's shared-memory limit)."""
+    arch, filename, name, shared, limit = job
     t0 = time.perf_counter()
     try:
         r = _compile.compile_report(filename, name, arch)
     except _compile.CompileError as e:
         return f"FAIL  {arch}  {name}\n{e}", True
     spilled = bool(r.spill_stores or r.spill_loads or r.stack_bytes)
-    return (f"{'SPILL' if spilled else 'ok':5} {arch}  regs {r.registers:3}  "
-            f"stack {r.stack_bytes:4}  spill st/ld {r.spill_stores}/{r.spill_loads}  "
-            f"{time.perf_counter() - t0:5.1f}s  {filename}  {name}"), spilled
+    smem = r.shared_bytes + shared
+    status = "SPILL" if spilled else "SMEM" if smem > limit else "ok"
+    return (f"{status:5} {arch}  regs {r.registers:3}  stack {r.stack_bytes:4}  "
+            f"spill st/ld {r.spill_stores}/{r.spill_loads}  smem {smem:6}/{limit}  "
+            f"{time.perf_counter() - t0:5.1f}s  {filename}  {name}"), status != "ok"
 
 
 if __name__ == "__main__":

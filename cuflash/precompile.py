@@ -20,8 +20,9 @@ used if there is one.
 
 What is compiled: for the given dtypes and head dims (each padded to the kernel head dim
 that runs it, e.g. 80 -> 96), the forward and backward kernels of dense attention (every
-kernel either may choose: the Hopper ones on sm_90, the mma.sync ones for the problems they
-do not cover, score modifiers and deterministic mode included); ``--varlen`` adds the
+kernel either may choose on the arch: the Hopper ones on sm_90, the mma.sync ones for the
+problems they do not cover, score modifiers and deterministic mode included, with the tiles
+that fit the arch's shared memory); ``--varlen`` adds the
 packed-batch instantiations, ``--decode`` the KV-cache and merge kernels,
 ``--forward-only`` leaves out the backward; ``--all`` is every kernel of every dtype and
 head dim (as the compile check builds).
@@ -76,13 +77,16 @@ def is_varlen(name: str, names) -> bool:
     return False
 
 
-def select(dtypes, headdims, *, varlen=False, decode=False, backward_=True) -> list:
-    """The (filename, name_expression) of every kernel a configuration can launch."""
-    kernels = ops.all_kernels()
+def select(arch, dtypes, headdims, *, varlen=False, decode=False, backward_=True) -> list:
+    """The (filename, name_expression) of every kernel a configuration can launch on a
+    device of ``arch``."""
+    kernels = [(filename, name) for filename, name, _ in ops.all_kernels(arch)]
     names = {name for _, name in kernels}
     cxx = {DTYPES[d] for d in dtypes}
-    # The mma.sync kernels' head dim, and the Hopper forward's (whole 64-column blocks).
-    hds = {f(h) for h in headdims for f in (tiles.padded_headdim, tiles.smem_cols)}
+    # The mma.sync kernels' head dim, and on sm_90 the Hopper forward's (whole 64-column
+    # blocks).
+    hds = {f(h) for h in headdims for f in (tiles.padded_headdim, tiles.smem_cols)
+           if arch == "sm_90" or f is tiles.padded_headdim}
     chosen = []
     for filename, name in kernels:
         if filename.startswith("flash_decode"):
@@ -180,12 +184,6 @@ def main(argv=None) -> int:
     for h in headdims:
         if not (0 < h <= tiles.HEADDIMS[-1] and h % 8 == 0):
             parser.error(f"--headdims: {h} is not a multiple of 8 in 8..{tiles.HEADDIMS[-1]}")
-    if args.all:
-        kernels = ops.all_kernels()
-    else:
-        kernels = select(dtypes, headdims, varlen=args.varlen, decode=args.decode,
-                         backward_=not args.forward_only)
-
     device = args.device
     if args.arch:
         archs = _list(args.arch)
@@ -195,9 +193,16 @@ def main(argv=None) -> int:
             if device is None:
                 parser.error("no GPU is visible: name the target architectures with --arch "
                              "(e.g. --arch sm_90)")
-        archs = [_compile.device_arch(device)] if device is not None else ["sm_80", "sm_90"]
-    jobs = [(arch, filename, name) for arch in archs for filename, name in kernels
-            if _compile.target_arch(filename, arch) is not None]
+        archs = [_compile.device_arch(device)] if device is not None else \
+            list(tiles.CHECKED_ARCHS)
+    if args.all:
+        jobs = [(arch, filename, name) for arch in archs
+                for filename, name, _ in ops.all_kernels(arch)]
+    else:
+        jobs = [(arch, filename, name) for arch in archs
+                for filename, name in select(arch, dtypes, headdims, varlen=args.varlen,
+                                             decode=args.decode,
+                                             backward_=not args.forward_only)]
     if args.list:
         for arch, filename, name in jobs:
             print(f"{arch}  {filename}  {name}")

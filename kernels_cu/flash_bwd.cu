@@ -547,19 +547,31 @@ bwd_main(const __grid_constant__ BwdParams p) {
 }
 
 // float32: the algorithm of bwd_main on plain FMAs, for full float32 accuracy (no TF32).
-// 32 owner rows x 32 streamed rows per step, 256 threads; a thread computes 4 scores of one
-// owner row and accumulates a 4-column float4 slice of every 32 columns of that row.
+// F32_BLOCK owner rows x BLOCK_R streamed rows per step, 256 threads; a thread computes
+// BLOCK_R / 8 scores of one owner row and accumulates a 4-column float4 slice of every 32
+// columns of that row. BLOCK_R is 32 unless the device's shared memory is too small for it.
 constexpr int F32_BLOCK = 32;
 constexpr int F32_THREADS = 256;
 
 template <int D> __host__ __device__ constexpr int f32_row() { return D + 4; }
 
-template <int D>
+template <int D, int BLOCK_R, int MODE>
+struct BwdF32Traits {
+  static constexpr int LD = f32_row<D>(), LDP = BLOCK_R + 1;  // P, dS: F32_BLOCK x BLOCK_R
+  // A1, A2, B1, B2, P, dS; varlen: 16 bytes for the parked view (park).
+  static constexpr int SMEM_BYTES =
+      (2 * F32_BLOCK * LD + 2 * BLOCK_R * LD + 2 * F32_BLOCK * LDP) * 4 +
+      (MODE & BWD_VARLEN ? 16 : 0);
+  static_assert(BLOCK_R % 8 == 0 && BLOCK_R <= F32_BLOCK, "8 threads a row, <= 1 score each");
+  static_assert(BLOCK_R * D / 4 % F32_THREADS == 0, "whole passes of 16-byte loads");
+};
+
+template <int D, int ROWS>
 __device__ __forceinline__ void f32_load_tile(float* dst, const float* src, int64 row_stride,
                                               int nrows, int headdim, int tid) {
   constexpr int CHUNKS = D / 4;
 #pragma unroll
-  for (int it = 0; it < F32_BLOCK * CHUNKS / F32_THREADS; ++it) {
+  for (int it = 0; it < ROWS * CHUNKS / F32_THREADS; ++it) {
     int idx = it * F32_THREADS + tid, r = idx / CHUNKS, c = idx % CHUNKS;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (r < nrows && c * 4 < headdim) v = *reinterpret_cast<const float4*>(src + r * row_stride + c * 4);
@@ -585,25 +597,26 @@ __device__ __forceinline__ SeqView<VARLEN> unpark(const SeqView<VARLEN>& seq, co
   }
 }
 
-template <int D, int MODE>
+template <int D, int BLOCK_R, int MODE>
 __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(const __grid_constant__ BwdParams p) {
   constexpr bool KEY_OWNER = !(MODE & BWD_DQ), ATOMIC_DQ = MODE & BWD_DQ_ATOMIC;
   constexpr bool VARLEN = MODE & BWD_VARLEN;
   static_assert(KEY_OWNER ? (MODE & BWD_DK) && (MODE & BWD_DV) : (MODE & ~BWD_VARLEN) == BWD_DQ,
                 "f32 modes");
-  constexpr int LD = f32_row<D>(), LDP = F32_BLOCK + 1, DV4 = D / 32;
+  using Tr = BwdF32Traits<D, BLOCK_R, MODE>;
+  constexpr int LD = Tr::LD, LDP = Tr::LDP, DV4 = D / 32, U = BLOCK_R / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sA1 = reinterpret_cast<float*>(smem_raw);
   float* sA2 = sA1 + F32_BLOCK * LD;
   float* sB1 = sA2 + F32_BLOCK * LD;
-  float* sB2 = sB1 + F32_BLOCK * LD;
-  float* sP = sB2 + F32_BLOCK * LD;
+  float* sB2 = sB1 + BLOCK_R * LD;
+  float* sP = sB2 + BLOCK_R * LD;
   float* sdS = sP + F32_BLOCK * LDP;
   int* sSeq = reinterpret_cast<int*>(sdS + F32_BLOCK * LDP);  // varlen only (park)
 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, orow = tid / 8, sub = tid % 8;
-  const BwdBlock<F32_BLOCK, F32_BLOCK, KEY_OWNER, VARLEN> blk(a);
+  const BwdBlock<F32_BLOCK, BLOCK_R, KEY_OWNER, VARLEN> blk(a);
   const SeqView<VARLEN> seq(a, blk.b);
   if (blk.past_end(seq)) return;
   const Mask mask(a, seq);
@@ -615,15 +628,15 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
   const int b = blk.b, o0 = blk.o0, hkv = work.hkv, h_owner = work.h_owner, iters = work.iters;
 
   if constexpr (KEY_OWNER) {
-    f32_load_tile<D>(sA1, k_base + o0 * a.k_row_stride + hkv * a.k_head_stride, a.k_row_stride,
-                     seq.seqlen_k() - o0, a.headdim, tid);
-    f32_load_tile<D>(sA2, v_base + o0 * a.v_row_stride + hkv * a.v_head_stride, a.v_row_stride,
-                     seq.seqlen_k() - o0, a.headdim, tid);
+    f32_load_tile<D, F32_BLOCK>(sA1, k_base + o0 * a.k_row_stride + hkv * a.k_head_stride,
+                                a.k_row_stride, seq.seqlen_k() - o0, a.headdim, tid);
+    f32_load_tile<D, F32_BLOCK>(sA2, v_base + o0 * a.v_row_stride + hkv * a.v_head_stride,
+                                a.v_row_stride, seq.seqlen_k() - o0, a.headdim, tid);
   } else {
-    f32_load_tile<D>(sA1, q_base + o0 * a.q_row_stride + h_owner * a.q_head_stride,
-                     a.q_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
-    f32_load_tile<D>(sA2, do_base + o0 * p.do_row_stride + h_owner * p.do_head_stride,
-                     p.do_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
+    f32_load_tile<D, F32_BLOCK>(sA1, q_base + o0 * a.q_row_stride + h_owner * a.q_head_stride,
+                                a.q_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
+    f32_load_tile<D, F32_BLOCK>(sA2, do_base + o0 * p.do_row_stride + h_owner * p.do_head_stride,
+                                p.do_row_stride, seq.seqlen_q() - o0, a.headdim, tid);
   }
   float own_lse = 0.f, own_delta = 0.f;
   if constexpr (!KEY_OWNER) {
@@ -654,25 +667,27 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
       v_s = static_cast<const float*>(a.v) + lseq.k0 * a.v_row_stride;
     }
     if constexpr (KEY_OWNER) {
-      f32_load_tile<D>(sB1, q_s + r0 * a.q_row_stride + h * a.q_head_stride, a.q_row_stride,
-                       lseq.seqlen_q() - r0, a.headdim, tid);
-      f32_load_tile<D>(sB2, do_s + r0 * p.do_row_stride + h * p.do_head_stride,
-                       p.do_row_stride, lseq.seqlen_q() - r0, a.headdim, tid);
+      f32_load_tile<D, BLOCK_R>(sB1, q_s + r0 * a.q_row_stride + h * a.q_head_stride,
+                                a.q_row_stride, lseq.seqlen_q() - r0, a.headdim, tid);
+      f32_load_tile<D, BLOCK_R>(sB2, do_s + r0 * p.do_row_stride + h * p.do_head_stride,
+                                p.do_row_stride, lseq.seqlen_q() - r0, a.headdim, tid);
     } else {
-      f32_load_tile<D>(sB1, k_s + r0 * a.k_row_stride + hkv * a.k_head_stride,
-                       a.k_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
-      f32_load_tile<D>(sB2, v_s + r0 * a.v_row_stride + hkv * a.v_head_stride,
-                       a.v_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
+      f32_load_tile<D, BLOCK_R>(sB1, k_s + r0 * a.k_row_stride + hkv * a.k_head_stride,
+                                a.k_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
+      f32_load_tile<D, BLOCK_R>(sB2, v_s + r0 * a.v_row_stride + hkv * a.v_head_stride,
+                                a.v_row_stride, lseq.seqlen_k() - r0, a.headdim, tid);
     }
     __syncthreads();
 
-    // 4 scores of owner row orow: streamed columns sub + 8u.
-    float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+    // U scores of owner row orow: streamed columns sub + 8u.
+    float s[U], dp[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) s[u] = dp[u] = 0.f;
     for (int d = 0; d < D; d += 4) {
       const float4 x1 = *reinterpret_cast<const float4*>(sA1 + orow * LD + d);
       const float4 x2 = *reinterpret_cast<const float4*>(sA2 + orow * LD + d);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < U; ++u) {
         const float4 y1 = *reinterpret_cast<const float4*>(sB1 + (sub + 8 * u) * LD + d);
         const float4 y2 = *reinterpret_cast<const float4*>(sB2 + (sub + 8 * u) * LD + d);
         s[u] = fmaf(x1.x, y1.x, fmaf(x1.y, y1.y, fmaf(x1.z, y1.z, fmaf(x1.w, y1.w, s[u]))));
@@ -684,7 +699,7 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
                          a.alibi_slopes != nullptr, true};
     const int64 lrow = scratch_row0(p, iseq, b, h);
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int scol = sub + 8 * u;
       if constexpr (KEY_OWNER) {
         grad(s[u], dp[u], r0 + scol, o0 + orow, p.lse_log2[lrow + r0 + scol],
@@ -697,8 +712,8 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
     }
     __syncthreads();
 
-    // acc1 += dS B1, acc2 += P B2 over the 32 streamed rows.
-    for (int c = 0; c < F32_BLOCK; ++c) {
+    // acc1 += dS B1, acc2 += P B2 over the BLOCK_R streamed rows.
+    for (int c = 0; c < BLOCK_R; ++c) {
       const float ds = sdS[orow * LDP + c], pv = sP[orow * LDP + c];
 #pragma unroll
       for (int v = 0; v < DV4; ++v) {
@@ -713,8 +728,9 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
         }
       }
     }
-    if constexpr (ATOMIC_DQ) {
-      // dQ row r0 + orow (a streamed row here) += sum over keys r of dS[r][orow] K[r].
+    // dQ row r0 + orow (a streamed row here, so orow < BLOCK_R) += sum over keys r of
+    // dS[r][orow] K[r].
+    if (ATOMIC_DQ && (BLOCK_R == F32_BLOCK || orow < BLOCK_R)) {
       float4 dq[DV4];
 #pragma unroll
       for (int v = 0; v < DV4; ++v) dq[v] = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -78,7 +78,8 @@ def test_hopper_only_sources_compile_for_sm90a_and_nowhere_else():
     assert _compile.target_arch("flash_fwd_sm90.cu", "sm_90") == "sm_90a"
     assert _compile.target_arch("flash_fwd_sm90.cu", "sm_80") is None
     assert _compile.target_arch("flash_fwd.cu", "sm_90") == "sm_90"
-    names = [n for f, n in ops.all_kernels() if f == ops.forward.SM90_FILE]
+    names = [n for f, n, _ in ops.all_kernels("sm_90") if f == ops.forward.SM90_FILE]
+    assert not any(f == ops.forward.SM90_FILE for f, _, _ in ops.all_kernels("sm_80"))
     assert names, "the compile check must see the Hopper forward kernels"
     r = _compile.compile_report(ops.forward.SM90_FILE, names[0], "sm_90a")
     assert (r.stack_bytes, r.spill_stores, r.spill_loads) == (0, 0, 0)

@@ -97,20 +97,22 @@ def test_refused_tma_maps_warn_once(fake_gpu, caplog, monkeypatch):
 def test_every_kernel_name_follows_the_selection_conventions():
     """precompile selects by name: the first integer template argument is the head dim, the
     C++ type the dtype, and every varlen instantiation has a dense twin."""
-    kernels = ops.all_kernels()
-    names = {name for _, name in kernels}
-    for filename, name in kernels:
-        assert precompile.headdim_of(name) in (*tiles.HEADDIMS, None), name
-        assert precompile.dtype_of(name) in ("__half", "__nv_bfloat16", "float", None), name
-    for prefix in ("flash_fwd", "flash_bwd"):
-        family = [name for filename, name in kernels if filename.startswith(prefix)]
-        varlen = [name for name in family if precompile.is_varlen(name, names)]
-        assert 2 * len(varlen) == len(family), prefix
+    for arch in tiles.CHECKED_ARCHS:
+        kernels = [(filename, name) for filename, name, _ in ops.all_kernels(arch)]
+        names = {name for _, name in kernels}
+        for filename, name in kernels:
+            assert precompile.headdim_of(name) in (*tiles.HEADDIMS, None), name
+            assert precompile.dtype_of(name) in ("__half", "__nv_bfloat16", "float", None), \
+                name
+        for prefix in ("flash_fwd", "flash_bwd"):
+            family = [name for filename, name in kernels if filename.startswith(prefix)]
+            varlen = [name for name in family if precompile.is_varlen(name, names)]
+            assert 2 * len(varlen) == len(family), (arch, prefix)
 
 
 def test_selection_holds_what_the_forward_chooses():
     from cuflash.ops import forward
-    chosen = set(precompile.select(["bf16"], [80, 128], backward_=False))
+    chosen = set(precompile.select("sm_90", ["bf16"], [80, 128], backward_=False))
     for hd in (96, 128):
         for score_mod in (False, True):
             c = forward.mma_config(tiles.BFLOAT16, hd, score_mod, False)
@@ -119,12 +121,13 @@ def test_selection_holds_what_the_forward_chooses():
                                                    4096).name_expression) in chosen
     assert all(precompile.headdim_of(n) in (96, 128) for _, n in chosen)
     assert all(precompile.dtype_of(n) == "__nv_bfloat16" for _, n in chosen)
-    assert not any(precompile.is_varlen(n, {m for _, m in ops.all_kernels()})
+    assert not any(precompile.is_varlen(n, {m for _, m, _ in ops.all_kernels("sm_90")})
                    for _, n in chosen)
     assert not any(f.startswith(("flash_bwd", "flash_decode")) for f, _ in chosen)
-    everything = precompile.select(["bf16", "fp16", "fp32"], tiles.HEADDIMS, varlen=True,
-                                   decode=True)
-    assert sorted(everything) == sorted(ops.all_kernels())
+    for arch in tiles.CHECKED_ARCHS:
+        everything = precompile.select(arch, ["bf16", "fp16", "fp32"], tiles.HEADDIMS,
+                                       varlen=True, decode=True)
+        assert sorted(everything) == sorted((f, n) for f, n, _ in ops.all_kernels(arch))
 
 
 def _run(module, *args, env):
@@ -174,7 +177,8 @@ def test_compile_check_reuses_results_until_a_source_changes(nvrtc, tmp_path):
     args = ("-k", "varlen_check", "--arch", "sm_80,sm_90", "-j", "1")
     first = _run("cuflash.compile_check", *args, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "2/2 instantiations compiled without spills; 0 reused" in first.stdout
+    assert "2/2 instantiations compiled without spills, within their arch's shared memory; " \
+        "0 reused" in first.stdout
     results = json.loads((tmp_path / "compile_check" / "results.json").read_text())
     assert len(results["entries"]) >= 2
     second = _run("cuflash.compile_check", *args, env=env)

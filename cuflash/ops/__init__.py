@@ -1,19 +1,24 @@
 """The kernel families, a module each: its tile table (a reason per entry), its params
-mirror, its memoized plans and their launches. Every module offers ``kernels()``, the
-(filename, name_expression) of everything it can launch, which the compile check builds,
-and ``facts()``, the (filename, C++ expression, value) triples of every number it shares
-with the CUDA sources, which the compile check proves equal."""
+mirror, its memoized plans and their launches. Every module offers ``kernels(arch)``, the
+(filename, name_expression, dynamic shared bytes) of everything it can launch on a device
+of that arch, which the compile check builds and holds to the arch's shared memory (the
+forward, whose tiles are the same on every arch, offers its configs), and ``facts()``, the
+(filename, C++ expression, value) triples of every number it shares with the CUDA sources,
+which the compile check proves equal."""
 from __future__ import annotations
 
-from .. import _checks, _core
+from .. import _checks, _compile, _core
 from . import backward, decode, forward, merge, varlen_check
 
 FAMILIES = (forward, backward, decode, merge, varlen_check)
 
 
-def all_kernels() -> list:
-    """Every (filename, name_expression) the dispatcher can choose, once each."""
-    return list(dict.fromkeys(x for family in FAMILIES for x in family.kernels()))
+def all_kernels(arch: str) -> list:
+    """Every (filename, name_expression, dynamic shared bytes) the dispatcher can choose on
+    a device of ``arch``, once each."""
+    found = [(c.filename, c.name_expression, c.shared_bytes) for c in forward._configs()]
+    found += [x for family in FAMILIES[1:] for x in family.kernels(arch)]
+    return [x for x in dict.fromkeys(found) if _compile.target_arch(x[0], arch)]
 
 
 def all_facts() -> list:

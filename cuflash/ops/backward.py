@@ -37,14 +37,17 @@ class BwdTile:
     num_warps: int  # each warp owns 16 * m_tiles owner rows (keys for dK/dV, queries for dQ)
     m_tiles: int
     reason: str
+    # A "dkdv" / "dk" tile adds its share of dQ by atomics unless deterministic; False: dQ
+    # runs in a pass of its own (the "dq" tile), as in deterministic mode.
+    atomic_dq: bool = True
 
 
 # bwd_main per padded head dim and pass: "dkdv" (dK, dV, and dQ by atomics unless
 # deterministic), "dv" / "dk" (head dims whose dK and dV accumulators do not fit a thread
 # together: a thread holds 16 * m_tiles * hd / 32 floats per accumulator), and "dq"
-# (deterministic mode's separate dQ kernel). Limits: 255 registers a thread without spills
+# (the separate dQ kernel: deterministic mode, and "dk" tiles without atomic dQ). Limits: 255 registers a thread without spills
 # (python -m cuflash.compile_check), shared memory (2 owner tiles + 2 x 2 streamed tiles of
-# rows hd + 8) under 227 KiB.
+# rows hd + 8) under 227 KiB (sm_90), and under 163 KiB (sm_80) except at hd 256.
 TILES = {
     32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},
@@ -68,9 +71,47 @@ TILES = {
           "dk": BwdTile(16, 8, 1, "dK (+ dQ share) alone; block_r 32 spills"),
           "dq": BwdTile(32, 8, 1, "128 queries, 32-key steps")},
 }
-# float32: one tiling for every head dim (F32_BLOCK, F32_THREADS in flash_bwd.cu): 32 owner
-# x 32 streamed rows, 256 threads; plain FMAs, so tile sizes matter little.
+# Where a TILES entry needs more shared memory per block than the device offers
+# (tiles.SHARED_LIMITS: 163 KiB on sm_80, 99 KiB on sm_86 / sm_89), the pass runs the first
+# of these that fits: fewer owner rows (warps) or streamed rows per CTA. Not measured: no
+# sm_80 / sm_86 / sm_89 device yet (docs/notes/backward.md, "Per-arch tiles").
+SMALL_TILES = {
+    96: {"dv": (BwdTile(32, 8, 1, "99 KiB: 79 KiB, 32-query steps (64 take 105 KiB)"),),
+         "dk": (BwdTile(32, 4, 1, "99 KiB: 58 KiB, 64 keys, so that 32-query steps keep "
+                                  "dQ slices of 48 columns (8 warps: 24); 64-query steps "
+                                  "spill"),),
+         "dq": (BwdTile(32, 8, 1, "99 KiB: 78 KiB, 32-key steps"),)},
+    128: {"dq": (BwdTile(16, 8, 1, "99 KiB: 85 KiB, 16-key steps (32 take 102 KiB)"),)},
+    192: {"dv": (BwdTile(16, 4, 1, "99 KiB: 75 KiB, 64 keys (128 take 100 KiB before any "
+                                   "streamed row)"),),
+          "dq": (BwdTile(16, 4, 1, "99 KiB: 75 KiB, 64 queries, 16-key steps"),)},
+    256: {"dv": (BwdTile(16, 4, 1, "163 KiB: 99.25 KiB, 64 keys (128 take 165 KiB at "
+                                   "block_r 16); block_r 32 spills"),
+                 BwdTile(16, 2, 1, "99 KiB: 66 KiB, 32 keys")),
+          "dk": (BwdTile(16, 4, 1, "163 KiB: 99.25 KiB, 64 keys; their atomic dQ (64-column "
+                                   "slices with 4 warps) spills, so dQ runs in its own pass",
+                         atomic_dq=False),
+                 BwdTile(16, 2, 1, "99 KiB: 66 KiB, 32 keys; dQ in its own pass",
+                         atomic_dq=False)),
+          "dq": (BwdTile(32, 4, 1, "163 KiB: 132 KiB, 64 queries, 32-key steps (254 "
+                                   "registers)"),
+                 BwdTile(16, 2, 1, "99 KiB: 66 KiB, 32 queries (32-key steps: exactly 99 "
+                                   "KiB)"))},
+}
+
+
+@dataclass(frozen=True)
+class F32Tile:
+    block_r: int  # streamed rows per step
+    reason: str
+
+
+# float32 (bwd_main_f32): F32_BLOCK owner rows, F32_THREADS threads, and the first of
+# F32_TILES that fits the device; plain FMAs, so tile sizes matter little.
 F32_BLOCK, F32_THREADS = 32, 256
+F32_TILES = (F32Tile(32, "4 scores a thread; 138 KiB at hd 256"),
+             F32Tile(16, "99 KiB at hd 192: 78 KiB (32 streamed rows take 106 KiB)"),
+             F32Tile(8, "99 KiB at hd 256: 84 KiB (16 streamed rows take 102 KiB)"))
 
 
 @dataclass(frozen=True)
@@ -139,33 +180,54 @@ def _main_step(dtype, hd: int, tile: BwdTile, mode: int) -> Step:
                 block_o, 32 * tile.num_warps, shared, f"cuflash::BwdTraits<{args}>")
 
 
-def _f32_step(hd: int, mode: int) -> Step:
-    shared = (4 * F32_BLOCK * (hd + 4) + 2 * F32_BLOCK * (F32_BLOCK + 1)) * 4
+def _f32_step(hd: int, tile: F32Tile, mode: int) -> Step:
+    ld, ldp = hd + 4, tile.block_r + 1
+    shared = (2 * F32_BLOCK * ld + 2 * tile.block_r * ld + 2 * F32_BLOCK * ldp) * 4
     shared += 16 if mode & VARLEN else 0  # the batch item's view, parked (park in flash_bwd.cu)
-    return Step(FILE, f"cuflash::bwd_main_f32<{hd}, {mode}>",
-                "queries" if mode & DQ else "keys", F32_BLOCK, F32_THREADS, shared)
+    args = f"{hd}, {tile.block_r}, {mode}"
+    return Step(FILE, f"cuflash::bwd_main_f32<{args}>", "queries" if mode & DQ else "keys",
+                F32_BLOCK, F32_THREADS, shared, f"cuflash::BwdF32Traits<{args}>")
+
+
+def _fitting(step, candidates: tuple, limit: int | None):
+    """(step, tile) of the first tile of ``candidates`` whose step (``step(tile)``) fits in
+    ``limit`` bytes of shared memory (None: the first); the last if none does (its launch
+    then says so)."""
+    for tile in candidates:
+        s = step(tile)
+        if limit is None or s.shared_bytes <= limit:
+            break
+    return s, tile
 
 
 def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
-               tile: BwdTile | None = None) -> list:
-    """The bwd_main launches of one backward call, in order (``tile`` overrides the
-    table's "dkdv" tile, for tuning)."""
+               tile: BwdTile | None = None, limit: int | None = None) -> list:
+    """The bwd_main launches of one backward call, in order, on a device offering ``limit``
+    bytes of shared memory per block (None: TILES' tiles, for tuning; ``tile`` overrides the
+    "dkdv" tile)."""
     hd = tiles.padded_headdim(headdim)
     v = VARLEN if varlen else 0
-    dq = 0 if deterministic else DQ_ATOMIC
     if np.dtype(dtype) == np.float32:
-        if deterministic:
-            return [_f32_step(hd, DK | DV | v), _f32_step(hd, DQ | v)]
-        return [_f32_step(hd, DK | DV | DQ_ATOMIC | v)]
-    t = dict(TILES[hd], **({"dkdv": tile} if tile else {}))
-    if "dkdv" in t:
-        steps = [_main_step(dtype, hd, t["dkdv"], DK | DV | dq | v)]
-    else:
-        steps = [_main_step(dtype, hd, t["dv"], DV | v),
-                 _main_step(dtype, hd, t["dk"], DK | dq | v)]
-    if deterministic:
-        steps.append(_main_step(dtype, hd, t["dq"], DQ | v))
-    return steps
+        modes = (DK | DV, DQ) if deterministic else (DK | DV | DQ_ATOMIC,)
+        return [_fitting(lambda t: _f32_step(hd, t, mode | v), F32_TILES, limit)[0]
+                for mode in modes]
+    table = {name: (t, *SMALL_TILES.get(hd, {}).get(name, ()))
+             for name, t in TILES[hd].items()}
+    if tile:
+        table["dkdv"] = (tile,)
+
+    def fit(name, mode):  # mode(tile): the pass's MODE with that tile
+        return _fitting(lambda t: _main_step(dtype, hd, t, mode(t) | v), table[name], limit)
+
+    def with_dq(flags):  # the dK pass adds its share of dQ where it can
+        return lambda t: flags | (DQ_ATOMIC if t.atomic_dq and not deterministic else 0)
+
+    passes = [("dkdv", with_dq(DK | DV))] if "dkdv" in table else \
+        [("dv", lambda t: DV), ("dk", with_dq(DK))]
+    fitted = [fit(name, mode) for name, mode in passes]
+    if deterministic or not fitted[-1][1].atomic_dq:
+        fitted.append(fit("dq", lambda t: DQ))
+    return [s for s, _ in fitted]
 
 
 def _pre(kind: str, dtype, varlen: bool) -> Step:
@@ -189,21 +251,23 @@ def sm90_steps(dtype, headdim: int, varlen: bool) -> list:
 
 
 def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
-    """Every launch of a backward call after preprocess, in order. ``hopper=False`` keeps
-    bwd_main on sm_90 (tests and benchmarks compare the two)."""
+    """Every launch of a backward call after preprocess, in order, with tiles that fit the
+    shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
+    benchmarks compare the two)."""
     hd = tiles.padded_headdim(p.headdim)
     if (hopper and arch == "sm_90" and p.dtype != np.float32 and not deterministic
             and not p.score_mod and hd in SM90_TILES):
         return sm90_steps(p.dtype, p.headdim, p.varlen)
-    return mma_steps(p.dtype, p.headdim, deterministic, p.varlen)
+    return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
+                     limit=tiles.shared_limit(arch))
 
 
 def mma_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
-              tile: BwdTile | None = None) -> list:
-    """bwd_main's launches and, unless deterministic, the dQ conversion (``tile`` as in
-    :func:`main_steps`)."""
-    steps = main_steps(dtype, headdim, deterministic, varlen, tile)
-    if not deterministic:
+              tile: BwdTile | None = None, limit: int | None = None) -> list:
+    """bwd_main's launches and, where the last adds dQ into dq_accum by atomics, the dQ
+    conversion (``tile``, ``limit`` as in :func:`main_steps`)."""
+    steps = main_steps(dtype, headdim, deterministic, varlen, tile, limit)
+    if steps[-1].owner == "keys":
         steps.append(_pre("convert_dq", dtype, varlen))
     return steps
 
@@ -272,20 +336,23 @@ def plan(p: _core.Problem, strides: tuple, deterministic: bool, hopper: bool = T
     return Plan(p, strides, list(steps or choose(p, deterministic, arch, hopper)))
 
 
-def kernels():
-    """Every (filename, name_expression) this family can launch."""
-    return [(s.filename, s.name_expression) for s in _steps()]
+def kernels(arch: str) -> list:
+    """Every (filename, name_expression, shared bytes) this family can launch on a device of
+    ``arch``."""
+    return list(dict.fromkeys((s.filename, s.name_expression, s.shared_bytes)
+                              for s in _steps(arch)))
 
 
-def _steps():
+def _steps(arch: str):
+    limit = tiles.shared_limit(arch)
     for varlen in (False, True):
         for dtype in (np.float16, tiles.BFLOAT16, np.float32):
             for kind in ("preprocess", "convert_dq"):
                 yield _pre(kind, dtype, varlen)
             for hd in tiles.HEADDIMS:
                 for deterministic in (False, True):
-                    yield from main_steps(dtype, hd, deterministic, varlen)
-                if dtype != np.float32 and hd in SM90_TILES:
+                    yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
+                if arch == "sm_90" and dtype != np.float32 and hd in SM90_TILES:
                     yield from sm90_steps(dtype, hd, varlen)
 
 
@@ -300,7 +367,7 @@ def facts():
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS)]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
-            for s in set(_steps()) if s.traits]
+            for s in {s for arch in tiles.CHECKED_ARCHS for s in _steps(arch)} if s.traits]
     return out
 
 

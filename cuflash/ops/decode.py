@@ -48,6 +48,18 @@ TILES = {
     192: DecodeTile(2, "12 KiB a stage per warp: 102 KiB a CTA, 2 CTAs per SM"),
     256: DecodeTile(2, "16 KiB a stage per warp: 136 KiB a CTA, one CTA per SM"),
 }
+# Where a TILES entry needs more shared memory per block than the device offers (99 KiB on
+# sm_86 / sm_89, tiles.SHARED_LIMITS), the first of these that fits. Those GPUs stream 8-11
+# GB/s per SM against the H100's 25, so fewer bytes in flight suffice (docs/notes/decode.md,
+# "Per-arch tiles"; not measured).
+SMALL_TILES = {
+    96: (DecodeTile(2, "99 KiB: 68 KiB a CTA, up to 64 KiB of K/V in flight"),),
+    128: (DecodeTile(2, "99 KiB: 68 KiB a CTA, up to 64 KiB of K/V in flight"),),
+    192: (DecodeTile(1, "99 KiB: 56 KiB a CTA; each warp waits for its own tile, the other "
+                        "3 warps' loads in flight meanwhile (2 stages take 102 KiB)"),),
+    256: (DecodeTile(1, "99 KiB: 74 KiB a CTA (its merge overlays the ring); 2 stages take "
+                        "136 KiB"),),
+}
 
 # DecodeParams (kernels_cu/common/params.cuh).
 PARAMS = np.dtype([
@@ -85,18 +97,22 @@ class Cache:
     vn_strides: tuple
 
 
-def config(dtype, headdim: int, score_mod: bool, warps: int = WARPS):
-    """(name expression, threads, shared bytes, traits) of flash_decode (fp16 / bf16)."""
+def config(dtype, headdim: int, score_mod: bool, warps: int = WARPS,
+           limit: int | None = None):
+    """(name expression, threads, shared bytes, traits) of flash_decode (fp16 / bf16) with the
+    first tile that fits ``limit`` bytes of shared memory (None: TILES' tile)."""
     hd = tiles.padded_headdim(headdim)
-    stages = TILES[hd].stages
     sc = tiles.smem_cols(hd)
-    ring = stages * 2 * KEYS * sc * 2
-    merge = (warps * ROWS * (hd + 8) + (warps + 1) * ROWS) * 4
-    shared = ROWS * sc * 2 + max(warps * ring, merge)
+    for tile in (TILES[hd], *SMALL_TILES.get(hd, ())):
+        ring = tile.stages * 2 * KEYS * sc * 2
+        merge = (warps * ROWS * (hd + 8) + (warps + 1) * ROWS) * 4
+        shared = ROWS * sc * 2 + max(warps * ring, merge)
+        if limit is None or shared <= limit:
+            break
     mod = "true" if score_mod else "false"
     return (f"cuflash::flash_decode<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {warps}, "
-            f"{stages}, {mod}>", warps * 32, shared,
-            f"cuflash::DecodeTraits<{hd}, {warps}, {stages}>")
+            f"{tile.stages}, {mod}>", warps * 32, shared,
+            f"cuflash::DecodeTraits<{hd}, {warps}, {tile.stages}>")
 
 
 def append_name(dtype) -> str:
@@ -128,10 +144,10 @@ def num_splits(ctas: int, seqlen_k: int, sms: int) -> int:
 
 class Plan:
     """A memoized kvcache call: append_kv (when there are new keys) and flash_decode (fp16 /
-    bf16), sharing one DecodeParams record."""
+    bf16), sharing one DecodeParams record; ``arch``: the device's."""
 
     def __init__(self, p: _core.Problem, c: Cache, out_strides: tuple, splits: int | None,
-                 warps: int, append: bool, decode: bool):
+                 warps: int, append: bool, decode: bool, arch: str):
         item = p.dtype.itemsize
         group = p.nheads // p.nheads_kv
         self.m_blocks = -(-group * p.seqlen_q // ROWS)
@@ -157,7 +173,8 @@ class Plan:
             self.kernels.append(_core.Kernel(FILE, append_name(p.dtype), p.device_id,
                                              (p.batch * c.seqlen_new,), (APPEND_THREADS,), 0))
         if decode:
-            name, threads, shared, _ = config(p.dtype, p.headdim, p.score_mod, warps)
+            name, threads, shared, _ = config(p.dtype, p.headdim, p.score_mod, warps,
+                                              tiles.shared_limit(arch))
             self.kernels.append(_core.Kernel(FILE, name, p.device_id,
                                              (self.ctas * self.splits,), (threads,), shared))
 
@@ -182,20 +199,22 @@ def plan(p: _core.Problem, c: Cache, out_strides: tuple, splits: int | None = No
     """The plan of a kvcache call (``splits`` None: the heuristic's). ``decode=False``: the
     append alone (float32, whose attention runs the dense forward, and caches decoded
     through copies); ``append=False``: decoding alone."""
-    _compile.device_arch(p.device_id)
-    return Plan(p, c, out_strides, splits, warps, append, decode)
+    arch = _compile.device_arch(p.device_id)
+    return Plan(p, c, out_strides, splits, warps, append, decode, arch)
 
 
-def kernels():
-    """Every (filename, name_expression) this family can launch."""
-    return [(f, name) for f, name, _, _ in _configs()]
+def kernels(arch: str) -> list:
+    """Every (filename, name_expression, shared bytes) this family can launch on a device of
+    ``arch``."""
+    return [(f, name, shared) for f, name, shared, _ in _configs(arch)]
 
 
-def _configs():
+def _configs(arch: str):
     for dtype in (np.float16, tiles.BFLOAT16):
         for hd in tiles.HEADDIMS:
             for score_mod in (False, True):
-                name, _, shared, traits = config(dtype, hd, score_mod)
+                name, _, shared, traits = config(dtype, hd, score_mod,
+                                                 limit=tiles.shared_limit(arch))
                 yield FILE, name, shared, traits
     for dtype in (np.float16, tiles.BFLOAT16, np.float32):
         yield FILE, append_name(dtype), 0, ""
@@ -207,7 +226,8 @@ def facts():
     out += [(FILE, "cuflash::DECODE_ROWS", ROWS), (FILE, "cuflash::DECODE_KEYS", KEYS),
             (FILE, "cuflash::APPEND_THREADS", APPEND_THREADS)]
     out += [(FILE, f"{traits}::SMEM_BYTES", shared)
-            for _, _, shared, traits in _configs() if traits]
+            for _, _, shared, traits in {c for arch in tiles.CHECKED_ARCHS
+                                         for c in _configs(arch)} if traits]
     return out
 
 

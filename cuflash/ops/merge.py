@@ -54,8 +54,8 @@ def plan(device_id, dtype, shape, part_strides, lse_strides, out_strides) -> Pla
     return Plan(device_id, dtype, shape, part_strides, lse_strides, out_strides)
 
 
-def kernels():
-    return [(FILE, name(dtype)) for dtype in _core.CXX_TYPES]
+def kernels(arch: str) -> list:
+    return [(FILE, name(dtype), 0) for dtype in _core.CXX_TYPES]
 
 
 def facts():

@@ -25,3 +25,18 @@ def varlen_flag(varlen: bool) -> str:
     """The trailing template argument of a varlen instantiation (dense: the default), so
     that dense instantiations compile exactly as without varlen support."""
     return ", true" if varlen else ""
+
+
+# Dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
+# arch: what the tile tables choose against. The compile check proves every choice on
+# CHECKED_ARCHS, which cover every limit here; _core.Kernel still checks the device's own.
+SHARED_LIMITS = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376,
+                 "sm_90": 232448, "sm_100": 232448, "sm_103": 232448, "sm_120": 101376,
+                 "sm_121": 101376}
+CHECKED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+
+def shared_limit(arch: str) -> int:
+    """The shared memory a block may use on a device of ``arch``; an arch not listed gets
+    the smallest limit, which every tile table fits."""
+    return SHARED_LIMITS.get(arch, min(SHARED_LIMITS.values()))

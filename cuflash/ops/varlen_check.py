@@ -51,8 +51,8 @@ def plan(device_id, batch, total_q, total_k, max_q, max_k, output_bytes: tuple) 
     return Plan(device_id, batch, total_q, total_k, max_q, max_k, output_bytes)
 
 
-def kernels():
-    return [(FILE, KERNEL)]
+def kernels(arch: str) -> list:
+    return [(FILE, KERNEL, 0)]
 
 
 def facts():

@@ -1,0 +1,139 @@
+"""Tiles fit the device they run on: every kernel the dispatcher can choose on an arch needs
+at most the shared memory a block may use there (ops.tiles.SHARED_LIMITS), for every head
+dim, dtype and option; sm_90 and sm_80 keep TILES' tiles wherever those fit; and a fake
+sm_86 GPU plans and launches within its 99 KiB. No GPU needed (the compile check proves the
+C++ sizes equal to these and compiles each choice for its arch)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fake_cupy
+from cuflash import _core, ops
+from cuflash.ops import backward, decode, tiles
+from test_launch_layer import fake_gpu
+
+BF16 = tiles.BFLOAT16
+HEADDIMS = range(8, 257, 8)
+ARCHS = sorted(tiles.SHARED_LIMITS) + ["sm_110"]  # an arch not listed: the smallest limit
+
+
+def _problem(dtype, headdim, softcap=0.0, varlen=False):
+    """A Problem of 2 heads over 70 queries and keys (no arrays needed)."""
+    item = np.dtype(dtype).itemsize
+    strides = (2 * headdim * item, headdim * item, item)
+    if not varlen:
+        strides = (70 * strides[0], *strides)
+    return _core.Problem(0, np.dtype(dtype), 1, 70, 70, 2, 2, headdim, strides, strides,
+                         strides, headdim ** -0.5, softcap, -1, -1, None, varlen, 70, 70)
+
+
+def test_checked_archs_cover_every_limit():
+    assert {tiles.shared_limit(a) for a in tiles.CHECKED_ARCHS} == \
+        set(tiles.SHARED_LIMITS.values())
+    assert tiles.shared_limit("sm_110") == min(tiles.SHARED_LIMITS.values()) == 101376
+    assert (tiles.shared_limit("sm_80"), tiles.shared_limit("sm_86"),
+            tiles.shared_limit("sm_89"), tiles.shared_limit("sm_90")) == \
+        (166912, 101376, 101376, 232448)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_choice_fits_the_arch(arch):
+    limit = tiles.shared_limit(arch)
+    checked = {name for _, name, _ in ops.all_kernels(arch)} \
+        if arch in tiles.CHECKED_ARCHS else None
+    for dtype, hd, deterministic, softcap, varlen, hopper in itertools.product(
+            (np.float16, BF16, np.float32), HEADDIMS, (False, True), (0.0, 5.0),
+            (False, True), (True, False)):
+        steps = backward.choose(_problem(dtype, hd, softcap, varlen), deterministic, arch,
+                                hopper)
+        case = (arch, np.dtype(dtype).name, hd, deterministic, softcap, varlen, hopper)
+        assert all(s.shared_bytes <= limit for s in steps), (case, steps)
+        if checked is not None:  # what the compile check builds for the arch
+            assert {s.name_expression for s in steps} <= checked, case
+        # dQ comes out once: by atomics and the conversion, or by a dQ pass
+        converted = steps[-1].owner == "rows"
+        dq_pass = any(s.owner == "queries" for s in steps)
+        assert converted != dq_pass, (case, steps)
+        assert dq_pass or not deterministic, case
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_choice_fits_the_arch(arch):
+    limit = tiles.shared_limit(arch)
+    checked = set(ops.all_kernels(arch)) if arch in tiles.CHECKED_ARCHS else None
+    for dtype, hd, score_mod in itertools.product((np.float16, BF16), HEADDIMS,
+                                                  (False, True)):
+        name, _, shared, _ = decode.config(dtype, hd, score_mod, limit=limit)
+        assert shared <= limit, (arch, hd, name, shared)
+        if checked is not None:
+            assert (decode.FILE, name, shared) in checked
+
+
+def test_every_kernel_of_an_arch_fits_it():
+    for arch in tiles.CHECKED_ARCHS:
+        over = [k for k in ops.all_kernels(arch) if k[2] > tiles.shared_limit(arch)]
+        assert not over, (arch, over)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_sm80_and_sm90_keep_their_tiles_where_they_fit(arch):
+    """What the table's first tiles chose before per-arch tiles existed still runs wherever
+    it fits; only the backward at head dim 256 on sm_80 (169-203 KB) changes."""
+    limit = tiles.shared_limit(arch)
+    for dtype, hd, deterministic, varlen in itertools.product(
+            (np.float16, BF16, np.float32), tiles.HEADDIMS, (False, True), (False, True)):
+        mine = backward.mma_steps(dtype, hd, deterministic, varlen, limit=limit)
+        table = backward.mma_steps(dtype, hd, deterministic, varlen)
+        if all(s.shared_bytes <= limit for s in table):
+            assert mine == table, (arch, hd)
+        else:
+            assert (arch, hd) == ("sm_80", 256) and np.dtype(dtype) != np.float32
+    for hd in tiles.HEADDIMS:
+        assert decode.config(BF16, hd, False, limit=limit) == decode.config(BF16, hd, False)
+
+
+def test_small_tiles_are_smaller_than_the_table():
+    """Each fallback needs less shared memory than the tile before it, so the first that
+    fits is the largest that fits."""
+    for hd, passes in backward.SMALL_TILES.items():
+        for name, small in passes.items():
+            mode = {"dv": backward.DV, "dk": backward.DK, "dq": backward.DQ}[name]
+            sizes = [backward._main_step(BF16, hd, t, mode).shared_bytes
+                     for t in (backward.TILES[hd][name], *small)]
+            assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+            assert all(t.reason for t in small)
+    for hd, small in decode.SMALL_TILES.items():
+        stages = [t.stages for t in (decode.TILES[hd], *small)]
+        assert stages == sorted(stages, reverse=True) and all(t.reason for t in small)
+
+
+def test_fake_sm86_plans_and_launches_within_its_shared_memory(monkeypatch):
+    """Through the public API on a fake sm_86 (99 KiB a block; its driver refuses more):
+    the backward at head dims 96 to 256, float32 included, and decoding at 128 and 256."""
+    monkeypatch.setitem(fake_cupy.ARCHS, 2, "86")
+    monkeypatch.setitem(fake_cupy.SHARED_OPTIN, 2, 99 * 1024)
+    with fake_gpu() as (cuflash, world):
+        with world.on(2):
+            for dtype, hd in itertools.product((fake_cupy.BF16, np.float32),
+                                               (96, 128, 192, 256)):
+                q, k, v, out, dout = (world.array((1, 70, 2, hd), dtype, n)
+                                      for n in ("q", "k", "v", "out", "dout"))
+                lse = world.array((1, 2, 70), np.float32, "lse")
+                for deterministic in (False, True):
+                    world.begin_call()
+                    cuflash.attention_backward(dout, q, k, v, out, lse,
+                                               deterministic=deterministic)
+                    shared = [x["shared"] for x in world.launches]
+                    assert max(shared) <= 99 * 1024 and len(shared) >= 3, (dtype, hd)
+            for hd in (128, 256):
+                q = world.array((2, 1, 8, hd), fake_cupy.BF16, "q")
+                k_cache, v_cache = (world.array((2, 512, 2, hd), fake_cupy.BF16, n)
+                                    for n in ("k_cache", "v_cache"))
+                world.begin_call()
+                cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=300)
+                [launch] = world.launches
+                assert launch["kernel"].name.startswith("cuflash::flash_decode<")
+                assert 48 * 1024 < launch["shared"] <= 99 * 1024
