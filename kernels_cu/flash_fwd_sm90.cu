@@ -40,17 +40,19 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
 // usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
 // scheduler's two counters (next tile, CTAs done), zero at launch and left zero at exit,
-// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...); and m_blocks,
-// the query blocks per head and item, ceil(seqlen_q / Br). Varlen: the maps view q, k, v
-// as (headdim, total, heads, 1) and m_blocks is that of the longest item.
+// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...); m_blocks, the
+// query blocks per head and item, ceil(seqlen_q / Br); and section, the (head, item) pairs
+// of a section of the tile order (FwdTile). Varlen: the maps view q, k, v as (headdim,
+// total, heads, 1), m_blocks is that of the longest item, and section is 1.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v;
   FwdParams fwd;
   int* tile_counter;
   int m_blocks;
+  int section;
 };
 static_assert(sizeof(FwdSm90Params) ==
-                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + sizeof(int) + 63) / 64 * 64,
+                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + 2 * sizeof(int) + 63) / 64 * 64,
               "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 384, no other padding");
 
 template <int HEAD_DIM, int BLOCK_N, int CONSUMERS>
@@ -82,14 +84,20 @@ struct FwdSm90Traits {
 
 // One work tile: query block m_block of head h of batch item b, and the key blocks
 // [n_block_min, n_block_max) some row of it sees (seq: the item's rows and lengths).
-// Tiles are numbered as the grid of a non-persistent launch would be (query blocks fastest,
-// last-first, then heads, then batch items), so that the CTAs working at one time share
-// their heads' K and V in L2.
+// Tiles are numbered in sections of `section` (head, item) pairs, heads fastest, chosen so
+// that the K and V of a section fit in L2 together (ops/forward.py); within a section the
+// query blocks go last-first across all its pairs, so under a causal mask every pair's
+// heaviest tiles start first and the launch ends on light ones. With sections of one pair
+// this is the order of a non-persistent grid (query blocks fastest, last-first).
 struct FwdTile {
   int m_block, h, b, n_block_min, n_block_max;
-  __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads) {
-    m_block = num_m_blocks - 1 - t % num_m_blocks;
-    const int hb = t / num_m_blocks;
+  __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads, int section,
+                                     int pairs) {
+    const int first = t / (num_m_blocks * section) * section;  // the section's first pair
+    const int size = min(section, pairs - first);               // its pairs
+    const int r = t - first * num_m_blocks;
+    m_block = num_m_blocks - 1 - r / size;
+    const int hb = first + r % size;
     h = hb % nheads;
     b = hb / nheads;
   }
@@ -140,7 +148,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
   const int num_m_blocks = p.m_blocks;
-  const int num_tiles = num_m_blocks * a.nheads * a.batch;
+  const int pairs = a.nheads * a.batch;  // (head, batch item) pairs
+  const int num_tiles = num_m_blocks * pairs;
   const int group = a.nheads / a.nheads_kv;
 
   if (tid == 0) {
@@ -169,10 +178,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         if constexpr (VARLEN) {
           // Skip the tiles past the end of their item (no rows to compute or store): the
           // consumers never see them. A run of such tiles (this m_block down to the item's
-          // last query block) goes at once: atomicMax moves the counter past the run unless
-          // other CTAs already took the counter further.
+          // last query block; consecutive, as varlen sections have one pair) goes at once:
+          // atomicMax moves the counter past the run unless other CTAs already took the
+          // counter further.
           for (; t < num_tiles;) {
-            const FwdTile tile(t, num_m_blocks, a.nheads);
+            const FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
             item = SeqView<true>(a, tile.b);
             if (tile.m_block * Br < item.seqlen_q()) break;
             if (counter) {
@@ -191,7 +201,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           sm90::mbar_arrive(full_q);  // stop
           break;
         }
-        FwdTile tile(t, num_m_blocks, a.nheads);
+        FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
             return item;
@@ -281,7 +291,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       const volatile int* slot = tile_slot;
       const int t = slot[0];
       if (t >= num_tiles) break;
-      FwdTile tile(t, num_m_blocks, a.nheads);
+      FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
       // The producer's view of the item, read before this warp releases Q (empty_q), after
       // which the producer may overwrite the slot with the next tile's.
       const SeqView<VARLEN> seq = [&] {

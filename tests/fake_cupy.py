@@ -84,10 +84,11 @@ FWD_PARAMS = np.dtype([
 ], align=True)
 _MAP = (np.uint8, (128,))
 FWD_SM90_PARAMS = np.dtype({
-    "names": ["tma_q", "tma_k", "tma_v", "fwd", "tile_counter", "m_blocks"],
-    "formats": [_MAP, _MAP, _MAP, FWD_PARAMS, np.uint64, np.int32],
-    "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize, 384 + FWD_PARAMS.itemsize + 8],
-    "itemsize": -(-(384 + FWD_PARAMS.itemsize + 12) // 64) * 64})
+    "names": ["tma_q", "tma_k", "tma_v", "fwd", "tile_counter", "m_blocks", "section"],
+    "formats": [_MAP, _MAP, _MAP, FWD_PARAMS, np.uint64, np.int32, np.int32],
+    "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize, 384 + FWD_PARAMS.itemsize + 8,
+                384 + FWD_PARAMS.itemsize + 12],
+    "itemsize": -(-(384 + FWD_PARAMS.itemsize + 16) // 64) * 64})
 BWD_PARAMS = np.dtype([
     ("attn", ATTN_ARGS),
     ("out", np.uint64), ("dout", np.uint64), ("lse", np.uint64),

@@ -79,6 +79,10 @@ SM90_TILES = {
                              "KiB); S 40 + O 128 registers; not yet measured (notes, Hopper "
                              "v4)"),
 }
+# The Hopper forward orders its tiles in sections of (head, batch item) pairs whose K and V
+# fit in this much of the L2 together (FA3's figure for the H100's 50 MB, of which each
+# half serves its own SMs), heaviest query blocks of all the section's pairs first.
+SM90_L2_BYTES = 32 * 2**20
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
 SM90_MAX_TILES = 2**31 - 2**16
@@ -90,11 +94,13 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k and v, FwdParams, the scheduler's two
-# counters, the query blocks per (head, item); padded to its 64-byte alignment.
+# counters, the query blocks per (head, item), the (head, item) pairs of a section of its
+# tile order; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
     ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("fwd", PARAMS),
-    ("tile_counter", np.uint64), ("m_blocks", np.int32)], align=True), 64)
+    ("tile_counter", np.uint64), ("m_blocks", np.int32), ("section", np.int32)],
+    align=True), 64)
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,7 @@ class Plan:
         if config.hopper:
             self._encoded = {}
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
-            record = (blank, blank, blank, fwd, 0, grid[0])
+            record = (blank, blank, blank, fwd, 0, grid[0], _section(p))
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
                 SM90_PARAMS
@@ -212,6 +218,17 @@ class Plan:
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
                                              head=head))
         return True
+
+
+def _section(p: _core.Problem) -> int:
+    """The (head, item) pairs of a section of the Hopper forward's tile order: as many as
+    share SM90_L2_BYTES of K and V (heads of one GQA group share theirs); one for varlen,
+    whose tile skipping walks one pair's query blocks at a time."""
+    if p.varlen:
+        return 1
+    kv_head = 2 * p.seqlen_k * p.headdim * p.dtype.itemsize
+    group = p.nheads // p.nheads_kv
+    return max(1, min(p.nheads * p.batch, SM90_L2_BYTES // kv_head * group))
 
 
 def _map_makers(p: _core.Problem, config: Config) -> tuple:
