@@ -137,3 +137,40 @@ def test_fake_sm86_plans_and_launches_within_its_shared_memory(monkeypatch):
                 [launch] = world.launches
                 assert launch["kernel"].name.startswith("cuflash::flash_decode<")
                 assert 48 * 1024 < launch["shared"] <= 99 * 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86"])
+def test_smaller_tiles_match_the_reference_on_this_gpu(arch, monkeypatch):
+    """The tiles chosen for less shared memory are mma.sync kernels, which run on any GPU
+    of sm_80 and newer: on the test GPU with ``arch``'s limit, the backward (fp16, bf16,
+    float32; deterministic or not; causal, GQA) and decoding (paged, 3 splits, an append)
+    at the head dims whose tiles change, against the float64 reference."""
+    from gpu import import_cupy, launches
+    from test_gpu_backward import check
+    from test_kvcache import Problem, gpu_call
+    from test_launch_layer import isolated_state
+    limit = tiles.shared_limit(arch)
+    monkeypatch.setattr(tiles, "shared_limit", lambda _: limit)
+    rng = np.random.default_rng(5)
+    with isolated_state(), launches() as launched:
+        for dtype, hd in ((np.float16, 96), (BF16, 128), (np.float16, 192), (BF16, 256),
+                          (np.float32, 192), (np.float32, 256)):
+            for deterministic in (False, True):
+                check(dtype, 2, 150, 170, 4, 2, hd, deterministic=deterministic,
+                      causal=True, seed=hd)
+        for hd in (96, 128, 192, 256):
+            Problem(rng, BF16, seqlen_q=2, nheads=8, nheads_kv=2, headdim=hd,
+                    lengths=(0, 37, 700), seqlen_new=1, page_size=16).check(
+                        gpu_call(3), import_cupy())
+    names = {name for _, name in launched}
+    small = {"sm_80": ["cuflash::bwd_main<__nv_bfloat16, 256, 16, 4, 1, 1>",
+                       "cuflash::bwd_main<__nv_bfloat16, 256, 32, 4, 1, 8>"],
+             "sm_86": ["cuflash::bwd_main<__half, 96, 32, 4, 1, 5>",
+                       "cuflash::bwd_main<__nv_bfloat16, 128, 16, 8, 1, 8>",
+                       "cuflash::bwd_main<__half, 192, 16, 4, 1, 2>",
+                       "cuflash::bwd_main<__nv_bfloat16, 256, 16, 2, 1, 1>",
+                       "cuflash::bwd_main_f32<192, 16, 7>", "cuflash::bwd_main_f32<256, 8, 8>",
+                       "cuflash::flash_decode<__nv_bfloat16, 128, 4, 2, false>",
+                       "cuflash::flash_decode<__nv_bfloat16, 256, 4, 1, false>"]}[arch]
+    assert set(small) <= names, sorted(names)
