@@ -1,5 +1,8 @@
 """What the bench tools share: the standard shapes and their FLOPs, input generation, the
-CUDA-event timers, the GPU and torch checks, and the torch SDPA peers.
+timers (the back-to-back timer that the sweeps use for every implementation alike, and the
+CUDA-event timers of the tuning and decode tools), the GPU and torch checks, and the peers:
+torch SDPA, and jitted JAX functions (JAX's cuDNN attention, FlashAttention-3 through
+``flash_attn3_jax``, ``cuflash.jax``).
 
 The tools run as ``PYTHONPATH=. python bench/<tool>.py``, which puts bench/ on sys.path, so
 each imports this module as ``_common`` (as does bench/test_bench.py under pytest).
@@ -8,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import shlex
 import statistics
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -25,9 +30,11 @@ MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}  # multiples of the forward
 WARMUP = 3
 
 
-def standard_shape(seqlen: int, headdim: int) -> tuple[int, int]:
-    """(batch, nheads) of the standard sweep."""
-    return max(1, TOKENS // seqlen), HIDDEN // headdim
+def standard_shape(seqlen: int, headdim: int, tokens: int = TOKENS,
+                   hidden: int = HIDDEN) -> tuple[int, int]:
+    """(batch, nheads) of the standard sweep (smaller ``tokens`` and ``hidden`` for a dry run
+    on the CPU)."""
+    return max(1, tokens // seqlen), max(1, hidden // headdim)
 
 
 def flops(mode: str, batch: int, nheads: int, seqlen: int, headdim: int, causal: bool) -> float:
@@ -35,13 +42,18 @@ def flops(mode: str, batch: int, nheads: int, seqlen: int, headdim: int, causal:
     return forward * MODE_FLOPS[mode]
 
 
-def make_inputs(dtype, batch: int, seqlen: int, nheads: int, headdim: int, seed=None):
-    """q, k, v, dout: random normal CuPy arrays of shape (batch, seqlen, nheads, headdim),
-    from CuPy's global generator, or from a generator of their own with ``seed``."""
-    import cupy
-    random = cupy.random if seed is None else cupy.random.RandomState(seed)
+def make_inputs(dtype, batch: int, seqlen: int, nheads: int, headdim: int, seed=None,
+                xp=None):
+    """q, k, v, dout: random normal arrays of shape (batch, seqlen, nheads, headdim), CuPy
+    (default) or NumPy (``xp=numpy``), from the module's global generator, or from a
+    generator of their own with ``seed``."""
+    if xp is None:
+        import cupy as xp
+    random = xp.random if seed is None else xp.random.RandomState(seed)
     shape = (batch, seqlen, nheads, headdim)
-    return [random.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(4)]
+    return [random.standard_normal(shape).astype(np.float32).astype(dtype)
+            if xp is np else random.standard_normal(shape, dtype=np.float32).astype(dtype)
+            for _ in range(4)]
 
 
 # --------------------------------------------------------------------------------- timers
@@ -115,6 +127,78 @@ def host_us(fn, calls: int = 50) -> float:
     t = (time.perf_counter() - t) / calls * 1e6
     cupy.cuda.Device().synchronize()
     return t
+
+
+# ------------------------------------------------------- one timer for every implementation
+#
+# JAX runs on a stream of its own and dispatches asynchronously, so CUDA events recorded on
+# CuPy's or torch's stream do not see its work. The sweeps therefore time every
+# implementation the same way: warm-up, then N calls back to back with one synchronisation
+# of everything at the end (``synchronize``), wall time over N; the median of R such runs.
+
+class Timing(NamedTuple):
+    """How ``back_to_back`` times: ``reps`` runs of N back-to-back calls each, N chosen so
+    that a run takes about ``budget_ms`` (from a first run of ``min_calls`` calls), within
+    [min_calls, max_calls]; ``warmup`` calls first (compilation, autotuning, pools)."""
+    budget_ms: float
+    min_calls: int
+    max_calls: int
+    reps: int
+    warmup: int = WARMUP
+
+
+class Difference(NamedTuple):
+    """A time measured as that of ``total`` minus that of ``part``, each timed alone by
+    ``back_to_back``: a JAX backward is its jitted ``jax.vjp`` (forward + backward) minus
+    its jitted forward."""
+    total: Callable
+    part: Callable
+
+
+def synchronize(result=None, gpu: bool = True) -> None:
+    """Wait for all the work queued so far: ``jax.block_until_ready(result)`` when JAX is
+    loaded (XLA dispatches asynchronously, on its own stream), then, with ``gpu``,
+    ``cudaDeviceSynchronize`` (every stream of the device: CuPy's, torch's and XLA's)."""
+    jax = sys.modules.get("jax")
+    if jax is not None and result is not None:
+        jax.block_until_ready(result)
+    if gpu:
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+
+def back_to_back(fn, timing: Timing, sync=synchronize) -> dict:
+    """Milliseconds per call of ``fn()`` (or of a :class:`Difference`), the same way for
+    every implementation: ``timing.warmup`` calls and a sync, a first run of ``min_calls``
+    calls that sizes N, then ``timing.reps`` runs of N calls back to back with one
+    ``sync(last result)`` at the end, each timed on the host clock from the first call to
+    the end of the sync. Returns {"ms": median over the runs, "min_ms", "calls", "reps"},
+    and for a Difference also "total_ms" and "part_ms"."""
+    if isinstance(fn, Difference):
+        total, part = back_to_back(fn.total, timing, sync), back_to_back(fn.part, timing, sync)
+        return {"ms": total["ms"] - part["ms"], "min_ms": total["min_ms"] - part["min_ms"],
+                "calls": total["calls"], "reps": total["reps"], "total_ms": total["ms"],
+                "part_ms": part["ms"]}
+
+    def run(calls: int) -> float:
+        result = None
+        start = time.perf_counter()
+        for _ in range(calls):
+            result = fn()
+        sync(result)
+        return (time.perf_counter() - start) * 1e3 / calls
+
+    result = None
+    for _ in range(timing.warmup):
+        result = fn()
+    sync(result)
+    del result
+    estimate = run(timing.min_calls)
+    calls = int(min(timing.max_calls,
+                    max(timing.min_calls, timing.budget_ms / max(estimate, 1e-3))))
+    samples = [run(calls) for _ in range(timing.reps)]
+    return {"ms": statistics.median(samples), "min_ms": min(samples), "calls": calls,
+            "reps": timing.reps}
 
 
 # ------------------------------------------------------------------------ GPU and torch
@@ -226,3 +310,132 @@ def cuflash_launches(q, k, v, causal, *, fwd_config=None, bwd_hopper=True, bwd_s
         return bwd(dout, q, k, v, out, lse)
 
     return forward, backward
+
+
+# ---------------------------------------------------------------------------- JAX peers
+
+class Skipped(Exception):
+    """An implementation declines a shape, or its library is missing (a gap in the row)."""
+
+
+# name -> (what it is, the largest head dim it takes or None)
+JAX_PEERS = {
+    "jax-cudnn": ('jax.nn.dot_product_attention(implementation="cudnn")', None),
+    "fa3": ("flash_attn3_jax.flash_mha (FlashAttention-3 behind XLA FFI)", 128),
+    "cuflash-jax": ("cuflash.jax.attention (buffer_callback)", None),
+    "jax-xla": ('jax.nn.dot_product_attention(implementation="xla") (a CPU stand-in)', None),
+}
+FA3_MAX_HEADDIM = 128  # the flash_attn3_jax 0.2.3 wheel is built for head dims up to 128
+HANDOVER: dict = {}    # how inputs reached JAX, per implementation: "dlpack" or "copied"
+
+
+def load_jax(gpu: bool = True):
+    """(jax, None), or (None, why not); with ``gpu``, JAX must run on a GPU. Set
+    XLA_PYTHON_CLIENT_PREALLOCATE=false before the first import of JAX (the scripts do it
+    at their top), or JAX takes 75% of the GPU memory."""
+    try:
+        import jax
+    except Exception as e:  # not installed, or its plugin does not load
+        return None, f"jax does not import ({type(e).__name__}: {e})"
+    try:
+        backend = jax.default_backend()
+    except Exception as e:
+        return None, f"jax {jax.__version__} has no backend ({type(e).__name__}: {e})"
+    if gpu and backend != "gpu":
+        return None, f"jax {jax.__version__} runs on {backend}, not on a GPU"
+    return jax, None
+
+
+def to_jax(x):
+    """(JAX array, how): zero-copy through DLPack where JAX takes the array, else one copy
+    through the host (outside any timing)."""
+    import jax
+    try:
+        return jax.dlpack.from_dlpack(x), "dlpack"
+    except Exception:  # a dtype or device DLPack does not carry here
+        host = x.get() if hasattr(x, "get") else np.asarray(x)
+        return jax.device_put(host), "copied"
+
+
+def jax_attend(name: str, causal: bool):
+    """``attend(q, k, v)`` of the JAX implementation ``name`` (a key of JAX_PEERS) on
+    (batch, seqlen, nheads, headdim) arrays; Skipped when its library does not import."""
+    import jax
+    if name in ("jax-cudnn", "jax-xla"):
+        implementation = name.removeprefix("jax-")
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation)
+    if name == "fa3":
+        try:
+            import flash_attn3_jax
+        except Exception as e:
+            raise Skipped(f"flash_attn3_jax does not import ({type(e).__name__}: {e})")
+        return lambda q, k, v: flash_attn3_jax.flash_mha(q, k, v, is_causal=causal)
+    if name == "cuflash-jax":
+        import cuflash.jax
+        return lambda q, k, v: cuflash.jax.attention(q, k, v, causal=causal)
+    raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_jitted(name: str, causal: bool):
+    """(forward, step) of ``name``, jitted once per process so that every row of a shape
+    reuses the compiled programs: ``forward(q, k, v)`` the output, ``step(q, k, v, dout)``
+    the gradients dq, dk, dv through ``jax.vjp`` (forward + backward, as in training)."""
+    import jax
+    attend = jax_attend(name, causal)
+
+    def step(q, k, v, dout):
+        return jax.vjp(attend, q, k, v)[1](dout)
+
+    return jax.jit(attend), jax.jit(step)
+
+
+@contextlib.contextmanager
+def run_jax(name, mode, q, k, v, dout, causal):
+    """The jitted JAX implementation ``name`` on q, k, v, dout (handed over by DLPack, else
+    copied once here, outside the timing); yields for "fwd" the forward, for "fwdbwd" the
+    vjp step (forward + backward), for "bwd" ``Difference(step, forward)``."""
+    limit = JAX_PEERS[name][1]
+    if limit is not None and q.shape[-1] > limit:
+        raise Skipped(f"head dim {q.shape[-1]} > {limit} (the wheel's largest)")
+    forward, step = jax_jitted(name, causal)
+    handed = [to_jax(x) for x in (q, k, v, dout)]
+    HANDOVER[name] = "copied" if any(how == "copied" for _, how in handed) else "dlpack"
+    jq, jk, jv, jdout = (array for array, _ in handed)
+
+    def call_forward():
+        return forward(jq, jk, jv)
+
+    def call_step():
+        return step(jq, jk, jv, jdout)
+
+    if mode == "fwd":
+        yield call_forward
+    elif mode == "bwd":
+        yield Difference(call_step, call_forward)
+    else:
+        yield call_step
+
+
+def host_float32(x):
+    """A CuPy, torch, JAX or NumPy array as a float32 NumPy array (for output checks)."""
+    if hasattr(x, "get"):
+        x = x.get()
+    elif hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x).astype(np.float32)
+
+
+def versions() -> dict:
+    """Versions of the optional peers' libraries (None where they do not import)."""
+    found = {}
+    for name in ("torch", "jax", "flash_attn3_jax"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except Exception:
+                module = None
+        found[name] = getattr(module, "__version__", None)
+    return found

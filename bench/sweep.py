@@ -1,56 +1,120 @@
-"""Benchmark sweep: cuflash against its peers on the standard FlashAttention shapes.
+"""Benchmark sweep: cuflash against the attention its users would otherwise pick, on the
+standard FlashAttention shapes, every implementation in one process on the same inputs,
+timed the same way.
 
-    PYTHONPATH=. python bench/sweep.py --out bench/results/h100 --modes fwd
-    PYTHONPATH=. python bench/sweep.py --out /tmp/quick --quick
+    PYTHONPATH=. python3 bench/sweep.py --out bench/results/<name> --dtypes bf16
+    PYTHONPATH=. python3 bench/sweep.py --out /tmp/quick --quick --modes fwd
+    PYTHONPATH=. python3 bench/sweep.py --out /tmp/dry --dry-run          # CPU, seconds
 
 Shapes (CONVENTIONS.md, "Measuring speed"): hidden 2048 (nheads = 2048 // headdim),
-batch = 16384 // seqlen, seqlen 512 to 16384, headdim 64 and 128, causal and not, bf16 and
-fp16. Peers: a naive CuPy attention (in the input dtype) and, when torch is importable,
-torch's scaled_dot_product_attention with each backend, fed the same buffers zero-copy
-through DLPack. Every implementation gets the same random normal inputs. A call is timed
-between two CUDA events after warm-up; a measurement is the median of many calls.
-Anything that raises (unsupported, out of memory) leaves a gap in its row, not a crash.
+batch = 16384 // seqlen; by default seqlen 1k, 4k and 16k (``--all-seqlens``: 512 to 16k)
+and head dims 64, 128 and 256 (the tables of issues 13 and 14), causal and not, forward
+and backward, bf16 and fp16 (``--dtypes``).
 
-Before the first row the GPU runs large matmuls for a second, to reach its full clock.
+Implementations (a library that does not import, or a shape it declines, leaves a gap in
+the row with the reason, never a crash):
+- cuflash: ``cuflash.attention_forward`` and ``attention_backward`` on CuPy arrays.
+- torch-cudnn, torch-flash (FlashAttention-2): torch SDPA under ``sdpa_kernel(backend)`` on
+  the same buffers, zero-copy through DLPack (transposed views).
+- jax-cudnn: ``jax.jit(jax.nn.dot_product_attention(q, k, v, is_causal=...,
+  implementation="cudnn"))``, inputs handed over zero-copy by DLPack (else copied once,
+  outside the timing; sweep.json's "handover" says which).
+- fa3: ``jax.jit(flash_attn3_jax.flash_mha(q, k, v, is_causal=...))``, same inputs; the
+  0.2.3 wheel is built for head dims up to 128, so head dim 256 is a gap.
+On request (``--impls``): torch-efficient, naive-cupy (matmul, softmax, matmul in the input
+dtype), cuflash-varlen (the varlen API on the same tokens), cuflash-mma (the sm_80 mma.sync
+kernels on sm_90), cuflash-jax (``jax.jit(cuflash.jax.attention)``), jax-xla.
 
-Writes sweep.json (every number, with device and versions) and sweep.md (the tables) into
---out after every row, so a run stopped early keeps what it measured, and sweep.png
-(TFLOP/s against seqlen) at the end.
+Modes: "fwd" the forward; "bwd" the backward alone: cuflash's ``attention_backward`` on a
+saved forward, torch's ``autograd.grad`` on a retained graph, and for JAX (whose backward
+cannot be called alone) the jitted ``jax.vjp`` step (forward + backward) minus the jitted
+forward, each timed alone; "fwdbwd" both.
+
+Timing, the same for every implementation (JAX runs on its own stream, so CUDA events on
+CuPy's or torch's stream would not see its work): warm-up calls (compilation, autotuning),
+then N calls back to back and one synchronisation at the end (``jax.block_until_ready`` of
+the last result, then ``cudaDeviceSynchronize``, which waits for every stream), timed on the
+host clock; N fills about 60 ms; the median of 5 such runs (_common.back_to_back). Before
+the first row the GPU runs large matmuls for a second, to reach its full clock. In every
+forward row each implementation's output is compared once with cuflash's (the first 256
+positions of two batch items; relative to its largest value), which catches a layout or
+argument mistake in a peer; a difference above 5% is listed under "Output check".
+
+Report: TFLOP/s per implementation, the best peer of the row (cuDNN and FA2 through torch,
+cuDNN through JAX, FA3; not cuflash's own variants nor the naive one) and cuflash's ratio to
+it; per mode and dtype a summary: the median ratio over the head dim 64 and 128 rows, the
+minimum over those rows with seqlen >= 4k, and at head dim 256 the minimum ratio to the
+better cuDNN (torch or JAX). sweep.json (every number, with device and versions) and sweep.md
+are rewritten after every row, so a run stopped early keeps what it measured; sweep.png
+(TFLOP/s against seqlen) at the end (when matplotlib imports). ``--stop-after S`` starts no
+new shape after S seconds and finishes the report.
+
+On the device (H200; the runner executes in the repository root, writes under $OUT, brings
+back at most 8 files, 10 minutes a call). FA3 comes from the carried wheels (carry:
+[".whl"]; DEVICE.md: ``flash_attn3_jax`` 0.2.3, and ``einops``, which it imports, where
+the device lacks it). One dtype a call, about 5-7 minutes each with a warm kernel cache
+(36 rows x 5 implementations; add ~2 minutes when the cuflash kernels are not yet in
+CUPY_CACHE_DIR):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \
+    export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cfcache \
+        XLA_PYTHON_CLIENT_PREALLOCATE=false; \
+    python3 bench/sweep.py --out $OUT/sweep_bf16 --dtypes bf16 --stop-after 480 \
+        2>&1 | tee $OUT/sweep_bf16.log
+
+and the same with fp16 (``--out $OUT/sweep_fp16 --dtypes fp16``) in a second call. Three
+files come back per dtype (sweep.json, sweep.md, sweep.png) plus the log.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import functools
-import itertools
-import json
-import math
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-from _common import (DTYPES, TORCH_BACKENDS, cuflash_launches, environment, flops,
-                     import_torch, make_inputs, release_memory, require_gpu, run_torch,
-                     standard_shape, time_ms)
+# Before anything can import JAX: without it JAX takes 75% of the GPU memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+import argparse  # noqa: E402 (after the environment variable above)
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, NamedTuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import _common  # noqa: E402
+from _common import (DTYPES, JAX_PEERS, TORCH_BACKENDS, Skipped, Timing,  # noqa: E402
+                     back_to_back, cuflash_launches, flops, host_float32, make_inputs,
+                     run_jax, run_torch, standard_shape)
+
+SEQLENS = (1024, 4096, 16384)
+ALL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096)
-HEADDIMS = (64, 128)
+DRY_SEQLENS = (64, 128)
+HEADDIMS = (64, 128, 256)
 CAUSAL = {"no": (False,), "yes": (True,), "both": (False, True)}
 MODES = ("fwd", "bwd", "fwdbwd")
-BASELINE = "torch-flash"
+DEFAULT_MODES = ("fwd", "bwd")
 # The naive peer materialises (batch, nheads, seqlen, seqlen) scores in the input dtype, and
 # its softmax and backward hold a few such matrices at once.
 NAIVE_BUDGET = 8 * 2 ** 30
-# (time budget per measurement in ms, fewest and most timed calls): big shapes get few
-# calls and small ones many, which keeps the full forward sweep to ~5 minutes on an H100.
-TIMING = {"full": (200.0, 10, 100), "quick": (50.0, 5, 30)}
+TIMING = {"full": Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5),
+          "quick": Timing(budget_ms=20.0, min_calls=2, max_calls=50, reps=3),
+          "dry": Timing(budget_ms=2.0, min_calls=1, max_calls=3, reps=2, warmup=1)}
 WARM_UP_SECONDS = 1.0  # of large matmuls before the first row, to bring the GPU to full clock
-
-
-class Skipped(Exception):
-    """An implementation declines a shape (reported like any other gap)."""
+# A dry run on the CPU: the sweep's code paths at shapes the NumPy backend does in moments.
+DRY = {"tokens": 256, "hidden": 256}
+# The summary's groups (issues 13 and 14): head dims whose median counts, the seqlen from
+# which every row counts, and the head dim judged against cuDNN alone.
+MAIN_HEADDIMS, LONG_SEQLEN, CUDNN_HEADDIM = (64, 128), 4096, 256
+CUDNN = ("torch-cudnn", "jax-cudnn")
+CHECK_POSITIONS, CHECK_ITEMS, CHECK_LIMIT = 256, 2, 0.05
 
 
 # Each implementation is a context manager taking (mode, q, k, v, dout, causal) that does
@@ -149,89 +213,245 @@ def run_naive(mode, q, k, v, dout, causal):
     yield timed_call(mode, forward, backward)
 
 
-def implementations(names, torch) -> dict:
-    impls = {"cuflash": run_cuflash, "naive-cupy": run_naive}
-    if torch is not None:
-        impls.update({name: functools.partial(run_torch, backend)
-                      for name, backend in TORCH_BACKENDS.items()})
-    if names is None:
-        return impls
-    # On request only (--impls): varlen against dense at the same tokens and kernels.
-    impls.update({"cuflash-varlen": run_cuflash_varlen, "cuflash-mma": run_cuflash_mma})
-    missing = [n for n in names if n not in impls]
-    if missing:
-        sys.exit(f"sweep.py: implementation(s) {', '.join(missing)} not available here "
-                 f"(available: {', '.join(impls)}; torch peers need torch)")
-    return {n: impls[n] for n in names}
+# ------------------------------------------------------------------- the implementations
+
+class Impl(NamedTuple):
+    """``run(mode, q, k, v, dout, causal)``: a context manager yielding the call to time;
+    ``family``: how its forward's output is laid out (cuflash, torch, naive, jax); ``peer``:
+    whether it counts for the best peer of a row."""
+    run: Callable
+    family: str
+    peer: bool
 
 
-def measure(run, mode, inputs, causal, row_flops, timing, torch) -> dict:
+def unavailable(reason: str):
+    """A ``run`` that leaves a gap with ``reason`` (its library does not import)."""
+    @contextlib.contextmanager
+    def run(*args):
+        raise Skipped(reason)
+        yield  # a generator, as contextmanager needs
+
+    return run
+
+
+DEFAULT_IMPLS = ("cuflash", "torch-cudnn", "torch-flash", "jax-cudnn", "fa3")
+DRY_IMPLS = ("cuflash", "cuflash-jax", "jax-xla", "jax-cudnn", "fa3", "torch-cudnn")
+PEERS = ("torch-cudnn", "torch-flash", "torch-efficient", "jax-cudnn", "fa3", "jax-xla")
+
+
+def registry(torch_why: str | None, jax_why: str | None) -> dict:
+    """Every implementation the sweep knows, by name; those whose library is missing leave
+    gaps with the reason."""
+    impls = {"cuflash": Impl(run_cuflash, "cuflash", False)}
+    for name, backend in TORCH_BACKENDS.items():
+        run = unavailable(torch_why) if torch_why else functools.partial(run_torch, backend)
+        impls[name] = Impl(run, "torch", name in PEERS)
+    for name in JAX_PEERS:
+        run = unavailable(jax_why) if jax_why else functools.partial(run_jax, name)
+        impls[name] = Impl(run, "jax", name in PEERS)
+    impls.update({"naive-cupy": Impl(run_naive, "naive", False),
+                  "cuflash-varlen": Impl(run_cuflash_varlen, "cuflash", False),
+                  "cuflash-mma": Impl(run_cuflash_mma, "cuflash", False)})
+    return impls
+
+
+def select(names, known: dict) -> dict:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"sweep.py: unknown implementation(s) {', '.join(unknown)} "
+                 f"(known: {', '.join(known)})")
+    return {n: known[n] for n in names}
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def describe(error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}"
+
+
+def output_sample(family: str, result, shape):
+    """The first CHECK_POSITIONS positions of the first CHECK_ITEMS batch items of a
+    forward's output, as float32 NumPy of layout (batch, seqlen, nheads, headdim)."""
+    out = result[0] if family in ("cuflash", "naive") else result
+    if family == "torch":
+        out = out.transpose(1, 2)
+    elif family == "naive":
+        out = out.transpose(0, 2, 1, 3)
+    if out.ndim == 3:  # varlen: the batch packed as tokens
+        out = out.reshape(shape)
+    return host_float32(out[:CHECK_ITEMS, :CHECK_POSITIONS])
+
+
+def difference(sample, reference):
+    """max |sample - reference| / max |reference|, or why they cannot be compared."""
+    if sample.shape != reference.shape:
+        return f"shape {sample.shape} != {reference.shape}"
+    scale = float(np.abs(reference).max()) or 1.0
+    return float(np.abs(sample - reference).max()) / scale
+
+
+def measure(impl: Impl, mode, inputs, causal, row_flops, timing, sync, check=True):
+    """({"ms", "tflops", ...} or {"error"}, the forward's output sample or None)."""
+    sample = None
     try:
-        with run(mode, *inputs, causal) as fn:
-            ms = time_ms(fn, *timing)
-        return {"ms": ms, "tflops": row_flops / ms / 1e9}
-    except Exception as e:  # unsupported, out of memory, not yet written: a gap in the row
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        return {"error": f"{type(e).__name__}: {first_line}"}
-    finally:
-        release_memory(torch)
+        with impl.run(mode, *inputs, causal) as fn:
+            timed = back_to_back(fn, timing, sync)
+            if check and mode == "fwd":
+                sample = output_sample(impl.family, fn(), inputs[0].shape)
+        if timed["ms"] <= 0:
+            raise ValueError(f"time {timed['ms']:.4f} ms <= 0 (a difference of "
+                             f"{timed.get('total_ms')} and {timed.get('part_ms')} ms)")
+        return {**timed, "tflops": row_flops / timed["ms"] / 1e9}, sample
+    except Exception as e:  # unsupported, out of memory, missing library: a gap in the row
+        return {"error": describe(e)}, None
 
 
-def ratio(row) -> float | None:
-    """cuflash / torch-flash TFLOP/s, when both ran."""
-    ours, theirs = row["results"].get("cuflash", {}), row["results"].get(BASELINE, {})
-    if "tflops" in ours and "tflops" in theirs:
-        return ours["tflops"] / theirs["tflops"]
-    return None
+def score(results: dict, peers) -> tuple[str | None, float | None]:
+    """(the best peer of a row by TFLOP/s, cuflash's ratio to it), None where absent."""
+    ran = [n for n in peers if "tflops" in results.get(n, {})]
+    if not ran:
+        return None, None
+    best = max(ran, key=lambda n: results[n]["tflops"])
+    ours = results.get("cuflash", {})
+    return best, (ours["tflops"] / results[best]["tflops"] if "tflops" in ours else None)
+
+
+def make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers) -> dict:
+    best, ratio = score(results, peers)
+    return {"mode": mode, "dtype": dtype, "headdim": headdim, "causal": causal,
+            "seqlen": seqlen, "batch": batch, "nheads": nheads,
+            "flops": flops(mode, batch, nheads, seqlen, headdim, causal),
+            "results": results, "best_peer": best, "ratio": ratio}
+
+
+def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
+               release=lambda: None, check=True):
+    """Rows of one shape (the inputs' (batch, seqlen, nheads, headdim)), one per (causal,
+    mode), each implementation measured in turn; yields each row when it is complete."""
+    batch, seqlen, nheads, headdim = inputs[0].shape
+    peers = [n for n, impl in impls.items() if impl.peer]
+    for causal, mode in itertools.product(causals, modes):
+        row_flops = flops(mode, batch, nheads, seqlen, headdim, causal)
+        results, reference = {}, None
+        for name, impl in impls.items():
+            result, sample = measure(impl, mode, inputs, causal, row_flops, timing, sync,
+                                     check)
+            release()
+            if sample is not None:
+                if reference is None:
+                    reference = name, sample
+                else:
+                    result["check"] = difference(sample, reference[1])
+                    result["check_against"] = reference[0]
+            results[name] = result
+        yield make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers)
+
+
+# -------------------------------------------------------------------------------- report
+
+def summarise(rows) -> list[dict]:
+    """Per (mode, dtype): the median ratio to the best peer over the head dim 64/128 rows,
+    the minimum over those rows at seqlen >= 4k, and at head dim 256 the minimum ratio to
+    the better cuDNN (torch or JAX)."""
+    found = []
+    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in rows):
+        group = [r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)]
+        main = [r["ratio"] for r in group
+                if r["headdim"] in MAIN_HEADDIMS and r["ratio"] is not None]
+        long = [r["ratio"] for r in group if r["headdim"] in MAIN_HEADDIMS
+                and r["seqlen"] >= LONG_SEQLEN and r["ratio"] is not None]
+        cudnn = [x for x in (score(r["results"], CUDNN)[1] for r in group
+                             if r["headdim"] == CUDNN_HEADDIM) if x is not None]
+        found.append({"mode": mode, "dtype": dtype,
+                      "median": statistics.median(main) if main else None,
+                      "median_rows": len(main),
+                      "min_long": min(long) if long else None, "min_long_rows": len(long),
+                      "min_cudnn_256": min(cudnn) if cudnn else None,
+                      "cudnn_256_rows": len(cudnn)})
+    return found
+
+
+def fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_tflops(x) -> str:
+    """One decimal, or two significant digits below 1 (the CPU dry run's tiny shapes)."""
+    return "-" if x is None else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
+def summary_line(s: dict) -> str:
+    return (f"{s['mode']} {s['dtype']}: cuflash / best peer, median {fmt(s['median'])} over "
+            f"{s['median_rows']} head dim 64/128 rows, min {fmt(s['min_long'])} over the "
+            f"{s['min_long_rows']} of them at seqlen >= {LONG_SEQLEN}; head dim "
+            f"{CUDNN_HEADDIM}: min {fmt(s['min_cudnn_256'])} of the better cuDNN over "
+            f"{s['cudnn_256_rows']} rows")
 
 
 def progress(row, index: int, total: int) -> str:
     cells = [f"{name} {r['tflops']:.1f}" if "tflops" in r else f"{name} -"
              for name, r in row["results"].items()]
-    r = ratio(row)
+    best = (f" | /{row['best_peer']} {row['ratio']:.2f}" if row["ratio"] is not None
+            else "")
     return (f"[{index:>3}/{total}] {row['mode']:6} {row['dtype']} hd{row['headdim']:<3} "
             f"{'causal' if row['causal'] else 'full  '} seqlen {row['seqlen']:>5}: TFLOP/s "
-            + " | ".join(cells) + (f" | ratio {r:.2f}" if r is not None else ""))
+            + " | ".join(cells) + best)
 
 
 def markdown(rows, names) -> str:
     lines = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        lines += [f"## {mode}: TFLOP/s (ratio = cuflash / {BASELINE})", "",
-                  "| dtype | hdim | causal | seqlen | batch x heads | " + " | ".join(names)
-                  + " | ratio |",
-                  "|---" * (len(names) + 6) + "|"]
-        for row in (r for r in rows if r["mode"] == mode):
-            cells = [f"{row['results'][n]['tflops']:.1f}" if "tflops" in row["results"][n]
-                     else "-" for n in names]
-            r = ratio(row)
-            lines.append(f"| {row['dtype']} | {row['headdim']} | {row['causal']} | "
+    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in rows):
+        lines += [f"## {mode} {dtype}: TFLOP/s, and cuflash / the best peer of the row", "",
+                  "| hd | causal | seqlen | batch x heads | " + " | ".join(names)
+                  + " | best peer | ratio |",
+                  "|---:|---|---:|---|" + "---:|" * len(names) + "---|---:|"]
+        for row in rows:
+            if (row["mode"], row["dtype"]) != (mode, dtype):
+                continue
+            cells = [fmt_tflops(row["results"][n].get("tflops")) for n in names]
+            lines.append(f"| {row['headdim']} | {'yes' if row['causal'] else 'no'} | "
                          f"{row['seqlen']} | {row['batch']} x {row['nheads']} | "
-                         + " | ".join(cells) + f" | {'-' if r is None else f'{r:.2f}'} |")
+                         + " | ".join(cells)
+                         + f" | {row['best_peer'] or '-'} | {fmt(row['ratio'])} |")
         lines.append("")
-    lines += [f"## cuflash / {BASELINE}", "", "| mode | rows | median ratio | min ratio |",
-              "|---|---|---|---|"]
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        ratios = [x for x in (ratio(r) for r in rows if r["mode"] == mode) if x is not None]
-        if ratios:
-            lines.append(f"| {mode} | {len(ratios)} | {statistics.median(ratios):.2f} | "
-                         f"{min(ratios):.2f} |")
-        else:
-            lines.append(f"| {mode} | 0 | - | - |")
-    errors = {(n, row["results"][n]["error"]) for row in rows for n in names
-              if "error" in row["results"][n]}
+    lines += ["## Summary", ""] + [f"- {summary_line(s)}" for s in summarise(rows)]
+    if any(r["mode"] == "bwd" and "total_ms" in res for r in rows
+           for res in r["results"].values()):
+        lines += ["", "JAX backward = its jitted jax.vjp step (forward + backward) minus its "
+                      "jitted forward, each timed alone."]
+    suspects = sorted({(r["mode"], r["headdim"], r["causal"], r["seqlen"], n,
+                        res["check_against"], res["check"])
+                       for r in rows for n, res in r["results"].items()
+                       if "check" in res and (isinstance(res["check"], str)
+                                              or res["check"] > CHECK_LIMIT)}, key=str)
+    if suspects:
+        lines += ["", "## Output check", "",
+                  f"Forward outputs that differ from the reference by more than "
+                  f"{CHECK_LIMIT:.0%} of its largest value (a layout or argument mistake?):",
+                  ""] + [f"- {m} hd {h} {'causal' if c else 'full'} seqlen {s}: {n} against "
+                         f"{ref}: {fmt(d, 3) if isinstance(d, float) else d}"
+                         for m, h, c, s, n, ref, d in suspects]
+    errors = sorted({(n, res["error"]) for r in rows for n, res in r["results"].items()
+                     if "error" in res})
     if errors:
-        lines += ["", "## Gaps", ""] + [f"- {n}: {e}" for n, e in sorted(errors)]
+        lines += ["", "## Gaps", ""] + [f"- {n}: {e}" for n, e in errors]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, names, path: Path) -> None:
-    """One panel per (mode, dtype) x (headdim, causal); one line per implementation."""
-    import matplotlib
+def plot(rows, names, path: Path) -> str:
+    """sweep.png: one panel per (mode, dtype) x (headdim, causal), one line per
+    implementation. Returns what it did."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        return f"no plot ({describe(e)})"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grid_rows = list(dict.fromkeys((r["mode"], r["dtype"]) for r in rows))
     grid_cols = list(dict.fromkeys((r["headdim"], r["causal"]) for r in rows))
+    if not grid_rows:
+        return "no plot (no rows)"
     fig, axes = plt.subplots(len(grid_rows), len(grid_cols), squeeze=False,
                              figsize=(4 * len(grid_cols), 3 * len(grid_rows)))
     lines = {}
@@ -254,11 +474,27 @@ def plot(rows, names, path: Path) -> None:
                      fontsize=9)
         ax.set_xlabel("seqlen", fontsize=8)
         ax.set_ylabel("TFLOP/s", fontsize=8)
-    fig.legend(lines.values(), lines.keys(), loc="upper center", ncol=len(lines))
+    fig.legend(lines.values(), lines.keys(), loc="upper center", ncol=max(1, len(lines)))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return f"wrote {path.name}"
 
+
+def write_results(out: Path, env, rows, names, stem="sweep") -> str:
+    """<stem>.json and <stem>.md of the rows so far; returns the tables."""
+    env = {**env, "handover": dict(_common.HANDOVER), "summary": summarise(rows)}
+    table = markdown(rows, names)
+    (out / f"{stem}.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"# {stem} on {env['device']}\n\n`{env['command']}`, {env['date']}; "
+        + ", ".join(f"{k} {env.get(k)}" for k in ("cuflash", "cupy", "torch", "jax",
+                                                   "flash_attn3_jax"))
+        + f"; inputs handed to JAX by: {env['handover'] or '-'}\n\n" + table)
+    return table
+
+
+# ------------------------------------------------------------------------------- running
 
 def comma_list(convert=str, choices=None):
     def parse(text):
@@ -273,29 +509,45 @@ def comma_list(convert=str, choices=None):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Benchmark cuflash against its peers on the standard sweep "
-                    "(TFLOP/s; needs a CUDA GPU).")
+        description="Benchmark cuflash against its peers (torch SDPA cuDNN and FA2, JAX "
+                    "cuDNN, FA3) on the standard sweep, every implementation timed alike "
+                    "(TFLOP/s and the ratio to the best peer per row; needs a CUDA GPU, "
+                    "except --dry-run).")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for sweep.json, sweep.md and sweep.png")
     parser.add_argument("--dtypes", type=comma_list(choices=DTYPES), default=list(DTYPES),
                         help="comma-separated: bf16,fp16 (default both)")
     parser.add_argument("--headdims", type=comma_list(int), default=list(HEADDIMS),
-                        help="comma-separated (default 64,128)")
+                        help=f"comma-separated (default {','.join(map(str, HEADDIMS))})")
     parser.add_argument("--seqlens", type=comma_list(int),
                         help=f"comma-separated (default {','.join(map(str, SEQLENS))}; "
                              f"with --quick {','.join(map(str, QUICK_SEQLENS))})")
+    parser.add_argument("--all-seqlens", action="store_true",
+                        help=f"seqlens {','.join(map(str, ALL_SEQLENS))}")
     parser.add_argument("--causal", choices=CAUSAL, default="both",
                         help="causal masking: no, yes or both (default)")
-    parser.add_argument("--modes", type=comma_list(choices=MODES), default=list(MODES),
-                        help="comma-separated: fwd,bwd,fwdbwd (default all)")
+    parser.add_argument("--modes", type=comma_list(choices=MODES), default=list(DEFAULT_MODES),
+                        help="comma-separated: fwd,bwd,fwdbwd (default fwd,bwd)")
     parser.add_argument("--impls", type=comma_list(),
-                        help="comma-separated: cuflash,naive-cupy," + ",".join(TORCH_BACKENDS)
-                             + " (default: all that are available), and on request "
-                               "cuflash-varlen,cuflash-mma")
+                        help=f"comma-separated (default {','.join(DEFAULT_IMPLS)}); also "
+                             "torch-efficient, naive-cupy, cuflash-varlen, cuflash-mma, "
+                             "cuflash-jax, jax-xla")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and fewer timed calls, for a first look")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on the CPU (NumPy backend, JAX on the CPU, jax-xla standing in "
+                             "for jax-cudnn) at tiny shapes: every code path, no GPU")
+    parser.add_argument("--stop-after", type=float, metavar="SECONDS",
+                        help="start no new row after this many seconds, then write the report")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the comparison of forward outputs with cuflash's")
     args = parser.parse_args(argv)
-    args.seqlens = args.seqlens or list(QUICK_SEQLENS if args.quick else SEQLENS)
+    if args.all_seqlens and args.seqlens:
+        parser.error("--seqlens and --all-seqlens exclude each other")
+    args.seqlens = args.seqlens or list(
+        ALL_SEQLENS if args.all_seqlens else DRY_SEQLENS if args.dry_run
+        else QUICK_SEQLENS if args.quick else SEQLENS)
+    args.impls = args.impls or list(DRY_IMPLS if args.dry_run else DEFAULT_IMPLS)
     return args
 
 
@@ -313,42 +565,68 @@ def warm_up_gpu(seconds: float = WARM_UP_SECONDS) -> None:
     cupy.get_default_memory_pool().free_all_blocks()
 
 
-def write_results(out: Path, env, rows, names) -> str:
-    """sweep.json and sweep.md of the rows so far; returns the tables."""
-    table = markdown(rows, names)
-    (out / "sweep.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
-    (out / "sweep.md").write_text(
-        f"# Sweep on {env['device']}\n\n`{env['command']}`, {env['date']}; cupy {env['cupy']}, "
-        f"torch {env['torch']}, cuflash {env['cuflash']}\n\n" + table)
-    return table
+class Setup(NamedTuple):
+    """What a run needs besides its arguments: the array module, the sync, the memory
+    release between implementations, the known implementations and the environment."""
+    xp: object
+    gpu: bool
+    sync: Callable
+    release: Callable
+    known: dict
+    env: dict
+
+
+def setup(dry_run: bool, argv) -> Setup:
+    """The GPU (or the CPU for a dry run), the peers' libraries, and the environment."""
+    import cuflash
+    gpu = not dry_run
+    if gpu:
+        cupy = _common.require_gpu()
+        torch = _common.import_torch()
+        torch_why = None if torch is not None else "torch does not import"
+        env = _common.environment(cupy, torch, argv)
+        xp = cupy
+        release = functools.partial(_common.release_memory, torch)
+    else:
+        torch_why = "dry run: the torch SDPA backends need CUDA"
+        env = {"device": "CPU (dry run)", "cuflash": cuflash.__version__, "cupy": None,
+               "numpy": np.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds"),
+               "command": shlex.join([sys.executable, *argv])}
+        xp = np
+        release = lambda: None  # noqa: E731
+    _, jax_why = _common.load_jax(gpu)
+    env.update(_common.versions())
+    env["jax_backend"] = jax_why or "ok"
+    return Setup(xp, gpu, functools.partial(_common.synchronize, gpu=gpu), release,
+                 registry(torch_why, jax_why), env)
 
 
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     args = parse_args(argv[1:])
-    cupy = require_gpu()
-    torch = import_torch()
-    impls = implementations(args.impls, torch)
-    timing = TIMING["quick" if args.quick else "full"]
-    env = environment(cupy, torch, argv)
-    print(f"{env['device']}: cupy {env['cupy']}, torch {env['torch']}; "
-          f"implementations: {', '.join(impls)}", flush=True)
+    s = setup(args.dry_run, argv)
+    impls = select(args.impls, s.known)
+    timing = TIMING["dry" if args.dry_run else "quick" if args.quick else "full"]
+    shape_of = functools.partial(standard_shape, **(DRY if args.dry_run else {}))
+    print(f"{s.env['device']}: cupy {s.env['cupy']}, torch {s.env['torch']}, jax "
+          f"{s.env['jax']} ({s.env['jax_backend']}), flash_attn3_jax "
+          f"{s.env['flash_attn3_jax']}; implementations: {', '.join(impls)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    warm_up_gpu()
-    cupy.random.seed(0)
+    if s.gpu:
+        warm_up_gpu()
+    s.xp.random.seed(0)
     causals = CAUSAL[args.causal]
     total = math.prod(map(len, (args.dtypes, args.headdims, args.seqlens, causals, args.modes)))
-    rows, errors_seen = [], set()
+    rows, errors_seen, started = [], set(), time.perf_counter()
+    table = ""
+    stopped = False
     for dtype, headdim, seqlen in itertools.product(args.dtypes, args.headdims, args.seqlens):
-        batch, nheads = standard_shape(seqlen, headdim)
-        inputs = make_inputs(DTYPES[dtype], batch, seqlen, nheads, headdim)
-        for causal, mode in itertools.product(causals, args.modes):
-            row_flops = flops(mode, batch, nheads, seqlen, headdim, causal)
-            row = {"mode": mode, "dtype": dtype, "headdim": headdim, "causal": causal,
-                   "seqlen": seqlen, "batch": batch, "nheads": nheads, "flops": row_flops,
-                   "results": {name: measure(run, mode, inputs, causal, row_flops, timing,
-                                             torch)
-                               for name, run in impls.items()}}
+        batch, nheads = shape_of(seqlen, headdim)
+        inputs = make_inputs(DTYPES[dtype], batch, seqlen, nheads, headdim, xp=s.xp)
+        for row in shape_rows(impls, inputs, dtype, causals, args.modes, timing, s.sync,
+                              s.release, check=not args.no_check):
             rows.append(row)
             print(progress(row, len(rows), total), flush=True)
             for name, result in row["results"].items():
@@ -356,13 +634,22 @@ def main(argv=None) -> int:
                     errors_seen.add((name, result["error"]))
                     print(f"      {name}: {result['error']}", flush=True)
             # After every row: a run stopped by a time limit keeps what it measured.
-            table = write_results(args.out, env, rows, list(impls))
+            table = write_results(args.out, s.env, rows, list(impls))
+            if args.stop_after is not None and time.perf_counter() - started > args.stop_after:
+                stopped = True
+                break
         del inputs
-        release_memory(torch)
+        s.release()
+        if stopped:
+            print(f"stopped after {time.perf_counter() - started:.0f} s (--stop-after), "
+                  f"{len(rows)} of {total} rows", flush=True)
+            break
 
     print("\n" + table)
-    plot(rows, list(impls), args.out / "sweep.png")
-    print(f"wrote sweep.json, sweep.md and sweep.png to {args.out}")
+    for line in summarise(rows):
+        print("summary: " + summary_line(line))
+    print(plot(rows, list(impls), args.out / "sweep.png"))
+    print(f"wrote sweep.json and sweep.md to {args.out}")
     return 0
 
 
