@@ -55,19 +55,22 @@ static_assert(sizeof(FwdSm90Params) ==
                   (3 * 128 + sizeof(FwdParams) + sizeof(int*) + 2 * sizeof(int) + 63) / 64 * 64,
               "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 384, no other padding");
 
-template <int HEAD_DIM, int BLOCK_N, int CONSUMERS>
+// HEAD_DIM is that of Q and K (S = Q K^T), HEAD_DIM_V that of V and O (O = P V).
+template <int HEAD_DIM, int BLOCK_N, int CONSUMERS, int HEAD_DIM_V = HEAD_DIM>
 struct FwdSm90Traits {
   static constexpr int BLOCK_M = 64 * CONSUMERS;  // 64 rows per consumer warpgroup
   static constexpr int NUM_THREADS = 128 * (CONSUMERS + 1);
   static constexpr int STAGES = 2;
-  static constexpr int COL_BLOCKS = HEAD_DIM / 64;  // 64-element (128-byte) column blocks
+  // Tiles are 64-element (128-byte) column blocks, one after the other.
+  static constexpr int QK_BLOCKS = HEAD_DIM / 64, V_BLOCKS = HEAD_DIM_V / 64;
   static constexpr int Q_BLOCK_BYTES = BLOCK_M * 128;   // one column block of the Q tile
   static constexpr int KV_BLOCK_BYTES = BLOCK_N * 128;  // one column block of a K/V tile
-  static constexpr int Q_BYTES = COL_BLOCKS * Q_BLOCK_BYTES;
-  static constexpr int KV_BYTES = COL_BLOCKS * KV_BLOCK_BYTES;
+  static constexpr int Q_BYTES = QK_BLOCKS * Q_BLOCK_BYTES;
+  static constexpr int K_BYTES = QK_BLOCKS * KV_BLOCK_BYTES;
+  static constexpr int V_BYTES = V_BLOCKS * KV_BLOCK_BYTES;
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
-  static constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;
+  static constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + 1024;
   // Registers after setmaxnreg, within the register file that __launch_bounds__(
   // NUM_THREADS, 1) hands out evenly at launch (168 a thread for 2 consumers, 128 for 3).
   static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 24 : 32;
@@ -76,8 +79,8 @@ struct FwdSm90Traits {
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "register split");
   // Ping-pong between the consumers' GEMMs where the softmax is a large share of an
   // iteration (FA3 does the same at head dims up to 128).
-  static constexpr bool PINGPONG = HEAD_DIM <= 128;
-  static_assert(HEAD_DIM % 64 == 0, "whole 128-byte swizzle atoms per row");
+  static constexpr bool PINGPONG = HEAD_DIM <= 128 && HEAD_DIM_V <= 128;
+  static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0, "whole 128-byte swizzle rows");
   static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N and TMA box limits");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
 };
@@ -122,10 +125,10 @@ struct FwdTile {
 // after their last S = Q K^T) and first K/V stages: the ring of K/V stages and its barrier
 // phases run on across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, bool HAS_SCORE_MOD,
-          bool VARLEN = false>
+          bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
-  using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS>;
+  using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
   constexpr int STAGES = Tr::STAGES, Br = Tr::BLOCK_M, Bc = BLOCK_N;
   const AttnArgs& a = p.fwd.attn;
 
@@ -136,8 +139,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   __shared__ int tile_slot[VARLEN ? 5 : 1];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   const uint32_t sQ = base;
-  auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::KV_BYTES; };
-  auto sV = [&](int s) { return base + Tr::Q_BYTES + (STAGES + s) * Tr::KV_BYTES; };
+  auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::K_BYTES; };
+  auto sV = [&](int s) { return base + Tr::Q_BYTES + STAGES * Tr::K_BYTES + s * Tr::V_BYTES; };
   auto full_k = [&](int s) { return smem_addr(&barriers[s]); };
   auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
   auto empty_k = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
@@ -222,7 +225,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         }
         sm90::mbar_arrive_expect_tx(full_q, Tr::Q_BYTES);
 #pragma unroll
-        for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+        for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
           sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64,
                             seq.q0 + tile.m_block * Br, tile.h, seq.b);
         // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
@@ -238,9 +241,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
           const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
           const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
-          sm90::mbar_arrive_expect_tx(full, Tr::KV_BYTES);
-#pragma unroll
-          for (int cb = 0; cb < Tr::COL_BLOCKS; ++cb)
+          sm90::mbar_arrive_expect_tx(full, value ? Tr::V_BYTES : Tr::K_BYTES);
+          for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
             sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
                               seq.b);
         };
@@ -269,7 +271,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     }
   } else {
     sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();
-    constexpr int N_TILES = Bc / 8, D_TILES = HEAD_DIM / 8;
+    constexpr int N_TILES = Bc / 8, D_TILES = HEAD_DIM_V / 8;
     const int consumer = warpgroup - 1;
     const int warp = (tid / 32) % 4, lane = tid % 32;
     const uint32_t sQ_wg = sQ + consumer * 64 * 128;  // its 64 rows of every column block
@@ -326,18 +328,18 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         const int pos = g + it, s = pos % STAGES;
         softmax.rescale(acc_o, alpha);
         sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
-        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {  // 16 keys: 2048 bytes of every column block
           const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
-          sm90::Wgmma<T, HEAD_DIM>::rs(&acc_o[0][0][0], pf[kk], db, 1);
+          sm90::Wgmma<T, HEAD_DIM_V>::rs(&acc_o[0][0][0], pf[kk], db, 1);
         }
         sm90::wgmma_commit();
       };
       auto retire_pv = [&](int it) {  // wait for P V of block it and release its V
         sm90::wgmma_wait<0>();
-        sm90::fence_regs<HEAD_DIM / 2>(&acc_o[0][0][0]);
+        sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
         __syncwarp();
         sm90::mbar_arrive_if(empty_v((g + it) % STAGES), lane == 0);
@@ -428,7 +430,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         if (i >= seq.seqlen_q()) continue;
         T* o_row = o + i * p.fwd.o_row_stride;
 #pragma unroll
-        for (int dt = 0; dt < D_TILES; ++dt)
+        for (int dt = 0; dt < D_TILES; ++dt)  // V's head dim is Q's (a.headdim) in the API
           if (dt * 8 + col < a.headdim)
             *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
                 dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
