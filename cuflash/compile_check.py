@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         print("compile_check: no kernels to compile", file=sys.stderr)
         return 1
     cache = ResultCache(None if args.no_cache else cache_path())
+    # A result holds for its shared bytes and limit too.
     keys = {job: ResultCache.key("kernel", *job[:2], "%s %d/%d" % job[2:]) for job in jobs}
     todo = [job for job in jobs if keys[job] not in cache]
     for job in jobs:

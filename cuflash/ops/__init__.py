@@ -1,10 +1,11 @@
 """The kernel families, a module each: its tile table (a reason per entry), its params
-mirror, its memoized plans and their launches. Every module offers ``kernels(arch)``, the
-(filename, name_expression, dynamic shared bytes) of everything it can launch on a device
-of that arch, which the compile check builds and holds to the arch's shared memory (the
-forward, whose tiles are the same on every arch, offers its configs), and ``facts()``, the
+mirror, its memoized plans and their launches. Every module offers ``facts()``, the
 (filename, C++ expression, value) triples of every number it shares with the CUDA sources,
-which the compile check proves equal."""
+which the compile check proves equal, and ``kernels(arch)``, the (filename,
+name_expression, dynamic shared bytes) of everything it can launch on a device of that
+arch, which the compile check builds for the arch and holds to its shared memory. The
+forward's tiles do not depend on the arch (it offers ``kernels()`` and its configs), and
+sources for one arch only (sm_90a) are left out on the others."""
 from __future__ import annotations
 
 from .. import _checks, _compile, _core
