@@ -17,8 +17,7 @@ FAMILIES = (forward, backward, decode, merge, varlen_check)
 def all_kernels(arch: str) -> list:
     """Every (filename, name_expression, dynamic shared bytes) the dispatcher can choose on
     a device of ``arch``, once each."""
-    found = [(c.filename, c.name_expression, c.shared_bytes) for c in forward._configs()]
-    found += [x for family in FAMILIES[1:] for x in family.kernels(arch)]
+    found = [x for family in FAMILIES for x in family.kernels(arch)]
     return [x for x in dict.fromkeys(found) if _compile.target_arch(x[0], arch)]
 
 

@@ -280,9 +280,11 @@ def fallback(p: _core.Problem, out_strides: tuple) -> Plan:
     return plan(p, out_strides, mma_config(p.dtype, p.headdim, p.score_mod, p.varlen))
 
 
-def kernels():
-    """Every (filename, name_expression) this family can launch."""
-    return [(c.filename, c.name_expression) for c in _configs()]
+def kernels(arch: str) -> list:
+    """Every (filename, name_expression, shared bytes) this family can launch on a device of
+    ``arch``."""
+    return [(c.filename, c.name_expression, c.shared_bytes) for c in _configs()
+            if not c.hopper or arch == "sm_90"]
 
 
 def _configs():
