@@ -274,10 +274,8 @@ def output_sample(family: str, result, shape):
     """The first CHECK_POSITIONS positions of the first CHECK_ITEMS batch items of a
     forward's output, as float32 NumPy of layout (batch, seqlen, nheads, headdim)."""
     out = result[0] if family in ("cuflash", "naive") else result
-    if family == "torch":
-        out = out.transpose(1, 2)
-    elif family == "naive":
-        out = out.transpose(0, 2, 1, 3)
+    if family in ("torch", "naive"):  # (batch, nheads, seqlen, headdim)
+        out = out.swapaxes(1, 2)
     if out.ndim == 3:  # varlen: the batch packed as tokens
         out = out.reshape(shape)
     return host_float32(out[:CHECK_ITEMS, :CHECK_POSITIONS])

@@ -1,19 +1,435 @@
-"""pytest-benchmark suite on representative shapes of the standard sweep (bf16).
+"""The benchmarks' tests.
 
-    PYTHONPATH=. python -m pytest bench/ --benchmark-columns=median,min,max
+On any machine (CI): the pure-Python parts of bench/sweep.py and bench/jax_bench.py (the
+timer, rows, ratios to the best peer, summaries, markdown), the JAX peer adapters on JAX's
+CPU backend (``jax.nn.dot_product_attention(implementation="xla")`` standing in for cuDNN,
+``cuflash.jax`` on the NumPy backend, a stand-in ``flash_attn3_jax``) against the float64
+reference, both scripts' ``--dry-run`` end to end, and every script's ``--help``.
 
-Each round is one call followed by a device sync, so a round's time is the call's real
-duration; the TFLOP/s of the median round lands in the report's extra_info. For the full
+On a GPU (marked ``gpu``): a pytest-benchmark suite on representative shapes of the
+standard sweep (bf16),
+
+    PYTHONPATH=. python -m pytest bench/ -m gpu --benchmark-columns=median,min,max
+
+where each round is one call followed by a device sync, so a round's time is the call's real
+duration; the TFLOP/s of the median round lands in the report's extra_info. For the
 comparison with peers use bench/sweep.py.
 """
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import ml_dtypes
+import numpy as np
 import pytest
 
-from _common import flops, make_inputs, standard_shape
+import _common
+import jax_bench
+import sweep
+from _common import Difference, Skipped, Timing, flops, make_inputs, standard_shape
 
-pytestmark = pytest.mark.gpu
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 WARMUP_ROUNDS, ROUNDS = 3, 20
 
+
+# ------------------------------------------------------------------------- the timer
+
+class Clock:
+    """A fake perf_counter: time moves only when a timed function says so."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(_common.time, "perf_counter", c)
+    return c
+
+
+def test_back_to_back_calls_and_syncs(clock):
+    calls, syncs = [], []
+
+    def fn():
+        clock.now += 0.002  # 2 ms a call
+        calls.append(1)
+        return len(calls)
+
+    def sync(result):
+        syncs.append(result)
+
+    timing = Timing(budget_ms=20.0, min_calls=3, max_calls=100, reps=4, warmup=2)
+    got = _common.back_to_back(fn, timing, sync)
+    assert got["ms"] == pytest.approx(2.0) and got["min_ms"] == pytest.approx(2.0)
+    assert got["calls"] == 10 and got["reps"] == 4  # 20 ms of 2 ms calls
+    # warm-up, the sizing run, then the timed runs; one sync after each, on the last result
+    assert len(calls) == 2 + 3 + 4 * 10
+    assert syncs == [2, 5, 15, 25, 35, 45]
+
+
+def test_back_to_back_clamps_the_number_of_calls(clock):
+    def slow():
+        clock.now += 1.0
+
+    got = _common.back_to_back(slow, Timing(10.0, 2, 50, 1, 0), lambda r: None)
+    assert got["calls"] == 2 and got["ms"] == pytest.approx(1000.0)
+
+    def fast():
+        clock.now += 1e-7
+
+    assert _common.back_to_back(fast, Timing(10.0, 2, 50, 1, 0), lambda r: None)["calls"] == 50
+
+
+def test_back_to_back_of_a_difference(clock):
+    def total():
+        clock.now += 0.005
+
+    def part():
+        clock.now += 0.002
+
+    got = _common.back_to_back(Difference(total, part), Timing(10.0, 1, 10, 3, 1),
+                               lambda r: None)
+    assert got["ms"] == pytest.approx(3.0)
+    assert got["total_ms"] == pytest.approx(5.0) and got["part_ms"] == pytest.approx(2.0)
+
+
+def test_synchronize_waits_for_jax_results_without_a_gpu():
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.ones(3) * 2
+    _common.synchronize(x, gpu=False)
+    _common.synchronize((x, np.ones(2)), gpu=False)  # leaves that are not JAX's pass through
+    _common.synchronize(None, gpu=False)
+
+
+# --------------------------------------------------------------------- rows and reports
+
+def result(tflops):
+    return {"ms": 1.0 / tflops, "tflops": tflops}
+
+
+def row(mode="fwd", headdim=64, seqlen=4096, causal=False, dtype="bf16", **tflops):
+    results = {name.replace("_", "-"): result(t) if t is not None else {"error": "E: no"}
+               for name, t in tflops.items()}
+    batch, nheads = standard_shape(seqlen, headdim)
+    return sweep.make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results,
+                          sweep.PEERS)
+
+
+def test_score_takes_the_best_peer_of_the_row():
+    r = row(cuflash=400, torch_cudnn=500, torch_flash=300, jax_cudnn=450, fa3=None)
+    assert r["best_peer"] == "torch-cudnn" and r["ratio"] == pytest.approx(0.8)
+    # cuflash's own variants and the naive attention are not peers
+    r = row(cuflash=400, cuflash_jax=900, naive_cupy=1000, fa3=500)
+    assert r["best_peer"] == "fa3" and r["ratio"] == pytest.approx(0.8)
+    assert row(cuflash=400, cuflash_jax=900)["ratio"] is None
+    r = row(cuflash=None, fa3=500)
+    assert r["best_peer"] == "fa3" and r["ratio"] is None
+
+
+def test_make_row_counts_the_flops_of_its_mode():
+    r = row(mode="bwd", headdim=128, seqlen=1024, causal=True, cuflash=1)
+    assert (r["batch"], r["nheads"]) == (16, 16)
+    assert r["flops"] == 2.5 * 4 * 16 * 16 * 1024 * 1024 * 128 / 2
+
+
+def sample_rows():
+    rows = []
+    for mode, (hd, seqlen) in itertools.product(("fwd", "bwd"), itertools.product(
+            (64, 128, 256), (1024, 4096, 16384))):
+        ours = {64: 400, 128: 500, 256: 200}[hd] + seqlen / 1024  # ratios differ by row
+        rows.append(row(mode, hd, seqlen, cuflash=ours, torch_cudnn=500, jax_cudnn=450,
+                        fa3=None if hd > 128 else 600, torch_flash=300))
+    return rows
+
+
+def test_summary_median_min_and_head_dim_256_against_cudnn():
+    rows = sample_rows()
+    (fwd, bwd) = sweep.summarise(rows)
+    assert (fwd["mode"], fwd["dtype"], bwd["mode"]) == ("fwd", "bf16", "bwd")
+    main = [r["ratio"] for r in rows if r["mode"] == "fwd" and r["headdim"] in (64, 128)]
+    assert fwd["median_rows"] == 6 and fwd["median"] == pytest.approx(np.median(main))
+    assert fwd["min_long_rows"] == 4  # hd 64 and 128 at 4k and 16k
+    assert fwd["min_long"] == pytest.approx((400 + 4) / 600)
+    assert fwd["cudnn_256_rows"] == 3
+    assert fwd["min_cudnn_256"] == pytest.approx((200 + 1) / 500)  # against torch-cudnn
+
+
+def test_summary_of_rows_without_ratios():
+    (s,) = sweep.summarise([row(cuflash=None, fa3=1.0), row(cuflash=1.0)])
+    assert s["median"] is None and s["min_long"] is None and s["min_cudnn_256"] is None
+    assert "median - over 0" in sweep.summary_line(s)
+
+
+def test_markdown_tables_summary_checks_and_gaps():
+    rows = sample_rows()
+    rows[0]["results"]["jax-cudnn"].update(check=0.5, check_against="cuflash")
+    rows[1]["results"]["fa3"].update(check="shape (2,) != (3,)", check_against="cuflash")
+    rows[2]["results"]["torch-flash"] = {"error": "Skipped: torch does not import"}
+    names = ["cuflash", "torch-cudnn", "torch-flash", "jax-cudnn", "fa3"]
+    text = sweep.markdown(rows, names)
+    assert "## fwd bf16: TFLOP/s" in text and "## bwd bf16: TFLOP/s" in text
+    header = "| hd | causal | seqlen | batch x heads | " + " | ".join(names)
+    assert header + " | best peer | ratio |" in text
+    assert "| 64 | no | 1024 | 16 x 32 | 401.0 | 500.0 | 300.0 | 450.0 | 600.0 | fa3 | 0.67 |" \
+        in text
+    assert "| 256 | no | 4096 | 4 x 8 | 204.0 | 500.0 | 300.0 | 450.0 | - | torch-cudnn | 0.41 |" \
+        in text
+    assert "## Summary" in text and "- fwd bf16: cuflash / best peer, median" in text
+    assert "## Output check" in text and "jax-cudnn against cuflash: 0.500" in text
+    assert "shape (2,) != (3,)" in text
+    assert "## Gaps" in text and "- torch-flash: Skipped: torch does not import" in text
+    assert "- fa3: E: no" in text
+
+
+def test_write_results_json_and_md(tmp_path):
+    env = {"device": "test", "command": "sweep.py", "date": "today", "cuflash": "0"}
+    sweep.write_results(tmp_path, env, sample_rows(), ["cuflash", "fa3"])
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(data["rows"]) == 18 and data["summary"][0]["median_rows"] == 6
+    assert "handover" in data
+    assert (tmp_path / "sweep.md").read_text().startswith("# sweep on test")
+
+
+def test_output_sample_layouts():
+    rng = np.random.default_rng(0)
+    out = rng.standard_normal((3, 300, 4, 8)).astype(np.float32)  # (batch, seqlen, h, d)
+    want = out[:2, :256]
+    bhsd = np.ascontiguousarray(out.swapaxes(1, 2))
+    np.testing.assert_array_equal(sweep.output_sample("cuflash", (out, None), out.shape), want)
+    np.testing.assert_array_equal(sweep.output_sample("jax", out, out.shape), want)
+    np.testing.assert_array_equal(sweep.output_sample("torch", bhsd, out.shape), want)
+    np.testing.assert_array_equal(sweep.output_sample("naive", (bhsd, None), out.shape), want)
+    packed = out.reshape(3 * 300, 4, 8)
+    np.testing.assert_array_equal(sweep.output_sample("cuflash", (packed, None), out.shape),
+                                  want)
+    assert sweep.difference(want, want) == 0.0
+    assert sweep.difference(want * 1.1, want) == pytest.approx(0.1, rel=1e-5)
+    assert sweep.difference(want[:1], want).startswith("shape")
+
+
+def test_measure_turns_failures_into_gaps():
+    @contextlib.contextmanager
+    def broken(mode, q, k, v, dout, causal):
+        raise MemoryError("out of memory\nsecond line")
+        yield
+
+    impl = sweep.Impl(broken, "cuflash", False)
+    got, sample = sweep.measure(impl, "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
+                                sweep.TIMING["dry"], lambda r: None)
+    assert got == {"error": "MemoryError: out of memory"} and sample is None
+    impl = sweep.Impl(sweep.unavailable("torch does not import"), "torch", True)
+    got, _ = sweep.measure(impl, "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
+                           sweep.TIMING["dry"], lambda r: None)
+    assert got == {"error": "Skipped: torch does not import"}
+
+
+def test_parse_args_defaults_of_the_issues_tables(tmp_path):
+    args = sweep.parse_args(["--out", str(tmp_path)])
+    assert args.headdims == [64, 128, 256] and args.seqlens == [1024, 4096, 16384]
+    assert args.modes == ["fwd", "bwd"] and args.dtypes == ["bf16", "fp16"]
+    assert args.impls == ["cuflash", "torch-cudnn", "torch-flash", "jax-cudnn", "fa3"]
+    args = sweep.parse_args(["--out", str(tmp_path), "--all-seqlens", "--dtypes", "fp16"])
+    assert args.seqlens == [512, 1024, 2048, 4096, 8192, 16384] and args.dtypes == ["fp16"]
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--out", str(tmp_path), "--all-seqlens", "--seqlens", "1024"])
+    with pytest.raises(SystemExit):
+        sweep.select(["cuflash", "no-such"], sweep.registry(None, None))
+
+
+def test_missing_libraries_are_gaps_in_the_registry():
+    known = sweep.registry("torch does not import", "jax does not import")
+    assert set(sweep.DEFAULT_IMPLS) <= set(known)
+    for name in ("torch-cudnn", "torch-flash", "jax-cudnn", "fa3", "cuflash-jax"):
+        got, _ = sweep.measure(known[name], "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
+                               sweep.TIMING["dry"], lambda r: None)
+        assert got["error"].startswith("Skipped: ") and "does not import" in got["error"]
+
+
+# ------------------------------------------------------------- JAX adapters on the CPU
+
+@pytest.fixture
+def jax_cpu():
+    jax = pytest.importorskip("jax")
+    _common.jax_jitted.cache_clear()
+    yield jax
+    _common.jax_jitted.cache_clear()
+
+
+def reference(q, k, v, dout, causal):
+    """Float64 (out, dq, dk, dv) in (batch, seqlen, nheads, headdim)."""
+    import cuflash
+    out = cuflash.reference.attention_forward(q, k, v, causal=causal)
+    out = out[0] if isinstance(out, tuple) else out
+    return (out, *cuflash.reference.attention_backward(dout, q, k, v, causal=causal))
+
+
+def cpu_inputs(dtype=np.float32, shape=(2, 48, 4, 32), seed=1):
+    np.random.seed(seed)
+    return make_inputs(np.dtype(dtype), *shape, xp=np)
+
+
+@pytest.mark.parametrize("name", ["jax-xla", "cuflash-jax"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_jax_adapters_on_the_cpu(jax_cpu, name, causal):
+    q, k, v, dout = cpu_inputs()
+    want = reference(q, k, v, dout, causal)
+    with _common.run_jax(name, "fwd", q, k, v, dout, causal) as fn:
+        out = fn()
+        assert out.shape == q.shape
+        np.testing.assert_allclose(np.asarray(out), want[0], atol=2e-5, rtol=1e-4)
+        assert sweep.difference(sweep.output_sample("jax", out, q.shape),
+                                want[0][:2, :256].astype(np.float32)) < 1e-4
+    with _common.run_jax(name, "fwdbwd", q, k, v, dout, causal) as fn:
+        grads = fn()
+        for got, expected in zip(grads, want[1:]):
+            assert got.shape == q.shape
+            np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-3)
+    with _common.run_jax(name, "bwd", q, k, v, dout, causal) as fn:
+        assert isinstance(fn, Difference)
+        assert len(fn.total()) == 3 and fn.part().shape == q.shape
+    assert _common.HANDOVER[name] in ("dlpack", "copied")
+
+
+def test_jax_adapter_in_bf16(jax_cpu):
+    q, k, v, dout = cpu_inputs(ml_dtypes.bfloat16)
+    with _common.run_jax("cuflash-jax", "fwd", q, k, v, dout, True) as fn:
+        out = fn()
+    assert out.dtype == np.dtype(ml_dtypes.bfloat16)
+    want = reference(*(x.astype(np.float32) for x in (q, k, v, dout)), True)[0]
+    np.testing.assert_allclose(np.asarray(out).astype(np.float32), want, atol=2e-2)
+
+
+def test_to_jax_copies_what_dlpack_does_not_carry(jax_cpu):
+    class HostOnly:  # a CuPy-like array without __dlpack__: .get() gives NumPy
+        def __init__(self, a):
+            self.a = a
+
+        def get(self):
+            return self.a
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got, how = _common.to_jax(HostOnly(a))
+    assert how == "copied"
+    np.testing.assert_array_equal(np.asarray(got), a)
+
+
+def test_fa3_adapter(jax_cpu, monkeypatch):
+    q, k, v, dout = cpu_inputs()
+    with pytest.raises(Skipped, match="head dim 256 > 128"):
+        with _common.run_jax("fa3", "fwd", *cpu_inputs(shape=(1, 8, 1, 256)), False):
+            pass
+    monkeypatch.setitem(sys.modules, "flash_attn3_jax", None)  # import fails
+    with pytest.raises(Skipped, match="flash_attn3_jax does not import"):
+        with _common.run_jax("fa3", "fwd", q, k, v, dout, False):
+            pass
+    _common.jax_jitted.cache_clear()
+    seen = {}
+
+    def flash_mha(q, k, v, softmax_scale=None, is_causal=False, window_size=(-1, -1)):
+        seen.update(shape=q.shape, is_causal=is_causal)
+        return jax_cpu.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+
+    monkeypatch.setitem(sys.modules, "flash_attn3_jax",
+                        types.SimpleNamespace(flash_mha=flash_mha, __version__="fake"))
+    with _common.run_jax("fa3", "fwd", q, k, v, dout, True) as fn:
+        out = fn()
+    assert seen == {"shape": q.shape, "is_causal": True}
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, dout, True)[0], atol=2e-5)
+
+
+# --------------------------------------------------------------------- jax_bench's rows
+
+def test_derive_backward_and_compare():
+    fwd = row("fwd", 64, 4096, cuflash=400, cuflash_jax=380, jax_cudnn=450, fa3=None)
+    fwdbwd = row("fwdbwd", 64, 4096, cuflash=300, cuflash_jax=290, jax_cudnn=350, fa3=None)
+    bwd = jax_bench.derive_backward(fwd, fwdbwd)
+    assert bwd["mode"] == "bwd" and bwd["flops"] == 2.5 * fwd["flops"]
+    for name in ("cuflash", "cuflash-jax", "jax-cudnn"):
+        ms = fwdbwd["results"][name]["ms"] - fwd["results"][name]["ms"]
+        assert bwd["results"][name]["ms"] == pytest.approx(ms)
+        assert bwd["results"][name]["tflops"] == pytest.approx(bwd["flops"] / ms / 1e9)
+    assert bwd["results"]["fa3"] == {"error": "E: no"}
+    r = jax_bench.compare(fwd)
+    assert r["jax_over_cupy"] == pytest.approx(380 / 400)
+    assert r["best_jax_peer"] == "jax-cudnn" and r["jax_over_peer"] == pytest.approx(380 / 450)
+    # a backward no slower than the forward is a gap, not a negative time
+    slow = row("fwd", 64, 4096, cuflash=1.0)
+    fast = row("fwdbwd", 64, 4096, cuflash=2.0)
+    assert "error" in jax_bench.derive_backward(slow, fast)["results"]["cuflash"]
+
+
+def test_jax_bench_summary_and_markdown():
+    rows = []
+    for part, seqlen in (("sweep", 1024), ("sweep", 4096), ("small", 128)):
+        r = jax_bench.compare(row("fwd", 64, seqlen, cuflash=100, cuflash_jax=90 + seqlen / 1024,
+                                  jax_cudnn=80, fa3=None))
+        r.update(part=part, call="fwd_small" if part == "small" else None)
+        rows.append(r)
+    sweep_fwd, small_fwd = jax_bench.summarise(rows)
+    assert sweep_fwd["rows"] == 1  # only seqlen >= 4k counts
+    assert sweep_fwd["min_jax_over_cupy"] == pytest.approx(0.94)
+    assert small_fwd["max_time_over_cudnn"] == pytest.approx(80 / 90.125)
+    text = jax_bench.markdown(rows, ["cuflash", "cuflash-jax", "jax-cudnn", "fa3"])
+    assert "## sweep fwd: TFLOP/s" in text and "## small fwd: us per call" in text
+    assert "| fwd_small | " in text and "cuflash.jax / JAX cuDNN (time per call), max 0.89" \
+        in text
+    assert "- fa3: E: no" in text
+
+
+# ------------------------------------------------------------------- whole scripts, CPU
+
+def test_sweep_dry_run(tmp_path, jax_cpu):
+    out = tmp_path / "sweep"
+    assert sweep.main(["sweep.py", "--out", str(out), "--dry-run", "--headdims", "64",
+                       "--seqlens", "64", "--dtypes", "bf16"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    assert [(r["mode"], r["causal"]) for r in data["rows"]] == [
+        ("fwd", False), ("bwd", False), ("fwd", True), ("bwd", True)]
+    for r in data["rows"]:
+        assert set(r["results"]) == set(sweep.DRY_IMPLS)
+        assert r["results"]["cuflash"]["tflops"] > 0
+        assert r["results"]["fa3"]["error"].startswith("Skipped")
+        assert r["results"]["torch-cudnn"]["error"].startswith("Skipped")
+        if r["mode"] == "fwd":
+            assert r["results"]["cuflash-jax"]["check"] < 0.02
+            assert r["results"]["jax-xla"]["check"] < 0.02
+    assert "## Summary" in (out / "sweep.md").read_text()
+
+
+def test_jax_bench_dry_run(tmp_path, jax_cpu):
+    out = tmp_path / "jax"
+    assert jax_bench.main(["jax_bench.py", "--out", str(out), "--dry-run", "--headdims",
+                           "64", "--seqlens", "64", "--causal", "yes"]) == 0
+    data = json.loads((out / "jax.json").read_text())
+    got = [(r["part"], r["call"], r["mode"]) for r in data["rows"]]
+    assert got == [("sweep", None, "fwd"), ("sweep", None, "fwdbwd"), ("sweep", None, "bwd"),
+                   *((("small", c, m) for c in ("fwd_small", "fwd_large")
+                     for m in ("fwd", "fwdbwd", "bwd")))]
+    assert all(r["results"]["cuflash-jax"].get("ms", 1) > 0 for r in data["rows"])
+    assert "## small fwd: us per call" in (out / "jax.md").read_text()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")
+                                          if p.name not in ("conftest.py", "test_bench.py",
+                                                            "_common.py")))
+def test_help(script):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+# ----------------------------------------------------------------- GPU: pytest-benchmark
 
 @pytest.fixture(scope="module")
 def inputs():
@@ -30,6 +446,7 @@ def inputs():
     return get
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlen", [1024, 4096])
