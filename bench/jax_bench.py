@@ -1,4 +1,4 @@
-"""cuflash inside ``jax.jit`` (issue 15): ``cuflash.jax.attention`` against JAX's cuDNN
+r"""cuflash inside ``jax.jit`` (issue 15): ``cuflash.jax.attention`` against JAX's cuDNN
 attention and FlashAttention-3, and against cuflash called on CuPy arrays, in one process on
 the same inputs, every implementation timed the same way.
 
@@ -32,15 +32,21 @@ leaves a gap with the reason.
 
 Writes jax.json (every number, device, versions) and jax.md into --out after every row.
 
-On the device (H200; about 3-4 minutes with the cuflash kernels in CUPY_CACHE_DIR, add ~1-2
-minutes when they are not; 2 files plus the log come back). FA3 comes from the carried wheels
-(carry: [".whl"]: ``flash_attn3_jax`` 0.2.3 and ``einops``):
+On the device (H200; the runner executes in the repository root, writes under $OUT, brings
+back at most 8 files, 10 minutes a call). Estimate, with the cuflash kernels already in
+CUPY_CACHE_DIR (cold, add minutes of NVRTC): imports and warm-up ~20 s; the sweep part 12
+shapes x 2 modes x 4 implementations at ~0.5 s each and ~60 JAX compilations at ~1 s; the
+small part ~15 s; so ~2-3 minutes: it fits beside bench/host.py (~2 minutes) in one call.
+FA3 comes from the carried wheels (carry: [".whl"]: ``flash-attn3-jax==0.2.3`` and
+``einops``, which it imports, as bench/sweep.py's docstring says):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \
     export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cfcache \
         XLA_PYTHON_CLIENT_PREALLOCATE=false; \
-    python3 bench/jax_bench.py --out $OUT/jax_bench --stop-after 420 \
+    timeout 400 python3 bench/jax_bench.py --out $OUT/jax_bench --stop-after 330 \
         2>&1 | tee $OUT/jax_bench.log
+
+Three files come back: jax.json, jax.md and the log ("summary:" lines at its end).
 """
 from __future__ import annotations
 

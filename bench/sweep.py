@@ -1,4 +1,4 @@
-"""Benchmark sweep: cuflash against the attention its users would otherwise pick, on the
+r"""Benchmark sweep: cuflash against the attention its users would otherwise pick, on the
 standard FlashAttention shapes, every implementation in one process on the same inputs,
 timed the same way.
 
@@ -51,19 +51,23 @@ new shape after S seconds and finishes the report.
 
 On the device (H200; the runner executes in the repository root, writes under $OUT, brings
 back at most 8 files, 10 minutes a call). FA3 comes from the carried wheels (carry:
-[".whl"]; DEVICE.md: ``flash_attn3_jax`` 0.2.3, and ``einops``, which it imports, where
-the device lacks it). One dtype a call, about 5-7 minutes each with a warm kernel cache
-(36 rows x 5 implementations; add ~2 minutes when the cuflash kernels are not yet in
-CUPY_CACHE_DIR):
+[".whl"], filled once in the checkout as DEVICE.md says, with ``einops`` beside
+``flash-attn3-jax==0.2.3``: the wheel imports it and the device may lack it). Estimate, with
+the cuflash kernels already in CUPY_CACHE_DIR (the runbook's precompile, or an earlier call on
+the same warm machine; cold, add minutes of NVRTC): imports and warm-up ~20 s; 36 rows a
+dtype, each ~1.5-2.5 s (five implementations, the JAX backward measured twice); ~50 JAX
+compilations a dtype at ~1 s; so ~3-4 minutes a dtype. Both dtypes in one call, bf16 first,
+``--stop-after`` ending it in time (what was cut is measured by a second call with
+``--dtypes fp16``):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \
     export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cfcache \
         XLA_PYTHON_CLIENT_PREALLOCATE=false; \
-    python3 bench/sweep.py --out $OUT/sweep_bf16 --dtypes bf16 --stop-after 480 \
-        2>&1 | tee $OUT/sweep_bf16.log
+    timeout 580 python3 bench/sweep.py --out $OUT/sweep --dtypes bf16,fp16 --stop-after 500 \
+        2>&1 | tee $OUT/sweep.log
 
-and the same with fp16 (``--out $OUT/sweep_fp16 --dtypes fp16``) in a second call. Three
-files come back per dtype (sweep.json, sweep.md, sweep.png) plus the log.
+Four files come back: sweep.json, sweep.md, sweep.png and the log; the summary lines are
+those of the log that start with "summary:" (and sweep.md's "## Summary").
 """
 from __future__ import annotations
 
