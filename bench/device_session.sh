@@ -13,11 +13,20 @@
 #   jax       the JAX GPU tests, then bench/ring.py on one GPU (a ring of one against
 #             cuflash.jax.attention)                                                     ~3
 #   host      bench/host.py: host time per call against torch SDPA and JAX cuDNN          ~2
-#   sweep     bench/sweep.py, bf16, fwd and bwd, against torch SDPA; stopped before the
-#             call's end (it writes its tables after every row)                         <=9
+#   sweep     bench/sweep.py, bf16 then fp16, fwd and bwd, head dims 64/128/256 at
+#             1k/4k/16k, against torch SDPA (cuDNN, FA2), JAX cuDNN and FA3 (the wheel in
+#             .whl/); stopped before the call's end (it writes its tables after every
+#             row)                                                                      <=9
+#   jaxbench  bench/jax_bench.py: jitted cuflash.jax against cuflash on CuPy arrays, JAX
+#             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
-# skipped) and the 8 files a call brings back. Three calls: "tests", "sanitize jax",
-# "host sweep" (8 files).
+# skipped) and the 8 files a call brings back. Four calls: "tests", "sanitize jax",
+# "sweep", "host jaxbench" (8 files).
+#
+# FA3 for the sweep: once, in the checkout, `echo /.whl/ >> .git/info/exclude; python3 -m
+# pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux_2_28_x86_64 -d .whl flash-attn3-jax==0.2.3 einops` (the wheel
+# imports einops, which the device lacks); then carry: [".whl"] in each call.
 #
 # Each stage writes $OUT/STAGE.log (host, sweep and jax also their tools' reports under
 # $OUT/STAGE/) and a line to $OUT/summary.txt, after one line of versions. Kernels compile
@@ -124,16 +133,25 @@ stage_host() {
 }
 
 stage_sweep() {
+    precompile sweep
     run $(($(left) - 5)) "$OUT/sweep.log" python3 bench/sweep.py --out "$OUT/sweep" \
-        --dtypes bf16 --modes fwd,bwd
-    summary sweep "$(grep -cE '^\[ *[0-9]+/' "$OUT/sweep.log") rows; $(grep -A5 \
-        '^## cuflash / ' "$OUT/sweep/sweep.md" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
+        --dtypes bf16,fp16 --stop-after $(($(left) - 60))
+    summary sweep "$(grep -cE '^\[ *[0-9]+/' "$OUT/sweep.log") rows; $(grep -E \
+        '^- (fwd|bwd|fwdbwd) ' "$OUT/sweep/sweep.md" 2>/dev/null | tr '\n' ' ')"
+}
+
+stage_jaxbench() {
+    precompile jaxbench
+    run $(($(left) - 5)) "$OUT/jaxbench.log" python3 bench/jax_bench.py \
+        --out "$OUT/jaxbench" --stop-after $(($(left) - 60))
+    summary jaxbench "$(grep -E '^- (sweep|small) ' "$OUT/jaxbench/jax.md" 2>/dev/null \
+        | tr '\n' ' ')"
 }
 
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep)"
+        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else
