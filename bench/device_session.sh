@@ -5,8 +5,10 @@
 #     bash bench/device_session.sh STAGE [STAGE ...]        (timeout_s: 600)
 #
 # Stages, in the order to spend scarce device time (minutes on one H200, a cold machine):
-#   tests     every sm_90 kernel precompiled, then pytest -m gpu -n 8 over tests/ but the
-#             JAX files (stage jax), a per-test timeout                              ~6-8
+#   tests     every sm_90 kernel precompiled; bench/diagnose.py smoke (small forward and
+#             backward cases, each in a process with a time limit: a deadlocked kernel
+#             costs seconds, and ends the stage there); then pytest -m gpu -n 8 over
+#             tests/ but the JAX files (stage jax), a per-test timeout               ~6-8
 #   sanitize  compute-sanitizer memcheck on small tests: reliability (huge cache lengths,
 #             pages, wild block tables, append), forward and backward at head dims 64 and
 #             128 (bf16), split-KV decode                                                ~3
@@ -19,9 +21,11 @@
 #             row)                                                                      <=9
 #   jaxbench  bench/jax_bench.py: jitted cuflash.jax against cuflash on CuPy arrays, JAX
 #             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
+#   tiles     bench/tiles.py: the forward's candidate tiles per head dim side by side,
+#             which the tile table is chosen from                                     ~3
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
-# skipped) and the 8 files a call brings back. Four calls: "tests", "sanitize jax",
-# "sweep", "host jaxbench" (8 files).
+# skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
+# jaxbench" (8 files), "sanitize jax".
 #
 # FA3 for the sweep: once, in the checkout, `echo /.whl/ >> .git/info/exclude; python3 -m
 # pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -97,6 +101,13 @@ per_test_timeout() {
 
 stage_tests() {
     precompile tests
+    run 240 "$OUT/tests.log" python3 bench/diagnose.py smoke
+    local smoke=$?  # pipefail: the tool's status (2: a case hung or crashed)
+    summary smoke "$(grep -E '^smoke: ' "$OUT/tests.log" | tail -n 1)"
+    if [ "$smoke" -eq 2 ]; then
+        summary tests "not run: a smoke case hung or crashed (tests.log)"
+        return
+    fi
     # shellcheck disable=SC2046
     run $(($(left) - 5)) "$OUT/tests.log" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
         $(per_test_timeout 180) --durations=30 --ignore=tests/test_jax.py \
@@ -140,6 +151,13 @@ stage_sweep() {
         '^- (fwd|bwd|fwdbwd) ' "$OUT/sweep/sweep.md" 2>/dev/null | tr '\n' ' ')"
 }
 
+stage_tiles() {
+    precompile tiles
+    run $(($(left) - 5)) "$OUT/tiles.log" python3 bench/tiles.py --out "$OUT/tiles" \
+        --stop-after $(($(left) - 60))
+    summary tiles "$(grep -cE '^hd ' "$OUT/tiles.log") rows"
+}
+
 stage_jaxbench() {
     precompile jaxbench
     run $(($(left) - 5)) "$OUT/jaxbench.log" python3 bench/jax_bench.py \
@@ -151,7 +169,7 @@ stage_jaxbench() {
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench)"
+        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

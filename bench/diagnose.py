@@ -2,7 +2,6 @@
 
     PYTHONPATH=. python bench/diagnose.py smoke [--only fwd|bwd] [--out DIR]
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
-    PYTHONPATH=. python bench/diagnose.py tiles 128:176,64:192 [bench/tune.py fwd arguments]
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
@@ -28,8 +27,7 @@ host time, kernel time (CUPTI, through torch.profiler, which sees every kernel o
 process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
 torch flash / cudnn, and times cuflash at several forced ``num_splits``.
 
-``tiles`` overrides FWD_SM90_TILES (head dim: Bc) and runs ``bench/tune.py fwd``, to time
-other key-block sizes in the same process as the peers.
+The Hopper forward's tile candidates are timed side by side by bench/tiles.py.
 """
 from __future__ import annotations
 
@@ -54,6 +52,11 @@ FWD_CASES = {
     # more tiles than SMs: the persistent grid's CTAs walk several (some with no key)
     "bf16_d128_many_tiles": ("bf16", 4, 1025, 1025, 8, 2, 128, {}),
     "fp16_d64_empty_tiles": ("fp16", 3, 1100, 300, 8, 8, 64, {"causal": True}),
+    # head dims on wgmma since v4: padded (32 in 64, 96 in 128) and 192 / 256
+    "bf16_d32_one_block": ("bf16", 1, 128, 128, 1, 1, 32, {}),
+    "fp16_d96_causal": ("fp16", 2, 300, 300, 4, 2, 96, {"causal": True}),
+    "bf16_d192_tails": ("bf16", 2, 200, 1000, 2, 2, 192, {}),
+    "bf16_d256_many_tiles": ("bf16", 2, 1100, 1100, 64, 8, 256, {"causal": True}),
 }
 BWD_CASES = {
     "bf16_d128_one_block": ("bf16", 1, 64, 128, 1, 1, 128, {}),
@@ -345,21 +348,12 @@ def decode(args):
     return 0
 
 
-def tiles(args):
-    """tune.py fwd with the Hopper forward's Bc given per head dim ('hd:Bc,...')."""
-    import tune
-    blocks = dict((int(x) for x in item.split(":")) for item in args.tiles.split(","))
-    for hd, bn in blocks.items():
-        print(f"flash_fwd_sm90 at head dim {hd}: Bc {bn}")
-    return tune.main(["fwd", *args.tune_args], sm90_block_n=blocks)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="smoke: device checks of the Hopper forward and backward, each case in its own "
                "process with a timeout; overhead: host/GPU time split of short calls; "
-               "tiles: tune.py fwd with other Hopper forward key-block sizes")
+               "decode: host / kernel / event time of decode calls")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("smoke", help="forward and backward cases, each in its own "
                                           "process with a timeout")
@@ -375,10 +369,6 @@ def parse_args(argv):
                                              "calls, cuflash and torch flash")
     p.add_argument("--only", choices=("fwd", "bwd"), help="one direction (default both)")
     p.set_defaults(run=overhead)
-    p = commands.add_parser("tiles", help="override FWD_SM90_TILES and run tune.py fwd")
-    p.add_argument("tiles", help="head dim: key-block size, comma-separated, e.g. 128:176,64:192")
-    p.add_argument("tune_args", nargs=argparse.REMAINDER, help="bench/tune.py fwd arguments")
-    p.set_defaults(run=tiles)
     p = commands.add_parser("decode", help="host / kernel / event time of decode calls")
     p.add_argument("--shapes", default="1x1024,1x4096,1x16384,1x131072,4x1024,4x16384,"
                    "4x131072,16x4096", help="batch x length, comma-separated")

@@ -88,10 +88,6 @@ def overridden(args, q, k, v, causal):
     hd = q.shape[3]
     tile = args.overrides.get(hd)
     kernel_file = getattr(args, "file", "")
-    block_n = args.sm90_block_n.get(hd)
-    if block_n:
-        config = ops.forward.sm90_config(q.dtype, hd, False, False, k.shape[1], block_n)
-        return cuflash_launches(q, k, v, causal, fwd_config=config)
     if tile is None and not kernel_file:
         return None
     if args.mode == "fwd":
@@ -167,10 +163,8 @@ def columns(mode):
     return ["cuflash"] + (["det"] if mode == "bwd" else []) + [name for name, _ in PEERS]
 
 
-def main(argv=None, sm90_block_n=None):
-    """``sm90_block_n``: {head dim: Bc} for the Hopper forward (bench/diagnose.py tiles)."""
+def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    args.sm90_block_n = sm90_block_n or {}
     cupy = require_gpu()
     torch = None if args.no_peers else import_torch()
     args.overrides = tile_overrides(args.mode, args.tiles)

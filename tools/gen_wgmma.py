@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# wgmma N of the kernels: the key blocks Bc of S = Q K^T (forward: 64..192 by head dim;
-# backward: 64) and the head dims of O = P V and of dK, dV (64, 128, 192, 256).
-SIZES = (64, 80, 96, 112, 128, 176, 192, 256)
+# wgmma N of the kernels: the key blocks Bc of S = Q K^T (forward: 64..192 by head dim,
+# and the candidates bench/tiles.py times; backward: 64) and the head dims of O = P V and
+# of dK, dV (64, 128, 192, 256).
+SIZES = (64, 80, 96, 112, 128, 160, 176, 192, 256)
 HEADER = Path(__file__).resolve().parent.parent / "kernels_cu" / "common" / "wgmma.cuh"
 
 # (member, operand list after D, C++ parameters, inline-asm inputs, trans-a, trans-b):

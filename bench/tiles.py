@@ -1,0 +1,164 @@
+"""The forward's candidate tiles per head dim, timed side by side: how its tile table is chosen.
+
+    PYTHONPATH=. python3 bench/tiles.py --out $OUT/tiles              # every head dim
+    PYTHONPATH=. python3 bench/tiles.py --out $OUT/tiles --headdims 64,256 --seqlens 4096
+    PYTHONPATH=. python3 bench/tiles.py --list                         # candidates, no GPU
+
+For each head dim, seqlen (the standard shape: hidden 2048, batch = 16384 // seqlen) and
+mask, every candidate of CANDIDATES runs on the same inputs in one process, timed alike
+(``_common.back_to_back``: calls back to back, one synchronisation, median of runs), and
+its output is checked against the first candidate's. The table gives TFLOP/s and each
+candidate's ratio to the row's best; the candidate the table (ops/forward.py) chooses now is
+marked. bf16 by default (fp16 runs the same code). About 2 minutes on an H200 for the
+default set with warm kernels; --stop-after ends it in time (the report is rewritten after
+every row).
+
+Writes tiles.json and tiles.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import (DTYPES, Timing, back_to_back, cuflash_launches, flops, make_inputs,
+                     require_gpu, standard_shape)
+
+# Head dim -> candidates: (label, how to build its ops.forward.Config). "mma" is flash_fwd
+# (mma.sync); "sm90 Bc xC" is flash_fwd_sm90 with key blocks of Bc and C consumers.
+CANDIDATES = {
+    32: (("sm90 128x3", ("sm90", 128, 3)), ("mma", ("mma",))),
+    64: (("sm90 128x3", ("sm90", 128, 3)), ("sm90 192x2", ("sm90", 192, 2)),
+         ("sm90 128x2", ("sm90", 128, 2))),
+    96: (("sm90 176x2", ("sm90", 176, 2)), ("sm90 128x2", ("sm90", 128, 2)), ("mma", ("mma",))),
+    128: (("sm90 176x2", ("sm90", 176, 2)), ("sm90 128x2", ("sm90", 128, 2)),
+          ("sm90 160x2", ("sm90", 160, 2))),
+    192: (("sm90 112x2", ("sm90", 112, 2)), ("sm90 96x2", ("sm90", 96, 2)), ("mma", ("mma",))),
+    256: (("sm90 80x2", ("sm90", 80, 2)), ("sm90 64x2", ("sm90", 64, 2)), ("mma", ("mma",))),
+}
+SEQLENS = (1024, 4096, 16384)
+TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
+
+
+def config(spec, dtype, headdim: int, seqlen: int):
+    from cuflash import ops
+    if spec[0] == "mma":
+        return ops.forward.mma_config(dtype, headdim, False, False)
+    _, block_n, consumers = spec
+    return ops.forward.sm90_config(dtype, headdim, False, False, seqlen, block_n, consumers)
+
+
+def chosen_label(dtype, headdim: int, seqlen: int) -> str | None:
+    """The label of the candidate that ops.forward chooses on sm_90 now."""
+    from cuflash import ops
+    from cuflash._core import Problem
+    p = Problem(0, dtype, 1, seqlen, seqlen, 1, 1, headdim, (), (), (), 1.0, 0.0, -1, -1,
+                None, False, seqlen, seqlen)
+    now = ops.forward.choose(p, "sm_90").name_expression
+    return next((label for label, spec in CANDIDATES[headdim]
+                 if config(spec, dtype, headdim, seqlen).name_expression == now), None)
+
+
+def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
+    import cupy
+    batch, nheads = standard_shape(seqlen, headdim)
+    q, k, v, _ = make_inputs(dtype, batch, seqlen, nheads, headdim, seed=seqlen + headdim)
+    row = {"headdim": headdim, "seqlen": seqlen, "causal": causal, "batch": batch,
+           "nheads": nheads, "chosen": chosen_label(dtype, headdim, seqlen), "tflops": {},
+           "max_diff": {}, "errors": {}}
+    work = flops("fwd", batch, nheads, seqlen, headdim, causal)
+    first = None
+    for label, spec in CANDIDATES[headdim]:
+        try:
+            forward, _ = cuflash_launches(q, k, v, causal,
+                                          fwd_config=config(spec, dtype, headdim, seqlen))
+            out = forward()[0]
+            if first is None:
+                first = out
+            else:
+                row["max_diff"][label] = float(cupy.abs(out.astype(cupy.float32) -
+                                                        first.astype(cupy.float32)).max())
+            row["tflops"][label] = work / back_to_back(forward, TIMING)["ms"] / 1e9
+        except Exception as e:  # a candidate that cannot run this shape leaves a gap
+            row["errors"][label] = f"{type(e).__name__}: {e}"
+    best = max(row["tflops"].values(), default=None)
+    row["ratio"] = {label: t / best for label, t in row["tflops"].items()} if best else {}
+    return row
+
+
+def markdown(rows, dtype_name: str) -> str:
+    lines = [f"# Forward tile candidates ({dtype_name}); * = the table's choice now", ""]
+    for hd in sorted({r["headdim"] for r in rows}):
+        labels = [label for label, _ in CANDIDATES[hd]]
+        lines += [f"## head dim {hd}", "",
+                  "| seqlen | causal | " + " | ".join(labels) + " |",
+                  "|---:|---|" + "---:|" * len(labels)]
+        for r in (r for r in rows if r["headdim"] == hd):
+            cells = []
+            for label in labels:
+                t = r["tflops"].get(label)
+                mark = "*" if label == r["chosen"] else ""
+                cells.append(f"{t:.0f} ({r['ratio'][label]:.2f}){mark}" if t else f"-{mark}")
+            lines.append(f"| {r['seqlen']} | {'yes' if r['causal'] else 'no'} | " +
+                         " | ".join(cells) + " |")
+        lines.append("")
+    diffs = [(r, label, d) for r in rows for label, d in r["max_diff"].items() if d > 0.05]
+    if diffs:
+        lines += ["Outputs that differ from the first candidate's by more than 0.05:", ""]
+        lines += [f"- hd {r['headdim']} {r['seqlen']} causal={r['causal']}: {label} {d:.3g}"
+                  for r, label, d in diffs]
+    errors = [(r, label, e) for r in rows for label, e in r["errors"].items()]
+    if errors:
+        lines += ["", "Errors:", ""]
+        lines += [f"- hd {r['headdim']} {r['seqlen']}: {label}: {e}" for r, label, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="folder for tiles.json and tiles.md")
+    parser.add_argument("--headdims", type=ints, default=sorted(CANDIDATES))
+    parser.add_argument("--seqlens", type=ints, default=list(SEQLENS))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--stop-after", type=float, metavar="SECONDS",
+                        help="start no row after this many seconds")
+    parser.add_argument("--list", action="store_true", help="print the candidates and exit")
+    args = parser.parse_args(argv)
+    unknown = set(args.headdims) - set(CANDIDATES)
+    if unknown:
+        parser.error(f"--headdims: no candidates for {sorted(unknown)}")
+    if not args.list and not args.out:
+        parser.error("--out is required")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for hd in args.headdims:
+            print(f"{hd}: " + ", ".join(label for label, _ in CANDIDATES[hd]))
+        return 0
+    require_gpu()
+    dtype, out = DTYPES[args.dtype], Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, start = [], time.monotonic()
+    for hd in args.headdims:
+        for seqlen in args.seqlens:
+            for causal in (False, True):
+                if args.stop_after and time.monotonic() - start > args.stop_after:
+                    print("tiles: stopped (--stop-after)", flush=True)
+                    break
+                rows.append(measure_row(dtype, hd, seqlen, causal))
+                r = rows[-1]
+                print(f"hd {hd} {seqlen} causal={causal}: " + ", ".join(
+                    f"{label} {t:.0f}" for label, t in r["tflops"].items()), flush=True)
+                (out / "tiles.json").write_text(json.dumps(rows, indent=1))
+                (out / "tiles.md").write_text(markdown(rows, args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
