@@ -152,6 +152,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
   const int num_m_blocks = p.m_blocks;
   const int pairs = a.nheads * a.batch;  // (head, batch item) pairs
+  // Varlen's tile skipping walks one pair's query blocks at a time: sections of one pair.
+  const int section = VARLEN ? 1 : p.section;
   const int num_tiles = num_m_blocks * pairs;
   const int group = a.nheads / a.nheads_kv;
 
@@ -185,7 +187,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           // atomicMax moves the counter past the run unless other CTAs already took the
           // counter further.
           for (; t < num_tiles;) {
-            const FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
+            const FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
             item = SeqView<true>(a, tile.b);
             if (tile.m_block * Br < item.seqlen_q()) break;
             if (counter) {
@@ -204,7 +206,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           sm90::mbar_arrive(full_q);  // stop
           break;
         }
-        FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
+        FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
             return item;
@@ -293,7 +295,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       const volatile int* slot = tile_slot;
       const int t = slot[0];
       if (t >= num_tiles) break;
-      FwdTile tile(t, num_m_blocks, a.nheads, p.section, pairs);
+      FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
       // The producer's view of the item, read before this warp releases Q (empty_q), after
       // which the producer may overwrite the slot with the next tile's.
       const SeqView<VARLEN> seq = [&] {

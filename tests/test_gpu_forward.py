@@ -258,3 +258,42 @@ def test_wgmma_kernel_matches_mma_sync_kernel(monkeypatch, launched, dtype, head
     bound = 4 * np.abs(naive_out.astype(np.float64) - ref_out).max() + 2 * 2.0 ** -7
     assert np.abs(out90.get().astype(np.float64) - out80.get().astype(np.float64)).max() <= bound
     assert np.abs(lse90.get() - lse80.get()).max() <= 1e-3 * max(1.0, np.abs(ref_lse).max())
+
+
+@pytest.mark.parametrize("dtype, headdim, opts", [
+    (BF16, 64, dict(causal=True)), (F16, 128, dict(window=(200, 30))),
+    (BF16, 192, dict(causal=True)), (F16, 256, dict()), (BF16, 128, dict(softcap=3.0))],
+    ids=["bf16-64-causal", "fp16-128-window", "bf16-192-causal", "fp16-256", "bf16-128-softcap"])
+def test_wgmma_kernel_is_bitwise_repeatable(dtype, headdim, opts):
+    """Each tile's arithmetic is fixed, so 50 runs of the same call give the same bits: the
+    cheapest detector of a race between the producer's copies and the consumers' wgmmas
+    (a stage refilled while it is read) or of a ping-pong turn taken out of order."""
+    _require_hopper()
+    import cupy
+    import cuflash
+    rng = np.random.default_rng(7)
+    q = cupy.asarray(rng.standard_normal((2, 1000, 16, headdim)).astype(dtype))
+    k = cupy.asarray(rng.standard_normal((2, 1000, 4, headdim)).astype(dtype))
+    v = cupy.asarray(rng.standard_normal((2, 1000, 4, headdim)).astype(dtype))
+    out0, lse0 = cuflash.attention_forward(q, k, v, **opts)
+    for _ in range(50):
+        out, lse = cuflash.attention_forward(q, k, v, **opts)
+        assert bool((out.view(np.uint16) == out0.view(np.uint16)).all())
+        assert bool((lse.view(np.uint32) == lse0.view(np.uint32)).all())
+
+
+def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
+    """The L2 sections of the tile order (FwdTile): 32 (head, item) pairs in sections of 3
+    (an L2 budget of three heads' K and V), so the last section holds 2 pairs."""
+    _require_hopper()
+    from cuflash import _api, ops
+    kv_head = 2 * 1500 * 128 * 2
+    monkeypatch.setattr(ops.forward, "SM90_L2_BYTES", 3 * kv_head)
+    ops.forward.plan.cache_clear()
+    _api.CALLS.clear()
+    try:
+        check(BF16, 2, 1500, 1500, 16, 16, 128, causal=True)
+        check(F16, 4, 700, 1500, 8, 8, 128, window=(300, 100))
+    finally:
+        ops.forward.plan.cache_clear()
+        _api.CALLS.clear()

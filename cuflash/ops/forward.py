@@ -226,7 +226,7 @@ def _section(p: _core.Problem) -> int:
     whose tile skipping walks one pair's query blocks at a time."""
     if p.varlen:
         return 1
-    kv_head = 2 * p.seqlen_k * p.headdim * p.dtype.itemsize
+    kv_head = max(1, 2 * p.seqlen_k * p.headdim * p.dtype.itemsize)
     group = p.nheads // p.nheads_kv
     return max(1, min(p.nheads * p.batch, SM90_L2_BYTES // kv_head * group))
 
