@@ -1,0 +1,99 @@
+"""The SASS of one kernel instantiation, compiled as the run time compiles it, no GPU needed.
+
+    .venv/bin/python tools/sass.py flash_fwd_sm90.cu \
+        "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, 2, false>" --arch sm_90a
+    .venv/bin/python tools/sass.py flash_fwd.cu \
+        "cuflash::flash_fwd<__half, 64, 128, 64, 4, false>" --arch sm_80 --dump k.sass
+
+Prints ptxas' report (registers, spills, and any warning such as C7518, wgmma serialized)
+and a count of the instructions worth checking before a device run: tensor-core ops (HGMMA,
+HMMA), their waits (WARPGROUP.DEPBAR), barriers (BAR), TMA and bulk copies (UTMALDG,
+UBLKCP), setmaxnreg (USETMAXREG) and local memory (LDL/STL: spills). --dump writes the whole
+SASS. Needs cuobjdump: on PATH, or `pip install nvidia-cuda-cuobjdump` into the venv.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cuflash import _compile  # noqa: E402
+
+WATCH = ("HGMMA", "HMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "BAR.SYNC", "BAR.ARV",
+         "UTMALDG", "UBLKCP", "USETMAXREG", "LDL", "STL")
+
+
+def _nvidia_file(*parts: str) -> Path | None:
+    """A file of the pip-installed CUDA components (nvidia/cu13/..., nvidia/cuda_*/...)."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in map(Path, nvidia.__path__):
+        found = sorted(root.glob("/".join(("*",) + parts)))
+        if found:
+            return found[-1]
+    return None
+
+
+def compile_cubin(filename: str, name: str, arch: str) -> tuple[bytes, str]:
+    """(cubin, ptxas log) from NVRTC with the run time's options and -Xptxas -v."""
+    lib = ctypes.CDLL(str(_nvidia_file("lib", "libnvrtc.so*") or "libnvrtc.so"))
+    prog = ctypes.c_void_p()
+    source = _compile.read_source(filename).encode()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source, filename.encode(), 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        lib.nvrtcAddNameExpression(prog, name.encode())
+        opts = [o.encode() for o in _compile.options(arch, filename)] + [b"-Xptxas", b"-v"]
+        failed = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if failed:
+            raise RuntimeError(log.value.decode())
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        return cubin.raw, log.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("filename", help="a file of kernels_cu/, e.g. flash_fwd_sm90.cu")
+    parser.add_argument("name", help="the instantiation, as cuflash/ops names it")
+    parser.add_argument("--arch", default="sm_90a", help="sm_80, sm_86, sm_90a, ...")
+    parser.add_argument("--dump", metavar="FILE", help="write the whole SASS here")
+    args = parser.parse_args(argv)
+    cuobjdump = shutil.which("cuobjdump") or _nvidia_file("bin", "cuobjdump")
+    if cuobjdump is None:
+        sys.exit("sass.py needs cuobjdump: pip install nvidia-cuda-cuobjdump")
+    cubin, log = compile_cubin(args.filename, args.name, args.arch)
+    print("\n".join(line for line in log.splitlines() if line.strip()))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    if args.dump:
+        Path(args.dump).write_text(sass)
+    opcodes = (m.group(1) for m in re.finditer(r"\s([A-Z][A-Za-z0-9_.]+)\s", sass))
+    ops = collections.Counter(op for op in opcodes if op.startswith(WATCH))
+    for op, n in sorted(ops.items()):
+        print(f"{n:6d}  {op}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
