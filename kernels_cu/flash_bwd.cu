@@ -177,31 +177,6 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #endif
 }
 
-// The score function and its gradient for one element: s, dp in; p, ds out (ds without the
-// scale, which the epilogues apply). i is the query row, j the key.
-struct ScoreGrad {
-  ScoreMod mod;
-  Mask mask;
-  bool alibi, need_mask;
-
-  __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
-                                             float delta) const {
-    float x, dtanh = 1.f;
-    if (mod.has_softcap) {
-      float t = tanhf(s * mod.softcap_in);
-      x = mod.softcap_out * t;
-      dtanh = 1.f - t * t;
-    } else {
-      x = s * mod.scale_log2;
-    }
-    if (alibi) x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
-    float p = fast_exp2(x - lse_log2);
-    if (need_mask && !mask.visible(i, j)) p = 0.f;
-    s = p;
-    dp = p * (dp - delta) * dtanh;
-  }
-};
-
 template <typename T, int D, int BLOCK_R, int NUM_WARPS, int M_TILES, int MODE>
 struct BwdTraits {
   static constexpr bool KEY_OWNER = !(MODE & BWD_DQ);

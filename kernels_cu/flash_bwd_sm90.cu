@@ -1,6 +1,7 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
-// (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, no soft-cap
-// or ALiBi (those, deterministic mode and other GPUs use bwd_main; cuflash/ops/backward.py).
+// (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, soft-cap and
+// ALiBi (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included;
+// deterministic mode and other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
@@ -122,7 +123,7 @@ __device__ __forceinline__ bool tile_fully_masked(const Mask& m, int i0, int i1,
          (m.left >= 0 && j1 - 1 < i0 + m.diag - m.left);
 }
 
-template <typename T, int D, int BLOCK_R, bool VARLEN = false>
+template <typename T, int D, int BLOCK_R, bool HAS_SCORE_MOD, bool VARLEN = false>
 __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
@@ -262,6 +263,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     // MMAs and only writes zeros to its dS^T rows. The S/dP of sub-block sb + 1 are issued
     // before waiting for the dV/dK of sub-block sb.
     constexpr int SB = BLOCK_R / 64;
+    const ScoreMod mod(a, b, stream_head(it), seq);  // softcap / ALiBi of this step's head
     float s[SB][32], dp[SB][32];
     uint32_t pa[SB][4][4], dsa[SB][4][4];
     bool live[SB];
@@ -310,18 +312,32 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+        if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
+          const ScoreGrad grad{mod, mask, a.alibi_slopes != nullptr, need_mask};
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const int qc = 8 * t + 2 * qd;
-          const float2 l2 = lds_f32x2(lse_s + 4 * qc);
-          const float2 d2 = lds_f32x2(del_s + 4 * qc);
+          for (int t = 0; t < 8; ++t) {
+            const int qc = 8 * t + 2 * qd;
+            const float2 l2 = lds_f32x2(lse_s + 4 * qc);
+            const float2 d2 = lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = 4 * t + e;
-            float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
-            if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
-            s[sb][i] = pv;
-            dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
+            for (int e = 0; e < 4; ++e)
+              grad(s[sb][4 * t + e], dp[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1),
+                   (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
+          }
+        } else {
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int qc = 8 * t + 2 * qd;
+            const float2 l2 = lds_f32x2(lse_s + 4 * qc);
+            const float2 d2 = lds_f32x2(del_s + 4 * qc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = 4 * t + e;
+              float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
+              if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+              s[sb][i] = pv;
+              dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
+            }
           }
         }
         // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq.

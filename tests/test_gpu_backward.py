@@ -307,17 +307,20 @@ def _pick_sm90(dtype, headdim, deterministic, arch, **problem):
 
 
 def test_dispatch_picks_wgmma_backward_on_sm90():
-    """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), and never where it cannot."""
+    """bf16 head dim 128 runs bwd_sm90 on sm_90 (only there), soft-cap and ALiBi included,
+    and never where it cannot."""
     import cuflash
     from cuflash import ops
     pick = _pick_sm90
     assert [s.name_expression for s in pick(BF16, 128, False, "sm_90")] == [
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64>",
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 128>"]
     assert pick(BF16, 128, False, "sm_80") is None
     assert pick(BF16, 128, True, "sm_90") is None                 # deterministic
-    assert pick(BF16, 128, False, "sm_90", softcap=2.0) is None   # soft-cap
-    assert pick(BF16, 128, False, "sm_90", alibi=True) is None    # ALiBi
+    assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true>"
+    assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 128, true>"
     assert pick(F32, 128, False, "sm_90") is None
     assert pick(F16, 256, False, "sm_90") is None
     # The explicit override keeps bwd_main on sm_90.
@@ -330,13 +333,17 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     with launches() as launched:
         cuflash.attention_backward(dout, q, k, v, out, lse)
     names = [n for _, n in launched]
-    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64>" in names) == (device_arch() == "sm_90")
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>" in names) == \
+        (device_arch() == "sm_90")
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim,opts", [
     (128, {}), (64, dict(causal=True)), (104, dict(window=(90, 30))), (64, {}),
-], ids=["d128", "d64-causal", "d104-window", "d64"])
+    (128, dict(softcap=3.0, causal=True)), (64, dict(alibi="batch")),
+    (128, dict(alibi="heads", softcap=5.0, window=(40, 7))),
+], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
+        "d128-all"])
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""

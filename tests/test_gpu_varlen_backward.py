@@ -112,8 +112,8 @@ def _pick_sm90(dtype, headdim, deterministic, arch, **problem):
     return steps
 
 
-def _expects_wgmma(dtype, headdim, deterministic=False):
-    return _pick_sm90(dtype, headdim, deterministic, device_arch())
+def _expects_wgmma(dtype, headdim, deterministic=False, softcap=0.0):
+    return _pick_sm90(dtype, headdim, deterministic, device_arch(), softcap=softcap)
 
 
 def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
@@ -126,7 +126,8 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
                                       nheads_kv, headdim)
     out, lse = _dense_forward(q, k, v, cu_q, cu_k, **opts)
     grads, launched = _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts)
-    pick = _expects_wgmma(dtype, headdim, opts.get("deterministic", False))
+    pick = _expects_wgmma(dtype, headdim, opts.get("deterministic", False),
+                          opts.get("softcap", 0.0))
     if pick is not None:  # sm_90: the varlen call ran the Hopper kernel and its conversion
         assert all(s.name_expression in launched for s in pick), launched
     ref = _dense_backward(dout, q, k, v, cu_q, cu_k, True, **opts)
@@ -144,18 +145,21 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
 def test_dispatch_routes_varlen_to_wgmma_on_sm90():
     pick = _pick_sm90
     assert pick(BF16, 128, False, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true>"
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false, true>"
     got = pick(F16, 40, False, "sm_90")
-    assert [s.name_expression for s in got] == ["cuflash::bwd_sm90<__half, 64, 128, true>",
-                                                "cuflash::bwd_convert_dq_sm90<__half, 64, true>"]
+    assert [s.name_expression for s in got] == [
+        "cuflash::bwd_sm90<__half, 64, 128, false, true>",
+        "cuflash::bwd_convert_dq_sm90<__half, 64, true>"]
     # The two Steps of sm90_steps, which the dispatcher returns as they are.
-    assert got == ops.backward.sm90_steps(F16, 40, True)
-    # Dense names are unchanged; varlen follows the dense rules otherwise.
+    assert got == ops.backward.sm90_steps(F16, 40, False, True)
+    # Dense names end without the varlen flag; varlen follows the dense rules otherwise.
     assert pick(F16, 64, False, "sm_90", varlen=False)[0].name_expression == \
-        "cuflash::bwd_sm90<__half, 64, 128>"
+        "cuflash::bwd_sm90<__half, 64, 128, false>"
+    # Soft-cap / ALiBi: on wgmma at head dim 128; at 64 varlen's would spill (bwd_main).
+    assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true, true>"
+    assert pick(BF16, 64, False, "sm_90", alibi=True) is None
     for args, problem in (((BF16, 128, True, "sm_90"), {}),                # deterministic
-                          ((BF16, 128, False, "sm_90"), dict(softcap=2.0)),  # soft-cap
-                          ((BF16, 128, False, "sm_90"), dict(alibi=True)),   # ALiBi
                           ((BF16, 128, False, "sm_80"), {}),
                           ((np.float32, 128, False, "sm_90"), {}),
                           ((F16, 256, False, "sm_90"), {})):
@@ -185,6 +189,13 @@ OPTIONS = {
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 def test_matches_reference(dtype, headdim, options):
     check(dtype, LENS_Q, LENS_K, 4, 2, headdim, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_softcap(headdim):
+    """Soft-capping: on wgmma at head dim 128, on bwd_main at 64 (whose wgmma twin spills)."""
+    check(BF16, LENS_Q, LENS_K, 4, 2, headdim, softcap=3.0, causal=True)
 
 
 @pytest.mark.gpu

@@ -28,7 +28,11 @@ Legitimate differences, excluded from the comparison (each with its reason):
   SMALL_TILES). Such calls compare by the new launches' shared memory alone, which must
   fit the device (tests/test_tiles.py checks the tiles themselves).
 * bwd_main_f32 takes its streamed rows per step as a template argument (BLOCK_R, 32
-  wherever the old layer ran it): old names compare with that argument inserted.
+  wherever the old layer ran it), bwd_sm90 a score-modifier flag (false wherever the old
+  layer ran it): old names compare with those arguments inserted.
+* The Hopper backward runs soft-cap and ALiBi since docs/notes/backward.md's "score
+  modifiers on wgmma": where the old layer ran bwd_main and bwd_convert_dq on sm_90 and the
+  new one bwd_sm90 and bwd_convert_dq_sm90, those launches compare by kernel family alone.
 * The Hopper forward changed on purpose since (docs/notes/forward.md, v4-v6): it runs
   every fp16/bf16 head dim (the old layer: only those padded to 64 or 128), with new tiles
   and template arguments. Where the new layer launches flash_fwd_sm90 on sm_90 in place of
@@ -162,9 +166,11 @@ def _refused_shared_memory(old: dict) -> bool:
     return err.startswith("CUDADriverError") and "max dynamic shared memory" in err
 
 
-def _f32_name(name: str) -> str:
-    """An old layer's bwd_main_f32<D, MODE> as bwd_main_f32<D, 32, MODE>."""
-    return re.sub(r"^(cuflash::bwd_main_f32<\d+), ", r"\1, 32, ", name)
+def _renamed(name: str) -> str:
+    """An old layer's bwd_main_f32<D, MODE> as bwd_main_f32<D, 32, MODE>, and its
+    bwd_sm90<T, D, BR[, true]> as bwd_sm90<T, D, BR, false[, true]>."""
+    name = re.sub(r"^(cuflash::bwd_main_f32<\d+), ", r"\1, 32, ", name)
+    return re.sub(r"^(cuflash::bwd_sm90<[^,]+, \d+, \d+)", r"\1, false", name)
 
 
 def compare_call(call_id, old: dict, new: dict) -> list:
@@ -183,12 +189,15 @@ def compare_call(call_id, old: dict, new: dict) -> list:
     if old["returns"] != new["returns"]:
         msgs.append(f"{call_id}: returned arrays [shape, strides, dtype, device]: old "
                     f"{old['returns']}, new {new['returns']}")
-    lo = [dict(x, name=_f32_name(x["name"])) for x in old["launches"]]
+    lo = [dict(x, name=_renamed(x["name"])) for x in old["launches"]]
     ln = new["launches"]
     if call_id.startswith("sm_90/"):
         moved = [i for i, (a, b) in enumerate(zip(lo, ln))
-                 if a["name"].startswith("cuflash::flash_fwd")
-                 and b["name"].startswith("cuflash::flash_fwd_sm90<")]
+                 if (a["name"].startswith("cuflash::flash_fwd")
+                     and b["name"].startswith("cuflash::flash_fwd_sm90<"))
+                 or (a["name"].startswith(("cuflash::bwd_main<", "cuflash::bwd_convert_dq<"))
+                     and b["name"].startswith(("cuflash::bwd_sm90<",
+                                               "cuflash::bwd_convert_dq_sm90<")))]
         lo = [x for i, x in enumerate(lo) if i not in moved]
         ln = [x for i, x in enumerate(ln) if i not in moved]
     if [x["name"] for x in lo] != [x["name"] for x in ln]:

@@ -117,19 +117,23 @@ F32_TILES = (F32Tile(32, "4 scores a thread; 138 KiB at hd 256"),
 @dataclass(frozen=True)
 class Sm90Tile:
     block_r: int   # queries per step (block_r * headdim = 8192: a warpgroup's dQ tile is 64x64)
+    varlen_score_mod: bool  # whether varlen calls with softcap / ALiBi run here too
     reason: str
 
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add.
-# It serves fp16/bf16 at head dims padded to 64 or 128 without soft-cap or ALiBi, and not
-# deterministic (bulk reduce-adds have no fixed order); bwd_main serves the rest.
+# It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included (but
+# where varlen_score_mod says no), not deterministic (bulk reduce-adds have no fixed order);
+# bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS = 128, 256
 SM90_TILES = {
-    64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
-                      "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
-                      "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
-    128: Sm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
-                      "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
+    64: Sm90Tile(128, False, "two 64-query sub-blocks a step (S^T of 128 queries at once "
+                             "spills), one dQ reduce per 128 queries; 1.0-1.17x torch flash "
+                             "at >= 2k, 0.82-1.02x at 512-1024 (docs/notes/backward.md, "
+                             "Hopper v2); varlen with softcap/ALiBi spills 4 B"),
+    128: Sm90Tile(64, True, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 "
+                            "registers); 1.09-1.36x torch flash at >= 2k, 0.94-1.15x at "
+                            "512-1024 (notes v2)"),
 }
 
 # BwdParams (kernels_cu/common/params.cuh).
@@ -235,7 +239,7 @@ def _pre(kind: str, dtype, varlen: bool) -> Step:
     return Step(FILE, name, "rows", PRE_ROWS, PRE_THREADS, 0)
 
 
-def sm90_steps(dtype, headdim: int, varlen: bool) -> list:
+def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
     hd = tiles.padded_headdim(headdim)
     br = SM90_TILES[hd].block_r
@@ -244,10 +248,15 @@ def sm90_steps(dtype, headdim: int, varlen: bool) -> list:
     shared = (2 * SM90_KEYS * hd + 4 * br * hd + 2 * SM90_KEYS * br) * 2 + \
         2 * 64 * 64 * 4 + 4 * br * 4 + 1024
     v = tiles.varlen_flag(varlen)
-    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}{v}>", "keys",
+    mod = "true" if score_mod else "false"
+    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {mod}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
             Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
                  PRE_ROWS, PRE_THREADS, 0)]
+
+
+def _sm90_serves(hd: int, score_mod: bool, varlen: bool) -> bool:
+    return not (score_mod and varlen) or SM90_TILES[hd].varlen_score_mod
 
 
 def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
@@ -256,8 +265,8 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     benchmarks compare the two)."""
     hd = tiles.padded_headdim(p.headdim)
     if (hopper and arch == "sm_90" and p.dtype != np.float32 and not deterministic
-            and not p.score_mod and hd in SM90_TILES):
-        return sm90_steps(p.dtype, p.headdim, p.varlen)
+            and hd in SM90_TILES and _sm90_serves(hd, p.score_mod, p.varlen)):
+        return sm90_steps(p.dtype, p.headdim, p.score_mod, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
 
@@ -353,7 +362,9 @@ def _steps(arch: str):
                 for deterministic in (False, True):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and hd in SM90_TILES:
-                    yield from sm90_steps(dtype, hd, varlen)
+                    for score_mod in (False, True):
+                        if _sm90_serves(hd, score_mod, varlen):
+                            yield from sm90_steps(dtype, hd, score_mod, varlen)
 
 
 def facts():

@@ -104,6 +104,31 @@ struct ScoreMod {
   }
 };
 
+// The score function and its gradient for one element: s, dp in; p, ds out (ds without the
+// scale, which the epilogues apply). i is the query row, j the key.
+struct ScoreGrad {
+  ScoreMod mod;
+  Mask mask;
+  bool alibi, need_mask;
+
+  __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
+                                             float delta) const {
+    float x, dtanh = 1.f;
+    if (mod.has_softcap) {
+      float t = tanhf(s * mod.softcap_in);
+      x = mod.softcap_out * t;
+      dtanh = 1.f - t * t;
+    } else {
+      x = s * mod.scale_log2;
+    }
+    if (alibi) x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
+    float p = fast_exp2(x - lse_log2);
+    if (need_mask && !mask.visible(i, j)) p = 0.f;
+    s = p;
+    dp = p * (dp - delta) * dtanh;
+  }
+};
+
 // Applies the score function to scores held in mma.m16n8k16 C-fragments:
 // s[mt][nt][e] is row row0 + mt * 16 + (e / 2) * 8, column col0 + nt * 8 + e % 2, where
 // row0 = first row of the tile + lane / 4 and col0 = first key of the tile + 2 * (lane % 4).
