@@ -122,8 +122,8 @@ struct FwdTile {
 // to the consumers in shared memory with the Q tile, through the full_q / empty_q barrier
 // pair (an index past the last tile says stop). While the consumers finish a tile (last
 // P V, epilogue), the producer already loads the next tile's Q (the consumers release Q
-// after their last S = Q K^T) and first K/V stages: the ring of K/V stages and its barrier
-// phases run on across tiles.
+// after their last S = Q K^T) and its first K and V stages: the K and V rings and their
+// barrier phases run on across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, bool HAS_SCORE_MOD,
           bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)

@@ -63,8 +63,8 @@ class Sm90Tile:
 # Q K^T, and the epilogue skips them. float32, and layouts a TMA map cannot describe, stay
 # on flash_fwd.
 SM90_STAGES = 2
-# Below this many keys a large Bc mostly computes padding (hd64 Bc 192 covers 512 or 1024
-# keys with 12.5% waste, 2048 with 3%).
+# Below this many keys a large Bc mostly computes padding (Bc 192 covers 512 or 1024 keys
+# with 12.5% waste, 2048 with 3%): block_n_short serves them.
 SM90_SHORT_KEYS = 2048
 SM90_TILES = {
     64: Sm90Tile(128, 128, 3, "three consumers (FA3's 192 rows): the softmax of two runs "
@@ -80,8 +80,8 @@ SM90_TILES = {
                              "v4)"),
 }
 # The Hopper forward orders its tiles in sections of (head, batch item) pairs whose K and V
-# fit in this much of the L2 together (FA3's figure for the H100's 50 MB, of which each
-# half serves its own SMs), heaviest query blocks of all the section's pairs first.
+# fit in this much of the L2 together (FA3's figure for the H100's 50 MB, two partitions),
+# heaviest query blocks of all the section's pairs first.
 SM90_L2_BYTES = 32 * 2**20
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
