@@ -65,6 +65,14 @@ BWD_CASES = {
     "fp16_d64_causal": ("fp16", 1, 333, 333, 2, 1, 64, {"causal": True}),
     "fp16_d120_causal_sq_gt_sk": ("fp16", 1, 300, 100, 2, 2, 120, {"causal": True}),
     "bf16_d48_window": ("bf16", 2, 203, 301, 4, 2, 48, {"window": (64, 20)}),
+    # on wgmma since 2026-12-05: soft-cap, and deterministic (reduce-adds in key-block order:
+    # a wrong turn number waits forever, which the time limit turns into a TIMEOUT)
+    "bf16_d128_softcap_causal": ("bf16", 2, 300, 300, 4, 2, 128, {"causal": True,
+                                                                  "softcap": 4.0}),
+    "bf16_d128_det_causal": ("bf16", 2, 700, 700, 4, 2, 128, {"causal": True,
+                                                              "deterministic": True}),
+    "fp16_d64_det_window": ("fp16", 1, 900, 1000, 4, 4, 64, {"window": (300, 50),
+                                                             "deterministic": True}),
 }
 # direction: (cases, seconds a case may take, width of the name column)
 SMOKE = {"fwd": (FWD_CASES, 60, 26), "bwd": (BWD_CASES, 120, 28)}
@@ -130,6 +138,8 @@ def bwd_case(name, out_dir):
     from accuracy import assert_close
     from cuflash import _checks, _core, ops, reference
     dname, batch, sq, sk, h, hkv, d, opts = BWD_CASES[name]
+    opts = dict(opts)
+    deterministic = opts.pop("deterministic", False)
     dtype = DTYPES[dname]
     launched = []
     spy_launches(launched, kernel_name=True)
@@ -139,7 +149,8 @@ def bwd_case(name, out_dir):
     out, lse = reference.attention_forward(q, k, v, upcast=True, **opts)
     args = [cupy.asarray(x) for x in (do, q, k, v, out.astype(dtype))] + [
         cupy.asarray(lse.astype(np.float32))]
-    got = [g.get() for g in cuflash.attention_backward(*args, **opts)]
+    got = [g.get() for g in cuflash.attention_backward(*args, deterministic=deterministic,
+                                                       **opts)]
     cupy.cuda.Device().synchronize()
     dout_, q_, k_, v_, out_, lse_ = args
     shape = _checks.check_qkv(q_, k_, v_, gpu=True)

@@ -1,7 +1,8 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
 // (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, soft-cap and
-// ALiBi (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included;
-// deterministic mode and other GPUs use bwd_main (cuflash/ops/backward.py).
+// ALiBi (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included,
+// deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
+// order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
@@ -138,6 +139,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   // that branches on it (and the wgmmas inside them) do not count as divergent.
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int wtid = tid % 128, wq = wtid / 32;
+  const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
   const int lane = tid % 32, g = lane / 4, qd = lane % 4;
   const int b = blockIdx.y, hkv = blockIdx.z;
   const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
@@ -206,12 +208,27 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
                   dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
     sm90::fence_proxy_async();
     sm90::named_barrier(1 + wg, 128);
+    const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
+    const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
+        scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
+    int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
+    if (sem && first_warp) {
+      // Deterministic: the key blocks that reach query block m add in key-block order,
+      // this one as number blockIdx.x - (the first of them: the block of m's first visible
+      // key, by the band arithmetic that gave this CTA its span). The whole warp waits,
+      // so that the loop is not a divergent path (ptxas would serialize the wgmmas).
+      const int m0 = stream_row(j);
+      int key_begin, key_end;
+      mask.key_range(m0, min(m0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
+      sm90::wait_global_turn(sem, blockIdx.x - key_begin / BLOCK_C);
+    }
     if (wtid == 0) {
-      const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
-      float* dst = p.dq_accum + scratch_row0(p, seq, b, h) * D +
-                   (int64(tile_row) * (D / 64) + dblk) * 4096;
-      sm90::bulk_reduce_add_f32(dst, stage, Tr::DQ_BYTES);
+      sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
       sm90::bulk_commit();
+      if (sem) {
+        sm90::bulk_wait();
+        sm90::pass_global_turn(sem);
+      }
     }
   };
 

@@ -101,7 +101,7 @@ BWD_PARAMS = np.dtype([
     ("dq_batch_stride", np.int64), ("dq_row_stride", np.int64), ("dq_head_stride", np.int64),
     ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
     ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
-    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32),
+    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32), ("dq_semaphore", np.uint64),
 ], align=True)
 FAST_DIV = np.dtype([("d", np.int32), ("mul", np.uint32), ("shift", np.uint32)], align=True)
 DECODE_PARAMS = np.dtype([
@@ -138,7 +138,7 @@ VARLEN_CHECK_PARAMS = np.dtype([
 # Pointer fields to scratch or counters the library owns: recorded as "nz" / "0" (their
 # layout differs legitimately between launch layers); their sizes are checked separately.
 NORMALISED = {
-    "bwd": ("lse_log2", "delta", "dq_accum"),
+    "bwd": ("lse_log2", "delta", "dq_accum", "dq_semaphore"),
     "decode": ("o_accum", "lse_accum", "split_counter"),
     "fwd_sm90": ("tile_counter",),
 }

@@ -89,3 +89,17 @@ def poisoned(fn, *args, **kwargs):
         cupy.cuda.set_allocator(alloc.pool.malloc)
     cupy.cuda.Device().synchronize()
     return result, alloc.sizes
+
+
+def dq_scratch_bytes(rows: int, headdim: int, deterministic: bool, launched) -> int:
+    """The backward's dQ scratch beyond lse_log2 and delta: the float32 accumulator (rows x
+    padded head dim) unless the deterministic dQ kernel writes dq itself, which the Hopper
+    backward (bwd_sm90 among ``launched``) does not: it keeps the accumulator and adds an
+    int32 semaphore per 4096 floats of it, after 256-byte alignment."""
+    from cuflash import ops
+    accum = rows * ops.tiles.padded_headdim(headdim) * 4
+    if not deterministic:
+        return accum
+    if any(f == ops.backward.SM90_FILE for f, _ in launched):
+        return -(-accum // 256) * 256 + 4 * (accum // 4 // 4096 + 1)
+    return 0

@@ -12,7 +12,7 @@ import pytest
 
 from accuracy import assert_close
 from cuflash import _checks, reference
-from gpu import device_arch, import_cupy, launches, poisoned
+from gpu import device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
 
 pytestmark = pytest.mark.gpu
 
@@ -105,13 +105,11 @@ def _gpu_backward(dout, q, k, v, out, lse, hopper=True, **opts):
     if not hopper:
         assert all(f != ops.backward.SM90_FILE for f, _ in launched), launched
     # Gradients, plus one float32 scratch allocation: lse_log2 and delta (rows padded to the
-    # largest query tile), each aligned to 256 bytes, and, unless deterministic, the dq
-    # accumulator (head dim padded).
+    # largest query tile), each aligned to 256 bytes, and the dq scratch.
     b, sq, h, d = q.shape
     rows = b * h * -(-sq // ops.backward.SCRATCH_TILE) * ops.backward.SCRATCH_TILE
-    allowed = sum(g.nbytes for g in grads) + 2 * (-(-4 * rows // 256) * 256)
-    if not opts.get("deterministic"):
-        allowed += rows * ops.tiles.padded_headdim(d) * 4
+    allowed = sum(g.nbytes for g in grads) + 2 * (-(-4 * rows // 256) * 256) + \
+        dq_scratch_bytes(rows, d, opts.get("deterministic", False), launched)
     # Copies that make rows 16-byte aligned, if the inputs needed them.
     allowed += sum(x.nbytes for x in (dout, q, k, v, out)
                    if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]))
@@ -316,7 +314,8 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 128>"]
     assert pick(BF16, 128, False, "sm_80") is None
-    assert pick(BF16, 128, True, "sm_90") is None                 # deterministic
+    assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>"         # deterministic too
     assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true>"
     assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \

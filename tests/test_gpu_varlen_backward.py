@@ -1,7 +1,7 @@
 """The varlen backward on Hopper: the VARLEN instantiations of bwd_sm90 (kernels_cu/flash_bwd_sm90.cu).
 
-On sm_90, fp16/bf16 varlen backward calls with head dims padded to 64 or 128 (not
-deterministic, no soft-cap or ALiBi) run the wgmma kernel of the dense path with its VARLEN
+On sm_90, fp16/bf16 varlen backward calls with head dims padded to 64 or 128 (deterministic
+too; with soft-cap or ALiBi at 128) run the wgmma kernel of the dense path with its VARLEN
 template flag. The expected result is the dense float64 reference run on each sequence
 alone (the rule of tests/accuracy.py), with the sequences' lengths including 0 and 1 and
 differing between queries and keys. out/lse come from that reference (uploaded), so these
@@ -20,7 +20,7 @@ import pytest
 import cuflash
 from accuracy import assert_close
 from cuflash import _core, ops, reference
-from gpu import device_arch, import_cupy, launches, poisoned
+from gpu import device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -79,13 +79,12 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
     with launches() as launched:
         grads, sizes = poisoned(cuflash.attention_varlen_backward, *g, int(lens_q.max()),
                                 int(lens_k.max()), **opts)
-    # Gradients plus one float32 scratch allocation: lse_log2, delta and dq_accum, each of
-    # (nheads, total_q rounded down to 16 + 144 per sequence) rows, lse_log2 and delta
-    # aligned to 256 bytes.
+    # Gradients plus one scratch allocation: lse_log2 and delta of (nheads, total_q rounded
+    # down to 16 + 144 per sequence) rows, aligned to 256 bytes, and the dq scratch.
     batch, nheads = len(lens_q), q.shape[1]
     rows = nheads * (q.shape[0] // 16 * 16 + ops.backward.VARLEN_GAP * batch)
     allowed = sum(x.nbytes for x in grads) + 2 * (-(-4 * rows // 256) * 256) + \
-        rows * ops.tiles.padded_headdim(q.shape[2]) * 4
+        dq_scratch_bytes(rows, q.shape[2], opts.get("deterministic", False), launched)
     assert sum(sizes) <= allowed + 512 * len(sizes), f"allocated {sizes}; allowed {allowed}"
     return grads, [n for _, n in launched]
 
@@ -159,8 +158,9 @@ def test_dispatch_routes_varlen_to_wgmma_on_sm90():
     assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true, true>"
     assert pick(BF16, 64, False, "sm_90", alibi=True) is None
-    for args, problem in (((BF16, 128, True, "sm_90"), {}),                # deterministic
-                          ((BF16, 128, False, "sm_80"), {}),
+    assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false, true>"  # deterministic too
+    for args, problem in (((BF16, 128, False, "sm_80"), {}),
                           ((np.float32, 128, False, "sm_90"), {}),
                           ((F16, 256, False, "sm_90"), {})):
         assert pick(*args, **problem) is None, (args, problem)

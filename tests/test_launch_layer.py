@@ -30,9 +30,11 @@ Legitimate differences, excluded from the comparison (each with its reason):
 * bwd_main_f32 takes its streamed rows per step as a template argument (BLOCK_R, 32
   wherever the old layer ran it), bwd_sm90 a score-modifier flag (false wherever the old
   layer ran it): old names compare with those arguments inserted.
-* The Hopper backward runs soft-cap and ALiBi since docs/notes/backward.md's "score
-  modifiers on wgmma": where the old layer ran bwd_main and bwd_convert_dq on sm_90 and the
-  new one bwd_sm90 and bwd_convert_dq_sm90, those launches compare by kernel family alone.
+* The Hopper backward runs soft-cap, ALiBi and deterministic mode since
+  docs/notes/backward.md's "score modifiers on wgmma" and "deterministic on wgmma": where
+  the new layer runs bwd_sm90 on sm_90 and the old one did not, the main and dQ-conversion
+  launches compare by kernel family alone (the preprocess as usual). BwdParams gained
+  dq_semaphore at its end, which must be null wherever the old layer's launches compare.
 * The Hopper forward changed on purpose since (docs/notes/forward.md, v4-v6): it runs
   every fp16/bf16 head dim (the old layer: only those padded to 64 or 128), with new tiles
   and template arguments. Where the new layer launches flash_fwd_sm90 on sm_90 in place of
@@ -139,10 +141,16 @@ def recorded():
 # ---------------------------------------------------------------------------------------
 
 
-def _params_diffs(name, old: str, new: str):
-    """(field, old, new) of the words that differ, the kernel's unread words excepted."""
-    _, dtype = fake_cupy.struct_of(name)
+def _params_diffs(name, old: str, new: str, ignore=()):
+    """(field, old, new) of the words that differ, the kernel's unread words and the fields
+    ``ignore`` names excepted."""
+    family, dtype = fake_cupy.struct_of(name)
     old_w, new_w = old.split(), new.split()
+    if family == "bwd" and len(new_w) == len(old_w) + 1:
+        # BwdParams ends in dq_semaphore now, null unless a deterministic bwd_sm90 plan.
+        if "dq_semaphore" not in ignore and not _is_zero_word(new_w[-1]):
+            return [("dq_semaphore", None, new_w[-1])]
+        new_w = new_w[:-1]
     if len(old_w) != len(new_w):
         return [("params size", f"{8 * len(old_w)} bytes", f"{8 * len(new_w)} bytes")]
     skip = _unread_words(name)
@@ -152,12 +160,15 @@ def _params_diffs(name, old: str, new: str):
             continue
         fa = fake_cupy.decode_word_fields(dtype, i, a)
         fb = fake_cupy.decode_word_fields(dtype, i, b)
-        for path in fa:
-            if fa[path] != fb[path]:
-                out.append((path, fa[path], fb[path]))
-        if not any(fa[p] != fb[p] for p in fa):  # e.g. padding
+        changed = [path for path in fa if fa[path] != fb[path]]
+        out += [(path, fa[path], fb[path]) for path in changed if path not in ignore]
+        if not changed:  # e.g. padding
             out.append((f"word {i}", a, b))
     return out
+
+
+def _is_zero_word(word: str) -> bool:
+    return word.strip("0") in ("", "x") or word == "null"
 
 
 def _refused_shared_memory(old: dict) -> bool:
@@ -191,15 +202,20 @@ def compare_call(call_id, old: dict, new: dict) -> list:
                     f"{old['returns']}, new {new['returns']}")
     lo = [dict(x, name=_renamed(x["name"])) for x in old["launches"]]
     ln = new["launches"]
+    ignore = ()
     if call_id.startswith("sm_90/"):
         moved = [i for i, (a, b) in enumerate(zip(lo, ln))
-                 if (a["name"].startswith("cuflash::flash_fwd")
-                     and b["name"].startswith("cuflash::flash_fwd_sm90<"))
-                 or (a["name"].startswith(("cuflash::bwd_main<", "cuflash::bwd_convert_dq<"))
-                     and b["name"].startswith(("cuflash::bwd_sm90<",
-                                               "cuflash::bwd_convert_dq_sm90<")))]
+                 if a["name"].startswith("cuflash::flash_fwd")
+                 and b["name"].startswith("cuflash::flash_fwd_sm90<")]
         lo = [x for i, x in enumerate(lo) if i not in moved]
         ln = [x for i, x in enumerate(ln) if i not in moved]
+        hopper_bwd = ("cuflash::bwd_sm90<", "cuflash::bwd_convert_dq_sm90<")
+        if any(x["name"].startswith(hopper_bwd) for x in ln) and \
+                not any(x["name"].startswith(hopper_bwd) for x in lo):
+            main = hopper_bwd + ("cuflash::bwd_main<", "cuflash::bwd_convert_dq<")
+            lo = [x for x in lo if not x["name"].startswith(main)]
+            ln = [x for x in ln if not x["name"].startswith(main)]
+            ignore = ("dq_accum", "dq_semaphore")  # the preprocess zeroes the Hopper's
     if [x["name"] for x in lo] != [x["name"] for x in ln]:
         msgs.append(f"{call_id}: kernels: old {[x['name'] for x in lo]}, new "
                     f"{[x['name'] for x in ln]}")
@@ -210,7 +226,7 @@ def compare_call(call_id, old: dict, new: dict) -> list:
                     "error"):
             if a.get(key) != b.get(key):
                 msgs.append(f"{where}: {key}: old {a.get(key)!r}, new {b.get(key)!r}")
-        for field, va, vb in _params_diffs(a["name"], a["params"], b["params"]):
+        for field, va, vb in _params_diffs(a["name"], a["params"], b["params"], ignore):
             msgs.append(f"{where}: params.{field}: old {va!r}, new {vb!r}")
     return msgs
 

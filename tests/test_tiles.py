@@ -53,11 +53,12 @@ def test_backward_choice_fits_the_arch(arch):
         assert all(s.shared_bytes <= limit for s in steps), (case, steps)
         if checked is not None:  # what the compile check builds for the arch
             assert {s.name_expression for s in steps} <= checked, case
-        # dQ comes out once: by atomics and the conversion, or by a dQ pass
+        # dQ comes out once: by atomics and the conversion, or by a dQ pass; deterministic by
+        # a dQ pass, or by the Hopper kernel's reduce-adds in key-block order
         converted = steps[-1].owner == "rows"
         dq_pass = any(s.owner == "queries" for s in steps)
         assert converted != dq_pass, (case, steps)
-        assert dq_pass or not deterministic, case
+        assert dq_pass or not deterministic or steps[0].filename == backward.SM90_FILE, case
 
 
 @pytest.mark.parametrize("arch", ARCHS)

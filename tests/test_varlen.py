@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 import cuflash
 from accuracy import assert_close
 from cuflash import _checks, cpu, reference
-from gpu import poisoned
+from gpu import dq_scratch_bytes, launches, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -436,16 +436,16 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
 
     dout = rng.standard_normal(q.shape).astype(dtype)
     ref_out, ref_lse = cupy.asarray(ref[0].astype(dtype)), cupy.asarray(ref[1].astype(F32))
-    grads, sizes = poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout), g["q"],
-                            g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"], max_q,
-                            max_k, deterministic=deterministic, **gopts)
+    with launches() as launched:
+        grads, sizes = poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout),
+                                g["q"], g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"],
+                                max_q, max_k, deterministic=deterministic, **gopts)
     # Gradients plus one float32 scratch allocation: lse_log2 and delta of (nheads,
-    # total_q rounded down to 16 + 144 per sequence) rows, each aligned to 256 bytes, and,
-    # unless deterministic, the dq accumulator.
+    # total_q rounded down to 16 + 144 per sequence) rows, each aligned to 256 bytes, and
+    # the dq scratch.
     rows = nheads * (q.shape[0] // 16 * 16 + 144 * batch)
-    allowed = sum(x.nbytes for x in grads) + 2 * (-(-rows * 4 // 256) * 256)
-    if not deterministic:
-        allowed += rows * ops.tiles.padded_headdim(headdim) * 4
+    allowed = sum(x.nbytes for x in grads) + 2 * (-(-rows * 4 // 256) * 256) + \
+        dq_scratch_bytes(rows, headdim, deterministic, launched)
     assert sum(sizes) <= allowed + 512 * len(sizes), (
         f"backward allocated {sizes}; allowed {allowed} ({where})")
     check_backward(grads, dout, q, k, v, cu_q, cu_k, where, **options)
@@ -540,7 +540,8 @@ def test_gpu_runs_the_varlen_instantiations(launched):
 def test_gpu_equal_lengths_match_dense_kernels_bitwise(headdim):
     """A batch of equal lengths, packed: the varlen instantiations do the dense kernels'
     arithmetic, so out, lse and the deterministic gradients are bitwise equal. (Head dims
-    that no Hopper kernel serves, so that the dense call runs mma.sync on every GPU.)"""
+    that the Hopper backward does not serve, so that both backwards run mma.sync on every
+    GPU; the forwards run one kernel, dense or varlen, on every GPU too.)"""
     import cupy
     rng = np.random.default_rng(headdim)
     batch, seqlen, h, hkv = 3, 130, 4, 2

@@ -123,8 +123,9 @@ class Sm90Tile:
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add.
 # It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included (but
-# where varlen_score_mod says no), not deterministic (bulk reduce-adds have no fixed order);
-# bwd_main serves the rest.
+# where varlen_score_mod says no), deterministic mode too (each dQ tile's bulk reduce-adds
+# take turns in key-block order, through one int semaphore per 4096-float tile of
+# dq_accum); bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS = 128, 256
 SM90_TILES = {
     64: Sm90Tile(128, False, "two 64-query sub-blocks a step (S^T of 128 queries at once "
@@ -149,10 +150,10 @@ PARAMS = np.dtype([
     ("dq_batch_stride", np.int64), ("dq_row_stride", np.int64), ("dq_head_stride", np.int64),
     ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
     ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
-    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32),
+    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32), ("dq_semaphore", np.uint64),
 ], align=True)
 _ADDRESSES = tuple(f"attn.{f}" for f in _core.ATTN_ADDRESSES) + (
-    "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum")
+    "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum", "dq_semaphore")
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,8 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
     hd = tiles.padded_headdim(p.headdim)
-    if (hopper and arch == "sm_90" and p.dtype != np.float32 and not deterministic
-            and hd in SM90_TILES and _sm90_serves(hd, p.score_mod, p.varlen)):
+    if (hopper and arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES
+            and _sm90_serves(hd, p.score_mod, p.varlen)):
         return sm90_steps(p.dtype, p.headdim, p.score_mod, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
@@ -283,9 +284,9 @@ def mma_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
 
 class Plan:
     """A memoized backward: its launches share one BwdParams record and one scratch
-    allocation (lse_log2, delta and dq_accum, float32)."""
+    allocation (lse_log2, delta and dq_accum, float32; dq_semaphore, int32)."""
 
-    def __init__(self, p: _core.Problem, strides: tuple, steps: list):
+    def __init__(self, p: _core.Problem, strides: tuple, steps: list, deterministic: bool):
         out_s, dout_s, lse_s, dq_s, dk_s, dv_s = strides
         item = p.dtype.itemsize
         with_accum = steps[-1].owner == "rows"  # a dQ conversion reads dq_accum
@@ -303,15 +304,21 @@ class Plan:
             lse_strides = tuple(s // 4 for s in lse_s)
             pre_rows = seqlen_q_pad
         headdim_pad = tiles.padded_headdim(p.headdim)
-        # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad).
+        # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad),
+        # then, for a deterministic bwd_sm90, a semaphore per 4096 floats of dq_accum (tiles
+        # start on 16-row boundaries in varlen: one more for the last partial window).
         self.delta_offset = _core.align(4 * rows)
         self.accum_offset = 2 * self.delta_offset
-        self.scratch_bytes = self.accum_offset + (4 * rows * headdim_pad if with_accum else 0)
+        accum_bytes = 4 * rows * headdim_pad if with_accum else 0
+        self.semaphore_offset = self.accum_offset + _core.align(accum_bytes)
+        ordered = deterministic and steps[0].filename == SM90_FILE
+        self.semaphore_bytes = 4 * (rows * headdim_pad // 4096 + 1) if ordered else 0
+        self.scratch_bytes = self.semaphore_offset + self.semaphore_bytes
         self.with_accum = with_accum
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
-                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad)
+                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0)
         self.record = _core.Record(PARAMS, record, _ADDRESSES)
         grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
@@ -329,8 +336,12 @@ class Plan:
                  lse, dq, dk, dv) -> None:
         """Queue every launch on ``stream``; ``scratch`` holds ``scratch_bytes``."""
         accum = scratch + self.accum_offset if self.with_accum else 0
+        semaphore = scratch + self.semaphore_offset if self.semaphore_bytes else 0
+        if semaphore:
+            from cupy.cuda import runtime
+            runtime.memsetAsync(semaphore, 0, self.semaphore_bytes, stream)
         argv = self.record.fill(q, k, v, slopes, cu_q, cu_k, out, dout, lse, dq, dk, dv,
-                                scratch, scratch + self.delta_offset, accum)
+                                scratch, scratch + self.delta_offset, accum, semaphore)
         for kernel in self.kernels:
             kernel(stream, argv)
 
@@ -342,7 +353,8 @@ def plan(p: _core.Problem, strides: tuple, deterministic: bool, hopper: bool = T
     dv. ``hopper=False`` keeps bwd_main on sm_90; ``steps`` overrides the launches after
     preprocess (tuning)."""
     arch = _compile.device_arch(p.device_id)
-    return Plan(p, strides, list(steps or choose(p, deterministic, arch, hopper)))
+    return Plan(p, strides, list(steps or choose(p, deterministic, arch, hopper)),
+                deterministic)
 
 
 def kernels(arch: str) -> list:

@@ -151,6 +151,10 @@ struct BwdParams {
   int64 dk_batch_stride, dk_row_stride, dk_head_stride;
   int64 dv_batch_stride, dv_row_stride, dv_head_stride;
   int seqlen_q_pad, headdim_pad;
+  // Deterministic bwd_sm90: one int per 4096-float tile of dq_accum (its float offset /
+  // 4096), zero at launch, so that the key blocks adding into a tile take turns in
+  // key-block order; nullptr otherwise.
+  int* dq_semaphore;
 };
 
 // KV-cache decoding (kernels_cu/flash_decode.cu: append_kv, flash_decode). attn.k / attn.v

@@ -169,5 +169,22 @@ __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+// Turns in global memory between CTAs: wait until *sem == turn (acquire), then order the
+// async proxy's later global accesses (bulk copies) after it; pass_global_turn adds one
+// (release) once this thread's bulk copies are complete (bulk_wait).
+__device__ __forceinline__ void wait_global_turn(const int* sem, int turn) {
+  int now;
+  while (true) {
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(now) : "l"(sem) : "memory");
+    if (now == turn) break;
+    __nanosleep(64);
+  }
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+__device__ __forceinline__ void pass_global_turn(int* sem) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+}
+
 }  // namespace sm90
 }  // namespace cuflash
