@@ -143,7 +143,13 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   const int lane = tid % 32, g = lane / 4, qd = lane % 4;
   const int b = blockIdx.y, hkv = blockIdx.z;
   const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
-  const int o0 = blockIdx.x * BLOCK_C;  // first key of the CTA
+  // The CTA's key block. Deterministic under a right bound (causal, windows): the last key
+  // block first, so that a query block's dQ adds go from its last key block down, the
+  // order in which the CTAs reach it (in ascending order the first add of a causal CTA
+  // would wait for every key block before it to finish its whole span).
+  const bool descending = p.dq_semaphore && a.window_right >= 0;
+  const int n_block = descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int o0 = n_block * BLOCK_C;  // first key of the CTA
   // Varlen: batch item b's rows and lengths (the grid covers the longest item's keys).
   const SeqView<VARLEN> seq(a, b);
   if constexpr (VARLEN) {
@@ -213,14 +219,15 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
         scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
     int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
     if (sem && first_warp) {
-      // Deterministic: the key blocks that reach query block m add in key-block order,
-      // this one as number blockIdx.x - (the first of them: the block of m's first visible
-      // key, by the band arithmetic that gave this CTA its span). The whole warp waits,
-      // so that the loop is not a divergent path (ptxas would serialize the wgmmas).
+      // Deterministic: the key blocks that reach query block m (those of its visible keys,
+      // by the band arithmetic that gave this CTA its span) add in key-block order, the
+      // CTA of the lowest blockIdx.x first. The whole warp waits, so that the loop is not
+      // a divergent path (ptxas would serialize the wgmmas).
       const int m0 = stream_row(j);
       int key_begin, key_end;
       mask.key_range(m0, min(m0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
-      sm90::wait_global_turn(sem, blockIdx.x - key_begin / BLOCK_C);
+      sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
+                                             : n_block - key_begin / BLOCK_C);
     }
     if (wtid == 0) {
       sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);

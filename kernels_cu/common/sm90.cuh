@@ -169,14 +169,16 @@ __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-// Turns in global memory between CTAs: wait until *sem == turn (acquire), then order the
-// async proxy's later global accesses (bulk copies) after it; pass_global_turn adds one
-// (release) once this thread's bulk copies are complete (bulk_wait).
+// Turns in global memory between CTAs: wait until *sem reaches turn (acquire), then order
+// the async proxy's later global accesses (bulk copies) after it; pass_global_turn adds
+// one (release) once this thread's bulk copies are complete (bulk_wait). Reaching, not
+// equalling: where bad inputs (device prefix sums) made two sets of CTAs share a
+// semaphore, results are wrong (and flagged) but no CTA waits forever.
 __device__ __forceinline__ void wait_global_turn(const int* sem, int turn) {
   int now;
   while (true) {
     asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(now) : "l"(sem) : "memory");
-    if (now == turn) break;
+    if (now >= turn) break;
     __nanosleep(64);
   }
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
