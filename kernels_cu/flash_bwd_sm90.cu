@@ -336,31 +336,23 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
-        if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
-          const ScoreGrad grad{mod, mask, a.alibi_slopes != nullptr, need_mask};
+        const ScoreGrad grad{mod, mask, a.alibi_slopes != nullptr, need_mask};
 #pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            const int qc = 8 * t + 2 * qd;
-            const float2 l2 = lds_f32x2(lse_s + 4 * qc);
-            const float2 d2 = lds_f32x2(del_s + 4 * qc);
+        for (int t = 0; t < 8; ++t) {
+          const int qc = 8 * t + 2 * qd;
+          const float2 l2 = lds_f32x2(lse_s + 4 * qc);
+          const float2 d2 = lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              grad(s[sb][4 * t + e], dp[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1),
-                   (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
-          }
-        } else {
-#pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            const int qc = 8 * t + 2 * qd;
-            const float2 l2 = lds_f32x2(lse_s + 4 * qc);
-            const float2 d2 = lds_f32x2(del_s + 4 * qc);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = 4 * t + e;
-              float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -((e & 1) ? l2.y : l2.x)));
-              if (need_mask && !mask.visible(q0 + qc + (e & 1), krow + 8 * (e >> 1))) pv = 0.f;
+          for (int e = 0; e < 4; ++e) {
+            const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
+            const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
+            if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
+              grad(s[sb][i], dp[sb][i], query, key, lse, delta);
+            } else {
+              float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
+              if (need_mask && !mask.visible(query, key)) pv = 0.f;
               s[sb][i] = pv;
-              dp[sb][i] = pv * (dp[sb][i] - ((e & 1) ? d2.y : d2.x));
+              dp[sb][i] = pv * (dp[sb][i] - delta);
             }
           }
         }

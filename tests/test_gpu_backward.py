@@ -241,21 +241,29 @@ def test_float32(headdim):
     check(F32, 1, 129, 129, 4, 2, headdim, causal=True, alibi="heads", deterministic=True)
 
 
-@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
-def test_deterministic_is_bitwise_reproducible(dtype):
+@pytest.mark.parametrize("dtype, headdim, opts", [
+    (BF16, 64, {}), (F32, 64, {}), (BF16, 128, dict(causal=True)),
+    (F16, 64, dict(window=(300, 50))), (BF16, 128, dict(softcap=3.0, window=(None, 0)))],
+    ids=["bf16-64", "fp32-64", "bf16-128-causal", "fp16-64-window", "bf16-128-softcap"])
+def test_deterministic_is_bitwise_reproducible(dtype, headdim, opts):
+    """deterministic=True gives the same bits every call: on sm_90 (fp16/bf16) the wgmma
+    kernel's dQ reduce-adds in key-block order, ascending without a right bound and
+    descending (last key block first) under one (causal, windows)."""
     cp = import_cupy()
     import cuflash
     rng = np.random.default_rng(0)
-    q = cp.asarray(_randn(rng, (2, 1025, 8, 64), dtype))
-    k = cp.asarray(_randn(rng, (2, 1025, 2, 64), dtype))
-    v = cp.asarray(_randn(rng, (2, 1025, 2, 64), dtype))
-    dout = cp.asarray(_randn(rng, (2, 1025, 8, 64), dtype))
-    out, lse = (cp.asarray(x) for x in reference.attention_forward(q.get(), k.get(), v.get()))
+    q = cp.asarray(_randn(rng, (2, 1025, 8, headdim), dtype))
+    k = cp.asarray(_randn(rng, (2, 1025, 2, headdim), dtype))
+    v = cp.asarray(_randn(rng, (2, 1025, 2, headdim), dtype))
+    dout = cp.asarray(_randn(rng, (2, 1025, 8, headdim), dtype))
+    out, lse = (cp.asarray(x) for x in
+                reference.attention_forward(q.get(), k.get(), v.get(), **opts))
     out = out.astype(dtype)
     lse = lse.astype(np.float32)
-    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **opts)
     for _ in range(3):
-        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True,
+                                           **opts)
         for a, b in zip(first, again):
             assert np.array_equal(a.get().view(np.uint8), b.get().view(np.uint8))
 

@@ -267,7 +267,8 @@ def test_wgmma_kernel_matches_mma_sync_kernel(monkeypatch, launched, dtype, head
 def test_wgmma_kernel_is_bitwise_repeatable(dtype, headdim, opts):
     """Each tile's arithmetic is fixed, so 50 runs of the same call give the same bits: the
     cheapest detector of a race between the producer's copies and the consumers' wgmmas
-    (a stage refilled while it is read) or of a ping-pong turn taken out of order."""
+    (a stage refilled while it is read). A broken ping-pong turn hangs instead (the
+    per-test timeout)."""
     _require_hopper()
     import cupy
     import cuflash
@@ -287,10 +288,13 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
     (an L2 budget of three heads' K and V), so the last section holds 2 pairs."""
     _require_hopper()
     from cuflash import _api, ops
+    import cupy
     kv_head = 2 * 1500 * 128 * 2
     monkeypatch.setattr(ops.forward, "SM90_L2_BYTES", 3 * kv_head)
     ops.forward.plan.cache_clear()
     _api.CALLS.clear()
+    q = cupy.empty((2, 1500, 16, 128), BF16)
+    assert ops.forward._section(ops.dense_problem(q, q, q, causal=True)) == 3
     try:
         check(BF16, 2, 1500, 1500, 16, 16, 128, causal=True)
         check(F16, 4, 700, 1500, 8, 8, 128, window=(300, 100))

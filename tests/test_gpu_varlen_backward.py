@@ -1,7 +1,7 @@
 """The varlen backward on Hopper: the VARLEN instantiations of bwd_sm90 (kernels_cu/flash_bwd_sm90.cu).
 
-On sm_90, fp16/bf16 varlen backward calls with head dims padded to 64 or 128 (deterministic
-too; with soft-cap or ALiBi at 128) run the wgmma kernel of the dense path with its VARLEN
+On sm_90, fp16/bf16 varlen backward calls with head dims padded to 64 or 128 (deterministic,
+soft-cap and ALiBi too) run the wgmma kernel of the dense path with its VARLEN
 template flag. The expected result is the dense float64 reference run on each sequence
 alone (the rule of tests/accuracy.py), with the sequences' lengths including 0 and 1 and
 differing between queries and keys. out/lse come from that reference (uploaded), so these
@@ -154,10 +154,11 @@ def test_dispatch_routes_varlen_to_wgmma_on_sm90():
     # Dense names end without the varlen flag; varlen follows the dense rules otherwise.
     assert pick(F16, 64, False, "sm_90", varlen=False)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128, false>"
-    # Soft-cap / ALiBi: on wgmma at head dim 128; at 64 varlen's would spill (bwd_main).
+    # Soft-cap / ALiBi on wgmma too.
     assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true, true>"
-    assert pick(BF16, 64, False, "sm_90", alibi=True) is None
+    assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 128, true, true>"
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false, true>"  # deterministic too
     for args, problem in (((BF16, 128, False, "sm_80"), {}),
@@ -194,8 +195,11 @@ def test_matches_reference(dtype, headdim, options):
 @pytest.mark.gpu
 @pytest.mark.parametrize("headdim", [64, 128])
 def test_softcap(headdim):
-    """Soft-capping: on wgmma at head dim 128, on bwd_main at 64 (whose wgmma twin spills)."""
-    check(BF16, LENS_Q, LENS_K, 4, 2, headdim, softcap=3.0, causal=True)
+    """Soft-capping, on wgmma on sm_90."""
+    with launches() as launched:
+        check(BF16, LENS_Q, LENS_K, 4, 2, headdim, softcap=3.0, causal=True)
+    on_wgmma = any(f == ops.backward.SM90_FILE for f, _ in launched)
+    assert on_wgmma == (device_arch() == "sm_90"), launched
 
 
 @pytest.mark.gpu

@@ -159,7 +159,7 @@ def test_smaller_tiles_match_the_reference_on_this_gpu(arch, monkeypatch):
                           (np.float32, 192), (np.float32, 256)):
             for deterministic in (False, True):
                 check(dtype, 2, 150, 170, 4, 2, hd, deterministic=deterministic,
-                      causal=True, seed=hd)
+                      causal=True, seed=hd, hopper=False)
         for hd in (96, 128, 192, 256):
             Problem(rng, BF16, seqlen_q=2, nheads=8, nheads_kv=2, headdim=hd,
                     lengths=(0, 37, 700), seqlen_new=1, page_size=16).check(

@@ -105,16 +105,8 @@ def test_every_kernel_name_follows_the_selection_conventions():
             assert precompile.headdim_of(name) in (*tiles.HEADDIMS, None), name
             assert precompile.dtype_of(name) in ("__half", "__nv_bfloat16", "float", None), \
                 name
-        # Every kernel has a varlen twin but the Hopper backward's soft-cap / ALiBi ones at
-        # head dims whose varlen twin would spill (backward.SM90_TILES, varlen_score_mod).
-        dense_only = {name for _, name in kernels if not precompile.is_varlen(name, names)
-                      and name[:-1] + ", true>" not in names
-                      and name.startswith("cuflash::bwd_sm90<")}
-        assert all(not ops.backward.SM90_TILES[precompile.headdim_of(n)].varlen_score_mod
-                   for n in dense_only), dense_only
         for prefix in ("flash_fwd", "flash_bwd"):
-            family = [name for filename, name in kernels if filename.startswith(prefix)
-                      and name not in dense_only]
+            family = [name for filename, name in kernels if filename.startswith(prefix)]
             varlen = [name for name in family if precompile.is_varlen(name, names)]
             assert 2 * len(varlen) == len(family), (arch, prefix)
 

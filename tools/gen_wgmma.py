@@ -5,50 +5,62 @@
 
 Inline PTX names each accumulator register as its own operand, so a wrapper for
 m64nNk16 spells out N / 2 operands; this script writes them instead of a hand. To use a
-new N, add it to SIZES and rerun; tests/test_compile.py fails when the header is stale.
+new N, add it to its kind in KINDS and rerun; tests/test_compile.py fails when the header is
+stale.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-# wgmma N of the kernels: the key blocks Bc of S = Q K^T (forward: 64..192 by head dim,
-# and the candidates bench/tiles.py times; backward: 64) and the head dims of O = P V and
-# of dK, dV (64, 128, 192, 256).
-SIZES = (64, 80, 96, 112, 128, 160, 176, 192, 256)
 HEADER = Path(__file__).resolve().parent.parent / "kernels_cu" / "common" / "wgmma.cuh"
+WIDTH = 97  # of a macro line's text: with " \\" after it, the project's 100 columns
 
-# (member, operand list after D, C++ parameters, inline-asm inputs, trans-a, trans-b):
-# ss: A and B K-major in shared memory; ss_mn: A M-major, B N-major in shared memory;
-# rs: A (16 bits, the mma.m16n8k16 A fragment) from registers, B MN-major.
-KINDS = (
-    ("ss", "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "0, 0"),
-    ("ss_mn", "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "1, 1"),
-    ("rs", "{{%{a}, %{a1}, %{a2}, %{a3}}}, %{b}", "const uint32_t (&a)[4], uint64_t b",
-     '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)', None),
-)
+# member: (N sizes, operands after D, C++ parameters, inline-asm inputs, trailing immediates)
+# ss: A and B K-major in shared memory: S = Q K^T at the forward's key blocks Bc (and the
+#     candidates bench/fwd_tiles.py times), S^T and dP^T of the backward (64).
+# ss_mn: A M-major and B N-major in shared memory: the backward's dQ = dS K (64).
+# rs: A (16 bits, the mma.m16n8k16 A fragment) from registers, B MN-major in shared memory:
+#     O = P V at the forward's head dims of V, dV and dK of the backward (64, 128).
+KINDS = {
+    "ss": ((64, 80, 96, 112, 128, 160, 176, 192), "%{a}, %{b}", "uint64_t a, uint64_t b",
+           '"l"(a), "l"(b)', "1, 1, 0, 0"),
+    "ss_mn": ((64,), "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "1, 1, 1, 1"),
+    "rs": ((64, 128, 192, 256), "{{%{a}, %{a1}, %{a2}, %{a3}}}, %{b}",
+           "const uint32_t (&a)[4], uint64_t b",
+           '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)', "1, 1, 1"),
+}
 
 
-def wrapper(n: int, kind) -> str:
-    name, operands, params, inputs, trans = kind
-    regs = n // 2
-    nin = 5 if name == "rs" else 2
-    a, b = regs, regs + nin - 1
+def wrap(items, indent: str, first: str, last: str, quoted: bool = False) -> list:
+    """``first`` + items joined by ", " + ``last``, broken into lines of at most WIDTH;
+    ``quoted``: each line a string literal of its own (adjacent literals concatenate)."""
+    q = '"' if quoted else ""
+    lines, line = [], indent + q + first
+    for i, item in enumerate(items):
+        piece = item + (", " if i + 1 < len(items) else last)
+        if len(line) + len(piece.rstrip()) + len(q) > WIDTH:
+            lines.append(line + q if quoted else line.rstrip())
+            line = indent + q
+        line += piece
+    return lines + [line + q]
+
+
+def macro(kind: str, n: int) -> list:
+    """CUFLASH_WGMMA_<KIND>_<N>(PT): the asm statement for PTX type PT ("f16", "bf16")."""
+    _, operands, _, inputs, imm = KINDS[kind]
+    regs, nin = n // 2, (5 if kind == "rs" else 2)
+    a, b, scale = regs, regs + nin - 1, regs + nin
     ops = operands.format(a=a, a1=a + 1, a2=a + 2, a3=a + 3, b=b)
-    scale = regs + nin
-    # Register-A wgmma takes only imm-trans-b (B MN-major = 1).
-    tail = "p, 1, 1, 1" if trans is None else f"p, 1, 1, {trans}"
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    lines = [f"  static __device__ __forceinline__ void {name}(float* d, {params}, int scale_d) {{",
-             f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{scale}, 0;\\n"',
-             f'                 "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.%s.%s "',
-             f'                 "{{{dlist}}}, "',
-             f'                 "{ops}, {tail};\\n}}\\n"',
-             f"                 : {outs}",
-             f'                 : {inputs}, "r"(scale_d));',
-             "  }"]
-    return "\n".join(lines)
+    name = f"CUFLASH_WGMMA_{kind.upper()}_{n}(PT)"
+    body = [f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{scale}, 0;\\n"',
+            f'             "wgmma.mma_async.sync.aligned.m64n{n}k16.f32." PT "." PT " "']
+    body += wrap([f"%{i}" for i in range(regs)], "             ", "{", "}, ", quoted=True)
+    body += [f'             "{ops}, p, {imm};\\n}}\\n"']
+    body += wrap([f'"+f"(d[{i}])' for i in range(regs)], "             ", ": ", "")
+    body += [f'             : {inputs}, "r"(scale_d))']
+    out = [f"#define {name}"] + body
+    return [line.ljust(WIDTH + 1) + "\\" for line in out[:-1]] + [out[-1]]
 
 
 def header() -> str:
@@ -58,18 +70,35 @@ def header() -> str:
            "// of common/sm90.cuh) = A (64 x 16) B (16 x N) + (scale_d ? D : 0), one k16 step",
            "// of wgmma.mma_async, T half or bfloat16. ss: A and B K-major in shared memory",
            "// (S = Q K^T); ss_mn: A M-major and B N-major in shared memory; rs: A from",
-           "// registers, B MN-major in shared memory (O = P V).",
+           "// registers, B MN-major in shared memory (O = P V). Each N has the members its",
+           "// kernels use.",
            "#pragma once",
-           "#include \"common/mma.cuh\"",
+           '#include "common/mma.cuh"',
            "",
            "namespace cuflash {",
            "namespace sm90 {",
            "",
+           "template <typename T> struct is_half { static constexpr bool value = false; };",
+           "template <> struct is_half<__half> { static constexpr bool value = true; };",
+           "",
            "template <typename T, int N> struct Wgmma;"]
-    for t, pt in (("__half", "f16"), ("__nv_bfloat16", "bf16")):
-        for n in SIZES:
-            body = "\n".join(wrapper(n, k).replace("%s.%s", f"{pt}.{pt}") for k in KINDS)
-            out += ["", f"template <> struct Wgmma<{t}, {n}> {{", body, "};"]
+    sizes = sorted({n for spec in KINDS.values() for n in spec[0]})
+    for n in sizes:
+        kinds = [k for k, spec in KINDS.items() if n in spec[0]]
+        for kind in kinds:
+            out += [""] + macro(kind, n)
+        out += ["", f"template <typename T> struct Wgmma<T, {n}> {{"]
+        for kind in kinds:
+            params = KINDS[kind][2]
+            m = f"CUFLASH_WGMMA_{kind.upper()}_{n}"
+            prefix = f"  static __device__ __forceinline__ void {kind}("
+            whole = f"{prefix}float* d, {params}, int scale_d) {{"
+            out += [whole] if len(whole) <= WIDTH + 3 else \
+                [f"{prefix}float* d, {params},", " " * len(prefix) + "int scale_d) {"]
+            out += [f'    if constexpr (is_half<T>::value) {m}("f16");',
+                    f'    else {m}("bf16");',
+                    "  }"]
+        out += ["};"]
     out += ["", "}  // namespace sm90", "}  // namespace cuflash", ""]
     return "\n".join(out)
 

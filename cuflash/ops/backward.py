@@ -117,24 +117,21 @@ F32_TILES = (F32Tile(32, "4 scores a thread; 138 KiB at hd 256"),
 @dataclass(frozen=True)
 class Sm90Tile:
     block_r: int   # queries per step (block_r * headdim = 8192: a warpgroup's dQ tile is 64x64)
-    varlen_score_mod: bool  # whether varlen calls with softcap / ALiBi run here too
     reason: str
 
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add.
-# It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included (but
-# where varlen_score_mod says no), deterministic mode too (each dQ tile's bulk reduce-adds
+# It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included,
+# deterministic mode too (each dQ tile's bulk reduce-adds
 # take turns in key-block order, through one int semaphore per 4096-float tile of
 # dq_accum); bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS = 128, 256
 SM90_TILES = {
-    64: Sm90Tile(128, False, "two 64-query sub-blocks a step (S^T of 128 queries at once "
-                             "spills), one dQ reduce per 128 queries; 1.0-1.17x torch flash "
-                             "at >= 2k, 0.82-1.02x at 512-1024 (docs/notes/backward.md, "
-                             "Hopper v2); varlen with softcap/ALiBi spills 4 B"),
-    128: Sm90Tile(64, True, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 "
-                            "registers); 1.09-1.36x torch flash at >= 2k, 0.94-1.15x at "
-                            "512-1024 (notes v2)"),
+    64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
+                      "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
+                      "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
+    128: Sm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
+                      "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
 }
 
 # BwdParams (kernels_cu/common/params.cuh).
@@ -256,17 +253,12 @@ def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
                  PRE_ROWS, PRE_THREADS, 0)]
 
 
-def _sm90_serves(hd: int, score_mod: bool, varlen: bool) -> bool:
-    return not (score_mod and varlen) or SM90_TILES[hd].varlen_score_mod
-
-
 def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
     """Every launch of a backward call after preprocess, in order, with tiles that fit the
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
     hd = tiles.padded_headdim(p.headdim)
-    if (hopper and arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES
-            and _sm90_serves(hd, p.score_mod, p.varlen)):
+    if hopper and arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES:
         return sm90_steps(p.dtype, p.headdim, p.score_mod, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
@@ -375,8 +367,7 @@ def _steps(arch: str):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and hd in SM90_TILES:
                     for score_mod in (False, True):
-                        if _sm90_serves(hd, score_mod, varlen):
-                            yield from sm90_steps(dtype, hd, score_mod, varlen)
+                        yield from sm90_steps(dtype, hd, score_mod, varlen)
 
 
 def facts():

@@ -37,8 +37,6 @@ struct alignas(64) TmaMap {
   uint64_t opaque[16];
 };
 
-template <typename T> struct is_half { static constexpr bool value = false; };
-template <> struct is_half<__half> { static constexpr bool value = true; };
 
 // --- mbarrier -----------------------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
