@@ -325,7 +325,6 @@ JAX_PEERS = {
     "cuflash-jax": ("cuflash.jax.attention (buffer_callback)", None),
     "jax-xla": ('jax.nn.dot_product_attention(implementation="xla") (a CPU stand-in)', None),
 }
-FA3_MAX_HEADDIM = 128  # the flash_attn3_jax 0.2.3 wheel is built for head dims up to 128
 HANDOVER: dict = {}    # how inputs reached JAX, per implementation: "dlpack" or "copied"
 
 

@@ -21,7 +21,7 @@
 #             row)                                                                      <=9
 #   jaxbench  bench/jax_bench.py: jitted cuflash.jax against cuflash on CuPy arrays, JAX
 #             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
-#   tiles     bench/tiles.py: the forward's candidate tiles per head dim side by side,
+#   tiles     bench/fwd_tiles.py: the forward's candidate tiles per head dim side by side,
 #             which the tile table is chosen from                                     ~3
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
 # skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
@@ -151,7 +151,7 @@ stage_sweep() {
 
 stage_tiles() {
     precompile tiles
-    run $(($(left) - 5)) "$OUT/tiles.log" python3 bench/tiles.py --out "$OUT/tiles" \
+    run $(($(left) - 5)) "$OUT/tiles.log" python3 bench/fwd_tiles.py --out "$OUT/tiles" \
         --stop-after $(($(left) - 60))
     summary tiles "$(grep -cE '^hd ' "$OUT/tiles.log") rows"
 }

@@ -27,7 +27,7 @@ host time, kernel time (CUPTI, through torch.profiler, which sees every kernel o
 process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
 torch flash / cudnn, and times cuflash at several forced ``num_splits``.
 
-The Hopper forward's tile candidates are timed side by side by bench/tiles.py.
+The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ FWD_CASES = {
     # more tiles than SMs: the persistent grid's CTAs walk several (some with no key)
     "bf16_d128_many_tiles": ("bf16", 4, 1025, 1025, 8, 2, 128, {}),
     "fp16_d64_empty_tiles": ("fp16", 3, 1100, 300, 8, 8, 64, {"causal": True}),
-    # head dims on wgmma since v4: padded (32 in 64, 96 in 128) and 192 / 256
+    # head dims padded into a wgmma kernel (32 in 64, 96 in 128), and 192 / 256
     "bf16_d32_one_block": ("bf16", 1, 128, 128, 1, 1, 32, {}),
     "fp16_d96_causal": ("fp16", 2, 300, 300, 4, 2, 96, {"causal": True}),
     "bf16_d192_tails": ("bf16", 2, 200, 1000, 2, 2, 192, {}),
@@ -65,8 +65,8 @@ BWD_CASES = {
     "fp16_d64_causal": ("fp16", 1, 333, 333, 2, 1, 64, {"causal": True}),
     "fp16_d120_causal_sq_gt_sk": ("fp16", 1, 300, 100, 2, 2, 120, {"causal": True}),
     "bf16_d48_window": ("bf16", 2, 203, 301, 4, 2, 48, {"window": (64, 20)}),
-    # on wgmma since 2026-12-05: soft-cap, and deterministic (reduce-adds in key-block order:
-    # a wrong turn number waits forever, which the time limit turns into a TIMEOUT)
+    # soft-cap, and deterministic mode (reduce-adds in key-block order: a wrong turn number
+    # waits forever, which the time limit turns into a TIMEOUT)
     "bf16_d128_softcap_causal": ("bf16", 2, 300, 300, 4, 2, 128, {"causal": True,
                                                                   "softcap": 4.0}),
     "bf16_d128_det_causal": ("bf16", 2, 700, 700, 4, 2, 128, {"causal": True,

@@ -137,9 +137,9 @@ def summarise(rows) -> list[dict]:
         group = [r for r in rows if (r["part"], r["mode"]) == (part, mode)
                  and (part == "small" or r["seqlen"] >= sweep.LONG_SEQLEN)]
         speed = [r["jax_over_cupy"] for r in group if r["jax_over_cupy"] is not None]
-        times = [r["results"][OURS]["ms"] / r["results"][p]["ms"] for r in group
-                 for p in ("jax-cudnn",)
-                 if "ms" in r["results"].get(OURS, {}) and "ms" in r["results"].get(p, {})]
+        times = [r["results"][OURS]["ms"] / r["results"]["jax-cudnn"]["ms"] for r in group
+                 if "ms" in r["results"].get(OURS, {})
+                 and "ms" in r["results"].get("jax-cudnn", {})]
         found.append({"part": part, "mode": mode, "rows": len(group),
                       "min_jax_over_cupy": min(speed) if speed else None,
                       "median_jax_over_cupy": statistics.median(speed) if speed else None,

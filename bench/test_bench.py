@@ -430,21 +430,21 @@ def test_help(script):
 
 
 def test_tiles_candidates_and_table():
-    """bench/tiles.py: every head dim's candidates build a config, the table's choice is
+    """bench/fwd_tiles.py: every head dim's candidates build a config, the table's choice is
     one of them, and the markdown marks it and shows gaps, ratios and differences."""
-    import tiles
+    import fwd_tiles
     bf16 = _common.DTYPES["bf16"]
-    for hd, candidates in tiles.CANDIDATES.items():
-        for seqlen in tiles.SEQLENS:
-            names = {tiles.config(spec, bf16, hd, seqlen).name_expression
+    for hd, candidates in fwd_tiles.CANDIDATES.items():
+        for seqlen in fwd_tiles.SEQLENS:
+            names = {fwd_tiles.config(spec, bf16, hd, seqlen).name_expression
                      for _, spec in candidates}
             assert len(names) == len(candidates), (hd, seqlen)
-            assert tiles.chosen_label(bf16, hd, seqlen) in [label for label, _ in candidates]
+            assert fwd_tiles.chosen_label(bf16, hd, seqlen) in [label for label, _ in candidates]
     row = {"headdim": 256, "seqlen": 4096, "causal": True, "chosen": "sm90 80x2",
            "tflops": {"sm90 80x2": 500.0, "mma": 250.0}, "max_diff": {"mma": 0.5},
            "errors": {"sm90 64x2": "RuntimeError: no"}}
     row["ratio"] = {"sm90 80x2": 1.0, "mma": 0.5}
-    text = tiles.markdown([row], "bf16")
+    text = fwd_tiles.markdown([row], "bf16")
     assert "| 4096 | yes | 500 (1.00)* | - | 250 (0.50) |" in text
     assert "mma 0.5" in text and "sm90 64x2: RuntimeError: no" in text
 

@@ -13,8 +13,8 @@ params struct sizes and offsets, tile constants, shared-memory sizes), proven by
 Results are reused: each instantiation's report line (and each file's proof) is kept in
 ``$CUFLASH_CACHE_DIR/compile_check/results.json`` (default ``~/.cache/cuflash``), keyed by
 (arch, file, name expression, shared bytes and limit, NVRTC version, a hash of the file and
-every kernels_cu/ file it includes), so a second run recompiles only what an edit can have changed. Only passing
-results are kept; ``--no-cache`` recompiles everything.
+every kernels_cu/ file it includes), so a second run recompiles only what an edit can have
+changed. Only passing results are kept; ``--no-cache`` recompiles everything.
 """
 from __future__ import annotations
 

@@ -703,8 +703,8 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
         }
       }
     }
-    // dQ row r0 + orow (a streamed row here, so orow < BLOCK_R) += sum over keys r of
-    // dS[r][orow] K[r].
+    // dQ row r0 + orow += sum over keys r of dS[r][orow] K[r], by the threads whose orow is
+    // a streamed row (orow < BLOCK_R).
     if (ATOMIC_DQ && (BLOCK_R == F32_BLOCK || orow < BLOCK_R)) {
       float4 dq[DV4];
 #pragma unroll

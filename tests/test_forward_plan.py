@@ -6,11 +6,11 @@ import numpy as np
 from cuflash import _core
 from cuflash.ops import forward
 
-BF16 = np.dtype("float16")  # any 2-byte type: only the item size matters here
+HALF = np.dtype("float16")  # any 2-byte type: only the item size matters here
 
 
 def _problem(seqlen, nheads, nheads_kv, headdim, batch=1, varlen=False):
-    return _core.Problem(0, BF16, batch, seqlen, seqlen, nheads, nheads_kv, headdim, (), (),
+    return _core.Problem(0, HALF, batch, seqlen, seqlen, nheads, nheads_kv, headdim, (), (),
                          (), 1.0, 0.0, -1, -1, None, varlen, seqlen * batch, seqlen * batch)
 
 

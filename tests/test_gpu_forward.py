@@ -184,8 +184,9 @@ def test_old_gpu_error_names_compute_capability(monkeypatch):
 
 # --- Hopper: the wgmma kernel (kernels_cu/flash_fwd_sm90.cu) ------------------------------
 # On an sm_90 device the dispatcher sends every fp16/bf16 head dim to flash_fwd_sm90 (in
-# whole 64-column blocks: 32 runs in 64, 96 in 128), so every fp16/bf16 test above (seqlens, features, GQA, strided
-# layouts, fully masked rows, NaN poisoning, the memory-pool check) runs it. The tests below
+# whole 64-column blocks: 32 runs in 64, 96 in 128), so every fp16/bf16 test above
+# (seqlens, features, GQA, strided layouts, fully masked rows, NaN poisoning, the
+# memory-pool check) runs it. The tests below
 # make sure that really happens (no silent fallback to mma.sync) and compare the two kernels.
 
 def _require_hopper():

@@ -3,9 +3,8 @@ mirror, its memoized plans and their launches. Every module offers ``facts()``, 
 (filename, C++ expression, value) triples of every number it shares with the CUDA sources,
 which the compile check proves equal, and ``kernels(arch)``, the (filename,
 name_expression, dynamic shared bytes) of everything it can launch on a device of that
-arch, which the compile check builds for the arch and holds to its shared memory. The
-forward's tiles do not depend on the arch (it offers ``kernels()`` and its configs), and
-sources for one arch only (sm_90a) are left out on the others."""
+arch, which the compile check builds for the arch and holds to its shared memory. Sources
+for one arch only (sm_90a) are left out on the others."""
 from __future__ import annotations
 
 from .. import _checks, _compile, _core

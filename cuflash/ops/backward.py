@@ -45,9 +45,10 @@ class BwdTile:
 # bwd_main per padded head dim and pass: "dkdv" (dK, dV, and dQ by atomics unless
 # deterministic), "dv" / "dk" (head dims whose dK and dV accumulators do not fit a thread
 # together: a thread holds 16 * m_tiles * hd / 32 floats per accumulator), and "dq"
-# (the separate dQ kernel: deterministic mode, and "dk" tiles without atomic dQ). Limits: 255 registers a thread without spills
-# (python -m cuflash.compile_check), shared memory (2 owner tiles + 2 x 2 streamed tiles of
-# rows hd + 8) under 227 KiB (sm_90), and under 163 KiB (sm_80) except at hd 256.
+# (the separate dQ kernel: deterministic mode, and "dk" tiles without atomic dQ). Limits:
+# 255 registers a thread without spills (python -m cuflash.compile_check), shared memory
+# (2 owner tiles + 2 x 2 streamed tiles of rows hd + 8) under 227 KiB (sm_90), and under
+# 163 KiB (sm_80) except at hd 256.
 TILES = {
     32: {"dkdv": BwdTile(64, 8, 1, "128 keys x 64 queries; small accumulators"),
          "dq": BwdTile(64, 8, 1, "128 queries, 64-key steps")},

@@ -1,8 +1,8 @@
 """The forward's candidate tiles per head dim, timed side by side: how its tile table is chosen.
 
-    PYTHONPATH=. python3 bench/tiles.py --out $OUT/tiles              # every head dim
-    PYTHONPATH=. python3 bench/tiles.py --out $OUT/tiles --headdims 64,256 --seqlens 4096
-    PYTHONPATH=. python3 bench/tiles.py --list                         # candidates, no GPU
+    PYTHONPATH=. python3 bench/fwd_tiles.py --out $OUT/tiles              # every head dim
+    PYTHONPATH=. python3 bench/fwd_tiles.py --out $OUT/tiles --headdims 64,256 --seqlens 4096
+    PYTHONPATH=. python3 bench/fwd_tiles.py --list                         # candidates, no GPU
 
 For each head dim, seqlen (the standard shape: hidden 2048, batch = 16384 // seqlen) and
 mask, every candidate of CANDIDATES runs on the same inputs in one process, timed alike
@@ -18,6 +18,7 @@ Writes tiles.json and tiles.md into --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -145,18 +146,16 @@ def main(argv=None) -> int:
     dtype, out = DTYPES[args.dtype], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, start = [], time.monotonic()
-    for hd in args.headdims:
-        for seqlen in args.seqlens:
-            for causal in (False, True):
-                if args.stop_after and time.monotonic() - start > args.stop_after:
-                    print("tiles: stopped (--stop-after)", flush=True)
-                    break
-                rows.append(measure_row(dtype, hd, seqlen, causal))
-                r = rows[-1]
-                print(f"hd {hd} {seqlen} causal={causal}: " + ", ".join(
-                    f"{label} {t:.0f}" for label, t in r["tflops"].items()), flush=True)
-                (out / "tiles.json").write_text(json.dumps(rows, indent=1))
-                (out / "tiles.md").write_text(markdown(rows, args.dtype))
+    for hd, seqlen, causal in itertools.product(args.headdims, args.seqlens, (False, True)):
+        if args.stop_after and time.monotonic() - start > args.stop_after:
+            print("fwd_tiles: stopped (--stop-after)", flush=True)
+            break
+        rows.append(measure_row(dtype, hd, seqlen, causal))
+        r = rows[-1]
+        print(f"hd {hd} {seqlen} causal={causal}: " + ", ".join(
+            f"{label} {t:.0f}" for label, t in r["tflops"].items()), flush=True)
+        (out / "tiles.json").write_text(json.dumps(rows, indent=1))
+        (out / "tiles.md").write_text(markdown(rows, args.dtype))
     return 0
 
 
