@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import os
 import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import ml_dtypes
@@ -231,6 +233,18 @@ def release_memory(torch) -> None:
     cupy.get_default_memory_pool().free_all_blocks()
     if torch is not None:
         torch.cuda.empty_cache()
+
+
+def write_report(out: Path, stem: str, title: str, env: dict, rows, table: str,
+                 versions) -> None:
+    """<stem>.json (``env``, how inputs reached JAX, the rows) and <stem>.md (a line of the
+    command, date and ``versions`` of ``env``, then ``table``) in ``out``."""
+    env = {**env, "handover": dict(HANDOVER)}
+    (out / f"{stem}.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"# {title} on {env['device']}\n\n`{env['command']}`, {env['date']}; "
+        + ", ".join(f"{k} {env.get(k)}" for k in versions)
+        + f"; inputs handed to JAX by: {env['handover'] or '-'}\n\n" + table)
 
 
 def environment(cupy, torch, argv) -> dict:

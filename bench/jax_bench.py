@@ -58,7 +58,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402 (after the environment variable above)
 import functools  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -200,14 +199,10 @@ def markdown(rows, names) -> str:
 
 
 def write_results(out: Path, env, rows, names) -> str:
-    env = {**env, "handover": dict(_common.HANDOVER), "summary": summarise(rows)}
+    """jax.json and jax.md of the rows so far; returns the tables."""
     table = markdown(rows, names)
-    (out / "jax.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
-    (out / "jax.md").write_text(
-        f"# cuflash.jax on {env['device']}\n\n`{env['command']}`, {env['date']}; "
-        + ", ".join(f"{k} {env.get(k)}" for k in ("cuflash", "cupy", "jax",
-                                                   "flash_attn3_jax"))
-        + f"; inputs handed to JAX by: {env['handover'] or '-'}\n\n" + table)
+    _common.write_report(out, "jax", "cuflash.jax", {**env, "summary": summarise(rows)}, rows,
+                         table, ("cuflash", "cupy", "jax", "flash_attn3_jax"))
     return table
 
 

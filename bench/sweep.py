@@ -81,7 +81,6 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
@@ -483,16 +482,11 @@ def plot(rows, names, path: Path) -> str:
     return f"wrote {path.name}"
 
 
-def write_results(out: Path, env, rows, names, stem="sweep") -> str:
-    """<stem>.json and <stem>.md of the rows so far; returns the tables."""
-    env = {**env, "handover": dict(_common.HANDOVER), "summary": summarise(rows)}
+def write_results(out: Path, env, rows, names) -> str:
+    """sweep.json and sweep.md of the rows so far; returns the tables."""
     table = markdown(rows, names)
-    (out / f"{stem}.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(
-        f"# {stem} on {env['device']}\n\n`{env['command']}`, {env['date']}; "
-        + ", ".join(f"{k} {env.get(k)}" for k in ("cuflash", "cupy", "torch", "jax",
-                                                   "flash_attn3_jax"))
-        + f"; inputs handed to JAX by: {env['handover'] or '-'}\n\n" + table)
+    _common.write_report(out, "sweep", "sweep", {**env, "summary": summarise(rows)}, rows,
+                         table, ("cuflash", "cupy", "torch", "jax", "flash_attn3_jax"))
     return table
 
 
