@@ -113,6 +113,13 @@ class Buffer:
                                    f"were written")
 
 
+def refused_on_gpu(backend, layout, given):
+    """Varlen calls with CuPy prefix sums (checked on the device, which fills the outputs of
+    a call with invalid ones with NaN, byte range by byte range) take only C-contiguous
+    ``out`` / ``dq`` / ``dk`` / ``dv``: True where ``given`` holds one of another layout."""
+    return backend == "cupy" and layout != "contiguous" and given != "lse"
+
+
 def lse_layout(layout):
     """lse must be C-contiguous: the strided layouts give it an offset view instead."""
     return "contiguous" if layout == "contiguous" else "offset"
@@ -270,6 +277,11 @@ def test_varlen_forward(rng, backend, dtype, layout, given):
         bufs["out"] = Buffer(be, q.shape, dtype, layout)
     if "lse" in given:
         bufs["lse"] = Buffer(be, lse.shape, F32, lse_layout(layout))
+    if refused_on_gpu(backend, layout, given):
+        with pytest.raises(ValueError, match="out must be C-contiguous"):
+            cuflash.attention_varlen_forward(*args, **OPTS,
+                                             **{n: b.array for n, b in bufs.items()})
+        return
     got = cuflash.attention_varlen_forward(*args, **OPTS,
                                            **{n: b.array for n, b in bufs.items()})
     check_given(dict(out=got[0], lse=got[1]), dict(out=out, lse=lse), bufs)
@@ -282,7 +294,8 @@ def test_varlen_attention(rng, backend, return_lse):
     q, k, v, _, cu_q, cu_k, max_q, max_k = packed(rng, be, BF16)
     args = (q, k, v, cu_q, cu_k, max_q, max_k)
     out, lse = cuflash.attention_varlen_forward(*args, **OPTS)
-    bufs = dict(out=Buffer(be, q.shape, BF16, "transposed"), lse=Buffer(be, lse.shape, F32))
+    layout = "contiguous" if backend == "cupy" else "transposed"  # refused_on_gpu
+    bufs = dict(out=Buffer(be, q.shape, BF16, layout), lse=Buffer(be, lse.shape, F32))
     got = cuflash.attention_varlen(*args, **OPTS, out=bufs["out"].array,
                                    lse=bufs["lse"].array, return_lse=return_lse)
     if return_lse:
@@ -306,6 +319,12 @@ def test_varlen_backward(rng, backend, dtype, layout, given):
                                              deterministic=True)
     like = dict(dq=q, dk=k, dv=v)
     bufs = {n: Buffer(be, like[n].shape, dtype, layout) for n in given.split("+")}
+    if refused_on_gpu(backend, layout, given):
+        with pytest.raises(ValueError, match="must be C-contiguous"):
+            cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *seqs, **OPTS,
+                                              deterministic=True,
+                                              **{n: b.array for n, b in bufs.items()})
+        return
     got = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *seqs, **OPTS,
                                             deterministic=True,
                                             **{n: b.array for n, b in bufs.items()})
@@ -320,7 +339,7 @@ def test_gpu_invalid_device_prefix_sums_fill_the_given_outputs_with_nan(rng):
     bad_q = cu_q.copy()
     bad_q[2] = bad_q[3] + 1  # decreasing
     # Zeros first, so that NaN is the check's doing.
-    bufs = dict(out=Buffer(be, q.shape, BF16, "padded", fill=0),
+    bufs = dict(out=Buffer(be, q.shape, BF16, fill=0),
                 lse=Buffer(be, (NHEADS, q.shape[0]), F32, fill=0))
     out, lse = cuflash.attention_varlen_forward(q, k, v, bad_q, cu_k, max_q, max_k, **OPTS,
                                                 out=bufs["out"].array, lse=bufs["lse"].array)

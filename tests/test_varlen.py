@@ -520,7 +520,7 @@ def test_gpu_runs_the_varlen_instantiations(launched):
     check = (ops.varlen_check.FILE, ops.varlen_check.KERNEL)
     if device_arch() == "sm_90":
         want = (ops.forward.SM90_FILE,
-                "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, false, true>")
+                "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, 2, false, true>")
     else:
         want = (ops.forward.FILE,
                 "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")
