@@ -30,11 +30,11 @@ from _common import (DTYPES, Timing, back_to_back, cuflash_launches, flops, make
 # Head dim -> candidates: (label, how to build its ops.forward.Config). "mma" is flash_fwd
 # (mma.sync); "sm90 Bc xC" is flash_fwd_sm90 with key blocks of Bc and C consumers.
 CANDIDATES = {
-    32: (("sm90 128x3", ("sm90", 128, 3)), ("mma", ("mma",))),
+    32: (("sm90 128x3", ("sm90", 128, 3)), ("sm90 128x2", ("sm90", 128, 2)), ("mma", ("mma",))),
     64: (("sm90 128x3", ("sm90", 128, 3)), ("sm90 192x2", ("sm90", 192, 2)),
          ("sm90 128x2", ("sm90", 128, 2))),
-    96: (("sm90 176x2", ("sm90", 176, 2)), ("sm90 128x2", ("sm90", 128, 2)), ("mma", ("mma",))),
-    128: (("sm90 176x2", ("sm90", 176, 2)), ("sm90 128x2", ("sm90", 128, 2)),
+    96: (("sm90 128x2", ("sm90", 128, 2)), ("sm90 176x2", ("sm90", 176, 2)), ("mma", ("mma",))),
+    128: (("sm90 128x2", ("sm90", 128, 2)), ("sm90 176x2", ("sm90", 176, 2)),
           ("sm90 160x2", ("sm90", 160, 2))),
     192: (("sm90 112x2", ("sm90", 112, 2)), ("sm90 96x2", ("sm90", 96, 2)), ("mma", ("mma",))),
     256: (("sm90 80x2", ("sm90", 80, 2)), ("sm90 64x2", ("sm90", 64, 2)), ("mma", ("mma",))),

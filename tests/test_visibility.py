@@ -54,8 +54,8 @@ def test_a_plan_logs_its_kernel_once(fake_gpu, caplog):
     cuflash.attention_forward(q, k, v, causal=True)
     (plan,) = [m for m in _messages(caplog) if m.startswith("plan:")]
     assert "cuflash::flash_fwd_sm90<__nv_bfloat16, 64" in plan
-    # 2 query blocks of 192 rows x 4 heads x 2 items: 16 tiles, 512 threads (3 consumers)
-    assert "grid (16, 1, 1)" in plan and "block (512, 1, 1)" in plan
+    # 300 keys (short: two consumers): 3 query blocks of 128 rows x 4 heads x 2 items
+    assert "grid (24, 1, 1)" in plan and "block (384, 1, 1)" in plan
     assert "bytes of dynamic shared memory" in plan
     caplog.clear()
     cuflash.attention_forward(q, k, v, causal=True)  # memoized: nothing is logged

@@ -50,9 +50,10 @@ F32_WARPS, F32_ROWS, F32_KEYS = 4, 4, 32
 
 @dataclass(frozen=True)
 class Sm90Tile:
-    block_n: int        # Bc: keys per K/V tile (wgmma N of S = Q K^T)
-    block_n_short: int  # Bc under SM90_SHORT_KEYS keys, and with softcap / ALiBi
-    consumers: int      # consumer warpgroups of 64 query rows: Br = 64 x consumers
+    block_n: int          # Bc: keys per K/V tile (wgmma N of S = Q K^T)
+    block_n_short: int    # Bc under SM90_SHORT_KEYS keys, and with softcap / ALiBi
+    consumers: int        # consumer warpgroups of 64 query rows: Br = 64 x consumers
+    consumers_short: int  # the same under SM90_SHORT_KEYS keys
     reason: str
 
 
@@ -63,21 +64,21 @@ class Sm90Tile:
 # Q K^T, and the epilogue skips them. float32, and layouts a TMA map cannot describe, stay
 # on flash_fwd.
 SM90_STAGES = 2
-# Below this many keys a large Bc computes more padding (hd192's Bc 112 covers 1024 keys in
-# 1120, 11% more; Bc 96 in 1056, 3%): block_n_short serves them.
+# Below this many keys a large tile computes more padding (hd192's Bc 112 covers 1024 keys in
+# 1120, 11% more; Bc 96 in 1056, 3%) and has fewer tiles to spread over the SMs:
+# block_n_short and consumers_short serve them.
 SM90_SHORT_KEYS = 2048
 SM90_TILES = {
-    64: Sm90Tile(128, 128, 3, "three consumers (FA3's 192 rows): the softmax of two runs "
-                              "under the GEMMs of the third; their 160 registers hold S, P "
-                              "and O at Bc 128, not 192; not yet measured (notes, Hopper v6)"),
-    128: Sm90Tile(176, 176, 2, "Bc 176: +5% at 8k, +14% at 2k over Bc 128 (notes, Hopper "
-                               "v1); S 88 + O 64 registers, 209 KiB shared memory"),
-    192: Sm90Tile(112, 96, 2, "Bc 112: the largest whose two K/V stages fit next to Q (217 "
-                              "KiB), S 56 + O 96 registers; 96 for short keys and softcap/"
-                              "ALiBi (Bc 112 spills 8 B); not yet measured (notes, Hopper v4)"),
-    256: Sm90Tile(80, 80, 2, "Bc 80: the largest whose two K/V stages fit next to Q (225 "
-                             "KiB); S 40 + O 128 registers; not yet measured (notes, Hopper "
-                             "v4)"),
+    64: Sm90Tile(128, 128, 3, 2, "three consumers (FA3's 192 rows) at >= 2k keys: +4-10% "
+                                 "over 2 x Bc 128 or 192 non-causal (H200, bench/results/"
+                                 "h200_2026-12-05/tiles.md); two at 1k, +14% causal"),
+    128: Sm90Tile(128, 128, 2, 2, "Bc 128 with the overlapped mainloop: +1-15% over Bc 176 "
+                                  "and 160 at every row (tiles.md; Bc 176 led before the "
+                                  "overlap, notes Hopper v1)"),
+    192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
+                                 "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
+    256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
+                                "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync"),
 }
 # The Hopper forward orders its tiles in sections of (head, batch item) pairs whose K and V
 # fit in this much of the L2 together (FA3's figure for the H100's 50 MB, two partitions),
@@ -147,8 +148,9 @@ def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: in
     SM90_TILES (``block_n`` and ``consumers`` override the table's, for tuning)."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
-    bn = block_n or (t.block_n_short if score_mod or seqlen_k < SM90_SHORT_KEYS else t.block_n)
-    c = consumers or t.consumers
+    short = seqlen_k < SM90_SHORT_KEYS
+    bn = block_n or (t.block_n_short if score_mod or short else t.block_n)
+    c = consumers or (t.consumers_short if short else t.consumers)
     block_m = 64 * c
     smem = (block_m + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
