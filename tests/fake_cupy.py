@@ -61,80 +61,6 @@ SHARED_OPTIN = {0: 227 * 1024, 1: 163 * 1024}
 DEFAULT_STREAM = 0           # cupy.cuda.Stream.null.ptr
 
 
-# ---------------------------------------------------------------------------------------
-# The C structs (kernels_cu/common/params.cuh and the .cu files), as the launch layers
-# mirror them; used to name fields in diffs, to find the scratch fields and to mask padding.
-
-ATTN_ARGS = np.dtype([
-    ("q", np.uint64), ("k", np.uint64), ("v", np.uint64),
-    ("q_batch_stride", np.int64), ("q_row_stride", np.int64), ("q_head_stride", np.int64),
-    ("k_batch_stride", np.int64), ("k_row_stride", np.int64), ("k_head_stride", np.int64),
-    ("v_batch_stride", np.int64), ("v_row_stride", np.int64), ("v_head_stride", np.int64),
-    ("batch", np.int32), ("seqlen_q", np.int32), ("seqlen_k", np.int32),
-    ("nheads", np.int32), ("nheads_kv", np.int32), ("headdim", np.int32),
-    ("scale", np.float32), ("softcap", np.float32),
-    ("window_left", np.int32), ("window_right", np.int32),
-    ("alibi_slopes", np.uint64), ("alibi_batch_stride", np.int64),
-    ("cu_seqlens_q", np.uint64), ("cu_seqlens_k", np.uint64),
-], align=True)
-FWD_PARAMS = np.dtype([
-    ("attn", ATTN_ARGS), ("o", np.uint64),
-    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
-    ("lse", np.uint64),
-], align=True)
-_MAP = (np.uint8, (128,))
-FWD_SM90_PARAMS = np.dtype({
-    "names": ["tma_q", "tma_k", "tma_v", "fwd", "tile_counter", "m_blocks", "section"],
-    "formats": [_MAP, _MAP, _MAP, FWD_PARAMS, np.uint64, np.int32, np.int32],
-    "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize, 384 + FWD_PARAMS.itemsize + 8,
-                384 + FWD_PARAMS.itemsize + 12],
-    "itemsize": -(-(384 + FWD_PARAMS.itemsize + 16) // 64) * 64})
-BWD_PARAMS = np.dtype([
-    ("attn", ATTN_ARGS),
-    ("out", np.uint64), ("dout", np.uint64), ("lse", np.uint64),
-    ("dq", np.uint64), ("dk", np.uint64), ("dv", np.uint64),
-    ("lse_log2", np.uint64), ("delta", np.uint64), ("dq_accum", np.uint64),
-    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
-    ("do_batch_stride", np.int64), ("do_row_stride", np.int64), ("do_head_stride", np.int64),
-    ("lse_batch_stride", np.int64), ("lse_head_stride", np.int64),
-    ("lse_row_stride", np.int64),
-    ("dq_batch_stride", np.int64), ("dq_row_stride", np.int64), ("dq_head_stride", np.int64),
-    ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
-    ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
-    ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32), ("dq_semaphore", np.uint64),
-], align=True)
-FAST_DIV = np.dtype([("d", np.int32), ("mul", np.uint32), ("shift", np.uint32)], align=True)
-DECODE_PARAMS = np.dtype([
-    ("attn", ATTN_ARGS),
-    ("block_table", np.uint64), ("block_table_batch_stride", np.int64),
-    ("page_size", FAST_DIV), ("num_pages", np.int32),
-    ("cache_seqlens", np.uint64), ("cache_seqlen", np.int32), ("seqlen_new", np.int32),
-    ("k_new", np.uint64), ("v_new", np.uint64),
-    ("kn_batch_stride", np.int64), ("kn_row_stride", np.int64), ("kn_head_stride", np.int64),
-    ("vn_batch_stride", np.int64), ("vn_row_stride", np.int64), ("vn_head_stride", np.int64),
-    ("o", np.uint64),
-    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
-    ("lse", np.uint64), ("o_accum", np.uint64), ("lse_accum", np.uint64),
-    ("split_counter", np.uint64), ("num_splits", FAST_DIV), ("m_blocks", FAST_DIV),
-    ("nheads_kv", FAST_DIV), ("group", FAST_DIV),
-], align=True)
-MERGE_PARAMS = np.dtype([
-    ("parts", np.uint64), ("part_lse", np.uint64), ("o", np.uint64), ("lse", np.uint64),
-    ("p_part_stride", np.int64), ("p_batch_stride", np.int64), ("p_row_stride", np.int64),
-    ("p_head_stride", np.int64),
-    ("pl_part_stride", np.int64), ("pl_batch_stride", np.int64), ("pl_head_stride", np.int64),
-    ("pl_row_stride", np.int64),
-    ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
-    ("num_parts", np.int32), ("batch", np.int32), ("seqlen_q", np.int32),
-    ("nheads", np.int32), ("headdim", np.int32),
-], align=True)
-VARLEN_CHECK_PARAMS = np.dtype([
-    ("cu_seqlens_q", np.uint64), ("cu_seqlens_k", np.uint64),
-    ("outputs", np.uint64, (5,)), ("output_bytes", np.int64, (5,)),
-    ("batch", np.int32), ("total_q", np.int32), ("total_k", np.int32),
-    ("max_seqlen_q", np.int32), ("max_seqlen_k", np.int32),
-], align=True)
-
 # Pointer fields to scratch or counters the library owns: recorded as "nz" / "0" (their
 # layout differs legitimately between launch layers); their sizes are checked separately.
 NORMALISED = {
@@ -146,20 +72,23 @@ COUNTERS = ("tile_counter", "split_counter")
 
 
 def struct_of(name: str):
-    """(kind, dtype) of the params struct of a kernel name expression."""
+    """(kind, dtype) of the params struct of a kernel name expression: the library's own
+    mirror of the C struct (cuflash/ops/, proven against the CUDA sources by the compile
+    check), used to name fields in diffs, find the scratch fields and mask padding."""
+    from cuflash import ops
     base = name.split("<", 1)[0]
     if base == "cuflash::flash_fwd_sm90":
-        return "fwd_sm90", FWD_SM90_PARAMS
+        return "fwd_sm90", ops.forward.SM90_PARAMS
     if base in ("cuflash::flash_fwd", "cuflash::flash_fwd_f32"):
-        return "fwd", FWD_PARAMS
+        return "fwd", ops.forward.PARAMS
     if base.startswith("cuflash::bwd_"):
-        return "bwd", BWD_PARAMS
+        return "bwd", ops.backward.PARAMS
     if base in ("cuflash::flash_decode", "cuflash::append_kv"):
-        return "decode", DECODE_PARAMS
+        return "decode", ops.decode.PARAMS
     if base == "cuflash::merge_parts":
-        return "merge", MERGE_PARAMS
+        return "merge", ops.merge.PARAMS
     if base == "cuflash::varlen_check":
-        return "varlen_check", VARLEN_CHECK_PARAMS
+        return "varlen_check", ops.varlen_check.PARAMS
     raise KeyError(f"no params struct known for {name}")
 
 

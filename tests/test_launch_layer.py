@@ -308,10 +308,10 @@ def test_scratch_regions_hold_the_old_allocations(golden, recorded):
 
 
 def _num_splits(params: str) -> int:
-    off = fake_cupy.field_offset(fake_cupy.DECODE_PARAMS, "num_splits.d")
+    from cuflash import ops
+    off = fake_cupy.field_offset(ops.decode.PARAMS, "num_splits.d")
     word = params.split()[off // 8]
-    return int(fake_cupy.decode_word_fields(fake_cupy.DECODE_PARAMS, off // 8,
-                                            word)["num_splits.d"])
+    return int(fake_cupy.decode_word_fields(ops.decode.PARAMS, off // 8, word)["num_splits.d"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,7 +436,8 @@ def test_one_int_cache_length_is_written_per_call_and_checked_on_a_memo_hit(monk
         k_cache, v_cache = (mk.array((2, 512, 2, 128), fake_cupy.BF16, n)
                             for n in ("k_cache", "v_cache"))
         k, v = (mk.array((2, 1, 2, 128), fake_cupy.BF16, n) for n in "kv")
-        off = fake_cupy.field_offset(fake_cupy.DECODE_PARAMS, "cache_seqlen")
+        from cuflash import ops
+        off = fake_cupy.field_offset(ops.decode.PARAMS, "cache_seqlen")
         seen = []
         for length in (7, 8, 300):
             world.begin_call()

@@ -16,7 +16,9 @@ repository root:
     git worktree remove /tmp/old
 
 (``--old`` checks that the cuflash imported is the old layer: PYTHONPATH must come before
-the editable install.) ``--new`` records the current tree the same way (to stdout), for
+the editable install. The fake names the params fields with the library's own struct
+mirrors, which the old layer has elsewhere: run the recorder and tests/fake_cupy.py of
+commit 7fecacb, whose fake carried its own copy of the layouts of that time.) ``--new`` records the current tree the same way (to stdout), for
 looking at a difference by hand. The old layer has no ``out=`` / ``lse=`` / ``dq=``
 arguments, so the matrix does not use them; float32 kvcache calls (which gather keys with
 fancy indexing, data the fake does not have) are not in it either.
