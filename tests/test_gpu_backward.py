@@ -294,7 +294,8 @@ def test_vjp_matches_forward_and_backward(deterministic):
 # --- The Hopper (wgmma) backward, kernels_cu/flash_bwd_sm90.cu ----------------------------
 
 def _problem(dtype, headdim, softcap=0.0, alibi=False, varlen=False):
-    """The Problem of a (1, 70, 2, headdim) backward call (no array needed)."""
+    """The Problem of a (1, 70, 2, headdim) backward call, or (varlen) of one packed
+    (70, 2, headdim) sequence (no array needed)."""
     from cuflash import _core
     dtype = np.dtype(dtype)
     item = dtype.itemsize

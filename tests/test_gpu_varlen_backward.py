@@ -19,8 +19,10 @@ import pytest
 
 import cuflash
 from accuracy import assert_close
-from cuflash import _core, ops, reference
+from cuflash import ops, reference
 from gpu import device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
+
+import test_gpu_backward
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -89,25 +91,13 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
     return grads, [n for _, n in launched]
 
 
-def _problem(dtype, headdim, softcap=0.0, alibi=False, varlen=True):
-    """The Problem of a backward call of one packed (70, 2, headdim) sequence, or of a
-    dense (1, 70, 2, headdim) batch (no array needed)."""
-    dtype = np.dtype(dtype)
-    item = dtype.itemsize
-    strides = (2 * headdim * item, headdim * item, item)
-    if not varlen:
-        strides = (70 * strides[0], *strides)
-    return _core.Problem(0, dtype, 1, 70, 70, 2, 2, headdim, strides, strides, strides,
-                         headdim ** -0.5, softcap, -1, -1, 2 if alibi else None, varlen, 70, 70)
-
-
-def _pick_sm90(dtype, headdim, deterministic, arch, **problem):
-    """The two Steps (bwd_sm90, its dQ conversion) that ops.backward.choose picks, or None
-    where it picks bwd_main."""
-    steps = ops.backward.choose(_problem(dtype, headdim, **problem), deterministic, arch)
-    if steps[0].filename != ops.backward.SM90_FILE:
-        return None
-    assert len(steps) == 2 and steps[1].filename == ops.backward.SM90_FILE, steps
+def _pick_sm90(dtype, headdim, deterministic, arch, varlen=True, **problem):
+    """The two Steps (bwd_sm90, its dQ conversion) that ops.backward.choose picks for one
+    packed (70, 2, headdim) sequence (``varlen=False``: a dense batch), or None where it
+    picks bwd_main."""
+    steps = test_gpu_backward._pick_sm90(dtype, headdim, deterministic, arch, varlen=varlen,
+                                         **problem)
+    assert steps is None or (len(steps) == 2 and steps[1].filename == ops.backward.SM90_FILE)
     return steps
 
 
