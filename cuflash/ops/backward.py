@@ -194,13 +194,9 @@ def _f32_step(hd: int, tile: F32Tile, mode: int) -> Step:
 
 def _fitting(step, candidates: tuple, limit: int | None):
     """(step, tile) of the first tile of ``candidates`` whose step (``step(tile)``) fits in
-    ``limit`` bytes of shared memory (None: the first); the last if none does (its launch
-    then says so)."""
-    for tile in candidates:
-        s = step(tile)
-        if limit is None or s.shared_bytes <= limit:
-            break
-    return s, tile
+    ``limit`` bytes of shared memory (tiles.first_fitting)."""
+    tile, _ = tiles.first_fitting(candidates, lambda t: step(t).shared_bytes, limit)
+    return step(tile), tile
 
 
 def main_steps(dtype, headdim: int, deterministic: bool, varlen: bool,

@@ -103,12 +103,10 @@ def config(dtype, headdim: int, score_mod: bool, warps: int = WARPS,
     first tile that fits ``limit`` bytes of shared memory (None: TILES' tile)."""
     hd = tiles.padded_headdim(headdim)
     sc = tiles.smem_cols(hd)
-    for tile in (TILES[hd], *SMALL_TILES.get(hd, ())):
-        ring = tile.stages * 2 * KEYS * sc * 2
-        merge = (warps * ROWS * (hd + 8) + (warps + 1) * ROWS) * 4
-        shared = ROWS * sc * 2 + max(warps * ring, merge)
-        if limit is None or shared <= limit:
-            break
+    merge = (warps * ROWS * (hd + 8) + (warps + 1) * ROWS) * 4
+    tile, shared = tiles.first_fitting(
+        (TILES[hd], *SMALL_TILES.get(hd, ())),
+        lambda t: ROWS * sc * 2 + max(warps * t.stages * 2 * KEYS * sc * 2, merge), limit)
     mod = "true" if score_mod else "false"
     return (f"cuflash::flash_decode<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {warps}, "
             f"{tile.stages}, {mod}>", warps * 32, shared,

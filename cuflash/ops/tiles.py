@@ -16,6 +16,17 @@ def padded_headdim(headdim: int) -> int:
     return next(d for d in HEADDIMS if d >= headdim)
 
 
+def first_fitting(candidates, shared_bytes, limit: int | None):
+    """(tile, its shared bytes) of the first of ``candidates`` whose ``shared_bytes(tile)``
+    fits in ``limit`` bytes (None: the first); the last if none does (its launch then says
+    so)."""
+    for tile in candidates:
+        need = shared_bytes(tile)
+        if limit is None or need <= limit:
+            break
+    return tile, need
+
+
 def smem_cols(headdim: int) -> int:
     """Columns of a shared-memory row: whole 64-element (128-byte) swizzle rows."""
     return (headdim + 63) // 64 * 64
