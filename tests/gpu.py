@@ -1,12 +1,14 @@
 """What the GPU tests share: the skip of tests marked `gpu` where there is no CUDA GPU (used by
 tests/conftest.py and bench/conftest.py), the NaN-poisoning allocator hook, and CuPy.
 
-Usage: ``from gpu import poisoned`` (pytest puts ``tests/`` on ``sys.path``); the
+Also the comparisons several test files share (:func:`bits`, :func:`assert_same_bits`,
+:func:`assert_near`). Usage: ``from gpu import poisoned`` (pytest puts ``tests/`` on ``sys.path``); the
 ``launched`` fixture (tests/conftest.py) wraps :func:`launches`. Nothing here
 imports CuPy at import time, so CPU-only machines collect the GPU tests and skip them.
 """
 import contextlib
 
+import numpy as np
 import pytest
 
 
@@ -103,3 +105,33 @@ def dq_scratch_bytes(rows: int, headdim: int, deterministic: bool, launched) -> 
     if any(f == ops.backward.SM90_FILE for f, _ in launched):
         return -(-accum // 256) * 256 + 4 * (accum // 4 // 4096 + 1)
     return 0
+
+
+def host(x):
+    """``x`` as a NumPy array (a CuPy array copied to the host)."""
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def bits(x):
+    """The bit pattern of a float array, on the host (NaN compares equal to itself)."""
+    x = np.ascontiguousarray(host(x))
+    return x.view(f"u{x.dtype.itemsize}")
+
+
+def assert_same_bits(name, got, want, than="the reference"):
+    """``got`` has ``want``'s shape, dtype and bits."""
+    assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    differ = bits(got) != bits(want)
+    assert not differ.any(), (f"{name}: {differ.sum()} of {differ.size} elements differ from "
+                              f"{than}, first at {np.argwhere(differ)[0].tolist()}")
+
+
+def assert_near(name, got, want, than="the reference"):
+    """Finite wherever ``want`` is, and within 2^-6 of its largest value (float32 atomics
+    add in no fixed order)."""
+    g, w = host(got).astype(np.float64), host(want).astype(np.float64)
+    assert np.isfinite(g)[np.isfinite(w)].all(), f"{name}: NaN or inf where {than} is finite"
+    tol = 2.0 ** -6 * max(1.0, np.abs(w).max(initial=0))
+    err = np.abs(g - w).max(initial=0)
+    assert err <= tol, f"{name}: max difference {err:.3g} from {than} > {tol:.3g}"

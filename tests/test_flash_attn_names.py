@@ -13,6 +13,7 @@ import pytest
 
 import cuflash
 from accuracy import assert_close
+from gpu import bits
 from cuflash import reference
 from cuflash.flash_attn import (flash_attn_func, flash_attn_kvpacked_func,
                                 flash_attn_qkvpacked_func, flash_attn_varlen_func,
@@ -24,11 +25,6 @@ F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 
 def normal(rng, shape, dtype=F32):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def bits(x):
-    x = np.ascontiguousarray(x)
-    return x.view(f"u{x.dtype.itemsize}")
 
 
 def assert_same(a, b):

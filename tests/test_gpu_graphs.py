@@ -18,36 +18,12 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu import import_cupy
+from gpu import assert_near, assert_same_bits, bits, import_cupy
 
 pytestmark = pytest.mark.gpu
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
-
-
-def bits(x):
-    """The bit pattern of an array, on the host (NaN compares equal to itself)."""
-    x = np.ascontiguousarray(x if isinstance(x, np.ndarray) else x.get())
-    return x.view(f"u{x.dtype.itemsize}")
-
-
-def assert_same_bits(name, got, want):
-    g, w = bits(got), bits(want)
-    assert g.shape == w.shape, f"{name}: shape {g.shape} != {w.shape}"
-    differ = g != w
-    assert not differ.any(), (f"{name}: {differ.sum()} of {differ.size} elements differ from "
-                              f"the eager call, first at {np.argwhere(differ)[0].tolist()}")
-
-
-def assert_near(name, got, want):
-    """Equal up to the order of float32 additions (the atomic backward)."""
-    g = (got if isinstance(got, np.ndarray) else got.get()).astype(np.float64)
-    w = (want if isinstance(want, np.ndarray) else want.get()).astype(np.float64)
-    assert np.isfinite(g).all(), f"{name}: NaN or inf after the replay"
-    tol = 2.0 ** -6 * max(1.0, np.abs(w).max(initial=0))
-    err = np.abs(g - w).max(initial=0)
-    assert err <= tol, f"{name}: max difference {err:.3g} from the eager call > {tol:.3g}"
 
 
 def capture(stream, fn):

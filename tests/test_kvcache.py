@@ -15,17 +15,11 @@ import pytest
 import cuflash
 from accuracy import assert_close
 from cuflash import _core, kvcache, ops, reference
-from gpu import import_cupy, poisoned
+from gpu import bits, import_cupy, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
-
-
-def bits(x):
-    """The bit pattern of a float array (NaN compares equal to itself)."""
-    x = np.ascontiguousarray(x)
-    return x.view(f"u{x.dtype.itemsize}")
 
 
 class Problem:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu import import_cupy
+from gpu import assert_near, assert_same_bits, bits, host, import_cupy
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -47,35 +47,6 @@ class Backend:
     def copy(self, x):
         """A fresh copy of a host array (None stays None)."""
         return None if x is None else self.put(x.copy())
-
-
-def host(x):
-    return x if isinstance(x, np.ndarray) else x.get()
-
-
-def bits(x):
-    """The bit pattern of a float array, on the host (NaN compares equal to itself)."""
-    x = np.ascontiguousarray(host(x))
-    return x.view(f"u{x.dtype.itemsize}")
-
-
-def assert_same_bits(name, got, want):
-    assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {got.shape} != {want.shape}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    g, w = bits(got), bits(want)
-    differ = g != w
-    assert not differ.any(), (
-        f"{name}: {differ.sum()} of {differ.size} elements differ from the allocating call, "
-        f"first at {np.argwhere(differ)[0].tolist()}")
-
-
-def assert_near(name, got, want):
-    """Within a few units in the last place of the largest value (atomics reorder sums)."""
-    g, w = host(got).astype(np.float64), host(want).astype(np.float64)
-    assert np.isfinite(g).all() == np.isfinite(w).all(), f"{name}: NaN/inf where not expected"
-    tol = 2.0 ** -6 * max(1.0, np.abs(w).max(initial=0))
-    err = np.abs(g - w).max(initial=0)
-    assert err <= tol, f"{name}: max difference {err:.3g} from the allocating call > {tol:.3g}"
 
 
 def _view(layout):
