@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/diagnose.py smoke [--only fwd|bwd] [--out DIR]
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
+    PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -26,6 +27,12 @@ back is host time inside the per-call measurement (microseconds).
 host time, kernel time (CUPTI, through torch.profiler, which sees every kernel of the
 process, CuPy's included) and time between events, for cuflash (contiguous and paged) and
 torch flash / cudnn, and times cuflash at several forced ``num_splits``.
+
+``nvrtc`` names the NVRTC library this process compiles with (from /proc/self/maps), the
+size and hash of every cubin it writes into ``CUPY_CACHE_DIR`` (give it an empty one) and
+the backward's time at head dim 128, seqlen 4k; with ``--peers-first`` torch and JAX start
+on the GPU before cuflash compiles, as in the sweep. Two runs side by side show whether a
+peer's NVRTC can replace CuPy's and change the code.
 
 The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
@@ -359,6 +366,39 @@ def decode(args):
     return 0
 
 
+def nvrtc_probe(args):
+    import glob
+    import hashlib
+    if args.peers_first:
+        torch = __import__("torch")
+        torch.zeros(1, device="cuda")
+        import jax.numpy as jnp
+        jnp.zeros(1).block_until_ready()
+    cupy = require_gpu()
+    import cuflash
+    from cupy_backends.cuda.libs import nvrtc
+    batch, nheads = standard_shape(4096, 128)
+    q, k, v, dout = make_inputs(DTYPES["bf16"], batch, 4096, nheads, 128, seed=0)
+    out, lse = cuflash.attention_forward(q, k, v)
+
+    def ours():
+        return cuflash.attention_backward(dout, q, k, v, out, lse)
+
+    ms = min(back_to_back_ms(ours, 10, 3) for _ in range(3))
+    with open("/proc/self/maps") as maps:
+        libs = sorted({line.split()[-1] for line in maps if "nvrtc" in line})
+    print(f"peers first: {args.peers_first}; python {sys.executable}; nvrtc "
+          f"{nvrtc.getVersion()}: {', '.join(libs)}")
+    for path in sorted(glob.glob(os.path.join(os.environ.get("CUPY_CACHE_DIR", ""), "*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        print(f"  {os.path.basename(path)[:16]} {len(data):8} bytes "
+              f"sha {hashlib.sha256(data).hexdigest()[:12]}")
+    print(f"bwd bf16 hd128 4k: {ms:.3f} ms, "
+          f"{flops('bwd', batch, nheads, 4096, 128, False) / ms / 1e9:.0f} TFLOP/s")
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -387,6 +427,11 @@ def parse_args(argv):
                    help="forced num_splits to time ('' for none)")
     p.add_argument("--profile", action="store_true", help="cProfile of the b1 x 1k host path")
     p.set_defaults(run=decode)
+    p = commands.add_parser("nvrtc", help="the NVRTC library in use, its cubins, and the "
+                                          "backward's time")
+    p.add_argument("--peers-first", action="store_true",
+                   help="start torch and JAX on the GPU first, as the sweep does")
+    p.set_defaults(run=nvrtc_probe)
     return parser.parse_args(argv)
 
 

@@ -5,7 +5,10 @@ Templates are instantiated with ``name_expressions``; compiled modules are cache
 per (device, source, instantiation) with CuPy's disk cache below. A fingerprint of the
 source and every ``kernels_cu/`` file it includes goes into its compile options, because
 CuPy's disk cache keys on the top-level source and options only and would not see an edited
-header; a file that does not include an edited one keeps its options and its cache.
+header; a file that does not include an edited one keeps its options and its cache. So does
+the identity of the NVRTC library loaded (:func:`nvrtc_identity`): the cache keys on NVRTC's
+major and minor version only, and two builds of one version (a process where torch or JAX
+loaded theirs first) write different code under one key.
 """
 from __future__ import annotations
 
@@ -97,12 +100,33 @@ def _cuda_include() -> str:
                        "brings nvidia-cuda-runtime), or set CUDA_PATH to a CUDA toolkit")
 
 
+@functools.lru_cache(maxsize=None)
+def nvrtc_identity() -> str:
+    """Hash of the NVRTC library this process compiles with: its path, size and time stamp
+    (from ``/proc/self/maps``, where it is mapped once CuPy loaded it); empty where there is
+    no such file (another OS), which leaves the cache keyed on NVRTC's version alone."""
+    from cupy_backends.cuda.libs import nvrtc
+    nvrtc.getVersion()  # loads the library
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libnvrtc.so" in line})
+        stats = [os.stat(path) for path in paths]
+    except OSError:
+        return ""
+    h = hashlib.sha256()
+    for path, st in zip(paths, stats):
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16] if paths else ""
+
+
 def options(arch: str, filename: str) -> tuple:
     """NVRTC options for ``filename`` on ``arch`` (e.g. ``sm_90``); the same for run time
     and the check."""
+    identity = nvrtc_identity()
     return (STD, f"--gpu-architecture={arch}", "-I" + str(source_dir()),
             "-I" + _cuda_include(),
-            f"-DCUFLASH_FINGERPRINT=0x{source_fingerprint(filename)}ULL")
+            f"-DCUFLASH_FINGERPRINT=0x{source_fingerprint(filename)}ULL") + (
+                (f"-DCUFLASH_NVRTC=0x{identity}ULL",) if identity else ())
 
 
 # Sources written for one architecture-specific target: sm_90a code (wgmma, setmaxnreg) runs

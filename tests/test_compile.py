@@ -2,6 +2,8 @@
 
 These run NVRTC without a GPU (CuPy's ctk extra brings it), as CI does.
 """
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,16 @@ def test_header_edit_changes_the_compile_options(sources):
     after = _compile.options("sm_90", "k.cu")
     assert before != after
     assert any("CUFLASH_FINGERPRINT" in o for o in after)
+
+
+def test_the_nvrtc_library_is_in_the_compile_options(sources):
+    # CuPy's cache keys on NVRTC's version only; two builds of one version (torch's or JAX's
+    # loaded first) must not share cubins.
+    identity = _compile.nvrtc_identity()
+    if sys.platform.startswith("linux"):
+        assert re.fullmatch(r"[0-9a-f]{16}", identity)
+    assert _compile.options("sm_90", "k.cu")[-1] == f"-DCUFLASH_NVRTC=0x{identity}ULL" \
+        or not identity
 
 
 def test_report_gives_registers_and_no_spills(sources):
