@@ -322,13 +322,12 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 
       // Key block it is ring position g + it. S of block it is issued before P V of block
       // it - 1 (intra-warpgroup overlap: the tensor cores run P V while this warpgroup
-      // computes the softmax of S), and O is rescaled just before the P V that adds the
-      // block whose max rescales it.
+      // computes the softmax of S, exp2 included), and O is rescaled once that P V is done,
+      // outside the turn, before the P V that adds the block whose max rescales it.
       float alpha[1][2];
       uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
-      auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
+      auto issue_pv = [&](int it) {  // O += P V of block it
         const int pos = g + it, s = pos % STAGES;
-        softmax.rescale(acc_o, alpha);
         sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
@@ -363,8 +362,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         }
         sm90::wgmma_commit();
       };
-      // Once S of block it is done: release its K (and Q after the last block), mask, and
-      // fold its row maxima into the softmax (alpha).
+      // Once S of block it is done: release its K (and Q after the last block), mask, fold
+      // its row maxima into the softmax (alpha), and S becomes P = exp2(...) in float32,
+      // under the previous P V. At 160 registers (three consumers) with a score modifier
+      // that does not fit beside the P V in flight: the exp2 waits for it there.
+      constexpr bool EXP_UNDER_PV = CONSUMERS == 2 || !HAS_SCORE_MOD;
       const float factor = HAS_SCORE_MOD ? 1.f : mod.scale_log2;
       auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
@@ -382,10 +384,12 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
         }
         softmax.max_step(sc, factor, alpha);
+        if constexpr (EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
       };
-      // P = exp2(...) in 16 bits: k16 slice kk of S's C-fragments is the A fragment of step kk.
+      // Once the previous P V is done: P in 16 bits (k16 slice kk of S's C-fragments is the
+      // A fragment of step kk), and O times alpha.
       auto make_p = [&] {
-        softmax.exp_step(sc, factor, alpha);
+        if constexpr (!EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
           pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);
@@ -393,6 +397,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
           pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
+        softmax.rescale(acc_o, alpha);
       };
 
       if (n_blocks > 0) {  // the first block: nothing to overlap its softmax with yet
@@ -408,7 +413,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         issue_s(it);
         issue_pv(it - 1);
         pass_turn();
-        sm90::wgmma_wait<1>();  // S is done; P V may still run
+        sm90::wgmma_wait<1>();  // S is done; P V may still run, under the softmax
         scores(it);
         retire_pv(it - 1);
         make_p();
