@@ -12,9 +12,10 @@ functions on those buffers with ``out=`` / ``lse=`` / ``dq=``... set to XLA's ou
   runs the same tiled algorithm as the kernels. This is what CI tests.
 - GPU: the buffers are wrapped as CuPy arrays over XLA's device pointers (no copies) and the
   kernels are queued on XLA's stream (``cupy.cuda.ExternalStream``): nothing is copied and
-  nothing waits on the host. Launches are memoized by layout, so a call costs a dictionary
-  lookup and one ``cuLaunchKernel`` per kernel. Untested so far (no GPU was at hand when
-  this was written): see README, "JAX".
+  nothing waits on the host. Launches are memoized by layout. The dense forward and
+  backward go further: from the second call of a compiled program on, they pass the
+  buffers' addresses straight to the memoized launch, without CuPy arrays or checks that
+  the first call already made (``_binding._callback``).
 
 Gradients: ``attention`` and ``attention_varlen`` are ``jax.custom_vjp`` functions whose
 forward keeps ``out`` and ``lse`` and whose backward is cuflash's recompute backward

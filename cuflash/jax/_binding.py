@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cuflash
+from cuflash import _core, ops
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -82,16 +83,19 @@ def _data_ptr(buf) -> int:
 _STREAMS = {}
 
 
-def _external_stream(ptr: int, device: int):
-    """A CuPy stream object for XLA's stream (kept: XLA uses a few streams, for ever)."""
-    stream = _STREAMS.get((ptr, device))
-    if stream is None:
+def _external_stream(ptr: int, buffers):
+    """XLA's stream as a CuPy stream object, and its CUDA device (kept: XLA uses a few
+    streams, for ever). A stream belongs to one device: the driver's record of a buffer's
+    address names it once (exact even where XLA's device numbering and CUDA's differ)."""
+    key = (ptr, buffers[0].__dlpack_device__()[1])
+    found = _STREAMS.get(key)
+    if found is None:
         import cupy
+        device = _device_of(buffers)
         with warnings.catch_warnings():  # CuPy 14 deprecates it for Stream.from_external,
             warnings.simplefilter("ignore", DeprecationWarning)  # which CuPy 13 lacks
-            stream = cupy.cuda.ExternalStream(ptr, device)
-        _STREAMS[(ptr, device)] = stream
-    return stream
+            found = _STREAMS[key] = (cupy.cuda.ExternalStream(ptr, device), device)
+    return found
 
 
 def _cupy_view(buf, device: int):
@@ -120,7 +124,15 @@ def _callback(body, static):
     """A buffer_callback function that runs ``body(static, outs, *ins)`` on XLA's buffers.
 
     Cached, so that one ``(body, static)`` is one function: the primitive's parameters hold
-    it, and eager calls reuse their compiled executable only when they are equal."""
+    it, and eager calls reuse their compiled executable only when they are equal.
+
+    On the GPU, where ``body`` has a fast path (``_FAST``), the first call of each shapes
+    and device also builds it from the CuPy views (cuflash's checks have then passed, and
+    its memoized launch exists); later calls go from the buffers' addresses straight to
+    that launch, without CuPy arrays or the public function's checks, which depend on
+    nothing that changes between calls of one compiled program but the addresses."""
+    build, fast_paths = _FAST.get(body), {}
+
     def callback(ctx, outs, *ins):
         buffers = [b for b in (*outs, *ins) if b is not None]
         if buffers[0].__dlpack_device__()[0] == _DL_CPU:
@@ -128,10 +140,18 @@ def _callback(body, static):
                  *(None if b is None else np.asarray(b) for b in ins))
             return
         import cupy
-        device = _device_of(buffers)
-        with cupy.cuda.Device(device), _external_stream(ctx.stream, device):
-            body(static, tuple(_cupy_view(b, device) for b in outs),
-                 *(None if b is None else _cupy_view(b, device) for b in ins))
+        stream, device = _external_stream(ctx.stream, buffers)
+        key = (device, *((b.shape, b.dtype) if b is not None else None for b in ins))
+        fast = fast_paths.get(key)
+        if fast is not None and cupy.cuda.runtime.getDevice() == device and fast(
+                stream, *(0 if b is None else _data_ptr(b) for b in (*outs, *ins))):
+            return
+        with cupy.cuda.Device(device), stream:
+            views = (tuple(_cupy_view(b, device) for b in outs),
+                     *(None if b is None else _cupy_view(b, device) for b in ins))
+            body(static, *views)
+            if build is not None and key not in fast_paths:
+                fast_paths[key] = build(static, *views) or (lambda *_: False)
     callback.__name__ = callback.__qualname__ = f"cuflash_{body.__name__.strip('_')}"
     return callback
 
@@ -225,6 +245,58 @@ def _dense_backward_body(o: _Options, grads, dout, q, k, v, out, lse, slopes):
     cuflash.attention_backward(dout, q, k, v, out, _fold(lse, 3), **_forward_kwargs(o),
                                alibi_slopes=slopes, deterministic=o.deterministic,
                                dq=dq, dk=dk, dv=dv, layout=o.layout)
+
+
+def _bshd(x, layout):
+    """A (batch, seqlen, heads, headdim) view of an array in ``layout``."""
+    return x if layout == "bshd" else x.transpose(0, 2, 1, 3)
+
+
+def _dense_forward_fast(o: _Options, outs, q, k, v, slopes):
+    """The fast path of _dense_forward_body (see _callback): ``fast(stream, out, lse, q, k,
+    v, slopes)`` on addresses, True once queued, False where the full path must run (rows
+    not on 16 bytes, or the Hopper kernel's maps refused). None where there is none."""
+    out, lse = outs
+    if q.ndim > 4 and slopes is not None or 0 in q.shape + k.shape:
+        return None
+    q, k, v, out = (_bshd(_fold(x, 4), o.layout) for x in (q, k, v, out))
+    p = ops.dense_problem(q, k, v, **_forward_kwargs(o), alibi_slopes=slopes)
+    launch = ops.forward.Launch(p, out.strides, _fold(lse, 3).shape)
+    if launch.copies:
+        return None
+
+    def fast(stream, out, lse, q, k, v, slopes):
+        return not (q | k | v | out) & 15 and launch.plan(stream.ptr, q, k, v, slopes, 0, 0,
+                                                          out, lse)
+    return fast
+
+
+def _dense_backward_fast(o: _Options, grads, dout, q, k, v, out, lse, slopes):
+    """The fast path of _dense_backward_body, as :func:`_dense_forward_fast`:
+    ``fast(stream, dq, dk, dv, dout, q, k, v, out, lse, slopes)``."""
+    if q.ndim > 4 and slopes is not None or 0 in q.shape + k.shape:
+        return None
+    dq, dk, dv, dout, q, k, v, out = (_bshd(_fold(x, 4), o.layout)
+                                      for x in (*grads, dout, q, k, v, out))
+    lse = _fold(lse, 3)
+    p = ops.dense_problem(q, k, v, **_forward_kwargs(o), alibi_slopes=slopes)
+    launch = ops.backward.Launch(p, (out.strides, dout.strides, lse.strides, dq.strides,
+                                     dk.strides, dv.strides), o.deterministic)
+    if launch.copies:
+        return None
+    plan = launch.plan
+
+    def fast(stream, dq, dk, dv, dout, q, k, v, out, lse, slopes):
+        if (dq | dk | dv | dout | q | k | v | out) & 15:
+            return False
+        scratch, owner = _core.scratch(plan.scratch_bytes, stream)
+        plan(stream.ptr, scratch, q, k, v, slopes, 0, 0, out, dout, lse, dq, dk, dv)
+        del owner  # the launches are queued: the pool may hand it out again on this stream
+        return True
+    return fast
+
+
+_FAST = {_dense_forward_body: _dense_forward_fast, _dense_backward_body: _dense_backward_fast}
 
 
 def _items(x, ndim):
