@@ -88,20 +88,6 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
-// Shared-memory accesses by 32-bit shared addresses (no 64-bit generic pointers: this
-// kernel runs at the 255-register limit).
-__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ void sts_f32x2(uint32_t addr, float x, float y) {
-  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
-}
-__device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
-  return v;
-}
-
 // cp.async of rows [0, nrows) of a ROWS x D tile (row stride in elements) into the swizzled
 // tile at shared address dst; rows >= nrows and columns >= headdim read as zeros. 256
 // threads, consecutive threads on consecutive chunks of a row (coalesced, conflict-free).
@@ -210,7 +196,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
-        sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
+        sm90::sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
                   dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
     sm90::fence_proxy_async();
     sm90::named_barrier(1 + wg, 128);
@@ -340,8 +326,8 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           const int qc = 8 * t + 2 * qd;
-          const float2 l2 = lds_f32x2(lse_s + 4 * qc);
-          const float2 d2 = lds_f32x2(del_s + 4 * qc);
+          const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+          const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
@@ -378,7 +364,7 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int kr = 64 * wg + 16 * wq + g + 8 * hh;
-          sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[sb][t / 2][(t & 1) * 2 + hh]);
+          sm90::sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[sb][t / 2][(t & 1) * 2 + hh]);
         }
 
       sm90::wgmma_fence();

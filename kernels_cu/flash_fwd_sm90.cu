@@ -14,7 +14,8 @@
 //     MN-major from shared memory. S of the next key block is issued before P V of this
 //     one, so that the softmax of one runs under the GEMM of the other (FA3's
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
-//     issuing their GEMMs (ping-pong). O is divided by l_i once at the end, LSE written.
+//     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
+//     (through shared memory where it fits), LSE written.
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
 // out-of-bounds elements with zeros); stores are predicated.
@@ -68,9 +69,16 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = QK_BLOCKS * Q_BLOCK_BYTES;
   static constexpr int K_BYTES = QK_BLOCKS * KV_BLOCK_BYTES;
   static constexpr int V_BYTES = V_BLOCKS * KV_BLOCK_BYTES;
+  static constexpr int RING_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES);
+  // O leaves through shared memory where its tile fits beside the rings (head dims up to
+  // 128) and the registers allow (two consumers: at 160 registers the staging spills):
+  // each consumer's 64 rows in 128-byte swizzled rows, then 16-byte stores of whole row
+  // segments. Otherwise O is stored from the accumulators.
+  static constexpr int O_BYTES = BLOCK_M * HEAD_DIM_V * 2;
+  static constexpr bool STAGED_O = CONSUMERS == 2 && RING_BYTES + O_BYTES + 1024 <= 227 * 1024;
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
-  static constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + 1024;
+  static constexpr int SMEM_BYTES = RING_BYTES + (STAGED_O ? O_BYTES : 0) + 1024;
   // Registers after setmaxnreg, within the register file that __launch_bounds__(
   // NUM_THREADS, 1) hands out evenly at launch (168 a thread for 2 consumers, 128 for 3).
   static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 24 : 32;
@@ -431,16 +439,48 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       float* lse_out =
           p.fwd.lse + (static_cast<int64>(seq.b) * a.nheads + tile.h) * a.seqlen_q + seq.q0;
       const int col = 2 * (lane & 3);
+      // V's head dim is Q's (a.headdim) in the API.
+      if constexpr (Tr::STAGED_O) {
+        // Row 16 warp + lane / 4 + 8 r of the consumer's tile: column block dt / 8, 16-byte
+        // chunk (dt % 8) ^ (row % 8), 4 bytes at 4 (lane % 4); a warp's 8 rows then hit 32
+        // distinct banks. The tile is 1024-byte aligned, so the swizzle is an XOR on the
+        // address of chunk 0 (rows r = 1 are 1024 bytes on), which the empty asm keeps from
+        // being computed once for all tiles and held (spilled) across the persistent loop.
+        // Named barrier 4 + consumer: before the writes, this consumer's reads of its
+        // previous tile are done; after them, the tile is whole.
+        const uint32_t sO = base + Tr::RING_BYTES + consumer * (Tr::O_BYTES / CONSUMERS);
+        const int row0 = warp * 16 + lane / 4;
+        uint32_t chunk0 = sO + row0 * 128 + ((row0 % 8) << 4) + 4 * (lane & 3);
+        asm volatile("" : "+r"(chunk0));
+        sm90::named_barrier(4 + consumer, 128);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int dt = 0; dt < D_TILES; ++dt)
+            sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * 64 * 128 + r * 1024,
+                          dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]));
+        sm90::named_barrier(4 + consumer, 128);
+        constexpr int CHUNKS = HEAD_DIM_V / 8;  // 16-byte chunks of a row
+#pragma unroll 1
+        for (int idx = tid % 128; idx < 64 * CHUNKS; idx += 128) {
+          const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
+          if (i < seq.seqlen_q() && c * 8 < a.headdim)
+            *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) =
+                sm90::lds_u128(sO + (c / 8) * 64 * 128 + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+        }
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = frag_row0 + r * 8;
         if (i >= seq.seqlen_q()) continue;
-        T* o_row = o + i * p.fwd.o_row_stride;
+        if constexpr (!Tr::STAGED_O) {
+          T* o_row = o + i * p.fwd.o_row_stride;
 #pragma unroll
-        for (int dt = 0; dt < D_TILES; ++dt)  // V's head dim is Q's (a.headdim) in the API
-          if (dt * 8 + col < a.headdim)
-            *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
-                dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
+          for (int dt = 0; dt < D_TILES; ++dt)
+            if (dt * 8 + col < a.headdim)
+              *reinterpret_cast<uint32_t*>(o_row + dt * 8 + col) =
+                  dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]);
+        }
         if ((lane & 3) == 0) lse_out[i] = lse[0][r];
       }
     }

@@ -152,7 +152,11 @@ def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: in
     bn = block_n or (t.block_n_short if score_mod or short else t.block_n)
     c = consumers or (t.consumers_short if short else t.consumers)
     block_m = 64 * c
-    smem = (block_m + 2 * SM90_STAGES * bn) * hd * 2 + 1024  # + 1 KiB to align tiles
+    # FwdSm90Traits::SMEM_BYTES: Q and the K / V rings, O's staging tile where it fits
+    # beside them with two consumers (STAGED_O), 1 KiB to align the tiles.
+    ring, o_tile = (block_m + 2 * SM90_STAGES * bn) * hd * 2, block_m * hd * 2
+    staged = c == 2 and ring + o_tile + 1024 <= tiles.SHARED_LIMITS["sm_90"]
+    smem = ring + (o_tile if staged else 0) + 1024
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
             f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
     return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
