@@ -185,8 +185,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       int* counter = p.tile_counter;
-      for (int t = -1;;) {
-        t = counter ? atomicAdd(counter, 1) : (t < 0 ? blockIdx.x : t + gridDim.x);
+      // The index of the next tile is fetched as soon as this one is known, so that the
+      // atomic's latency passes under this tile's loads rather than between two tiles.
+      int t_next = counter ? atomicAdd(counter, 1) : blockIdx.x;
+      for (int t;;) {
+        t = t_next;
         SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
         if constexpr (VARLEN) {
           // Skip the tiles past the end of their item (no rows to compute or store): the
@@ -214,6 +217,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           sm90::mbar_arrive(full_q);  // stop
           break;
         }
+        t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x;
         FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
