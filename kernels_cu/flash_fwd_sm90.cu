@@ -69,16 +69,22 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = QK_BLOCKS * Q_BLOCK_BYTES;
   static constexpr int K_BYTES = QK_BLOCKS * KV_BLOCK_BYTES;
   static constexpr int V_BYTES = V_BLOCKS * KV_BLOCK_BYTES;
-  static constexpr int RING_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES);
-  // O leaves through shared memory where its tile fits beside the rings (head dims up to
-  // 128) and the registers allow (two consumers: at 160 registers the staging spills):
-  // each consumer's 64 rows in 128-byte swizzled rows, then 16-byte stores of whole row
-  // segments. Otherwise O is stored from the accumulators.
-  static constexpr int O_BYTES = BLOCK_M * HEAD_DIM_V * 2;
-  static constexpr bool STAGED_O = CONSUMERS == 2 && RING_BYTES + O_BYTES + 1024 <= 227 * 1024;
+  static constexpr int KV_BYTES = STAGES * (K_BYTES + V_BYTES);
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
-  static constexpr int SMEM_BYTES = RING_BYTES + (STAGED_O ? O_BYTES : 0) + 1024;
+  static constexpr int LIMIT = 227 * 1024 - 1024;
+  // O leaves through shared memory where its tile fits beside one Q tile and the K / V
+  // rings (head dims up to 128) and the registers allow (two consumers: at 160 registers
+  // the staging spills): each consumer's 64 rows in 128-byte swizzled rows, then 16-byte
+  // stores of whole row segments. Otherwise O is stored from the accumulators.
+  static constexpr int O_BYTES = BLOCK_M * HEAD_DIM_V * 2;
+  static constexpr bool STAGED_O = CONSUMERS == 2 && Q_BYTES + KV_BYTES + O_BYTES <= LIMIT;
+  static constexpr int O_STAGE = STAGED_O ? O_BYTES : 0;
+  // Two Q buffers where they fit (head dims up to 128): the next tile's Q loads while the
+  // consumers finish this one.
+  static constexpr int Q_STAGES = 2 * Q_BYTES + KV_BYTES + O_STAGE <= LIMIT ? 2 : 1;
+  static constexpr int RING_BYTES = Q_STAGES * Q_BYTES + KV_BYTES;
+  static constexpr int SMEM_BYTES = RING_BYTES + O_STAGE + 1024;
   // Registers after setmaxnreg, within the register file that __launch_bounds__(
   // NUM_THREADS, 1) hands out evenly at launch (168 a thread for 2 consumers, 128 for 3).
   static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 24 : 32;
@@ -128,10 +134,11 @@ struct FwdTile {
 // thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
 // as a non-persistent grid's CTAs would, which balances causal work) and hands its index
 // to the consumers in shared memory with the Q tile, through the full_q / empty_q barrier
-// pair (an index past the last tile says stop). While the consumers finish a tile (last
-// P V, epilogue), the producer already loads the next tile's Q (the consumers release Q
-// after their last S = Q K^T) and its first K and V stages: the K and V rings and their
-// barrier phases run on across tiles.
+// pair (an index past the last tile says stop), Q_STAGES of them in a ring. While the
+// consumers finish a tile (last P V, epilogue), the producer already loads the next tile's
+// Q (into the other buffer, or, with one, once the consumers released it after their last
+// S = Q K^T) and its first K and V stages: the rings and their barrier phases run on
+// across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, bool HAS_SCORE_MOD,
           bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
@@ -141,20 +148,23 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
-  // full_k, full_v, empty_k, empty_v per stage, then full_q, empty_q.
-  __shared__ __align__(8) uint64_t barriers[4 * STAGES + 2];
-  // The tile of the current full_q phase; varlen: and its item's q0, k0, len_q, len_k.
-  __shared__ int tile_slot[VARLEN ? 5 : 1];
+  constexpr int Q_STAGES = Tr::Q_STAGES;
+  // full_k, full_v, empty_k, empty_v per stage, then full_q, empty_q per Q stage.
+  __shared__ __align__(8) uint64_t barriers[4 * STAGES + 2 * Q_STAGES];
+  // Per Q stage: the tile of its current full_q phase; varlen: and its item's q0, k0,
+  // len_q, len_k.
+  __shared__ int tile_slot[Q_STAGES][VARLEN ? 5 : 1];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
-  const uint32_t sQ = base;
-  auto sK = [&](int s) { return base + Tr::Q_BYTES + s * Tr::K_BYTES; };
-  auto sV = [&](int s) { return base + Tr::Q_BYTES + STAGES * Tr::K_BYTES + s * Tr::V_BYTES; };
+  auto sQ = [&](int s) { return base + s * Tr::Q_BYTES; };
+  const uint32_t kv = base + Q_STAGES * Tr::Q_BYTES;
+  auto sK = [&](int s) { return kv + s * Tr::K_BYTES; };
+  auto sV = [&](int s) { return kv + STAGES * Tr::K_BYTES + s * Tr::V_BYTES; };
   auto full_k = [&](int s) { return smem_addr(&barriers[s]); };
   auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
   auto empty_k = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
   auto empty_v = [&](int s) { return smem_addr(&barriers[3 * STAGES + s]); };
-  const uint32_t full_q = smem_addr(&barriers[4 * STAGES]);
-  const uint32_t empty_q = smem_addr(&barriers[4 * STAGES + 1]);
+  auto full_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + s]); };
+  auto empty_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + Q_STAGES + s]); };
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
@@ -173,8 +183,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       sm90::mbar_init(empty_k(s), 4 * CONSUMERS);  // one arrival per consumer warp
       sm90::mbar_init(empty_v(s), 4 * CONSUMERS);
     }
-    sm90::mbar_init(full_q, 1);
-    sm90::mbar_init(empty_q, 4 * CONSUMERS);
+    for (int s = 0; s < Q_STAGES; ++s) {
+      sm90::mbar_init(full_q(s), 1);
+      sm90::mbar_init(empty_q(s), 4 * CONSUMERS);
+    }
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -209,12 +221,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             }
           }
         }
-        // The consumers read the previous index and ran their last S on the previous Q.
-        if (q_loads > 0) sm90::mbar_wait(empty_q, (q_loads - 1) & 1);
+        // The consumers read the index Q_STAGES tiles ago and ran their last S on its Q.
+        const int qs = q_loads % Q_STAGES;
+        if (q_loads >= Q_STAGES) sm90::mbar_wait(empty_q(qs), (q_loads / Q_STAGES - 1) & 1);
         ++q_loads;
-        tile_slot[0] = t;
+        int* const slot = tile_slot[qs];
+        slot[0] = t;
         if (t >= num_tiles) {
-          sm90::mbar_arrive(full_q);  // stop
+          sm90::mbar_arrive(full_q(qs));  // stop
           break;
         }
         t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x;
@@ -226,21 +240,21 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             return SeqView<false>(a, tile.b);
         }();
         if constexpr (VARLEN) {
-          tile_slot[1] = seq.q0;
-          tile_slot[2] = seq.k0;
-          tile_slot[3] = seq.len_q;
-          tile_slot[4] = seq.len_k;
+          slot[1] = seq.q0;
+          slot[2] = seq.k0;
+          slot[3] = seq.len_q;
+          slot[4] = seq.len_k;
         }
         const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
         tile.set_keys(Br, Bc, seq, mask);
         if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
-          sm90::mbar_arrive(full_q);
+          sm90::mbar_arrive(full_q(qs));
           continue;
         }
-        sm90::mbar_arrive_expect_tx(full_q, Tr::Q_BYTES);
+        sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
 #pragma unroll
         for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-          sm90::tma_load_4d(sQ + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q, cb * 64,
+          sm90::tma_load_4d(sQ(qs) + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q(qs), cb * 64,
                             seq.q0 + tile.m_block * Br, tile.h, seq.b);
         // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
         // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
@@ -288,7 +302,6 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     constexpr int N_TILES = Bc / 8, D_TILES = HEAD_DIM_V / 8;
     const int consumer = warpgroup - 1;
     const int warp = (tid / 32) % 4, lane = tid % 32;
-    const uint32_t sQ_wg = sQ + consumer * 64 * 128;  // its 64 rows of every column block
     int g = 0;
     // Ping-pong: the consumers issue their GEMMs in turn (0, 1, .., 0, ..), so that one's
     // softmax runs while the tensor cores serve the others. Named barrier 1 + c is consumer
@@ -303,8 +316,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     if (consumer == CONSUMERS - 1) pass_turn();
 
     for (int q_loads = 0;; ++q_loads) {
-      sm90::mbar_wait(full_q, q_loads & 1);
-      const volatile int* slot = tile_slot;
+      const int qs = q_loads % Q_STAGES;
+      sm90::mbar_wait(full_q(qs), (q_loads / Q_STAGES) & 1);
+      const volatile int* slot = tile_slot[qs];
       const int t = slot[0];
       if (t >= num_tiles) break;
       FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
@@ -320,7 +334,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
       __syncwarp();  // no key block: the index is read and Q not used, release at once
-      sm90::mbar_arrive_if(empty_q, lane == 0 && n_blocks <= 0);
+      sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0);
+      const uint32_t sQ_wg = sQ(qs) + consumer * 64 * 128;  // its 64 rows of each column block
       const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
       const int frag_row0 = wg_row0 + warp * 16 + lane / 4;    // this thread's first row
 
@@ -384,7 +399,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
         sm90::mbar_arrive_if(empty_k((g + it) % STAGES), lane == 0);
-        sm90::mbar_arrive_if(empty_q, lane == 0 && it == n_blocks - 1);
+        sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
         if constexpr (HAS_SCORE_MOD) {

@@ -152,11 +152,14 @@ def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: in
     bn = block_n or (t.block_n_short if score_mod or short else t.block_n)
     c = consumers or (t.consumers_short if short else t.consumers)
     block_m = 64 * c
-    # FwdSm90Traits::SMEM_BYTES: Q and the K / V rings, O's staging tile where it fits
-    # beside them with two consumers (STAGED_O), 1 KiB to align the tiles.
-    ring, o_tile = (block_m + 2 * SM90_STAGES * bn) * hd * 2, block_m * hd * 2
-    staged = c == 2 and ring + o_tile + 1024 <= tiles.SHARED_LIMITS["sm_90"]
-    smem = ring + (o_tile if staged else 0) + 1024
+    # FwdSm90Traits::SMEM_BYTES: the K / V rings, O's staging tile where it fits beside
+    # them and one Q tile with two consumers (STAGED_O), a second Q tile where that fits
+    # too (Q_STAGES), 1 KiB to align the tiles.
+    limit = tiles.SHARED_LIMITS["sm_90"] - 1024
+    q_tile, kv, o_tile = block_m * hd * 2, 2 * SM90_STAGES * bn * hd * 2, block_m * hd * 2
+    o_stage = o_tile if c == 2 and q_tile + kv + o_tile <= limit else 0
+    q_stages = 2 if 2 * q_tile + kv + o_stage <= limit else 1
+    smem = q_stages * q_tile + kv + o_stage + 1024
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
             f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
     return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
