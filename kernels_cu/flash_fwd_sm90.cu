@@ -2,7 +2,7 @@
 //
 // One CTA per (query block of Br = 64 x CONSUMERS rows, head, batch item); query blocks run
 // last-first so that under a causal mask the heaviest start first. 1 + CONSUMERS warpgroups:
-//   producer (warpgroup 0, one thread): TMA copies of Q (once) and of K, V tiles of
+//   producer (warpgroup 0, one thread): TMA copies of Q (once a tile) and of K, V tiles of
 //     Bc = BLOCK_N keys into two STAGES-deep rings (K and V each their own) of 128B-swizzled
 //     shared-memory buffers, K of the next key block before V of this one; "full"
 //     mbarriers count the bytes in, "empty" mbarriers say when the consumers are done with a
@@ -96,7 +96,10 @@ struct FwdSm90Traits {
   static constexpr bool PINGPONG = HEAD_DIM <= 128 && HEAD_DIM_V <= 128;
   static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0, "whole 128-byte swizzle rows");
   static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N and TMA box limits");
-  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+  // With the kernel's static block (barriers, tile slots), which the 1024-byte alignment of
+  // the dynamic window pads to 1 KiB.
+  static_assert(SMEM_BYTES + 1024 <= 227 * 1024, "shared memory");
+  static_assert(!STAGED_O || CONSUMERS < 4, "named barriers 4 + consumer follow the turns' 1..");
 };
 
 // One work tile: query block m_block of head h of batch item b, and the key blocks
@@ -197,10 +200,13 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       int* counter = p.tile_counter;
-      // The index of the next tile is fetched as soon as this one is known, so that the
-      // atomic's latency passes under this tile's loads rather than between two tiles.
-      int t_next = counter ? atomicAdd(counter, 1) : blockIdx.x;
-      for (int t;;) {
+      // The next tile's index is fetched once this tile's last K load is queued (the
+      // consumers are then STAGES key blocks from its end): the atomic's latency passes
+      // under those blocks rather than between two tiles, and a CTA still claims its next
+      // tile only near the end of this one, as dynamic scheduling needs.
+      int t = counter ? atomicAdd(counter, 1) : blockIdx.x, t_next = t;
+      auto fetch_next = [&] { t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x; };
+      for (;;) {
         t = t_next;
         SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
         if constexpr (VARLEN) {
@@ -231,7 +237,6 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           sm90::mbar_arrive(full_q(qs));  // stop
           break;
         }
-        t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x;
         FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
@@ -249,6 +254,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         tile.set_keys(Br, Bc, seq, mask);
         if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
           sm90::mbar_arrive(full_q(qs));
+          fetch_next();
           continue;
         }
         sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
@@ -276,8 +282,12 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         };
         const int n_blocks = tile.n_blocks();
         load(false, 0);
+        if (n_blocks == 1) fetch_next();
         for (int i = 0; i < n_blocks; ++i) {
-          if (i + 1 < n_blocks) load(false, i + 1);
+          if (i + 1 < n_blocks) {
+            load(false, i + 1);
+            if (i + 2 == n_blocks) fetch_next();
+          }
           load(true, i);
         }
         g += n_blocks;
