@@ -9,21 +9,27 @@
 // bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
 // and padded rows, so that their p is exactly 0), dq_accum zeroed.
 //
-// One CTA per (128 keys, batch item, kv head): two warpgroups of 128 threads, warpgroup w
-// owning keys 64 w .. 64 w + 63. K and V stay in shared memory; the CTA walks the query
-// blocks (BLOCK_R rows) of every query head of its GQA group that see one of its keys,
-// Q_i, dO_i, lse_i and delta_i double-buffered by cp.async (all 256 threads copy). A step:
+// One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
+// two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63. K and V stay in shared
+// memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
+// group that see one of its keys. The producer's 128 threads copy K and V once, then Q_i,
+// dO_i, lse_i and delta_i into a ring of STAGES buffers by cp.async, each stage handed over
+// by a "full" mbarrier and given back by an "empty" one; it gives most of its registers to
+// the MMA warpgroups (setmaxnreg), which issue no loads. A step of an MMA warpgroup:
 //   S^T  = K_w Q_i^T,  dP^T = V_w dO_i^T        wgmma, both operands K-major in smem
 //   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
 //   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
 //                                                B = dO_i / Q_i read N-major from smem
-//   dS^T -> shared memory; in the next step (after the one CTA barrier of a step) warpgroup
-//   w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T M-major, B = K N-major), stages it
-//   in shared memory and adds it into dq_accum with one bulk reduce-add (16 KiB);
+//   dS^T -> shared memory; in the next step (after the one barrier of the two MMA
+//   warpgroups a step) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
+//   M-major, B = K N-major), stages it in shared memory and adds it into dq_accum with
+//   one bulk reduce-add (16 KiB);
 //   warpgroup 0 does so at the start of the step, warpgroup 1 at its end, so that their
 //   MMA phases interleave with each other's elementwise work.
-// Work is in 64-query sub-blocks (m64n64 S^T, dP^T); a warpgroup's sub-tile that no
-// (query, key) pair sees skips its MMAs and writes zeros to its dS^T rows.
+// Work is in 64-query sub-blocks (m64n64 S^T, dP^T), every one computed: a sub-tile that
+// no (query, key) pair sees (causal and window diagonals, padded queries) gets P = dS = 0
+// from the mask and the +inf lse of padded rows. (Skipping its MMAs put wgmmas under a
+// branch, which makes ptxas serialize them all at 240 registers.)
 // The keys are the M side of S^T, so P^T and dS^T are the A fragments of dV and dK with
 // no data movement (common/sm90.cuh: the accumulator layout is the mma A layout).
 //
@@ -57,8 +63,13 @@ namespace cuflash {
 
 template <int D, int BLOCK_R>
 struct BwdSm90Traits {
-  static constexpr int BLOCK_C = 128;  // keys per CTA: 2 warpgroups x 64
-  static constexpr int THREADS = 256;
+  static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
+  static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
+  static constexpr int STAGES = 2;     // buffers of the Q, dO, lse, delta ring
+  // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
+  // hands out at launch: what the producer gives back, the MMA warpgroups take.
+  static constexpr int PRODUCER_REGS = 24, MMA_REGS = 240;
+  static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 65536, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
   static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of 128 key rows)
@@ -68,14 +79,14 @@ struct BwdSm90Traits {
   static constexpr int DQ_BYTES = 64 * 64 * 4;  // one warpgroup's dQ staging tile
   static constexpr int OFF_K = 0;
   static constexpr int OFF_V = OFF_K + K_BYTES;
-  static constexpr int OFF_Q = OFF_V + K_BYTES;       // two buffers
-  static constexpr int OFF_DO = OFF_Q + 2 * Q_BYTES;  // two buffers
-  static constexpr int OFF_DS = OFF_DO + 2 * Q_BYTES; // two buffers
-  static constexpr int OFF_DQ = OFF_DS + 2 * DS_BYTES;  // one per warpgroup
-  static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES; // two buffers of BLOCK_R floats
-  static constexpr int OFF_DELTA = OFF_LSE + 2 * BLOCK_R * 4;
+  static constexpr int OFF_Q = OFF_V + K_BYTES;             // a buffer per stage
+  static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;   // a buffer per stage
+  static constexpr int OFF_DS = OFF_DO + STAGES * Q_BYTES;  // two buffers
+  static constexpr int OFF_DQ = OFF_DS + 2 * DS_BYTES;      // one per MMA warpgroup
+  static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES;     // BLOCK_R floats a stage
+  static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
-  static constexpr int SMEM_BYTES = OFF_DELTA + 2 * BLOCK_R * 4 + 1024;
+  static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
@@ -89,46 +100,71 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
 }
 
 // cp.async of rows [0, nrows) of a ROWS x D tile (row stride in elements) into the swizzled
-// tile at shared address dst; rows >= nrows and columns >= headdim read as zeros. 256
-// threads, consecutive threads on consecutive chunks of a row (coalesced, conflict-free).
+// tile at shared address dst; rows >= nrows and columns >= headdim read as zeros. The 128
+// threads of the producer, consecutive threads on consecutive chunks of a row (coalesced,
+// conflict-free).
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64 row_stride,
                                                int nrows, int headdim, int tid) {
-  constexpr int CH = D / 8, TOTAL = ROWS * CH;
-  static_assert(TOTAL % 256 == 0, "whole passes of 256 threads");
-#pragma unroll
-  for (int it = 0; it < TOTAL / 256; ++it) {
-    const int idx = it * 256 + tid, r = idx / CH, c = idx % CH;
-    const bool ok = r < nrows && c * 8 < headdim;
-    cp_async_16(dst + sw128<ROWS>(r, c), ok ? src + r * row_stride + c * 8 : src, ok);
+  constexpr int CH = D / 8, STEP = 128 / CH;  // 16-byte chunks of a row; rows of a pass
+  static_assert(ROWS % STEP == 0, "whole passes of 128 threads");
+  const int c = tid % CH;
+  const bool col_ok = c * 8 < headdim;
+  const T* from = src + (tid / CH) * row_stride + c * 8;
+#pragma unroll 1
+  for (int r = tid / CH; r < ROWS; r += STEP, from += STEP * row_stride) {
+    const bool ok = col_ok && r < nrows;
+    cp_async_16(dst + sw128<ROWS>(r, c), ok ? from : src, ok);
   }
 }
 
-// True when no (query i, key j) of the tile [i0, i1) x [j0, j1) is visible.
-__device__ __forceinline__ bool tile_fully_masked(const Mask& m, int i0, int i1, int j0, int j1) {
-  return j0 >= m.seqlen_k || (m.right >= 0 && j0 > i1 - 1 + m.diag + m.right) ||
-         (m.left >= 0 && j1 - 1 < i0 + m.diag - m.left);
-}
+// The CTA's steps: batch item b's rows (SeqView), its mask, and the query blocks of BLOCK_R
+// rows of every head of kv head hkv's GQA group (heads h0 ..) that see one of the keys
+// [o0, o0 + BLOCK_C): step it is block s_begin + it % n_sblocks of head h0 + it /
+// n_sblocks. Each warpgroup builds its own after its setmaxnreg (values kept across it
+// spill).
+template <int BLOCK_R, int BLOCK_C, bool VARLEN>
+struct BwdSteps {
+  SeqView<VARLEN> seq;
+  Mask mask;
+  int h0, s_begin, n_sblocks, iters;
+  __device__ __forceinline__ BwdSteps(const AttnArgs& a, int b, int o0, int hkv)
+      : seq(a, b), mask(a, seq) {
+    const int group = a.nheads / a.nheads_kv;
+    h0 = hkv * group;
+    int m_begin, m_end;
+    mask.query_range(o0, min(o0 + BLOCK_C, seq.seqlen_k()), m_begin, m_end);
+    block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
+    iters = group * n_sblocks;
+  }
+  __device__ __forceinline__ int head(int it) const { return h0 + it / n_sblocks; }
+  __device__ __forceinline__ int row(int it) const {
+    return (s_begin + it % n_sblocks) * BLOCK_R;
+  }
+};
 
 template <typename T, int D, int BLOCK_R, bool HAS_SCORE_MOD, bool VARLEN = false>
-__global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
   using MmaD = sm90::Wgmma<T, D>;       // dV, dK: m64 n D
-  constexpr int BLOCK_C = Tr::BLOCK_C;
+  constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
+  // full, empty per stage, then full_kv (K and V in).
+  __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
+  auto full = [&](int s) { return smem_addr(&barriers[s]); };
+  auto empty = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
+  const uint32_t full_kv = smem_addr(&barriers[2 * STAGES]);
 
   const AttnArgs& a = p.attn;
-  // The warpgroup index through a shuffle: the compiler then knows it is warp-uniform, so
-  // that branches on it (and the wgmmas inside them) do not count as divergent.
-  const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
-  const int wtid = tid % 128, wq = wtid / 32;
-  const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
-  const int lane = tid % 32, g = lane / 4, qd = lane % 4;
+  // The MMA warpgroup index (-1: the producer) through a shuffle: the compiler then knows it
+  // is warp-uniform, so that branches on it (and the wgmmas inside them) do not count as
+  // divergent.
+  const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
+  const int lane = tid % 32;
   const int b = blockIdx.y, hkv = blockIdx.z;
-  const int group = a.nheads / a.nheads_kv, h0 = hkv * group;
   // The CTA's key block. Deterministic under a right bound (causal, windows): the last key
   // block first, so that a query block's dQ adds go from its last key block down, the
   // order in which the CTAs reach it (in ascending order the first add of a causal CTA
@@ -136,284 +172,317 @@ __global__ void __launch_bounds__(256, 1) bwd_sm90(const __grid_constant__ BwdPa
   const bool descending = p.dq_semaphore && a.window_right >= 0;
   const int n_block = descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int o0 = n_block * BLOCK_C;  // first key of the CTA
-  // Varlen: batch item b's rows and lengths (the grid covers the longest item's keys).
-  const SeqView<VARLEN> seq(a, b);
+  // Varlen: the grid covers the longest item's keys.
   if constexpr (VARLEN) {
-    if (o0 >= seq.seqlen_k()) return;
+    if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  const Mask mask(a, seq);
   const float scale_log2 = a.scale * LOG2E;
 
-  int m_begin, m_end, s_begin, n_sblocks;
-  mask.query_range(o0, min(o0 + BLOCK_C, seq.seqlen_k()), m_begin, m_end);
-  block_span<BLOCK_R>(m_begin, m_end, s_begin, n_sblocks);
-  const int iters = group * n_sblocks;
-  auto stream_head = [&](int it) { return h0 + it / n_sblocks; };
-  auto stream_row = [&](int it) { return (s_begin + it % n_sblocks) * BLOCK_R; };
-
-  // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
-  // lse_log2 (+inf) and delta (0) make their p and dS exactly 0. Varlen: the item's view
-  // stays in registers across the main loop (no spills at 255; re-reading cu_seqlens each
-  // step measured 2.5-4% slower than dense, docs/notes/varlen.md).
-  const T* q_base = static_cast<const T*>(a.q) + seq.b * a.q_batch_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + seq.b * p.do_batch_stride;
-  auto load_stream = [&](int it) {
-    const int h = stream_head(it), r0 = stream_row(it), buf = it & 1;
-    sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_Q + buf * Tr::Q_BYTES,
-                               q_base + (seq.q0 + r0) * a.q_row_stride + h * a.q_head_stride,
-                               a.q_row_stride, seq.seqlen_q() - r0, a.headdim, tid);
-    sm90_load_tile<BLOCK_R, D>(base + Tr::OFF_DO + buf * Tr::Q_BYTES,
-                               do_base + (seq.q0 + r0) * p.do_row_stride + h * p.do_head_stride,
-                               p.do_row_stride, seq.seqlen_q() - r0, a.headdim, tid);
-    const int64 row = scratch_row0(p, seq, b, h) + r0;
-    if (tid < BLOCK_R / 4)
-      cp_async_16(base + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * tid, p.lse_log2 + row + 4 * tid,
-                  true);
-    else if (tid < BLOCK_R / 2)
-      cp_async_16(base + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (tid - BLOCK_R / 4),
-                  p.delta + row + 4 * (tid - BLOCK_R / 4), true);
-  };
-
-  // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
-  // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
-  const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
-  const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
-  auto dq_step = [&](int j) {
-    const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
-    const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
-    float dq[32];
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys = 16 rows of both tiles per step
-      sm90::Wgmma<T, 64>::ss_mn(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
-                                sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs<32>(dq);
-    // Row 16 wq + g + 8 hh of the tile (r % 8 == g), pair u = 4 t + qd -> u ^ 4 g.
-    const uint32_t stage = base + Tr::OFF_DQ + wg * Tr::DQ_BYTES;
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        sm90::sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
-                  dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
-    sm90::fence_proxy_async();
-    sm90::named_barrier(1 + wg, 128);
-    const int h = stream_head(j), tile_row = stream_row(j) / 64 + qblk;
-    const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
-        scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
-    int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
-    if (sem && first_warp) {
-      // Deterministic: the key blocks that reach query block m (those of its visible keys,
-      // by the band arithmetic that gave this CTA its span) add in key-block order, the
-      // CTA of the lowest blockIdx.x first. The whole warp waits, so that the loop is not
-      // a divergent path (ptxas would serialize the wgmmas).
-      const int m0 = stream_row(j);
-      int key_begin, key_end;
-      mask.key_range(m0, min(m0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
-      sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
-                                             : n_block - key_begin / BLOCK_C);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(full(s), 4);    // one arrival per producer warp
+      sm90::mbar_init(empty(s), 8);   // one per MMA warp
     }
-    if (wtid == 0) {
-      sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
-      sm90::bulk_commit();
-      if (sem) {
-        sm90::bulk_wait();
-        sm90::pass_global_turn(sem);
-      }
-    }
-  };
-
-  float dv[D / 2], dk[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
-
-  if (iters > 0) {
-    // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
-    const int nk = seq.seqlen_k() - o0;
-    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
-                               static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-                                   (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
-                               a.k_row_stride, nk, a.headdim, tid);
-    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
-                               static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                                   (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
-                               a.v_row_stride, nk, a.headdim, tid);
-    load_stream(0);
+    sm90::mbar_init(full_kv, 4);
+    sm90::fence_barrier_init();
   }
-  cp_async_commit();
+  __syncthreads();
 
-  // This warpgroup's keys: rows 64 wg .. of K and V; a thread's rows 16 wq + g + 8 hh.
-  const uint32_t k_w = base + Tr::OFF_K + wg * 64 * 128;
-  const uint32_t v_w = base + Tr::OFF_V + wg * 64 * 128;
-  const int key0 = o0 + 64 * wg;
-  const int krow = key0 + 16 * wq + g;
-
-  for (int it = 0; it < iters; ++it) {
-    const int buf = it & 1, r0 = stream_row(it);
-    // One barrier a step. Before it: this thread's copies of step it have landed, its dS^T
-    // stores of step it - 1 are done, the previous bulk reduce has read its staging tile;
-    // every wgmma of step it - 1 has completed. After it, everything of step it may start
-    // and the buffers of step it - 1 may be refilled.
-    cp_async_wait<0>();
-    sm90::fence_proxy_async();
-    if (wtid == 0) sm90::bulk_wait_read();
-    __syncthreads();
-    if (it + 1 < iters) load_stream(it + 1);
-    cp_async_commit();
-    // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
-    // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
-    // work instead of running in step (both meet only at the barrier above).
-    if (wg == 0 && it > 0) dq_step(it - 1);
-
-    // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
-    // keeps BLOCK_R = 128 (head dim 64) within the registers. A sub-tile that no (query,
-    // key) pair of this warpgroup sees (causal / window diagonals, padded queries) skips its
-    // MMAs and only writes zeros to its dS^T rows. The S/dP of sub-block sb + 1 are issued
-    // before waiting for the dV/dK of sub-block sb.
-    constexpr int SB = BLOCK_R / 64;
-    const ScoreMod mod(a, b, stream_head(it), seq);  // softcap / ALiBi of this step's head
-    float s[SB][32], dp[SB][32];
-    uint32_t pa[SB][4][4], dsa[SB][4][4];
-    bool live[SB];
-#pragma unroll
-    for (int sb = 0; sb < SB; ++sb) {
-      const int q0 = r0 + 64 * sb;
-      live[sb] = q0 < seq.seqlen_q() && !tile_fully_masked(mask, q0, q0 + 64, key0, key0 + 64);
-    }
-    auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
-      const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
-      const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
-        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-        Mma::ss(s_, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
-        const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-        Mma::ss(dp_, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
-      }
+  if (wg < 0) {
+    // The producer: a copy is handed over once this thread's cp.async copies have landed
+    // and are ordered before the MMA warpgroups' wgmma reads (async proxy), by one arrival
+    // per warp.
+    sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
+    const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
+    const SeqView<VARLEN>& seq = steps.seq;
+    // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
+    // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
+    auto load_stream = [&](int it) {  // by the producer's 128 threads
+      // Addresses are computed afresh each step from opaque copies of the tile base, the
+      // batch index and the thread index: hoisted out of the loop, they would not fit in
+      // 24 registers.
+      uint32_t tiles = base;
+      int item = seq.b, thread = tid;
+      asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
+      const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
+      const int64 row = seq.q0 + r0;
+      sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
+                                 static_cast<const T*>(a.q) + item * a.q_batch_stride +
+                                     row * a.q_row_stride + h * a.q_head_stride,
+                                 a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+      sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_DO + buf * Tr::Q_BYTES,
+                                 static_cast<const T*>(p.dout) + item * p.do_batch_stride +
+                                     row * p.do_row_stride + h * p.do_head_stride,
+                                 p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+      const int64 scratch = scratch_row0(p, seq, b, h) + r0;
+      if (thread < BLOCK_R / 4)
+        cp_async_16(tiles + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * thread,
+                    p.lse_log2 + scratch + 4 * thread, true);
+      else if (thread < BLOCK_R / 2)
+        cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
+                    p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
     };
-    sm90::wgmma_fence();
-    if (live[0]) issue_sdp(0, s[0], dp[0]);
-    sm90::wgmma_commit();
+    auto hand_over = [&](uint32_t bar) {
+      cp_async_commit();
+      cp_async_wait<0>();
+      sm90::fence_proxy_async();
+      __syncwarp();
+      sm90::mbar_arrive_if(bar, lane == 0);
+    };
+    if (steps.iters > 0) {
+      // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
+      const int nk = seq.seqlen_k() - o0;
+      sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
+                                 static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+                                     (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
+                                 a.k_row_stride, nk, a.headdim, tid);
+      sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
+                                 static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                                     (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
+                                 a.v_row_stride, nk, a.headdim, tid);
+      hand_over(full_kv);
+    }
+    for (int it = 0; it < steps.iters; ++it) {
+      const int s = it % STAGES;
+      // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
+      if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
+      load_stream(it);
+      hand_over(full(s));
+    }
+  } else {
+    sm90::setmaxnreg_inc<Tr::MMA_REGS>();
+    const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
+    const SeqView<VARLEN>& seq = steps.seq;
+    // Computed here, not before the warpgroups part: values live across setmaxnreg spill.
+    const int wtid = tid % 128, wq = wtid / 32;
+    const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
+    const int g = lane / 4, qd = lane % 4;
+
+    // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
+    // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
+    const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
+    const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
+    auto dq_step = [&](int j, float (&dq)[32]) {
+      const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
+      const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
+      sm90::wgmma_fence();
 #pragma unroll
-    for (int sb = 0; sb < SB; ++sb) {
-      const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
-      const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
-      const int q0 = r0 + 64 * sb;
+      for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys = 16 rows of both tiles per step
+        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
+                                  sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
+      sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
-      sm90::fence_regs<32>(s[sb]);
-      sm90::fence_regs<32>(dp[sb]);
-      if (sb > 0) {
-        sm90::fence_regs<D / 2>(dv);
-        sm90::fence_regs<D / 2>(dk);
-        sm90::fence_regs_u32<16>(&pa[sb - 1][0][0]);
-        sm90::fence_regs_u32<16>(&dsa[sb - 1][0][0]);
-      }
-      const uint32_t ds_s = base + Tr::OFF_DS + buf * Tr::DS_BYTES + sb * Tr::DS_BLK;
-      if (live[sb]) {
-        // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
-        // 2 qd + e % 2. Only tiles on a mask boundary test each element.
-        const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
-        const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-        const bool need_mask = mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
-        const ScoreGrad grad{mod, mask, a.alibi_slopes != nullptr, need_mask};
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const int qc = 8 * t + 2 * qd;
-          const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
-          const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
-            const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-            if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
-              grad(s[sb][i], dp[sb][i], query, key, lse, delta);
-            } else {
-              float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
-              if (need_mask && !mask.visible(query, key)) pv = 0.f;
-              s[sb][i] = pv;
-              dp[sb][i] = pv * (dp[sb][i] - delta);
-            }
-          }
-        }
-        // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq.
-#pragma unroll
-        for (int kq = 0; kq < 4; ++kq)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            pa[sb][kq][r] = dtype_traits<T>::pack(s[sb][8 * kq + 2 * r], s[sb][8 * kq + 2 * r + 1]);
-            dsa[sb][kq][r] =
-                dtype_traits<T>::pack(dp[sb][8 * kq + 2 * r], dp[sb][8 * kq + 2 * r + 1]);
-          }
-      } else {
-#pragma unroll
-        for (int kq = 0; kq < 4; ++kq)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) pa[sb][kq][r] = dsa[sb][kq][r] = 0u;
-      }
-      // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
-      // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
+      sm90::fence_regs<32>(dq);
+      // Row 16 wq + g + 8 hh of the tile (r % 8 == g), pair u = 4 t + qd -> u ^ 4 g.
+      const uint32_t stage = base + Tr::OFF_DQ + wg * Tr::DQ_BYTES;
 #pragma unroll
       for (int t = 0; t < 8; ++t)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int kr = 64 * wg + 16 * wq + g + 8 * hh;
-          sm90::sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa[sb][t / 2][(t & 1) * 2 + hh]);
-        }
-
-      sm90::wgmma_fence();
-      if (live[sb]) {
-#pragma unroll
-        for (int kq = 0; kq < 4; ++kq)
-          MmaD::rs(dv, pa[sb][kq], sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
-#pragma unroll
-        for (int kq = 0; kq < 4; ++kq)
-          MmaD::rs(dk, dsa[sb][kq], sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+        for (int hh = 0; hh < 2; ++hh)
+          sm90::sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
+                    dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+      sm90::fence_proxy_async();
+      sm90::named_barrier(1 + wg, 128);
+      const int h = steps.head(j), tile_row = steps.row(j) / 64 + qblk;
+      const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
+          scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
+      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
+      if (sem && first_warp) {
+        // Deterministic: the key blocks that reach query block m (those of its visible keys,
+        // by the band arithmetic that gave this CTA its span) add in key-block order, the
+        // CTA of the lowest blockIdx.x first. The whole warp waits, so that the loop is not
+        // a divergent path (ptxas would serialize the wgmmas).
+        const int m0 = steps.row(j);
+        int key_begin, key_end;
+        steps.mask.key_range(m0, min(m0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
+        sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
+                                               : n_block - key_begin / BLOCK_C);
       }
-      if (sb + 1 < SB && live[sb + 1]) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);
-      sm90::wgmma_commit();
-    }
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs<D / 2>(dv);
-    sm90::fence_regs<D / 2>(dk);
-    sm90::fence_regs_u32<16>(&pa[SB - 1][0][0]);
-    sm90::fence_regs_u32<16>(&dsa[SB - 1][0][0]);
-    if (wg == 1 && it > 0) dq_step(it - 1);
-  }
-  if (iters > 0) {
-    sm90::fence_proxy_async();
-    if (wtid == 0) sm90::bulk_wait_read();
-    __syncthreads();
-    dq_step(iters - 1);
-  }
-  cp_async_wait<0>();
+      if (wtid == 0) {
+        sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
+        sm90::bulk_commit();
+        if (sem) {
+          sm90::bulk_wait();
+          sm90::pass_global_turn(sem);
+        }
+      }
+    };
 
-  // dK (with the softmax scale) and dV: rows = keys of the item, 2 columns a store.
+
+    float dv[D / 2], dk[D / 2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = krow + 8 * hh;
-    if (row >= seq.seqlen_k()) continue;
-    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
-    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
-                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+    for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+
+    // This warpgroup's keys: rows 64 wg .. of K and V; a thread's rows 16 wq + g + 8 hh.
+    const uint32_t k_w = base + Tr::OFF_K + wg * 64 * 128;
+    const uint32_t v_w = base + Tr::OFF_V + wg * 64 * 128;
+    const int key0 = o0 + 64 * wg;
+    const int krow = key0 + 16 * wq + g;
+
+    // One barrier of the two MMA warpgroups a step (named barrier 3; 1 and 2 are their own):
+    // before it, this thread's dS^T stores of the step before are done and ordered before
+    // the async proxy, and the previous bulk reduce has read its warpgroup's staging tile.
+    auto step_barrier = [&] {
+      sm90::fence_proxy_async();
+      if (wtid == 0) sm90::bulk_wait_read();
+      sm90::named_barrier(3, 256);
+    };
+    if (steps.iters > 0) sm90::mbar_wait(full_kv, 0);
+    for (int it = 0; it < steps.iters; ++it) {
+      const int buf = it % STAGES, r0 = steps.row(it);
+      step_barrier();
+      sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+      // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
+      // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
+      // work instead of running in step (both meet only at the barrier above).
+      constexpr int SB = BLOCK_R / 64;
+      // S^T and dP^T of the sub-blocks; before and after them, s[0] holds the dQ tile
+      // (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
+      // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in 240).
+      float s[SB][32], dp[SB][32];
+      if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
+
+      // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
+      // keeps BLOCK_R = 128 (head dim 64) within the registers. The S/dP of sub-block sb + 1
+      // are issued before waiting for the dV/dK of sub-block sb.
+      const ScoreMod mod(a, b, steps.head(it), seq);  // softcap / ALiBi of this step's head
+      // P^T and dS^T in 16 bits (the A fragments of dV and dK, k16 step kq in elements
+      // 4 kq .. 4 kq + 3) are packed into the first 16 registers of s and dp: separate
+      // arrays would not fit beside the accumulators in 240 registers.
+      auto frag = [](const float* x) {
+        return [x](int kq, int r) { return __float_as_uint(x[4 * kq + r]); };
+      };
+      auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
+        const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
+        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
 #pragma unroll
-    for (int t = 0; t < D / 8; ++t) {
-      const int col = 8 * t + 2 * qd;
-      if (col >= a.headdim) continue;
-      *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
-          dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + col) =
-          dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+          const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+          Mma::ss(s_, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
+          const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
+          Mma::ss(dp_, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
+        }
+      };
+      sm90::wgmma_fence();
+      issue_sdp(0, s[0], dp[0]);
+      sm90::wgmma_commit();
+#pragma unroll
+      for (int sb = 0; sb < SB; ++sb) {
+        const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
+        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
+        const int q0 = r0 + 64 * sb;
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs<32>(s[sb]);
+        sm90::fence_regs<32>(dp[sb]);
+        if (sb > 0) {
+          sm90::fence_regs<D / 2>(dv);
+          sm90::fence_regs<D / 2>(dk);
+          sm90::fence_regs<16>(s[sb - 1]);
+          sm90::fence_regs<16>(dp[sb - 1]);
+        }
+        const uint32_t ds_s = base + Tr::OFF_DS + (it & 1) * Tr::DS_BYTES + sb * Tr::DS_BLK;
+        {
+          // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
+          // 2 qd + e % 2. Only tiles on a mask boundary test each element.
+          const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
+          const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
+          const bool need_mask = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+          const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, need_mask};
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int qc = 8 * t + 2 * qd;
+            const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+            const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
+              const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
+              if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
+                grad(s[sb][i], dp[sb][i], query, key, lse, delta);
+              } else {
+                float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
+                if (need_mask && !steps.mask.visible(query, key)) pv = 0.f;
+                s[sb][i] = pv;
+                dp[sb][i] = pv * (dp[sb][i] - delta);
+              }
+            }
+          }
+          // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq;
+          // element 4 kq + r is written after elements up to 8 kq + 2 r + 1 were read.
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            s[sb][i] = __uint_as_float(dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]));
+            dp[sb][i] = __uint_as_float(dtype_traits<T>::pack(dp[sb][2 * i], dp[sb][2 * i + 1]));
+          }
+        }
+        const auto pa = frag(s[sb]), dsa = frag(dp[sb]);
+        // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
+        // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int kr = 64 * wg + 16 * wq + g + 8 * hh;
+            sm90::sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa(t / 2, (t & 1) * 2 + hh));
+          }
+
+        sm90::wgmma_fence();
+        {
+#pragma unroll
+          for (int kq = 0; kq < 4; ++kq) {
+            const uint32_t a_frag[4] = {pa(kq, 0), pa(kq, 1), pa(kq, 2), pa(kq, 3)};
+            MmaD::rs(dv, a_frag, sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
+          }
+#pragma unroll
+          for (int kq = 0; kq < 4; ++kq) {
+            const uint32_t a_frag[4] = {dsa(kq, 0), dsa(kq, 1), dsa(kq, 2), dsa(kq, 3)};
+            MmaD::rs(dk, a_frag, sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+          }
+        }
+        if (sb + 1 < SB) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);
+        sm90::wgmma_commit();
+      }
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<D / 2>(dv);
+      sm90::fence_regs<D / 2>(dk);
+      sm90::fence_regs<16>(s[SB - 1]);
+      sm90::fence_regs<16>(dp[SB - 1]);
+      __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
+      sm90::mbar_arrive_if(empty(buf), lane == 0);
+      if (wg == 1 && it > 0) dq_step(it - 1, s[0]);
     }
+    if (steps.iters > 0) {
+      step_barrier();
+      float dq[32];
+      dq_step(steps.iters - 1, dq);
+    }
+
+    // dK (with the softmax scale) and dV: rows = keys of the item, 2 columns a store.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = krow + 8 * hh;
+      if (row >= seq.seqlen_k()) continue;
+      T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                  (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
+      T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                  (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        const int col = 8 * t + 2 * qd;
+        if (col >= a.headdim) continue;
+        *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
+            dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
+        *reinterpret_cast<uint32_t*>(dv_row + col) =
+            dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+      }
+    }
+    if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
   }
-  if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded

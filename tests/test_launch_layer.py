@@ -41,6 +41,9 @@ Legitimate differences, excluded from the comparison (each with its reason):
   the old one's flash_fwd or flash_fwd_sm90, that launch compares by its kernel family
   alone (its params struct is proven against the CUDA source by the compile check); the
   call's other launches compare as usual.
+* The Hopper backward is warp-specialized since docs/notes/backward.md's "v3 step 1": a
+  producer warpgroup beside the two MMA warpgroups, 384 threads where the old ran 256.
+  bwd_sm90 launches compare with the old block taken as ``backward.SM90_THREADS``.
 """
 from __future__ import annotations
 
@@ -222,6 +225,9 @@ def compare_call(call_id, old: dict, new: dict) -> list:
         return msgs
     for i, (a, b) in enumerate(zip(lo, ln)):
         where = f"{call_id} launch {i} ({a['name']})"
+        if a["name"].startswith("cuflash::bwd_sm90<"):
+            from cuflash.ops import backward
+            a = dict(a, block=[backward.SM90_THREADS, 1, 1])
         for key in ("file", "grid", "block", "shared", "smem_attr_ok", "on_device", "stream",
                     "error"):
             if a.get(key) != b.get(key):

@@ -121,12 +121,13 @@ class Sm90Tile:
     reason: str
 
 
-# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, 2 warpgroups, dQ by bulk reduce-add.
-# It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included,
+# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
+# a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ by bulk
+# reduce-add. It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included,
 # deterministic mode too (each dQ tile's bulk reduce-adds
 # take turns in key-block order, through one int semaphore per 4096-float tile of
 # dq_accum); bwd_main serves the rest.
-SM90_KEYS, SM90_THREADS = 128, 256
+SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
                       "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
@@ -238,10 +239,10 @@ def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
     hd = tiles.padded_headdim(headdim)
     br = SM90_TILES[hd].block_r
-    # BwdSm90Traits::SMEM_BYTES: K, V; 2 x (Q, dO); 2 x dS^T; 2 dQ staging tiles; 2 x (lse,
-    # delta); 1 KiB to align the tiles to 1024 bytes.
-    shared = (2 * SM90_KEYS * hd + 4 * br * hd + 2 * SM90_KEYS * br) * 2 + \
-        2 * 64 * 64 * 4 + 4 * br * 4 + 1024
+    # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); 2 x dS^T; 2 dQ staging tiles;
+    # STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
+    shared = (2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + 2 * SM90_KEYS * br) * 2 + \
+        2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
     v = tiles.varlen_flag(varlen)
     mod = "true" if score_mod else "false"
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {mod}{v}>", "keys",
@@ -376,7 +377,8 @@ def facts():
         ("SCRATCH_TILE", SCRATCH_TILE), ("VARLEN_GAP", VARLEN_GAP),
         ("F32_BLOCK", F32_BLOCK), ("F32_THREADS", F32_THREADS))]
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
-            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS)]
+            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
+            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES)]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
             for s in {s for arch in tiles.CHECKED_ARCHS for s in _steps(arch)} if s.traits]
     return out
