@@ -148,6 +148,34 @@ def run_cuflash(mode, q, k, v, dout, causal):
     yield timed_call(mode, forward, backward)
 
 
+# cuflash with one option, timed beside the plain call: issue 14 bounds the backward's
+# speed with it (deterministic >= 0.85x the plain one, soft-cap and ALiBi >= 0.9x).
+OPTIONS = {"cuflash-det": {"deterministic": True}, "cuflash-softcap": {"softcap": 30.0},
+           "cuflash-alibi": {"alibi": True}}
+
+
+@contextlib.contextmanager
+def run_cuflash_option(options, mode, q, k, v, dout, causal):
+    import cupy
+    import cuflash
+    kw = {"causal": causal}
+    if options.get("softcap"):
+        kw["softcap"] = options["softcap"]
+    if options.get("alibi"):
+        nheads = q.shape[2]
+        kw["alibi_slopes"] = cupy.asarray(2.0 ** (-8.0 * np.arange(1, nheads + 1) / nheads),
+                                          dtype=cupy.float32)
+    det = bool(options.get("deterministic"))
+
+    def forward():
+        return cuflash.attention_forward(q, k, v, **kw)
+
+    def backward(out, lse):
+        return cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=det, **kw)
+
+    yield timed_call(mode, forward, backward)
+
+
 @contextlib.contextmanager
 def run_cuflash_varlen(mode, q, k, v, dout, causal):
     """The varlen API on the same tokens: the batch packed as equal-length sequences
@@ -255,6 +283,8 @@ def registry(torch_why: str | None, jax_why: str | None) -> dict:
     impls.update({"naive-cupy": Impl(run_naive, "naive", False),
                   "cuflash-varlen": Impl(run_cuflash_varlen, "cuflash", False),
                   "cuflash-mma": Impl(run_cuflash_mma, "cuflash", False)})
+    impls.update({name: Impl(functools.partial(run_cuflash_option, options), "variant", False)
+                  for name, options in OPTIONS.items()})
     return impls
 
 
@@ -298,7 +328,7 @@ def measure(impl: Impl, mode, inputs, causal, row_flops, timing, sync, check=Tru
     try:
         with impl.run(mode, *inputs, causal) as fn:
             timed = back_to_back(fn, timing, sync)
-            if check and mode == "fwd":
+            if check and mode == "fwd" and impl.family != "variant":  # variants differ
                 sample = output_sample(impl.family, fn(), inputs[0].shape)
         if timed["ms"] <= 0:
             raise ValueError(f"time {timed['ms']:.4f} ms <= 0 (a difference of "
@@ -390,6 +420,22 @@ def summary_line(s: dict) -> str:
             f"{s['cudnn_256_rows']} rows")
 
 
+def variant_lines(rows) -> list:
+    """Per (mode, dtype, variant of OPTIONS): its speed as a fraction of the plain cuflash
+    call's on the same rows (min and median)."""
+    lines = []
+    for (mode, dtype), name in itertools.product(
+            dict.fromkeys((r["mode"], r["dtype"]) for r in rows), OPTIONS):
+        ratios = [r["results"][name]["tflops"] / r["results"]["cuflash"]["tflops"]
+                  for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)
+                  and "tflops" in r["results"].get(name, {})
+                  and "tflops" in r["results"].get("cuflash", {})]
+        if ratios:
+            lines.append(f"{mode} {dtype}: {name} / cuflash (speed), min {min(ratios):.2f}, "
+                         f"median {statistics.median(ratios):.2f} over {len(ratios)} rows")
+    return lines
+
+
 def progress(row, index: int, total: int) -> str:
     cells = [f"{name} {r['tflops']:.1f}" if "tflops" in r else f"{name} -"
              for name, r in row["results"].items()]
@@ -417,6 +463,7 @@ def markdown(rows, names) -> str:
                          + f" | {row['best_peer'] or '-'} | {fmt(row['ratio'])} |")
         lines.append("")
     lines += ["## Summary", ""] + [f"- {summary_line(s)}" for s in summarise(rows)]
+    lines += [f"- {line}" for line in variant_lines(rows)]
     if any(r["mode"] == "bwd" and "total_ms" in res for r in rows
            for res in r["results"].values()):
         lines += ["", "JAX backward = its jitted jax.vjp step (forward + backward) minus its "
@@ -644,6 +691,8 @@ def main(argv=None) -> int:
     print("\n" + table)
     for line in summarise(rows):
         print("summary: " + summary_line(line))
+    for line in variant_lines(rows):
+        print("summary: " + line)
     print(plot(rows, list(impls), args.out / "sweep.png"))
     print(f"wrote sweep.json and sweep.md to {args.out}")
     return 0
