@@ -90,6 +90,9 @@ struct BwdSm90Traits {
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+  // Padded query rows (past seqlen_q, up to a multiple of SCRATCH_TILE) have lse +inf and
+  // delta 0, which makes P and dS of a step's padded rows exactly 0.
+  static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
 };
 
 // Byte offset of 16-byte chunk c (elements 8 c .. 8 c + 7) of row r in a 128B-swizzled tile
@@ -117,6 +120,11 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
     cp_async_16(dst + sw128<ROWS>(r, c), ok ? from : src, ok);
   }
 }
+
+// A count of cp.async groups as a compile-time value (cp.async.wait_group's operand).
+template <int N> struct Pending {
+  static constexpr int value = N;
+};
 
 // The CTA's steps: batch item b's rows (SeqView), its mask, and the query blocks of BLOCK_R
 // rows of every head of kv head hkv's GQA group (heads h0 ..) that see one of the keys
@@ -222,13 +230,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
                     p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
     };
-    auto hand_over = [&](uint32_t bar) {
-      cp_async_commit();
-      cp_async_wait<0>();
+    // Hands over the copies of every commit group but the last PENDING ones.
+    auto hand_over = [&](uint32_t bar, auto pending) {
+      cp_async_wait<decltype(pending)::value>();
       sm90::fence_proxy_async();
       __syncwarp();
       sm90::mbar_arrive_if(bar, lane == 0);
     };
+    const Pending<0> none;
+    const Pending<1> one;
     if (steps.iters > 0) {
       // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
       const int nk = seq.seqlen_k() - o0;
@@ -240,14 +250,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                                  static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
                                      (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                                  a.v_row_stride, nk, a.headdim, tid);
-      hand_over(full_kv);
+      cp_async_commit();
+      load_stream(0);  // in flight with K and V: one round trip before the first step
+      cp_async_commit();
+      hand_over(full_kv, one);
+      hand_over(full(0), none);
     }
-    for (int it = 0; it < steps.iters; ++it) {
+    for (int it = 1; it < steps.iters; ++it) {
       const int s = it % STAGES;
       // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
       if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
       load_stream(it);
-      hand_over(full(s));
+      cp_async_commit();
+      hand_over(full(s), none);
     }
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
@@ -331,7 +346,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     for (int it = 0; it < steps.iters; ++it) {
       const int buf = it % STAGES, r0 = steps.row(it);
       step_barrier();
-      sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
       // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
       // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
       // work instead of running in step (both meet only at the barrier above).
@@ -341,6 +355,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in 240).
       float s[SB][32], dp[SB][32];
       if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
+      sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
       // keeps BLOCK_R = 128 (head dim 64) within the registers. The S/dP of sub-block sb + 1
