@@ -23,6 +23,9 @@
 #             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
 #   tiles     bench/fwd_tiles.py: the forward's candidate tiles per head dim side by side,
 #             which the tile table is chosen from                                     ~3
+#   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
+#             backward at head dim 128, seqlen 4k, bf16: speed of light, warp states,
+#             scheduler and memory sections as text                                   ~3
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
 # skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
 # jaxbench" (8 files), "sanitize jax".
@@ -164,10 +167,23 @@ stage_jaxbench() {
         | tr '\n' ' ')"
 }
 
+stage_profile() {
+    precompile profile
+    local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
+    sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
+    for spec in "fwd flash_fwd_sm90" "bwd bwd_sm90"; do
+        set -- $spec
+        # shellcheck disable=SC2086
+        run $(($(left) / 2)) "$OUT/profile.log" ncu --clock-control none --launch-skip 2 \
+            --launch-count 1 -k "regex:$2" $sections python3 bench/diagnose.py calls "$1"
+    done
+    summary profile "$(grep -cE 'Duration|Compute \(SM\) Throughput' "$OUT/profile.log") lines"
+}
+
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles)"
+        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

@@ -4,6 +4,7 @@
     PYTHONPATH=. python bench/diagnose.py overhead [--only fwd|bwd]
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
+    PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -33,6 +34,11 @@ size and hash of every cubin it writes into ``CUPY_CACHE_DIR`` (give it an empty
 the backward's time at head dim 128, seqlen 4k; with ``--peers-first`` torch and JAX start
 on the GPU before cuflash compiles, as in the sweep. Two runs side by side show whether a
 peer's NVRTC can replace CuPy's and change the code.
+
+``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch),
+for a profiler to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
+regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
+`profile` stage).
 
 The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
@@ -399,6 +405,22 @@ def nvrtc_probe(args):
     return 0
 
 
+def calls(args):
+    cupy = require_gpu()
+    import cuflash
+    batch, nheads = standard_shape(args.seqlen, args.headdim)
+    q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
+                                seed=0)
+    out, lse = cuflash.attention_forward(q, k, v, causal=args.causal)
+    for _ in range(4):
+        if args.direction == "fwd":
+            cuflash.attention_forward(q, k, v, causal=args.causal, out=out, lse=lse)
+        else:
+            cuflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal)
+    cupy.cuda.Device().synchronize()
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -432,6 +454,12 @@ def parse_args(argv):
     p.add_argument("--peers-first", action="store_true",
                    help="start torch and JAX on the GPU first, as the sweep does")
     p.set_defaults(run=nvrtc_probe)
+    p = commands.add_parser("calls", help="a few calls at one shape, for a profiler")
+    p.add_argument("direction", choices=("fwd", "bwd"))
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--causal", action="store_true")
+    p.set_defaults(run=calls)
     return parser.parse_args(argv)
 
 
