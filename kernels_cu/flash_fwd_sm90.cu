@@ -359,12 +359,16 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 
       // Key block it is ring position g + it. S of block it is issued before P V of block
       // it - 1 (intra-warpgroup overlap: the tensor cores run P V while this warpgroup
-      // computes the softmax of S, exp2 included), and O is rescaled once that P V is done,
-      // outside the turn, before the P V that adds the block whose max rescales it.
+      // computes the softmax of S, exp2 included). O is rescaled before the P V that adds
+      // the block whose max rescales it: with ping-pong, once the previous P V is done,
+      // outside the turn; without (head dims over 128), just before that P V, under the S
+      // GEMM just issued (measured +3-4% at hd256 16k, docs/notes/forward.md v8).
+      constexpr bool RESCALE_BEFORE_PV = !Tr::PINGPONG;
       float alpha[1][2];
       uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
-      auto issue_pv = [&](int it) {  // O += P V of block it
+      auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
         const int pos = g + it, s = pos % STAGES;
+        if constexpr (RESCALE_BEFORE_PV) softmax.rescale(acc_o, alpha);
         sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
@@ -424,7 +428,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         if constexpr (EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
       };
       // Once the previous P V is done: P in 16 bits (k16 slice kk of S's C-fragments is the
-      // A fragment of step kk), and O times alpha.
+      // A fragment of step kk), and with ping-pong O times alpha.
       auto make_p = [&] {
         if constexpr (!EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
 #pragma unroll
@@ -434,7 +438,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
           pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
-        softmax.rescale(acc_o, alpha);
+        if constexpr (!RESCALE_BEFORE_PV) softmax.rescale(acc_o, alpha);
       };
 
       if (n_blocks > 0) {  // the first block: nothing to overlap its softmax with yet
