@@ -7,8 +7,8 @@ source and every ``kernels_cu/`` file it includes goes into its compile options,
 CuPy's disk cache keys on the top-level source and options only and would not see an edited
 header; a file that does not include an edited one keeps its options and its cache. So does
 the identity of the NVRTC library loaded (:func:`nvrtc_identity`): the cache keys on NVRTC's
-major and minor version only, and two builds of one version (a process where torch or JAX
-loaded theirs first) write different code under one key.
+major and minor version only, and two builds of one version (in a process where torch or
+JAX loaded theirs first) could write different code under one key.
 """
 from __future__ import annotations
 

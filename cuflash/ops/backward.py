@@ -123,10 +123,10 @@ class Sm90Tile:
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
 # a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ by bulk
-# reduce-add. It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi included,
-# deterministic mode too (each dQ tile's bulk reduce-adds
-# take turns in key-block order, through one int semaphore per 4096-float tile of
-# dq_accum); bwd_main serves the rest.
+# reduce-add. It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi
+# included, deterministic mode too (each dQ tile's bulk reduce-adds take turns in key-block
+# order, through one int semaphore per 4096-float tile of dq_accum); bwd_main serves the
+# rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
