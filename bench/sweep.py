@@ -136,28 +136,12 @@ def timed_call(mode, forward, backward):
 
 
 @contextlib.contextmanager
-def run_cuflash(mode, q, k, v, dout, causal):
-    import cuflash
-
-    def forward():
-        return cuflash.attention_forward(q, k, v, causal=causal)
-
-    def backward(out, lse):
-        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
-
-    yield timed_call(mode, forward, backward)
-
-
-# cuflash with one option, timed beside the plain call: issue 14 bounds the backward's
-# speed with it (deterministic >= 0.85x the plain one, soft-cap and ALiBi >= 0.9x).
-OPTIONS = {"cuflash-det": {"deterministic": True}, "cuflash-softcap": {"softcap": 30.0},
-           "cuflash-alibi": {"alibi": True}}
-
-
-@contextlib.contextmanager
-def run_cuflash_option(options, mode, q, k, v, dout, causal):
+def run_cuflash(mode, q, k, v, dout, causal, options=None):
+    """cuflash; ``options`` (one of OPTIONS' values): with deterministic=True, soft-cap or
+    ALiBi slopes."""
     import cupy
     import cuflash
+    options = options or {}
     kw = {"causal": causal}
     if options.get("softcap"):
         kw["softcap"] = options["softcap"]
@@ -174,6 +158,12 @@ def run_cuflash_option(options, mode, q, k, v, dout, causal):
         return cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=det, **kw)
 
     yield timed_call(mode, forward, backward)
+
+
+# cuflash with one option, timed beside the plain call: issue 14 bounds the backward's
+# speed with it (deterministic >= 0.85x the plain one, soft-cap and ALiBi >= 0.9x).
+OPTIONS = {"cuflash-det": {"deterministic": True}, "cuflash-softcap": {"softcap": 30.0},
+           "cuflash-alibi": {"alibi": True}}
 
 
 @contextlib.contextmanager
@@ -283,7 +273,7 @@ def registry(torch_why: str | None, jax_why: str | None) -> dict:
     impls.update({"naive-cupy": Impl(run_naive, "naive", False),
                   "cuflash-varlen": Impl(run_cuflash_varlen, "cuflash", False),
                   "cuflash-mma": Impl(run_cuflash_mma, "cuflash", False)})
-    impls.update({name: Impl(functools.partial(run_cuflash_option, options), "variant", False)
+    impls.update({name: Impl(functools.partial(run_cuflash, options=options), "variant", False)
                   for name, options in OPTIONS.items()})
     return impls
 

@@ -121,11 +121,6 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
   }
 }
 
-// A count of cp.async groups as a compile-time value (cp.async.wait_group's operand).
-template <int N> struct Pending {
-  static constexpr int value = N;
-};
-
 // The CTA's steps: batch item b's rows (SeqView), its mask, and the query blocks of BLOCK_R
 // rows of every head of kv head hkv's GQA group (heads h0 ..) that see one of the keys
 // [o0, o0 + BLOCK_C): step it is block s_begin + it % n_sblocks of head h0 + it /
@@ -197,9 +192,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   __syncthreads();
 
   if (wg < 0) {
-    // The producer: a copy is handed over once this thread's cp.async copies have landed
-    // and are ordered before the MMA warpgroups' wgmma reads (async proxy), by one arrival
-    // per warp.
+    // The producer: K and V once, then the ring of steps.
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
     const SeqView<VARLEN>& seq = steps.seq;
@@ -230,15 +223,14 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
                     p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
     };
-    // Hands over the copies of every commit group but the last PENDING ones.
-    auto hand_over = [&](uint32_t bar, auto pending) {
-      cp_async_wait<decltype(pending)::value>();
+    // Hands a stage over once this thread's copies of it have landed (cp.async.wait_group
+    // before the call) and are ordered before the MMA warpgroups' wgmma reads (async
+    // proxy): one arrival per warp.
+    auto publish = [&](uint32_t bar) {
       sm90::fence_proxy_async();
       __syncwarp();
       sm90::mbar_arrive_if(bar, lane == 0);
     };
-    const Pending<0> none;
-    const Pending<1> one;
     if (steps.iters > 0) {
       // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
       const int nk = seq.seqlen_k() - o0;
@@ -253,8 +245,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       cp_async_commit();
       load_stream(0);  // in flight with K and V: one round trip before the first step
       cp_async_commit();
-      hand_over(full_kv, one);
-      hand_over(full(0), none);
+      cp_async_wait<1>();
+      publish(full_kv);
+      cp_async_wait<0>();
+      publish(full(0));
     }
     for (int it = 1; it < steps.iters; ++it) {
       const int s = it % STAGES;
@@ -262,7 +256,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
       load_stream(it);
       cp_async_commit();
-      hand_over(full(s), none);
+      cp_async_wait<0>();
+      publish(full(s));
     }
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
