@@ -103,22 +103,50 @@ def test_docstring_examples():
     assert doctest.testmod(fj, verbose=False).failed == 0
 
 
-def test_data_pointer_of_a_buffer_is_its_first_element():
-    """_data_ptr (how the GPU path finds XLA's device pointers) read on CPU buffers."""
-    from jax.experimental.buffer_callback import buffer_callback
+def test_ffi_target_hands_the_callback_xla_buffers():
+    """cuflash.jax._ffi: the handler reads each buffer's address, dtype and shape from the
+    call frame (bf16, int32, a scalar, an empty one), None inputs stay None, outputs written
+    through the addresses come back, and aliased inputs are the outputs' memory."""
     seen = []
 
-    def callback(ctx, outs, x):
-        seen.append((_binding._data_ptr(x), np.asarray(x).ctypes.data,
-                     _binding._data_ptr(outs[0]), np.asarray(outs[0]).ctypes.data))
-        np.asarray(outs[0])[...] = np.asarray(x)
+    def body(static, outs, x, nothing, n, empty):
+        seen.append((static, x.dtype, x.shape, nothing, n.dtype, n.shape, empty.shape))
+        outs[0][...] = x * 2
+        outs[1][...] = n + 1
 
     x = jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4)
-    shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    y, = jax.jit(buffer_callback(callback, (shape,)))(x)
-    assert (np.asarray(y) == np.asarray(x)).all()
-    got_x, want_x, got_out, want_out = seen[0]
-    assert got_x == want_x and got_out == want_out
+    n = jnp.int32(5)
+    empty = jnp.zeros((0, 7), jnp.float32)
+    run = jax.jit(lambda x, n, e: _binding._call(body, "static", [(x.shape, x.dtype),
+                                                                  (n.shape, n.dtype)],
+                                                 x, None, n, e))
+    y, m = run(x, n, empty)
+    assert (np.asarray(y) == 2 * np.asarray(x)).all() and int(m) == 6
+    assert seen == [("static", BF16, (3, 4), None, np.dtype(np.int32), (), (0, 7))]
+
+    def add_one(static, outs, a):
+        outs[0][...] += 1  # the output is a's memory: it already holds a
+    a = jnp.arange(4.0)
+    bumped, = jax.jit(lambda a: _binding._call(add_one, None, [(a.shape, a.dtype)], a,
+                                               aliases={0: 0}))(a)
+    assert np.asarray(bumped).tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_error_in_a_callback_reaches_the_caller_with_its_message():
+    def fails(static, outs, x):
+        raise ValueError("cu_seqlens_q must be increasing")
+    x = jnp.zeros(3)
+    with pytest.raises(Exception, match="ValueError: cu_seqlens_q must be increasing"):
+        jax.block_until_ready(jax.jit(
+            lambda x: _binding._call(fails, None, [(x.shape, x.dtype)], x))(x))
+
+
+def test_jit_dispatch_stays_in_cpp():
+    """The custom call is not a host callback: jit's compiled program keeps the C++
+    dispatch path (buffer_callback's host callbacks would take every call through Python)."""
+    q = jnp.zeros((1, 16, 2, 32), jnp.float32)
+    compiled = jax.jit(lambda q: fj.attention(q, q, q)).lower(q).compile()
+    assert not compiled._executable.unsafe_call.has_host_callbacks
 
 
 # ---------------------------------------------------------------------------------------

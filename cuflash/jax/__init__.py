@@ -1,12 +1,15 @@
 """cuflash inside JAX: ``jax.jit``, ``jax.grad`` and ``jax.vmap`` over cuflash's attention.
 
 Import it explicitly (``import cuflash.jax as fj``); ``import cuflash`` never imports JAX.
-Needs ``jax >= 0.6.1``, the first release with ``jax.experimental.buffer_callback``.
+Needs ``jax >= 0.6.1``.
 
-Mechanism. Every function stages one ``jax.experimental.buffer_callback`` per kernel call:
-XLA allocates the results and, when the compiled program runs, hands the callback its input
-and output buffers (and, on the GPU, its compute stream). The callback runs cuflash's public
-functions on those buffers with ``out=`` / ``lse=`` / ``dq=``... set to XLA's outputs:
+Mechanism. Every function stages one custom call per kernel call, to the XLA FFI target
+``cuflash_call`` whose handler is a Python function (``cuflash.jax._ffi``): XLA allocates
+the results and, when the compiled program runs, hands the handler its input and output
+buffers (and, on the GPU, its compute stream). The handler runs cuflash's public functions
+on those buffers with ``out=`` / ``lse=`` / ``dq=``... set to XLA's outputs. (Not
+``jax.experimental.buffer_callback``: its host callbacks take every call of the compiled
+program through jit's Python dispatch; a custom call keeps it in C++.)
 
 - CPU: the buffers are host memory, wrapped as NumPy arrays (no copies); the NumPy backend
   runs the same tiled algorithm as the kernels. This is what CI tests.

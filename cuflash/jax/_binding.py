@@ -15,11 +15,8 @@ import numpy as np
 import cuflash
 from cuflash import _core, ops
 
-try:
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-except ImportError as e:  # pragma: no cover - depends on the installed JAX
-    raise ImportError(f"cuflash.jax needs jax >= 0.6.1 (jax.experimental.buffer_callback); "
-                      f"this is jax {jax.__version__}") from e
+from . import _ffi
+
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 # See cuflash.jax's docstring: one launch over the folded vmapped axes.
@@ -66,20 +63,6 @@ def _forward_kwargs(o: _Options) -> dict:
 # ---------------------------------------------------------------------------------------
 # XLA's buffers as NumPy (CPU) or CuPy (GPU) arrays.
 
-_DL_CPU = 1
-_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", ctypes.pythonapi))
-
-
-def _data_ptr(buf) -> int:
-    """The address of a buffer's first element, read from its DLPack capsule: the first
-    field of a ``DLManagedTensor`` is its ``DLTensor``, whose first field is ``data``.
-    (``__cuda_array_interface__`` would do on the GPU, but its typestr is not defined for
-    bfloat16 in every jaxlib.) The capsule is left unconsumed, so it frees itself."""
-    capsule = buf.__dlpack__()
-    return ctypes.c_void_p.from_address(_capsule_pointer(capsule, b"dltensor")).value or 0
-
-
 _STREAMS = {}
 
 
@@ -87,44 +70,53 @@ def _external_stream(ptr: int, buffers):
     """XLA's stream as a CuPy stream object, and its CUDA device (kept: XLA uses a few
     streams, for ever). A stream belongs to one device: the driver's record of a buffer's
     address names it once (exact even where XLA's device numbering and CUDA's differ)."""
-    key = (ptr, buffers[0].__dlpack_device__()[1])
-    found = _STREAMS.get(key)
+    found = _STREAMS.get(ptr)
     if found is None:
         import cupy
         device = _device_of(buffers)
         with warnings.catch_warnings():  # CuPy 14 deprecates it for Stream.from_external,
             warnings.simplefilter("ignore", DeprecationWarning)  # which CuPy 13 lacks
-            found = _STREAMS[key] = (cupy.cuda.ExternalStream(ptr, device), device)
+            found = _STREAMS[ptr] = (cupy.cuda.ExternalStream(ptr, device), device)
     return found
-
-
-def _cupy_view(buf, device: int):
-    """A CuPy array over an XLA device buffer: the same memory, owned by XLA."""
-    import cupy
-    shape, dtype = tuple(buf.shape), np.dtype(buf.dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return cupy.ndarray(shape, dtype)  # nothing to point at, nothing allocated
-    memory = cupy.cuda.UnownedMemory(_data_ptr(buf), nbytes, buf, device)
-    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
 
 
 def _device_of(buffers) -> int:
     """The CUDA device of XLA's buffers, from the driver's record of the first non-empty
-    one (exact even where XLA's device numbering and CUDA's differ)."""
+    one (the current device when all are empty: then there is nothing to compute)."""
     import cupy
     for buf in buffers:
-        if math.prod(buf.shape):
-            return cupy.cuda.runtime.pointerGetAttributes(_data_ptr(buf)).device
-    return buffers[0].__dlpack_device__()[1]
+        if buf.ptr:
+            return cupy.cuda.runtime.pointerGetAttributes(buf.ptr).device
+    return cupy.cuda.runtime.getDevice()
+
+
+def _numpy(buf: _ffi.Buffer) -> np.ndarray:
+    """A NumPy array over an XLA host buffer: the same memory, owned by XLA."""
+    nbytes = math.prod(buf.shape) * buf.dtype.itemsize
+    if not nbytes:
+        return np.empty(buf.shape, buf.dtype)
+    memory = (ctypes.c_char * nbytes).from_address(buf.ptr)
+    return np.frombuffer(memory, buf.dtype).reshape(buf.shape)
+
+
+def _cupy_view(buf: _ffi.Buffer, device: int):
+    """A CuPy array over an XLA device buffer: the same memory, owned by XLA."""
+    import cupy
+    nbytes = math.prod(buf.shape) * buf.dtype.itemsize
+    if not nbytes:
+        return cupy.ndarray(buf.shape, buf.dtype)  # nothing to point at, nothing allocated
+    memory = cupy.cuda.UnownedMemory(buf.ptr, nbytes, None, device)
+    return cupy.ndarray(buf.shape, buf.dtype, cupy.cuda.MemoryPointer(memory, 0))
 
 
 @functools.lru_cache(maxsize=None)
-def _callback(body, static):
-    """A buffer_callback function that runs ``body(static, outs, *ins)`` on XLA's buffers.
+def _callback(body, static, present):
+    """The callback (see cuflash.jax._ffi) that runs ``body(static, outs, *ins)`` on XLA's
+    buffers; ``present``: which inputs were given (the others reach ``body`` as None).
 
-    Cached, so that one ``(body, static)`` is one function: the primitive's parameters hold
-    it, and eager calls reuse their compiled executable only when they are equal.
+    Cached, so that one ``(body, static, present)`` is one slot: the custom call's
+    attribute names it, and eager calls reuse their compiled executable only when it is
+    equal.
 
     On the GPU, where ``body`` has a fast path (``_FAST``), the first call of each shapes
     and device also builds it from the CuPy views (cuflash's checks have then passed, and
@@ -133,20 +125,21 @@ def _callback(body, static):
     nothing that changes between calls of one compiled program but the addresses."""
     build, fast_paths = _FAST.get(body), {}
 
-    def callback(ctx, outs, *ins):
-        buffers = [b for b in (*outs, *ins) if b is not None]
-        if buffers[0].__dlpack_device__()[0] == _DL_CPU:
-            body(static, tuple(np.asarray(b) for b in outs),
-                 *(None if b is None else np.asarray(b) for b in ins))
+    def callback(stream, outs, given):
+        given = iter(given)
+        ins = [next(given) if p else None for p in present]
+        if stream is None:
+            body(static, tuple(_numpy(b) for b in outs),
+                 *(None if b is None else _numpy(b) for b in ins))
             return
         import cupy
-        stream, device = _external_stream(ctx.stream, buffers)
+        cupy_stream, device = _external_stream(stream, outs + ins)
         key = (device, *((b.shape, b.dtype) if b is not None else None for b in ins))
         fast = fast_paths.get(key)
         if fast is not None and cupy.cuda.runtime.getDevice() == device and fast(
-                stream, *(0 if b is None else _data_ptr(b) for b in (*outs, *ins))):
+                cupy_stream, *(0 if b is None else b.ptr for b in (*outs, *ins))):
             return
-        with cupy.cuda.Device(device), stream:
+        with cupy.cuda.Device(device), cupy_stream:
             views = (tuple(_cupy_view(b, device) for b in outs),
                      *(None if b is None else _cupy_view(b, device) for b in ins))
             body(static, *views)
@@ -157,10 +150,14 @@ def _callback(body, static):
 
 
 def _call(body, static, results, *args, aliases=None):
-    """Stage ``body`` on ``args`` (arrays or None); ``results``: (shape, dtype) pairs."""
+    """Stage ``body`` on ``args`` (arrays or None); ``results``: (shape, dtype) pairs;
+    ``aliases``: {input index: output index}, inputs counted with the None ones."""
+    present = tuple(a is not None for a in args)
+    index = {i: n for n, i in enumerate(i for i, p in enumerate(present) if p)}
     shapes = tuple(jax.ShapeDtypeStruct(s, d) for s, d in results)
-    outs = _buffer_callback(_callback(body, static), shapes, vmap_method=VMAP_METHOD,
-                            input_output_aliases=aliases)(*args)
+    outs = _ffi.call(_callback(body, static, present), shapes,
+                     [a for a in args if a is not None], vmap_method=VMAP_METHOD,
+                     aliases=aliases and {index[i]: o for i, o in aliases.items()})
     return _vary_like(outs, args)
 
 

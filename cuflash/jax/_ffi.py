@@ -1,0 +1,156 @@
+"""One XLA FFI target, ``cuflash_call``, whose handler is a Python function (through ctypes)
+that runs the callback an attribute names, on XLA's buffers and stream.
+
+Why not ``jax.experimental.buffer_callback``: it registers its callback as a host callback
+of the compiled program, and a program with host callbacks leaves jit's C++ dispatch for
+the Python one, with ordering tokens, on every call. A custom call to a registered FFI
+target is an ordinary operation of the program: jit dispatches it in C++, and XLA calls the
+handler when the program runs, on the thread that enqueues its work.
+
+The handler reads the call frame of the FFI's C API (``xla/ffi/api/c_api.h``; the fields
+below are those the API has kept at fixed offsets since its version 0.1): the input and
+output buffers (dtype, address, shape), the ``slot`` attribute (the index of the callback
+in :data:`_SLOTS`) and, on the GPU, the stream (``XLA_FFI_Stream_Get``). An exception in
+the callback becomes an XLA error carrying its type and message
+(``XLA_FFI_Error_Create``), which JAX raises.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+TARGET = "cuflash_call"
+
+# XLA_FFI_DataType -> NumPy.
+_DTYPES = {1: np.dtype(np.bool_), 2: np.dtype(np.int8), 3: np.dtype(np.int16),
+           4: np.dtype(np.int32), 5: np.dtype(np.int64), 6: np.dtype(np.uint8),
+           7: np.dtype(np.uint16), 8: np.dtype(np.uint32), 9: np.dtype(np.uint64),
+           10: np.dtype(np.float16), 11: np.dtype(np.float32), 12: np.dtype(np.float64),
+           16: np.dtype(jax.numpy.bfloat16)}
+
+# XLA_FFI_CallFrame: struct_size, extension_start, api, ctx, stage (int, padded); then
+# XLA_FFI_Args and XLA_FFI_Rets (struct_size, extension_start, size, types, pointers) and
+# XLA_FFI_Attrs (the same with names before the pointers); the fields after them vary.
+_FRAME = struct.Struct("<QQQQi4x" "QQqQQ" "QQqQQ" "QQqQQQ")
+# XLA_FFI_Buffer: struct_size, extension_start, dtype (int, padded), data, rank, dims.
+_BUFFER = struct.Struct("<QQi4xQqQ")
+_EXECUTE = 3                   # XLA_FFI_ExecutionStage_EXECUTE
+_METADATA = 1                  # XLA_FFI_Extension_Metadata
+_API_VERSION_OFFSET = 32       # XLA_FFI_Api: struct_size, extension, then api_version's
+_ERROR_CREATE_OFFSET = 48      # struct_size, extension, major, minor; internal_api; then
+_STREAM_GET_OFFSET = 80        # the functions: Error_Create, GetMessage, Destroy,
+                               # Handler_Register, Stream_Get
+_INTERNAL = 13                 # XLA_FFI_Error_Code_INTERNAL
+
+_Function = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+
+
+class Buffer(NamedTuple):
+    """One of XLA's buffers as the handler sees it: address (0 when empty), dtype, shape."""
+    ptr: int
+    dtype: np.dtype
+    shape: tuple
+
+
+# Callbacks by slot: ``callback(stream, outs, ins)`` with ``stream`` XLA's CUDA stream and
+# ``outs``/``ins`` lists of Buffer; ``stream`` is None on the CPU. A slot is never reused:
+# compiled programs name it.
+_SLOTS: list = []
+_SLOT_OF: dict = {}
+_LOCK = threading.Lock()
+
+
+def slot(callback) -> int:
+    """The slot of ``callback`` (equal callbacks share one, so that eager calls, which
+    compile once per distinct attribute, reuse their executable)."""
+    with _LOCK:
+        found = _SLOT_OF.get(callback)
+        if found is None:
+            found = _SLOT_OF[callback] = len(_SLOTS)
+            _SLOTS.append(callback)
+        return found
+
+
+def _buffers(pointers: int, count: int) -> list:
+    out = []
+    for p in struct.unpack_from(f"<{count}Q", ctypes.string_at(pointers, 8 * count)):
+        _, _, dtype, data, rank, dims = _BUFFER.unpack_from(ctypes.string_at(p, _BUFFER.size))
+        shape = struct.unpack_from(f"<{rank}q", ctypes.string_at(dims, 8 * rank)) if rank else ()
+        out.append(Buffer(data or 0, _DTYPES.get(dtype), shape))
+    return out
+
+
+def _slot_attribute(attrs: int, count: int) -> int:
+    """The value of the single scalar attribute: an XLA_FFI_Scalar (dtype, value*)."""
+    if count != 1:
+        raise ValueError(f"{TARGET} takes one attribute (slot), got {count}")
+    scalar = ctypes.c_void_p.from_address(attrs).value
+    return ctypes.c_uint64.from_address(ctypes.c_void_p.from_address(scalar + 8).value).value
+
+
+def _function(api: int, offset: int):
+    return _Function(ctypes.c_void_p.from_address(api + offset).value)
+
+
+def _metadata(api: int, extension: int) -> None:
+    """Answer XLA's metadata query (registration): the API version XLA itself reports (0.1,
+    the first, where it passes no API, as jaxlib 0.6 does) and no traits (in particular
+    not command-buffer compatible: the handler is Python)."""
+    metadata = ctypes.c_void_p.from_address(extension + 24).value
+    version = (ctypes.string_at(api + _API_VERSION_OFFSET, 8) if api
+               else struct.pack("<ii", 0, 1))
+    ctypes.memmove(metadata + 24, version, 8)       # XLA_FFI_Metadata.api_version.major/minor
+    ctypes.c_uint32.from_address(metadata + 32).value = 0  # .traits
+
+
+def _stream(api: int, ctx: int) -> int:
+    args = ctypes.create_string_buffer(struct.pack("<QQQQ", 32, 0, ctx, 0), 32)
+    error = _function(api, _STREAM_GET_OFFSET)(ctypes.addressof(args))
+    if error:
+        raise RuntimeError(f"{TARGET}: XLA_FFI_Stream_Get failed")
+    return struct.unpack_from("<Q", args.raw, 24)[0]
+
+
+def _error(api: int, message: str) -> int:
+    text = ctypes.create_string_buffer(message.encode("utf-8", "replace"))
+    args = ctypes.create_string_buffer(
+        struct.pack("<QQQi4x", 32, 0, ctypes.addressof(text), _INTERNAL), 32)
+    return _function(api, _ERROR_CREATE_OFFSET)(ctypes.addressof(args))
+
+
+def _handler(gpu: bool):
+    def handle(frame):
+        (_, extension, api, ctx, stage, _, _, n_args, _, args, _, _, n_rets, _, rets,
+         _, _, n_attrs, _, _, attrs) = _FRAME.unpack_from(ctypes.string_at(frame, _FRAME.size))
+        try:
+            if extension:
+                if ctypes.c_int.from_address(extension + 8).value == _METADATA:
+                    _metadata(api, extension)
+                return None
+            if stage != _EXECUTE:
+                return None
+            callback = _SLOTS[_slot_attribute(attrs, n_attrs)]
+            callback(_stream(api, ctx) if gpu else None, _buffers(rets, n_rets),
+                     _buffers(args, n_args))
+            return None
+        except BaseException as e:  # noqa: BLE001 - it must not cross into XLA's C++
+            return _error(api, f"{type(e).__name__}: {e}")
+    return _Function(handle)
+
+
+_HANDLERS = {"cpu": _handler(gpu=False), "CUDA": _handler(gpu=True)}
+for _platform, _handle in _HANDLERS.items():
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_handle), platform=_platform)
+
+
+def call(callback, results, args, *, vmap_method, aliases=None):
+    """Stage ``callback`` on ``args`` (arrays): a custom call of :data:`TARGET` returning
+    ``results`` (``jax.ShapeDtypeStruct``\\ s), with ``aliases`` {input: output}."""
+    return jax.ffi.ffi_call(TARGET, results, vmap_method=vmap_method,
+                            input_output_aliases=aliases)(*args,
+                                                          slot=np.uint64(slot(callback)))
