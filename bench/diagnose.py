@@ -409,6 +409,8 @@ def calls(args):
     cupy = require_gpu()
     import cuflash
     batch, nheads = standard_shape(args.seqlen, args.headdim)
+    if args.impl == "fa3":
+        return fa3_calls(args, batch, nheads)
     q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
                                 seed=0)
     out, lse = cuflash.attention_forward(q, k, v, causal=args.causal)
@@ -418,6 +420,21 @@ def calls(args):
         else:
             cuflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal)
     cupy.cuda.Device().synchronize()
+    return 0
+
+
+def fa3_calls(args, batch, nheads):
+    """The same calls of FlashAttention-3 (``flash_attn3_jax``, jitted) on the same shape."""
+    import jax
+    import jax.numpy as jnp
+    from flash_attn3_jax import flash_mha
+    q, k, v, dout = (jax.random.normal(key, (batch, args.seqlen, nheads, args.headdim),
+                                       jnp.bfloat16)
+                     for key in jax.random.split(jax.random.key(0), 4))
+    fwd = jax.jit(lambda q, k, v: flash_mha(q, k, v, is_causal=args.causal))
+    bwd = jax.jit(lambda q, k, v, g: jax.vjp(fwd, q, k, v)[1](g))
+    for _ in range(5):
+        jax.block_until_ready(fwd(q, k, v) if args.direction == "fwd" else bwd(q, k, v, dout))
     return 0
 
 
@@ -459,6 +476,8 @@ def parse_args(argv):
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--impl", choices=("cuflash", "fa3"), default="cuflash",
+                   help="whose kernels (fa3: flash_attn3_jax, jitted)")
     p.set_defaults(run=calls)
     return parser.parse_args(argv)
 

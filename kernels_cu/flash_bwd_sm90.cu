@@ -66,6 +66,12 @@ struct BwdSm90Traits {
   static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
   static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
   static constexpr int STAGES = 2;     // buffers of the Q, dO, lse, delta ring
+  // dS^T buffers. Three where they fit (head dim 128): step j writes buffer j % 3, and the
+  // two MMA warpgroups hand it over without a barrier of both a step (see ready() in the
+  // MMA warpgroups' loop). Two at head dim 64 (three would exceed shared memory by 48
+  // bytes): both warpgroups then meet at one barrier a step.
+  static constexpr int DS_BUFS = D == 128 ? 3 : 2;
+  static constexpr bool HAND_OVER = DS_BUFS == 3;
   // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
   // hands out at launch: what the producer gives back, the MMA warpgroups take.
   static constexpr int PRODUCER_REGS = 24, MMA_REGS = 240;
@@ -81,8 +87,8 @@ struct BwdSm90Traits {
   static constexpr int OFF_V = OFF_K + K_BYTES;
   static constexpr int OFF_Q = OFF_V + K_BYTES;             // a buffer per stage
   static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;   // a buffer per stage
-  static constexpr int OFF_DS = OFF_DO + STAGES * Q_BYTES;  // two buffers
-  static constexpr int OFF_DQ = OFF_DS + 2 * DS_BYTES;      // one per MMA warpgroup
+  static constexpr int OFF_DS = OFF_DO + STAGES * Q_BYTES;  // DS_BUFS buffers
+  static constexpr int OFF_DQ = OFF_DS + DS_BUFS * DS_BYTES;  // one per MMA warpgroup
   static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES;     // BLOCK_R floats a stage
   static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
@@ -268,12 +274,36 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
     const int g = lane / 4, qd = lane % 4;
 
+    // The hand-over of dS^T between the two MMA warpgroups (HAND_OVER): warpgroup w writes
+    // its half of dS^T_j into buffer j % 3, then arrives at named barrier ready(w, j)
+    // (bar.arrive: it does not wait); the dQ tile of step j waits at ready(other, j)
+    // (bar.sync of 256 threads: the other's 128 arrivals and this warpgroup's 128, so it
+    // also orders this warpgroup's own dS^T stores). Reuse: a warpgroup writes buffer
+    // j % 3 again at step j + 3 after it waited at ready(other, j + 1) or (j + 2), which
+    // the other arrived at after its dQ tile of step j; and it arrives at ready(w, j + 3),
+    // the barrier of step j, only after the other's wait there.
+    // Without HAND_OVER, both meet at named barrier 3 at the start of each step, after this
+    // thread's dS^T stores of the step before are ordered before the async proxy.
+    auto ready = [&](int w, int j) { return 4 + 3 * w + j % 3; };  // named barriers 4..9
+
     // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
     // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
     const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
     const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
+    // The staging tile is free once the previous bulk reduce has read it: thread 0 waits
+    // for that before a barrier, which the warpgroup's other threads cannot pass before.
+    auto step_barrier = [&] {  // without HAND_OVER
+      sm90::fence_proxy_async();
+      if (wtid == 0) sm90::bulk_wait_read();
+      sm90::named_barrier(3, 256);
+    };
     auto dq_step = [&](int j, float (&dq)[32]) {
-      const uint32_t ds_tile = base + Tr::OFF_DS + (j & 1) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
+      if constexpr (Tr::HAND_OVER) {
+        if (wtid == 0) sm90::bulk_wait_read();
+        sm90::named_barrier(ready(1 - wg, j), 256);
+      }
+      const uint32_t ds_tile =
+          base + Tr::OFF_DS + (j % Tr::DS_BUFS) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
       const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
       sm90::wgmma_fence();
 #pragma unroll
@@ -329,21 +359,14 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const int key0 = o0 + 64 * wg;
     const int krow = key0 + 16 * wq + g;
 
-    // One barrier of the two MMA warpgroups a step (named barrier 3; 1 and 2 are their own):
-    // before it, this thread's dS^T stores of the step before are done and ordered before
-    // the async proxy, and the previous bulk reduce has read its warpgroup's staging tile.
-    auto step_barrier = [&] {
-      sm90::fence_proxy_async();
-      if (wtid == 0) sm90::bulk_wait_read();
-      sm90::named_barrier(3, 256);
-    };
     if (steps.iters > 0) sm90::mbar_wait(full_kv, 0);
     for (int it = 0; it < steps.iters; ++it) {
       const int buf = it % STAGES, r0 = steps.row(it);
-      step_barrier();
+      if constexpr (!Tr::HAND_OVER) step_barrier();
       // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
       // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
-      // work instead of running in step (both meet only at the barrier above).
+      // work instead of running in step (they meet only where one waits for the other's
+      // dS^T, see ready()).
       constexpr int SB = BLOCK_R / 64;
       // S^T and dP^T of the sub-blocks; before and after them, s[0] holds the dQ tile
       // (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
@@ -395,7 +418,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           sm90::fence_regs<16>(s[sb - 1]);
           sm90::fence_regs<16>(dp[sb - 1]);
         }
-        const uint32_t ds_s = base + Tr::OFF_DS + (it & 1) * Tr::DS_BYTES + sb * Tr::DS_BLK;
+        const uint32_t ds_s =
+            base + Tr::OFF_DS + (it % Tr::DS_BUFS) * Tr::DS_BYTES + sb * Tr::DS_BLK;
         {
           // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
           // 2 qd + e % 2. Only tiles on a mask boundary test each element.
@@ -440,6 +464,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             const int kr = 64 * wg + 16 * wq + g + 8 * hh;
             sm90::sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa(t / 2, (t & 1) * 2 + hh));
           }
+        if (Tr::HAND_OVER && sb + 1 == SB) {  // this warpgroup's dS^T, to the dQ tiles
+          sm90::fence_proxy_async();
+          sm90::named_barrier_arrive(ready(wg, it), 256);
+        }
 
         sm90::wgmma_fence();
         {
@@ -467,7 +495,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       if (wg == 1 && it > 0) dq_step(it - 1, s[0]);
     }
     if (steps.iters > 0) {
-      step_barrier();
+      if constexpr (!Tr::HAND_OVER) step_barrier();
       float dq[32];
       dq_step(steps.iters - 1, dq);
     }

@@ -128,6 +128,7 @@ class Sm90Tile:
 # order, through one int semaphore per 4096-float tile of dq_accum); bwd_main serves the
 # rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
+SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
                       "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
@@ -239,10 +240,11 @@ def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
     hd = tiles.padded_headdim(headdim)
     br = SM90_TILES[hd].block_r
-    # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); 2 x dS^T; 2 dQ staging tiles;
-    # STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
-    shared = (2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + 2 * SM90_KEYS * br) * 2 + \
-        2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
+    # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
+    # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
+    shared = (2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd
+              + SM90_DS_BUFS[hd] * SM90_KEYS * br) * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 \
+        + 1024
     v = tiles.varlen_flag(varlen)
     mod = "true" if score_mod else "false"
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {mod}{v}>", "keys",
@@ -378,7 +380,9 @@ def facts():
         ("F32_BLOCK", F32_BLOCK), ("F32_THREADS", F32_THREADS))]
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
-            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES)]
+            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),
+            *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::DS_BUFS",
+               SM90_DS_BUFS[hd]) for hd, t in SM90_TILES.items())]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
             for s in {s for arch in tiles.CHECKED_ARCHS for s in _steps(arch)} if s.traits]
     return out
