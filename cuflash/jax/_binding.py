@@ -126,6 +126,12 @@ def _callback(body, static, present):
     build, fast_paths = _FAST.get(body), {}
 
     def callback(stream, outs, given):
+        # The fast path's key: the stream (which names the device) and the inputs' dtypes
+        # and shapes (a Buffer's fields after its address).
+        key = (stream, *[b[1:] for b in given])
+        fast = fast_paths.get(key)
+        if fast is not None and fast(*[b.ptr for b in outs], *[b.ptr for b in given]):
+            return
         given = iter(given)
         ins = [next(given) if p else None for p in present]
         if stream is None:
@@ -134,19 +140,28 @@ def _callback(body, static, present):
             return
         import cupy
         cupy_stream, device = _external_stream(stream, outs + ins)
-        key = (device, *((b.shape, b.dtype) if b is not None else None for b in ins))
-        fast = fast_paths.get(key)
-        if fast is not None and cupy.cuda.runtime.getDevice() == device and fast(
-                cupy_stream, *(0 if b is None else b.ptr for b in (*outs, *ins))):
-            return
         with cupy.cuda.Device(device), cupy_stream:
             views = (tuple(_cupy_view(b, device) for b in outs),
                      *(None if b is None else _cupy_view(b, device) for b in ins))
             body(static, *views)
             if build is not None and key not in fast_paths:
-                fast_paths[key] = build(static, *views) or (lambda *_: False)
+                fast_paths[key] = _bind(build(static, *views), cupy_stream, device, present)
     callback.__name__ = callback.__qualname__ = f"cuflash_{body.__name__.strip('_')}"
     return callback
+
+
+def _bind(fast, stream, device: int, present):
+    """``fast(stream, *outs, *ins)`` (None: no fast path) as a function of the addresses of
+    the outputs and of the given inputs alone (0 for the others), False where the current
+    device is not the stream's (the full path then switches to it)."""
+    if fast is None:
+        return lambda *_: False
+    import cupy
+    missing = len(present) - sum(present)
+    if any(present[len(present) - missing:]):
+        raise AssertionError("fast paths take their optional inputs last")
+    get_device, zeros = cupy.cuda.runtime.getDevice, (0,) * missing
+    return lambda *ptrs: get_device() == device and fast(stream, *ptrs, *zeros)
 
 
 def _call(body, static, results, *args, aliases=None):

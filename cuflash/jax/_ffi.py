@@ -49,6 +49,9 @@ _STREAM_GET_OFFSET = 80        # the functions: Error_Create, GetMessage, Destro
 _INTERNAL = 13                 # XLA_FFI_Error_Code_INTERNAL
 
 _Function = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+# XLA's API functions, called with the GIL held (they return at once), which also keeps
+# the one argument buffer of XLA_FFI_Stream_Get below safe across threads.
+_ApiFunction = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
 
 # The process's memory as one byte view, read at XLA's addresses with struct.unpack_from:
 # 4x cheaper than a ctypes call per read, which the handler makes some 30 of a call. Making
@@ -92,8 +95,12 @@ def _buffers(pointers: int, count: int) -> list:
     out = []
     for p in _int64s(count).unpack_from(_MEMORY, pointers):
         _, _, dtype, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p)
-        out.append(Buffer(data, _DTYPES.get(dtype), _int64s(rank).unpack_from(_MEMORY, dims)))
+        shape = _int64s(rank).unpack_from(_MEMORY, dims)
+        out.append(_tuple(Buffer, (data, _DTYPES.get(dtype), shape)))
     return out
+
+
+_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 def _slot_attribute(attrs: int, count: int) -> int:
@@ -107,7 +114,7 @@ def _slot_attribute(attrs: int, count: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _function(api: int, offset: int):
-    return _Function(ctypes.c_void_p.from_address(api + offset).value)
+    return _ApiFunction(ctypes.c_void_p.from_address(api + offset).value)
 
 
 def _metadata(api: int, extension: int) -> None:
@@ -121,12 +128,15 @@ def _metadata(api: int, extension: int) -> None:
     ctypes.c_uint32.from_address(metadata + 32).value = 0  # .traits
 
 
+_STREAM_ARGS = ctypes.create_string_buffer(32)  # XLA_FFI_Stream_Get_Args: size, extension,
+_STREAM_ARGS_AT = ctypes.addressof(_STREAM_ARGS)  # ctx, stream (out)
+
+
 def _stream(api: int, ctx: int) -> int:
-    args = ctypes.create_string_buffer(struct.pack("<QQQQ", 32, 0, ctx, 0), 32)
-    error = _function(api, _STREAM_GET_OFFSET)(ctypes.addressof(args))
-    if error:
+    struct.pack_into("<QQQQ", _STREAM_ARGS, 0, 32, 0, ctx, 0)
+    if _function(api, _STREAM_GET_OFFSET)(_STREAM_ARGS_AT):
         raise RuntimeError(f"{TARGET}: XLA_FFI_Stream_Get failed")
-    return struct.unpack_from("<Q", args.raw, 24)[0]
+    return _POINTER.unpack_from(_STREAM_ARGS, 24)[0]
 
 
 def _error(api: int, message: str) -> int:
