@@ -8,8 +8,9 @@ Mechanism. Every function stages one custom call per kernel call, to the XLA FFI
 the results and, when the compiled program runs, hands the handler its input and output
 buffers (and, on the GPU, its compute stream). The handler runs cuflash's public functions
 on those buffers with ``out=`` / ``lse=`` / ``dq=``... set to XLA's outputs. (Not
-``jax.experimental.buffer_callback``: its host callbacks take every call of the compiled
-program through jit's Python dispatch; a custom call keeps it in C++.)
+``jax.experimental.buffer_callback``, the first route: it hands its callback Python
+objects whose addresses cost a DLPack capsule each, and a program with host callbacks
+leaves jit's C++ dispatch; the handler reads the call frame's raw fields instead.)
 
 - CPU: the buffers are host memory, wrapped as NumPy arrays (no copies); the NumPy backend
   runs the same tiled algorithm as the kernels. This is what CI tests.

@@ -1,11 +1,11 @@
 """One XLA FFI target, ``cuflash_call``, whose handler is a Python function (through ctypes)
 that runs the callback an attribute names, on XLA's buffers and stream.
 
-Why not ``jax.experimental.buffer_callback``: it registers its callback as a host callback
-of the compiled program, and a program with host callbacks leaves jit's C++ dispatch for
-the Python one, with ordering tokens, on every call. A custom call to a registered FFI
-target is an ordinary operation of the program: jit dispatches it in C++, and XLA calls the
-handler when the program runs, on the thread that enqueues its work.
+Why not ``jax.experimental.buffer_callback`` (the first route): its callback gets a Python
+object per buffer whose address costs a DLPack capsule to read, and it registers a host
+callback, which takes the compiled program off jit's C++ dispatch. On an H200 the two
+dispatch routes cost the same for a no-op (bench/ffi_probe.py); what the handler saves is
+its own per-call work, which put cuflash.jax's small calls under JAX cuDNN's time.
 
 The handler reads the call frame of the FFI's C API (``xla/ffi/api/c_api.h``; the fields
 below are those the API has kept at fixed offsets since its version 0.1): the input and
