@@ -132,14 +132,14 @@ def _callback(body, static, present):
         fast = fast_paths.get(key)
         if fast is not None and fast(*[b.ptr for b in outs], *[b.ptr for b in given]):
             return
-        given = iter(given)
-        ins = [next(given) if p else None for p in present]
+        pending = iter(given)
+        ins = [next(pending) if p else None for p in present]
         if stream is None:
             body(static, tuple(_numpy(b) for b in outs),
                  *(None if b is None else _numpy(b) for b in ins))
             return
         import cupy
-        cupy_stream, device = _external_stream(stream, outs + ins)
+        cupy_stream, device = _external_stream(stream, outs + given)
         with cupy.cuda.Device(device), cupy_stream:
             views = (tuple(_cupy_view(b, device) for b in outs),
                      *(None if b is None else _cupy_view(b, device) for b in ins))
