@@ -141,6 +141,20 @@ def test_error_in_a_callback_reaches_the_caller_with_its_message():
             lambda x: _binding._call(fails, None, [(x.shape, x.dtype)], x))(x))
 
 
+def test_exception_that_cannot_print_itself_still_reaches_the_caller():
+    """The handler must not let anything raise into XLA's C++ (the process would abort)."""
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    def fails(static, outs, x):
+        raise Unprintable()
+    x = jnp.zeros(3)
+    with pytest.raises(Exception, match="Unprintable"):
+        jax.block_until_ready(jax.jit(
+            lambda x: _binding._call(fails, None, [(x.shape, x.dtype)], x))(x))
+
+
 def test_jit_dispatch_stays_in_cpp():
     """The custom call is not a host callback: jit's compiled program keeps the C++
     dispatch path (buffer_callback's host callbacks would take every call through Python)."""

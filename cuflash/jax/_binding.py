@@ -69,25 +69,30 @@ _STREAMS = {}
 def _external_stream(ptr: int, buffers):
     """XLA's stream as a CuPy stream object, and its CUDA device (kept: XLA uses a few
     streams, for ever). A stream belongs to one device: the driver's record of a buffer's
-    address names it once (exact even where XLA's device numbering and CUDA's differ)."""
+    address names it once (exact even where XLA's device numbering and CUDA's differ).
+    Where every buffer is empty there is nothing to compute: the current device serves
+    that call, and nothing is kept."""
     found = _STREAMS.get(ptr)
     if found is None:
         import cupy
-        device = _device_of(buffers)
+        known = _device_of(buffers)
+        device = cupy.cuda.runtime.getDevice() if known is None else known
         with warnings.catch_warnings():  # CuPy 14 deprecates it for Stream.from_external,
             warnings.simplefilter("ignore", DeprecationWarning)  # which CuPy 13 lacks
-            found = _STREAMS[ptr] = (cupy.cuda.ExternalStream(ptr, device), device)
+            found = (cupy.cuda.ExternalStream(ptr, device), device)
+        if known is not None:
+            _STREAMS[ptr] = found
     return found
 
 
-def _device_of(buffers) -> int:
+def _device_of(buffers) -> int | None:
     """The CUDA device of XLA's buffers, from the driver's record of the first non-empty
-    one (the current device when all are empty: then there is nothing to compute)."""
+    one; None when all are empty."""
     import cupy
     for buf in buffers:
-        if buf.ptr:
+        if buf.ptr and math.prod(buf.shape):
             return cupy.cuda.runtime.pointerGetAttributes(buf.ptr).device
-    return cupy.cuda.runtime.getDevice()
+    return None
 
 
 def _numpy(buf: _ffi.Buffer) -> np.ndarray:

@@ -49,9 +49,9 @@ _STREAM_GET_OFFSET = 80        # the functions: Error_Create, GetMessage, Destro
 _INTERNAL = 13                 # XLA_FFI_Error_Code_INTERNAL
 
 _Function = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
-# XLA's API functions, called with the GIL held (they return at once), which also keeps
-# the one argument buffer of XLA_FFI_Stream_Get below safe across threads.
+# XLA's API functions, called with the GIL held: they return at once.
 _ApiFunction = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+_StreamGetArgs = ctypes.c_uint64 * 4  # struct_size, extension_start, ctx, stream (out)
 
 # The process's memory as one byte view, read at XLA's addresses with struct.unpack_from:
 # 4x cheaper than a ctypes call per read, which the handler makes some 30 of a call. Making
@@ -94,9 +94,13 @@ def _int64s(count: int) -> struct.Struct:
 def _buffers(pointers: int, count: int) -> list:
     out = []
     for p in _int64s(count).unpack_from(_MEMORY, pointers):
-        _, _, dtype, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p)
+        _, _, code, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p)
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise TypeError(f"{TARGET}: XLA dtype {code} (XLA_FFI_DataType) is not one "
+                            f"cuflash takes")
         shape = _int64s(rank).unpack_from(_MEMORY, dims)
-        out.append(_tuple(Buffer, (data, _DTYPES.get(dtype), shape)))
+        out.append(_tuple(Buffer, (data, dtype, shape)))
     return out
 
 
@@ -128,15 +132,11 @@ def _metadata(api: int, extension: int) -> None:
     ctypes.c_uint32.from_address(metadata + 32).value = 0  # .traits
 
 
-_STREAM_ARGS = ctypes.create_string_buffer(32)  # XLA_FFI_Stream_Get_Args: size, extension,
-_STREAM_ARGS_AT = ctypes.addressof(_STREAM_ARGS)  # ctx, stream (out)
-
-
 def _stream(api: int, ctx: int) -> int:
-    struct.pack_into("<QQQQ", _STREAM_ARGS, 0, 32, 0, ctx, 0)
-    if _function(api, _STREAM_GET_OFFSET)(_STREAM_ARGS_AT):
+    args = _StreamGetArgs(32, 0, ctx, 0)  # a call's own: XLA's threads call the handler
+    if _function(api, _STREAM_GET_OFFSET)(ctypes.addressof(args)):
         raise RuntimeError(f"{TARGET}: XLA_FFI_Stream_Get failed")
-    return _POINTER.unpack_from(_STREAM_ARGS, 24)[0]
+    return args[3]
 
 
 def _error(api: int, message: str) -> int:
@@ -148,12 +148,15 @@ def _error(api: int, message: str) -> int:
 
 def _handler(gpu: bool):
     def handle(frame):
-        (_, extension, api, ctx, stage, _, _, n_args, _, args, _, _, n_rets, _, rets,
-         _, _, n_attrs, _, _, attrs) = _FRAME.unpack_from(_MEMORY, frame)
+        # Nothing may raise out of here into XLA's C++ (ctypes would hand it a garbage
+        # pointer): every exception becomes an XLA error, or where there is no API to
+        # create one with (the metadata query), is dropped.
+        api = 0
         try:
-            if extension:
-                if struct.unpack_from("<i", _MEMORY, extension + 8)[0] == _METADATA:
-                    _metadata(api, extension)
+            (_, extension, api, ctx, stage, _, _, n_args, _, args, _, _, n_rets, _, rets,
+             _, _, n_attrs, _, _, attrs) = _FRAME.unpack_from(_MEMORY, frame)
+            if extension and struct.unpack_from("<i", _MEMORY, extension + 8)[0] == _METADATA:
+                _metadata(api, extension)
                 return None
             if stage != _EXECUTE:
                 return None
@@ -161,8 +164,15 @@ def _handler(gpu: bool):
             callback(_stream(api, ctx) if gpu else None, _buffers(rets, n_rets),
                      _buffers(args, n_args))
             return None
-        except BaseException as e:  # noqa: BLE001 - it must not cross into XLA's C++
-            return _error(api, f"{type(e).__name__}: {e}")
+        except BaseException as e:  # noqa: BLE001
+            try:
+                message = f"{type(e).__name__}: {e}"
+            except BaseException:  # noqa: BLE001 - an exception whose str() raises
+                message = type(e).__name__
+            try:
+                return _error(api, message) if api else None
+            except BaseException:  # noqa: BLE001
+                return None
     return _Function(handle)
 
 
