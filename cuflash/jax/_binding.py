@@ -196,7 +196,7 @@ def _vma(x) -> frozenset:
 
 
 def _vary_like(outs, args):
-    """``buffer_callback`` types its results from the given shapes alone, so under
+    """``jax.ffi.ffi_call`` types its results from the given shapes alone, so under
     ``jax.shard_map`` (``check_vma=True``) they would be invariant across the mesh even when
     the inputs vary (a per-device shard in, a per-device result out), and a ``custom_vjp``
     backward returning them is rejected ("the manual axis types do not match"). Mark them
