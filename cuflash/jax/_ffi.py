@@ -91,6 +91,9 @@ def _int64s(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}q")
 
 
+_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
+
+
 def _buffers(pointers: int, count: int) -> list:
     out = []
     for p in _int64s(count).unpack_from(_MEMORY, pointers):
@@ -103,8 +106,6 @@ def _buffers(pointers: int, count: int) -> list:
         out.append(_tuple(Buffer, (data, dtype, shape)))
     return out
 
-
-_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 def _slot_attribute(attrs: int, count: int) -> int:
