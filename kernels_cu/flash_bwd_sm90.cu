@@ -20,8 +20,8 @@
 //   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
 //   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
 //                                                B = dO_i / Q_i read N-major from smem
-//   dS^T -> shared memory; in the next step (after the one barrier of the two MMA
-//   warpgroups a step) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
+//   dS^T -> shared memory; in the next step (once the other warpgroup's half is there:
+//   ready() in the loop) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
 //   M-major, B = K N-major), stages it in shared memory and adds it into dq_accum with
 //   one bulk reduce-add (16 KiB);
 //   warpgroup 0 does so at the start of the step, warpgroup 1 at its end, so that their

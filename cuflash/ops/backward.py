@@ -242,9 +242,8 @@ def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
     # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
-    shared = (2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd
-              + SM90_DS_BUFS[hd] * SM90_KEYS * br) * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 \
-        + 1024
+    elements = 2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
+    shared = elements * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
     v = tiles.varlen_flag(varlen)
     mod = "true" if score_mod else "false"
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {mod}{v}>", "keys",

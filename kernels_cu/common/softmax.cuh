@@ -54,7 +54,7 @@ struct OnlineSoftmax {
   }
 
   // update() in its three parts, for a kernel that interleaves them with its GEMMs (the
-  // Hopper forward rescales O once the previous tile's P V is done). max_step folds
+  // Hopper forward rescales O around the P V that adds this tile's P). max_step folds
   // the tile's row maxima into m_i and gives each row's alpha = exp2(m_old - m_new); true
   // where some row of this thread got a new max.
   template <int N_TILES>
