@@ -306,10 +306,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           base + Tr::OFF_DS + (j % Tr::DS_BUFS) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
       const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
       sm90::wgmma_fence();
+      const uint64_t d_ds = sm90::make_desc(ds_tile, Tr::DS_BLK);
+      const uint64_t d_k = sm90::make_desc(k_tile, Tr::K_BLK);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys = 16 rows of both tiles per step
-        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::make_desc(ds_tile + kk * 2048, Tr::DS_BLK),
-                                  sm90::make_desc(k_tile + kk * 2048, Tr::K_BLK), kk > 0);
+        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(d_ds, kk * 2048), sm90::desc_at(d_k, kk * 2048),
+                                  kk > 0);
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_regs<32>(dq);
@@ -392,13 +394,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
           const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-          Mma::ss(s_, sm90::make_desc(k_w + ka, 16), sm90::make_desc(q_s + qa, 16), kk > 0);
+          Mma::ss(s_, sm90::desc_at(sm90::make_desc(k_w, 16), ka),
+                  sm90::desc_at(sm90::make_desc(q_s, 16), qa), kk > 0);
         }
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
           const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
-          Mma::ss(dp_, sm90::make_desc(v_w + ka, 16), sm90::make_desc(do_s + qa, 16), kk > 0);
+          Mma::ss(dp_, sm90::desc_at(sm90::make_desc(v_w, 16), ka),
+                  sm90::desc_at(sm90::make_desc(do_s, 16), qa), kk > 0);
         }
       };
       sm90::wgmma_fence();
@@ -474,12 +478,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
             const uint32_t a_frag[4] = {pa(kq, 0), pa(kq, 1), pa(kq, 2), pa(kq, 3)};
-            MmaD::rs(dv, a_frag, sm90::make_desc(do_s + kq * 2048, Tr::Q_BLK), 1);
+            MmaD::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
             const uint32_t a_frag[4] = {dsa(kq, 0), dsa(kq, 1), dsa(kq, 2), dsa(kq, 3)};
-            MmaD::rs(dk, a_frag, sm90::make_desc(q_s + kq * 2048, Tr::Q_BLK), 1);
+            MmaD::rs(dk, a_frag, sm90::desc_at(sm90::make_desc(q_s, Tr::Q_BLK), kq * 2048), 1);
           }
         }
         if (sb + 1 < SB) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);

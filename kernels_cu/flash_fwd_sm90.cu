@@ -372,11 +372,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
+        const uint64_t dv = sm90::make_desc(sV(s), Tr::KV_BLOCK_BYTES);
 #pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) {  // 16 keys: 2048 bytes of every column block
-          const uint64_t db = sm90::make_desc(sV(s) + kk * 2048, Tr::KV_BLOCK_BYTES);
-          sm90::Wgmma<T, HEAD_DIM_V>::rs(&acc_o[0][0][0], pf[kk], db, 1);
-        }
+        for (int kk = 0; kk < Bc / 16; ++kk)  // 16 keys: 2048 bytes of every column block
+          sm90::Wgmma<T, HEAD_DIM_V>::rs(&acc_o[0][0][0], pf[kk], sm90::desc_at(dv, kk * 2048), 1);
         sm90::wgmma_commit();
       };
       auto retire_pv = [&](int it) {  // wait for P V of block it and release its V
@@ -392,14 +391,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         const int pos = g + it, s = pos % STAGES;
         sm90::mbar_wait(full_k(s), (pos / STAGES) & 1);
         sm90::wgmma_fence();
+        const uint64_t dq = sm90::make_desc(sQ_wg, 16), dk = sm90::make_desc(sK(s), 16);
 #pragma unroll
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
           const uint32_t k_off = (ks % 4) * 32;  // k16 step inside a 128-byte row
-          const uint64_t da =
-              sm90::make_desc(sQ_wg + (ks / 4) * Tr::Q_BLOCK_BYTES + k_off, 16);
-          const uint64_t db =
-              sm90::make_desc(sK(s) + (ks / 4) * Tr::KV_BLOCK_BYTES + k_off, 16);
-          sm90::Wgmma<T, Bc>::ss(&sc[0][0][0], da, db, ks > 0);
+          sm90::Wgmma<T, Bc>::ss(&sc[0][0][0],
+                                 sm90::desc_at(dq, (ks / 4) * Tr::Q_BLOCK_BYTES + k_off),
+                                 sm90::desc_at(dk, (ks / 4) * Tr::KV_BLOCK_BYTES + k_off),
+                                 ks > 0);
         }
         sm90::wgmma_commit();
       };

@@ -131,6 +131,13 @@ __device__ __forceinline__ uint64_t desc_field(uint32_t bytes) { return (bytes &
 __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo) {
   return desc_field(addr) | (desc_field(lbo) << 16) | (desc_field(1024) << 32) | (1ull << 62);
 }
+// The descriptor `bytes` (a multiple of 16) past `desc`'s start: its start-address field
+// plus bytes / 16, which cannot carry out of the field (shared addresses are < 2^18). A
+// k-loop then builds one descriptor and adds constants, where make_desc at every step
+// masks and shifts each address (ptxas cannot see that the sum stays in the field).
+__device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
+}
 
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
