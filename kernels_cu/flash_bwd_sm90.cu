@@ -1,6 +1,7 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
-// (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128, soft-cap and
-// ALiBi (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included,
+// (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128 (the smaller
+// ones padded: columns past a.headdim load as zeros and are not stored), soft-cap and ALiBi
+// (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included,
 // deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
 // order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //

@@ -350,8 +350,10 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     (128, {}), (64, dict(causal=True)), (104, dict(window=(90, 30))), (64, {}),
     (128, dict(softcap=3.0, causal=True)), (64, dict(alibi="batch")),
     (128, dict(alibi="heads", softcap=5.0, window=(40, 7))),
+    (32, {}), (96, dict(causal=True)), (8, dict(softcap=4.0)), (72, dict(alibi="heads")),
 ], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
-        "d128-all"])
+        "d128-all", "d32-padded", "d96-padded-causal", "d8-padded-softcap",
+        "d72-padded-alibi"])
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""

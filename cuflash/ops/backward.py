@@ -123,8 +123,8 @@ class Sm90Tile:
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
 # a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ by bulk
-# reduce-add. It serves fp16/bf16 at head dims padded to 64 or 128, soft-cap and ALiBi
-# included, deterministic mode too (each dQ tile's bulk reduce-adds take turns in key-block
+# reduce-add. It serves fp16/bf16 at head dims up to 128, padded to 64 or 128 (sm90_headdim),
+# soft-cap and ALiBi included, deterministic mode too (each dQ tile's bulk reduce-adds take turns in key-block
 # order, through one int semaphore per 4096-float tile of dq_accum); bwd_main serves the
 # rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
@@ -236,9 +236,18 @@ def _pre(kind: str, dtype, varlen: bool) -> Step:
     return Step(FILE, name, "rows", PRE_ROWS, PRE_THREADS, 0)
 
 
+def sm90_headdim(headdim: int) -> int | None:
+    """The head dim of the bwd_sm90 instantiation that runs ``headdim`` (None: none does).
+    Its columns past ``headdim`` load as zeros and are not stored, so head dims up to 32 run
+    the 64 kernel and 65-96 the 128 one: twice and 4/3 the GEMM work, where the elementwise
+    work per (query, key) pair, which bounds this kernel, stays the same; mma.sync at the
+    unpadded head dim runs at about half the speed (docs/notes/backward.md, padded head dims)."""
+    return next((d for d in SM90_TILES if d >= headdim), None)
+
+
 def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
-    hd = tiles.padded_headdim(headdim)
+    hd = sm90_headdim(headdim)
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
     # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
@@ -256,8 +265,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     """Every launch of a backward call after preprocess, in order, with tiles that fit the
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
-    hd = tiles.padded_headdim(p.headdim)
-    if hopper and arch == "sm_90" and p.dtype != np.float32 and hd in SM90_TILES:
+    if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
         return sm90_steps(p.dtype, p.headdim, p.score_mod, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
@@ -294,7 +302,8 @@ class Plan:
             rows = p.batch * p.nheads * seqlen_q_pad
             lse_strides = tuple(s // 4 for s in lse_s)
             pre_rows = seqlen_q_pad
-        headdim_pad = tiles.padded_headdim(p.headdim)
+        headdim_pad = (sm90_headdim(p.headdim) if steps[0].filename == SM90_FILE
+                       else tiles.padded_headdim(p.headdim))
         # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad),
         # then, for a deterministic bwd_sm90, a semaphore per 4096 floats of dq_accum (tiles
         # start on 16-row boundaries in varlen: one more for the last partial window).
@@ -364,7 +373,7 @@ def _steps(arch: str):
             for hd in tiles.HEADDIMS:
                 for deterministic in (False, True):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
-                if arch == "sm_90" and dtype != np.float32 and hd in SM90_TILES:
+                if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
                     for score_mod in (False, True):
                         yield from sm90_steps(dtype, hd, score_mod, varlen)
 
