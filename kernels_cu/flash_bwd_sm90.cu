@@ -1,8 +1,8 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
 // (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128 (the smaller
 // ones padded: columns past a.headdim load as zeros and are not stored), soft-cap and ALiBi
-// (HAS_SCORE_MOD: common/mask.cuh's ScoreGrad, bwd_main's element function) included,
-// deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
+// included (OPTS: those fixed at compile time, OPTS_SOFTCAP | OPTS_ALIBI, or OPTS_RUNTIME;
+// common/mask.cuh's ScoreGrad, bwd_main's element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
 // order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
@@ -153,7 +153,7 @@ struct BwdSteps {
   }
 };
 
-template <typename T, int D, int BLOCK_R, bool HAS_SCORE_MOD, bool VARLEN = false>
+template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false>
 __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
@@ -441,8 +441,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             for (int e = 0; e < 4; ++e) {
               const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
               const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-              if constexpr (HAS_SCORE_MOD) {  // softcap and ALiBi of this step's head
-                grad(s[sb][i], dp[sb][i], query, key, lse, delta);
+              if constexpr (OPTS != 0) {
+                grad.template operator()<OPTS, true>(s[sb][i], dp[sb][i], query, key, lse,
+                                                      delta);
               } else {
                 float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
                 if (need_mask && !steps.mask.visible(query, key)) pv = 0.f;

@@ -320,15 +320,19 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     from cuflash import ops
     pick = _pick_sm90
     assert [s.name_expression for s in pick(BF16, 128, False, "sm_90")] == [
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>",
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 128>"]
     assert pick(BF16, 128, False, "sm_80") is None
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>"         # deterministic too
-    assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, true>"
-    assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \
-        "cuflash::bwd_sm90<__half, 64, 128, true>"
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>"         # deterministic too
+    def opts(dtype, headdim, **options):
+        name = pick(dtype, headdim, False, "sm_90", **options)[0].name_expression
+        return int(name.split(", ")[3].rstrip(">"))
+    # OPTS (ops.backward.SM90_BRANCH_FREE): soft-cap 1, ALiBi 2, both 3, per element 4
+    assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 4
+    assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
+    assert opts(F16, 64, alibi=True, softcap=2.0) == 3
+    assert opts(F16, 128, alibi=True, softcap=2.0) == 4
     assert pick(F32, 128, False, "sm_90") is None
     assert pick(F16, 256, False, "sm_90") is None
     # The explicit override keeps bwd_main on sm_90.
@@ -341,7 +345,7 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     with launches() as launched:
         cuflash.attention_backward(dout, q, k, v, out, lse)
     names = [n for _, n in launched]
-    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64, false>" in names) == \
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>" in names) == \
         (device_arch() == "sm_90")
 
 
@@ -351,9 +355,10 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     (128, dict(softcap=3.0, causal=True)), (64, dict(alibi="batch")),
     (128, dict(alibi="heads", softcap=5.0, window=(40, 7))),
     (32, {}), (96, dict(causal=True)), (8, dict(softcap=4.0)), (72, dict(alibi="heads")),
+    (64, dict(softcap=4.0, alibi="heads", window=(50, 20))),
 ], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
         "d128-all", "d32-padded", "d96-padded-causal", "d8-padded-softcap",
-        "d72-padded-alibi"])
+        "d72-padded-alibi", "d64-softcap-alibi-window"])
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""

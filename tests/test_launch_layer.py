@@ -185,9 +185,9 @@ def _refused_shared_memory(old: dict) -> bool:
 
 def _renamed(name: str) -> str:
     """An old layer's bwd_main_f32<D, MODE> as bwd_main_f32<D, 32, MODE>, and its
-    bwd_sm90<T, D, BR[, true]> as bwd_sm90<T, D, BR, false[, true]>."""
+    bwd_sm90<T, D, BR[, true]> (no score options) as bwd_sm90<T, D, BR, 0[, true]>."""
     name = re.sub(r"^(cuflash::bwd_main_f32<\d+), ", r"\1, 32, ", name)
-    return re.sub(r"^(cuflash::bwd_sm90<[^,]+, \d+, \d+)", r"\1, false", name)
+    return re.sub(r"^(cuflash::bwd_sm90<[^,]+, \d+, \d+)", r"\1, 0", name)
 
 
 def compare_call(call_id, old: dict, new: dict) -> list:

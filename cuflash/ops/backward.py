@@ -8,6 +8,7 @@ separate kernel when deterministic). convert: dq = scale * dq_accum in the input
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,8 +246,24 @@ def sm90_headdim(headdim: int) -> int | None:
     return next((d for d in SM90_TILES if d >= headdim), None)
 
 
-def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
-    """bwd_sm90 and its dQ conversion (dq_accum is in its own tiled layout)."""
+# bwd_sm90's OPTS (common/mask.cuh): the score options an instantiation applies. Options it
+# fixes at compile time leave its elements without branches (their exp2 and reciprocal
+# latencies overlap); OPTS_RUNTIME tests them per element. SM90_BRANCH_FREE: the options
+# that each head dim fixes; soft-cap at 128 tests per element, as its branch-free elements
+# spill (4 bytes, varlen).
+OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
+SM90_BRANCH_FREE = {64: OPTS_SOFTCAP | OPTS_ALIBI, 128: OPTS_ALIBI}
+
+
+def sm90_opts(headdim: int, softcap: bool, alibi: bool) -> int:
+    """bwd_sm90's OPTS for these score options at ``headdim``."""
+    opts = OPTS_SOFTCAP * softcap + OPTS_ALIBI * alibi
+    return opts if opts & SM90_BRANCH_FREE[sm90_headdim(headdim)] == opts else OPTS_RUNTIME
+
+
+def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
+    """bwd_sm90 (``opts``: its OPTS) and its dQ conversion (dq_accum is in its own tiled
+    layout)."""
     hd = sm90_headdim(headdim)
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
@@ -254,8 +271,7 @@ def sm90_steps(dtype, headdim: int, score_mod: bool, varlen: bool) -> list:
     elements = 2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
     shared = elements * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
     v = tiles.varlen_flag(varlen)
-    mod = "true" if score_mod else "false"
-    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {mod}{v}>", "keys",
+    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
             Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
                  PRE_ROWS, PRE_THREADS, 0)]
@@ -266,7 +282,8 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
     if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
-        return sm90_steps(p.dtype, p.headdim, p.score_mod, p.varlen)
+        opts = sm90_opts(p.headdim, p.softcap > 0, p.alibi_batch_stride is not None)
+        return sm90_steps(p.dtype, p.headdim, opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
 
@@ -374,8 +391,9 @@ def _steps(arch: str):
                 for deterministic in (False, True):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
-                    for score_mod in (False, True):
-                        yield from sm90_steps(dtype, hd, score_mod, varlen)
+                    options = itertools.product((False, True), repeat=2)
+                    for opts in sorted({sm90_opts(hd, *o) for o in options}):
+                        yield from sm90_steps(dtype, hd, opts, varlen)
 
 
 def facts():
@@ -386,6 +404,8 @@ def facts():
         ("BWD_VARLEN", VARLEN), ("PRE_ROWS", PRE_ROWS), ("PRE_THREADS", PRE_THREADS),
         ("SCRATCH_TILE", SCRATCH_TILE), ("VARLEN_GAP", VARLEN_GAP),
         ("F32_BLOCK", F32_BLOCK), ("F32_THREADS", F32_THREADS))]
+    out += [(SM90_FILE, f"cuflash::{name}", value) for name, value in (
+        ("OPTS_SOFTCAP", OPTS_SOFTCAP), ("OPTS_ALIBI", OPTS_ALIBI), ("OPTS_RUNTIME", OPTS_RUNTIME))]
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),

@@ -8,6 +8,7 @@
 // Indices are within one (batch item, head): query rows i in [0, seqlen_q), keys j in
 // [0, seqlen_k), with that item's own lengths (SeqView) in varlen calls.
 #pragma once
+#include "common/mma.cuh"
 #include "common/params.cuh"
 
 namespace cuflash {
@@ -70,6 +71,18 @@ __device__ __forceinline__ void block_span(int begin, int end, int& first, int& 
   count = end > begin ? (end - 1) / BLOCK + 1 - first : 0;
 }
 
+// tanh(c y) for c > 0, given k = -2 log2(e) c, and its derivative factor 1 - tanh(c y)^2,
+// from r = 1 / (1 + exp(-2 c y)) by one MUFU.EX2 and one MUFU.RCP:
+//   tanh = 2 r - 1,   1 - tanh^2 = 4 r (1 - r)
+// (y -> -inf: exp -> inf, r -> 0). Both within a few float32 ulps of 1 in absolute error
+// (libdevice's tanhf and 1 - t * t: one or two), which a logit softcap * tanh can take in
+// 16-bit kernels; libdevice's tanhf costs about 20 instructions and a branch.
+__device__ __forceinline__ float scaled_tanh(float y, float k, float& dtanh) {
+  const float r = fast_rcp(1.f + fast_exp2(y * k));
+  dtanh = r * fmaf(-4.f, r, 4.f);
+  return fmaf(2.f, r, -1.f);
+}
+
 // Raw dot product s = q_i . k_j -> base-2 logit
 //   log2(e) * (softcap * tanh(scale * s / softcap) - slope * |i + diag - j|).
 // Without soft-cap and ALiBi this is s * scale_log2, which kernels fold into their exp2 FFMA
@@ -77,6 +90,7 @@ __device__ __forceinline__ void block_span(int begin, int end, int& first, int& 
 struct ScoreMod {
   float scale_log2;   // scale * log2(e)
   float softcap_in;   // scale / softcap
+  float softcap_k;    // -2 log2(e) scale / softcap: scaled_tanh's k
   float softcap_out;  // softcap * log2(e)
   float slope_log2;   // ALiBi slope * log2(e); 0 without ALiBi
   int diag;
@@ -84,6 +98,7 @@ struct ScoreMod {
 
   __device__ __forceinline__ ScoreMod(const AttnArgs& a, int batch_idx, int head_idx)
       : scale_log2(a.scale * LOG2E), softcap_in(a.softcap > 0.f ? a.scale / a.softcap : 0.f),
+        softcap_k(-2.f * LOG2E * softcap_in),
         softcap_out(a.softcap * LOG2E),
         slope_log2(a.alibi_slopes
                        ? a.alibi_slopes[batch_idx * a.alibi_batch_stride + head_idx] * LOG2E
@@ -104,6 +119,11 @@ struct ScoreMod {
   }
 };
 
+// The score options an element function applies: fixed at compile time (an instantiation
+// per option, whose elements then carry no branches and overlap their MUFU latencies), or
+// read per element (OPTS_RUNTIME).
+constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
+
 // The score function and its gradient for one element: s, dp in; p, ds out (ds without the
 // scale, which the epilogues apply). i is the query row, j the key.
 struct ScoreGrad {
@@ -111,21 +131,34 @@ struct ScoreGrad {
   Mask mask;
   bool alibi, need_mask;
 
+  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against the forward's tanhf
+  // it moves a logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30,
+  // far below 16-bit rounding; float32 keeps tanhf).
+  template <int OPTS = OPTS_RUNTIME, bool FAST_TANH = false>
   __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
                                              float delta) const {
-    float x, dtanh = 1.f;
-    if (mod.has_softcap) {
-      float t = tanhf(s * mod.softcap_in);
-      x = mod.softcap_out * t;
-      dtanh = 1.f - t * t;
+    const bool softcap = OPTS == OPTS_RUNTIME ? mod.has_softcap : (OPTS & OPTS_SOFTCAP) != 0;
+    const bool slope = OPTS == OPTS_RUNTIME ? alibi : (OPTS & OPTS_ALIBI) != 0;
+    float x;
+    dp -= delta;
+    if (softcap) {
+      float dtanh;
+      if constexpr (FAST_TANH) {
+        x = mod.softcap_out * scaled_tanh(s, mod.softcap_k, dtanh);
+      } else {
+        const float t = tanhf(s * mod.softcap_in);
+        x = mod.softcap_out * t;
+        dtanh = 1.f - t * t;
+      }
+      dp *= dtanh;
     } else {
       x = s * mod.scale_log2;
     }
-    if (alibi) x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
+    if (slope) x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
     float p = fast_exp2(x - lse_log2);
     if (need_mask && !mask.visible(i, j)) p = 0.f;
     s = p;
-    dp = p * (dp - delta) * dtanh;
+    dp *= p;
   }
 };
 
