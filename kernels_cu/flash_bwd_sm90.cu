@@ -1,8 +1,8 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
 // (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128 (the smaller
 // ones padded: columns past a.headdim load as zeros and are not stored), soft-cap and ALiBi
-// included (OPTS: those fixed at compile time, OPTS_SOFTCAP | OPTS_ALIBI, or OPTS_RUNTIME;
-// common/mask.cuh's ScoreGrad, bwd_main's element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
+// included (OPTS: OPTS_SOFTCAP or OPTS_ALIBI fixed at compile time, or OPTS_RUNTIME for
+// both; common/mask.cuh's ScoreGrad, bwd_main's element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
 // order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
@@ -30,7 +30,7 @@
 // Work is in 64-query sub-blocks (m64n64 S^T, dP^T), every one computed: a sub-tile that
 // no (query, key) pair sees (causal and window diagonals, padded queries) gets P = dS = 0
 // from the mask and the +inf lse of padded rows. (Skipping its MMAs put wgmmas under a
-// branch, which makes ptxas serialize them all at 240 registers.)
+// branch, which makes ptxas serialize them all at these register counts.)
 // The keys are the M side of S^T, so P^T and dS^T are the A fragments of dV and dK with
 // no data movement (common/sm90.cuh: the accumulator layout is the mma A layout).
 //
@@ -74,9 +74,11 @@ struct BwdSm90Traits {
   static constexpr int DS_BUFS = D == 128 ? 3 : 2;
   static constexpr bool HAND_OVER = DS_BUFS == 3;
   // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
-  // hands out at launch: what the producer gives back, the MMA warpgroups take.
-  static constexpr int PRODUCER_REGS = 24, MMA_REGS = 240;
-  static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 65536, "registers");
+  // hands out at launch: what the producer gives back, the MMA warpgroups take. (24 / 240
+  // spilled the producer's step count in varlen instantiations at head dim 64; the MMA
+  // warpgroups' branch-free elements fit in 232.)
+  static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;
+  static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
   static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of 128 key rows)
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     auto load_stream = [&](int it) {  // by the producer's 128 threads
       // Addresses are computed afresh each step from opaque copies of the tile base, the
       // batch index and the thread index: hoisted out of the loop, they would not fit in
-      // 24 registers.
+      // the producer's registers.
       uint32_t tiles = base;
       int item = seq.b, thread = tid;
       asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
@@ -373,7 +375,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       constexpr int SB = BLOCK_R / 64;
       // S^T and dP^T of the sub-blocks; before and after them, s[0] holds the dQ tile
       // (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
-      // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in 240).
+      // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS).
       float s[SB][32], dp[SB][32];
       if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
       sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
@@ -384,7 +386,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       const ScoreMod mod(a, b, steps.head(it), seq);  // softcap / ALiBi of this step's head
       // P^T and dS^T in 16 bits (the A fragments of dV and dK, k16 step kq in elements
       // 4 kq .. 4 kq + 3) are packed into the first 16 registers of s and dp: separate
-      // arrays would not fit beside the accumulators in 240 registers.
+      // arrays would not fit beside the accumulators in MMA_REGS registers.
       auto frag = [](const float* x) {
         return [x](int kq, int r) { return __float_as_uint(x[4 * kq + r]); };
       };
@@ -427,11 +429,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             base + Tr::OFF_DS + (it % Tr::DS_BUFS) * Tr::DS_BYTES + sb * Tr::DS_BLK;
         {
           // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
-          // 2 qd + e % 2. Only tiles on a mask boundary test each element.
+          // 2 qd + e % 2. Every element without a branch; then, only in tiles on a mask
+          // boundary, the elements no (query, key) pair sees are set to 0 (their P may be
+          // inf before: it is overwritten, never multiplied).
           const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
           const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-          const bool need_mask = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
-          const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, need_mask};
+          const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
             const int qc = 8 * t + 2 * qd;
@@ -445,11 +448,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                 grad.template operator()<OPTS, true>(s[sb][i], dp[sb][i], query, key, lse,
                                                       delta);
               } else {
-                float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
-                if (need_mask && !steps.mask.visible(query, key)) pv = 0.f;
+                const float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
                 s[sb][i] = pv;
                 dp[sb][i] = pv * (dp[sb][i] - delta);
               }
+            }
+          }
+          if (steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64)) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+              const bool visible = steps.mask.visible(q0 + 8 * (i / 4) + 2 * qd + (i & 1),
+                                                      krow + 8 * ((i / 2) & 1));
+              s[sb][i] = visible ? s[sb][i] : 0.f;
+              dp[sb][i] = visible ? dp[sb][i] : 0.f;
             }
           }
           // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq;

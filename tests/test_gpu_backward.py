@@ -328,11 +328,10 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     def opts(dtype, headdim, **options):
         name = pick(dtype, headdim, False, "sm_90", **options)[0].name_expression
         return int(name.split(", ")[3].rstrip(">"))
-    # OPTS (ops.backward.SM90_BRANCH_FREE): soft-cap 1, ALiBi 2, both 3, per element 4
-    assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 4
+    # OPTS (common/mask.cuh): soft-cap 1, ALiBi 2, both tested per element 4
+    assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 1
     assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
-    assert opts(F16, 64, alibi=True, softcap=2.0) == 3
-    assert opts(F16, 128, alibi=True, softcap=2.0) == 4
+    assert opts(F16, 64, alibi=True, softcap=2.0) == 4
     assert pick(F32, 128, False, "sm_90") is None
     assert pick(F16, 256, False, "sm_90") is None
     # The explicit override keeps bwd_main on sm_90.

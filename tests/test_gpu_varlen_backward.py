@@ -146,7 +146,7 @@ def test_dispatch_routes_varlen_to_wgmma_on_sm90():
         "cuflash::bwd_sm90<__half, 64, 128, 0>"
     # Soft-cap / ALiBi on wgmma too.
     assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 4, true>"  # OPTS_RUNTIME
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 1, true>"  # OPTS_SOFTCAP
     assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128, 2, true>"  # OPTS_ALIBI
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \

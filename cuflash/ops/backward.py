@@ -246,19 +246,16 @@ def sm90_headdim(headdim: int) -> int | None:
     return next((d for d in SM90_TILES if d >= headdim), None)
 
 
-# bwd_sm90's OPTS (common/mask.cuh): the score options an instantiation applies. Options it
-# fixes at compile time leave its elements without branches (their exp2 and reciprocal
-# latencies overlap); OPTS_RUNTIME tests them per element. SM90_BRANCH_FREE: the options
-# that each head dim fixes; soft-cap at 128 tests per element, as its branch-free elements
-# spill (4 bytes, varlen).
+# bwd_sm90's OPTS (common/mask.cuh): the score options an instantiation applies. One option
+# is fixed at compile time, which leaves the elements without branches (their exp2 and
+# reciprocal latencies overlap); both together test per element (OPTS_RUNTIME): fixed, they
+# spill at head dim 128, and the pair is rare.
 OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
-SM90_BRANCH_FREE = {64: OPTS_SOFTCAP | OPTS_ALIBI, 128: OPTS_ALIBI}
 
 
-def sm90_opts(headdim: int, softcap: bool, alibi: bool) -> int:
-    """bwd_sm90's OPTS for these score options at ``headdim``."""
-    opts = OPTS_SOFTCAP * softcap + OPTS_ALIBI * alibi
-    return opts if opts & SM90_BRANCH_FREE[sm90_headdim(headdim)] == opts else OPTS_RUNTIME
+def sm90_opts(softcap: bool, alibi: bool) -> int:
+    """bwd_sm90's OPTS for these score options."""
+    return OPTS_RUNTIME if softcap and alibi else OPTS_SOFTCAP * softcap + OPTS_ALIBI * alibi
 
 
 def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
@@ -282,7 +279,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
     if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
-        opts = sm90_opts(p.headdim, p.softcap > 0, p.alibi_batch_stride is not None)
+        opts = sm90_opts(p.softcap > 0, p.alibi_batch_stride is not None)
         return sm90_steps(p.dtype, p.headdim, opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
@@ -391,9 +388,8 @@ def _steps(arch: str):
                 for deterministic in (False, True):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
-                    options = itertools.product((False, True), repeat=2)
-                    for opts in sorted({sm90_opts(hd, *o) for o in options}):
-                        yield from sm90_steps(dtype, hd, opts, varlen)
+                    for options in itertools.product((False, True), repeat=2):
+                        yield from sm90_steps(dtype, hd, sm90_opts(*options), varlen)
 
 
 def facts():
