@@ -26,9 +26,13 @@
 #   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
 #             backward at head dim 128, seqlen 4k, bf16: speed of light, warp states,
 #             scheduler and memory sections as text                                   ~3
+#   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
+#             `git archive` of the base commit unpacked there, carried), alternately twice:
+#             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not, the
+#             backward also with soft-cap and ALiBi; every table into ab.log            ~8
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
 # skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
-# jaxbench" (8 files), "sanitize jax".
+# jaxbench" (8 files), "sanitize jax"; a kernel change first "ab" (and "tests").
 #
 # FA3 for the sweep: once, in the checkout, `echo /.whl/ >> .git/info/exclude; python3 -m
 # pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -167,6 +171,23 @@ stage_jaxbench() {
         | tr '\n' ' ')"
 }
 
+stage_ab() {
+    local pass tree
+    for pass in 1 2; do
+        for tree in ${AB_TREES:-abtree} .; do
+            [ "$(left)" -lt 120 ] && break 2
+            echo "=== pass $pass: $tree" >> "$OUT/ab.log"
+            rm -rf /tmp/ab
+            PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
+                bench/sweep.py --out /tmp/ab --impls cuflash,cuflash-softcap,cuflash-alibi \
+                --dtypes bf16 --headdims 64,128 --seqlens 4096,16384 --modes fwd,bwd \
+                --no-check --stop-after $(($(left) - 60)) > /dev/null
+            cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
+        done
+    done
+    summary ab "$(grep -c '^=== pass' "$OUT/ab.log") runs"
+}
+
 stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
@@ -183,7 +204,7 @@ stage_profile() {
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile)"
+        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile, ab)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else
