@@ -169,7 +169,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   auto full_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + s]); };
   auto empty_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + Q_STAGES + s]); };
 
-  const int tid = threadIdx.x, warpgroup = tid / 128;
+  // The warpgroup through a shuffle of lane 0: ptxas then keeps what derives from it (a
+  // consumer's Q descriptors) in uniform registers instead of moving it there per wgmma.
+  const int tid = threadIdx.x, warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
   const Mask dense_mask(a);  // varlen: a mask per tile, with its item's lengths
   const int num_m_blocks = p.m_blocks;
   const int pairs = a.nheads * a.batch;  // (head, batch item) pairs
