@@ -167,15 +167,6 @@ __device__ __forceinline__ void bwd_load_tile(T* dst, const T* src, int64 row_st
   }
 }
 
-// dq_accum[0..1] += (x, y); one 8-byte reduction on sm_90.
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
-#else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
-#endif
-}
 
 template <typename T, int D, int BLOCK_R, int NUM_WARPS, int M_TILES, int MODE>
 struct BwdTraits {

@@ -155,6 +155,86 @@ struct BwdSteps {
   }
 };
 
+// The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
+// the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
+// of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
+// "empty" one (bars: full per stage, then empty per stage, then full_kv for K and V).
+template <typename Tr, typename T, int D, int BLOCK_R, bool VARLEN>
+__device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base, uint32_t bars,
+                                                 int b, int o0, int hkv, int tid) {
+  constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
+  const AttnArgs& a = p.attn;
+  const int lane = tid % 32;
+  auto full = [&](int s) { return bars + 8 * s; };
+  auto empty = [&](int s) { return bars + 8 * (STAGES + s); };
+  const uint32_t full_kv = bars + 16 * STAGES;
+  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
+  const SeqView<VARLEN>& seq = steps.seq;
+  // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
+  // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
+  auto load_stream = [&](int it) {  // by the producer's 128 threads
+    // Addresses are computed afresh each step from opaque copies of the tile base, the
+    // batch index and the thread index: hoisted out of the loop, they would not fit in
+    // the producer's registers.
+    uint32_t tiles = base;
+    int item = seq.b, thread = tid;
+    asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
+    const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
+    const int64 row = seq.q0 + r0;
+    sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
+                               static_cast<const T*>(a.q) + item * a.q_batch_stride +
+                                   row * a.q_row_stride + h * a.q_head_stride,
+                               a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+    sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_DO + buf * Tr::Q_BYTES,
+                               static_cast<const T*>(p.dout) + item * p.do_batch_stride +
+                                   row * p.do_row_stride + h * p.do_head_stride,
+                               p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+    const int64 scratch = scratch_row0(p, seq, b, h) + r0;
+    if (thread < BLOCK_R / 4)
+      cp_async_16(tiles + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * thread,
+                  p.lse_log2 + scratch + 4 * thread, true);
+    else if (thread < BLOCK_R / 2)
+      cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
+                  p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
+  };
+  // Hands a stage over once this thread's copies of it have landed (cp.async.wait_group
+  // before the call) and are ordered before the MMA warpgroups' wgmma reads (async
+  // proxy): one arrival per warp.
+  auto publish = [&](uint32_t bar) {
+    sm90::fence_proxy_async();
+    __syncwarp();
+    sm90::mbar_arrive_if(bar, lane == 0);
+  };
+  if (steps.iters > 0) {
+    // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
+    const int nk = seq.seqlen_k() - o0;
+    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
+                               static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+                                   (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
+                               a.k_row_stride, nk, a.headdim, tid);
+    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
+                               static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                                   (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
+                               a.v_row_stride, nk, a.headdim, tid);
+    cp_async_commit();
+    load_stream(0);  // in flight with K and V: one round trip before the first step
+    cp_async_commit();
+    cp_async_wait<1>();
+    publish(full_kv);
+    cp_async_wait<0>();
+    publish(full(0));
+  }
+  for (int it = 1; it < steps.iters; ++it) {
+    const int s = it % STAGES;
+    // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
+    if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
+    load_stream(it);
+    cp_async_commit();
+    cp_async_wait<0>();
+    publish(full(s));
+  }
+}
+
 template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false>
 __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90Traits<D, BLOCK_R>;
@@ -201,73 +281,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   __syncthreads();
 
   if (wg < 0) {
-    // The producer: K and V once, then the ring of steps.
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
-    const SeqView<VARLEN>& seq = steps.seq;
-    // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
-    // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
-    auto load_stream = [&](int it) {  // by the producer's 128 threads
-      // Addresses are computed afresh each step from opaque copies of the tile base, the
-      // batch index and the thread index: hoisted out of the loop, they would not fit in
-      // the producer's registers.
-      uint32_t tiles = base;
-      int item = seq.b, thread = tid;
-      asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
-      const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
-      const int64 row = seq.q0 + r0;
-      sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
-                                 static_cast<const T*>(a.q) + item * a.q_batch_stride +
-                                     row * a.q_row_stride + h * a.q_head_stride,
-                                 a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
-      sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_DO + buf * Tr::Q_BYTES,
-                                 static_cast<const T*>(p.dout) + item * p.do_batch_stride +
-                                     row * p.do_row_stride + h * p.do_head_stride,
-                                 p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
-      const int64 scratch = scratch_row0(p, seq, b, h) + r0;
-      if (thread < BLOCK_R / 4)
-        cp_async_16(tiles + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * thread,
-                    p.lse_log2 + scratch + 4 * thread, true);
-      else if (thread < BLOCK_R / 2)
-        cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
-                    p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
-    };
-    // Hands a stage over once this thread's copies of it have landed (cp.async.wait_group
-    // before the call) and are ordered before the MMA warpgroups' wgmma reads (async
-    // proxy): one arrival per warp.
-    auto publish = [&](uint32_t bar) {
-      sm90::fence_proxy_async();
-      __syncwarp();
-      sm90::mbar_arrive_if(bar, lane == 0);
-    };
-    if (steps.iters > 0) {
-      // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
-      const int nk = seq.seqlen_k() - o0;
-      sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
-                                 static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-                                     (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
-                                 a.k_row_stride, nk, a.headdim, tid);
-      sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
-                                 static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                                     (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
-                                 a.v_row_stride, nk, a.headdim, tid);
-      cp_async_commit();
-      load_stream(0);  // in flight with K and V: one round trip before the first step
-      cp_async_commit();
-      cp_async_wait<1>();
-      publish(full_kv);
-      cp_async_wait<0>();
-      publish(full(0));
-    }
-    for (int it = 1; it < steps.iters; ++it) {
-      const int s = it % STAGES;
-      // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
-      if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
-      load_stream(it);
-      cp_async_commit();
-      cp_async_wait<0>();
-      publish(full(s));
-    }
+    bwd_sm90_produce<Tr, T, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -537,6 +552,271 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       }
     }
     if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
+  }
+}
+
+// bwd_sm90_wide: head dims over 128 (D = 256; smaller ones padded), where a warpgroup's dK
+// and dV of 64 keys x D (2 D floats a thread) do not fit in registers. One CTA per (64
+// keys, batch item, kv head) with the producer of bwd_sm90 (bwd_sm90_produce) and two MMA
+// warpgroups that share the 64 keys and split the head dim: warpgroup w owns columns
+// D / 2 w .. of dK and dV. A step (64 queries):
+//   warpgroup 0: S^T = K Q_i^T, warpgroup 1: dP^T = V dO_i^T   m64n64, both SS
+//   each hands the other the half of its tile that the other turns into P^T and dS^T
+//   (float32 through shared memory): warpgroup w computes the elements of queries 32 w ..
+//   P^T, dS^T -> shared memory (16 bits, both halves)
+//   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w],  dQ_i[:, w] = dS K[:, w]   m64n128, SS
+//   dQ_i[:, w] added into dq_accum (bwd_sm90's tiled layout) by red.global.add from the
+//   accumulators.
+// Not deterministic (its dQ adds are not ordered): deterministic calls run bwd_main.
+template <int D>
+struct BwdSm90WideTraits {
+  static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2, HALF = D / 2;
+  static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
+  static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
+  static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
+  static constexpr int Q_BLK = BLOCK_R * 128;  // of Q or dO
+  static constexpr int K_BYTES = K_BLK * (D / 64);
+  static constexpr int Q_BYTES = Q_BLK * (D / 64);
+  static constexpr int PS_BYTES = BLOCK_C * BLOCK_R * 2;  // P^T or dS^T: one column block
+  static constexpr int X_BYTES = 128 * 16 * 4;  // half a warpgroup's S^T or dP^T, float32
+  static constexpr int OFF_K = 0;
+  static constexpr int OFF_V = OFF_K + K_BYTES;
+  static constexpr int OFF_Q = OFF_V + K_BYTES;             // a buffer per stage
+  static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;   // a buffer per stage
+  static constexpr int OFF_P = OFF_DO + STAGES * Q_BYTES;
+  static constexpr int OFF_DS = OFF_P + PS_BYTES;
+  static constexpr int OFF_X = OFF_DS + PS_BYTES;          // one per MMA warpgroup
+  static constexpr int OFF_LSE = OFF_X + 2 * X_BYTES;      // BLOCK_R floats a stage
+  static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
+  static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
+  static_assert(D % 128 == 0 && BLOCK_R == 64, "two 64-column blocks a warpgroup, one of P^T");
+  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+  static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
+};
+
+template <typename T, int D, int OPTS, bool VARLEN = false>
+__global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p) {
+  using Tr = BwdSm90WideTraits<D>;
+  constexpr int BLOCK_C = Tr::BLOCK_C, BLOCK_R = Tr::BLOCK_R, STAGES = Tr::STAGES;
+  constexpr int HALF = Tr::HALF;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];  // as bwd_sm90's
+  auto full = [&](int s) { return smem_addr(&barriers[s]); };
+  auto empty = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
+  const uint32_t full_kv = smem_addr(&barriers[2 * STAGES]);
+
+  const AttnArgs& a = p.attn;
+  const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
+  const int lane = tid % 32;
+  const int b = blockIdx.y, hkv = blockIdx.z;
+  const int o0 = blockIdx.x * BLOCK_C;  // first key of the CTA
+  if constexpr (VARLEN) {
+    if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
+  }
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(full(s), 4);   // one arrival per producer warp
+      sm90::mbar_init(empty(s), 8);  // one per MMA warp
+    }
+    sm90::mbar_init(full_kv, 4);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg < 0) {
+    sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
+    bwd_sm90_produce<Tr, T, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
+    return;
+  }
+  sm90::setmaxnreg_inc<Tr::MMA_REGS>();
+  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
+  const SeqView<VARLEN>& seq = steps.seq;
+  const int wtid = tid % 128, wq = wtid / 32, g = lane / 4, qd = lane % 4;
+  const float scale_log2 = a.scale * LOG2E;
+  // This thread's keys (the M side of S^T, dP^T, dK, dV): krow and krow + 8.
+  const int krow = o0 + 16 * wq + g;
+  const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
+  const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
+
+  float dv[HALF / 2], dk[HALF / 2];
+#pragma unroll
+  for (int i = 0; i < HALF / 2; ++i) dv[i] = dk[i] = 0.f;
+
+  if (steps.iters > 0) sm90::mbar_wait(full_kv, 0);
+  for (int it = 0; it < steps.iters; ++it) {
+    const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
+    const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
+    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES;
+    sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+
+    // S^T (warpgroup 0: K Q^T) or dP^T (warpgroup 1: V dO^T) of the 64 keys and queries.
+    float x[32];
+    {
+      const uint64_t da = sm90::make_desc(base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V), 16);
+      const uint64_t db = sm90::make_desc(wg == 0 ? q_s : do_s, 16);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        sm90::Wgmma<T, 64>::ss(x, sm90::desc_at(da, (kk / 4) * Tr::K_BLK + (kk % 4) * 32),
+                               sm90::desc_at(db, (kk / 4) * Tr::Q_BLK + (kk % 4) * 32),
+                               kk > 0);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<32>(x);
+    }
+    // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
+    // keeps those of its own tile and hands over the other half, 16 floats a thread in
+    // 16-byte groups at (group * 128 + thread) * 16 (consecutive threads, no conflicts).
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = 4 * c;
+      sm90::sts_u128(x_out + (c * 128 + wtid) * 16,
+                     make_uint4(__float_as_uint(wg == 0 ? x[16 + i] : x[i]),
+                                __float_as_uint(wg == 0 ? x[17 + i] : x[i + 1]),
+                                __float_as_uint(wg == 0 ? x[18 + i] : x[i + 2]),
+                                __float_as_uint(wg == 0 ? x[19 + i] : x[i + 3])));
+    }
+    sm90::named_barrier(1, 256);  // both halves handed over
+    float ps[16], ds[16];  // S^T, dP^T of this warpgroup's elements, then P^T and dS^T
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint4 v = sm90::lds_u128(x_in + (c * 128 + wtid) * 16);
+      const float other[4] = {__uint_as_float(v.x), __uint_as_float(v.y),
+                              __uint_as_float(v.z), __uint_as_float(v.w)};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float own = wg == 0 ? x[4 * c + e] : x[16 + 4 * c + e];
+        ps[4 * c + e] = wg == 0 ? own : other[e];
+        ds[4 * c + e] = wg == 0 ? other[e] : own;
+      }
+    }
+    // Element 4 c + e: key krow + 8 (e / 2), query q0 + 32 wg + 8 c + 2 qd + e % 2. As in
+    // bwd_sm90: every element without a branch, then the invisible ones of a boundary
+    // tile set to 0.
+    {
+      const ScoreMod mod(a, b, h, seq);
+      const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+      const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
+      const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int qc = 32 * wg + 8 * c + 2 * qd;
+        const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+        const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
+          const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
+          if constexpr (OPTS != 0) {
+            grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
+          } else {
+            const float pv = fast_exp2(fmaf(ps[i], scale_log2, -lse));
+            ps[i] = pv;
+            ds[i] = pv * (ds[i] - delta);
+          }
+        }
+      }
+      if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const bool visible = steps.mask.visible(q0 + 32 * wg + 8 * (i / 4) + 2 * qd + (i & 1),
+                                                  krow + 8 * ((i / 2) & 1));
+          ps[i] = visible ? ps[i] : 0.f;
+          ds[i] = visible ? ds[i] : 0.f;
+        }
+      }
+    }
+    // P^T and dS^T in 16 bits: row = key 16 wq + g + 8 hh, columns 32 wg + 8 c + 2 qd and
+    // + 1 (16-byte chunk 4 wg + c), swizzled (row % 8 == g).
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const uint32_t at = (16 * wq + g + 8 * hh) * 128 + (((4 * wg + c) ^ g) << 4) + 4 * qd;
+        const int i = 4 * c + 2 * hh;
+        sm90::sts_u32(base + Tr::OFF_P + at, dtype_traits<T>::pack(ps[i], ps[i + 1]));
+        sm90::sts_u32(base + Tr::OFF_DS + at, dtype_traits<T>::pack(ds[i], ds[i + 1]));
+      }
+    sm90::fence_proxy_async();
+    sm90::named_barrier(2, 256);  // P^T and dS^T whole, for both warpgroups' wgmmas
+
+    // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: column blocks
+    // 2 wg, 2 wg + 1), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
+    // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
+    // and dK, added into dq_accum while they run, then the second.
+    const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup
+    const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
+    // dQ tile: rows 16 wq + g + 8 hh of the 64 x 64 tile (q0 / 64, column block), pair
+    // u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's dq_accum layout, see the top).
+    float* const slab = p.dq_accum + scratch_row0(p, seq, b, h) * D +
+                        int64(q0 / 64) * (D / 64) * 4096 + (16 * wq + g) * 64;
+    float dq[32];
+    auto issue_dq = [&](int blk) {  // column block blk of dQ
+      const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys: 2048 bytes of both
+        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(dsm, kk * 2048),
+                                  sm90::desc_at(dkk, kk * 2048), kk > 0);
+      sm90::wgmma_commit();
+    };
+    auto add_dq = [&](int blk) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          red_add2(slab + blk * 4096 + 8 * hh * 64 + 2 * ((4 * t + qd) ^ (4 * g)),
+                   dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+    };
+    sm90::wgmma_fence();
+    issue_dq(cols);
+    {
+      const uint64_t dp_ = sm90::make_desc(base + Tr::OFF_P, 16);
+      const uint64_t dds = sm90::make_desc(base + Tr::OFF_DS, 16);
+      const uint64_t ddo = sm90::make_desc(do_s + cols * Tr::Q_BLK, Tr::Q_BLK);
+      const uint64_t dq_ = sm90::make_desc(q_s + cols * Tr::Q_BLK, Tr::Q_BLK);
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
+        sm90::Wgmma<T, HALF>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
+                                    sm90::desc_at(ddo, kk * 2048), 1);
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_R / 16; ++kk)
+        sm90::Wgmma<T, HALF>::ss_kn(dk, sm90::desc_at(dds, kk * 32),
+                                    sm90::desc_at(dq_, kk * 2048), 1);
+      sm90::wgmma_commit();
+    }
+    sm90::wgmma_wait<1>();  // the first dQ tile
+    sm90::fence_regs<32>(dq);
+    add_dq(cols);
+    sm90::wgmma_fence();
+    issue_dq(cols + 1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs<HALF / 2>(dv);
+    sm90::fence_regs<HALF / 2>(dk);
+    sm90::fence_regs<32>(dq);
+    __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
+    sm90::mbar_arrive_if(empty(buf), lane == 0);
+    add_dq(cols + 1);
+  }
+
+  // dK (with the softmax scale) and dV: rows = keys of the item, columns HALF wg ..
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow + 8 * hh;
+    if (row >= seq.seqlen_k()) continue;
+    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
+    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+#pragma unroll
+    for (int t = 0; t < HALF / 8; ++t) {
+      const int col = HALF * wg + 8 * t + 2 * qd;
+      if (col >= a.headdim) continue;
+      *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
+          dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + col) =
+          dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+    }
   }
 }
 

@@ -522,7 +522,10 @@ class World:
                 if w:
                     scratch[normalised[i]] = w
                 continue
-            alloc = self.find(w)
+            # Only a whole 8-byte field can hold an address (two int32 fields may add up to
+            # one by chance).
+            whole = any(off == 8 * i and size == 8 for _, off, size, _ in fields_in_word(dtype, i))
+            alloc = self.find(w) if whole else None
             if alloc is None:
                 rendered.append(format(w, "x"))
             else:

@@ -333,7 +333,11 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
     assert opts(F16, 64, alibi=True, softcap=2.0) == 4
     assert pick(F32, 128, False, "sm_90") is None
-    assert pick(F16, 256, False, "sm_90") is None
+    assert pick(F16, 256, False, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90_wide<__half, 256, 0>"                # head dims over 128
+    assert pick(BF16, 192, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 1>"
+    assert pick(F16, 256, True, "sm_90") is None                # deterministic: bwd_main
     # The explicit override keeps bwd_main on sm_90.
     steps = ops.backward.choose(_problem(BF16, 128), False, "sm_90", hopper=False)
     assert all(s.filename == ops.backward.FILE for s in steps), steps
@@ -355,9 +359,13 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     (128, dict(alibi="heads", softcap=5.0, window=(40, 7))),
     (32, {}), (96, dict(causal=True)), (8, dict(softcap=4.0)), (72, dict(alibi="heads")),
     (64, dict(softcap=4.0, alibi="heads", window=(50, 20))),
+    (256, {}), (256, dict(causal=True)), (192, dict(window=(90, 30))),
+    (256, dict(softcap=3.0)), (160, dict(alibi="batch", causal=True)),
+    (256, dict(alibi="heads", softcap=5.0, window=(40, 7))),
 ], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
         "d128-all", "d32-padded", "d96-padded-causal", "d8-padded-softcap",
-        "d72-padded-alibi", "d64-softcap-alibi-window"])
+        "d72-padded-alibi", "d64-softcap-alibi-window", "wide-d256", "wide-d256-causal",
+        "wide-d192-window", "wide-d256-softcap", "wide-d160-alibi-causal", "wide-d256-all"])
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""

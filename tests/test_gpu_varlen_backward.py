@@ -151,14 +151,17 @@ def test_dispatch_routes_varlen_to_wgmma_on_sm90():
         "cuflash::bwd_sm90<__half, 64, 128, 2, true>"  # OPTS_ALIBI
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0, true>"  # deterministic too
+    assert [s.name_expression for s in pick(BF16, 200, False, "sm_90")] == [
+        "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, true>",
+        "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 256, true>"]
     for args, problem in (((BF16, 128, False, "sm_80"), {}),
                           ((np.float32, 128, False, "sm_90"), {}),
-                          ((F16, 256, False, "sm_90"), {})):
+                          ((F16, 256, True, "sm_90"), {})):
         assert pick(*args, **problem) is None, (args, problem)
     # The compile check (CI) compiles every varlen instantiation.
     kernels = {name for _, name, _ in ops.all_kernels("sm_90")}
     for dtype in (F16, BF16):
-        for hd in (64, 128):
+        for hd in (64, 128, 256):
             for step in pick(dtype, hd, False, "sm_90"):
                 assert step.name_expression.endswith(", true>"), step
                 assert step.name_expression in kernels
@@ -176,14 +179,14 @@ OPTIONS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 def test_matches_reference(dtype, headdim, options):
     check(dtype, LENS_Q, LENS_K, 4, 2, headdim, **options)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
 def test_softcap(headdim):
     """Soft-capping, on wgmma on sm_90."""
     with launches() as launched:
@@ -193,9 +196,9 @@ def test_softcap(headdim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [40, 104])
+@pytest.mark.parametrize("headdim", [40, 104, 200])
 def test_padded_headdims(headdim):
-    """Head dims below 64 / 128: columns zero-filled on load and skipped on store."""
+    """Head dims below 64 / 128 / 256: columns zero-filled on load and skipped on store."""
     check(BF16, (97, 1, 130), (200, 1, 129), 2, 1, headdim, causal=True)
 
 

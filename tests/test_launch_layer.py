@@ -162,6 +162,7 @@ def _params_diffs(name, old: str, new: str, ignore=()):
     skip = _unread_words(name)
     out = []
     for i, (a, b) in enumerate(zip(old_w, new_w)):
+        a = _as_recorded_now(dtype, i, a)
         if a == b or i in skip:
             continue
         fa = fake_cupy.decode_word_fields(dtype, i, a)
@@ -171,6 +172,16 @@ def _params_diffs(name, old: str, new: str, ignore=()):
         if not changed:  # e.g. padding
             out.append((f"word {i}", a, b))
     return out
+
+
+def _as_recorded_now(dtype, word: int, token: str) -> str:
+    """An old record's word as fake_cupy renders it now: words that are not one 8-byte field
+    (two int32, say) are numbers even where they equal an address, which the old records
+    wrote as the first allocation's label (q, at fake_cupy.BASE0)."""
+    fields = fake_cupy.fields_in_word(dtype, word)
+    whole = any(off == 8 * word and size == 8 for _, off, size, _ in fields)
+    match = re.fullmatch(r"@q\+(\d+)(@dev\d+)?", token)
+    return format(fake_cupy.BASE0 + int(match[1]), "x") if match and not whole else token
 
 
 def _is_zero_word(word: str) -> bool:
@@ -215,7 +226,8 @@ def compare_call(call_id, old: dict, new: dict) -> list:
                  and b["name"].startswith("cuflash::flash_fwd_sm90<")]
         lo = [x for i, x in enumerate(lo) if i not in moved]
         ln = [x for i, x in enumerate(ln) if i not in moved]
-        hopper_bwd = ("cuflash::bwd_sm90<", "cuflash::bwd_convert_dq_sm90<")
+        hopper_bwd = ("cuflash::bwd_sm90<", "cuflash::bwd_sm90_wide<",
+                      "cuflash::bwd_convert_dq_sm90<")
         if any(x["name"].startswith(hopper_bwd) for x in ln) and \
                 not any(x["name"].startswith(hopper_bwd) for x in lo):
             main = hopper_bwd + ("cuflash::bwd_main<", "cuflash::bwd_convert_dq<")

@@ -125,10 +125,13 @@ class Sm90Tile:
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
 # a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ by bulk
 # reduce-add. It serves fp16/bf16 at head dims up to 128, padded to 64 or 128 (sm90_headdim),
-# soft-cap and ALiBi included, deterministic mode too (each dQ tile's bulk reduce-adds take turns in key-block
-# order, through one int semaphore per 4096-float tile of dq_accum); bwd_main serves the
-# rest.
+# soft-cap and ALiBi included, deterministic mode too (each dQ tile's bulk reduce-adds take
+# turns in key-block order, through one int semaphore per 4096-float tile of dq_accum).
+# bwd_sm90_wide serves head dims over 128 (padded to 256) the same way but for deterministic
+# mode: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, dQ by
+# red.global.add. bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
+SM90_WIDE_KEYS, SM90_WIDE_HEADDIM = 64, 256
 SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
@@ -242,8 +245,9 @@ def sm90_headdim(headdim: int) -> int | None:
     Its columns past ``headdim`` load as zeros and are not stored, so head dims up to 32 run
     the 64 kernel and 65-96 the 128 one: twice and 4/3 the GEMM work, where the elementwise
     work per (query, key) pair, which bounds this kernel, stays the same; mma.sync at the
-    unpadded head dim runs at about half the speed (docs/notes/backward.md, padded head dims)."""
-    return next((d for d in SM90_TILES if d >= headdim), None)
+    unpadded head dim runs at about half the speed (docs/notes/backward.md, padded head dims).
+    Over 128: bwd_sm90_wide's 256."""
+    return next((d for d in (*SM90_TILES, SM90_WIDE_HEADDIM) if d >= headdim), None)
 
 
 # bwd_sm90's OPTS (common/mask.cuh): the score options an instantiation applies. One option
@@ -262,23 +266,35 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
     """bwd_sm90 (``opts``: its OPTS) and its dQ conversion (dq_accum is in its own tiled
     layout)."""
     hd = sm90_headdim(headdim)
+    v = tiles.varlen_flag(varlen)
+    convert = Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
+                   PRE_ROWS, PRE_THREADS, 0)
+    if hd == SM90_WIDE_HEADDIM:
+        # BwdSm90WideTraits::SMEM_BYTES: K, V; STAGES x (Q, dO); P^T, dS^T (64 x 64); the
+        # float32 hand-over (128 threads x 16, two); STAGES x (lse, delta); 1 KiB to align.
+        keys = rows = SM90_WIDE_KEYS
+        elements = 2 * keys * hd + 2 * SM90_STAGES * rows * hd + 2 * keys * rows
+        shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_STAGES * rows * 4 + 1024
+        return [Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
+                     "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>"),
+                convert]
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
     # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
     elements = 2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
     shared = elements * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
-    v = tiles.varlen_flag(varlen)
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
-            Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
-                 PRE_ROWS, PRE_THREADS, 0)]
+            convert]
 
 
 def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
     """Every launch of a backward call after preprocess, in order, with tiles that fit the
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
-    if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
+    hd = sm90_headdim(p.headdim)
+    if hopper and arch == "sm_90" and p.dtype != np.float32 and hd and \
+            not (deterministic and hd == SM90_WIDE_HEADDIM):
         opts = sm90_opts(p.softcap > 0, p.alibi_batch_stride is not None)
         return sm90_steps(p.dtype, p.headdim, opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
@@ -405,6 +421,9 @@ def facts():
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),
+            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::BLOCK_C", SM90_WIDE_KEYS),
+            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::THREADS", SM90_THREADS),
+            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::STAGES", SM90_STAGES),
             *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::DS_BUFS",
                SM90_DS_BUFS[hd]) for hd, t in SM90_TILES.items())]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)

@@ -94,6 +94,16 @@ __device__ __forceinline__ int swizzle(int row, int col) {  // col in elements -
   return row * COLS + (swizzled << 3) + (col & 7);
 }
 
+// p[0..1] += (x, y) in global memory: one 8-byte reduction on sm_90.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
 // One MUFU.EX2; exp2(-inf) = 0, which is how masked scores drop out of the softmax.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
