@@ -86,6 +86,12 @@ BWD_CASES = {
                                                               "deterministic": True}),
     "fp16_d64_det_window": ("fp16", 1, 900, 1000, 4, 4, 64, {"window": (300, 50),
                                                              "deterministic": True}),
+    # padded into bwd_sm90 (32 in 64), and head dims over 128 on bwd_sm90_wide
+    "bf16_d32_causal": ("bf16", 1, 200, 200, 2, 2, 32, {"causal": True}),
+    "bf16_d256_one_block": ("bf16", 1, 64, 64, 1, 1, 256, {}),
+    "fp16_d256_tails_gqa": ("fp16", 2, 150, 200, 4, 2, 256, {"causal": True}),
+    "bf16_d192_softcap_window": ("bf16", 1, 333, 400, 2, 1, 192, {"window": (100, 30),
+                                                                  "softcap": 4.0}),
 }
 # direction: (cases, seconds a case may take, width of the name column)
 SMOKE = {"fwd": (FWD_CASES, 60, 26), "bwd": (BWD_CASES, 120, 28)}
