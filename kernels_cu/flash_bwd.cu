@@ -167,7 +167,6 @@ __device__ __forceinline__ void bwd_load_tile(T* dst, const T* src, int64 row_st
   }
 }
 
-
 template <typename T, int D, int BLOCK_R, int NUM_WARPS, int M_TILES, int MODE>
 struct BwdTraits {
   static constexpr bool KEY_OWNER = !(MODE & BWD_DQ);
