@@ -1,11 +1,13 @@
 // Attention backward for Hopper (sm_90a): the algorithm of flash_bwd.cu's bwd_main
 // (BWD_DK | BWD_DV | BWD_DQ_ATOMIC) on wgmma. fp16/bf16, head dims 64 and 128 (the smaller
-// ones padded: columns past a.headdim load as zeros and are not stored), soft-cap and ALiBi
-// included (OPTS: OPTS_SOFTCAP or OPTS_ALIBI fixed at compile time, or OPTS_RUNTIME for
-// both; common/mask.cuh's ScoreGrad, bwd_main's element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile in key-block
-// order); other GPUs use bwd_main (cuflash/ops/backward.py).
+// ones padded: columns past a.headdim load as zeros and are not stored; head dims over 128
+// run bwd_sm90_wide, below), soft-cap and ALiBi included (OPTS: OPTS_SOFTCAP or OPTS_ALIBI
+// fixed at compile time, or OPTS_RUNTIME for both; common/mask.cuh's ScoreGrad, bwd_main's
+// element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile
+// in key-block order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
+//   bwd_sm90_wide        the same at head dims over 128, 64 keys a block (not deterministic)
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
 // bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
 // and padded rows, so that their p is exactly 0), dq_accum zeroed.
@@ -564,9 +566,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   each hands the other the half of its tile that the other turns into P^T and dS^T
 //   (float32 through shared memory): warpgroup w computes the elements of queries 32 w ..
 //   P^T, dS^T -> shared memory (16 bits, both halves)
-//   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w],  dQ_i[:, w] = dS K[:, w]   m64n128, SS
-//   dQ_i[:, w] added into dq_accum (bwd_sm90's tiled layout) by red.global.add from the
-//   accumulators.
+//   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64n128, SS
+//   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (bwd_sm90's
+//   tiled layout) by red.global.add from the accumulators.
 // Not deterministic (its dQ adds are not ordered): deterministic calls run bwd_main.
 template <int D>
 struct BwdSm90WideTraits {

@@ -341,7 +341,7 @@ class Plan:
         self.accum_offset = 2 * self.delta_offset
         accum_bytes = 4 * rows * headdim_pad if with_accum else 0
         self.semaphore_offset = self.accum_offset + _core.align(accum_bytes)
-        ordered = deterministic and steps[0].filename == SM90_FILE
+        ordered = deterministic and steps[0].name_expression.startswith("cuflash::bwd_sm90<")
         self.semaphore_bytes = 4 * (rows * headdim_pad // 4096 + 1) if ordered else 0
         self.scratch_bytes = self.semaphore_offset + self.semaphore_bytes
         self.with_accum = with_accum
