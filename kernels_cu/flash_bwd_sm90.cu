@@ -64,7 +64,9 @@
 
 namespace cuflash {
 
-template <int D, int BLOCK_R>
+// D is the head dim of Q and K, DV that of V and dO (the API passes one head dim today; the
+// kernel takes DeepSeek-style pairs such as 128 / 64 already).
+template <int D, int BLOCK_R, int DV = D>
 struct BwdSm90Traits {
   static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
   static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
@@ -85,19 +87,22 @@ struct BwdSm90Traits {
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
   static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of 128 key rows)
   static constexpr int K_BYTES = K_BLK * (D / 64);
+  static constexpr int V_BYTES = K_BLK * (DV / 64);
   static constexpr int Q_BYTES = Q_BLK * (D / 64);
+  static constexpr int DO_BYTES = Q_BLK * (DV / 64);
   static constexpr int DS_BYTES = DS_BLK * (BLOCK_R / 64);
   static constexpr int DQ_BYTES = 64 * 64 * 4;  // one warpgroup's dQ staging tile
   static constexpr int OFF_K = 0;
   static constexpr int OFF_V = OFF_K + K_BYTES;
-  static constexpr int OFF_Q = OFF_V + K_BYTES;             // a buffer per stage
-  static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;   // a buffer per stage
-  static constexpr int OFF_DS = OFF_DO + STAGES * Q_BYTES;  // DS_BUFS buffers
+  static constexpr int OFF_Q = OFF_V + V_BYTES;              // a buffer per stage
+  static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;    // a buffer per stage
+  static constexpr int OFF_DS = OFF_DO + STAGES * DO_BYTES;  // DS_BUFS buffers
   static constexpr int OFF_DQ = OFF_DS + DS_BUFS * DS_BYTES;  // one per MMA warpgroup
   static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES;     // BLOCK_R floats a stage
   static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
   static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
+  static_assert(DV % 64 == 0, "whole 128-byte swizzle rows");
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
@@ -161,7 +166,7 @@ struct BwdSteps {
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
 // "empty" one (bars: full per stage, then empty per stage, then full_kv for K and V).
-template <typename Tr, typename T, int D, int BLOCK_R, bool VARLEN>
+template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base, uint32_t bars,
                                                  int b, int o0, int hkv, int tid) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
@@ -187,10 +192,10 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
                                static_cast<const T*>(a.q) + item * a.q_batch_stride +
                                    row * a.q_row_stride + h * a.q_head_stride,
                                a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
-    sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_DO + buf * Tr::Q_BYTES,
-                               static_cast<const T*>(p.dout) + item * p.do_batch_stride +
-                                   row * p.do_row_stride + h * p.do_head_stride,
-                               p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+    sm90_load_tile<BLOCK_R, DV>(tiles + Tr::OFF_DO + buf * Tr::DO_BYTES,
+                                static_cast<const T*>(p.dout) + item * p.do_batch_stride +
+                                    row * p.do_row_stride + h * p.do_head_stride,
+                                p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
     const int64 scratch = scratch_row0(p, seq, b, h) + r0;
     if (thread < BLOCK_R / 4)
       cp_async_16(tiles + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * thread,
@@ -214,10 +219,10 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
                                static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
                                    (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
                                a.k_row_stride, nk, a.headdim, tid);
-    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_V,
-                               static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                                   (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
-                               a.v_row_stride, nk, a.headdim, tid);
+    sm90_load_tile<BLOCK_C, DV>(base + Tr::OFF_V,
+                                static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                                    (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
+                                a.v_row_stride, nk, a.headdim, tid);
     cp_async_commit();
     load_stream(0);  // in flight with K and V: one round trip before the first step
     cp_async_commit();
@@ -237,11 +242,12 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
   }
 }
 
-template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false>
+template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false, int DV = D>
 __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
-  using Tr = BwdSm90Traits<D, BLOCK_R>;
+  using Tr = BwdSm90Traits<D, BLOCK_R, DV>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
-  using MmaD = sm90::Wgmma<T, D>;       // dV, dK: m64 n D
+  using MmaD = sm90::Wgmma<T, D>;       // dK: m64 n D
+  using MmaV = sm90::Wgmma<T, DV>;      // dV: m64 n DV
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -284,7 +290,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv,
+                                                    tid);
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -371,9 +378,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     };
 
 
-    float dv[D / 2], dk[D / 2];
+    float dv[DV / 2], dk[D / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+    for (int i = 0; i < DV / 2; ++i) dv[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f;
 
     // This warpgroup's keys: rows 64 wg .. of K and V; a thread's rows 16 wq + g + 8 hh.
     const uint32_t k_w = base + Tr::OFF_K + wg * 64 * 128;
@@ -409,7 +418,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       };
       auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
-        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
+        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
@@ -418,7 +427,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                   sm90::desc_at(sm90::make_desc(q_s, 16), qa), kk > 0);
         }
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < DV / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
           const uint32_t qa = (kk / 4) * Tr::Q_BLK + (kk % 4) * 32;
           Mma::ss(dp_, sm90::desc_at(sm90::make_desc(v_w, 16), ka),
@@ -431,13 +440,13 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
       for (int sb = 0; sb < SB; ++sb) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
-        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES + sb * 64 * 128;
+        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
         const int q0 = r0 + 64 * sb;
         sm90::wgmma_wait<0>();
         sm90::fence_regs<32>(s[sb]);
         sm90::fence_regs<32>(dp[sb]);
         if (sb > 0) {
-          sm90::fence_regs<D / 2>(dv);
+          sm90::fence_regs<DV / 2>(dv);
           sm90::fence_regs<D / 2>(dk);
           sm90::fence_regs<16>(s[sb - 1]);
           sm90::fence_regs<16>(dp[sb - 1]);
@@ -508,7 +517,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
             const uint32_t a_frag[4] = {pa(kq, 0), pa(kq, 1), pa(kq, 2), pa(kq, 3)};
-            MmaD::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
+            MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
@@ -520,7 +529,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::wgmma_commit();
       }
       sm90::wgmma_wait<0>();
-      sm90::fence_regs<D / 2>(dv);
+      sm90::fence_regs<DV / 2>(dv);
       sm90::fence_regs<D / 2>(dk);
       sm90::fence_regs<16>(s[SB - 1]);
       sm90::fence_regs<16>(dp[SB - 1]);
@@ -544,13 +553,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
                   (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
-      for (int t = 0; t < D / 8; ++t) {
+      for (int t = 0; t < (D > DV ? D : DV) / 8; ++t) {
         const int col = 8 * t + 2 * qd;
-        if (col >= a.headdim) continue;
-        *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
-            dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-        *reinterpret_cast<uint32_t*>(dv_row + col) =
-            dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+        if (col >= a.headdim) continue;  // V's head dim is Q's (a.headdim) in the API
+        if (t < D / 8)
+          *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
+              dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
+        if (t < DV / 8)
+          *reinterpret_cast<uint32_t*>(dv_row + col) =
+              dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
       }
     }
     if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
@@ -577,8 +588,8 @@ struct BwdSm90WideTraits {
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;  // of Q or dO
-  static constexpr int K_BYTES = K_BLK * (D / 64);
-  static constexpr int Q_BYTES = Q_BLK * (D / 64);
+  static constexpr int K_BYTES = K_BLK * (D / 64), V_BYTES = K_BYTES;
+  static constexpr int Q_BYTES = Q_BLK * (D / 64), DO_BYTES = Q_BYTES;
   static constexpr int PS_BYTES = BLOCK_C * BLOCK_R * 2;  // P^T or dS^T: one column block
   static constexpr int X_BYTES = 128 * 16 * 4;  // half a warpgroup's S^T or dP^T, float32
   static constexpr int OFF_K = 0;
@@ -628,7 +639,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
