@@ -78,10 +78,12 @@ struct BwdSm90Traits {
   static constexpr int DS_BUFS = D == 128 ? 3 : 2;
   static constexpr bool HAND_OVER = DS_BUFS == 3;
   // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
-  // hands out at launch: what the producer gives back, the MMA warpgroups take. (24 / 240
-  // spilled the producer's step count in varlen instantiations at head dim 64; the MMA
-  // warpgroups' branch-free elements fit in 232.)
-  static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;
+  // hands out at launch: what the producer gives back, the MMA warpgroups take. dK and dV
+  // take (D + DV) / 2: at 128 + 128 the MMA warpgroups need 240 (P^T's own 16 registers
+  // beside them, S^T and dP^T); below, 232, and the producer keeps 40 (24 spilled its step
+  // count in varlen instantiations).
+  static constexpr bool WIDE_ACC = D + DV >= 256;
+  static constexpr int PRODUCER_REGS = WIDE_ACC ? 24 : 40, MMA_REGS = WIDE_ACC ? 240 : 232;
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
@@ -276,7 +278,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  const float scale_log2 = a.scale * LOG2E;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -403,6 +404,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
       // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS).
       float s[SB][32], dp[SB][32];
+      uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
       if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
       sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
@@ -410,12 +412,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // keeps BLOCK_R = 128 (head dim 64) within the registers. The S/dP of sub-block sb + 1
       // are issued before waiting for the dV/dK of sub-block sb.
       const ScoreMod mod(a, b, steps.head(it), seq);  // softcap / ALiBi of this step's head
-      // P^T and dS^T in 16 bits (the A fragments of dV and dK, k16 step kq in elements
-      // 4 kq .. 4 kq + 3) are packed into the first 16 registers of s and dp: separate
-      // arrays would not fit beside the accumulators in MMA_REGS registers.
+      // dS^T in 16 bits (the A fragments of dK, k16 step kq in elements 4 kq .. 4 kq + 3) is
+      // packed into the first 16 registers of dp, and under soft-cap P^T into those of s:
+      // separate arrays would not fit beside the accumulators in MMA_REGS registers. Without
+      // soft-cap P^T has its own 16 (pf): dV is issued before dS^T, which still needs P.
       auto frag = [](const float* x) {
         return [x](int kq, int r) { return __float_as_uint(x[4 * kq + r]); };
       };
+      // Without soft-cap, S^T and dP^T are committed apart, and P is computed while the dP^T
+      // wgmmas still run (FA3 overlaps them so); soft-cap waits for both (its dS needs the
+      // tanh derivative of each element, a register each in between).
+      constexpr bool P_UNDER_DP = (OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0;
       auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
         const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
@@ -426,6 +433,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           Mma::ss(s_, sm90::desc_at(sm90::make_desc(k_w, 16), ka),
                   sm90::desc_at(sm90::make_desc(q_s, 16), qa), kk > 0);
         }
+        if constexpr (P_UNDER_DP) sm90::wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < DV / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
@@ -442,62 +450,96 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
         const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
         const int q0 = r0 + 64 * sb;
-        sm90::wgmma_wait<0>();
-        sm90::fence_regs<32>(s[sb]);
-        sm90::fence_regs<32>(dp[sb]);
-        if (sb > 0) {
-          sm90::fence_regs<DV / 2>(dv);
-          sm90::fence_regs<D / 2>(dk);
-          sm90::fence_regs<16>(s[sb - 1]);
-          sm90::fence_regs<16>(dp[sb - 1]);
-        }
         const uint32_t ds_s =
             base + Tr::OFF_DS + (it % Tr::DS_BUFS) * Tr::DS_BYTES + sb * Tr::DS_BLK;
-        {
-          // P^T and dS^T in place. Element 4 t + e: key krow + 8 (e / 2), query q0 + 8 t +
-          // 2 qd + e % 2. Every element without a branch; then, only in tiles on a mask
-          // boundary, the elements no (query, key) pair sees are set to 0 (their P may be
-          // inf before: it is overwritten, never multiplied).
-          const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
-          const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-          const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+        // P^T and dS^T of the sub-block. Element 4 t + e: key krow + 8 (e / 2), query q0 +
+        // 8 t + 2 qd + e % 2. Every element without a branch; then, only in tiles on a mask
+        // boundary, the elements no (query, key) pair sees are set to 0 (their P may be inf
+        // before: it is overwritten, never multiplied). 16-bit A fragments: the C fragments
+        // of n8 tiles 2 kq, 2 kq + 1 are k16 step kq (element 4 kq + r of the packed array).
+        const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
+        const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
+        const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+        const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
+        auto zero_invisible = [&](float* x) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const bool visible = steps.mask.visible(q0 + 8 * (i / 4) + 2 * qd + (i & 1),
+                                                    krow + 8 * ((i / 2) & 1));
+            x[i] = visible ? x[i] : 0.f;
+          }
+        };
+        auto pack = [&](const float* x, uint32_t* to) {  // element pairs, in order
+#pragma unroll
+          for (int i = 0; i < 16; ++i) to[i] = dtype_traits<T>::pack(x[2 * i], x[2 * i + 1]);
+        };
+        if constexpr (P_UNDER_DP) {
+          // FA3's order: P while the dP^T wgmmas run, dV = P^T dO issued, then dS^T once
+          // dP^T is in (a masked element's dS is then P = 0 times a finite dP - delta).
+          sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
+          sm90::fence_regs<32>(s[sb]);
+          if (sb > 0) {
+            sm90::fence_regs<DV / 2>(dv);
+            sm90::fence_regs<D / 2>(dk);
+            sm90::fence_regs_u32<16>(pf);
+            sm90::fence_regs<16>(dp[sb - 1]);
+          }
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int qc = 8 * t + 2 * qd;
+            const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              s[sb][4 * t + e] = grad.template prob<OPTS>(
+                  s[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1), (e & 1) ? l2.y : l2.x);
+          }
+          if (on_boundary) zero_invisible(s[sb]);
+          pack(s[sb], pf);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int kq = 0; kq < 4; ++kq) {
+            const uint32_t a_frag[4] = {pf[4 * kq], pf[4 * kq + 1], pf[4 * kq + 2], pf[4 * kq + 3]};
+            MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
+          }
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<1>();  // dP^T (dV may run)
+          sm90::fence_regs<32>(dp[sb]);
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const float2 d2 = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              dp[sb][4 * t + e] = s[sb][4 * t + e] * (dp[sb][4 * t + e] - ((e & 1) ? d2.y : d2.x));
+          }
+        } else {
+          sm90::wgmma_wait<0>();
+          sm90::fence_regs<32>(s[sb]);
+          sm90::fence_regs<32>(dp[sb]);
+          if (sb > 0) {
+            sm90::fence_regs<DV / 2>(dv);
+            sm90::fence_regs<D / 2>(dk);
+            sm90::fence_regs<16>(s[sb - 1]);
+            sm90::fence_regs<16>(dp[sb - 1]);
+          }
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
             const int qc = 8 * t + 2 * qd;
             const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
             const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = 4 * t + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
-              const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-              if constexpr (OPTS != 0) {
-                grad.template operator()<OPTS, true>(s[sb][i], dp[sb][i], query, key, lse,
-                                                      delta);
-              } else {
-                const float pv = fast_exp2(fmaf(s[sb][i], scale_log2, -lse));
-                s[sb][i] = pv;
-                dp[sb][i] = pv * (dp[sb][i] - delta);
-              }
-            }
+            for (int e = 0; e < 4; ++e)
+              grad.template operator()<OPTS, true>(s[sb][4 * t + e], dp[sb][4 * t + e],
+                                                   q0 + qc + (e & 1), krow + 8 * (e >> 1),
+                                                   (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
-          if (steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64)) {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-              const bool visible = steps.mask.visible(q0 + 8 * (i / 4) + 2 * qd + (i & 1),
-                                                      krow + 8 * ((i / 2) & 1));
-              s[sb][i] = visible ? s[sb][i] : 0.f;
-              dp[sb][i] = visible ? dp[sb][i] : 0.f;
-            }
+          if (on_boundary) {
+            zero_invisible(s[sb]);
+            zero_invisible(dp[sb]);
           }
-          // 16-bit A fragments: the C fragments of n8 tiles 2 kq, 2 kq + 1 are k16 step kq;
-          // element 4 kq + r is written after elements up to 8 kq + 2 r + 1 were read.
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            s[sb][i] = __uint_as_float(dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]));
-            dp[sb][i] = __uint_as_float(dtype_traits<T>::pack(dp[sb][2 * i], dp[sb][2 * i + 1]));
-          }
+          pack(s[sb], reinterpret_cast<uint32_t*>(s[sb]));
         }
-        const auto pa = frag(s[sb]), dsa = frag(dp[sb]);
+        pack(dp[sb], reinterpret_cast<uint32_t*>(dp[sb]));
+        const auto dsa = frag(dp[sb]);
         // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
         // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
 #pragma unroll
@@ -513,17 +555,18 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         }
 
         sm90::wgmma_fence();
-        {
+        if constexpr (!P_UNDER_DP) {
+          const auto pa = frag(s[sb]);
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
             const uint32_t a_frag[4] = {pa(kq, 0), pa(kq, 1), pa(kq, 2), pa(kq, 3)};
             MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
+        }
 #pragma unroll
-          for (int kq = 0; kq < 4; ++kq) {
-            const uint32_t a_frag[4] = {dsa(kq, 0), dsa(kq, 1), dsa(kq, 2), dsa(kq, 3)};
-            MmaD::rs(dk, a_frag, sm90::desc_at(sm90::make_desc(q_s, Tr::Q_BLK), kq * 2048), 1);
-          }
+        for (int kq = 0; kq < 4; ++kq) {
+          const uint32_t a_frag[4] = {dsa(kq, 0), dsa(kq, 1), dsa(kq, 2), dsa(kq, 3)};
+          MmaD::rs(dk, a_frag, sm90::desc_at(sm90::make_desc(q_s, Tr::Q_BLK), kq * 2048), 1);
         }
         if (sb + 1 < SB) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);
         sm90::wgmma_commit();
@@ -533,6 +576,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::fence_regs<D / 2>(dk);
       sm90::fence_regs<16>(s[SB - 1]);
       sm90::fence_regs<16>(dp[SB - 1]);
+      sm90::fence_regs_u32<16>(pf);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(empty(buf), lane == 0);
       if (wg == 1 && it > 0) dq_step(it - 1, s[0]);
