@@ -23,6 +23,7 @@
 //   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
 //   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
 //                                                B = dO_i / Q_i read N-major from smem
+//   (without soft-cap, FA3's order: P^T while dP^T's wgmmas run, dV issued before dS^T)
 //   dS^T -> shared memory; in the next step (once the other warpgroup's half is there:
 //   ready() in the loop) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
 //   M-major, B = K N-major), stages it in shared memory and adds it into dq_accum with
@@ -40,7 +41,8 @@
 // takes BLOCK_R = 64 (warpgroup w: all 64 queries, dQ columns 64 w ..), head dim 64 takes
 // BLOCK_R = 128 (warpgroup w: queries 64 w .., all 64 columns) as two sub-blocks, the S/dP
 // of the second issued before waiting for the dV/dK of the first. Accumulators a thread:
-// dK and dV D / 2 floats each, S^T and dP^T 32 each per sub-block in flight.
+// dK D / 2 and dV DV / 2 floats, S^T and dP^T 32 each per sub-block in flight, and
+// without soft-cap P^T's 16-bit A fragments in 16 more registers (pf).
 //
 // dq_accum layout (this kernel and bwd_convert_dq_sm90 only): per (batch, head), tiles of
 // 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 + col / 64) * 4096
@@ -81,7 +83,7 @@ struct BwdSm90Traits {
   // hands out at launch: what the producer gives back, the MMA warpgroups take. dK and dV
   // take (D + DV) / 2: at 128 + 128 the MMA warpgroups need 240 (P^T's own 16 registers
   // beside them, S^T and dP^T); below, 232, and the producer keeps 40 (24 spilled its step
-  // count in varlen instantiations).
+  // count in varlen instantiations at head dim 64).
   static constexpr bool WIDE_ACC = D + DV >= 256;
   static constexpr int PRODUCER_REGS = WIDE_ACC ? 24 : 40, MMA_REGS = WIDE_ACC ? 240 : 232;
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
@@ -423,9 +425,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // wgmmas still run (FA3 overlaps them so); soft-cap waits for both (its dS needs the
       // tanh derivative of each element, a register each in between).
       constexpr bool P_UNDER_DP = (OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0;
-      auto issue_sdp = [&](int sb, float(&s_)[32], float(&dp_)[32]) {
+      auto issue_s = [&](int sb, float(&s_)[32]) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
-        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
@@ -433,7 +434,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           Mma::ss(s_, sm90::desc_at(sm90::make_desc(k_w, 16), ka),
                   sm90::desc_at(sm90::make_desc(q_s, 16), qa), kk > 0);
         }
-        if constexpr (P_UNDER_DP) sm90::wgmma_commit();
+      };
+      auto issue_dp = [&](int sb, float(&dp_)[32]) {
+        const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES + sb * 64 * 128;
 #pragma unroll
         for (int kk = 0; kk < DV / 16; ++kk) {
           const uint32_t ka = (kk / 4) * Tr::K_BLK + (kk % 4) * 32;
@@ -443,7 +446,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         }
       };
       sm90::wgmma_fence();
-      issue_sdp(0, s[0], dp[0]);
+      issue_s(0, s[0]);
+      if constexpr (P_UNDER_DP) sm90::wgmma_commit();
+      issue_dp(0, dp[0]);
       sm90::wgmma_commit();
 #pragma unroll
       for (int sb = 0; sb < SB; ++sb) {
@@ -469,20 +474,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             x[i] = visible ? x[i] : 0.f;
           }
         };
-        auto pack = [&](const float* x, uint32_t* to) {  // element pairs, in order
+        auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
-          for (int i = 0; i < 16; ++i) to[i] = dtype_traits<T>::pack(x[2 * i], x[2 * i + 1]);
+          for (int i = 0; i < 16; ++i)
+            x[i] = __uint_as_float(dtype_traits<T>::pack(x[2 * i], x[2 * i + 1]));
         };
         if constexpr (P_UNDER_DP) {
           // FA3's order: P while the dP^T wgmmas run, dV = P^T dO issued, then dS^T once
           // dP^T is in (a masked element's dS is then P = 0 times a finite dP - delta).
           sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
           sm90::fence_regs<32>(s[sb]);
-          if (sb > 0) {
+          if (sb > 0) {  // dV of the sub-block before is done (its dK may still run)
             sm90::fence_regs<DV / 2>(dv);
-            sm90::fence_regs<D / 2>(dk);
             sm90::fence_regs_u32<16>(pf);
-            sm90::fence_regs<16>(dp[sb - 1]);
           }
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
@@ -494,7 +498,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                   s[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1), (e & 1) ? l2.y : l2.x);
           }
           if (on_boundary) zero_invisible(s[sb]);
-          pack(s[sb], pf);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
           sm90::wgmma_fence();
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
@@ -536,9 +541,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             zero_invisible(s[sb]);
             zero_invisible(dp[sb]);
           }
-          pack(s[sb], reinterpret_cast<uint32_t*>(s[sb]));
+          pack(s[sb]);
         }
-        pack(dp[sb], reinterpret_cast<uint32_t*>(dp[sb]));
+        pack(dp[sb]);
         const auto dsa = frag(dp[sb]);
         // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
         // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
@@ -554,8 +559,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           sm90::named_barrier_arrive(ready(wg, it), 256);
         }
 
+        // Without soft-cap, S^T of the next sub-block goes first, in a group of its own,
+        // so that the next P waits neither for this dK nor for the next dP^T.
         sm90::wgmma_fence();
-        if constexpr (!P_UNDER_DP) {
+        if constexpr (P_UNDER_DP) {
+          if (sb + 1 < SB) {
+            issue_s(sb + 1, s[sb + 1]);
+            sm90::wgmma_commit();
+          }
+        } else {
           const auto pa = frag(s[sb]);
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
@@ -568,15 +580,20 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           const uint32_t a_frag[4] = {dsa(kq, 0), dsa(kq, 1), dsa(kq, 2), dsa(kq, 3)};
           MmaD::rs(dk, a_frag, sm90::desc_at(sm90::make_desc(q_s, Tr::Q_BLK), kq * 2048), 1);
         }
-        if (sb + 1 < SB) issue_sdp(sb + 1, s[sb + 1], dp[sb + 1]);
+        if (sb + 1 < SB) {
+          if constexpr (!P_UNDER_DP) issue_s(sb + 1, s[sb + 1]);
+          issue_dp(sb + 1, dp[sb + 1]);
+        }
         sm90::wgmma_commit();
       }
       sm90::wgmma_wait<0>();
       sm90::fence_regs<DV / 2>(dv);
       sm90::fence_regs<D / 2>(dk);
-      sm90::fence_regs<16>(s[SB - 1]);
       sm90::fence_regs<16>(dp[SB - 1]);
-      sm90::fence_regs_u32<16>(pf);
+      if constexpr (P_UNDER_DP)
+        sm90::fence_regs_u32<16>(pf);
+      else
+        sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(empty(buf), lane == 0);
       if (wg == 1 && it > 0) dq_step(it - 1, s[0]);

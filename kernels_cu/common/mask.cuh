@@ -131,9 +131,6 @@ struct ScoreGrad {
   Mask mask;
   bool alibi, need_mask;
 
-  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against the forward's tanhf
-  // it moves a logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30,
-  // far below 16-bit rounding; float32 keeps tanhf).
   // P of one element under options without soft-cap (OPTS 0 or OPTS_ALIBI), from s alone:
   // a kernel computes it while the dP GEMM still runs, then dS = P (dP - delta). (Soft-cap
   // needs its derivative in dS, which would take a register per element in between.)
@@ -145,6 +142,9 @@ struct ScoreGrad {
     return fast_exp2(x - lse_log2);
   }
 
+  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against the forward's tanhf
+  // it moves a logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30,
+  // far below 16-bit rounding; float32 keeps tanhf).
   template <int OPTS = OPTS_RUNTIME, bool FAST_TANH = false>
   __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
                                              float delta) const {
