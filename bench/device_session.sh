@@ -27,7 +27,8 @@
 #             backward at head dim 128, seqlen 4k, bf16: speed of light, warp states,
 #             scheduler and memory sections as text                                   ~3
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
-#             `git archive` of the base commit unpacked there, carried), alternately twice:
+#             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
+#             28db622 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not, the
 #             backward also with soft-cap and ALiBi; every table into ab.log            ~8
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
