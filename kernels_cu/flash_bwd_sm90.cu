@@ -166,6 +166,19 @@ struct BwdSteps {
   }
 };
 
+// The ring's mbarriers for bwd_sm90 and bwd_sm90_wide (bars: "full" per stage, one arrival
+// per producer warp; "empty" per stage, one per MMA warp; then full_kv for K and V), by one
+// thread before the CTA's first barrier.
+template <int STAGES>
+__device__ __forceinline__ void bwd_sm90_init_ring(uint32_t bars) {
+  for (int s = 0; s < STAGES; ++s) {
+    sm90::mbar_init(bars + 8 * s, 4);
+    sm90::mbar_init(bars + 8 * (STAGES + s), 8);
+  }
+  sm90::mbar_init(bars + 16 * STAGES, 4);
+  sm90::fence_barrier_init();
+}
+
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
@@ -281,14 +294,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
 
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      sm90::mbar_init(full(s), 4);    // one arrival per producer warp
-      sm90::mbar_init(empty(s), 8);   // one per MMA warp
-    }
-    sm90::mbar_init(full_kv, 4);
-    sm90::fence_barrier_init();
-  }
+  if (tid == 0) bwd_sm90_init_ring<STAGES>(smem_addr(barriers));
   __syncthreads();
 
   if (wg < 0) {
@@ -688,14 +694,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      sm90::mbar_init(full(s), 4);   // one arrival per producer warp
-      sm90::mbar_init(empty(s), 8);  // one per MMA warp
-    }
-    sm90::mbar_init(full_kv, 4);
-    sm90::fence_barrier_init();
-  }
+  if (tid == 0) bwd_sm90_init_ring<STAGES>(smem_addr(barriers));
   __syncthreads();
 
   if (wg < 0) {
