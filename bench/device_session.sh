@@ -205,7 +205,8 @@ stage_profile() {
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        summary "$stage" "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile, ab)"
+        summary "$stage" \
+            "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile, ab)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

@@ -505,7 +505,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           }
           if (on_boundary) zero_invisible(s[sb]);
 #pragma unroll
-          for (int i = 0; i < 16; ++i) pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
+          for (int i = 0; i < 16; ++i)
+            pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
           sm90::wgmma_fence();
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
