@@ -166,32 +166,82 @@ struct BwdSteps {
   }
 };
 
-// The ring's mbarriers for bwd_sm90 and bwd_sm90_wide (bars: "full" per stage, one arrival
-// per producer warp; "empty" per stage, one per MMA warp; then full_kv for K and V), by one
-// thread before the CTA's first barrier.
-template <int STAGES>
-__device__ __forceinline__ void bwd_sm90_init_ring(uint32_t bars) {
-  for (int s = 0; s < STAGES; ++s) {
-    sm90::mbar_init(bars + 8 * s, 4);
-    sm90::mbar_init(bars + 8 * (STAGES + s), 8);
+// Zeroes the elements of accumulator fragment x (N floats, the wgmma C layout: element
+// 4 t + e is key krow + 8 (e / 2), query q_first + 8 t + 2 qd + e % 2) that no (query, key)
+// pair of the mask sees. Overwritten, never multiplied: an inf there does not spread.
+template <int N>
+__device__ __forceinline__ void zero_invisible(const Mask& mask, float* x, int q_first,
+                                               int krow, int qd) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const bool visible = mask.visible(q_first + 8 * (i / 4) + 2 * qd + (i & 1),
+                                      krow + 8 * ((i / 2) & 1));
+    x[i] = visible ? x[i] : 0.f;
   }
-  sm90::mbar_init(bars + 16 * STAGES, 4);
-  sm90::fence_barrier_init();
 }
+
+// dK (with the softmax scale) and dV from the accumulators of this thread's keys krow and
+// krow + 8 of the item (rows past it are not stored): columns col0 + 8 t + 2 qd and + 1 of
+// NK / 8 blocks for dK, NV / 8 for dV, 2 columns a store; columns past a.headdim skipped
+// (V's head dim is Q's in the API).
+template <typename T, int NK, int NV, bool VARLEN>
+__device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
+                                                    const SeqView<VARLEN>& seq, int hkv,
+                                                    int krow, int col0, int qd,
+                                                    const float* dk, const float* dv) {
+  const AttnArgs& a = p.attn;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow + 8 * hh;
+    if (row >= seq.seqlen_k()) continue;
+    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
+    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
+#pragma unroll
+    for (int t = 0; t < (NK > NV ? NK : NV) / 8; ++t) {
+      const int col = col0 + 8 * t + 2 * qd;
+      if (col >= a.headdim) continue;
+      if (t < NK / 8)
+        *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
+            dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
+      if (t < NV / 8)
+        *reinterpret_cast<uint32_t*>(dv_row + col) =
+            dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
+    }
+  }
+}
+
+// The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
+// 2 STAGES + 1): "full" per stage, one arrival per producer warp; "empty" per stage, one
+// per MMA warp; then full_kv for K and V.
+template <int STAGES>
+struct BwdRing {
+  uint32_t bars;
+  __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 * s; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 * (STAGES + s); }
+  __device__ __forceinline__ uint32_t full_kv() const { return bars + 16 * STAGES; }
+  __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(full(s), 4);
+      sm90::mbar_init(empty(s), 8);
+    }
+    sm90::mbar_init(full_kv(), 4);
+    sm90::fence_barrier_init();
+  }
+};
 
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
-// "empty" one (bars: full per stage, then empty per stage, then full_kv for K and V).
+// "empty" one (BwdRing).
 template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
-__device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base, uint32_t bars,
-                                                 int b, int o0, int hkv, int tid) {
+__device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base,
+                                                 const BwdRing<Tr::STAGES>& ring, int b, int o0,
+                                                 int hkv, int tid) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
-  auto full = [&](int s) { return bars + 8 * s; };
-  auto empty = [&](int s) { return bars + 8 * (STAGES + s); };
-  const uint32_t full_kv = bars + 16 * STAGES;
   const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
   const SeqView<VARLEN>& seq = steps.seq;
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
@@ -244,18 +294,18 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     load_stream(0);  // in flight with K and V: one round trip before the first step
     cp_async_commit();
     cp_async_wait<1>();
-    publish(full_kv);
+    publish(ring.full_kv());
     cp_async_wait<0>();
-    publish(full(0));
+    publish(ring.full(0));
   }
   for (int it = 1; it < steps.iters; ++it) {
     const int s = it % STAGES;
     // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
-    if (it >= STAGES) sm90::mbar_wait(empty(s), (it / STAGES - 1) & 1);
+    if (it >= STAGES) sm90::mbar_wait(ring.empty(s), (it / STAGES - 1) & 1);
     load_stream(it);
     cp_async_commit();
     cp_async_wait<0>();
-    publish(full(s));
+    publish(ring.full(s));
   }
 }
 
@@ -269,11 +319,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
-  // full, empty per stage, then full_kv (K and V in).
   __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
-  auto full = [&](int s) { return smem_addr(&barriers[s]); };
-  auto empty = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
-  const uint32_t full_kv = smem_addr(&barriers[2 * STAGES]);
+  const BwdRing<STAGES> ring{smem_addr(barriers)};
 
   const AttnArgs& a = p.attn;
   // The MMA warpgroup index (-1: the producer) through a shuffle: the compiler then knows it
@@ -294,13 +341,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
 
-  if (tid == 0) bwd_sm90_init_ring<STAGES>(smem_addr(barriers));
+  if (tid == 0) ring.init();
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv,
-                                                    tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -399,7 +445,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const int key0 = o0 + 64 * wg;
     const int krow = key0 + 16 * wq + g;
 
-    if (steps.iters > 0) sm90::mbar_wait(full_kv, 0);
+    if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
     for (int it = 0; it < steps.iters; ++it) {
       const int buf = it % STAGES, r0 = steps.row(it);
       if constexpr (!Tr::HAND_OVER) step_barrier();
@@ -414,7 +460,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       float s[SB][32], dp[SB][32];
       uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
       if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
-      sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+      sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
       // keeps BLOCK_R = 128 (head dim 64) within the registers. The S/dP of sub-block sb + 1
@@ -472,14 +518,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
         const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
-        auto zero_invisible = [&](float* x) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const bool visible = steps.mask.visible(q0 + 8 * (i / 4) + 2 * qd + (i & 1),
-                                                    krow + 8 * ((i / 2) & 1));
-            x[i] = visible ? x[i] : 0.f;
-          }
-        };
         auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
           for (int i = 0; i < 16; ++i)
@@ -503,7 +541,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
               s[sb][4 * t + e] = grad.template prob<OPTS>(
                   s[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1), (e & 1) ? l2.y : l2.x);
           }
-          if (on_boundary) zero_invisible(s[sb]);
+          if (on_boundary) zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
 #pragma unroll
           for (int i = 0; i < 16; ++i)
             pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
@@ -545,8 +583,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                                                    (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
           if (on_boundary) {
-            zero_invisible(s[sb]);
-            zero_invisible(dp[sb]);
+            zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
+            zero_invisible<32>(steps.mask, dp[sb], q0, krow, qd);
           }
           pack(s[sb]);
         }
@@ -602,7 +640,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       else
         sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
-      sm90::mbar_arrive_if(empty(buf), lane == 0);
+      sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
       if (wg == 1 && it > 0) dq_step(it - 1, s[0]);
     }
     if (steps.iters > 0) {
@@ -611,27 +649,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       dq_step(steps.iters - 1, dq);
     }
 
-    // dK (with the softmax scale) and dV: rows = keys of the item, 2 columns a store.
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = krow + 8 * hh;
-      if (row >= seq.seqlen_k()) continue;
-      T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                  (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
-      T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
-                  (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
-#pragma unroll
-      for (int t = 0; t < (D > DV ? D : DV) / 8; ++t) {
-        const int col = 8 * t + 2 * qd;
-        if (col >= a.headdim) continue;  // V's head dim is Q's (a.headdim) in the API
-        if (t < D / 8)
-          *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
-              dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-        if (t < DV / 8)
-          *reinterpret_cast<uint32_t*>(dv_row + col) =
-              dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
-      }
-    }
+    bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, qd, dk, dv);
     if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
   }
 }
@@ -682,10 +700,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   constexpr int HALF = Tr::HALF;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
-  __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];  // as bwd_sm90's
-  auto full = [&](int s) { return smem_addr(&barriers[s]); };
-  auto empty = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
-  const uint32_t full_kv = smem_addr(&barriers[2 * STAGES]);
+  __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
+  const BwdRing<STAGES> ring{smem_addr(barriers)};
 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
@@ -695,19 +711,18 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  if (tid == 0) bwd_sm90_init_ring<STAGES>(smem_addr(barriers));
+  if (tid == 0) ring.init();
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, D, BLOCK_R, VARLEN>(p, base, smem_addr(barriers), b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, D, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
   const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
   const SeqView<VARLEN>& seq = steps.seq;
   const int wtid = tid % 128, wq = wtid / 32, g = lane / 4, qd = lane % 4;
-  const float scale_log2 = a.scale * LOG2E;
   // This thread's keys (the M side of S^T, dP^T, dK, dV): krow and krow + 8.
   const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
@@ -717,12 +732,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 #pragma unroll
   for (int i = 0; i < HALF / 2; ++i) dv[i] = dk[i] = 0.f;
 
-  if (steps.iters > 0) sm90::mbar_wait(full_kv, 0);
+  if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
   for (int it = 0; it < steps.iters; ++it) {
     const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
     const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
     const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES;
-    sm90::mbar_wait(full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+    sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
     // S^T (warpgroup 0: K Q^T) or dP^T (warpgroup 1: V dO^T) of the 64 keys and queries.
     float x[32];
@@ -782,23 +797,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
         for (int e = 0; e < 4; ++e) {
           const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
           const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-          if constexpr (OPTS != 0) {
-            grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
+          if constexpr (OPTS == 0) {
+            ps[i] = grad.template prob<0>(ps[i], query, key, lse);
+            ds[i] = ps[i] * (ds[i] - delta);
           } else {
-            const float pv = fast_exp2(fmaf(ps[i], scale_log2, -lse));
-            ps[i] = pv;
-            ds[i] = pv * (ds[i] - delta);
+            grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
           }
         }
       }
       if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const bool visible = steps.mask.visible(q0 + 32 * wg + 8 * (i / 4) + 2 * qd + (i & 1),
-                                                  krow + 8 * ((i / 2) & 1));
-          ps[i] = visible ? ps[i] : 0.f;
-          ds[i] = visible ? ds[i] : 0.f;
-        }
+        zero_invisible<16>(steps.mask, ps, q0 + 32 * wg, krow, qd);
+        zero_invisible<16>(steps.mask, ds, q0 + 32 * wg, krow, qd);
       }
     }
     // P^T and dS^T in 16 bits: row = key 16 wq + g + 8 hh, columns 32 wg + 8 c + 2 qd and
@@ -869,29 +878,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     sm90::fence_regs<HALF / 2>(dk);
     sm90::fence_regs<32>(dq);
     __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
-    sm90::mbar_arrive_if(empty(buf), lane == 0);
+    sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
     add_dq(cols + 1);
   }
 
-  // dK (with the softmax scale) and dV: rows = keys of the item, columns HALF wg ..
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = krow + 8 * hh;
-    if (row >= seq.seqlen_k()) continue;
-    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
-    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
-                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
-#pragma unroll
-    for (int t = 0; t < HALF / 8; ++t) {
-      const int col = HALF * wg + 8 * t + 2 * qd;
-      if (col >= a.headdim) continue;
-      *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
-          dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + col) =
-          dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
-    }
-  }
+  bwd_sm90_store_dkdv<T, HALF, HALF>(p, seq, hkv, krow, HALF * wg, qd, dk, dv);
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded

@@ -107,7 +107,6 @@ def _buffers(pointers: int, count: int) -> list:
     return out
 
 
-
 def _slot_attribute(attrs: int, count: int) -> int:
     """The value of the single scalar attribute: an XLA_FFI_Scalar (dtype, value*)."""
     if count != 1:
