@@ -7,7 +7,7 @@
 // in key-block order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
-//   bwd_sm90_wide        the same at head dims over 128, 64 keys a block (not deterministic)
+//   bwd_sm90_wide        the same at head dims over 128, 64 keys a block
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
 // bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
 // and padded rows, so that their p is exactly 0), dq_accum zeroed.
@@ -666,7 +666,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64n128, SS
 //   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (bwd_sm90's
 //   tiled layout) by red.global.add from the accumulators.
-// Not deterministic (its dQ adds are not ordered): deterministic calls run bwd_main.
+// Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
+// turn, each CTA's 128 threads between one wait for the turn and one pass of it.
 template <int D>
 struct BwdSm90WideTraits {
   static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2, HALF = D / 2;
@@ -707,7 +708,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int lane = tid % 32;
   const int b = blockIdx.y, hkv = blockIdx.z;
-  const int o0 = blockIdx.x * BLOCK_C;  // first key of the CTA
+  // Deterministic under a right bound: the last key block first (as bwd_sm90).
+  const bool descending = p.dq_semaphore && a.window_right >= 0;
+  const int n_block = descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int o0 = n_block * BLOCK_C;  // first key of the CTA
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
@@ -723,6 +727,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
   const SeqView<VARLEN>& seq = steps.seq;
   const int wtid = tid % 128, wq = wtid / 32, g = lane / 4, qd = lane % 4;
+  const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
   // This thread's keys (the M side of S^T, dP^T, dK, dV): krow and krow + 8.
   const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
@@ -830,10 +835,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     // and dK, added into dq_accum while they run, then the second.
     const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup
     const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
-    // dQ tile: rows 16 wq + g + 8 hh of the 64 x 64 tile (q0 / 64, column block), pair
-    // u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's dq_accum layout, see the top).
-    float* const slab = p.dq_accum + scratch_row0(p, seq, b, h) * D +
-                        int64(q0 / 64) * (D / 64) * 4096 + (16 * wq + g) * 64;
+    // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum; this
+    // thread's rows 16 wq + g + 8 hh, pair u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's
+    // dq_accum layout, see the top).
+    const int64 tile0 = scratch_row0(p, seq, b, h) * D + int64(q0 / 64) * (D / 64) * 4096;
+    float* const slab = p.dq_accum + tile0 + (16 * wq + g) * 64;
     float dq[32];
     auto issue_dq = [&](int blk) {  // column block blk of dQ
       const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
@@ -844,12 +850,28 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
       sm90::wgmma_commit();
     };
     auto add_dq = [&](int blk) {
+      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
+      if (sem) {
+        // Deterministic: this CTA's turn among the key blocks that reach query block q0 / 64
+        // (bwd_sm90's dq_step says why the whole first warp waits), then the warpgroup.
+        if (first_warp) {
+          int key_begin, key_end;
+          steps.mask.key_range(q0, min(q0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
+          sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
+                                                 : n_block - key_begin / BLOCK_C);
+        }
+        sm90::named_barrier(3 + wg, 128);
+      }
 #pragma unroll
       for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh)
           red_add2(slab + blk * 4096 + 8 * hh * 64 + 2 * ((4 * t + qd) ^ (4 * g)),
                    dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+      if (sem) {  // the warpgroup's adds, ordered before the release by the barrier
+        sm90::named_barrier(3 + wg, 128);
+        if (wtid == 0) sm90::pass_global_turn(sem);
+      }
     };
     sm90::wgmma_fence();
     issue_dq(cols);

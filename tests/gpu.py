@@ -95,14 +95,17 @@ def poisoned(fn, *args, **kwargs):
 
 def dq_scratch_bytes(rows: int, headdim: int, deterministic: bool, launched) -> int:
     """The backward's dQ scratch beyond lse_log2 and delta: the float32 accumulator (rows x
-    padded head dim) unless the deterministic dQ kernel writes dq itself, which the Hopper
-    backward (bwd_sm90 among ``launched``) does not: it keeps the accumulator and adds an
-    int32 semaphore per 4096 floats of it, after 256-byte alignment."""
+    padded head dim: the Hopper backward's, bwd_sm90 or bwd_sm90_wide among ``launched``,
+    pads to its instantiation's) unless the deterministic dQ kernel writes dq itself, which
+    the Hopper backward does not: it keeps the accumulator and adds an int32 semaphore per
+    4096 floats of it, after 256-byte alignment."""
     from cuflash import ops
-    accum = rows * ops.tiles.padded_headdim(headdim) * 4
+    hopper = any(f == ops.backward.SM90_FILE for f, _ in launched)
+    padded = ops.backward.sm90_headdim(headdim) if hopper else ops.tiles.padded_headdim(headdim)
+    accum = rows * padded * 4
     if not deterministic:
         return accum
-    if any(f == ops.backward.SM90_FILE for f, _ in launched):
+    if hopper:
         return -(-accum // 256) * 256 + 4 * (accum // 4 // 4096 + 1)
     return 0
 

@@ -243,12 +243,15 @@ def test_float32(headdim):
 
 @pytest.mark.parametrize("dtype, headdim, opts", [
     (BF16, 64, {}), (F32, 64, {}), (BF16, 128, dict(causal=True)),
-    (F16, 64, dict(window=(300, 50))), (BF16, 128, dict(softcap=3.0, window=(None, 0)))],
-    ids=["bf16-64", "fp32-64", "bf16-128-causal", "fp16-64-window", "bf16-128-softcap"])
+    (F16, 64, dict(window=(300, 50))), (BF16, 128, dict(softcap=3.0, window=(None, 0))),
+    (BF16, 256, {}), (F16, 192, dict(causal=True))],
+    ids=["bf16-64", "fp32-64", "bf16-128-causal", "fp16-64-window", "bf16-128-softcap",
+         "bf16-256", "fp16-192-causal"])
 def test_deterministic_is_bitwise_reproducible(dtype, headdim, opts):
     """deterministic=True gives the same bits every call: on sm_90 (fp16/bf16) the wgmma
-    kernel's dQ reduce-adds in key-block order, ascending without a right bound and
-    descending (last key block first) under one (causal, windows)."""
+    kernels' dQ reduce-adds (bwd_sm90_wide's red.global.adds over head dim 128) in key-block
+    order, ascending without a right bound and descending (last key block first) under one
+    (causal, windows)."""
     cp = import_cupy()
     import cuflash
     rng = np.random.default_rng(0)
@@ -337,7 +340,8 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
         "cuflash::bwd_sm90_wide<__half, 256, 0>"                # head dims over 128
     assert pick(BF16, 192, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 1>"
-    assert pick(F16, 256, True, "sm_90") is None                # deterministic: bwd_main
+    assert pick(F16, 256, True, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90_wide<__half, 256, 0>"                # deterministic too
     # The explicit override keeps bwd_main on sm_90.
     steps = ops.backward.choose(_problem(BF16, 128), False, "sm_90", hopper=False)
     assert all(s.filename == ops.backward.FILE for s in steps), steps
@@ -362,10 +366,12 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     (256, {}), (256, dict(causal=True)), (192, dict(window=(90, 30))),
     (256, dict(softcap=3.0)), (160, dict(alibi="batch", causal=True)),
     (256, dict(alibi="heads", softcap=5.0, window=(40, 7))),
+    (256, dict(causal=True, deterministic=True)), (160, dict(window=(90, 30), deterministic=True)),
 ], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
         "d128-all", "d32-padded", "d96-padded-causal", "d8-padded-softcap",
         "d72-padded-alibi", "d64-softcap-alibi-window", "wide-d256", "wide-d256-causal",
-        "wide-d192-window", "wide-d256-softcap", "wide-d160-alibi-causal", "wide-d256-all"])
+        "wide-d192-window", "wide-d256-softcap", "wide-d160-alibi-causal", "wide-d256-all",
+        "wide-d256-causal-det", "wide-d160-window-det"])
 def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     """The wgmma kernel and bwd_main on the same inputs: both within the accuracy rule, and
     within a few 16-bit ulps of each other (float atomics make neither bitwise stable)."""

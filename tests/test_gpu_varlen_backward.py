@@ -1,8 +1,8 @@
 """The varlen backward on Hopper: the VARLEN instantiations of bwd_sm90 (kernels_cu/flash_bwd_sm90.cu).
 
-On sm_90, fp16/bf16 varlen backward calls with head dims padded to 64 or 128 (deterministic,
-soft-cap and ALiBi too) run the wgmma kernel of the dense path with its VARLEN
-template flag. The expected result is the dense float64 reference run on each sequence
+On sm_90, fp16/bf16 varlen backward calls (deterministic, soft-cap and ALiBi too) run the
+wgmma kernel of the dense path with its VARLEN template flag: bwd_sm90 with head dims padded
+to 64 or 128, bwd_sm90_wide over 128. The expected result is the dense float64 reference run on each sequence
 alone (the rule of tests/accuracy.py), with the sequences' lengths including 0 and 1 and
 differing between queries and keys. out/lse come from that reference (uploaded), so these
 tests do not depend on the forward kernel, except the vjp test, which takes the GPU forward.
@@ -154,9 +154,10 @@ def test_dispatch_routes_varlen_to_wgmma_on_sm90():
     assert [s.name_expression for s in pick(BF16, 200, False, "sm_90")] == [
         "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, true>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 256, true>"]
+    assert pick(F16, 256, True, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90_wide<__half, 256, 0, true>"  # deterministic too
     for args, problem in (((BF16, 128, False, "sm_80"), {}),
-                          ((np.float32, 128, False, "sm_90"), {}),
-                          ((F16, 256, True, "sm_90"), {})):
+                          ((np.float32, 128, False, "sm_90"), {})):
         assert pick(*args, **problem) is None, (args, problem)
     # The compile check (CI) compiles every varlen instantiation.
     kernels = {name for _, name, _ in ops.all_kernels("sm_90")}
@@ -206,7 +207,8 @@ def test_padded_headdims(headdim):
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("ratio,headdim,options", [
     (4, 128, dict(causal=True)), (8, 64, dict(window=(33, 0))), (8, 128, {}),
-], ids=["4:1-d128-causal", "8:1-d64-window", "8:1-d128"])
+    (2, 256, dict(causal=True, deterministic=True)),
+], ids=["4:1-d128-causal", "8:1-d64-window", "8:1-d128", "2:1-d256-causal-det"])
 def test_gqa(dtype, ratio, headdim, options):
     check(dtype, (150, 1, 0, 77, 300), (150, 33, 9, 300, 129), 8, 8 // ratio, headdim,
           **options)
@@ -224,7 +226,7 @@ def test_many_sequences(causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
 def test_equals_dense_wgmma_per_sequence(headdim):
     """Each sequence through the dense Hopper backward alone: dK and dV bitwise equal (the
     same CTAs, the same arithmetic, no atomics), dQ within a few 16-bit ulps (its tiles are
@@ -249,7 +251,7 @@ def test_equals_dense_wgmma_per_sequence(headdim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
 def test_nan_neighbours_do_not_leak(headdim):
     """One sequence full of NaN (inputs, out, lse) between finite ones: the finite ones'
     gradients are still right and finite, because every load past a sequence's rows is

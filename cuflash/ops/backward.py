@@ -127,9 +127,9 @@ class Sm90Tile:
 # reduce-add. It serves fp16/bf16 at head dims up to 128, padded to 64 or 128 (sm90_headdim),
 # soft-cap and ALiBi included, deterministic mode too (each dQ tile's bulk reduce-adds take
 # turns in key-block order, through one int semaphore per 4096-float tile of dq_accum).
-# bwd_sm90_wide serves head dims over 128 (padded to 256) the same way but for deterministic
-# mode: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, dQ by
-# red.global.add. bwd_main serves the rest.
+# bwd_sm90_wide serves head dims over 128 (padded to 256) the same way: SM90_WIDE_KEYS keys
+# per CTA, the MMA warpgroups splitting the head dim, dQ by red.global.add (in the same
+# turns when deterministic). bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM = 64, 256
 SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
@@ -292,9 +292,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     """Every launch of a backward call after preprocess, in order, with tiles that fit the
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
-    hd = sm90_headdim(p.headdim)
-    if hopper and arch == "sm_90" and p.dtype != np.float32 and hd and \
-            not (deterministic and hd == SM90_WIDE_HEADDIM):
+    if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
         opts = sm90_opts(p.softcap > 0, p.alibi_batch_stride is not None)
         return sm90_steps(p.dtype, p.headdim, opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
@@ -341,7 +339,7 @@ class Plan:
         self.accum_offset = 2 * self.delta_offset
         accum_bytes = 4 * rows * headdim_pad if with_accum else 0
         self.semaphore_offset = self.accum_offset + _core.align(accum_bytes)
-        ordered = deterministic and steps[0].name_expression.startswith("cuflash::bwd_sm90<")
+        ordered = deterministic and steps[0].filename == SM90_FILE
         self.semaphore_bytes = 4 * (rows * headdim_pad // 4096 + 1) if ordered else 0
         self.scratch_bytes = self.semaphore_offset + self.semaphore_bytes
         self.with_accum = with_accum
