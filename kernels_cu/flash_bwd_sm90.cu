@@ -182,12 +182,12 @@ __device__ __forceinline__ void zero_invisible(const Mask& mask, float* x, int q
 
 // dK (with the softmax scale) and dV from the accumulators of this thread's keys krow and
 // krow + 8 of the item (rows past it are not stored): columns col0 + 8 t + 2 qd and + 1 of
-// NK / 8 blocks for dK, NV / 8 for dV, 2 columns a store; columns past a.headdim skipped
-// (V's head dim is Q's in the API).
+// NK / 8 blocks for dK, and from vcol0 of NV / 8 for dV, 2 columns a store; columns past
+// a.headdim skipped (V's head dim is Q's in the API).
 template <typename T, int NK, int NV, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
                                                     const SeqView<VARLEN>& seq, int hkv,
-                                                    int krow, int col0, int qd,
+                                                    int krow, int col0, int vcol0, int qd,
                                                     const float* dk, const float* dv) {
   const AttnArgs& a = p.attn;
 #pragma unroll
@@ -199,13 +199,16 @@ __device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
     T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
                 (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
 #pragma unroll
-    for (int t = 0; t < (NK > NV ? NK : NV) / 8; ++t) {
+    for (int t = 0; t < NK / 8; ++t) {
       const int col = col0 + 8 * t + 2 * qd;
-      if (col >= a.headdim) continue;
-      if (t < NK / 8)
+      if (col < a.headdim)
         *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
             dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-      if (t < NV / 8)
+    }
+#pragma unroll
+    for (int t = 0; t < NV / 8; ++t) {
+      const int col = vcol0 + 8 * t + 2 * qd;
+      if (col < a.headdim)
         *reinterpret_cast<uint32_t*>(dv_row + col) =
             dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
     }
@@ -649,7 +652,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       dq_step(steps.iters - 1, dq);
     }
 
-    bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, qd, dk, dv);
+    bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, 0, qd, dk, dv);
     if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
   }
 }
@@ -657,48 +660,62 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 // bwd_sm90_wide: head dims over 128 (D = 256; smaller ones padded), where a warpgroup's dK
 // and dV of 64 keys x D (2 D floats a thread) do not fit in registers. One CTA per (64
 // keys, batch item, kv head) with the producer of bwd_sm90 (bwd_sm90_produce) and two MMA
-// warpgroups that share the 64 keys and split the head dim: warpgroup w owns columns
-// D / 2 w .. of dK and dV. A step (64 queries):
+// warpgroups that share the 64 keys and split the head dims: warpgroup w owns columns
+// D / 2 w .. of dK and DV / 2 w .. of dV (DV: the head dim of V and dO, D's by default).
+// A step (64 queries):
 //   warpgroup 0: S^T = K Q_i^T, warpgroup 1: dP^T = V dO_i^T   m64n64, both SS
 //   each hands the other the half of its tile that the other turns into P^T and dS^T
 //   (float32 through shared memory): warpgroup w computes the elements of queries 32 w ..
 //   P^T, dS^T -> shared memory (16 bits, both halves)
-//   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64n128, SS
+//   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64 n DV / 2 and n D / 2, SS
 //   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (bwd_sm90's
 //   tiled layout) by red.global.add from the accumulators.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
-template <int D>
+template <int D, int DV = D>
 struct BwdSm90WideTraits {
-  static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2, HALF = D / 2;
+  static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2;
+  static constexpr int HALF = D / 2, HALF_V = DV / 2;  // a warpgroup's columns of dK, dV
   static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;  // of Q or dO
-  static constexpr int K_BYTES = K_BLK * (D / 64), V_BYTES = K_BYTES;
-  static constexpr int Q_BYTES = Q_BLK * (D / 64), DO_BYTES = Q_BYTES;
+  static constexpr int K_BYTES = K_BLK * (D / 64), V_BYTES = K_BLK * (DV / 64);
+  static constexpr int Q_BYTES = Q_BLK * (D / 64), DO_BYTES = Q_BLK * (DV / 64);
   static constexpr int PS_BYTES = BLOCK_C * BLOCK_R * 2;  // P^T or dS^T: one column block
   static constexpr int X_BYTES = 128 * 16 * 4;  // half a warpgroup's S^T or dP^T, float32
   static constexpr int OFF_K = 0;
   static constexpr int OFF_V = OFF_K + K_BYTES;
-  static constexpr int OFF_Q = OFF_V + K_BYTES;             // a buffer per stage
+  static constexpr int OFF_Q = OFF_V + V_BYTES;             // a buffer per stage
   static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;   // a buffer per stage
-  static constexpr int OFF_P = OFF_DO + STAGES * Q_BYTES;
+  static constexpr int OFF_P = OFF_DO + STAGES * DO_BYTES;
   static constexpr int OFF_DS = OFF_P + PS_BYTES;
   static constexpr int OFF_X = OFF_DS + PS_BYTES;          // one per MMA warpgroup
   static constexpr int OFF_LSE = OFF_X + 2 * X_BYTES;      // BLOCK_R floats a stage
   static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
   static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
-  static_assert(D % 128 == 0 && BLOCK_R == 64, "two 64-column blocks a warpgroup, one of P^T");
+  static_assert(HALF == 128 && DV % 128 == 0 && BLOCK_R == 64,
+                "two 64-column dQ tiles a warpgroup, whole column blocks of dV, one of P^T");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
   static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
 };
 
-template <typename T, int D, int OPTS, bool VARLEN = false>
+// x = A B^T over K_DIM columns for bwd_sm90_wide's S^T (A = K, B = Q_i) and dP^T (V,
+// dO_i): m64n64, both operands K-major in 128B-swizzled tiles at shared addresses a and b.
+template <typename T, int K_DIM, typename Tr>
+__device__ __forceinline__ void bwd_sm90_wide_sdp(float (&x)[32], uint32_t a, uint32_t b) {
+  const uint64_t da = sm90::make_desc(a, 16), db = sm90::make_desc(b, 16);
+#pragma unroll
+  for (int kk = 0; kk < K_DIM / 16; ++kk)
+    sm90::Wgmma<T, 64>::ss(x, sm90::desc_at(da, (kk / 4) * Tr::K_BLK + (kk % 4) * 32),
+                           sm90::desc_at(db, (kk / 4) * Tr::Q_BLK + (kk % 4) * 32), kk > 0);
+}
+
+template <typename T, int D, int OPTS, bool VARLEN = false, int DV = D>
 __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p) {
-  using Tr = BwdSm90WideTraits<D>;
+  using Tr = BwdSm90WideTraits<D, DV>;
   constexpr int BLOCK_C = Tr::BLOCK_C, BLOCK_R = Tr::BLOCK_R, STAGES = Tr::STAGES;
-  constexpr int HALF = Tr::HALF;
+  constexpr int HALF = Tr::HALF, HALF_V = Tr::HALF_V;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
@@ -720,7 +737,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, D, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
@@ -733,32 +750,31 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
 
-  float dv[HALF / 2], dk[HALF / 2];
+  float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
-  for (int i = 0; i < HALF / 2; ++i) dv[i] = dk[i] = 0.f;
+  for (int i = 0; i < HALF_V / 2; ++i) dv[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < HALF / 2; ++i) dk[i] = 0.f;
 
   if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
   for (int it = 0; it < steps.iters; ++it) {
     const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
     const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
-    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::Q_BYTES;
+    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
     sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
-    // S^T (warpgroup 0: K Q^T) or dP^T (warpgroup 1: V dO^T) of the 64 keys and queries.
+    // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
+    // the 64 keys and queries.
     float x[32];
-    {
-      const uint64_t da = sm90::make_desc(base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V), 16);
-      const uint64_t db = sm90::make_desc(wg == 0 ? q_s : do_s, 16);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        sm90::Wgmma<T, 64>::ss(x, sm90::desc_at(da, (kk / 4) * Tr::K_BLK + (kk % 4) * 32),
-                               sm90::desc_at(db, (kk / 4) * Tr::Q_BLK + (kk % 4) * 32),
-                               kk > 0);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs<32>(x);
-    }
+    sm90::wgmma_fence();
+    if (DV == D || wg == 0)
+      bwd_sm90_wide_sdp<T, D, Tr>(x, base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V),
+                                  wg == 0 ? q_s : do_s);
+    else
+      bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs<32>(x);
     // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
     // keeps those of its own tile and hands over the other half, 16 floats a thread in
     // 16-byte groups at (group * 128 + thread) * 16 (consecutive threads, no conflicts).
@@ -829,11 +845,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     sm90::fence_proxy_async();
     sm90::named_barrier(2, 256);  // P^T and dS^T whole, for both warpgroups' wgmmas
 
-    // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: column blocks
-    // 2 wg, 2 wg + 1), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
+    // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: this warpgroup's
+    // column blocks), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
     // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
     // and dK, added into dq_accum while they run, then the second.
-    const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup
+    const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup's dK
+    const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
     const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
     // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum; this
     // thread's rows 16 wq + g + 8 hh, pair u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's
@@ -878,11 +895,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     {
       const uint64_t dp_ = sm90::make_desc(base + Tr::OFF_P, 16);
       const uint64_t dds = sm90::make_desc(base + Tr::OFF_DS, 16);
-      const uint64_t ddo = sm90::make_desc(do_s + cols * Tr::Q_BLK, Tr::Q_BLK);
+      const uint64_t ddo = sm90::make_desc(do_s + vcols * Tr::Q_BLK, Tr::Q_BLK);
       const uint64_t dq_ = sm90::make_desc(q_s + cols * Tr::Q_BLK, Tr::Q_BLK);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
-        sm90::Wgmma<T, HALF>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
+        sm90::Wgmma<T, HALF_V>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
                                     sm90::desc_at(ddo, kk * 2048), 1);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)
@@ -896,7 +913,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     sm90::wgmma_fence();
     issue_dq(cols + 1);
     sm90::wgmma_wait<0>();
-    sm90::fence_regs<HALF / 2>(dv);
+    sm90::fence_regs<HALF_V / 2>(dv);
     sm90::fence_regs<HALF / 2>(dk);
     sm90::fence_regs<32>(dq);
     __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
@@ -904,7 +921,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     add_dq(cols + 1);
   }
 
-  bwd_sm90_store_dkdv<T, HALF, HALF>(p, seq, hkv, krow, HALF * wg, qd, dk, dv);
+  bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded

@@ -121,9 +121,11 @@ def test_hopper_forward_takes_a_head_dim_of_v_of_its_own(name):
 @pytest.mark.parametrize("name", [
     "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0, false, 64>",
     "cuflash::bwd_sm90<__half, 128, 64, 1, true, 64>",
+    "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, false, 128>",
+    "cuflash::bwd_sm90_wide<__half, 256, 2, true, 128>",
 ])
 def test_hopper_backward_takes_a_head_dim_of_v_of_its_own(name):
-    """bwd_sm90's traits allow V and dO a head dim other than Q's and K's (128 / 64 here;
-    bwd_sm90_wide does not yet): the kernel compiles for it, without spills."""
+    """The Hopper backward's traits allow V and dO a head dim other than Q's and K's (128 /
+    64, and DeepSeek's 192 / 128 as 256 / 128): the kernels compile for it, without spills."""
     report = _compile.compile_report("flash_bwd_sm90.cu", name, "sm_90a")
     assert not (report.spill_stores or report.spill_loads or report.stack_bytes), report

@@ -21,14 +21,15 @@ WIDTH = 97  # of a macro line's text: with " \\" after it, the project's 100 col
 #     candidates bench/fwd_tiles.py times), S^T and dP^T of the backward (64).
 # ss_mn: A M-major and B N-major in shared memory: the backward's dQ = dS K (64).
 # ss_kn: A K-major and B N-major in shared memory: the wide backward's dV += P^T dO and
-#     dK += dS^T Q from P^T, dS^T in shared memory (128).
+#     dK += dS^T Q from P^T, dS^T in shared memory (half its head dims: 128, and 64 for a
+#     head dim of V of 128).
 # rs: A (16 bits, the mma.m16n8k16 A fragment) from registers, B MN-major in shared memory:
 #     O = P V at the forward's head dims of V, dV and dK of the backward (64, 128).
 KINDS = {
     "ss": ((64, 80, 96, 112, 128, 160, 176, 192), "%{a}, %{b}", "uint64_t a, uint64_t b",
            '"l"(a), "l"(b)', "1, 1, 0, 0"),
     "ss_mn": ((64,), "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "1, 1, 1, 1"),
-    "ss_kn": ((128,), "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "1, 1, 0, 1"),
+    "ss_kn": ((64, 128), "%{a}, %{b}", "uint64_t a, uint64_t b", '"l"(a), "l"(b)', "1, 1, 0, 1"),
     "rs": ((64, 128, 192, 256), "{{%{a}, %{a1}, %{a2}, %{a3}}}, %{b}",
            "const uint32_t (&a)[4], uint64_t b",
            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)', "1, 1, 1"),

@@ -45,6 +45,20 @@ asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                       
              "+f"(d[30]), "+f"(d[31])                                                             \
              : "l"(a), "l"(b), "r"(scale_d))
 
+#define CUFLASH_WGMMA_SS_KN_64(PT)                                                                \
+asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                         \
+             "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "                          \
+             "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "  \
+             "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "            \
+             "%32, %33, p, 1, 1, 0, 1;\n}\n"                                                      \
+             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),            \
+             "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),            \
+             "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),        \
+             "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),        \
+             "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),        \
+             "+f"(d[30]), "+f"(d[31])                                                             \
+             : "l"(a), "l"(b), "r"(scale_d))
+
 #define CUFLASH_WGMMA_RS_64(PT)                                                                   \
 asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                         \
              "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " "                          \
@@ -67,6 +81,10 @@ template <typename T> struct Wgmma<T, 64> {
   static __device__ __forceinline__ void ss_mn(float* d, uint64_t a, uint64_t b, int scale_d) {
     if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_MN_64("f16");
     else CUFLASH_WGMMA_SS_MN_64("bf16");
+  }
+  static __device__ __forceinline__ void ss_kn(float* d, uint64_t a, uint64_t b, int scale_d) {
+    if constexpr (is_half<T>::value) CUFLASH_WGMMA_SS_KN_64("f16");
+    else CUFLASH_WGMMA_SS_KN_64("bf16");
   }
   static __device__ __forceinline__ void rs(float* d, const uint32_t (&a)[4], uint64_t b,
                                             int scale_d) {
