@@ -19,6 +19,9 @@
 #             1k/4k/16k, against torch SDPA (cuDNN, FA2), JAX cuDNN and FA3 (the wheel in
 #             .whl/); stopped before the call's end (it writes its tables after every
 #             row)                                                                      <=9
+#   options   bench/sweep.py, cuflash's backward alone against its variants (deterministic,
+#             soft-cap, ALiBi: issue 14's bars 0.85x / 0.9x / 0.9x of the plain call), bf16
+#             and fp16, head dims 64/128/256 at 4k/16k, causal and not                  ~4
 #   jaxbench  bench/jax_bench.py: jitted cuflash.jax against cuflash on CuPy arrays, JAX
 #             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
 #   tiles     bench/fwd_tiles.py: the forward's candidate tiles per head dim side by side,
@@ -33,7 +36,7 @@
 #             backward also with soft-cap and ALiBi; every table into ab.log            ~8
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
 # skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
-# jaxbench" (8 files), "sanitize jax"; a kernel change first "ab" (and "tests").
+# jaxbench" (8 files), "sanitize jax options"; a kernel change first "ab" (and "tests").
 #
 # FA3 for the sweep: once, in the checkout, `echo /.whl/ >> .git/info/exclude; python3 -m
 # pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -157,6 +160,15 @@ stage_sweep() {
         '^- (fwd|bwd|fwdbwd) ' "$OUT/sweep/sweep.md" 2>/dev/null | tr '\n' ' ')"
 }
 
+stage_options() {
+    precompile options
+    run $(($(left) - 5)) "$OUT/options.log" python3 bench/sweep.py --out "$OUT/options" \
+        --impls cuflash,cuflash-det,cuflash-softcap,cuflash-alibi --dtypes bf16,fp16 \
+        --headdims 64,128,256 --seqlens 4096,16384 --modes bwd --no-check \
+        --stop-after $(($(left) - 60))
+    summary options "$(grep -E '^- bwd ' "$OUT/options/sweep.md" 2>/dev/null | tr '\n' ' ')"
+}
+
 stage_tiles() {
     precompile tiles
     run $(($(left) - 5)) "$OUT/tiles.log" python3 bench/fwd_tiles.py --out "$OUT/tiles" \
@@ -206,7 +218,8 @@ stage_profile() {
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
-            "no such stage (tests, sanitize, jax, host, sweep, jaxbench, tiles, profile, ab)"
+            "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
+            "ab)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else
