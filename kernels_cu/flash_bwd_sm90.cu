@@ -23,7 +23,8 @@
 //   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
 //   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
 //                                                B = dO_i / Q_i read N-major from smem
-//   (without soft-cap, FA3's order: P^T while dP^T's wgmmas run, dV issued before dS^T)
+//   (FA3's order but with both score options: P^T while dP^T's wgmmas run, dV issued
+//   before dS^T)
 //   dS^T -> shared memory; in the next step (once the other warpgroup's half is there:
 //   ready() in the loop) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
 //   M-major, B = K N-major), stages it in shared memory and adds it into dq_accum with
@@ -42,7 +43,7 @@
 // BLOCK_R = 128 (warpgroup w: queries 64 w .., all 64 columns) as two sub-blocks, the S/dP
 // of the second issued before waiting for the dV/dK of the first. Accumulators a thread:
 // dK D / 2 and dV DV / 2 floats, S^T and dP^T 32 each per sub-block in flight, and
-// without soft-cap P^T's 16-bit A fragments in 16 more registers (pf).
+// (but with both score options) P^T's 16-bit A fragments in 16 more registers (pf).
 //
 // dq_accum layout (this kernel and bwd_convert_dq_sm90 only): per (batch, head), tiles of
 // 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 + col / 64) * 4096
@@ -330,7 +331,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   // is warp-uniform, so that branches on it (and the wgmmas inside them) do not count as
   // divergent.
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
-  const int lane = tid % 32;
   const int b = blockIdx.y, hkv = blockIdx.z;
   // The CTA's key block. Deterministic under a right bound (causal, windows): the last key
   // block first, so that a query block's dQ adds go from its last key block down, the
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
     const SeqView<VARLEN>& seq = steps.seq;
     // Computed here, not before the warpgroups part: values live across setmaxnreg spill.
-    const int wtid = tid % 128, wq = wtid / 32;
+    const int wtid = tid % 128, wq = wtid / 32, lane = wtid % 32;
     const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
     const int g = lane / 4, qd = lane % 4;
 
@@ -470,16 +470,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // are issued before waiting for the dV/dK of sub-block sb.
       const ScoreMod mod(a, b, steps.head(it), seq);  // softcap / ALiBi of this step's head
       // dS^T in 16 bits (the A fragments of dK, k16 step kq in elements 4 kq .. 4 kq + 3) is
-      // packed into the first 16 registers of dp, and under soft-cap P^T into those of s:
-      // separate arrays would not fit beside the accumulators in MMA_REGS registers. Without
-      // soft-cap P^T has its own 16 (pf): dV is issued before dS^T, which still needs P.
+      // packed into the first 16 registers of dp, and with both score options P^T into those
+      // of s: separate arrays would not fit beside the accumulators in MMA_REGS registers.
+      // Otherwise P^T has its own 16 (pf): dV is issued before dS^T, which still needs P
+      // (or, under soft-cap, P (1 - tanh^2), which takes S^T's registers).
       auto frag = [](const float* x) {
         return [x](int kq, int r) { return __float_as_uint(x[4 * kq + r]); };
       };
-      // Without soft-cap, S^T and dP^T are committed apart, and P is computed while the dP^T
-      // wgmmas still run (FA3 overlaps them so); soft-cap waits for both (its dS needs the
-      // tanh derivative of each element, a register each in between).
-      constexpr bool P_UNDER_DP = (OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0;
+      // S^T and dP^T are committed apart, and P is computed while the dP^T wgmmas still run
+      // (FA3 overlaps them so); with both score options tested per element (OPTS_RUNTIME)
+      // the elements wait for both.
+      constexpr bool P_UNDER_DP = (OPTS & OPTS_RUNTIME) == 0;
       auto issue_s = [&](int sb, float(&s_)[32]) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
 #pragma unroll
@@ -528,26 +529,69 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         };
         if constexpr (P_UNDER_DP) {
           // FA3's order: P while the dP^T wgmmas run, dV = P^T dO issued, then dS^T once
-          // dP^T is in (a masked element's dS is then P = 0 times a finite dP - delta).
+          // dP^T is in (a masked element's dS is then P = 0 times a finite dP - delta). s
+          // holds P, or under soft-cap pd = P (1 - tanh^2) (ScoreGrad::prob_softcap): either
+          // way dS = s (dP - delta).
           sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
           sm90::fence_regs<32>(s[sb]);
           if (sb > 0) {  // dV of the sub-block before is done (its dK may still run)
             sm90::fence_regs<DV / 2>(dv);
             sm90::fence_regs_u32<16>(pf);
           }
+          if constexpr ((OPTS & OPTS_SOFTCAP) != 0) {
+            // P (packed into pf) and pd of every element; on a boundary tile (masked: the
+            // call's constant argument specializes each copy) those no (query, key) pair
+            // sees set to 0 as they are made, before P is packed.
+            auto elements = [&](const bool masked) {
+              // Element 4 t + e is visible where lo[e / 2] <= 8 t + e % 2 <= hi[e / 2]. From an
+              // opaque copy of the key row: hoisted out of the loop, the bounds' parts that
+              // depend on the key alone would spill.
+              int lo[2], hi[2], key_row = krow;
+              asm volatile("" : "+r"(key_row));
 #pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            const int qc = 8 * t + 2 * qd;
-            const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+              for (int hh = 0; hh < 2; ++hh)
+                steps.mask.rows_of_key(key_row + 8 * hh, q0 + 2 * qd, lo[hh], hi[hh]);
+              float p_even = 0.f;  // P of the even element of a pair of pf
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              s[sb][4 * t + e] = grad.template prob<OPTS>(
-                  s[sb][4 * t + e], q0 + qc + (e & 1), krow + 8 * (e >> 1), (e & 1) ? l2.y : l2.x);
+              for (int t = 0; t < 8; ++t) {
+                const int qc = 8 * t + 2 * qd;
+                const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+#pragma unroll
+                for (int i = 4 * t; i < 4 * t + 4; ++i) {
+                  const int query = q0 + qc + (i & 1), key = krow + 8 * ((i >> 1) & 1);
+                  const int r = 8 * t + (i & 1), hh = (i >> 1) & 1;
+                  float pd;
+                  float p = grad.template prob_softcap<OPTS>(s[sb][i], query, key,
+                                                              (i & 1) ? l2.y : l2.x, pd);
+                  if (masked && (r < lo[hh] || r > hi[hh])) p = pd = 0.f;
+                  s[sb][i] = pd;
+                  if (i & 1)
+                    pf[i / 2] = dtype_traits<T>::pack(p_even, p);
+                  else
+                    p_even = p;
+                }
+              }
+            };
+            if (on_boundary)
+              elements(true);
+            else
+              elements(false);
+          } else {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              const int qc = 8 * t + 2 * qd;
+              const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                s[sb][4 * t + e] = grad.template prob<OPTS>(s[sb][4 * t + e], q0 + qc + (e & 1),
+                                                            krow + 8 * (e >> 1),
+                                                            (e & 1) ? l2.y : l2.x);
+            }
+            if (on_boundary) zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+              pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
           }
-          if (on_boundary) zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
-#pragma unroll
-          for (int i = 0; i < 16; ++i)
-            pf[i] = dtype_traits<T>::pack(s[sb][2 * i], s[sb][2 * i + 1]);
           sm90::wgmma_fence();
 #pragma unroll
           for (int kq = 0; kq < 4; ++kq) {
@@ -607,8 +651,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           sm90::named_barrier_arrive(ready(wg, it), 256);
         }
 
-        // Without soft-cap, S^T of the next sub-block goes first, in a group of its own,
-        // so that the next P waits neither for this dK nor for the next dP^T.
+        // In FA3's order, S^T of the next sub-block goes first, in a group of its own, so
+        // that the next P waits neither for this dK nor for the next dP^T.
         sm90::wgmma_fence();
         if constexpr (P_UNDER_DP) {
           if (sb + 1 < SB) {

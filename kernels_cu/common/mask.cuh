@@ -41,6 +41,14 @@ struct Mask {
            ((left < 0) | (j >= i + diag - left));
   }
 
+  // The rows that see key j, relative to row i0: i0 + lo <= i <= i0 + hi (none when lo >
+  // hi), for rows within 2^30 of i0. A kernel that holds one key across many rows then
+  // tests visibility by two compares against constants.
+  __device__ __forceinline__ void rows_of_key(int j, int i0, int& lo, int& hi) const {
+    lo = j >= seqlen_k ? 1 << 30 : right < 0 ? -(1 << 30) : j - diag - right - i0;
+    hi = left < 0 ? 1 << 30 : j - diag + left - i0;
+  }
+
   // Keys [begin, end) seen by at least one row of [i_begin, i_end); empty when end <= begin.
   __device__ __forceinline__ void key_range(int i_begin, int i_end, int& begin, int& end) const {
     begin = left < 0 ? 0 : max(0, i_begin + diag - left);
@@ -132,14 +140,29 @@ struct ScoreGrad {
   bool alibi, need_mask;
 
   // P of one element under options without soft-cap (OPTS 0 or OPTS_ALIBI), from s alone:
-  // a kernel computes it while the dP GEMM still runs, then dS = P (dP - delta). (Soft-cap
-  // needs its derivative in dS, which would take a register per element in between.)
+  // a kernel computes it while the dP GEMM still runs, then dS = P (dP - delta).
   template <int OPTS>
   __device__ __forceinline__ float prob(float s, int i, int j, float lse_log2) const {
     static_assert((OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0, "no soft-cap");
     if constexpr ((OPTS & OPTS_ALIBI) == 0) return fast_exp2(fmaf(s, mod.scale_log2, -lse_log2));
     const float x = s * mod.scale_log2 - mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
     return fast_exp2(x - lse_log2);
+  }
+
+  // The same under soft-cap fixed at compile time (OPTS_SOFTCAP, with or without
+  // OPTS_ALIBI; scaled_tanh): P, and pd = P (1 - tanh^2), so that dS = pd (dP - delta) once
+  // dP is in, with one float an element held in between, as without soft-cap.
+  template <int OPTS>
+  __device__ __forceinline__ float prob_softcap(float s, int i, int j, float lse_log2,
+                                                float& pd) const {
+    static_assert((OPTS & OPTS_SOFTCAP) && !(OPTS & OPTS_RUNTIME), "soft-cap fixed");
+    float dtanh;
+    float x = mod.softcap_out * scaled_tanh(s, mod.softcap_k, dtanh);
+    if constexpr ((OPTS & OPTS_ALIBI) != 0)
+      x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
+    const float p = fast_exp2(x - lse_log2);
+    pd = p * dtanh;
+    return p;
   }
 
   // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against the forward's tanhf
