@@ -92,6 +92,11 @@ BWD_CASES = {
     "fp16_d256_tails_gqa": ("fp16", 2, 150, 200, 4, 2, 256, {"causal": True}),
     "bf16_d192_softcap_window": ("bf16", 1, 333, 400, 2, 1, 192, {"window": (100, 30),
                                                                   "softcap": 4.0}),
+    # bwd_sm90_wide's dQ turns (a wrong rank waits forever: a TIMEOUT here)
+    "bf16_d256_det_causal": ("bf16", 2, 300, 300, 4, 2, 256, {"causal": True,
+                                                              "deterministic": True}),
+    "fp16_d160_det_window": ("fp16", 1, 333, 400, 2, 1, 160, {"window": (100, 30),
+                                                              "deterministic": True}),
 }
 # direction: (cases, seconds a case may take, width of the name column)
 SMOKE = {"fwd": (FWD_CASES, 60, 26), "bwd": (BWD_CASES, 120, 28)}

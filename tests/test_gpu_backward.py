@@ -49,9 +49,12 @@ def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
     pre = plan.kernels[0]
     assert pre.filename == ops.backward.FILE and pre.name.startswith("cuflash::bwd_preprocess<")
     # Scratch: lse_log2 and delta of (b, h, seqlen_q padded) floats, each aligned to 256
-    # bytes, then dq_accum (head dim padded).
+    # bytes, then dq_accum (head dim padded: on sm_90 fp16/bf16 to the Hopper backward's
+    # instantiation, ops.backward.sm90_headdim, e.g. 32 -> 64).
     pad = -(-seqlen_q // ops.backward.SCRATCH_TILE) * ops.backward.SCRATCH_TILE
-    rows, headdim_pad = b * h * pad, ops.tiles.padded_headdim(headdim)
+    padded = ops.backward.sm90_headdim if plan.steps[0].filename == ops.backward.SM90_FILE \
+        else ops.tiles.padded_headdim
+    rows, headdim_pad = b * h * pad, padded(headdim)
     assert plan.with_accum and plan.delta_offset == -(-4 * rows // 256) * 256
     assert plan.accum_offset == 2 * plan.delta_offset
     assert plan.scratch_bytes == plan.accum_offset + 4 * rows * headdim_pad
@@ -366,7 +369,8 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     (256, {}), (256, dict(causal=True)), (192, dict(window=(90, 30))),
     (256, dict(softcap=3.0)), (160, dict(alibi="batch", causal=True)),
     (256, dict(alibi="heads", softcap=5.0, window=(40, 7))),
-    (256, dict(causal=True, deterministic=True)), (160, dict(window=(90, 30), deterministic=True)),
+    (256, dict(causal=True, deterministic=True)),
+    (160, dict(window=(90, 30), deterministic=True)),
 ], ids=["d128", "d64-causal", "d104-window", "d64", "d128-softcap-causal", "d64-alibi",
         "d128-all", "d32-padded", "d96-padded-causal", "d8-padded-softcap",
         "d72-padded-alibi", "d64-softcap-alibi-window", "wide-d256", "wide-d256-causal",

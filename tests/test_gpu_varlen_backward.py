@@ -2,9 +2,9 @@
 
 On sm_90, fp16/bf16 varlen backward calls (deterministic, soft-cap and ALiBi too) run the
 wgmma kernel of the dense path with its VARLEN template flag: bwd_sm90 with head dims padded
-to 64 or 128, bwd_sm90_wide over 128. The expected result is the dense float64 reference run on each sequence
-alone (the rule of tests/accuracy.py), with the sequences' lengths including 0 and 1 and
-differing between queries and keys. out/lse come from that reference (uploaded), so these
+to 64 or 128, bwd_sm90_wide over 128. The expected result is the dense float64 reference
+run on each sequence alone (the rule of tests/accuracy.py), with the sequences' lengths
+including 0 and 1 and differing between queries and keys. out/lse come from that reference (uploaded), so these
 tests do not depend on the forward kernel, except the vjp test, which takes the GPU forward.
 
 Every backward runs under the NaN-poisoning allocator of tests/gpu.py: gradients must be
@@ -92,7 +92,8 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
 
 
 def _pick_sm90(dtype, headdim, deterministic, arch, varlen=True, **problem):
-    """The two Steps (bwd_sm90, its dQ conversion) that ops.backward.choose picks for one
+    """The two Steps (bwd_sm90 or bwd_sm90_wide, its dQ conversion) that ops.backward.choose
+    picks for one
     packed (70, 2, headdim) sequence (``varlen=False``: a dense batch), or None where it
     picks bwd_main."""
     steps = test_gpu_backward._pick_sm90(dtype, headdim, deterministic, arch, varlen=varlen,

@@ -540,8 +540,9 @@ def test_gpu_runs_the_varlen_instantiations(launched):
 def test_gpu_equal_lengths_match_dense_kernels_bitwise(headdim):
     """A batch of equal lengths, packed: the varlen instantiations do the dense kernels'
     arithmetic, so out, lse and the deterministic gradients are bitwise equal. (Head dims
-    that the Hopper backward does not serve, so that both backwards run mma.sync on every
-    GPU; the forwards run one kernel, dense or varlen, on every GPU too.)"""
+    32 and 96: padded into 64 and 128 on the Hopper backward, mma.sync elsewhere; either way
+    the dense and varlen backwards run one kernel with one order of dQ adds, and the
+    forwards one kernel too.)"""
     import cupy
     rng = np.random.default_rng(headdim)
     batch, seqlen, h, hkv = 3, 130, 4, 2
