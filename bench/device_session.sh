@@ -34,6 +34,10 @@
 #             28db622 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not, the
 #             backward also with soft-cap and ALiBi; every table into ab.log            ~8
+#   bisect    bench/diagnose.py smoke with cuflash from each tree of $BISECT_TREES (default:
+#             every directory under bisect/, in name order), this tree's cases: which commit
+#             a smoke failure of "tests" came in with. Trees from this machine, carried:
+#             `git archive C cuflash kernels_cu | tar -x -C bisect/N-C` per commit C  ~2 a tree
 # Stages named together share one call's time (9.5 minutes, then a stage is cut or
 # skipped) and the 8 files a call brings back. Four calls: "tests", "sweep", "tiles host
 # jaxbench" (8 files), "sanitize jax options"; a kernel change first "ab" (and "tests").
@@ -201,6 +205,17 @@ stage_ab() {
     summary ab "$(grep -c '^=== pass' "$OUT/ab.log") runs"
 }
 
+stage_bisect() {
+    local tree
+    for tree in ${BISECT_TREES:-$(ls -d bisect/*/ 2>/dev/null | sort)}; do
+        [ "$(left)" -lt 90 ] && break
+        echo "=== $tree" >> "$OUT/bisect.log"
+        PYTHONPATH=$tree:$PYTHONPATH CUPY_CACHE_DIR=/tmp/cfcache-bisect run $(($(left) - 30)) \
+            "$OUT/bisect.log" python3 bench/diagnose.py smoke > /dev/null
+        summary "bisect $tree" "$(grep -E '^smoke: ' "$OUT/bisect.log" | tail -n 1)"
+    done
+}
+
 stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
@@ -219,7 +234,7 @@ for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
             "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
-            "ab)"
+            "ab, bisect)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else
