@@ -333,8 +333,9 @@ class Plan:
         headdim_pad = (sm90_headdim(p.headdim) if steps[0].filename == SM90_FILE
                        else tiles.padded_headdim(p.headdim))
         # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad),
-        # then, for a deterministic bwd_sm90, a semaphore per 4096 floats of dq_accum (tiles
-        # start on 16-row boundaries in varlen: one more for the last partial window).
+        # then, for a deterministic bwd_sm90 or bwd_sm90_wide, a semaphore per 4096 floats of
+        # dq_accum (tiles start on 16-row boundaries in varlen: one more for the last partial
+        # window).
         self.delta_offset = _core.align(4 * rows)
         self.accum_offset = 2 * self.delta_offset
         accum_bytes = 4 * rows * headdim_pad if with_accum else 0

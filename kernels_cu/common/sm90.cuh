@@ -207,7 +207,9 @@ __device__ __forceinline__ void bulk_wait() {
 
 // Turns in global memory between CTAs: wait until *sem reaches turn (acquire), then order
 // the async proxy's later global accesses (bulk copies) after it; pass_global_turn adds
-// one (release) once this thread's bulk copies are complete (bulk_wait). Reaching, not
+// one (release) once this thread's bulk copies are complete (bulk_wait), or, where a
+// warpgroup's threads add by red.global (bwd_sm90_wide), after a barrier of them that
+// follows their adds (the barrier then the release orders them all). Reaching, not
 // equalling: where bad inputs (device prefix sums) made two sets of CTAs share a
 // semaphore, results are wrong (and flagged) but no CTA waits forever.
 __device__ __forceinline__ void wait_global_turn(const int* sem, int turn) {
