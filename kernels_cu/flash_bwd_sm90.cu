@@ -250,14 +250,14 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
   const SeqView<VARLEN>& seq = steps.seq;
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
   // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
-  // Step (h, r0) into stage buf, by the producer's 128 threads.
-  auto load_stream = [&](int h, int r0, int buf) {
+  auto load_stream = [&](int it) {  // by the producer's 128 threads
     // Addresses are computed afresh each step from opaque copies of the tile base, the
     // batch index and the thread index: hoisted out of the loop, they would not fit in
     // the producer's registers.
     uint32_t tiles = base;
     int item = seq.b, thread = tid;
     asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
+    const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
     const int64 row = seq.q0 + r0;
     sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
                                static_cast<const T*>(a.q) + item * a.q_batch_stride +
@@ -295,25 +295,18 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
                                     (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                                 a.v_row_stride, nk, a.headdim, tid);
     cp_async_commit();
-    load_stream(steps.head(0), steps.row(0), 0);  // in flight with K and V: one round trip
+    load_stream(0);  // in flight with K and V: one round trip before the first step
     cp_async_commit();
     cp_async_wait<1>();
     publish(ring.full_kv());
     cp_async_wait<0>();
     publish(ring.full(0));
   }
-  // Step it's head and query block advanced a step at a time (steps.head / row divide by
-  // the block count: its reciprocal and temporaries spilled at 24 registers in varlen).
-  int h = steps.h0, sblk = 0;
   for (int it = 1; it < steps.iters; ++it) {
     const int s = it % STAGES;
-    if (++sblk == steps.n_sblocks) {
-      sblk = 0;
-      ++h;
-    }
     // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
     if (it >= STAGES) sm90::mbar_wait(ring.empty(s), (it / STAGES - 1) & 1);
-    load_stream(h, (steps.s_begin + sblk) * BLOCK_R, s);
+    load_stream(it);
     cp_async_commit();
     cp_async_wait<0>();
     publish(ring.full(s));
@@ -721,17 +714,13 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64 n DV / 2 and n D / 2, SS
 //   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (bwd_sm90's
 //   tiled layout) by red.global.add from the accumulators.
-// Overlapped: step i + 1's S^T / dP^T runs under step i's first dQ tile's adds, and step
-// i's dV and dK under its second tile's adds and step i + 1's hand-over and elements.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
 template <int D, int DV = D>
 struct BwdSm90WideTraits {
   static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2;
   static constexpr int HALF = D / 2, HALF_V = DV / 2;  // a warpgroup's columns of dK, dV
-  // dK + dV 128 registers a thread, dQ and the next S^T / dP^T 32 each in flight: as
-  // BwdSm90Traits's WIDE_ACC (232 spilled in varlen instantiations with score options).
-  static constexpr int PRODUCER_REGS = 24, MMA_REGS = 240;
+  static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;  // of Q or dO
@@ -811,75 +800,28 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 #pragma unroll
   for (int i = 0; i < HALF / 2; ++i) dk[i] = 0.f;
 
-  const uint32_t cols = wg * (HALF / 64);     // first column block of this warpgroup's dK
-  const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
-  auto q_tile = [&](int j) { return base + Tr::OFF_Q + (j % STAGES) * Tr::Q_BYTES; };
-  auto do_tile = [&](int j) { return base + Tr::OFF_DO + (j % STAGES) * Tr::DO_BYTES; };
+  if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
+  for (int it = 0; it < steps.iters; ++it) {
+    const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
+    const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
+    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
+    sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
-  // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
-  // step j's 64 keys and queries, once its stage is in.
-  auto issue_x = [&](int j, float(&x)[32]) {
-    sm90::mbar_wait(ring.full(j % STAGES), (j / STAGES) & 1);  // Q, dO, lse, delta of step j
+    // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
+    // the 64 keys and queries.
+    float x[32];
+    sm90::wgmma_fence();
     if (DV == D || wg == 0)
       bwd_sm90_wide_sdp<T, D, Tr>(x, base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V),
-                                  wg == 0 ? q_tile(j) : do_tile(j));
+                                  wg == 0 ? q_s : do_s);
     else
-      bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_tile(j));
-  };
-  // dQ[:, w] = dS K[:, w] (A = dS^T read M-major, B = K N-major): column block blk.
-  auto issue_dq = [&](int blk, float(&dq)[32]) {
-    const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
-    const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys: 2048 bytes of both
-      sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(dsm, kk * 2048),
-                                sm90::desc_at(dkk, kk * 2048), kk > 0);
-  };
-  // Step j's dQ tiles (q0 / 64, column block blk) in dq_accum (bwd_sm90's layout, see the
-  // top): at float offsets tile0 + 4096 blk; deterministic: this CTA's turn among the key
-  // blocks that reach query block q0 / 64.
-  struct DqTiles {
-    int64 tile0;
-    int turn;
-  };
-  auto dq_tiles = [&](int j) {
-    const int q0 = steps.row(j);
-    int key_begin, key_end;
-    steps.mask.key_range(q0, min(q0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
-    return DqTiles{scratch_row0(p, seq, b, steps.head(j)) * D + int64(q0 / 64) * (D / 64) * 4096,
-                   descending ? (key_end - 1) / BLOCK_C - n_block : n_block - key_begin / BLOCK_C};
-  };
-  // Adds dQ tile blk of t into dq_accum: this thread's rows 16 wq + g + 8 hh, pair u = 4 t
-  // + qd of a row at u ^ 4 g; in turn when deterministic (bwd_sm90's dq_step says why the
-  // whole first warp waits), then the warpgroup.
-  auto add_dq = [&](const DqTiles& t, int blk, const float(&dq)[32]) {
-    const int64 tile0 = t.tile0;
-    int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
-    if (sem) {
-      if (first_warp) sm90::wait_global_turn(sem, t.turn);
-      __syncwarp();  // the spinning warp converged before the barrier
-      sm90::named_barrier(4 + wg, 128);
-    }
-    float* const slab = p.dq_accum + tile0 + blk * 4096 + (16 * wq + g) * 64;
-#pragma unroll
-    for (int c = 0; c < 8; ++c)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        red_add2(slab + 8 * hh * 64 + 2 * ((4 * c + qd) ^ (4 * g)), dq[4 * c + 2 * hh],
-                 dq[4 * c + 2 * hh + 1]);
-    if (sem) {  // the warpgroup's adds, ordered before the release by the barrier
-      sm90::named_barrier(4 + wg, 128);
-      if (wtid == 0) sm90::pass_global_turn(sem);
-    }
-  };
-
-  // Step j's S^T / dP^T in x (its wgmmas done) -> P^T and dS^T: warpgroup w computes
-  // elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it keeps those of its own tile
-  // and hands over the other half, 16 floats a thread in 16-byte groups at (group * 128 +
-  // thread) * 16 (consecutive threads, no conflicts), receiving the other tile's elements
-  // in its place. Then, in both warpgroups, x[i] holds S^T and x[16 + i] dP^T of element i,
-  // and P^T and dS^T after.
-  auto elements = [&](int j, float(&x)[32]) {
+      bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs<32>(x);
+    // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
+    // keeps those of its own tile and hands over the other half, 16 floats a thread in
+    // 16-byte groups at (group * 128 + thread) * 16 (consecutive threads, no conflicts).
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int i = 4 * c;
@@ -890,6 +832,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
                                 __float_as_uint(wg == 0 ? x[19 + i] : x[i + 3])));
     }
     sm90::named_barrier(1, 256);  // both halves handed over
+    float ps[16], ds[16];  // S^T, dP^T of this warpgroup's elements, then P^T and dS^T
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const uint4 v = sm90::lds_u128(x_in + (c * 128 + wtid) * 16);
@@ -897,125 +840,130 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
                               __uint_as_float(v.z), __uint_as_float(v.w)};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 4 * c + e;
-        x[i] = wg == 0 ? x[i] : other[e];
-        x[16 + i] = wg == 0 ? other[e] : x[16 + i];
+        const float own = wg == 0 ? x[4 * c + e] : x[16 + 4 * c + e];
+        ps[4 * c + e] = wg == 0 ? own : other[e];
+        ds[4 * c + e] = wg == 0 ? other[e] : own;
       }
     }
     // Element 4 c + e: key krow + 8 (e / 2), query q0 + 32 wg + 8 c + 2 qd + e % 2. As in
     // bwd_sm90: every element without a branch, then the invisible ones of a boundary
     // tile set to 0.
-    float* const ps = x;
-    float* const ds = x + 16;
-    const int q0 = steps.row(j), buf = j % STAGES;
-    const ScoreMod mod(a, b, steps.head(j), seq);
-    const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
-    const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
-    const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
+    {
+      const ScoreMod mod(a, b, h, seq);
+      const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+      const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
+      const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int qc = 32 * wg + 8 * c + 2 * qd;
-      const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
-      const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
+      for (int c = 0; c < 4; ++c) {
+        const int qc = 32 * wg + 8 * c + 2 * qd;
+        const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+        const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
-        const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-        if constexpr (OPTS == 0) {
-          ps[i] = grad.template prob<0>(ps[i], query, key, lse);
-          ds[i] = ps[i] * (ds[i] - delta);
-        } else {
-          grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
+          const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
+          if constexpr (OPTS == 0) {
+            ps[i] = grad.template prob<0>(ps[i], query, key, lse);
+            ds[i] = ps[i] * (ds[i] - delta);
+          } else {
+            grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
+          }
         }
       }
+      if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
+        zero_invisible<16>(steps.mask, ps, q0 + 32 * wg, krow, qd);
+        zero_invisible<16>(steps.mask, ds, q0 + 32 * wg, krow, qd);
+      }
     }
-    if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
-      zero_invisible<16>(steps.mask, ps, q0 + 32 * wg, krow, qd);
-      zero_invisible<16>(steps.mask, ds, q0 + 32 * wg, krow, qd);
-    }
-  };
-  // P^T and dS^T in 16 bits to shared memory, once both warpgroups' dQ of the step before
-  // have read dS^T (named barrier 3): row = key 16 wq + g + 8 hh, columns 32 wg + 8 c +
-  // 2 qd and + 1 (16-byte chunk 4 wg + c), swizzled (row % 8 == g).
-  auto store_ps = [&](const float(&x)[32]) {
-    sm90::named_barrier(3, 256);
+    // P^T and dS^T in 16 bits: row = key 16 wq + g + 8 hh, columns 32 wg + 8 c + 2 qd and
+    // + 1 (16-byte chunk 4 wg + c), swizzled (row % 8 == g).
 #pragma unroll
     for (int c = 0; c < 4; ++c)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const uint32_t at = (16 * wq + g + 8 * hh) * 128 + (((4 * wg + c) ^ g) << 4) + 4 * qd;
         const int i = 4 * c + 2 * hh;
-        sm90::sts_u32(base + Tr::OFF_P + at, dtype_traits<T>::pack(x[i], x[i + 1]));
-        sm90::sts_u32(base + Tr::OFF_DS + at, dtype_traits<T>::pack(x[16 + i], x[17 + i]));
+        sm90::sts_u32(base + Tr::OFF_P + at, dtype_traits<T>::pack(ps[i], ps[i + 1]));
+        sm90::sts_u32(base + Tr::OFF_DS + at, dtype_traits<T>::pack(ds[i], ds[i + 1]));
       }
     sm90::fence_proxy_async();
     sm90::named_barrier(2, 256);  // P^T and dS^T whole, for both warpgroups' wgmmas
-  };
 
-  // A step's wgmmas: [dQ tile 1] [the next step's S^T / dP^T] (the tile's adds under it)
-  // [dQ tile 2], then [dV, dK] (the second tile's adds and the next step's hand-over and
-  // elements under them, whose registers they do not touch). Every group is done by the
-  // end of the step: wgmmas in flight across the loop's back edge make ptxas serialize all.
-  // Accumulators live only from their wgmmas to their last use (x, dq declared in each
-  // step): kept across steps, as inputs of the next wgmmas they would stay live.
-  if (steps.iters > 0) {
-    float x[32];
-    sm90::mbar_wait(ring.full_kv(), 0);
-    sm90::wgmma_fence();
-    issue_x(0, x);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs<32>(x);
-    elements(0, x);
-    store_ps(x);
-  }
-  for (int it = 0; it < steps.iters; ++it) {
-    const bool next = it + 1 < steps.iters;
-    const DqTiles tiles = dq_tiles(it);
-    float x[32], dq[32];
-    // dQ[:, w] in two 64-column tiles (beside dK and dV, 64 more accumulators spill).
-    sm90::wgmma_fence();
-    issue_dq(cols, dq);
-    sm90::wgmma_commit();
-    // The next S^T / dP^T; after the last step the last one again (its stage is still
-    // resident): a wgmma under a branch would make ptxas serialize them all.
-    issue_x(next ? it + 1 : it, x);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<1>();  // dQ tile 1
-    sm90::fence_regs<32>(dq);
-    add_dq(tiles, cols, dq);
-    sm90::wgmma_fence();
-    issue_dq(cols + 1, dq);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();  // the next S^T / dP^T, dQ tile 2
-    sm90::fence_regs<32>(x);
-    sm90::fence_regs<32>(dq);
     // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: this warpgroup's
-    // column blocks).
+    // column blocks), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
+    // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
+    // and dK, added into dq_accum while they run, then the second.
+    const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup's dK
+    const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
+    const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
+    // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum; this
+    // thread's rows 16 wq + g + 8 hh, pair u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's
+    // dq_accum layout, see the top).
+    const int64 tile0 = scratch_row0(p, seq, b, h) * D + int64(q0 / 64) * (D / 64) * 4096;
+    float* const slab = p.dq_accum + tile0 + (16 * wq + g) * 64;
+    float dq[32];
+    auto issue_dq = [&](int blk) {  // column block blk of dQ
+      const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys: 2048 bytes of both
+        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(dsm, kk * 2048),
+                                  sm90::desc_at(dkk, kk * 2048), kk > 0);
+      sm90::wgmma_commit();
+    };
+    auto add_dq = [&](int blk) {
+      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
+      if (sem) {
+        // Deterministic: this CTA's turn among the key blocks that reach query block q0 / 64
+        // (bwd_sm90's dq_step says why the whole first warp waits), then the warpgroup.
+        if (first_warp) {
+          int key_begin, key_end;
+          steps.mask.key_range(q0, min(q0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
+          sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
+                                                 : n_block - key_begin / BLOCK_C);
+        }
+        __syncwarp();  // the spinning warp converged before the barrier
+        sm90::named_barrier(3 + wg, 128);
+      }
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          red_add2(slab + blk * 4096 + 8 * hh * 64 + 2 * ((4 * t + qd) ^ (4 * g)),
+                   dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+      if (sem) {  // the warpgroup's adds, ordered before the release by the barrier
+        sm90::named_barrier(3 + wg, 128);
+        if (wtid == 0) sm90::pass_global_turn(sem);
+      }
+    };
     sm90::wgmma_fence();
+    issue_dq(cols);
     {
       const uint64_t dp_ = sm90::make_desc(base + Tr::OFF_P, 16);
       const uint64_t dds = sm90::make_desc(base + Tr::OFF_DS, 16);
-      const uint64_t ddo = sm90::make_desc(do_tile(it) + vcols * Tr::Q_BLK, Tr::Q_BLK);
-      const uint64_t dq_ = sm90::make_desc(q_tile(it) + cols * Tr::Q_BLK, Tr::Q_BLK);
+      const uint64_t ddo = sm90::make_desc(do_s + vcols * Tr::Q_BLK, Tr::Q_BLK);
+      const uint64_t dq_ = sm90::make_desc(q_s + cols * Tr::Q_BLK, Tr::Q_BLK);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
         sm90::Wgmma<T, HALF_V>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
-                                      sm90::desc_at(ddo, kk * 2048), 1);
+                                    sm90::desc_at(ddo, kk * 2048), 1);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)
         sm90::Wgmma<T, HALF>::ss_kn(dk, sm90::desc_at(dds, kk * 32),
                                     sm90::desc_at(dq_, kk * 2048), 1);
       sm90::wgmma_commit();
     }
-    add_dq(tiles, cols + 1, dq);
-    if (next) elements(it + 1, x);
-    sm90::wgmma_wait<0>();  // dV, dK
+    sm90::wgmma_wait<1>();  // the first dQ tile
+    sm90::fence_regs<32>(dq);
+    add_dq(cols);
+    sm90::wgmma_fence();
+    issue_dq(cols + 1);
+    sm90::wgmma_wait<0>();
     sm90::fence_regs<HALF_V / 2>(dv);
     sm90::fence_regs<HALF / 2>(dk);
+    sm90::fence_regs<32>(dq);
     __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
-    sm90::mbar_arrive_if(ring.empty(it % STAGES), lane == 0);
-    if (next) store_ps(x);
+    sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
+    add_dq(cols + 1);
   }
 
   bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
