@@ -945,7 +945,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
         sm90::Wgmma<T, HALF_V>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
-                                    sm90::desc_at(ddo, kk * 2048), 1);
+                                      sm90::desc_at(ddo, kk * 2048), 1);
 #pragma unroll
       for (int kk = 0; kk < BLOCK_R / 16; ++kk)
         sm90::Wgmma<T, HALF>::ss_kn(dk, sm90::desc_at(dds, kk * 32),

@@ -1,11 +1,13 @@
-"""The varlen backward on Hopper: the VARLEN instantiations of bwd_sm90 (kernels_cu/flash_bwd_sm90.cu).
+"""The varlen backward on Hopper: the VARLEN instantiations of bwd_sm90 and bwd_sm90_wide
+(kernels_cu/flash_bwd_sm90.cu).
 
 On sm_90, fp16/bf16 varlen backward calls (deterministic, soft-cap and ALiBi too) run the
 wgmma kernel of the dense path with its VARLEN template flag: bwd_sm90 with head dims padded
 to 64 or 128, bwd_sm90_wide over 128. The expected result is the dense float64 reference
 run on each sequence alone (the rule of tests/accuracy.py), with the sequences' lengths
-including 0 and 1 and differing between queries and keys. out/lse come from that reference (uploaded), so these
-tests do not depend on the forward kernel, except the vjp test, which takes the GPU forward.
+including 0 and 1 and differing between queries and keys. out/lse come from that reference
+(uploaded), so these tests do not depend on the forward kernel, except the vjp test, which
+takes the GPU forward.
 
 Every backward runs under the NaN-poisoning allocator of tests/gpu.py: gradients must be
 finite wherever the reference is (every row written, nothing left from the poison), and the
