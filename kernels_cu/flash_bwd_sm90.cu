@@ -910,6 +910,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
                                   sm90::desc_at(dkk, kk * 2048), kk > 0);
       sm90::wgmma_commit();
     };
+    // Adds dQ tile blk; deterministic: in this CTA's turn, and returns the tile's semaphore
+    // for pass_turn. The first tile's turn is passed once the second tile's wgmmas are
+    // issued: the release waits for the adds to land, and warp 0 waiting there would hold
+    // back that issue.
     auto add_dq = [&](int blk) {
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
       if (sem) {
@@ -930,10 +934,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
         for (int hh = 0; hh < 2; ++hh)
           red_add2(slab + blk * 4096 + 8 * hh * 64 + 2 * ((4 * t + qd) ^ (4 * g)),
                    dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
-      if (sem) {  // the warpgroup's adds, ordered before the release by the barrier
-        sm90::named_barrier(3 + wg, 128);
-        if (wtid == 0) sm90::pass_global_turn(sem);
-      }
+      // The warpgroup's adds, ordered before thread 0's release by the barrier.
+      if (sem) sm90::named_barrier(3 + wg, 128);
+      return sem;
+    };
+    auto pass_turn = [&](int* sem) {
+      if (sem && wtid == 0) sm90::pass_global_turn(sem);
     };
     sm90::wgmma_fence();
     issue_dq(cols);
@@ -954,16 +960,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     }
     sm90::wgmma_wait<1>();  // the first dQ tile
     sm90::fence_regs<32>(dq);
-    add_dq(cols);
+    int* const turn = add_dq(cols);
     sm90::wgmma_fence();
     issue_dq(cols + 1);
+    pass_turn(turn);
     sm90::wgmma_wait<0>();
     sm90::fence_regs<HALF_V / 2>(dv);
     sm90::fence_regs<HALF / 2>(dk);
     sm90::fence_regs<32>(dq);
     __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
     sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-    add_dq(cols + 1);
+    pass_turn(add_dq(cols + 1));
   }
 
   bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
