@@ -95,9 +95,8 @@ def _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts):
 
 def _pick_sm90(dtype, headdim, deterministic, arch, varlen=True, **problem):
     """The two Steps (bwd_sm90 or bwd_sm90_wide, its dQ conversion) that ops.backward.choose
-    picks for one
-    packed (70, 2, headdim) sequence (``varlen=False``: a dense batch), or None where it
-    picks bwd_main."""
+    picks for one packed (70, 2, headdim) sequence (``varlen=False``: a dense batch), or None
+    where it picks bwd_main."""
     steps = test_gpu_backward._pick_sm90(dtype, headdim, deterministic, arch, varlen=varlen,
                                          **problem)
     assert steps is None or (len(steps) == 2 and steps[1].filename == ops.backward.SM90_FILE)
