@@ -414,6 +414,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
           scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
+      const int turn = sem ? static_cast<int>(tile / 4096) : -1;
       if (sem && first_warp) {
         // Deterministic: the key blocks that reach query block m (those of its visible keys,
         // by the band arithmetic that gave this CTA its span) add in key-block order, the
@@ -428,10 +429,18 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       if (wtid == 0) {
         sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
         sm90::bulk_commit();
-        if (sem) {
-          sm90::bulk_wait();
-          sm90::pass_global_turn(sem);
-        }
+      }
+      return turn;
+    };
+    // Passes the turn of a tile (its semaphore's index from dq_step; -1: none) once its
+    // reduce is complete: by thread 0, after the warpgroup's next S^T issue, so that warp 0's
+    // wait for the reduce and the release's membar run under S^T's wgmmas (before them, they
+    // held back that issue; after dP^T's too, the soft-cap instantiations at head dim 128
+    // spilled).
+    auto pass_turn = [&](int turn) {
+      if (turn >= 0 && wtid == 0) {
+        sm90::bulk_wait();
+        sm90::pass_global_turn(p.dq_semaphore + turn);
       }
     };
 
@@ -448,6 +457,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const int key0 = o0 + 64 * wg;
     const int krow = key0 + 16 * wq + g;
 
+    // The turn of this warpgroup's last dQ tile, passed after its next S^T issue (-1: none).
+    int held = -1;
     if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
     for (int it = 0; it < steps.iters; ++it) {
       const int buf = it % STAGES, r0 = steps.row(it);
@@ -462,7 +473,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS).
       float s[SB][32], dp[SB][32];
       uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
-      if (wg == 0 && it > 0) dq_step(it - 1, s[0]);
+      if (wg == 0 && it > 0) held = dq_step(it - 1, s[0]);
       sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
@@ -504,6 +515,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::wgmma_fence();
       issue_s(0, s[0]);
       if constexpr (P_UNDER_DP) sm90::wgmma_commit();
+      pass_turn(held);
+      held = -1;
       issue_dp(0, dp[0]);
       sm90::wgmma_commit();
 #pragma unroll
@@ -688,12 +701,13 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-      if (wg == 1 && it > 0) dq_step(it - 1, s[0]);
+      if (wg == 1 && it > 0) held = dq_step(it - 1, s[0]);
     }
+    pass_turn(held);
     if (steps.iters > 0) {
       if constexpr (!Tr::HAND_OVER) step_barrier();
       float dq[32];
-      dq_step(steps.iters - 1, dq);
+      pass_turn(dq_step(steps.iters - 1, dq));
     }
 
     bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, 0, qd, dk, dv);
