@@ -111,6 +111,7 @@ struct BwdSm90Traits {
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
+  static_assert(OFF_DQ % 1024 == 0 && DQ_BYTES % 1024 == 0, "dq_step's XOR addressing");
   // Padded query rows (past seqlen_q, up to a multiple of SCRATCH_TILE) have lse +inf and
   // delta 0, which makes P and dS of a step's padded rows exactly 0.
   static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
@@ -382,7 +383,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       if (wtid == 0) sm90::bulk_wait_read();
       sm90::named_barrier(3, 256);
     };
-    auto dq_step = [&](int j, float (&dq)[32]) {
+    // (h, r: step j's head and first query row.)
+    auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
       if constexpr (Tr::HAND_OVER) {
         if (wtid == 0) sm90::bulk_wait_read();
         sm90::named_barrier(ready(1 - wg, j), 256);
@@ -400,17 +402,22 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_regs<32>(dq);
-      // Row 16 wq + g + 8 hh of the tile (r % 8 == g), pair u = 4 t + qd -> u ^ 4 g.
+      // Row 16 wq + g + 8 hh of the tile (row % 8 == g), pair u = 4 t + qd at u ^ 4 g: byte
+      // 32 (t ^ g) + 8 qd of the row. The tile is 1024-byte aligned, so that is an XOR of
+      // 32 t into the address of t = 0 (kept opaque: hoisted, the 8 addresses would be held
+      // across the step).
       const uint32_t stage = base + Tr::OFF_DQ + wg * Tr::DQ_BYTES;
+      uint32_t chunk0 = stage + (16 * wq + g) * 256 + 32 * g + 8 * qd;
+      asm volatile("" : "+r"(chunk0));
 #pragma unroll
       for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh)
-          sm90::sts_f32x2(stage + (16 * wq + g + 8 * hh) * 256 + 8 * ((4 * t + qd) ^ (4 * g)),
-                    dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+          sm90::sts_f32x2((chunk0 ^ (32 * t)) + hh * 2048, dq[4 * t + 2 * hh],
+                          dq[4 * t + 2 * hh + 1]);
       sm90::fence_proxy_async();
       sm90::named_barrier(1 + wg, 128);
-      const int h = steps.head(j), tile_row = steps.row(j) / 64 + qblk;
+      const int tile_row = r / 64 + qblk;
       const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
           scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
@@ -420,9 +427,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         // by the band arithmetic that gave this CTA its span) add in key-block order, the
         // CTA of the lowest blockIdx.x first. The whole warp waits, so that the loop is not
         // a divergent path (ptxas would serialize the wgmmas).
-        const int m0 = steps.row(j);
         int key_begin, key_end;
-        steps.mask.key_range(m0, min(m0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
+        steps.mask.key_range(r, min(r + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
         sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
                                                : n_block - key_begin / BLOCK_C);
       }
@@ -459,9 +465,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 
     // The turn of this warpgroup's last dQ tile, passed after its next S^T issue (-1: none).
     int held = -1;
+    // Step it's head and query block (h, sblk) advanced a step at a time (steps.head and
+    // row divide by the block count), and step it - 1's head and first row for its dQ tile.
+    int h = steps.h0, sblk = 0, h_prev = 0, r_prev = 0;
     if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
     for (int it = 0; it < steps.iters; ++it) {
-      const int buf = it % STAGES, r0 = steps.row(it);
+      const int buf = it % STAGES, r0 = (steps.s_begin + sblk) * BLOCK_R;
       if constexpr (!Tr::HAND_OVER) step_barrier();
       // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
       // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
@@ -473,13 +482,13 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS).
       float s[SB][32], dp[SB][32];
       uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
-      if (wg == 0 && it > 0) held = dq_step(it - 1, s[0]);
+      if (wg == 0 && it > 0) held = dq_step(it - 1, h_prev, r_prev, s[0]);
       sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
       // keeps BLOCK_R = 128 (head dim 64) within the registers. The S/dP of sub-block sb + 1
       // are issued before waiting for the dV/dK of sub-block sb.
-      const ScoreMod mod(a, b, steps.head(it), seq);  // softcap / ALiBi of this step's head
+      const ScoreMod mod(a, b, h, seq);  // softcap / ALiBi of this step's head
       // dS^T in 16 bits (the A fragments of dK, k16 step kq in elements 4 kq .. 4 kq + 3) is
       // packed into the first 16 registers of dp, and with both score options P^T into those
       // of s: separate arrays would not fit beside the accumulators in MMA_REGS registers.
@@ -701,13 +710,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-      if (wg == 1 && it > 0) held = dq_step(it - 1, s[0]);
+      if (wg == 1 && it > 0) held = dq_step(it - 1, h_prev, r_prev, s[0]);
+      h_prev = h;
+      r_prev = r0;
+      if (++sblk == steps.n_sblocks) {
+        sblk = 0;
+        ++h;
+      }
     }
     pass_turn(held);
     if (steps.iters > 0) {
       if constexpr (!Tr::HAND_OVER) step_barrier();
       float dq[32];
-      pass_turn(dq_step(steps.iters - 1, dq));
+      pass_turn(dq_step(steps.iters - 1, h_prev, r_prev, dq));
     }
 
     bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, 0, qd, dk, dv);
