@@ -111,7 +111,9 @@ struct BwdSm90Traits {
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
-  static_assert(OFF_DQ % 1024 == 0 && DQ_BYTES % 1024 == 0, "dq_step's XOR addressing");
+  static_assert(OFF_DQ % 1024 == 0 && DQ_BYTES % 1024 == 0 && OFF_DS % 1024 == 0 &&
+                    DS_BYTES % 1024 == 0 && DS_BLK % 1024 == 0,
+                "the dQ staging and dS^T stores' XOR addressing");
   // Padded query rows (past seqlen_q, up to a multiple of SCRATCH_TILE) have lse +inf and
   // delta 0, which makes P and dS of a step's padded rows exactly 0.
   static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
@@ -660,14 +662,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         pack(dp[sb]);
         const auto dsa = frag(dp[sb]);
         // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
-        // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g).
+        // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g): byte
+        // 16 (t ^ g) + 4 qd of the row, an XOR of 16 t into the address of t = 0 (the tile
+        // is 1024-byte aligned).
+        const uint32_t ds_chunk0 = ds_s + (64 * wg + 16 * wq + g) * 128 + 16 * g + 4 * qd;
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int kr = 64 * wg + 16 * wq + g + 8 * hh;
-            sm90::sts_u32(ds_s + kr * 128 + ((t ^ g) << 4) + 4 * qd, dsa(t / 2, (t & 1) * 2 + hh));
-          }
+          for (int hh = 0; hh < 2; ++hh)
+            sm90::sts_u32((ds_chunk0 ^ (16 * t)) + 1024 * hh, dsa(t / 2, (t & 1) * 2 + hh));
         if (Tr::HAND_OVER && sb + 1 == SB) {  // this warpgroup's dS^T, to the dQ tiles
           sm90::fence_proxy_async();
           sm90::named_barrier_arrive(ready(wg, it), 256);
