@@ -145,6 +145,28 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
   }
 }
 
+// The CTA's key block n of BLOCK_C keys, in bwd_sm90 and bwd_sm90_wide. Deterministic
+// (BwdParams.dq_semaphore) under a right bound (causal, windows): the last key block first,
+// so that a query block's dQ adds go from its last key block down, the order in which the
+// CTAs reach it (in ascending order the first add of a causal CTA would wait for every key
+// block before it to finish its whole span).
+template <int BLOCK_C>
+struct BwdKeyBlock {
+  bool descending;
+  int n;
+  __device__ __forceinline__ explicit BwdKeyBlock(const BwdParams& p)
+      : descending(p.dq_semaphore && p.attn.window_right >= 0),
+        n(descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x) {}
+  // Deterministic: this CTA's turn among the key blocks that reach query rows [m_begin,
+  // m_end), those of its visible keys (key_range: the band arithmetic that gave each CTA
+  // its span, so every key block of the range adds once), in key-block order.
+  __device__ __forceinline__ int turn(const Mask& mask, int m_begin, int m_end) const {
+    int key_begin, key_end;
+    mask.key_range(m_begin, m_end, key_begin, key_end);
+    return descending ? (key_end - 1) / BLOCK_C - n : n - key_begin / BLOCK_C;
+  }
+};
+
 // The CTA's steps: batch item b's rows (SeqView), its mask, and the query blocks of BLOCK_R
 // rows of every head of kv head hkv's GQA group (heads h0 ..) that see one of the keys
 // [o0, o0 + BLOCK_C): step it is block s_begin + it % n_sblocks of head h0 + it /
@@ -335,13 +357,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   // divergent.
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int b = blockIdx.y, hkv = blockIdx.z;
-  // The CTA's key block. Deterministic under a right bound (causal, windows): the last key
-  // block first, so that a query block's dQ adds go from its last key block down, the
-  // order in which the CTAs reach it (in ascending order the first add of a causal CTA
-  // would wait for every key block before it to finish its whole span).
-  const bool descending = p.dq_semaphore && a.window_right >= 0;
-  const int n_block = descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int o0 = n_block * BLOCK_C;  // first key of the CTA
+  const BwdKeyBlock<BLOCK_C> key_block(p);
+  const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   // Varlen: the grid covers the longest item's keys.
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
@@ -425,14 +442,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
       const int turn = sem ? static_cast<int>(tile / 4096) : -1;
       if (sem && first_warp) {
-        // Deterministic: the key blocks that reach query block m (those of its visible keys,
-        // by the band arithmetic that gave this CTA its span) add in key-block order, the
-        // CTA of the lowest blockIdx.x first. The whole warp waits, so that the loop is not
-        // a divergent path (ptxas would serialize the wgmmas).
-        int key_begin, key_end;
-        steps.mask.key_range(r, min(r + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
-        sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
-                                               : n_block - key_begin / BLOCK_C);
+        // Deterministic: this CTA's turn on query block r / BLOCK_R. The whole warp waits,
+        // so that the loop is not a divergent path (ptxas would serialize the wgmmas).
+        sm90::wait_global_turn(sem,
+                               key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q())));
       }
       if (wtid == 0) {
         sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
@@ -801,10 +814,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int lane = tid % 32;
   const int b = blockIdx.y, hkv = blockIdx.z;
-  // Deterministic under a right bound: the last key block first (as bwd_sm90).
-  const bool descending = p.dq_semaphore && a.window_right >= 0;
-  const int n_block = descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int o0 = n_block * BLOCK_C;  // first key of the CTA
+  const BwdKeyBlock<BLOCK_C> key_block(p);
+  const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
@@ -951,12 +962,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
       if (sem) {
         // Deterministic: this CTA's turn among the key blocks that reach query block q0 / 64
         // (bwd_sm90's dq_step says why the whole first warp waits), then the warpgroup.
-        if (first_warp) {
-          int key_begin, key_end;
-          steps.mask.key_range(q0, min(q0 + BLOCK_R, seq.seqlen_q()), key_begin, key_end);
-          sm90::wait_global_turn(sem, descending ? (key_end - 1) / BLOCK_C - n_block
-                                                 : n_block - key_begin / BLOCK_C);
-        }
+        if (first_warp)
+          sm90::wait_global_turn(
+              sem, key_block.turn(steps.mask, q0, min(q0 + BLOCK_R, seq.seqlen_q())));
         __syncwarp();  // the spinning warp converged before the barrier
         sm90::named_barrier(3 + wg, 128);
       }
