@@ -34,6 +34,9 @@
 #             28db622 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not, the
 #             backward also with soft-cap and ALiBi; every table into ab.log            ~8
+#   look      the first call when device time is scarce: bench/diagnose.py smoke, then
+#             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
+#             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
 #   bisect    bench/diagnose.py smoke with cuflash from each tree of $BISECT_TREES (default:
 #             every directory under bisect/, in name order), this tree's cases: which commit
 #             a smoke failure of "tests" came in with. Trees from this machine, carried:
@@ -205,6 +208,15 @@ stage_ab() {
     summary ab "$(grep -c '^=== pass' "$OUT/ab.log") runs"
 }
 
+stage_look() {
+    run 240 "$OUT/look.log" python3 bench/diagnose.py smoke
+    summary smoke "$(grep -E '^smoke: |TIMEOUT|crashed' "$OUT/look.log" | tr '\n' ' ')"
+    run $(($(left) - 5)) "$OUT/look.log" python3 bench/sweep.py --out "$OUT/look" \
+        --impls cuflash,cuflash-det,torch-cudnn,jax-cudnn,fa3 --dtypes bf16 \
+        --seqlens 4096,16384 --stop-after $(($(left) - 60))
+    summary look "$(grep -E '^- (fwd|bwd) ' "$OUT/look/sweep.md" 2>/dev/null | tr '\n' ' ')"
+}
+
 stage_bisect() {
     local tree
     for tree in ${BISECT_TREES:-$(ls -d bisect/*/ 2>/dev/null | sort)}; do
@@ -235,7 +247,7 @@ for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
             "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
-            "ab, bisect)"
+            "ab, look, bisect)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else
