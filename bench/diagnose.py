@@ -70,6 +70,13 @@ FWD_CASES = {
     "fp16_d96_causal": ("fp16", 2, 300, 300, 4, 2, 96, {"causal": True}),
     "bf16_d192_tails": ("bf16", 2, 200, 1000, 2, 2, 192, {}),
     "bf16_d256_many_tiles": ("bf16", 2, 1100, 1100, 64, 8, 256, {"causal": True}),
+    # score options fixed at compile time (ALiBi alone: two consumers at hd64 over 2k
+    # keys), and both together (OPTS_RUNTIME)
+    "bf16_d64_alibi_causal": ("bf16", 1, 2100, 2100, 2, 2, 64,
+                              {"causal": True, "alibi_slopes": (0.25, 0.0625)}),
+    "fp16_d128_softcap_alibi": ("fp16", 1, 300, 500, 2, 1, 128,
+                                {"softcap": 5.0, "alibi_slopes": (0.5, 0.125),
+                                 "window": (200, 20)}),
 }
 BWD_CASES = {
     "bf16_d128_one_block": ("bf16", 1, 64, 128, 1, 1, 128, {}),
@@ -123,6 +130,9 @@ def fwd_case(name, out_dir):
     from cuflash import reference
     dname, batch, sq, sk, h, hkv, d, opts = FWD_CASES[name]
     dtype = DTYPES[dname]
+    if "alibi_slopes" in opts:
+        opts = dict(opts, alibi_slopes=np.array(opts["alibi_slopes"], np.float32))
+    gpu_opts = {key: cupy.asarray(x) if key == "alibi_slopes" else x for key, x in opts.items()}
     launched = []
     spy_launches(launched)
     rng = np.random.default_rng(0)
@@ -130,7 +140,7 @@ def fwd_case(name, out_dir):
     k = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
     v = rng.standard_normal((batch, sk, hkv, d)).astype(dtype)
     out, lse = cuflash.attention_forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
-                                         **opts)
+                                         **gpu_opts)
     cupy.cuda.Device().synchronize()
     out, lse = out.get(), lse.get()
     ref_out, ref_lse = reference.attention_forward(q, k, v, upcast=True, **opts)

@@ -48,7 +48,7 @@ def config(spec, dtype, headdim: int, seqlen: int):
     if spec[0] == "mma":
         return ops.forward.mma_config(dtype, headdim, False, False)
     _, block_n, consumers = spec
-    return ops.forward.sm90_config(dtype, headdim, False, False, seqlen, block_n, consumers)
+    return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers)
 
 
 def chosen_label(dtype, headdim: int, seqlen: int) -> str | None:

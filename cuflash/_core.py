@@ -99,6 +99,23 @@ class Problem:
         """Soft-capping or ALiBi: the instantiations that transform scores."""
         return self.softcap > 0 or self.alibi_batch_stride is not None
 
+    @property
+    def opts(self) -> int:
+        """The Hopper kernels' OPTS for this problem's score options (``score_opts``)."""
+        return score_opts(self.softcap > 0, self.alibi_batch_stride is not None)
+
+
+# The Hopper kernels' OPTS (common/mask.cuh): the score options an instantiation applies.
+# One option is fixed at compile time, which leaves the elements without branches (their
+# exp2 and reciprocal latencies overlap); both together test per element (OPTS_RUNTIME):
+# fixed, they spill in bwd_sm90 at head dim 128, and the pair is rare.
+OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
+
+
+def score_opts(softcap: bool, alibi: bool) -> int:
+    """OPTS for these score options: 0, OPTS_SOFTCAP, OPTS_ALIBI, or OPTS_RUNTIME for both."""
+    return OPTS_RUNTIME if softcap and alibi else OPTS_SOFTCAP * softcap + OPTS_ALIBI * alibi
+
 
 def problem(q, k, v, shape, opts, varlen=None) -> Problem:
     """The Problem of validated CuPy arrays with their ``_checks.Shape``, ``Options`` and,

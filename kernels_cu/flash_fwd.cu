@@ -216,11 +216,11 @@ flash_fwd(const __grid_constant__ FwdParams p) {
       if constexpr (HAS_SCORE_MOD) {
         factor = 1.f;
         if (boundary)
-          score_fragment<true, true>(s, frag_row0, col0, mod, mask);
+          score_fragment<OPTS_RUNTIME, true>(s, frag_row0, col0, mod, mask);
         else
-          score_fragment<true, false>(s, frag_row0, col0, mod, mask);
+          score_fragment<OPTS_RUNTIME, false>(s, frag_row0, col0, mod, mask);
       } else {
-        if (boundary) score_fragment<false, true>(s, frag_row0, col0, mod, mask);
+        if (boundary) score_fragment<0, true>(s, frag_row0, col0, mod, mask);
       }
       softmax.update(s, acc_o, factor);
 

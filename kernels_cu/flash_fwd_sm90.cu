@@ -16,6 +16,8 @@
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
 //     (through shared memory where it fits), LSE written.
+// OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
+// OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap by scaled_tanh as in the backward.
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
 // out-of-bounds elements with zeros); stores are predicated.
@@ -142,7 +144,7 @@ struct FwdTile {
 // Q (into the other buffer, or, with one, once the consumers released it after their last
 // S = Q K^T) and its first K and V stages: the rings and their barrier phases run on
 // across tiles.
-template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, bool HAS_SCORE_MOD,
+template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS,
           bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
@@ -406,10 +408,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       };
       // Once S of block it is done: release its K (and Q after the last block), mask, fold
       // its row maxima into the softmax (alpha), and S becomes P = exp2(...) in float32,
-      // under the previous P V. At 160 registers (three consumers) with a score modifier
-      // that does not fit beside the P V in flight: the exp2 waits for it there.
-      constexpr bool EXP_UNDER_PV = CONSUMERS == 2 || !HAS_SCORE_MOD;
-      const float factor = HAS_SCORE_MOD ? 1.f : mod.scale_log2;
+      // under the previous P V.
+      static_assert(CONSUMERS == 2 || OPTS == 0, "score options run with two consumers: at "
+                    "three (160 registers) their elements do not fit beside the P V in flight");
+      const float factor = OPTS != 0 ? 1.f : mod.scale_log2;
       auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
@@ -417,21 +419,20 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
-        if constexpr (HAS_SCORE_MOD) {
+        if constexpr (OPTS != 0) {
           if (boundary)
-            score_fragment<true, true>(sc, frag_row0, col0, mod, mask);
+            score_fragment<OPTS, true, true>(sc, frag_row0, col0, mod, mask);
           else
-            score_fragment<true, false>(sc, frag_row0, col0, mod, mask);
+            score_fragment<OPTS, false, true>(sc, frag_row0, col0, mod, mask);
         } else {
-          if (boundary) score_fragment<false, true>(sc, frag_row0, col0, mod, mask);
+          if (boundary) score_fragment<0, true>(sc, frag_row0, col0, mod, mask);
         }
         softmax.max_step(sc, factor, alpha);
-        if constexpr (EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
+        softmax.exp_step(sc, factor, alpha);
       };
       // Once the previous P V is done: P in 16 bits (k16 slice kk of S's C-fragments is the
       // A fragment of step kk), and with ping-pong O times alpha.
       auto make_p = [&] {
-        if constexpr (!EXP_UNDER_PV) softmax.exp_step(sc, factor, alpha);
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
           pf[kk][0] = dtype_traits<T>::pack(sc[0][2 * kk][0], sc[0][2 * kk][1]);

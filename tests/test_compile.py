@@ -107,8 +107,8 @@ def test_generated_wgmma_header_is_current():
 
 
 @pytest.mark.parametrize("name", [
-    "cuflash::flash_fwd_sm90<__nv_bfloat16, 192, 112, 2, false, false, 128>",
-    "cuflash::flash_fwd_sm90<__half, 192, 96, 2, true, true, 128>",
+    "cuflash::flash_fwd_sm90<__nv_bfloat16, 192, 112, 2, 0, false, 128>",
+    "cuflash::flash_fwd_sm90<__half, 192, 96, 2, 4, true, 128>",
 ])
 def test_hopper_forward_takes_a_head_dim_of_v_of_its_own(name):
     """The Hopper forward's traits allow V (and O) a head dim other than Q's and K's (192 /

@@ -96,6 +96,21 @@ def test_sm80_and_sm90_keep_their_tiles_where_they_fit(arch):
         assert decode.config(BF16, hd, False, limit=limit) == decode.config(BF16, hd, False)
 
 
+def test_hopper_forward_fixes_one_score_option_and_runs_options_on_two_consumers():
+    """flash_fwd_sm90 applies one score option fixed at compile time (its OPTS) and both
+    together per element; with either it runs two consumer warpgroups, also at head dim 64
+    where plain calls over SM90_SHORT_KEYS keys run three."""
+    expected = {(False, False): 0, (True, False): _core.OPTS_SOFTCAP,
+                (False, True): _core.OPTS_ALIBI, (True, True): _core.OPTS_RUNTIME}
+    for (softcap, alibi), opts in expected.items():
+        assert _core.score_opts(softcap, alibi) == opts
+        c = ops.forward.sm90_config(BF16, 64, opts, False, ops.forward.SM90_SHORT_KEYS)
+        consumers = 3 if opts == 0 else 2
+        assert c.name_expression == \
+            f"cuflash::flash_fwd_sm90<__nv_bfloat16, 64, 128, {consumers}, {opts}>"
+        assert c.block_m == 64 * consumers
+
+
 def test_small_tiles_are_smaller_than_the_table():
     """Each fallback needs less shared memory than the tile before it, so the first that
     fits is the largest that fits."""

@@ -520,7 +520,7 @@ def test_gpu_runs_the_varlen_instantiations(launched):
     check = (ops.varlen_check.FILE, ops.varlen_check.KERNEL)
     if device_arch() == "sm_90":  # 40 keys at most: the short-key tile
         want = (ops.forward.SM90_FILE,
-                ops.forward.sm90_config(BF16, 128, False, True, 40).name_expression)
+                ops.forward.sm90_config(BF16, 128, 0, True, 40).name_expression)
     else:
         want = (ops.forward.FILE,
                 "cuflash::flash_fwd<__nv_bfloat16, 128, 128, 32, 4, false, true>")

@@ -118,7 +118,7 @@ def test_selection_holds_what_the_forward_chooses():
         for score_mod in (False, True):
             c = forward.mma_config(tiles.BFLOAT16, hd, score_mod, False)
             assert (c.filename, c.name_expression) in chosen
-    assert (forward.SM90_FILE, forward.sm90_config(tiles.BFLOAT16, 128, False, False,
+    assert (forward.SM90_FILE, forward.sm90_config(tiles.BFLOAT16, 128, 0, False,
                                                    4096).name_expression) in chosen
     assert all(precompile.headdim_of(n) in (96, 128) for _, n in chosen)
     assert all(precompile.dtype_of(n) == "__nv_bfloat16" for _, n in chosen)

@@ -250,18 +250,6 @@ def sm90_headdim(headdim: int) -> int | None:
     return next((d for d in (*SM90_TILES, SM90_WIDE_HEADDIM) if d >= headdim), None)
 
 
-# bwd_sm90's OPTS (common/mask.cuh): the score options an instantiation applies. One option
-# is fixed at compile time, which leaves the elements without branches (their exp2 and
-# reciprocal latencies overlap); both together test per element (OPTS_RUNTIME): fixed, they
-# spill at head dim 128, and the pair is rare.
-OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
-
-
-def sm90_opts(softcap: bool, alibi: bool) -> int:
-    """bwd_sm90's OPTS for these score options."""
-    return OPTS_RUNTIME if softcap and alibi else OPTS_SOFTCAP * softcap + OPTS_ALIBI * alibi
-
-
 def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
     """bwd_sm90 (``opts``: its OPTS) and its dQ conversion (dq_accum is in its own tiled
     layout)."""
@@ -293,8 +281,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
     benchmarks compare the two)."""
     if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
-        opts = sm90_opts(p.softcap > 0, p.alibi_batch_stride is not None)
-        return sm90_steps(p.dtype, p.headdim, opts, p.varlen)
+        return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
 
@@ -404,7 +391,7 @@ def _steps(arch: str):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
                     for options in itertools.product((False, True), repeat=2):
-                        yield from sm90_steps(dtype, hd, sm90_opts(*options), varlen)
+                        yield from sm90_steps(dtype, hd, _core.score_opts(*options), varlen)
 
 
 def facts():
@@ -416,7 +403,8 @@ def facts():
         ("SCRATCH_TILE", SCRATCH_TILE), ("VARLEN_GAP", VARLEN_GAP),
         ("F32_BLOCK", F32_BLOCK), ("F32_THREADS", F32_THREADS))]
     out += [(SM90_FILE, f"cuflash::{name}", value) for name, value in (
-        ("OPTS_SOFTCAP", OPTS_SOFTCAP), ("OPTS_ALIBI", OPTS_ALIBI), ("OPTS_RUNTIME", OPTS_RUNTIME))]
+        ("OPTS_SOFTCAP", _core.OPTS_SOFTCAP), ("OPTS_ALIBI", _core.OPTS_ALIBI),
+        ("OPTS_RUNTIME", _core.OPTS_RUNTIME))]
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),

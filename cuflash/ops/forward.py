@@ -8,6 +8,7 @@ one never reads array contents, synchronises or allocates.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,7 @@ class Sm90Tile:
     block_n: int          # Bc: keys per K/V tile (wgmma N of S = Q K^T)
     block_n_short: int    # Bc under SM90_SHORT_KEYS keys, and with softcap / ALiBi
     consumers: int        # consumer warpgroups of 64 query rows: Br = 64 x consumers
-    consumers_short: int  # the same under SM90_SHORT_KEYS keys
+    consumers_short: int  # the same under SM90_SHORT_KEYS keys, and with softcap / ALiBi
     reason: str
 
 
@@ -66,7 +67,8 @@ class Sm90Tile:
 SM90_STAGES = 2
 # Below this many keys a large tile computes more padding (hd192's Bc 112 covers 1024 keys in
 # 1120, 11% more; Bc 96 in 1056, 3%) and has fewer tiles to spread over the SMs:
-# block_n_short and consumers_short serve them.
+# block_n_short and consumers_short serve them, and calls with softcap or ALiBi (whose
+# elements do not fit in three consumers' 160 registers beside the P V in flight).
 SM90_SHORT_KEYS = 2048
 SM90_TILES = {
     64: Sm90Tile(128, 128, 3, 2, "three consumers (FA3's 192 rows) at >= 2k keys: +4-10% "
@@ -142,15 +144,16 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
                   traits=f"cuflash::FwdTraits<{args}>")
 
 
-def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: int,
+def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
                 block_n: int | None = None, consumers: int | None = None) -> Config:
     """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
-    SM90_TILES (``block_n`` and ``consumers`` override the table's, for tuning)."""
+    SM90_TILES, applying the score options ``opts`` (its OPTS, ``_core.score_opts``);
+    ``block_n`` and ``consumers`` override the table's, for tuning."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     short = seqlen_k < SM90_SHORT_KEYS
-    bn = block_n or (t.block_n_short if score_mod or short else t.block_n)
-    c = consumers or (t.consumers_short if short else t.consumers)
+    bn = block_n or (t.block_n_short if opts or short else t.block_n)
+    c = consumers or (t.consumers_short if opts or short else t.consumers)
     block_m = 64 * c
     # FwdSm90Traits::SMEM_BYTES: the K / V rings, O's staging tile where it fits beside
     # them and one Q tile with two consumers (STAGED_O), a second Q tile where that fits
@@ -161,7 +164,7 @@ def sm90_config(dtype, headdim: int, score_mod: bool, varlen: bool, seqlen_k: in
     q_stages = 2 if 2 * q_tile + kv + o_stage <= limit else 1
     smem = q_stages * q_tile + kv + o_stage + 1024
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
-            f"{_flag(score_mod)}{tiles.varlen_flag(varlen)}>")
+            f"{opts}{tiles.varlen_flag(varlen)}>")
     return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
                   f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>")
 
@@ -170,7 +173,7 @@ def choose(p: _core.Problem, arch: str) -> Config:
     """The forward kernel for a problem on a device of ``arch``: the Hopper kernel where it
     serves (fp16 / bf16), else flash_fwd."""
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES:
-        return sm90_config(p.dtype, p.headdim, p.score_mod, p.varlen, p.seqlen_k)
+        return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
@@ -301,10 +304,12 @@ def _configs():
     for varlen in (False, True):
         for hd in tiles.HEADDIMS:
             for dtype in (np.float16, tiles.BFLOAT16):
-                for score_mod in (False, True):
-                    yield mma_config(dtype, hd, score_mod, varlen)
+                for softcap, alibi in itertools.product((False, True), repeat=2):
+                    if not alibi:
+                        yield mma_config(dtype, hd, softcap, varlen)
                     for seqlen_k in (SM90_SHORT_KEYS, 1):
-                        c = sm90_config(dtype, hd, score_mod, varlen, seqlen_k)
+                        opts = _core.score_opts(softcap, alibi)
+                        c = sm90_config(dtype, hd, opts, varlen, seqlen_k)
                         if c not in seen:
                             seen.add(c)
                             yield c

@@ -91,6 +91,11 @@ __device__ __forceinline__ float scaled_tanh(float y, float k, float& dtanh) {
   return fmaf(2.f, r, -1.f);
 }
 
+// The score options an element function applies: fixed at compile time (an instantiation
+// per option, whose elements then carry no branches and overlap their MUFU latencies), or
+// read per element (OPTS_RUNTIME).
+constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
+
 // Raw dot product s = q_i . k_j -> base-2 logit
 //   log2(e) * (softcap * tanh(scale * s / softcap) - slope * |i + diag - j|).
 // Without soft-cap and ALiBi this is s * scale_log2, which kernels fold into their exp2 FFMA
@@ -121,16 +126,28 @@ struct ScoreMod {
     if constexpr (VARLEN) diag = seq.seqlen_k() - seq.seqlen_q();
   }
 
+  // The logit of raw score s at distance dist = i + diag - j (a float: callers convert it
+  // once per row and step it by constants) under OPTS; FAST_TANH: scaled_tanh in place of
+  // tanhf (16-bit kernels, see ScoreGrad).
+  template <int OPTS, bool FAST_TANH>
+  __device__ __forceinline__ float logit(float s, float dist) const {
+    const bool softcap = OPTS == OPTS_RUNTIME ? has_softcap : (OPTS & OPTS_SOFTCAP) != 0;
+    float x = s * scale_log2;
+    if (softcap) {
+      float dtanh;
+      if constexpr (FAST_TANH)
+        x = softcap_out * scaled_tanh(s, softcap_k, dtanh);
+      else
+        x = softcap_out * tanhf(s * softcap_in);
+    }
+    if constexpr ((OPTS & (OPTS_ALIBI | OPTS_RUNTIME)) != 0) x = fmaf(-slope_log2, fabsf(dist), x);
+    return x;
+  }
+
   __device__ __forceinline__ float apply(float s, int i, int j) const {
-    float x = has_softcap ? softcap_out * tanhf(s * softcap_in) : s * scale_log2;
-    return x - slope_log2 * static_cast<float>(abs(i + diag - j));
+    return logit<OPTS_RUNTIME, false>(s, static_cast<float>(i + diag - j));
   }
 };
-
-// The score options an element function applies: fixed at compile time (an instantiation
-// per option, whose elements then carry no branches and overlap their MUFU latencies), or
-// read per element (OPTS_RUNTIME).
-constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
 
 // The score function and its gradient for one element: s, dp in; p, ds out (ds without the
 // scale, which the epilogues apply). i is the query row, j the key.
@@ -165,9 +182,9 @@ struct ScoreGrad {
     return p;
   }
 
-  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against the forward's tanhf
-  // it moves a logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30,
-  // far below 16-bit rounding; float32 keeps tanhf).
+  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against tanhf it moves a
+  // logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30, far below
+  // 16-bit rounding; float32 keeps tanhf).
   template <int OPTS = OPTS_RUNTIME, bool FAST_TANH = false>
   __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
                                              float delta) const {
@@ -199,12 +216,21 @@ struct ScoreGrad {
 // Applies the score function to scores held in mma.m16n8k16 C-fragments:
 // s[mt][nt][e] is row row0 + mt * 16 + (e / 2) * 8, column col0 + nt * 8 + e % 2, where
 // row0 = first row of the tile + lane / 4 and col0 = first key of the tile + 2 * (lane % 4).
-// MOD: replace each score by its base-2 logit (ScoreMod::apply); MASK: set invisible ones to
-// -inf. Without MOD the scores stay raw (the caller scales them in the exp2).
-template <bool MOD, bool MASK, int M_TILES, int N_TILES>
+// OPTS (0: none): replace each score by its base-2 logit (ScoreMod::logit); MASK: set
+// invisible ones to -inf. With OPTS 0 the scores stay raw (the caller scales them in the
+// exp2). ALiBi's distance is converted once per row and stepped by constants per element.
+template <int OPTS, bool MASK, bool FAST_TANH = false, int M_TILES, int N_TILES>
 __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], int row0,
                                                int col0, const ScoreMod& mod,
                                                const Mask& mask) {
+  constexpr bool DIST = (OPTS & (OPTS_ALIBI | OPTS_RUNTIME)) != 0;
+  float dist0[M_TILES][2];  // i + diag - col0 of each row (ALiBi)
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      dist0[mt][half] = DIST ? static_cast<float>(row0 + mt * 16 + half * 8 + mod.diag - col0)
+                             : 0.f;
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -212,8 +238,10 @@ __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         int i = row0 + mt * 16 + (e >> 1) * 8, j = col0 + nt * 8 + (e & 1);
-        if (MOD) s[mt][nt][e] = mod.apply(s[mt][nt][e], i, j);
-        if (MASK) s[mt][nt][e] = mask.visible(i, j) ? s[mt][nt][e] : neg_inf();
+        if constexpr (OPTS != 0)
+          s[mt][nt][e] = mod.logit<OPTS, FAST_TANH>(
+              s[mt][nt][e], dist0[mt][e >> 1] - static_cast<float>(nt * 8 + (e & 1)));
+        if constexpr (MASK) s[mt][nt][e] = mask.visible(i, j) ? s[mt][nt][e] : neg_inf();
       }
 }
 
