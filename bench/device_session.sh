@@ -32,7 +32,7 @@
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
-#             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not, the
+#             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not,
 #             both also with soft-cap and ALiBi; every table into ab.log                ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
