@@ -145,18 +145,32 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
   }
 }
 
-// The CTA's key block n of BLOCK_C keys, in bwd_sm90 and bwd_sm90_wide. Deterministic
-// (BwdParams.dq_semaphore) under a right bound (causal, windows): the last key block first,
-// so that a query block's dQ adds go from its last key block down, the order in which the
-// CTAs reach it (in ascending order the first add of a causal CTA would wait for every key
-// block before it to finish its whole span).
+// The CTA's key block n of BLOCK_C keys, batch item b and kv head hkv, in bwd_sm90 and
+// bwd_sm90_wide. CTAs in launch order (the grid is key blocks x batch x kv heads, x
+// fastest) walk sections of p.l2_section (batch item, kv head) pairs, whose Q, dO and dQ
+// accumulators share the L2, each section rank by rank: every pair's first key block before
+// any pair's second, so that under a causal mask the heaviest key blocks (the first, which
+// see every query block) start first (FA3's longest-processing-time order) and the last
+// wave holds light ones. Deterministic (BwdParams.dq_semaphore) under a right bound (causal,
+// windows): the last key block first, so that a query block's dQ adds go from its last key
+// block down, the order in which the CTAs reach it (in ascending order the first add of a
+// causal CTA would wait for every key block before it to finish its whole span). Either
+// way a CTA waits only for CTAs of its pair of lower rank, launched before it.
 template <int BLOCK_C>
 struct BwdKeyBlock {
   bool descending;
-  int n;
+  int n, b, hkv;
   __device__ __forceinline__ explicit BwdKeyBlock(const BwdParams& p)
-      : descending(p.dq_semaphore && p.attn.window_right >= 0),
-        n(descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x) {}
+      : descending(p.dq_semaphore && p.attn.window_right >= 0) {
+    const int blocks = gridDim.x, pairs = gridDim.y * gridDim.z;
+    const int cta = blockIdx.x + blocks * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int first = cta / (p.l2_section * blocks) * p.l2_section;
+    const int size = min(p.l2_section, pairs - first), in_section = cta - first * blocks;
+    const int rank = in_section / size, pair = first + in_section % size;
+    n = descending ? blocks - 1 - rank : rank;
+    b = pair % gridDim.y;
+    hkv = pair / gridDim.y;
+  }
   // Deterministic: this CTA's turn among the key blocks that reach query rows [m_begin,
   // m_end), those of its visible keys (key_range: the band arithmetic that gave each CTA
   // its span, so every key block of the range adds once), in key-block order.
@@ -356,8 +370,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   // is warp-uniform, so that branches on it (and the wgmmas inside them) do not count as
   // divergent.
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
-  const int b = blockIdx.y, hkv = blockIdx.z;
   const BwdKeyBlock<BLOCK_C> key_block(p);
+  const int b = key_block.b, hkv = key_block.hkv;
   const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   // Varlen: the grid covers the longest item's keys.
   if constexpr (VARLEN) {
@@ -813,8 +827,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int lane = tid % 32;
-  const int b = blockIdx.y, hkv = blockIdx.z;
   const BwdKeyBlock<BLOCK_C> key_block(p);
+  const int b = key_block.b, hkv = key_block.hkv;
   const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;

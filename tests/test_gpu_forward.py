@@ -291,7 +291,7 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
     from cuflash import _api, ops
     import cupy
     kv_head = 2 * 1500 * 128 * 2
-    monkeypatch.setattr(ops.forward, "SM90_L2_BYTES", 3 * kv_head)
+    monkeypatch.setattr(ops.tiles, "SM90_L2_BYTES", 3 * kv_head)
     ops.forward.plan.cache_clear()
     _api.CALLS.clear()
     q = cupy.empty((2, 1500, 16, 128), BF16)

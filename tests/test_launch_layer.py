@@ -152,11 +152,12 @@ def _params_diffs(name, old: str, new: str, ignore=()):
     ``ignore`` names excepted."""
     family, dtype = fake_cupy.struct_of(name)
     old_w, new_w = old.split(), new.split()
-    if family == "bwd" and len(new_w) == len(old_w) + 1:
-        # BwdParams ends in dq_semaphore now, null unless a deterministic bwd_sm90 plan.
-        if "dq_semaphore" not in ignore and not _is_zero_word(new_w[-1]):
-            return [("dq_semaphore", None, new_w[-1])]
-        new_w = new_w[:-1]
+    if family == "bwd" and len(new_w) == len(old_w) + 2:
+        # BwdParams ends in dq_semaphore (null unless a deterministic Hopper plan) and
+        # l2_section (the Hopper kernels' CTA order) now.
+        if "dq_semaphore" not in ignore and not _is_zero_word(new_w[-2]):
+            return [("dq_semaphore", None, new_w[-2])]
+        new_w = new_w[:-2]
     if len(old_w) != len(new_w):
         return [("params size", f"{8 * len(old_w)} bytes", f"{8 * len(new_w)} bytes")]
     skip = _unread_words(name)

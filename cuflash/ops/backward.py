@@ -155,6 +155,7 @@ PARAMS = np.dtype([
     ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
     ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
     ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32), ("dq_semaphore", np.uint64),
+    ("l2_section", np.int32),
 ], align=True)
 _ADDRESSES = tuple(f"attn.{f}" for f in _core.ATTN_ADDRESSES) + (
     "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum", "dq_semaphore")
@@ -334,7 +335,8 @@ class Plan:
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
-                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0)
+                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0,
+                  _section(p))
         self.record = _core.Record(PARAMS, record, _ADDRESSES)
         grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
@@ -360,6 +362,18 @@ class Plan:
                                 scratch, scratch + self.delta_offset, accum, semaphore)
         for kernel in self.kernels:
             kernel(stream, argv)
+
+
+def _section(p: _core.Problem) -> int:
+    """The (item, kv head) pairs of a section of the Hopper backward's CTA order (every
+    pair's first key block, then every pair's second, ...): as many as share
+    tiles.SM90_L2_BYTES of Q, dO and the float32 dQ accumulators of their query heads; one
+    for varlen (items of unequal lengths)."""
+    if p.varlen:
+        return 1
+    group = p.nheads // p.nheads_kv
+    pair = max(1, group * p.seqlen_q * (2 * p.dtype.itemsize + 4) * p.headdim)
+    return max(1, min(p.batch * p.nheads_kv, tiles.SM90_L2_BYTES // pair))
 
 
 @functools.lru_cache(maxsize=1024)

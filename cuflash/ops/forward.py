@@ -82,10 +82,6 @@ SM90_TILES = {
     256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
                                 "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync"),
 }
-# The Hopper forward orders its tiles in sections of (head, batch item) pairs whose K and V
-# fit in this much of the L2 together (FA3's figure for the H100's 50 MB, two partitions),
-# heaviest query blocks of all the section's pairs first.
-SM90_L2_BYTES = 32 * 2**20
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
 SM90_MAX_TILES = 2**31 - 2**16
@@ -233,14 +229,15 @@ class Plan:
 
 
 def _section(p: _core.Problem) -> int:
-    """The (head, item) pairs of a section of the Hopper forward's tile order: as many as
-    share SM90_L2_BYTES of K and V (heads of one GQA group share theirs); one for varlen,
-    whose tile skipping walks one pair's query blocks at a time."""
+    """The (head, item) pairs of a section of the Hopper forward's tile order (heaviest
+    query blocks of all the section's pairs first): as many as share tiles.SM90_L2_BYTES of
+    K and V (heads of one GQA group share theirs); one for varlen, whose tile skipping walks
+    one pair's query blocks at a time."""
     if p.varlen:
         return 1
     kv_head = max(1, 2 * p.seqlen_k * p.headdim * p.dtype.itemsize)
     group = p.nheads // p.nheads_kv
-    return max(1, min(p.nheads * p.batch, SM90_L2_BYTES // kv_head * group))
+    return max(1, min(p.nheads * p.batch, tiles.SM90_L2_BYTES // kv_head * group))
 
 
 def _map_makers(p: _core.Problem, config: Config) -> tuple:

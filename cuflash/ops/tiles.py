@@ -11,6 +11,12 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # next one up, the kernel zero-filling the extra columns on load and skipping them on store.
 HEADDIMS = (32, 64, 96, 128, 192, 256)
 
+# The Hopper kernels order their work in sections of (head, batch item) pairs whose operands
+# read by every CTA of a pair (the forward's K and V; the backward's Q, dO and dQ
+# accumulators) fit in this much of the L2 together (FA3's figure for the H100's 50 MB, two
+# partitions).
+SM90_L2_BYTES = 32 * 2**20
+
 
 def padded_headdim(headdim: int) -> int:
     return next(d for d in HEADDIMS if d >= headdim)

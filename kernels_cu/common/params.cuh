@@ -155,6 +155,8 @@ struct BwdParams {
   // 4096), zero at launch, so that the key blocks adding into a tile take turns in
   // key-block order; nullptr otherwise.
   int* dq_semaphore;
+  // bwd_sm90's CTA order: sections of this many (batch item, kv head) pairs (BwdKeyBlock).
+  int l2_section;
 };
 
 // KV-cache decoding (kernels_cu/flash_decode.cu: append_kv, flash_decode). attn.k / attn.v

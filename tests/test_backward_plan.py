@@ -1,0 +1,70 @@
+"""The Hopper backward's CTA order (BwdKeyBlock in kernels_cu/flash_bwd_sm90.cu) and the L2
+sections it walks: no GPU needed."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cuflash import _core
+from cuflash.ops import backward
+
+HALF = np.dtype("float16")  # any 2-byte type: only the item size matters here
+
+
+def _problem(seqlen, nheads, nheads_kv, headdim, batch=1, varlen=False):
+    return _core.Problem(0, HALF, batch, seqlen, seqlen, nheads, nheads_kv, headdim, (), (),
+                         (), 1.0, 0.0, -1, -1, None, varlen, seqlen * batch, seqlen * batch)
+
+
+def test_sections_hold_the_q_do_and_dq_accumulators_that_fit_in_l2():
+    # 4k queries at head dim 128: Q and dO (2 x 1 MiB) and dQ in float32 (2 MiB) a head.
+    assert backward._section(_problem(4096, 16, 16, 128, batch=4)) == 8
+    assert backward._section(_problem(16384, 16, 16, 128)) == 2
+    # GQA: a pair is a kv head with its four query heads.
+    assert backward._section(_problem(4096, 16, 4, 128, batch=4)) == 2
+    # Never more than there are pairs, at least one, one for varlen.
+    assert backward._section(_problem(128, 2, 2, 64)) == 2
+    assert backward._section(_problem(2**20, 4, 4, 256)) == 1
+    assert backward._section(_problem(4096, 16, 16, 128, batch=4, varlen=True)) == 1
+
+
+def _cta_order(blocks, batch, heads_kv, section, descending):
+    """BwdKeyBlock's (key block, batch item, kv head) of each CTA, in launch order."""
+    pairs = batch * heads_kv
+    order = []
+    for cta in range(blocks * pairs):
+        first = cta // (section * blocks) * section
+        size = min(section, pairs - first)
+        rank, pair = divmod(cta - first * blocks, size)
+        pair += first
+        order.append((blocks - 1 - rank if descending else rank, pair % batch, pair // batch))
+    return order
+
+
+@pytest.mark.parametrize("blocks,batch,heads_kv,section", [
+    (32, 4, 16, 8), (128, 1, 16, 2), (5, 3, 7, 4), (3, 2, 5, 10), (4, 1, 1, 1), (7, 2, 3, 1)])
+@pytest.mark.parametrize("descending", [False, True])
+def test_cta_order_walks_sections_rank_by_rank(blocks, batch, heads_kv, section, descending):
+    """Every (key block, item, kv head) once; within a section every pair's rank r before
+    any pair's rank r + 1 (the heaviest causal key blocks first); a key block's predecessor
+    in its deterministic turn order (the next higher block when descending) launched before
+    it, so that a waiting CTA never waits for one that has not started."""
+    section = min(section, batch * heads_kv)
+    order = _cta_order(blocks, batch, heads_kv, section, descending)
+    assert sorted(order) == list(itertools.product(range(blocks), range(batch),
+                                                   range(heads_kv)))
+    position = {cta: i for i, cta in enumerate(order)}
+    for (n, b, h), i in position.items():
+        before = n + 1 if descending else n - 1
+        if 0 <= before < blocks:
+            assert position[(before, b, h)] < i
+    ranks = [blocks - 1 - n if descending else n for n, _, _ in order]
+    cut = section * blocks
+    for start in range(0, len(order), cut):
+        assert ranks[start:start + cut] == sorted(ranks[start:start + cut])
+    if section == 1:  # one pair at a time: the grid's own order (x fastest)
+        rows = [(n if not descending else blocks - 1 - n, b, h) for n, b, h in order]
+        assert rows == [(x, y, z) for z in range(heads_kv) for y in range(batch)
+                        for x in range(blocks)]
