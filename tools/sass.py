@@ -1,7 +1,7 @@
 """The SASS of one kernel instantiation, compiled as the run time compiles it, no GPU needed.
 
     .venv/bin/python tools/sass.py flash_fwd_sm90.cu \
-        "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 176, 2, false>" --arch sm_90a
+        "cuflash::flash_fwd_sm90<__nv_bfloat16, 128, 128, 2, 0>" --arch sm_90a
     .venv/bin/python tools/sass.py flash_fwd.cu \
         "cuflash::flash_fwd<__half, 64, 128, 64, 4, false>" --arch sm_80 --dump k.sass
 

@@ -95,6 +95,10 @@ __device__ __forceinline__ float scaled_tanh(float y, float k, float& dtanh) {
 // per option, whose elements then carry no branches and overlap their MUFU latencies), or
 // read per element (OPTS_RUNTIME).
 constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
+// Whether OPTS subtracts ALiBi's bias (at run time, a slope of 0 without ALiBi).
+__host__ __device__ constexpr bool opts_alibi(int opts) {
+  return (opts & (OPTS_ALIBI | OPTS_RUNTIME)) != 0;
+}
 
 // Raw dot product s = q_i . k_j -> base-2 logit
 //   log2(e) * (softcap * tanh(scale * s / softcap) - slope * |i + diag - j|).
@@ -140,7 +144,7 @@ struct ScoreMod {
       else
         x = softcap_out * tanhf(s * softcap_in);
     }
-    if constexpr ((OPTS & (OPTS_ALIBI | OPTS_RUNTIME)) != 0) x = fmaf(-slope_log2, fabsf(dist), x);
+    if constexpr (opts_alibi(OPTS)) x = fmaf(-slope_log2, fabsf(dist), x);
     return x;
   }
 
@@ -223,14 +227,14 @@ template <int OPTS, bool MASK, bool FAST_TANH = false, int M_TILES, int N_TILES>
 __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], int row0,
                                                int col0, const ScoreMod& mod,
                                                const Mask& mask) {
-  constexpr bool DIST = (OPTS & (OPTS_ALIBI | OPTS_RUNTIME)) != 0;
   float dist0[M_TILES][2];  // i + diag - col0 of each row (ALiBi)
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      dist0[mt][half] = DIST ? static_cast<float>(row0 + mt * 16 + half * 8 + mod.diag - col0)
-                             : 0.f;
+      dist0[mt][half] = opts_alibi(OPTS)
+                            ? static_cast<float>(row0 + mt * 16 + half * 8 + mod.diag - col0)
+                            : 0.f;
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
