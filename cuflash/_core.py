@@ -104,12 +104,25 @@ class Problem:
         """The Hopper kernels' OPTS for this problem's score options (``score_opts``)."""
         return score_opts(self.softcap > 0, self.alibi_batch_stride is not None)
 
+    @property
+    def fast_tanh(self) -> bool:
+        """Whether the Hopper kernels' soft-cap (scaled_tanh) is exact enough for this
+        soft-cap (FAST_TANH_MAX_SOFTCAP)."""
+        return self.softcap <= FAST_TANH_MAX_SOFTCAP
+
 
 # The Hopper kernels' OPTS (common/mask.cuh): the score options an instantiation applies.
 # One option is fixed at compile time, which leaves the elements without branches (their
 # exp2 and reciprocal latencies overlap); both together test per element (OPTS_RUNTIME):
 # fixed, they spill in bwd_sm90 at head dim 128, and the pair is rare.
 OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
+
+
+# The Hopper kernels' soft-cap, scaled_tanh (common/mask.cuh: tanh = 2 r - 1 from one exp2 and
+# one reciprocal), errs by about 1e-7 absolute in tanh, so by about softcap x 1e-7 in a
+# logit: 3e-5 here, far below fp16's rounding of P (5e-4). Larger soft-caps run the mma.sync
+# kernels, whose tanhf has a relative error.
+FAST_TANH_MAX_SOFTCAP = 256.0
 
 
 def score_opts(softcap: bool, alibi: bool) -> int:

@@ -1,7 +1,8 @@
-"""The Hopper backward's CTA order (BwdKeyBlock in kernels_cu/flash_bwd_sm90.cu) and the L2
-sections it walks: no GPU needed."""
+"""The Hopper backward's CTA order (BwdKeyBlock in kernels_cu/flash_bwd_sm90.cu), the L2
+sections it walks, and the soft-cap bound of the Hopper kernels: no GPU needed."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -68,3 +69,16 @@ def test_cta_order_walks_sections_rank_by_rank(blocks, batch, heads_kv, section,
         rows = [(n if not descending else blocks - 1 - n, b, h) for n, b, h in order]
         assert rows == [(x, y, z) for z in range(heads_kv) for y in range(batch)
                         for x in range(blocks)]
+
+
+def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():
+    """scaled_tanh's absolute error grows into a logit with the soft-cap: past
+    FAST_TANH_MAX_SOFTCAP the forward and backward leave the Hopper kernels."""
+    from cuflash.ops import forward
+    p = _problem(4096, 16, 16, 128)
+    for softcap, hopper in ((30.0, True), (_core.FAST_TANH_MAX_SOFTCAP, True),
+                            (2 * _core.FAST_TANH_MAX_SOFTCAP, False)):
+        q = dataclasses.replace(p, softcap=softcap)
+        assert forward.choose(q, "sm_90").hopper == hopper
+        steps = backward.choose(q, False, "sm_90")
+        assert (steps[0].filename == backward.SM90_FILE) == hopper

@@ -280,8 +280,9 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
 def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True) -> list:
     """Every launch of a backward call after preprocess, in order, with tiles that fit the
     shared memory of ``arch``. ``hopper=False`` keeps bwd_main on sm_90 (tests and
-    benchmarks compare the two)."""
-    if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim):
+    benchmarks compare the two), as do soft-caps over FAST_TANH_MAX_SOFTCAP."""
+    if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim) \
+            and p.fast_tanh:
         return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))

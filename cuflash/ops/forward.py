@@ -167,8 +167,9 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
 
 def choose(p: _core.Problem, arch: str) -> Config:
     """The forward kernel for a problem on a device of ``arch``: the Hopper kernel where it
-    serves (fp16 / bf16), else flash_fwd."""
-    if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES:
+    serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
+    if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
+            and p.fast_tanh:
         return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
