@@ -825,8 +825,9 @@ def test_int64_numpy_prefix_sums_are_taken_as_int32():
 
 @pytest.mark.gpu
 def test_gpu_hopper_192_row_blocks_with_more_tiles_than_sms():
-    """Head dim 64 runs 192-row query blocks on sm_90 (three consumers): items of 0, 1,
-    191, 192 and 193 rows around that size, causal, with 48 heads so that the persistent
-    grid's CTAs walk several tiles and skip those past each item's end."""
-    check_gpu(BF16, (0, 1, 191, 192, 193, 700), (5, 1, 191, 300, 193, 700), 48, 8, 64,
+    """Head dim 64 runs 192-row query blocks on sm_90 (three consumers, the longest item
+    having SM90_SHORT_KEYS keys or more): items of 0, 1, 191, 192 and 193 rows around that
+    size, causal, with 48 heads so that the persistent grid's CTAs walk several tiles and
+    skip those past each item's end."""
+    check_gpu(BF16, (0, 1, 191, 192, 193, 700), (5, 1, 191, 300, 193, 2100), 48, 8, 64,
               causal=True)
