@@ -27,8 +27,9 @@
 #   tiles     bench/fwd_tiles.py: the forward's candidate tiles per head dim side by side,
 #             which the tile table is chosen from                                     ~3
 #   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
-#             backward at head dim 128 and of bwd_sm90_wide at 256, seqlen 4k, bf16: speed
-#             of light, warp states, scheduler and memory sections as text             ~4
+#             backward at head dim 128 (the backward also at 16k, causal and not: the
+#             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
+#             warp states, scheduler and memory sections as text                       ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
@@ -232,12 +233,16 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
-    for spec in "fwd flash_fwd_sm90 128" "bwd bwd_sm90 128" "bwd bwd_sm90_wide 256"; do
+    # direction, kernel, head dim, seqlen, and "causal" or nothing
+    for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
+            "bwd bwd_sm90 128 16384" "bwd bwd_sm90 128 16384 causal" \
+            "bwd bwd_sm90_wide 256 4096"; do
         set -- $spec
+        echo "=== $spec" >> "$OUT/profile.log"
         # shellcheck disable=SC2086
         run $(($(left) / 3)) "$OUT/profile.log" ncu --clock-control none --launch-skip 2 \
             --launch-count 1 -k "regex:$2" $sections python3 bench/diagnose.py calls "$1" \
-            --headdim "$3"
+            --headdim "$3" --seqlen "$4" ${5:+--causal}
     done
     summary profile "$(grep -cE 'Duration|Compute \(SM\) Throughput' "$OUT/profile.log") lines"
 }
