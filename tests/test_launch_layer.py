@@ -34,7 +34,8 @@ Legitimate differences, excluded from the comparison (each with its reason):
   docs/notes/backward.md's "score modifiers on wgmma" and "deterministic on wgmma": where
   the new layer runs bwd_sm90 on sm_90 and the old one did not, the main and dQ-conversion
   launches compare by kernel family alone (the preprocess as usual). BwdParams gained
-  dq_semaphore at its end, which must be null wherever the old layer's launches compare.
+  dq_semaphore at its end, which must be null wherever the old layer's launches compare,
+  and after it l2_section (the Hopper backward's CTA order), which they do not read.
 * The Hopper forward changed on purpose since (docs/notes/forward.md, v4-v6): it runs
   every fp16/bf16 head dim (the old layer: only those padded to 64 or 128), with new tiles
   and template arguments. Where the new layer launches flash_fwd_sm90 on sm_90 in place of
