@@ -349,13 +349,13 @@ bwd_main(const __grid_constant__ BwdParams p) {
 
     // P and dS in place of S and dP.
     const int q0 = KEY_OWNER ? r0 : o0, k0 = KEY_OWNER ? o0 : r0;
-    const ScoreGrad grad{ScoreMod(a, b, h, iseq), imask, a.alibi_slopes != nullptr,
+    const ScoreGrad grad{ScoreMod(a, b, h, iseq), imask,
                          KEY_OWNER ? imask.tile_needs_mask(r0, r0 + BLOCK_R, o0, o0 + BLOCK_O)
                                    : imask.tile_needs_mask(o0, o0 + BLOCK_O, r0, r0 + BLOCK_R)};
     const float* lse_s = sLse + buf * BLOCK_R;
     const float* delta_s = sDelta + buf * BLOCK_R;
     // Interior tiles without soft-cap or ALiBi (the common case) take the short path.
-    const bool plain = !grad.mod.has_softcap && !grad.alibi && !grad.need_mask;
+    const bool plain = !grad.mod.has_softcap && !grad.mod.has_alibi && !grad.need_mask;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int c = nt * 8 + 2 * qd;  // streamed column of e = 0
@@ -660,8 +660,7 @@ __global__ void __launch_bounds__(F32_THREADS, D >= 192 ? 1 : 2) bwd_main_f32(co
       }
     }
     const SeqView<VARLEN> iseq = unpark(seq, sSeq);
-    const ScoreGrad grad{ScoreMod(a, b, h, iseq), VARLEN ? Mask(a, iseq) : mask,
-                         a.alibi_slopes != nullptr, true};
+    const ScoreGrad grad{ScoreMod(a, b, h, iseq), VARLEN ? Mask(a, iseq) : mask, true};
     const int64 lrow = scratch_row0(p, iseq, b, h);
 #pragma unroll
     for (int u = 0; u < U; ++u) {

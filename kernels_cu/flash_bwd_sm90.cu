@@ -571,7 +571,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         // of n8 tiles 2 kq, 2 kq + 1 are k16 step kq (element 4 kq + r of the packed array).
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
-        const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+        const ScoreGrad grad{mod, steps.mask, false};
         const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
         auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
@@ -907,7 +907,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     // tile set to 0.
     {
       const ScoreMod mod(a, b, h, seq);
-      const ScoreGrad grad{mod, steps.mask, a.alibi_slopes != nullptr, false};
+      const ScoreGrad grad{mod, steps.mask, false};
       const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
       const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
 #pragma unroll

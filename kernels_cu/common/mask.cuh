@@ -95,7 +95,7 @@ __device__ __forceinline__ float scaled_tanh(float y, float k, float& dtanh) {
 // per option, whose elements then carry no branches and overlap their MUFU latencies), or
 // read per element (OPTS_RUNTIME).
 constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
-// Whether OPTS subtracts ALiBi's bias (at run time, a slope of 0 without ALiBi).
+// Whether OPTS may subtract ALiBi's bias (OPTS_RUNTIME: where the call has slopes).
 __host__ __device__ constexpr bool opts_alibi(int opts) {
   return (opts & (OPTS_ALIBI | OPTS_RUNTIME)) != 0;
 }
@@ -111,7 +111,7 @@ struct ScoreMod {
   float softcap_out;  // softcap * log2(e)
   float slope_log2;   // ALiBi slope * log2(e); 0 without ALiBi
   int diag;
-  bool has_softcap;
+  bool has_softcap, has_alibi;
 
   __device__ __forceinline__ ScoreMod(const AttnArgs& a, int batch_idx, int head_idx)
       : scale_log2(a.scale * LOG2E), softcap_in(a.softcap > 0.f ? a.scale / a.softcap : 0.f),
@@ -120,7 +120,8 @@ struct ScoreMod {
         slope_log2(a.alibi_slopes
                        ? a.alibi_slopes[batch_idx * a.alibi_batch_stride + head_idx] * LOG2E
                        : 0.f),
-        diag(a.seqlen_k - a.seqlen_q), has_softcap(a.softcap > 0.f) {}
+        diag(a.seqlen_k - a.seqlen_q), has_softcap(a.softcap > 0.f),
+        has_alibi(a.alibi_slopes != nullptr) {}
   // One batch item of a dense or varlen call, with its own lengths; batch_idx is the batch
   // item (the row of alibi_slopes) in varlen calls too.
   template <bool VARLEN>
@@ -130,21 +131,32 @@ struct ScoreMod {
     if constexpr (VARLEN) diag = seq.seqlen_k() - seq.seqlen_q();
   }
 
-  // The logit of raw score s at distance dist = i + diag - j (a float: callers convert it
-  // once per row and step it by constants) under OPTS; FAST_TANH: scaled_tanh in place of
-  // tanhf (16-bit kernels, see ScoreGrad).
+  // The logit of raw score s at distance dist = i + diag - j (a float: callers may convert
+  // it once per row and step it by constants) under OPTS; under soft-cap *grad (if given)
+  // times 1 - tanh^2, the gradient's factor, inside the soft-cap branch (kept apart, the
+  // factors of a tile's elements would all be live at once). FAST_TANH: scaled_tanh in
+  // place of tanhf (16-bit kernels: against tanhf it moves a logit by a few float32 ulps of
+  // softcap, P by ~1e-5 relative at softcap 30, far below 16-bit rounding; float32 keeps
+  // tanhf).
   template <int OPTS, bool FAST_TANH>
-  __device__ __forceinline__ float logit(float s, float dist) const {
+  __device__ __forceinline__ float logit(float s, float dist, float* grad = nullptr) const {
     const bool softcap = OPTS == OPTS_RUNTIME ? has_softcap : (OPTS & OPTS_SOFTCAP) != 0;
-    float x = s * scale_log2;
+    const bool alibi = OPTS == OPTS_RUNTIME ? has_alibi : (OPTS & OPTS_ALIBI) != 0;
+    float x;
     if (softcap) {
       float dtanh;
-      if constexpr (FAST_TANH)
+      if constexpr (FAST_TANH) {
         x = softcap_out * scaled_tanh(s, softcap_k, dtanh);
-      else
-        x = softcap_out * tanhf(s * softcap_in);
+      } else {
+        const float t = tanhf(s * softcap_in);
+        x = softcap_out * t;
+        dtanh = 1.f - t * t;
+      }
+      if (grad) *grad *= dtanh;
+    } else {
+      x = s * scale_log2;
     }
-    if constexpr (opts_alibi(OPTS)) x = fmaf(-slope_log2, fabsf(dist), x);
+    if (alibi) x = fmaf(-slope_log2, fabsf(dist), x);
     return x;
   }
 
@@ -158,16 +170,18 @@ struct ScoreMod {
 struct ScoreGrad {
   ScoreMod mod;
   Mask mask;
-  bool alibi, need_mask;
+  bool need_mask;
+
+  __device__ __forceinline__ float dist(int i, int j) const {
+    return static_cast<float>(i + mod.diag - j);
+  }
 
   // P of one element under options without soft-cap (OPTS 0 or OPTS_ALIBI), from s alone:
   // a kernel computes it while the dP GEMM still runs, then dS = P (dP - delta).
   template <int OPTS>
   __device__ __forceinline__ float prob(float s, int i, int j, float lse_log2) const {
     static_assert((OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0, "no soft-cap");
-    if constexpr ((OPTS & OPTS_ALIBI) == 0) return fast_exp2(fmaf(s, mod.scale_log2, -lse_log2));
-    const float x = s * mod.scale_log2 - mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
-    return fast_exp2(x - lse_log2);
+    return fast_exp2(mod.logit<OPTS, true>(s, dist(i, j)) - lse_log2);
   }
 
   // The same under soft-cap fixed at compile time (OPTS_SOFTCAP, with or without
@@ -177,40 +191,18 @@ struct ScoreGrad {
   __device__ __forceinline__ float prob_softcap(float s, int i, int j, float lse_log2,
                                                 float& pd) const {
     static_assert((OPTS & OPTS_SOFTCAP) && !(OPTS & OPTS_RUNTIME), "soft-cap fixed");
-    float dtanh;
-    float x = mod.softcap_out * scaled_tanh(s, mod.softcap_k, dtanh);
-    if constexpr ((OPTS & OPTS_ALIBI) != 0)
-      x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
-    const float p = fast_exp2(x - lse_log2);
+    float dtanh = 1.f;
+    const float p = fast_exp2(mod.logit<OPTS, true>(s, dist(i, j), &dtanh) - lse_log2);
     pd = p * dtanh;
     return p;
   }
 
-  // FAST_TANH: scaled_tanh in place of tanhf (16-bit kernels: against tanhf it moves a
-  // logit by a few float32 ulps of softcap, P by ~1e-5 relative at softcap 30, far below
-  // 16-bit rounding; float32 keeps tanhf).
+  // P and dS of one element in place of s and dp (FAST_TANH: ScoreMod::logit).
   template <int OPTS = OPTS_RUNTIME, bool FAST_TANH = false>
   __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
                                              float delta) const {
-    const bool softcap = OPTS == OPTS_RUNTIME ? mod.has_softcap : (OPTS & OPTS_SOFTCAP) != 0;
-    const bool slope = OPTS == OPTS_RUNTIME ? alibi : (OPTS & OPTS_ALIBI) != 0;
-    float x;
     dp -= delta;
-    if (softcap) {
-      float dtanh;
-      if constexpr (FAST_TANH) {
-        x = mod.softcap_out * scaled_tanh(s, mod.softcap_k, dtanh);
-      } else {
-        const float t = tanhf(s * mod.softcap_in);
-        x = mod.softcap_out * t;
-        dtanh = 1.f - t * t;
-      }
-      dp *= dtanh;
-    } else {
-      x = s * mod.scale_log2;
-    }
-    if (slope) x -= mod.slope_log2 * static_cast<float>(abs(i + mod.diag - j));
-    float p = fast_exp2(x - lse_log2);
+    float p = fast_exp2(mod.logit<OPTS, FAST_TANH>(s, dist(i, j), &dp) - lse_log2);
     if (need_mask && !mask.visible(i, j)) p = 0.f;
     s = p;
     dp *= p;
