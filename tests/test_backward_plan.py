@@ -5,18 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-import numpy as np
 import pytest
 
 from cuflash import _core
 from cuflash.ops import backward
-
-HALF = np.dtype("float16")  # any 2-byte type: only the item size matters here
-
-
-def _problem(seqlen, nheads, nheads_kv, headdim, batch=1, varlen=False):
-    return _core.Problem(0, HALF, batch, seqlen, seqlen, nheads, nheads_kv, headdim, (), (),
-                         (), 1.0, 0.0, -1, -1, None, varlen, seqlen * batch, seqlen * batch)
+from test_forward_plan import _problem
 
 
 def test_sections_hold_the_q_do_and_dq_accumulators_that_fit_in_l2():
