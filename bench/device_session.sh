@@ -29,12 +29,13 @@
 #   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
 #             backward at head dim 128 (the backward also at 16k, causal and not: the
 #             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
-#             warp states, scheduler and memory sections as text                       ~4
+#             warp states, scheduler and memory sections, the L2's units, as text      ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
-#             bf16 forward and backward at head dims 64/128, 4k/16k, causal and not,
-#             both also with soft-cap and ALiBi; every table into ab.log                ~8
+#             bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims $AB_HEADDIMS
+#             (64,128), 4k/16k, causal and not, both also with soft-cap and ALiBi; every
+#             table into ab.log                                                         ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -201,7 +202,8 @@ stage_ab() {
             rm -rf /tmp/ab
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
                 bench/sweep.py --out /tmp/ab --impls cuflash,cuflash-softcap,cuflash-alibi \
-                --dtypes bf16 --headdims 64,128 --seqlens 4096,16384 --modes fwd,bwd \
+                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens 4096,16384 \
+                --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
         done
@@ -233,6 +235,9 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
+    # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
+    sections="$sections --metrics breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
+    sections="$sections,lts__t_sectors_op_read.sum,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum"
     # direction, kernel, head dim, seqlen, and "causal" or nothing
     for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
             "bwd bwd_sm90 128 16384" "bwd bwd_sm90 128 16384 causal" \

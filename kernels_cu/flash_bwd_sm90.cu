@@ -45,11 +45,13 @@
 // dK D / 2 and dV DV / 2 floats, S^T and dP^T 32 each per sub-block in flight, and
 // (but with both score options) P^T's 16-bit A fragments in 16 more registers (pf).
 //
-// dq_accum layout (this kernel and bwd_convert_dq_sm90 only): per (batch, head), tiles of
-// 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 + col / 64) * 4096
-// floats, each row-major with the 8-byte pairs of row r permuted by u -> u ^ 4 (r % 8): a
-// warpgroup's share is then one contiguous 16 KiB block (one bulk copy), and the staging
-// writes (8 rows x 4 pairs per warp instruction) hit distinct bank pairs.
+// dq_accum layout (these kernels and bwd_convert_dq_sm90 only; dq_tile_offset): per (batch,
+// head), tiles of 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 +
+// col / 64) * 4096 floats. bwd_sm90's are row-major with the 8-byte pairs of row r permuted
+// by u -> u ^ 4 (r % 8): a warpgroup's share is then one contiguous 16 KiB block (one bulk
+// copy), and the staging writes (8 rows x 4 pairs per warp instruction) hit distinct bank
+// pairs. bwd_sm90_wide's (D > 128) are in the order of an m64n64 accumulator: registers 4 t
+// .. 4 t + 3 of the warpgroup's thread w at 4 (128 t + w), one 16-byte reduction each.
 //
 // Shared-memory tiles are 128B-swizzled (common/sm90.cuh): rows of 64 elements (128 bytes)
 // in column blocks, 16-byte chunk c of row r at c ^ (r % 8), every tile 1024-byte aligned.
@@ -253,6 +255,16 @@ __device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
             dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
     }
   }
+}
+
+// The offset in floats of element (r, c) of a 64 x 64 dq_accum tile (the layout above).
+template <int D>
+__device__ __forceinline__ int dq_tile_offset(int r, int c) {
+  if constexpr (D > 128)
+    return 4 * (128 * (c / 8) + 32 * (r / 16) + 4 * (r % 8) + (c % 8) / 2) + 2 * ((r / 8) % 2) +
+           c % 2;
+  else
+    return r * 64 + 2 * ((c / 2) ^ (4 * (r % 8))) + c % 2;
 }
 
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
@@ -771,8 +783,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   (float32 through shared memory): warpgroup w computes the elements of queries 32 w ..
 //   P^T, dS^T -> shared memory (16 bits, both halves)
 //   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64 n DV / 2 and n D / 2, SS
-//   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (bwd_sm90's
-//   tiled layout) by red.global.add from the accumulators.
+//   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (in the
+//   accumulators' order, see the top) by 16-byte red.global.add from the accumulators.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
 template <int D, int DV = D>
@@ -954,10 +966,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
     const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
     // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum; this
-    // thread's rows 16 wq + g + 8 hh, pair u = 4 t + qd of a row at u ^ 4 g (bwd_sm90's
-    // dq_accum layout, see the top).
+    // thread's registers 4 t .. 4 t + 3 at 4 (128 t + wtid) (the dq_accum layout at the top).
     const int64 tile0 = scratch_row0(p, seq, b, h) * D + int64(q0 / 64) * (D / 64) * 4096;
-    float* const slab = p.dq_accum + tile0 + (16 * wq + g) * 64;
+    float* const slab = p.dq_accum + tile0 + 4 * wtid;
     float dq[32];
     auto issue_dq = [&](int blk) {  // column block blk of dQ
       const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
@@ -984,10 +995,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
       }
 #pragma unroll
       for (int t = 0; t < 8; ++t)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          red_add2(slab + blk * 4096 + 8 * hh * 64 + 2 * ((4 * t + qd) ^ (4 * g)),
-                   dq[4 * t + 2 * hh], dq[4 * t + 2 * hh + 1]);
+        sm90::red_add4(slab + blk * 4096 + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2],
+                       dq[4 * t + 3]);
       // The warpgroup's adds, ordered before thread 0's release by the barrier.
       if (sem) sm90::named_barrier(3 + wg, 128);
       return sem;
@@ -1045,14 +1054,25 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant
            (seq.q0 + row) * p.dq_row_stride + h * p.dq_head_stride;
   for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
     // In 64 bits, as bwd_sm90's dq_step: in int32 this wraps past 2^24 rows at D = 128.
-    const float* src = slab + (int64(row / 64) * (D / 64) + c0 / 64) * 4096 + (row % 64) * 64 +
-                       2 * (((c0 % 64) / 2) ^ (4 * (row % 8)));
-    const float4 x = *reinterpret_cast<const float4*>(src);
-    const float4 y = *reinterpret_cast<const float4*>(src + 4);
+    const float* tile = slab + (int64(row / 64) * (D / 64) + c0 / 64) * 4096;
+    float x[8];  // columns c0 .. c0 + 7: 4 pairs, contiguous in bwd_sm90's layout
+    if constexpr (D > 128) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float2 v =
+            *reinterpret_cast<const float2*>(tile + dq_tile_offset<D>(row % 64, c0 % 64 + 2 * u));
+        x[2 * u] = v.x;
+        x[2 * u + 1] = v.y;
+      }
+    } else {
+      const float* src = tile + dq_tile_offset<D>(row % 64, c0 % 64);
+      *reinterpret_cast<float4*>(x) = *reinterpret_cast<const float4*>(src);
+      *reinterpret_cast<float4*>(x + 4) = *reinterpret_cast<const float4*>(src + 4);
+    }
     const float s = a.scale;
     *reinterpret_cast<uint4*>(dst + c0) = make_uint4(
-        dtype_traits<T>::pack(x.x * s, x.y * s), dtype_traits<T>::pack(x.z * s, x.w * s),
-        dtype_traits<T>::pack(y.x * s, y.y * s), dtype_traits<T>::pack(y.z * s, y.w * s));
+        dtype_traits<T>::pack(x[0] * s, x[1] * s), dtype_traits<T>::pack(x[2] * s, x[3] * s),
+        dtype_traits<T>::pack(x[4] * s, x[5] * s), dtype_traits<T>::pack(x[6] * s, x[7] * s));
   }
 }
 

@@ -187,6 +187,13 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// p[0..3] += (x, y, z, w) in global memory (16-byte aligned): one 16-byte reduction.
+__device__ __forceinline__ void red_add4(float* p, float x, float y, float z, float w) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(x), "f"(y),
+               "f"(z), "f"(w)
+               : "memory");
+}
+
 // dst[0 .. bytes) += src[0 .. bytes) in float32, by the bulk-copy engine (one thread issues
 // it): both 16-byte aligned, bytes a multiple of 16. Asynchronous, in this thread's
 // bulk group; bulk_wait_read says when src may be overwritten, bulk_wait when it is done.
