@@ -34,8 +34,8 @@
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims $AB_HEADDIMS
-#             (64,128), 4k/16k, causal and not, both also with soft-cap and ALiBi; every
-#             table into ab.log                                                         ~8
+#             (64,128), 4k/16k, causal and not, $AB_IMPLS (cuflash and its soft-cap and
+#             ALiBi calls); every table into ab.log                                     ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -201,7 +201,7 @@ stage_ab() {
             echo "=== pass $pass: $tree" >> "$OUT/ab.log"
             rm -rf /tmp/ab
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
-                bench/sweep.py --out /tmp/ab --impls cuflash,cuflash-softcap,cuflash-alibi \
+                bench/sweep.py --out /tmp/ab --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
                 --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens 4096,16384 \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
