@@ -201,7 +201,8 @@ stage_ab() {
             echo "=== pass $pass: $tree" >> "$OUT/ab.log"
             rm -rf /tmp/ab
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
-                bench/sweep.py --out /tmp/ab --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
+                bench/sweep.py --out /tmp/ab \
+                --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
                 --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens 4096,16384 \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
@@ -236,8 +237,9 @@ stage_profile() {
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
     # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
-    sections="$sections --metrics breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
-    sections="$sections,lts__t_sectors_op_read.sum,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum"
+    local l2=breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
+    l2="$l2,lts__t_sectors_op_read.sum,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum"
+    sections="$sections --metrics $l2"
     # direction, kernel, head dim, seqlen, and "causal" or nothing
     for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
             "bwd bwd_sm90 128 16384" "bwd bwd_sm90 128 16384 causal" \
