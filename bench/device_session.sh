@@ -236,10 +236,10 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
-    # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
-    local l2=breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
-    l2="$l2,lts__t_sectors_op_read.sum,lts__t_sectors_op_red.sum,lts__t_requests_op_red.sum"
-    sections="$sections --metrics $l2"
+    # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by, and
+    # its requests and sectors by operation (reads, reductions).
+    sections="$sections --section MemoryWorkloadAnalysis_Tables --metrics"
+    sections="$sections breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
     # direction, kernel, head dim, seqlen, and "causal" or nothing
     for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
             "bwd bwd_sm90 128 16384" "bwd bwd_sm90 128 16384 causal" \
