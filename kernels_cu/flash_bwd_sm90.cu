@@ -283,7 +283,19 @@ struct BwdRing {
   __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 * s; }
   __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 * (STAGES + s); }
   __device__ __forceinline__ uint32_t full_kv() const { return bars + 16 * STAGES; }
-  __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
+  // The same barriers of the cluster's CTA of rank `rank` (shared::cluster addresses).
+  __device__ __forceinline__ BwdRing peer(uint32_t rank) const {
+    return BwdRing{sm90::cluster_addr(bars, rank)};
+  }
+  // Waits for stage s's "empty" phase of parity `parity` (PAIR: the other CTA arrives too).
+  __device__ __forceinline__ void wait_empty(int s, uint32_t parity) const {
+    if constexpr (PAIR)
+      sm90::mbar_wait_cluster(empty(s), parity);
+    else
+      sm90::mbar_wait(empty(s), parity);
+  }
+  // By one thread, before a CTA barrier (PAIR: a cluster barrier).
+  __device__ __forceinline__ void init() const {
     for (int s = 0; s < STAGES; ++s) {
       sm90::mbar_init(full(s), PAIR ? 1 : 4);
       sm90::mbar_init(empty(s), PAIR ? 16 : 8);
@@ -360,16 +372,16 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
       sm90::fence_proxy_async();
       sm90::named_barrier(Tr::PRODUCER_BARRIER, 128);
       if (tid == 0) {
-        const uint32_t peer = rank ^ 1, half = rank * Q_HALF;
-        const uint32_t q = base + Tr::OFF_Q + s * Tr::Q_BYTES + half;
-        const uint32_t dO = base + Tr::OFF_DO + s * Tr::DO_BYTES + half;
-        const uint32_t bar = sm90::cluster_addr(ring.full(s), peer);
+        // This CTA's rows of the stage (in each column block), and the same in the other CTA.
+        const uint32_t q = base + Tr::OFF_Q + s * Tr::Q_BYTES + rank * Q_HALF;
+        const uint32_t dO = base + Tr::OFF_DO + s * Tr::DO_BYTES + rank * Q_HALF;
+        const uint32_t q_to = sm90::cluster_addr(q, rank ^ 1);
+        const uint32_t do_to = sm90::cluster_addr(dO, rank ^ 1);
+        const uint32_t bar = ring.peer(rank ^ 1).full(s);
         for (int blk = 0; blk < D / 64; ++blk)
-          sm90::bulk_copy_to_cluster(sm90::cluster_addr(q + blk * Tr::Q_BLK, peer),
-                                     q + blk * Tr::Q_BLK, Q_HALF, bar);
+          sm90::bulk_copy_to_cluster(q_to + blk * Tr::Q_BLK, q + blk * Tr::Q_BLK, Q_HALF, bar);
         for (int blk = 0; blk < DV / 64; ++blk)
-          sm90::bulk_copy_to_cluster(sm90::cluster_addr(dO + blk * Tr::Q_BLK, peer),
-                                     dO + blk * Tr::Q_BLK, Q_HALF, bar);
+          sm90::bulk_copy_to_cluster(do_to + blk * Tr::Q_BLK, dO + blk * Tr::Q_BLK, Q_HALF, bar);
         sm90::mbar_arrive_expect_tx(ring.full(s), BYTES);
       }
     }
@@ -401,7 +413,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
   for (int it = 1; it < steps.iters; ++it) {
     const int s = it % STAGES;
     // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
-    if (it >= STAGES) sm90::mbar_wait(ring.empty(s), (it / STAGES - 1) & 1);
+    if (it >= STAGES) ring.wait_empty(s, (it / STAGES - 1) & 1);
     load_stream(it);
     cp_async_commit();
     cp_async_wait<0>();
@@ -414,7 +426,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     // The other CTA's MMA warps arrive at this CTA's "empty" barriers: this CTA's shared
     // memory stays until the last of those arrivals has come.
     for (int it = max(steps.iters - STAGES, 0); it < steps.iters; ++it)
-      sm90::mbar_wait(ring.empty(it % STAGES), (it / STAGES) & 1);
+      ring.wait_empty(it % STAGES, (it / STAGES) & 1);
   }
 }
 
@@ -928,10 +940,9 @@ __device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
   const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
-  // PAIR: the other CTA's "empty" barrier of stage 0 (stage s 8 s bytes on), which this
-  // CTA's MMA warps also give each stage back to.
-  const uint32_t peer_empty = PAIR ? sm90::cluster_addr(ring.empty(0), sm90::cluster_rank() ^ 1)
-                                   : 0;
+  // PAIR: the other CTA's barriers, whose "empty" ones this CTA's MMA warps also give each
+  // stage back to.
+  const BwdRing<STAGES, PAIR> peer = PAIR ? ring.peer(sm90::cluster_rank() ^ 1) : ring;
 
   float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
@@ -1103,7 +1114,7 @@ __device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
     sm90::fence_regs<32>(dq);
     __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer(s)
     sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-    if constexpr (PAIR) sm90::mbar_arrive_cluster_if(peer_empty + 8 * buf, lane == 0);
+    if constexpr (PAIR) sm90::mbar_arrive_cluster_if(peer.empty(buf), lane == 0);
     pass_turn(add_dq(cols + 1));
   }
 

@@ -110,3 +110,13 @@ def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():
         assert forward.choose(q, "sm_90").hopper == hopper
         steps = backward.choose(q, False, "sm_90")
         assert (steps[0].filename == backward.SM90_FILE) == hopper
+
+
+def test_a_plan_refuses_pairs_for_varlen_and_deterministic_calls():
+    """Steps given to a plan (tuning) cannot put bwd_sm90_wide_pair where its shared steps
+    would be wrong (varlen items end mid-pair) or its order not reproducible."""
+    p = _problem(4096, 16, 16, 256)
+    steps = backward.choose(p, False, "sm_90")
+    for q, deterministic in ((dataclasses.replace(p, varlen=True), False), (p, True)):
+        with pytest.raises(ValueError, match="bwd_sm90_wide_pair"):
+            backward.Plan(q, (), steps, deterministic)

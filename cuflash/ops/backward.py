@@ -312,6 +312,9 @@ class Plan:
     allocation (lse_log2, delta and dq_accum, float32; dq_semaphore, int32)."""
 
     def __init__(self, p: _core.Problem, strides: tuple, steps: list, deterministic: bool):
+        if any(s.cluster > 1 for s in steps) and (p.varlen or deterministic):
+            raise ValueError("the clustered backward (bwd_sm90_wide_pair) runs dense calls "
+                             "that are not deterministic only")
         out_s, dout_s, lse_s, dq_s, dk_s, dv_s = strides
         item = p.dtype.itemsize
         with_accum = steps[-1].owner == "rows"  # a dQ conversion reads dq_accum

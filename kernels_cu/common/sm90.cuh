@@ -82,6 +82,20 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
+// mbar_wait for a barrier that other CTAs of the cluster arrive at (release.cluster).
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2, %3;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity), "n"(MBAR_SUSPEND_NS)
+        : "memory");
+  } while (!done);
+}
+
 // --- Shared memory by 32-bit shared addresses (no 64-bit generic pointers: the kernels run
 // near the register limit) ------------------------------------------------------------------
 __device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
