@@ -8,8 +8,7 @@
 //
 //   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
 //   bwd_sm90_wide        the same at head dims over 128, 64 keys a block
-//   bwd_sm90_wide_pair   bwd_sm90_wide in clusters of two CTAs that share Q and dO loads
-//   bwd_convert_dq_sm90  dq = scale * dq_accum, from these kernels' dq_accum layouts
+//   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
 // bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
 // and padded rows, so that their p is exactly 0), dq_accum zeroed.
 //
@@ -129,20 +128,20 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
-// cp.async of rows [r0, r0 + LOAD_ROWS) of a ROWS x D tile (row stride in elements; rows
-// from src) into the swizzled tile at shared address dst; rows >= nrows and columns >=
-// headdim read as zeros. The 128 threads of the producer, consecutive threads on
-// consecutive chunks of a row (coalesced, conflict-free).
-template <int ROWS, int D, int LOAD_ROWS = ROWS, typename T>
+// cp.async of rows [0, nrows) of a ROWS x D tile (row stride in elements) into the swizzled
+// tile at shared address dst; rows >= nrows and columns >= headdim read as zeros. The 128
+// threads of the producer, consecutive threads on consecutive chunks of a row (coalesced,
+// conflict-free).
+template <int ROWS, int D, typename T>
 __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64 row_stride,
-                                               int nrows, int headdim, int tid, int r0 = 0) {
+                                               int nrows, int headdim, int tid) {
   constexpr int CH = D / 8, STEP = 128 / CH;  // 16-byte chunks of a row; rows of a pass
-  static_assert(LOAD_ROWS % STEP == 0 && LOAD_ROWS <= ROWS, "whole passes of 128 threads");
+  static_assert(ROWS % STEP == 0, "whole passes of 128 threads");
   const int c = tid % CH;
   const bool col_ok = c * 8 < headdim;
-  const T* from = src + (r0 + tid / CH) * row_stride + c * 8;
+  const T* from = src + (tid / CH) * row_stride + c * 8;
 #pragma unroll 1
-  for (int r = r0 + tid / CH; r < r0 + LOAD_ROWS; r += STEP, from += STEP * row_stride) {
+  for (int r = tid / CH; r < ROWS; r += STEP, from += STEP * row_stride) {
     const bool ok = col_ok && r < nrows;
     cp_async_16(dst + sw128<ROWS>(r, c), ok ? from : src, ok);
   }
@@ -158,22 +157,18 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
 // windows): the last key block first, so that a query block's dQ adds go from its last key
 // block down, the order in which the CTAs reach it (in ascending order the first add of a
 // causal CTA would wait for every key block before it to finish its whole span). Either
-// way a CTA waits only for CTAs of its pair of lower rank, launched before it. In clusters
-// of CLUSTER CTAs (consecutive in x: bwd_sm90_wide_pair), a rank is CLUSTER consecutive key
-// blocks, one a CTA of the cluster.
-template <int BLOCK_C, int CLUSTER = 1>
+// way a CTA waits only for CTAs of its pair of lower rank, launched before it.
+template <int BLOCK_C>
 struct BwdKeyBlock {
   bool descending;
   int n, b, hkv;
   __device__ __forceinline__ explicit BwdKeyBlock(const BwdParams& p)
       : descending(p.dq_semaphore && p.attn.window_right >= 0) {
-    const int blocks = gridDim.x, units = blocks / CLUSTER, pairs = gridDim.y * gridDim.z;
+    const int blocks = gridDim.x, pairs = gridDim.y * gridDim.z;
     const int cta = blockIdx.x + blocks * (blockIdx.y + gridDim.y * blockIdx.z);
-    const int unit = cta / CLUSTER;
-    const int first = unit / (p.l2_section * units) * p.l2_section;
-    const int size = min(p.l2_section, pairs - first), in_section = unit - first * units;
-    const int rank = CLUSTER * (in_section / size) + cta % CLUSTER;
-    const int pair = first + in_section % size;
+    const int first = cta / (p.l2_section * blocks) * p.l2_section;
+    const int size = min(p.l2_section, pairs - first), in_section = cta - first * blocks;
+    const int rank = in_section / size, pair = first + in_section % size;
     n = descending ? blocks - 1 - rank : rank;
     b = pair % gridDim.y;
     hkv = pair / gridDim.y;
@@ -274,31 +269,17 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
 
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
 // 2 STAGES + 1): "full" per stage, one arrival per producer warp; "empty" per stage, one
-// per MMA warp; then full_kv for K and V. In a cluster of two (bwd_sm90_wide_pair): "full"
-// one arrival (and the bytes that the other CTA's producer copies in), "empty" one per MMA
-// warp of both CTAs.
-template <int STAGES, bool PAIR = false>
+// per MMA warp; then full_kv for K and V.
+template <int STAGES>
 struct BwdRing {
   uint32_t bars;
   __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 * s; }
   __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 * (STAGES + s); }
   __device__ __forceinline__ uint32_t full_kv() const { return bars + 16 * STAGES; }
-  // The same barriers of the cluster's CTA of rank `rank` (shared::cluster addresses).
-  __device__ __forceinline__ BwdRing peer(uint32_t rank) const {
-    return BwdRing{sm90::cluster_addr(bars, rank)};
-  }
-  // Waits for stage s's "empty" phase of parity `parity` (PAIR: the other CTA arrives too).
-  __device__ __forceinline__ void wait_empty(int s, uint32_t parity) const {
-    if constexpr (PAIR)
-      sm90::mbar_wait_cluster(empty(s), parity);
-    else
-      sm90::mbar_wait(empty(s), parity);
-  }
-  // By one thread, before a CTA barrier (PAIR: a cluster barrier).
-  __device__ __forceinline__ void init() const {
+  __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
     for (int s = 0; s < STAGES; ++s) {
-      sm90::mbar_init(full(s), PAIR ? 1 : 4);
-      sm90::mbar_init(empty(s), PAIR ? 16 : 8);
+      sm90::mbar_init(full(s), 4);
+      sm90::mbar_init(empty(s), 8);
     }
     sm90::mbar_init(full_kv(), 4);
     sm90::fence_barrier_init();
@@ -308,22 +289,15 @@ struct BwdRing {
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
-// "empty" one (BwdRing). PAIR (bwd_sm90_wide_pair, two CTAs of a cluster on consecutive key
-// blocks, o0 this CTA's first key): the steps are those of both CTAs' keys, and each
-// producer loads half the rows of Q_i and dO_i (the CTA of rank r rows BLOCK_R / 2 r ..)
-// and copies them into the other CTA's stage too, where they complete its "full" barrier;
-// a stage is refilled once the MMA warps of both CTAs gave it back.
-template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN, bool PAIR = false>
+// "empty" one (BwdRing).
+template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base,
-                                                 const BwdRing<Tr::STAGES, PAIR>& ring, int b,
-                                                 int o0, int hkv, int tid) {
+                                                 const BwdRing<Tr::STAGES>& ring, int b, int o0,
+                                                 int hkv, int tid) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
-  constexpr int LOAD_ROWS = PAIR ? BLOCK_R / 2 : BLOCK_R;  // rows of Q_i, dO_i loaded here
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
-  constexpr int SPAN = PAIR ? 2 * BLOCK_C : BLOCK_C;  // keys of the steps, from o0 / SPAN
-  const uint32_t rank = PAIR ? sm90::cluster_rank() : 0;
-  const BwdSteps<BLOCK_R, SPAN, VARLEN> steps(a, b, o0 / SPAN * SPAN, hkv);
+  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
   const SeqView<VARLEN>& seq = steps.seq;
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
   // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
@@ -336,17 +310,14 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
     const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
     const int64 row = seq.q0 + r0;
-    const int half = LOAD_ROWS * int(rank);
-    sm90_load_tile<BLOCK_R, D, LOAD_ROWS>(
-        tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
-        static_cast<const T*>(a.q) + item * a.q_batch_stride + row * a.q_row_stride +
-            h * a.q_head_stride,
-        a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread, half);
-    sm90_load_tile<BLOCK_R, DV, LOAD_ROWS>(
-        tiles + Tr::OFF_DO + buf * Tr::DO_BYTES,
-        static_cast<const T*>(p.dout) + item * p.do_batch_stride + row * p.do_row_stride +
-            h * p.do_head_stride,
-        p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread, half);
+    sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
+                               static_cast<const T*>(a.q) + item * a.q_batch_stride +
+                                   row * a.q_row_stride + h * a.q_head_stride,
+                               a.q_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
+    sm90_load_tile<BLOCK_R, DV>(tiles + Tr::OFF_DO + buf * Tr::DO_BYTES,
+                                static_cast<const T*>(p.dout) + item * p.do_batch_stride +
+                                    row * p.do_row_stride + h * p.do_head_stride,
+                                p.do_row_stride, seq.seqlen_q() - r0, a.headdim, thread);
     const int64 scratch = scratch_row0(p, seq, b, h) + r0;
     if (thread < BLOCK_R / 4)
       cp_async_16(tiles + Tr::OFF_LSE + buf * BLOCK_R * 4 + 16 * thread,
@@ -363,41 +334,16 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     __syncwarp();
     sm90::mbar_arrive_if(bar, lane == 0);
   };
-  // PAIR: once the whole producer's rows of stage s have landed, thread 0 copies them into
-  // the other CTA's stage s (its "full" barrier counts the bytes) and arrives at this CTA's,
-  // announcing the bytes that the other CTA copies in.
-  auto publish_pair = [&](int s) {
-    if constexpr (PAIR) {
-      constexpr uint32_t Q_HALF = LOAD_ROWS * 128, BYTES = (D + DV) / 64 * Q_HALF;
-      sm90::fence_proxy_async();
-      sm90::named_barrier(Tr::PRODUCER_BARRIER, 128);
-      if (tid == 0) {
-        // This CTA's rows of the stage (in each column block), and the same in the other CTA.
-        const uint32_t q = base + Tr::OFF_Q + s * Tr::Q_BYTES + rank * Q_HALF;
-        const uint32_t dO = base + Tr::OFF_DO + s * Tr::DO_BYTES + rank * Q_HALF;
-        const uint32_t q_to = sm90::cluster_addr(q, rank ^ 1);
-        const uint32_t do_to = sm90::cluster_addr(dO, rank ^ 1);
-        const uint32_t bar = ring.peer(rank ^ 1).full(s);
-        for (int blk = 0; blk < D / 64; ++blk)
-          sm90::bulk_copy_to_cluster(q_to + blk * Tr::Q_BLK, q + blk * Tr::Q_BLK, Q_HALF, bar);
-        for (int blk = 0; blk < DV / 64; ++blk)
-          sm90::bulk_copy_to_cluster(do_to + blk * Tr::Q_BLK, dO + blk * Tr::Q_BLK, Q_HALF, bar);
-        sm90::mbar_arrive_expect_tx(ring.full(s), BYTES);
-      }
-    }
-  };
   if (steps.iters > 0) {
-    // Keys past the item's (the next item's, in varlen) load as zeros and are masked; a
-    // pair's second CTA past the last key (k0: the item's first row then) loads only zeros.
+    // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
     const int nk = seq.seqlen_k() - o0;
-    const int64 k0 = seq.k0 + (nk > 0 ? o0 : 0);
     sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
                                static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-                                   k0 * a.k_row_stride + hkv * a.k_head_stride,
+                                   (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
                                a.k_row_stride, nk, a.headdim, tid);
     sm90_load_tile<BLOCK_C, DV>(base + Tr::OFF_V,
                                 static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                                    k0 * a.v_row_stride + hkv * a.v_head_stride,
+                                    (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                                 a.v_row_stride, nk, a.headdim, tid);
     cp_async_commit();
     load_stream(0);  // in flight with K and V: one round trip before the first step
@@ -405,28 +351,16 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     cp_async_wait<1>();
     publish(ring.full_kv());
     cp_async_wait<0>();
-    if constexpr (PAIR)
-      publish_pair(0);
-    else
-      publish(ring.full(0));
+    publish(ring.full(0));
   }
   for (int it = 1; it < steps.iters; ++it) {
     const int s = it % STAGES;
     // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
-    if (it >= STAGES) ring.wait_empty(s, (it / STAGES - 1) & 1);
+    if (it >= STAGES) sm90::mbar_wait(ring.empty(s), (it / STAGES - 1) & 1);
     load_stream(it);
     cp_async_commit();
     cp_async_wait<0>();
-    if constexpr (PAIR)
-      publish_pair(s);
-    else
-      publish(ring.full(s));
-  }
-  if constexpr (PAIR) {
-    // The other CTA's MMA warps arrive at this CTA's "empty" barriers: this CTA's shared
-    // memory stays until the last of those arrivals has come.
-    for (int it = max(steps.iters - STAGES, 0); it < steps.iters; ++it)
-      ring.wait_empty(it % STAGES, (it / STAGES) & 1);
+    publish(ring.full(s));
   }
 }
 
@@ -853,19 +787,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   accumulators' order, see the top) by 16-byte red.global.add from the accumulators.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
-// bwd_sm90_wide_pair (dense, not deterministic): the same in clusters of two CTAs on
-// consecutive key blocks of a (batch item, kv head), which walk the query blocks of both
-// together and read each Q_i and dO_i from the L2 once (bwd_sm90_produce's PAIR): the
-// kernel is bound by its L2 traffic (Q and dO reads, dQ reductions). A step that sees none
-// of a CTA's keys (a causal diagonal that the other CTA's keys reach) has P = dS = 0 from
-// the mask and adds zeros into dq_accum.
 template <int D, int DV = D>
 struct BwdSm90WideTraits {
   static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2;
   static constexpr int HALF = D / 2, HALF_V = DV / 2;  // a warpgroup's columns of dK, dV
   static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
-  static constexpr int PRODUCER_BARRIER = 5;  // named barrier of the producer (pairs)
   static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;  // of Q or dO
   static constexpr int K_BYTES = K_BLK * (D / 64), V_BYTES = K_BLK * (DV / 64);
@@ -899,40 +826,35 @@ __device__ __forceinline__ void bwd_sm90_wide_sdp(float (&x)[32], uint32_t a, ui
                            sm90::desc_at(db, (kk / 4) * Tr::Q_BLK + (kk % 4) * 32), kk > 0);
 }
 
-template <typename T, int D, int OPTS, bool VARLEN, int DV, bool PAIR>
-__device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
+template <typename T, int D, int OPTS, bool VARLEN = false, int DV = D>
+__global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p) {
   using Tr = BwdSm90WideTraits<D, DV>;
   constexpr int BLOCK_C = Tr::BLOCK_C, BLOCK_R = Tr::BLOCK_R, STAGES = Tr::STAGES;
   constexpr int HALF = Tr::HALF, HALF_V = Tr::HALF_V;
-  constexpr int SPAN = PAIR ? 2 * BLOCK_C : BLOCK_C;  // keys of the steps (the pair's)
-  static_assert(!(PAIR && VARLEN), "pairs are dense: both CTAs of a pair walk the same steps");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
-  const BwdRing<STAGES, PAIR> ring{smem_addr(barriers)};
+  const BwdRing<STAGES> ring{smem_addr(barriers)};
 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int lane = tid % 32;
-  const BwdKeyBlock<BLOCK_C, PAIR ? 2 : 1> key_block(p);
+  const BwdKeyBlock<BLOCK_C> key_block(p);
   const int b = key_block.b, hkv = key_block.hkv;
   const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
   if (tid == 0) ring.init();
-  if constexpr (PAIR)
-    sm90::cluster_sync();  // the other CTA's barriers are initialized
-  else
-    __syncthreads();
+  __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN, PAIR>(p, base, ring, b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
-  const BwdSteps<BLOCK_R, SPAN, VARLEN> steps(a, b, o0 / SPAN * SPAN, hkv);
+  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
   const SeqView<VARLEN>& seq = steps.seq;
   const int wtid = tid % 128, wq = wtid / 32, g = lane / 4, qd = lane % 4;
   const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
@@ -940,9 +862,6 @@ __device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
   const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
-  // PAIR: the other CTA's barriers, whose "empty" ones this CTA's MMA warps also give each
-  // stage back to.
-  const BwdRing<STAGES, PAIR> peer = PAIR ? ring.peer(sm90::cluster_rank() ^ 1) : ring;
 
   float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
@@ -1064,7 +983,7 @@ __device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
     // issued: the release waits for the adds to land, and warp 0 waiting there would hold
     // back that issue.
     auto add_dq = [&](int blk) {
-      int* const sem = !PAIR && p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
+      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
       if (sem) {
         // Deterministic: this CTA's turn among the key blocks that reach query block q0 / 64
         // (bwd_sm90's dq_step says why the whole first warp waits), then the warpgroup.
@@ -1112,24 +1031,12 @@ __device__ __forceinline__ void bwd_sm90_wide_body(const BwdParams& p) {
     sm90::fence_regs<HALF_V / 2>(dv);
     sm90::fence_regs<HALF / 2>(dk);
     sm90::fence_regs<32>(dq);
-    __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer(s)
+    __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
     sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-    if constexpr (PAIR) sm90::mbar_arrive_cluster_if(peer.empty(buf), lane == 0);
     pass_turn(add_dq(cols + 1));
   }
 
   bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
-}
-
-template <typename T, int D, int OPTS, bool VARLEN = false, int DV = D>
-__global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p) {
-  bwd_sm90_wide_body<T, D, OPTS, VARLEN, DV, false>(p);
-}
-
-template <typename T, int D, int OPTS, int DV = D>
-__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
-    bwd_sm90_wide_pair(const __grid_constant__ BwdParams p) {
-  bwd_sm90_wide_body<T, D, OPTS, false, DV, true>(p);
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded

@@ -123,7 +123,6 @@ def test_hopper_forward_takes_a_head_dim_of_v_of_its_own(name):
     "cuflash::bwd_sm90<__half, 128, 64, 1, true, 64>",
     "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, false, 128>",
     "cuflash::bwd_sm90_wide<__half, 256, 2, true, 128>",
-    "cuflash::bwd_sm90_wide_pair<__nv_bfloat16, 256, 1, 128>",
 ])
 def test_hopper_backward_takes_a_head_dim_of_v_of_its_own(name):
     """The Hopper backward's traits allow V and dO a head dim other than Q's and K's (128 /

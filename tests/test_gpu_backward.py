@@ -341,14 +341,11 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert opts(F16, 64, alibi=True, softcap=2.0) == 4
     assert pick(F32, 128, False, "sm_90") is None
     assert pick(F16, 256, False, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90_wide_pair<__half, 256, 0>"           # head dims over 128
-    assert pick(F16, 256, False, "sm_90")[0].cluster == 2
+        "cuflash::bwd_sm90_wide<__half, 256, 0>"                # head dims over 128
     assert pick(BF16, 192, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90_wide_pair<__nv_bfloat16, 256, 1>"
+        "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 1>"
     assert pick(F16, 256, True, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90_wide<__half, 256, 0>"                # deterministic: no pairs
-    assert pick(F16, 256, False, "sm_90", varlen=True)[0].name_expression == \
-        "cuflash::bwd_sm90_wide<__half, 256, 0, true>"          # nor varlen
+        "cuflash::bwd_sm90_wide<__half, 256, 0>"                # deterministic too
     # The explicit override keeps bwd_main on sm_90.
     steps = ops.backward.choose(_problem(BF16, 128), False, "sm_90", hopper=False)
     assert all(s.filename == ops.backward.FILE for s in steps), steps

@@ -229,7 +229,7 @@ def compare_call(call_id, old: dict, new: dict) -> list:
         lo = [x for i, x in enumerate(lo) if i not in moved]
         ln = [x for i, x in enumerate(ln) if i not in moved]
         hopper_bwd = ("cuflash::bwd_sm90<", "cuflash::bwd_sm90_wide<",
-                      "cuflash::bwd_sm90_wide_pair<", "cuflash::bwd_convert_dq_sm90<")
+                      "cuflash::bwd_convert_dq_sm90<")
         if any(x["name"].startswith(hopper_bwd) for x in ln) and \
                 not any(x["name"].startswith(hopper_bwd) for x in lo):
             main = hopper_bwd + ("cuflash::bwd_main<", "cuflash::bwd_convert_dq<")

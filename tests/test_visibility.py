@@ -97,8 +97,7 @@ def test_refused_tma_maps_warn_once(fake_gpu, caplog, monkeypatch):
 
 def test_every_kernel_name_follows_the_selection_conventions():
     """precompile selects by name: the first integer template argument is the head dim, the
-    C++ type the dtype, and varlen and dense instantiations come in twins (but
-    bwd_sm90_wide_pair's, which only dense calls launch)."""
+    C++ type the dtype, and every varlen instantiation has a dense twin."""
     for arch in tiles.CHECKED_ARCHS:
         kernels = [(filename, name) for filename, name, _ in ops.all_kernels(arch)]
         names = {name for _, name in kernels}
@@ -109,9 +108,7 @@ def test_every_kernel_name_follows_the_selection_conventions():
         for prefix in ("flash_fwd", "flash_bwd"):
             family = [name for filename, name in kernels if filename.startswith(prefix)]
             varlen = [name for name in family if precompile.is_varlen(name, names)]
-            dense_only = [name for name in family
-                          if name.startswith("cuflash::bwd_sm90_wide_pair<")]
-            assert 2 * len(varlen) + len(dense_only) == len(family), (arch, prefix)
+            assert 2 * len(varlen) == len(family), (arch, prefix)
 
 
 def test_selection_holds_what_the_forward_chooses():

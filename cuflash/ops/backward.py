@@ -129,9 +129,7 @@ class Sm90Tile:
 # turns in key-block order, through one int semaphore per 4096-float tile of dq_accum).
 # bwd_sm90_wide serves head dims over 128 (padded to 256) the same way: SM90_WIDE_KEYS keys
 # per CTA, the MMA warpgroups splitting the head dim, dQ by red.global.add (in the same
-# turns when deterministic); dense calls that are not deterministic run it in clusters of
-# two CTAs that read each Q and dO tile from the L2 once (bwd_sm90_wide_pair). bwd_main
-# serves the rest.
+# turns when deterministic). bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM = 64, 256
 SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
@@ -173,7 +171,6 @@ class Step:
     num_threads: int
     shared_bytes: int
     traits: str = ""    # the C++ traits whose SMEM_BYTES is shared_bytes
-    cluster: int = 1    # CTAs of a cluster along x (the kernel's __cluster_dims__)
 
 
 def _cxx(dtype) -> str:
@@ -254,10 +251,9 @@ def sm90_headdim(headdim: int) -> int | None:
     return next((d for d in (*SM90_TILES, SM90_WIDE_HEADDIM) if d >= headdim), None)
 
 
-def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool = False
-               ) -> list:
-    """bwd_sm90 or bwd_sm90_wide(_pair) (``opts``: its OPTS) and its dQ conversion
-    (dq_accum is in its own tiled layout)."""
+def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
+    """bwd_sm90 (``opts``: its OPTS) and its dQ conversion (dq_accum is in its own tiled
+    layout)."""
     hd = sm90_headdim(headdim)
     v = tiles.varlen_flag(varlen)
     convert = Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
@@ -268,14 +264,9 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool
         keys = rows = SM90_WIDE_KEYS
         elements = 2 * keys * hd + 2 * SM90_STAGES * rows * hd + 2 * keys * rows
         shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_STAGES * rows * 4 + 1024
-        traits = f"cuflash::BwdSm90WideTraits<{hd}>"
-        if varlen or deterministic:
-            wide = Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
-                        "keys", keys, SM90_THREADS, shared, traits)
-        else:
-            wide = Step(SM90_FILE, f"cuflash::bwd_sm90_wide_pair<{_cxx(dtype)}, {hd}, {opts}>",
-                        "keys", keys, SM90_THREADS, shared, traits, cluster=2)
-        return [wide, convert]
+        return [Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
+                     "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>"),
+                convert]
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
     # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
@@ -292,7 +283,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     benchmarks compare the two), as do soft-caps over FAST_TANH_MAX_SOFTCAP."""
     if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim) \
             and p.fast_tanh:
-        return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen, deterministic)
+        return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
 
@@ -312,9 +303,6 @@ class Plan:
     allocation (lse_log2, delta and dq_accum, float32; dq_semaphore, int32)."""
 
     def __init__(self, p: _core.Problem, strides: tuple, steps: list, deterministic: bool):
-        if any(s.cluster > 1 for s in steps) and (p.varlen or deterministic):
-            raise ValueError("the clustered backward (bwd_sm90_wide_pair) runs dense calls "
-                             "that are not deterministic only")
         out_s, dout_s, lse_s, dq_s, dk_s, dv_s = strides
         item = p.dtype.itemsize
         with_accum = steps[-1].owner == "rows"  # a dQ conversion reads dq_accum
@@ -351,13 +339,16 @@ class Plan:
                   *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0,
                   _section(p))
         self.record = _core.Record(PARAMS, record, _ADDRESSES)
+        grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
+                 "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
+                 "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
         pre = _pre("preprocess", p.dtype, p.varlen)
         self.steps = steps
         self.kernels = [_core.Kernel(FILE, pre.name_expression, p.device_id,
                                      (pre_rows // PRE_ROWS, p.nheads, p.batch),
                                      (PRE_THREADS,), 0)]
         self.kernels += [_core.Kernel(s.filename, s.name_expression, p.device_id,
-                                      grid(s, p), (s.num_threads,), s.shared_bytes)
+                                      grids[s.owner](s), (s.num_threads,), s.shared_bytes)
                          for s in steps]
 
     def __call__(self, stream: int, scratch: int, q, k, v, slopes, cu_q, cu_k, out, dout,
@@ -372,16 +363,6 @@ class Plan:
                                 scratch, scratch + self.delta_offset, accum, semaphore)
         for kernel in self.kernels:
             kernel(stream, argv)
-
-
-def grid(s: Step, p: _core.Problem) -> tuple:
-    """The grid of step ``s``: its owner blocks, key blocks in whole clusters (a pair's
-    second CTA past the last key loads zeros and stores nothing)."""
-    if s.owner == "keys":
-        return -(-p.seqlen_k // (s.block_o * s.cluster)) * s.cluster, p.batch, p.nheads_kv
-    if s.owner == "queries":
-        return -(-p.seqlen_q // s.block_o), p.batch, p.nheads
-    return -(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch
 
 
 def _section(p: _core.Problem) -> int:
@@ -425,9 +406,7 @@ def _steps(arch: str):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
                     for options in itertools.product((False, True), repeat=2):
-                        for deterministic in (False, True):
-                            yield from sm90_steps(dtype, hd, _core.score_opts(*options),
-                                                  varlen, deterministic)
+                        yield from sm90_steps(dtype, hd, _core.score_opts(*options), varlen)
 
 
 def facts():

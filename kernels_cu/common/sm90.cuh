@@ -82,20 +82,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
-// mbar_wait for a barrier that other CTAs of the cluster arrive at (release.cluster).
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2, %3;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity), "n"(MBAR_SUSPEND_NS)
-        : "memory");
-  } while (!done);
-}
-
 // --- Shared memory by 32-bit shared addresses (no 64-bit generic pointers: the kernels run
 // near the register limit) ------------------------------------------------------------------
 __device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
@@ -224,42 +210,6 @@ __device__ __forceinline__ void bulk_wait_read() {
 }
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-
-// --- Clusters (distributed shared memory) --------------------------------------------------
-// This CTA's rank in its cluster.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// The shared::cluster address of shared address `addr` in the CTA of rank `rank`.
-__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-// Every thread of the cluster: arrive (release), then wait for all (acquire).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n"
-               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// mbar_arrive_if on a barrier of another CTA of the cluster (`bar` from cluster_addr).
-__device__ __forceinline__ void mbar_arrive_cluster_if(uint32_t bar, bool pred) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
-               "@p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n}\n" ::"r"(bar),
-               "r"(static_cast<int>(pred))
-               : "memory");
-}
-// bytes (a multiple of 16) of this CTA's shared memory at src -> dst in another CTA of the
-// cluster (cluster_addr), completing that CTA's barrier `bar` (cluster_addr too) by bytes.
-// src must be ordered before the async proxy (fence_proxy_async) by every thread that wrote it.
-__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, uint32_t src, uint32_t bytes,
-                                                     uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-      "[%3];\n" ::"r"(dst), "r"(src), "r"(bytes), "r"(bar)
-      : "memory");
 }
 
 // Turns in global memory between CTAs: wait until *sem reaches turn (acquire), then order
