@@ -34,8 +34,11 @@ Timing, the same for every implementation (JAX runs on its own stream, so CUDA e
 CuPy's or torch's stream would not see its work): warm-up calls (compilation, autotuning),
 then N calls back to back and one synchronisation at the end (``jax.block_until_ready`` of
 the last result, then ``cudaDeviceSynchronize``, which waits for every stream), timed on the
-host clock; N fills about 60 ms; the median of 5 such runs (_common.back_to_back). Before
-the first row the GPU runs large matmuls for a second, to reach its full clock. In every
+host clock; N fills about 60 ms; the median of 3 such runs (_common.back_to_back); each
+implementation so twice, in the row's order and in reverse, keeping the faster (the
+previous row's work can leave the GPU's clock low for a row's first column: the same
+forward call measured 8% apart in one row). Before the first row the GPU runs large
+matmuls for a second, to reach its full clock. In every
 forward row each implementation's output is compared once with cuflash's (the first 256
 positions of two batch items; relative to its largest value), which catches a layout or
 argument mistake in a peer; a difference above 5% is listed under "Output check".
@@ -107,7 +110,7 @@ DEFAULT_MODES = ("fwd", "bwd")
 # The naive peer materialises (batch, nheads, seqlen, seqlen) scores in the input dtype, and
 # its softmax and backward hold a few such matrices at once.
 NAIVE_BUDGET = 8 * 2 ** 30
-TIMING = {"full": Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5),
+TIMING = {"full": Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=3),
           "quick": Timing(budget_ms=20.0, min_calls=2, max_calls=50, reps=3),
           "dry": Timing(budget_ms=2.0, min_calls=1, max_calls=3, reps=2, warmup=1)}
 WARM_UP_SECONDS = 1.0  # of large matmuls before the first row, to bring the GPU to full clock
@@ -349,7 +352,9 @@ def make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers
 def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
                release=lambda: None, check=True):
     """Rows of one shape (the inputs' (batch, seqlen, nheads, headdim)), one per (causal,
-    mode), each implementation measured in turn; yields each row when it is complete."""
+    mode); yields each row when it is complete. Each implementation is measured twice, in
+    the row's order and then in reverse, and keeps the faster (``pass_ms``: both): the GPU's
+    clock after the previous row's work no longer favours the later columns of a row."""
     batch, seqlen, nheads, headdim = inputs[0].shape
     peers = [n for n, impl in impls.items() if impl.peer]
     for causal, mode in itertools.product(causals, modes):
@@ -366,6 +371,15 @@ def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
                     result["check"] = difference(sample, reference[1])
                     result["check_against"] = reference[0]
             results[name] = result
+        for name, impl in reversed(impls.items()):
+            if "ms" not in results[name]:
+                continue
+            again, _ = measure(impl, mode, inputs, causal, row_flops, timing, sync, False)
+            release()
+            first = results[name]
+            best = again if again.get("ms", first["ms"]) < first["ms"] else first
+            results[name] = {**first, **{k: best[k] for k in best if k != "check"},
+                             "pass_ms": [first["ms"], again.get("ms")]}
         yield make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers)
 
 

@@ -232,6 +232,35 @@ def test_measure_turns_failures_into_gaps():
     assert got == {"error": "Skipped: torch does not import"}
 
 
+def test_each_implementation_is_timed_in_both_orders_and_keeps_the_faster(clock):
+    """The first column of a row runs slow (the GPU's clock after the previous row's work):
+    the second pass, in reverse order, measures it again, and the faster pass counts."""
+    order = []
+
+    def impl(name, slow_first):
+        @contextlib.contextmanager
+        def run(mode, q, k, v, dout, causal):
+            order.append(name)
+            first = order.count(name) == 1
+            cost = 2.0 if slow_first and first else 1.0  # ms a call
+
+            def fn():
+                clock.now += cost / 1e3
+            yield fn
+        return sweep.Impl(run, "cuflash" if name == "cuflash" else "torch", name == "peer")
+
+    impls = {"cuflash": impl("cuflash", True), "peer": impl("peer", False),
+             "broken": sweep.Impl(sweep.unavailable("no such library"), "torch", True)}
+    q = np.zeros((1, 2, 1, 8))
+    row, = sweep.shape_rows(impls, [q] * 4, "bf16", (False,), ("bwd",), sweep.TIMING["dry"],
+                            lambda r: None)
+    assert order == ["cuflash", "peer", "peer", "cuflash"]  # the broken one not retried
+    got = row["results"]
+    assert got["cuflash"]["ms"] == pytest.approx(1.0) and got["peer"]["ms"] == pytest.approx(1.0)
+    assert got["cuflash"]["pass_ms"] == pytest.approx([2.0, 1.0])
+    assert row["ratio"] == pytest.approx(1.0) and "error" in got["broken"]
+
+
 def test_parse_args_defaults_of_the_issues_tables(tmp_path):
     args = sweep.parse_args(["--out", str(tmp_path)])
     assert args.headdims == [64, 128, 256] and args.seqlens == [1024, 4096, 16384]
