@@ -29,7 +29,8 @@
 #   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
 #             backward at head dim 128 (the backward also at 16k, causal and not: the
 #             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
-#             warp states, scheduler and memory sections, the L2's units, as text      ~4
+#             warp states, scheduler, memory and source-counter sections, the L2's
+#             units, as text                                                           ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
@@ -236,6 +237,8 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
+    # Where the warps stall, by instruction (the top SASS lines of each stall reason).
+    sections="$sections --section SourceCounters"
     # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by, and
     # its requests and sectors by operation (reads, reductions).
     sections="$sections --section MemoryWorkloadAnalysis_Tables --metrics"
