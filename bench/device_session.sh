@@ -239,9 +239,8 @@ stage_profile() {
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
     # Where the warps stall, by instruction (the top SASS lines of each stall reason).
     sections="$sections --section SourceCounters"
-    # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by, and
-    # its requests and sectors by operation (reads, reductions).
-    sections="$sections --section MemoryWorkloadAnalysis_Tables --metrics"
+    # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
+    sections="$sections --metrics"
     sections="$sections breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
     # direction, kernel, head dim, seqlen, and "causal" or nothing
     for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
