@@ -784,7 +784,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   P^T, dS^T -> shared memory (16 bits, both halves)
 //   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64 n DV / 2 and n D / 2, SS
 //   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (in the
-//   accumulators' order, see the top) by 16-byte red.global.add from the accumulators.
+//   accumulators' order, see the top) by 16-byte red.global.add from the accumulators;
+//   the next step's S^T / dP^T is issued behind the second tile, dV and dK.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
 template <int D, int DV = D>
@@ -1052,8 +1053,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded
-// to T, reading bwd_sm90's tiled and permuted dq_accum layout (see the top). 8 threads a
-// row, 8 columns each: 8 consecutive columns are 8 consecutive floats there too.
+// to T, reading the dq_accum layouts of bwd_sm90 and bwd_sm90_wide (see the top). 8 threads
+// a row, 8 columns each: 8 consecutive floats in bwd_sm90's layout, 4 pairs 16 bytes apart
+// in bwd_sm90_wide's.
 template <typename T, int D, bool VARLEN = false>
 __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
@@ -1067,7 +1069,7 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant
   for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
     // In 64 bits, as bwd_sm90's dq_step: in int32 this wraps past 2^24 rows at D = 128.
     const float* tile = slab + (int64(row / 64) * (D / 64) + c0 / 64) * 4096;
-    float x[8];  // columns c0 .. c0 + 7: 4 pairs, contiguous in bwd_sm90's layout
+    float x[8];  // columns c0 .. c0 + 7
     if constexpr (D > 128) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
