@@ -97,7 +97,7 @@ class Problem:
     @property
     def score_mod(self) -> bool:
         """Soft-capping or ALiBi: the instantiations that transform scores."""
-        return self.softcap > 0 or self.alibi_batch_stride is not None
+        return self.opts != 0
 
     @property
     def opts(self) -> int:
