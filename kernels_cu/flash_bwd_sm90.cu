@@ -784,8 +784,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 //   P^T, dS^T -> shared memory (16 bits, both halves)
 //   dV_w += P^T dO_i[:, w],  dK_w += dS^T Q_i[:, w]     m64 n DV / 2 and n D / 2, SS
 //   dQ_i[:, w] = dS K[:, w] in two m64n64 tiles, each added into dq_accum (in the
-//   accumulators' order, see the top) by 16-byte red.global.add from the accumulators;
-//   the next step's S^T / dP^T is issued behind the second tile, dV and dK.
+//   accumulators' order, see the top) by 16-byte red.global.add from the accumulators.
 // Deterministic (BwdParams.dq_semaphore) as bwd_sm90: the key blocks add into a dQ tile in
 // turn, each CTA's 128 threads between one wait for the turn and one pass of it.
 template <int D, int DV = D>
@@ -870,15 +869,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 #pragma unroll
   for (int i = 0; i < HALF / 2; ++i) dk[i] = 0.f;
 
-  // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
-  // step it's 64 keys and queries into x, in a commit group of its own, once its stage
-  // (Q, dO, lse, delta) is there. Step it + 1's is issued under step it's second dQ tile.
-  float x[32];
-  auto issue_sdp = [&](int it) {
-    const int buf = it % STAGES;
+  if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
+  for (int it = 0; it < steps.iters; ++it) {
+    const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
     const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
     const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
-    sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);
+    sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+
+    // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
+    // the 64 keys and queries.
+    float x[32];
     sm90::wgmma_fence();
     if (DV == D || wg == 0)
       bwd_sm90_wide_sdp<T, D, Tr>(x, base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V),
@@ -886,16 +886,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     else
       bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
     sm90::wgmma_commit();
-  };
-  if (steps.iters > 0) {
-    sm90::mbar_wait(ring.full_kv(), 0);
-    issue_sdp(0);
-  }
-  for (int it = 0; it < steps.iters; ++it) {
-    const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
-    const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
-    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
-    sm90::wgmma_wait<0>();  // this step's S^T / dP^T (the only group in flight)
+    sm90::wgmma_wait<0>();
     sm90::fence_regs<32>(x);
     // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
     // keeps those of its own tile and hands over the other half, 16 floats a thread in
@@ -1036,10 +1027,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     sm90::wgmma_fence();
     issue_dq(cols + 1);
     pass_turn(turn);
-    // The next step's S^T / dP^T (the last step's own again: no branch around a wgmma),
-    // behind dQ tile 2, dV and dK.
-    issue_sdp(min(it + 1, steps.iters - 1));
-    sm90::wgmma_wait<1>();  // all but the S^T / dP^T just issued
+    sm90::wgmma_wait<0>();
     sm90::fence_regs<HALF_V / 2>(dv);
     sm90::fence_regs<HALF / 2>(dk);
     sm90::fence_regs<32>(dq);
@@ -1047,7 +1035,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
     pass_turn(add_dq(cols + 1));
   }
-  sm90::wgmma_wait<0>();  // the last step's repeated S^T / dP^T
 
   bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
 }
