@@ -8,7 +8,8 @@
 #   tests     every sm_90 kernel precompiled; bench/diagnose.py smoke (small forward and
 #             backward cases, each in a process with a time limit: a deadlocked kernel
 #             shows as a TIMEOUT in seconds); then pytest -m gpu -n 8 over tests/ but the
-#             JAX files (stage jax), a per-test timeout (30 s after a smoke hang)     ~6-8
+#             JAX files (stage jax), a per-test timeout (30 s after a smoke hang);
+#             $TESTS_PATHS (files or directories) narrows the GPU tests               ~6-8
 #   sanitize  compute-sanitizer memcheck on small tests: reliability (huge cache lengths,
 #             pages, wild block tables, append), forward and backward at head dims 64 and
 #             128 (bf16), split-KV decode                                                ~3
@@ -130,7 +131,7 @@ stage_tests() {
     # shellcheck disable=SC2046
     run $(($(left) - 5)) "$OUT/tests.log" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
         $(per_test_timeout $limit) --durations=30 --ignore=tests/test_jax.py \
-        --ignore=tests/test_jax_ring.py tests
+        --ignore=tests/test_jax_ring.py ${TESTS_PATHS:-tests}
     summary tests "$(pytest_result "$OUT/tests.log")"
 }
 

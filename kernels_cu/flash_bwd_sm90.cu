@@ -27,8 +27,8 @@
 //   before dS^T)
 //   dS^T -> shared memory; in the next step (once the other warpgroup's half is there:
 //   ready() in the loop) warpgroup w computes one 64 x 64 tile of dQ_i = dS K (A = dS^T
-//   M-major, B = K N-major), stages it in shared memory and adds it into dq_accum with
-//   one bulk reduce-add (16 KiB);
+//   M-major, B = K N-major) and adds it into dq_accum from the accumulators (16-byte
+//   reductions, the layout below);
 //   warpgroup 0 does so at the start of the step, warpgroup 1 at its end, so that their
 //   MMA phases interleave with each other's elementwise work.
 // Work is in 64-query sub-blocks (m64n64 S^T, dP^T), every one computed: a sub-tile that
@@ -47,11 +47,10 @@
 //
 // dq_accum layout (these kernels and bwd_convert_dq_sm90 only; dq_tile_offset): per (batch,
 // head), tiles of 64 rows x 64 columns, tile (row / 64, col / 64) at ((row / 64) * D / 64 +
-// col / 64) * 4096 floats. bwd_sm90's are row-major with the 8-byte pairs of row r permuted
-// by u -> u ^ 4 (r % 8): a warpgroup's share is then one contiguous 16 KiB block (one bulk
-// copy), and the staging writes (8 rows x 4 pairs per warp instruction) hit distinct bank
-// pairs. bwd_sm90_wide's (D > 128) are in the order of an m64n64 accumulator: registers 4 t
-// .. 4 t + 3 of the warpgroup's thread w at 4 (128 t + w), one 16-byte reduction each.
+// col / 64) * 4096 floats, each in the order of an m64n64 accumulator: registers 4 t ..
+// 4 t + 3 of the warpgroup's thread w at 4 (128 t + w), so that a warpgroup adds its tile
+// straight from the accumulators, one 16-byte red.global.add a register quad (a warp's 32
+// reductions cover 512 contiguous bytes).
 //
 // Shared-memory tiles are 128B-swizzled (common/sm90.cuh): rows of 64 elements (128 bytes)
 // in column blocks, 16-byte chunk c of row r at c ^ (r % 8), every tile 1024-byte aligned.
@@ -75,11 +74,15 @@ template <int D, int BLOCK_R, int DV = D>
 struct BwdSm90Traits {
   static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
   static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
-  static constexpr int STAGES = 2;     // buffers of the Q, dO, lse, delta ring
+  // Buffers of the Q, dO, lse, delta ring. A stage comes back when the later warpgroup's
+  // dK of its step is done, half a step after the earlier one began the next; with three,
+  // its reload has a step and a half before it is needed, which covers the L2's latency
+  // under the causal mask's scattered query blocks.
+  static constexpr int STAGES = 3;
   // dS^T buffers. Three where they fit (head dim 128): step j writes buffer j % 3, and the
   // two MMA warpgroups hand it over without a barrier of both a step (see ready() in the
-  // MMA warpgroups' loop). Two at head dim 64 (three would exceed shared memory by 48
-  // bytes): both warpgroups then meet at one barrier a step.
+  // MMA warpgroups' loop). Two at head dim 64 (a third beside the three stages would
+  // exceed shared memory by 1 KiB): both warpgroups then meet at one barrier a step.
   static constexpr int DS_BUFS = D == 128 ? 3 : 2;
   static constexpr bool HAND_OVER = DS_BUFS == 3;
   // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
@@ -98,14 +101,12 @@ struct BwdSm90Traits {
   static constexpr int Q_BYTES = Q_BLK * (D / 64);
   static constexpr int DO_BYTES = Q_BLK * (DV / 64);
   static constexpr int DS_BYTES = DS_BLK * (BLOCK_R / 64);
-  static constexpr int DQ_BYTES = 64 * 64 * 4;  // one warpgroup's dQ staging tile
   static constexpr int OFF_K = 0;
   static constexpr int OFF_V = OFF_K + K_BYTES;
   static constexpr int OFF_Q = OFF_V + V_BYTES;              // a buffer per stage
   static constexpr int OFF_DO = OFF_Q + STAGES * Q_BYTES;    // a buffer per stage
   static constexpr int OFF_DS = OFF_DO + STAGES * DO_BYTES;  // DS_BUFS buffers
-  static constexpr int OFF_DQ = OFF_DS + DS_BUFS * DS_BYTES;  // one per MMA warpgroup
-  static constexpr int OFF_LSE = OFF_DQ + 2 * DQ_BYTES;     // BLOCK_R floats a stage
+  static constexpr int OFF_LSE = OFF_DS + DS_BUFS * DS_BYTES;  // BLOCK_R floats a stage
   static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
   static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
@@ -113,9 +114,8 @@ struct BwdSm90Traits {
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
-  static_assert(OFF_DQ % 1024 == 0 && DQ_BYTES % 1024 == 0 && OFF_DS % 1024 == 0 &&
-                    DS_BYTES % 1024 == 0 && DS_BLK % 1024 == 0,
-                "the dQ staging and dS^T stores' XOR addressing");
+  static_assert(OFF_DS % 1024 == 0 && DS_BYTES % 1024 == 0 && DS_BLK % 1024 == 0,
+                "the dS^T stores' XOR addressing");
   // Padded query rows (past seqlen_q, up to a multiple of SCRATCH_TILE) have lse +inf and
   // delta 0, which makes P and dS of a step's padded rows exactly 0.
   static_assert(SCRATCH_TILE % BLOCK_R == 0, "a step's rows inside the padded scratch");
@@ -258,13 +258,9 @@ __device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
 }
 
 // The offset in floats of element (r, c) of a 64 x 64 dq_accum tile (the layout above).
-template <int D>
 __device__ __forceinline__ int dq_tile_offset(int r, int c) {
-  if constexpr (D > 128)
-    return 4 * (128 * (c / 8) + 32 * (r / 16) + 4 * (r % 8) + (c % 8) / 2) + 2 * ((r / 8) % 2) +
-           c % 2;
-  else
-    return r * 64 + 2 * ((c / 2) ^ (4 * (r % 8))) + c % 2;
+  return 4 * (128 * (c / 8) + 32 * (r / 16) + 4 * (r % 8) + (c % 8) / 2) + 2 * ((r / 8) % 2) +
+         c % 2;
 }
 
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
@@ -418,22 +414,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     auto ready = [&](int w, int j) { return 4 + 3 * w + j % 3; };  // named barriers 4..9
 
     // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
-    // warpgroup's 64 x 64 tile, staged in its own buffer, added by one bulk reduce.
+    // warpgroup's 64 x 64 tile, added into dq_accum from its accumulators.
     const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
     const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
-    // The staging tile is free once the previous bulk reduce has read it: thread 0 waits
-    // for that before a barrier, which the warpgroup's other threads cannot pass before.
     auto step_barrier = [&] {  // without HAND_OVER
       sm90::fence_proxy_async();
-      if (wtid == 0) sm90::bulk_wait_read();
       sm90::named_barrier(3, 256);
     };
-    // (h, r: step j's head and first query row.)
+    // (h, r: step j's head and first query row.) Deterministic: returns the tile's semaphore
+    // index for pass_turn (-1: none).
     auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
-      if constexpr (Tr::HAND_OVER) {
-        if (wtid == 0) sm90::bulk_wait_read();
-        sm90::named_barrier(ready(1 - wg, j), 256);
-      }
+      if constexpr (Tr::HAND_OVER) sm90::named_barrier(ready(1 - wg, j), 256);
       const uint32_t ds_tile =
           base + Tr::OFF_DS + (j % Tr::DS_BUFS) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
       const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
@@ -447,51 +438,34 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_regs<32>(dq);
-      // Row 16 wq + g + 8 hh of the tile (row % 8 == g), pair u = 4 t + qd at u ^ 4 g: byte
-      // 32 (t ^ g) + 8 qd of the row. The tile is 1024-byte aligned, so that is an XOR of
-      // 32 t into the address of t = 0 (kept opaque: hoisted, the 8 addresses would be held
-      // across the step).
-      const uint32_t stage = base + Tr::OFF_DQ + wg * Tr::DQ_BYTES;
-      uint32_t chunk0 = stage + (16 * wq + g) * 256 + 32 * g + 8 * qd;
-      asm volatile("" : "+r"(chunk0));
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          sm90::sts_f32x2((chunk0 ^ (32 * t)) + hh * 2048, dq[4 * t + 2 * hh],
-                          dq[4 * t + 2 * hh + 1]);
-      sm90::fence_proxy_async();
-      sm90::named_barrier(1 + wg, 128);
       const int tile_row = r / 64 + qblk;
       const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
           scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
-      const int turn = sem ? static_cast<int>(tile / 4096) : -1;
-      if (sem && first_warp) {
-        // Deterministic: this CTA's turn on query block r / BLOCK_R. The whole warp waits,
-        // so that the loop is not a divergent path (ptxas would serialize the wgmmas).
-        sm90::wait_global_turn(sem,
-                               key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q())));
+      if (sem) {
+        // Deterministic: this CTA's turn on query block r / BLOCK_R, then the warpgroup. The
+        // whole first warp waits, so that the loop is not a divergent path (ptxas would
+        // serialize the wgmmas).
+        if (first_warp)
+          sm90::wait_global_turn(sem,
+                                 key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q())));
+        __syncwarp();
+        sm90::named_barrier(1 + wg, 128);
       }
-      if (wtid == 0) {
-        sm90::bulk_reduce_add_f32(p.dq_accum + tile, stage, Tr::DQ_BYTES);
-        sm90::bulk_commit();
-      }
-      return turn;
+      float* const dst = p.dq_accum + tile + 4 * wtid;
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+        sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
+      // The warpgroup's adds, ordered before thread 0's release (pass_turn) by the barrier.
+      if (sem) sm90::named_barrier(1 + wg, 128);
+      return sem ? static_cast<int>(tile / 4096) : -1;
     };
-    // Passes the turn of a tile (its semaphore's index from dq_step; -1: none) once its
-    // reduce is complete: by thread 0, after the warpgroup's next S^T issue, so that warp 0's
-    // wait for the reduce and the release's membar run under S^T's wgmmas (before them, they
-    // held back that issue; after dP^T's too, the soft-cap instantiations at head dim 128
-    // spilled).
+    // Passes the turn of a tile (its semaphore's index from dq_step; -1: none) by thread 0,
+    // after the warpgroup's next S^T issue, so that the release's fence runs under S^T's
+    // wgmmas (after dP^T's too, the soft-cap instantiations at head dim 128 spilled).
     auto pass_turn = [&](int turn) {
-      if (turn >= 0 && wtid == 0) {
-        sm90::bulk_wait();
-        sm90::pass_global_turn(p.dq_semaphore + turn);
-      }
+      if (turn >= 0 && wtid == 0) sm90::pass_global_turn(p.dq_semaphore + turn);
     };
-
-
     float dv[DV / 2], dk[D / 2];
 #pragma unroll
     for (int i = 0; i < DV / 2; ++i) dv[i] = 0.f;
@@ -768,7 +742,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     }
 
     bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, 0, qd, dk, dv);
-    if (wtid == 0) sm90::bulk_wait();  // the last reduce is done before the CTA exits
   }
 }
 
@@ -1040,40 +1013,35 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded
-// to T, reading the dq_accum layouts of bwd_sm90 and bwd_sm90_wide (see the top). 8 threads
-// a row, 8 columns each: 8 consecutive floats in bwd_sm90's layout, 4 pairs 16 bytes apart
-// in bwd_sm90_wide's.
+// to T, from the dq_accum layout of bwd_sm90 and bwd_sm90_wide (see the top), where a
+// 16-byte quad holds columns c and c + 1 of rows r and r + 8 (r % 16 < 8). 16 threads a
+// pair of such rows, 8 columns (four quads) each at a time.
 template <typename T, int D, bool VARLEN = false>
 __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
   const AttnArgs& a = p.attn;
-  const int row = blockIdx.x * 32 + threadIdx.x / 8;
+  const int pair = threadIdx.x / 16;
+  const int row = blockIdx.x * 32 + 16 * (pair / 8) + pair % 8;  // and row + 8
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqView<VARLEN> seq(a, b);
   if (row >= seq.seqlen_q()) return;
+  const bool second = row + 8 < seq.seqlen_q();
   const float* slab = p.dq_accum + scratch_row0(p, seq, b, h) * D;
   T* dst = static_cast<T*>(p.dq) + seq.b * p.dq_batch_stride +
            (seq.q0 + row) * p.dq_row_stride + h * p.dq_head_stride;
-  for (int c0 = (threadIdx.x % 8) * 8; c0 < a.headdim; c0 += 64) {
+  const float s = a.scale;
+  auto pack = [s](float x, float y) { return dtype_traits<T>::pack(x * s, y * s); };
+  for (int c0 = (threadIdx.x % 16) * 8; c0 < a.headdim; c0 += 128) {
     // In 64 bits, as bwd_sm90's dq_step: in int32 this wraps past 2^24 rows at D = 128.
     const float* tile = slab + (int64(row / 64) * (D / 64) + c0 / 64) * 4096;
-    float x[8];  // columns c0 .. c0 + 7
-    if constexpr (D > 128) {
+    float4 x[4];  // columns c0 + 2 u and + 1 of row (x, y) and of row + 8 (z, w)
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float2 v =
-            *reinterpret_cast<const float2*>(tile + dq_tile_offset<D>(row % 64, c0 % 64 + 2 * u));
-        x[2 * u] = v.x;
-        x[2 * u + 1] = v.y;
-      }
-    } else {
-      const float* src = tile + dq_tile_offset<D>(row % 64, c0 % 64);
-      *reinterpret_cast<float4*>(x) = *reinterpret_cast<const float4*>(src);
-      *reinterpret_cast<float4*>(x + 4) = *reinterpret_cast<const float4*>(src + 4);
-    }
-    const float s = a.scale;
-    *reinterpret_cast<uint4*>(dst + c0) = make_uint4(
-        dtype_traits<T>::pack(x[0] * s, x[1] * s), dtype_traits<T>::pack(x[2] * s, x[3] * s),
-        dtype_traits<T>::pack(x[4] * s, x[5] * s), dtype_traits<T>::pack(x[6] * s, x[7] * s));
+    for (int u = 0; u < 4; ++u)
+      x[u] = *reinterpret_cast<const float4*>(tile + dq_tile_offset(row % 64, c0 % 64 + 2 * u));
+    *reinterpret_cast<uint4*>(dst + c0) = make_uint4(pack(x[0].x, x[0].y), pack(x[1].x, x[1].y),
+                                                     pack(x[2].x, x[2].y), pack(x[3].x, x[3].y));
+    if (second)
+      *reinterpret_cast<uint4*>(dst + 8 * p.dq_row_stride + c0) = make_uint4(
+          pack(x[0].z, x[0].w), pack(x[1].z, x[1].w), pack(x[2].z, x[2].w), pack(x[3].z, x[3].w));
   }
 }
 

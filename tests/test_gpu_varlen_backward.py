@@ -233,7 +233,7 @@ def test_many_sequences(causal):
 def test_equals_dense_wgmma_per_sequence(headdim):
     """Each sequence through the dense Hopper backward alone: dK and dV bitwise equal (the
     same CTAs, the same arithmetic, no atomics), dQ within a few 16-bit ulps (its tiles are
-    sums of bulk reduce-adds, whose order varies run to run)."""
+    sums of reductions, whose order varies run to run)."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
     cp = import_cupy()

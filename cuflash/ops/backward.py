@@ -123,15 +123,15 @@ class Sm90Tile:
 
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
-# a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ by bulk
-# reduce-add. It serves fp16/bf16 at head dims up to 128, padded to 64 or 128 (sm90_headdim),
-# soft-cap and ALiBi included, deterministic mode too (each dQ tile's bulk reduce-adds take
-# turns in key-block order, through one int semaphore per 4096-float tile of dq_accum).
-# bwd_sm90_wide serves head dims over 128 (padded to 256) the same way: SM90_WIDE_KEYS keys
-# per CTA, the MMA warpgroups splitting the head dim, dQ by red.global.add (in the same
-# turns when deterministic). bwd_main serves the rest.
-SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 2
-SM90_WIDE_KEYS, SM90_WIDE_HEADDIM = 64, 256
+# a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ added by
+# 16-byte red.global.add from the accumulators. It serves fp16/bf16 at head dims up to 128,
+# padded to 64 or 128 (sm90_headdim), soft-cap and ALiBi included, deterministic mode too
+# (each dQ tile's adds take turns in key-block order, through one int semaphore per
+# 4096-float tile of dq_accum). bwd_sm90_wide serves head dims over 128 (padded to 256) the
+# same way: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, a ring
+# of SM90_WIDE_STAGES. bwd_main serves the rest.
+SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 3
+SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
 SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
@@ -262,16 +262,16 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
         # BwdSm90WideTraits::SMEM_BYTES: K, V; STAGES x (Q, dO); P^T, dS^T (64 x 64); the
         # float32 hand-over (128 threads x 16, two); STAGES x (lse, delta); 1 KiB to align.
         keys = rows = SM90_WIDE_KEYS
-        elements = 2 * keys * hd + 2 * SM90_STAGES * rows * hd + 2 * keys * rows
-        shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_STAGES * rows * 4 + 1024
+        elements = 2 * keys * hd + 2 * SM90_WIDE_STAGES * rows * hd + 2 * keys * rows
+        shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_WIDE_STAGES * rows * 4 + 1024
         return [Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
                      "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>"),
                 convert]
     br = SM90_TILES[hd].block_r
-    # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; 2 dQ staging
-    # tiles; STAGES x (lse, delta); 1 KiB to align the tiles to 1024 bytes.
+    # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
+    # delta); 1 KiB to align the tiles to 1024 bytes.
     elements = 2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
-    shared = elements * 2 + 2 * 64 * 64 * 4 + 2 * SM90_STAGES * br * 4 + 1024
+    shared = elements * 2 + 2 * SM90_STAGES * br * 4 + 1024
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
             convert]
@@ -425,7 +425,7 @@ def facts():
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::BLOCK_C", SM90_WIDE_KEYS),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::THREADS", SM90_THREADS),
-            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::STAGES", SM90_STAGES),
+            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::STAGES", SM90_WIDE_STAGES),
             *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::DS_BUFS",
                SM90_DS_BUFS[hd]) for hd, t in SM90_TILES.items())]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)

@@ -9,7 +9,7 @@ namespace cuflash {
 // Dense: rows (batch, nheads, seqlen_q_pad). Varlen: rows (nheads, seqlen_q_pad), batch
 // item b's starting at
 //   (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b,
-// 64-byte aligned (cp.async of lse/delta; 16-byte aligned dq_accum rows for bulk copies) and
+// 64-byte aligned (cp.async of lse/delta; 16-byte aligned dq_accum rows for 16-byte reductions) and
 // at least seqlen + 129 rows before the next item's, so at least round_up(seqlen,
 // SCRATCH_TILE): every query tile (all of whose heights divide SCRATCH_TILE) stays inside
 // its item's rows. cuflash/ops/backward.py allocates seqlen_q_pad = total_q rounded down to 16 +

@@ -173,8 +173,8 @@ template <int N> __device__ __forceinline__ void fence_regs_u32(uint32_t* r) {
 }
 
 // Orders this thread's earlier shared-memory writes (ordinary stores, completed cp.async
-// copies) before later shared-memory accesses of the async proxy (wgmma operands, bulk
-// copies); a barrier after it extends the order to the other threads.
+// copies) before later shared-memory accesses of the async proxy (wgmma operands); a
+// barrier after it extends the order to the other threads.
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -194,31 +194,12 @@ __device__ __forceinline__ void red_add4(float* p, float x, float y, float z, fl
                : "memory");
 }
 
-// dst[0 .. bytes) += src[0 .. bytes) in float32, by the bulk-copy engine (one thread issues
-// it): both 16-byte aligned, bytes a multiple of 16. Asynchronous, in this thread's
-// bulk group; bulk_wait_read says when src may be overwritten, bulk_wait when it is done.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(dst), "r"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-
-// Turns in global memory between CTAs: wait until *sem reaches turn (acquire), then order
-// the async proxy's later global accesses (bulk copies) after it; pass_global_turn adds
-// one (release) once this thread's bulk copies are complete (bulk_wait), or, where a
-// warpgroup's threads add by red.global (bwd_sm90_wide), after a barrier of them that
-// follows their adds (the barrier then the release orders them all). Reaching, not
-// equalling: where bad inputs (device prefix sums) made two sets of CTAs share a
-// semaphore, results are wrong (and flagged) but no CTA waits forever.
+// Turns in global memory between CTAs: wait until *sem reaches turn (acquire);
+// pass_global_turn adds one (release). The backward's warpgroups add their dQ tiles by
+// red.global between a barrier after the wait and one before thread 0's release, which
+// then orders them all. Reaching, not equalling: where bad inputs (device prefix sums) made
+// two sets of CTAs share a semaphore, results are wrong (and flagged) but no CTA waits
+// forever.
 __device__ __forceinline__ void wait_global_turn(const int* sem, int turn) {
   int now;
   while (true) {
@@ -226,10 +207,8 @@ __device__ __forceinline__ void wait_global_turn(const int* sem, int turn) {
     if (now >= turn) break;
     __nanosleep(64);
   }
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
 }
 __device__ __forceinline__ void pass_global_turn(int* sem) {
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
 }
 
