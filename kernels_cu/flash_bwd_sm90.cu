@@ -74,17 +74,17 @@ template <int D, int BLOCK_R, int DV = D>
 struct BwdSm90Traits {
   static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
   static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
-  // Buffers of the Q, dO, lse, delta ring. A stage comes back when the later warpgroup's
-  // dK of its step is done, half a step after the earlier one began the next; with three,
-  // its reload has a step and a half before it is needed, which covers the L2's latency
-  // under the causal mask's scattered query blocks.
-  static constexpr int STAGES = 3;
-  // dS^T buffers. Three where they fit (head dim 128): step j writes buffer j % 3, and the
-  // two MMA warpgroups hand it over without a barrier of both a step (see ready() in the
-  // MMA warpgroups' loop). Two at head dim 64 (a third beside the three stages would
-  // exceed shared memory by 1 KiB): both warpgroups then meet at one barrier a step.
+  // dS^T buffers. Three at head dim 128: step j writes buffer j % 3, and the two MMA
+  // warpgroups hand it over without a barrier of both a step (see ready() in the MMA
+  // warpgroups' loop). Two at head dim 64 (a third beside its three stages would exceed
+  // shared memory by 1 KiB): both warpgroups then meet at one barrier a step.
   static constexpr int DS_BUFS = D == 128 ? 3 : 2;
   static constexpr bool HAND_OVER = DS_BUFS == 3;
+  // Buffers of the Q, dO, lse, delta ring. A stage comes back when the later warpgroup's
+  // dK of its step is done. Three where the warpgroups meet every step: a reload then has
+  // a step and a half to land, not half a step (causal +4-5% at head dim 64). Two with the
+  // hand-over, where a third measured up to 5% slower (docs/notes/backward.md).
+  static constexpr int STAGES = HAND_OVER ? 2 : 3;
   // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
   // hands out at launch: what the producer gives back, the MMA warpgroups take. dK and dV
   // take (D + DV) / 2: at 128 + 128 the MMA warpgroups need 240 (P^T's own 16 registers

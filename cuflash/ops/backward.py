@@ -123,16 +123,17 @@ class Sm90Tile:
 
 
 # bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
-# a ring of SM90_STAGES buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ added by
+# a ring of SM90_STAGES[hd] buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ added by
 # 16-byte red.global.add from the accumulators. It serves fp16/bf16 at head dims up to 128,
 # padded to 64 or 128 (sm90_headdim), soft-cap and ALiBi included, deterministic mode too
 # (each dQ tile's adds take turns in key-block order, through one int semaphore per
 # 4096-float tile of dq_accum). bwd_sm90_wide serves head dims over 128 (padded to 256) the
 # same way: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, a ring
 # of SM90_WIDE_STAGES. bwd_main serves the rest.
-SM90_KEYS, SM90_THREADS, SM90_STAGES = 128, 384, 3
+SM90_KEYS, SM90_THREADS = 128, 384
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
-SM90_DS_BUFS = {64: 2, 128: 3}  # dS^T buffers by head dim (BwdSm90Traits::DS_BUFS says why)
+# dS^T buffers and ring stages by head dim (BwdSm90Traits::DS_BUFS and STAGES say why)
+SM90_DS_BUFS, SM90_STAGES = {64: 2, 128: 3}, {64: 3, 128: 2}
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
                       "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
@@ -270,8 +271,9 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
     # delta); 1 KiB to align the tiles to 1024 bytes.
-    elements = 2 * SM90_KEYS * hd + 2 * SM90_STAGES * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
-    shared = elements * 2 + 2 * SM90_STAGES * br * 4 + 1024
+    stages = SM90_STAGES[hd]
+    elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
+    shared = elements * 2 + 2 * stages * br * 4 + 1024
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
             convert]
@@ -422,12 +424,12 @@ def facts():
         ("OPTS_RUNTIME", _core.OPTS_RUNTIME))]
     out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
             (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
-            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::STAGES", SM90_STAGES),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::BLOCK_C", SM90_WIDE_KEYS),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::THREADS", SM90_THREADS),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::STAGES", SM90_WIDE_STAGES),
-            *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::DS_BUFS",
-               SM90_DS_BUFS[hd]) for hd, t in SM90_TILES.items())]
+            *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::{name}", value[hd])
+              for hd, t in SM90_TILES.items()
+              for name, value in (("DS_BUFS", SM90_DS_BUFS), ("STAGES", SM90_STAGES)))]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
             for s in {s for arch in tiles.CHECKED_ARCHS for s in _steps(arch)} if s.traits]
     return out
