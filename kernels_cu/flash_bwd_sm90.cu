@@ -466,6 +466,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     auto pass_turn = [&](int turn) {
       if (turn >= 0 && wtid == 0) sm90::pass_global_turn(p.dq_semaphore + turn);
     };
+
     float dv[DV / 2], dk[D / 2];
 #pragma unroll
     for (int i = 0; i < DV / 2; ++i) dv[i] = 0.f;

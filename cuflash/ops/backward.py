@@ -122,14 +122,14 @@ class Sm90Tile:
     reason: str
 
 
-# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async into
-# a ring of SM90_STAGES[hd] buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ added by
-# 16-byte red.global.add from the accumulators. It serves fp16/bf16 at head dims up to 128,
-# padded to 64 or 128 (sm90_headdim), soft-cap and ALiBi included, deterministic mode too
-# (each dQ tile's adds take turns in key-block order, through one int semaphore per
-# 4096-float tile of dq_accum). bwd_sm90_wide serves head dims over 128 (padded to 256) the
-# same way: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, a ring
-# of SM90_WIDE_STAGES. bwd_main serves the rest.
+# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async
+# into a ring of SM90_STAGES[hd] buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ
+# added by 16-byte red.global.add from the accumulators. It serves fp16/bf16 at head dims
+# up to 128, padded to 64 or 128 (sm90_headdim), soft-cap and ALiBi included, deterministic
+# mode too (each dQ tile's adds take turns in key-block order, through one int semaphore
+# per 4096-float tile of dq_accum). bwd_sm90_wide serves head dims over 128 (padded to 256)
+# the same way: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, a
+# ring of SM90_WIDE_STAGES. bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS = 128, 384
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
 # dS^T buffers and ring stages by head dim (BwdSm90Traits::DS_BUFS and STAGES say why)
@@ -271,8 +271,8 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
     # delta); 1 KiB to align the tiles to 1024 bytes.
-    stages = SM90_STAGES[hd]
-    elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + SM90_DS_BUFS[hd] * SM90_KEYS * br
+    stages, ds_bufs = SM90_STAGES[hd], SM90_DS_BUFS[hd]
+    elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + ds_bufs * SM90_KEYS * br
     shared = elements * 2 + 2 * stages * br * 4 + 1024
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),

@@ -9,11 +9,12 @@ namespace cuflash {
 // Dense: rows (batch, nheads, seqlen_q_pad). Varlen: rows (nheads, seqlen_q_pad), batch
 // item b's starting at
 //   (cu_seqlens_q[b] rounded down to 16) + VARLEN_GAP * b,
-// 64-byte aligned (cp.async of lse/delta; 16-byte aligned dq_accum rows for 16-byte reductions) and
-// at least seqlen + 129 rows before the next item's, so at least round_up(seqlen,
-// SCRATCH_TILE): every query tile (all of whose heights divide SCRATCH_TILE) stays inside
-// its item's rows. cuflash/ops/backward.py allocates seqlen_q_pad = total_q rounded down to 16 +
-// VARLEN_GAP * batch (the start of item "batch").
+// 64-byte aligned (cp.async of lse/delta; dq_accum rows on 16 bytes for its 16-byte
+// reductions) and at least seqlen + 129 rows before the next item's, so at least
+// round_up(seqlen, SCRATCH_TILE): every query tile (all of whose heights divide
+// SCRATCH_TILE) stays inside its item's rows. cuflash/ops/backward.py allocates
+// seqlen_q_pad = total_q rounded down to 16 + VARLEN_GAP * batch (the start of item
+// "batch").
 constexpr int SCRATCH_TILE = 128;
 constexpr int VARLEN_GAP = SCRATCH_TILE + 16;
 
