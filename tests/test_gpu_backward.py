@@ -253,9 +253,8 @@ def test_float32(headdim):
          "bf16-256", "fp16-192-causal"])
 def test_deterministic_is_bitwise_reproducible(dtype, headdim, opts):
     """deterministic=True gives the same bits every call: on sm_90 (fp16/bf16) the wgmma
-    kernels' dQ reduce-adds (bwd_sm90_wide's red.global.adds over head dim 128) in key-block
-    order, ascending without a right bound and descending (last key block first) under one
-    (causal, windows)."""
+    kernels' dQ red.global.adds in key-block order, ascending without a right bound and
+    descending (last key block first) under one (causal, windows)."""
     cp = import_cupy()
     import cuflash
     rng = np.random.default_rng(0)

@@ -136,7 +136,7 @@ SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
 SM90_DS_BUFS, SM90_STAGES = {64: 2, 128: 3}, {64: 3, 128: 2}
 SM90_TILES = {
     64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
-                      "one dQ reduce per 128 queries; 1.0-1.17x torch flash at >= 2k, "
+                      "dQ added once per 128 queries; 1.0-1.17x torch flash at >= 2k, "
                       "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
     128: Sm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
                       "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
