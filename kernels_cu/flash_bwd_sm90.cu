@@ -263,6 +263,26 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
          c % 2;
 }
 
+// Adds a warpgroup's m64n64 dQ accumulators into the dq_accum tile `tile` (the layout
+// above), one 16-byte reduction a register quad. Deterministic (sem: the tile's semaphore,
+// else nullptr): first this CTA's turn(), waited for by the whole first warp (a divergent
+// wait would make ptxas serialize the wgmmas), then the warpgroup's named barrier `bar`;
+// after the adds the same barrier orders them before thread 0's pass_global_turn.
+template <typename Turn>
+__device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
+                                                int* sem, bool first_warp, int bar, Turn turn) {
+  if (sem) {
+    if (first_warp) sm90::wait_global_turn(sem, turn());
+    __syncwarp();  // the spinning warp converged before the barrier
+    sm90::named_barrier(bar, 128);
+  }
+  float* const dst = tile + 4 * wtid;
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+    sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
+  if (sem) sm90::named_barrier(bar, 128);
+}
+
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
 // 2 STAGES + 1): "full" per stage, one arrival per producer warp; "empty" per stage, one
 // per MMA warp; then full_kv for K and V.
@@ -442,22 +462,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
           scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
-      if (sem) {
-        // Deterministic: this CTA's turn on query block r / BLOCK_R, then the warpgroup. The
-        // whole first warp waits, so that the loop is not a divergent path (ptxas would
-        // serialize the wgmmas).
-        if (first_warp)
-          sm90::wait_global_turn(sem,
-                                 key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q())));
-        __syncwarp();
-        sm90::named_barrier(1 + wg, 128);
-      }
-      float* const dst = p.dq_accum + tile + 4 * wtid;
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-        sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
-      // The warpgroup's adds, ordered before thread 0's release (pass_turn) by the barrier.
-      if (sem) sm90::named_barrier(1 + wg, 128);
+      // The turn among the key blocks that reach query block r / BLOCK_R.
+      bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 1 + wg, [&] {
+        return key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q()));
+      });
       return sem ? static_cast<int>(tile / 4096) : -1;
     };
     // Passes the turn of a tile (its semaphore's index from dq_step; -1: none) by thread 0,
@@ -939,10 +947,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup's dK
     const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
     const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
-    // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum; this
-    // thread's registers 4 t .. 4 t + 3 at 4 (128 t + wtid) (the dq_accum layout at the top).
+    // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum.
     const int64 tile0 = scratch_row0(p, seq, b, h) * D + int64(q0 / 64) * (D / 64) * 4096;
-    float* const slab = p.dq_accum + tile0 + 4 * wtid;
     float dq[32];
     auto issue_dq = [&](int blk) {  // column block blk of dQ
       const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
@@ -958,21 +964,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     // back that issue.
     auto add_dq = [&](int blk) {
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
-      if (sem) {
-        // Deterministic: this CTA's turn among the key blocks that reach query block q0 / 64
-        // (bwd_sm90's dq_step says why the whole first warp waits), then the warpgroup.
-        if (first_warp)
-          sm90::wait_global_turn(
-              sem, key_block.turn(steps.mask, q0, min(q0 + BLOCK_R, seq.seqlen_q())));
-        __syncwarp();  // the spinning warp converged before the barrier
-        sm90::named_barrier(3 + wg, 128);
-      }
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-        sm90::red_add4(slab + blk * 4096 + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2],
-                       dq[4 * t + 3]);
-      // The warpgroup's adds, ordered before thread 0's release by the barrier.
-      if (sem) sm90::named_barrier(3 + wg, 128);
+      // The turn among the key blocks that reach query block q0 / 64.
+      bwd_add_dq_tile(p.dq_accum + tile0 + blk * 4096, dq, wtid, sem, first_warp, 3 + wg, [&] {
+        return key_block.turn(steps.mask, q0, min(q0 + BLOCK_R, seq.seqlen_q()));
+      });
       return sem;
     };
     auto pass_turn = [&](int* sem) {

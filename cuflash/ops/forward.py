@@ -303,11 +303,10 @@ def _configs():
         for hd in tiles.HEADDIMS:
             for dtype in (np.float16, tiles.BFLOAT16):
                 for softcap, alibi in itertools.product((False, True), repeat=2):
-                    if not alibi:
-                        yield mma_config(dtype, hd, softcap, varlen)
-                    for seqlen_k in (SM90_SHORT_KEYS, 1):
-                        opts = _core.score_opts(softcap, alibi)
-                        c = sm90_config(dtype, hd, opts, varlen, seqlen_k)
+                    opts = _core.score_opts(softcap, alibi)
+                    for c in (mma_config(dtype, hd, opts != 0, varlen),
+                              *(sm90_config(dtype, hd, opts, varlen, seqlen_k)
+                                for seqlen_k in (SM90_SHORT_KEYS, 1))):
                         if c not in seen:
                             seen.add(c)
                             yield c
