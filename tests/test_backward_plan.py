@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 
 from cuflash import _core
-from cuflash.ops import backward
+from cuflash.ops import backward, tiles
 from test_forward_plan import _problem
 
 
@@ -75,3 +76,21 @@ def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():
         assert forward.choose(q, "sm_90").hopper == hopper
         steps = backward.choose(q, False, "sm_90")
         assert (steps[0].filename == backward.SM90_FILE) == hopper
+
+
+@pytest.mark.parametrize("arch", tiles.CHECKED_ARCHS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dense_scratch_bound_holds_every_plan(arch, deterministic):
+    """cuflash.jax sizes the backward's workspace before the device is known: the bound must
+    hold what the plan of any GPU, head dim, dtype and option takes."""
+    for hd, seqlen, softcap, dtype in itertools.product(
+            (8, 32, 40, 64, 72, 96, 128, 160, 200, 256), (1, 17, 128, 1025),
+            (0.0, 5.0, 500.0), (np.float16, np.float32)):
+        p = dataclasses.replace(_problem(seqlen, 4, 2, hd, batch=3), dtype=np.dtype(dtype),
+                                softcap=softcap)
+        steps = backward.choose(p, deterministic, arch)
+        rows = p.batch * p.nheads * -(-seqlen // backward.SCRATCH_TILE) * backward.SCRATCH_TILE
+        needed = backward._scratch_layout(
+            rows, backward.accum_headdim(steps, hd), steps[-1].owner == "rows",
+            deterministic and steps[0].filename == backward.SM90_FILE)[3]
+        assert needed <= backward.dense_scratch_bytes(3, 4, seqlen, hd, deterministic)

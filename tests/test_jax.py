@@ -18,7 +18,7 @@ import cuflash  # noqa: E402
 import cuflash.jax as fj  # noqa: E402
 from cuflash.jax import _binding  # noqa: E402
 from accuracy import assert_close  # noqa: E402
-from cuflash import reference  # noqa: E402
+from cuflash import _core, reference  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -628,13 +628,16 @@ def test_gpu_jit_and_grad(rng, dtype, options):
 def test_gpu_repeated_calls_take_the_fast_path(monkeypatch, layout):
     # After the first call of a compiled program, the dense bodies go from XLA's addresses
     # straight to cuflash's launch: new inputs of the same shapes must give their own
-    # answers, and cuflash's public functions run for the first call only.
+    # answers, cuflash's public functions run for the first call only, and the backward
+    # runs in the workspace XLA allocated (no scratch from CuPy's pool after the first).
     device = jax_gpu()
     public = []
     for name in ("attention_forward", "attention_backward"):
         real = getattr(cuflash, name)
         monkeypatch.setattr(cuflash, name, lambda *a, _real=real, _name=name, **kw:
                             public.append(_name) or _real(*a, **kw))
+    scratch = _core.scratch
+    monkeypatch.setattr(_core, "scratch", lambda *a: public.append("scratch") or scratch(*a))
     swap = (lambda x: x) if layout == "bshd" else (lambda x: np.swapaxes(x, 1, 2))
     f = jax.jit(jax.value_and_grad(
         lambda q, k, v, dout: jnp.sum(
@@ -645,7 +648,7 @@ def test_gpu_repeated_calls_take_the_fast_path(monkeypatch, layout):
                                 seqlen_k=333, nheads=4, nheads_kv=2, headdim=64)
         _, grads = f(*(jax.device_put(swap(x), device) for x in (q, k, v, dout)))
         check_grads([swap(np.asarray(g)) for g in grads], dout, q, k, v, causal=True)
-    assert public == ["attention_forward", "attention_backward"]
+    assert public == ["attention_forward", "attention_backward", "scratch"]
 
 
 @pytest.mark.gpu

@@ -19,7 +19,8 @@ leaves jit's C++ dispatch; the handler reads the call frame's raw fields instead
   nothing waits on the host. Launches are memoized by layout. The dense forward and
   backward go further: from the second call of a compiled program on, they pass the
   buffers' addresses straight to the memoized launch, without CuPy arrays or checks that
-  the first call already made (``_binding._callback``).
+  the first call already made (``_binding._callback``); the backward's scratch is then a
+  workspace that XLA allocates as an extra result of the call.
 
 Gradients: ``attention`` and ``attention_varlen`` are ``jax.custom_vjp`` functions whose
 forward keeps ``out`` and ``lse`` and whose backward is cuflash's recompute backward

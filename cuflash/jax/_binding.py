@@ -130,13 +130,15 @@ def _callback(body, static, present):
     nothing that changes between calls of one compiled program but the addresses."""
     build, fast_paths = _FAST.get(body), {}
 
-    def callback(stream, outs, given):
+    def callback(stream, rets, args):
         # The fast path's key: the stream (which names the device) and the inputs' dtypes
-        # and shapes (a Buffer's fields after its address).
-        key = (stream, *[b[1:] for b in given])
+        # and shapes.
+        addresses, signature = _ffi.describe(args)
+        key = (stream, signature)
         fast = fast_paths.get(key)
-        if fast is not None and fast(*[b.ptr for b in outs], *[b.ptr for b in given]):
+        if fast is not None and fast(*_ffi.addresses(rets), *addresses):
             return
+        outs, given = _ffi.buffers(rets), _ffi.buffers(args)
         pending = iter(given)
         ins = [next(pending) if p else None for p in present]
         if stream is None:
@@ -257,7 +259,7 @@ def _dense_forward_body(o: _Options, outs, q, k, v, slopes):
 def _dense_backward_body(o: _Options, grads, dout, q, k, v, out, lse, slopes):
     lead = q.shape[:q.ndim - 4]
     slopes = _fold_slopes(slopes, lead, q.shape[len(lead)])
-    dq, dk, dv = (_fold(x, 4) for x in grads)
+    dq, dk, dv = (_fold(x, 4) for x in grads[:3])  # then the fast path's workspace
     dout, q, k, v, out = (_fold(x, 4) for x in (dout, q, k, v, out))
     cuflash.attention_backward(dout, q, k, v, out, _fold(lse, 3), **_forward_kwargs(o),
                                alibi_slopes=slopes, deterministic=o.deterministic,
@@ -290,7 +292,9 @@ def _dense_forward_fast(o: _Options, outs, q, k, v, slopes):
 
 def _dense_backward_fast(o: _Options, grads, dout, q, k, v, out, lse, slopes):
     """The fast path of _dense_backward_body, as :func:`_dense_forward_fast`:
-    ``fast(stream, dq, dk, dv, dout, q, k, v, out, lse, slopes)``."""
+    ``fast(stream, dq, dk, dv, workspace, dout, q, k, v, out, lse, slopes)``, its scratch
+    the workspace XLA allocated (None where that is too small)."""
+    *grads, workspace = grads
     if q.ndim > 4 and slopes is not None or 0 in q.shape + k.shape:
         return None
     dq, dk, dv, dout, q, k, v, out = (_bshd(_fold(x, 4), o.layout)
@@ -299,16 +303,14 @@ def _dense_backward_fast(o: _Options, grads, dout, q, k, v, out, lse, slopes):
     p = ops.dense_problem(q, k, v, **_forward_kwargs(o), alibi_slopes=slopes)
     launch = ops.backward.Launch(p, (out.strides, dout.strides, lse.strides, dq.strides,
                                      dk.strides, dv.strides), o.deterministic)
-    if launch.copies:
+    if launch.copies or launch.plan.scratch_bytes > workspace.nbytes:
         return None
     plan = launch.plan
 
-    def fast(stream, dq, dk, dv, dout, q, k, v, out, lse, slopes):
-        if (dq | dk | dv | dout | q | k | v | out) & 15:
+    def fast(stream, dq, dk, dv, scratch, dout, q, k, v, out, lse, slopes):
+        if (dq | dk | dv | scratch | dout | q | k | v | out) & 15:
             return False
-        scratch, owner = _core.scratch(plan.scratch_bytes, stream)
         plan(stream.ptr, scratch, q, k, v, slopes, 0, 0, out, dout, lse, dq, dk, dv)
-        del owner  # the launches are queued: the pool may hand it out again on this stream
         return True
     return fast
 
@@ -419,6 +421,11 @@ def _instantiate(ct, like):
 # ---------------------------------------------------------------------------------------
 # Dense attention.
 
+def _bshd_shape(shape, layout):
+    """(batch, seqlen, heads, headdim) of an array of ``shape`` in ``layout``."""
+    return tuple(shape) if layout == "bshd" else (shape[0], shape[2], shape[1], shape[3])
+
+
 def _lse_shape(q, layout):
     batch, a, b, _ = q.shape
     return (batch, b, a) if layout == "bshd" else (batch, a, b)
@@ -431,8 +438,19 @@ def _dense_forward(o, q, k, v, slopes):
 
 
 def _dense_backward(o, dout, q, k, v, out, lse, slopes):
-    return _call(_dense_backward_body, o, [(x.shape, x.dtype) for x in (q, k, v)],
-                 dout, q, k, v, out, lse, slopes)
+    """dq, dk, dv. On the GPU the call also asks XLA for the backward's scratch (a
+    workspace result, sized for any GPU's kernels), which its fast path runs in: no
+    allocation per call, and the memory is XLA's, ordered on its stream."""
+    batch, seqlen_q, nheads, headdim = _bshd_shape(q.shape, o.layout)
+    grads = [(x.shape, x.dtype) for x in (q, k, v)]
+
+    def backward(workspace_bytes):
+        return lambda *args: _call(_dense_backward_body, o,
+                                   grads + [((workspace_bytes,), jnp.uint8)], *args)[:3]
+    return jax.lax.platform_dependent(
+        dout, q, k, v, out, lse, slopes, cpu=backward(0),
+        default=backward(ops.backward.dense_scratch_bytes(batch, nheads, seqlen_q, headdim,
+                                                          o.deterministic)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

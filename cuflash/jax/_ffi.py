@@ -38,8 +38,11 @@ _DTYPES = {1: np.dtype(np.bool_), 2: np.dtype(np.int8), 3: np.dtype(np.int16),
 # XLA_FFI_Args and XLA_FFI_Rets (struct_size, extension_start, size, types, pointers) and
 # XLA_FFI_Attrs (the same with names before the pointers); the fields after them vary.
 _FRAME = struct.Struct("<QQQQi4x" "QQqQQ" "QQqQQ" "QQqQQQ")
-# XLA_FFI_Buffer: struct_size, extension_start, dtype (int, padded), data, rank, dims.
-_BUFFER = struct.Struct("<QQi4xQqQ")
+# XLA_FFI_Buffer: struct_size, extension_start, dtype (int, padded), data, rank, dims; read
+# from its dtype on.
+_BUFFER = struct.Struct("<i4xQqQ")
+_BUFFER_DTYPE_OFFSET = 16
+_DIMS = tuple(struct.Struct(f"<{rank}q") for rank in range(9))  # by rank: the usual ones
 _EXECUTE = 3                   # XLA_FFI_ExecutionStage_EXECUTE
 _METADATA = 1                  # XLA_FFI_Extension_Metadata
 _API_VERSION_OFFSET = 32       # XLA_FFI_Api: struct_size, extension, then api_version's
@@ -67,9 +70,10 @@ class Buffer(NamedTuple):
     shape: tuple
 
 
-# Callbacks by slot: ``callback(stream, outs, ins)`` with ``stream`` XLA's CUDA stream and
-# ``outs``/``ins`` lists of Buffer; ``stream`` is None on the CPU. A slot is never reused:
-# compiled programs name it.
+# Callbacks by slot: ``callback(stream, rets, args)`` with ``stream`` XLA's CUDA stream (None
+# on the CPU) and ``rets``/``args`` the call's output and input buffers as (address of
+# XLA's array of buffer pointers, count), which :func:`addresses`, :func:`describe` and
+# :func:`buffers` read. A slot is never reused: compiled programs name it.
 _SLOTS: list = []
 _SLOT_OF: dict = {}
 _LOCK = threading.Lock()
@@ -91,19 +95,43 @@ def _int64s(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}q")
 
 
+def _dims(rank: int) -> struct.Struct:
+    return _DIMS[rank] if rank < len(_DIMS) else _int64s(rank)
+
+
+def addresses(array: tuple) -> list:
+    """The data addresses of the buffers ``array`` (pointer, count): the per-call part of a
+    call, read with one struct read per buffer."""
+    pointers, count = array
+    return [_POINTER.unpack_from(_MEMORY, p + _BUFFER_DTYPE_OFFSET + 8)[0]
+            for p in _int64s(count).unpack_from(_MEMORY, pointers)]
+
+
+def describe(array: tuple) -> tuple:
+    """(data addresses, signature) of the buffers ``array``: the signature, a tuple of (XLA
+    dtype code, shape) per buffer, is what a compiled program fixes for every call."""
+    pointers, count = array
+    found, signature = [], []
+    for p in _int64s(count).unpack_from(_MEMORY, pointers):
+        code, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p + _BUFFER_DTYPE_OFFSET)
+        found.append(data)
+        signature.append((code, _dims(rank).unpack_from(_MEMORY, dims)))
+    return found, tuple(signature)
+
+
 _tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
-def _buffers(pointers: int, count: int) -> list:
+def buffers(array: tuple) -> list:
+    """The buffers ``array`` (pointer, count) as :class:`Buffer`\\ s."""
     out = []
-    for p in _int64s(count).unpack_from(_MEMORY, pointers):
-        _, _, code, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p)
+    for p in _int64s(array[1]).unpack_from(_MEMORY, array[0]):
+        code, data, rank, dims = _BUFFER.unpack_from(_MEMORY, p + _BUFFER_DTYPE_OFFSET)
         dtype = _DTYPES.get(code)
         if dtype is None:
             raise TypeError(f"{TARGET}: XLA dtype {code} (XLA_FFI_DataType) is not one "
                             f"cuflash takes")
-        shape = _int64s(rank).unpack_from(_MEMORY, dims)
-        out.append(_tuple(Buffer, (data, dtype, shape)))
+        out.append(_tuple(Buffer, (data, dtype, _dims(rank).unpack_from(_MEMORY, dims))))
     return out
 
 
@@ -161,8 +189,7 @@ def _handler(gpu: bool):
             if stage != _EXECUTE:
                 return None
             callback = _SLOTS[_slot_attribute(attrs, n_attrs)]
-            callback(_stream(api, ctx) if gpu else None, _buffers(rets, n_rets),
-                     _buffers(args, n_args))
+            callback(_stream(api, ctx) if gpu else None, (rets, n_rets), (args, n_args))
             return None
         except BaseException as e:  # noqa: BLE001
             try:

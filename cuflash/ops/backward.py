@@ -300,6 +300,38 @@ def mma_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
     return steps
 
 
+def accum_headdim(steps: list, headdim: int) -> int:
+    """The head dim of dq_accum's rows for ``steps``: the bwd_sm90 instantiation's, else
+    the mma.sync kernels' padded one."""
+    return (sm90_headdim(headdim) if steps[0].filename == SM90_FILE
+            else tiles.padded_headdim(headdim))
+
+
+def _scratch_layout(rows: int, headdim_pad: int, with_accum: bool, ordered: bool) -> tuple:
+    """(delta, dq_accum, semaphore offsets, total bytes) of a backward's scratch: lse_log2
+    and delta (``rows`` floats each), then dq_accum (rows x headdim_pad floats, where a dQ
+    conversion reads it), then for a deterministic bwd_sm90 or bwd_sm90_wide (``ordered``)
+    a semaphore per 4096 floats of dq_accum (tiles start on 16-row boundaries in varlen: one
+    more for the last partial window)."""
+    delta = _core.align(4 * rows)
+    semaphore = 2 * delta + _core.align(4 * rows * headdim_pad if with_accum else 0)
+    return (delta, 2 * delta, semaphore,
+            semaphore + (4 * (rows * headdim_pad // 4096 + 1) if ordered else 0))
+
+
+def dense_scratch_bytes(batch: int, nheads: int, seqlen_q: int, headdim: int,
+                        deterministic: bool) -> int:
+    """The most scratch the backward of a dense problem of these sizes takes on any GPU
+    (either family's padded head dim, dq_accum and semaphores included): the size of a
+    workspace allocated before the device is known (cuflash.jax asks XLA for one). 0 for a
+    head dim no kernel runs (the call itself then raises)."""
+    if headdim > max(tiles.HEADDIMS):
+        return 0
+    rows = batch * nheads * -(-seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+    return max(_scratch_layout(rows, pad, True, deterministic)[3]
+               for pad in (tiles.padded_headdim(headdim), sm90_headdim(headdim) or 0))
+
+
 class Plan:
     """A memoized backward: its launches share one BwdParams record and one scratch
     allocation (lse_log2, delta and dq_accum, float32; dq_semaphore, int32)."""
@@ -321,19 +353,11 @@ class Plan:
             rows = p.batch * p.nheads * seqlen_q_pad
             lse_strides = tuple(s // 4 for s in lse_s)
             pre_rows = seqlen_q_pad
-        headdim_pad = (sm90_headdim(p.headdim) if steps[0].filename == SM90_FILE
-                       else tiles.padded_headdim(p.headdim))
-        # Scratch: lse_log2 and delta (rows floats each), then dq_accum (rows x headdim_pad),
-        # then, for a deterministic bwd_sm90 or bwd_sm90_wide, a semaphore per 4096 floats of
-        # dq_accum (tiles start on 16-row boundaries in varlen: one more for the last partial
-        # window).
-        self.delta_offset = _core.align(4 * rows)
-        self.accum_offset = 2 * self.delta_offset
-        accum_bytes = 4 * rows * headdim_pad if with_accum else 0
-        self.semaphore_offset = self.accum_offset + _core.align(accum_bytes)
+        headdim_pad = accum_headdim(steps, p.headdim)
         ordered = deterministic and steps[0].filename == SM90_FILE
-        self.semaphore_bytes = 4 * (rows * headdim_pad // 4096 + 1) if ordered else 0
-        self.scratch_bytes = self.semaphore_offset + self.semaphore_bytes
+        (self.delta_offset, self.accum_offset, self.semaphore_offset,
+         self.scratch_bytes) = _scratch_layout(rows, headdim_pad, with_accum, ordered)
+        self.semaphore_bytes = self.scratch_bytes - self.semaphore_offset
         self.with_accum = with_accum
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
