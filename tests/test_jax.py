@@ -652,6 +652,27 @@ def test_gpu_repeated_calls_take_the_fast_path(monkeypatch, layout):
 
 
 @pytest.mark.gpu
+def test_gpu_eager_backward_with_a_cpu_default_device_after_jit():
+    # Eagerly, platform_dependent picks its branch on the default device: with the CPU
+    # default, the backward on GPU buffers gets an empty workspace. A fast path that the
+    # jitted program built for a full one must not be taken then (it would write the
+    # scratch at the empty buffer's address).
+    device = jax_gpu()
+    q, k, v, dout = problem(np.random.default_rng(0), BF16, batch=2, seqlen_q=200,
+                            seqlen_k=333, nheads=4, nheads_kv=2, headdim=64)
+    args = [jax.device_put(x, device) for x in (q, k, v)]
+    loss = lambda q, k, v: jnp.sum(  # noqa: E731
+        fj.attention(q, k, v, causal=True).astype(jnp.float32) *
+        jax.device_put(dout, device).astype(jnp.float32))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    for _ in range(2):
+        check_grads([np.asarray(g) for g in step(*args)], dout, q, k, v, causal=True)
+    with jax.default_device(jax.devices("cpu")[0]):
+        grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    check_grads([np.asarray(g) for g in grads], dout, q, k, v, causal=True)
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_kvcache_merge(rng):
     device = jax_gpu()
     put = lambda x: None if x is None else jax.device_put(x, device)  # noqa: E731

@@ -131,12 +131,14 @@ def _callback(body, static, present):
     build, fast_paths = _FAST.get(body), {}
 
     def callback(stream, rets, args):
-        # The fast path's key: the stream (which names the device) and the inputs' dtypes
-        # and shapes.
-        addresses, signature = _ffi.describe(args)
-        key = (stream, signature)
+        # The fast path's key: the stream (which names the device) and every buffer's dtype
+        # and shape. The inputs' alone would not do: the backward's workspace is empty
+        # where an eager call's platform_dependent chose the CPU branch on a GPU's buffers.
+        outputs, out_signature = _ffi.describe(rets)
+        inputs, in_signature = _ffi.describe(args)
+        key = (stream, out_signature, in_signature)
         fast = fast_paths.get(key)
-        if fast is not None and fast(*_ffi.addresses(rets), *addresses):
+        if fast is not None and fast(*outputs, *inputs):
             return
         outs, given = _ffi.buffers(rets), _ffi.buffers(args)
         pending = iter(given)

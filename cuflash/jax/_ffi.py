@@ -72,8 +72,7 @@ class Buffer(NamedTuple):
 
 # Callbacks by slot: ``callback(stream, rets, args)`` with ``stream`` XLA's CUDA stream (None
 # on the CPU) and ``rets``/``args`` the call's output and input buffers as (address of
-# XLA's array of buffer pointers, count), which :func:`addresses`, :func:`describe` and
-# :func:`buffers` read. A slot is never reused: compiled programs name it.
+# XLA's array of buffer pointers, count), which :func:`describe` and :func:`buffers` read. A slot is never reused: compiled programs name it.
 _SLOTS: list = []
 _SLOT_OF: dict = {}
 _LOCK = threading.Lock()
@@ -99,17 +98,10 @@ def _dims(rank: int) -> struct.Struct:
     return _DIMS[rank] if rank < len(_DIMS) else _int64s(rank)
 
 
-def addresses(array: tuple) -> list:
-    """The data addresses of the buffers ``array`` (pointer, count): the per-call part of a
-    call, read with one struct read per buffer."""
-    pointers, count = array
-    return [_POINTER.unpack_from(_MEMORY, p + _BUFFER_DTYPE_OFFSET + 8)[0]
-            for p in _int64s(count).unpack_from(_MEMORY, pointers)]
-
-
 def describe(array: tuple) -> tuple:
-    """(data addresses, signature) of the buffers ``array``: the signature, a tuple of (XLA
-    dtype code, shape) per buffer, is what a compiled program fixes for every call."""
+    """(data addresses, signature) of the buffers ``array`` (pointer, count), read with two
+    struct reads a buffer: the signature, a tuple of (XLA dtype code, shape) per buffer, is
+    what a compiled program fixes for every call."""
     pointers, count = array
     found, signature = [], []
     for p in _int64s(count).unpack_from(_MEMORY, pointers):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -300,23 +301,33 @@ def mma_steps(dtype, headdim: int, deterministic: bool, varlen: bool,
     return steps
 
 
-def accum_headdim(steps: list, headdim: int) -> int:
-    """The head dim of dq_accum's rows for ``steps``: the bwd_sm90 instantiation's, else
-    the mma.sync kernels' padded one."""
-    return (sm90_headdim(headdim) if steps[0].filename == SM90_FILE
-            else tiles.padded_headdim(headdim))
+class Scratch(NamedTuple):
+    """A backward's scratch: lse_log2 and delta (float32, a row each), then dq_accum (float32,
+    rows x headdim_pad, where a dQ conversion reads it: ``with_accum``), then for a
+    deterministic bwd_sm90 or bwd_sm90_wide an int32 semaphore per 4096 floats of dq_accum
+    (tiles start on 16-row boundaries in varlen: one more for the last partial window).
+    Byte offsets and the total size."""
+    headdim_pad: int
+    with_accum: bool
+    delta: int
+    accum: int
+    semaphore: int
+    bytes: int
 
 
-def _scratch_layout(rows: int, headdim_pad: int, with_accum: bool, ordered: bool) -> tuple:
-    """(delta, dq_accum, semaphore offsets, total bytes) of a backward's scratch: lse_log2
-    and delta (``rows`` floats each), then dq_accum (rows x headdim_pad floats, where a dQ
-    conversion reads it), then for a deterministic bwd_sm90 or bwd_sm90_wide (``ordered``)
-    a semaphore per 4096 floats of dq_accum (tiles start on 16-row boundaries in varlen: one
-    more for the last partial window)."""
+def _scratch(rows: int, headdim_pad: int, with_accum: bool, ordered: bool) -> Scratch:
     delta = _core.align(4 * rows)
     semaphore = 2 * delta + _core.align(4 * rows * headdim_pad if with_accum else 0)
-    return (delta, 2 * delta, semaphore,
-            semaphore + (4 * (rows * headdim_pad // 4096 + 1) if ordered else 0))
+    return Scratch(headdim_pad, with_accum, delta, 2 * delta, semaphore,
+                   semaphore + (4 * (rows * headdim_pad // 4096 + 1) if ordered else 0))
+
+
+def scratch_layout(rows: int, headdim: int, steps: list, deterministic: bool) -> Scratch:
+    """The scratch of ``steps`` over ``rows`` rows: dq_accum's rows at the bwd_sm90
+    instantiation's head dim, else at the mma.sync kernels' padded one."""
+    sm90 = steps[0].filename == SM90_FILE
+    return _scratch(rows, sm90_headdim(headdim) if sm90 else tiles.padded_headdim(headdim),
+                    steps[-1].owner == "rows", deterministic and sm90)
 
 
 def dense_scratch_bytes(batch: int, nheads: int, seqlen_q: int, headdim: int,
@@ -328,7 +339,7 @@ def dense_scratch_bytes(batch: int, nheads: int, seqlen_q: int, headdim: int,
     if headdim > max(tiles.HEADDIMS):
         return 0
     rows = batch * nheads * -(-seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
-    return max(_scratch_layout(rows, pad, True, deterministic)[3]
+    return max(_scratch(rows, pad, True, deterministic).bytes
                for pad in (tiles.padded_headdim(headdim), sm90_headdim(headdim) or 0))
 
 
@@ -339,7 +350,6 @@ class Plan:
     def __init__(self, p: _core.Problem, strides: tuple, steps: list, deterministic: bool):
         out_s, dout_s, lse_s, dq_s, dk_s, dv_s = strides
         item = p.dtype.itemsize
-        with_accum = steps[-1].owner == "rows"  # a dQ conversion reads dq_accum
         if p.varlen:
             seqlen_q_pad = p.total_q // 16 * 16 + VARLEN_GAP * p.batch
             if seqlen_q_pad >= 2**31:
@@ -353,12 +363,11 @@ class Plan:
             rows = p.batch * p.nheads * seqlen_q_pad
             lse_strides = tuple(s // 4 for s in lse_s)
             pre_rows = seqlen_q_pad
-        headdim_pad = accum_headdim(steps, p.headdim)
-        ordered = deterministic and steps[0].filename == SM90_FILE
-        (self.delta_offset, self.accum_offset, self.semaphore_offset,
-         self.scratch_bytes) = _scratch_layout(rows, headdim_pad, with_accum, ordered)
-        self.semaphore_bytes = self.scratch_bytes - self.semaphore_offset
-        self.with_accum = with_accum
+        scratch = scratch_layout(rows, p.headdim, steps, deterministic)
+        headdim_pad, self.with_accum = scratch.headdim_pad, scratch.with_accum
+        self.delta_offset, self.accum_offset = scratch.delta, scratch.accum
+        self.semaphore_offset, self.scratch_bytes = scratch.semaphore, scratch.bytes
+        self.semaphore_bytes = scratch.bytes - scratch.semaphore
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
