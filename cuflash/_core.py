@@ -11,7 +11,6 @@ addresses.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import dataclasses
 import threading

@@ -90,5 +90,5 @@ def test_dense_scratch_bound_holds_every_plan(arch, deterministic):
                                 softcap=softcap)
         rows = p.batch * p.nheads * -(-seqlen // backward.SCRATCH_TILE) * backward.SCRATCH_TILE
         needed = backward.scratch_layout(rows, hd, backward.choose(p, deterministic, arch),
-                                         deterministic).bytes
+                                         deterministic).total
         assert needed <= backward.dense_scratch_bytes(3, 4, seqlen, hd, deterministic)

@@ -72,7 +72,8 @@ class Buffer(NamedTuple):
 
 # Callbacks by slot: ``callback(stream, rets, args)`` with ``stream`` XLA's CUDA stream (None
 # on the CPU) and ``rets``/``args`` the call's output and input buffers as (address of
-# XLA's array of buffer pointers, count), which :func:`describe` and :func:`buffers` read. A slot is never reused: compiled programs name it.
+# XLA's array of buffer pointers, count), which :func:`describe` and :func:`buffers` read.
+# A slot is never reused: compiled programs name it.
 _SLOTS: list = []
 _SLOT_OF: dict = {}
 _LOCK = threading.Lock()

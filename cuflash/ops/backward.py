@@ -312,7 +312,7 @@ class Scratch(NamedTuple):
     delta: int
     accum: int
     semaphore: int
-    bytes: int
+    total: int
 
 
 def _scratch(rows: int, headdim_pad: int, with_accum: bool, ordered: bool) -> Scratch:
@@ -339,7 +339,7 @@ def dense_scratch_bytes(batch: int, nheads: int, seqlen_q: int, headdim: int,
     if headdim > max(tiles.HEADDIMS):
         return 0
     rows = batch * nheads * -(-seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
-    return max(_scratch(rows, pad, True, deterministic).bytes
+    return max(_scratch(rows, pad, True, deterministic).total
                for pad in (tiles.padded_headdim(headdim), sm90_headdim(headdim) or 0))
 
 
@@ -366,8 +366,8 @@ class Plan:
         scratch = scratch_layout(rows, p.headdim, steps, deterministic)
         headdim_pad, self.with_accum = scratch.headdim_pad, scratch.with_accum
         self.delta_offset, self.accum_offset = scratch.delta, scratch.accum
-        self.semaphore_offset, self.scratch_bytes = scratch.semaphore, scratch.bytes
-        self.semaphore_bytes = scratch.bytes - scratch.semaphore
+        self.semaphore_offset, self.scratch_bytes = scratch.semaphore, scratch.total
+        self.semaphore_bytes = scratch.total - scratch.semaphore
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
