@@ -419,14 +419,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
-        if constexpr (OPTS != 0) {
-          if (boundary)
-            score_fragment<OPTS, true, true>(sc, frag_row0, col0, mod, mask);
-          else
-            score_fragment<OPTS, false, true>(sc, frag_row0, col0, mod, mask);
-        } else {
-          if (boundary) score_fragment<0, true>(sc, frag_row0, col0, mod, mask);
-        }
+        if (boundary)
+          score_fragment<OPTS, true, true>(sc, frag_row0, col0, mod, mask);
+        else if constexpr (OPTS != 0)
+          score_fragment<OPTS, false, true>(sc, frag_row0, col0, mod, mask);
         softmax.max_step(sc, factor, alpha);
         softmax.exp_step(sc, factor, alpha);
       };

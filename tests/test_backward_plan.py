@@ -88,7 +88,7 @@ def test_dense_scratch_bound_holds_every_plan(arch, deterministic):
             (0.0, 5.0, 500.0), (np.float16, np.float32)):
         p = dataclasses.replace(_problem(seqlen, 4, 2, hd, batch=3), dtype=np.dtype(dtype),
                                 softcap=softcap)
-        rows = p.batch * p.nheads * -(-seqlen // backward.SCRATCH_TILE) * backward.SCRATCH_TILE
+        rows = p.batch * p.nheads * backward.padded_seqlen(seqlen)
         needed = backward.scratch_layout(rows, hd, backward.choose(p, deterministic, arch),
                                          deterministic).total
         assert needed <= backward.dense_scratch_bytes(3, 4, seqlen, hd, deterministic)

@@ -315,6 +315,12 @@ class Scratch(NamedTuple):
     total: int
 
 
+def padded_seqlen(seqlen_q: int) -> int:
+    """An item's scratch rows of a dense call (seqlen_q_pad): seqlen_q rounded up to
+    SCRATCH_TILE, so that every query tile stays inside them."""
+    return -(-seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+
+
 def _scratch(rows: int, headdim_pad: int, with_accum: bool, ordered: bool) -> Scratch:
     delta = _core.align(4 * rows)
     semaphore = 2 * delta + _core.align(4 * rows * headdim_pad if with_accum else 0)
@@ -338,7 +344,7 @@ def dense_scratch_bytes(batch: int, nheads: int, seqlen_q: int, headdim: int,
     head dim no kernel runs (the call itself then raises)."""
     if headdim > max(tiles.HEADDIMS):
         return 0
-    rows = batch * nheads * -(-seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+    rows = batch * nheads * padded_seqlen(seqlen_q)
     return max(_scratch(rows, pad, True, deterministic).total
                for pad in (tiles.padded_headdim(headdim), sm90_headdim(headdim) or 0))
 
@@ -357,9 +363,9 @@ class Plan:
                                  f"backward's int32 row indices")
             rows = p.nheads * seqlen_q_pad
             lse_strides = (0, *(s // 4 for s in lse_s))
-            pre_rows = -(-p.seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+            pre_rows = padded_seqlen(p.seqlen_q)
         else:
-            seqlen_q_pad = -(-p.seqlen_q // SCRATCH_TILE) * SCRATCH_TILE
+            seqlen_q_pad = padded_seqlen(p.seqlen_q)
             rows = p.batch * p.nheads * seqlen_q_pad
             lse_strides = tuple(s // 4 for s in lse_s)
             pre_rows = seqlen_q_pad
