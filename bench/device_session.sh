@@ -31,7 +31,9 @@
 #             backward at head dim 128 (the backward also at 16k, causal and not: the
 #             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
 #             warp states, scheduler, memory and source-counter sections, the L2's
-#             units, as text                                                           ~4
+#             units, as text; each launch's source page (stall samples per SASS
+#             instruction) as a gzipped CSV; $PROFILE_SPECS picks other launches, FA3's
+#             too (bench/diagnose.py calls --impl fa3)                                 ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
@@ -239,21 +241,31 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
-    # Where the warps stall, by instruction (the top SASS lines of each stall reason).
+    # Where the warps stall, by instruction: the source page of the report, exported below.
     sections="$sections --section SourceCounters"
     # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
     sections="$sections --metrics"
     sections="$sections breakdown:gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"
-    # direction, kernel, head dim, seqlen, and "causal" or nothing
-    for spec in "fwd flash_fwd_sm90 128 4096" "bwd bwd_sm90 128 4096" \
-            "bwd bwd_sm90 128 16384" "bwd bwd_sm90 128 16384 causal" \
-            "bwd bwd_sm90_wide 256 4096"; do
+    # implementation, direction, kernel (a regex of the demangled name), head dim, seqlen,
+    # and "causal" or nothing; specs separated by ";"
+    local specs spec name
+    specs=${PROFILE_SPECS:-"cuflash fwd flash_fwd_sm90 128 4096;cuflash bwd bwd_sm90 128 4096;\
+cuflash bwd bwd_sm90 128 16384;cuflash bwd bwd_sm90 128 16384 causal;\
+cuflash bwd bwd_sm90_wide 256 4096"}
+    IFS=';' read -ra specs <<< "$specs"
+    for spec in "${specs[@]}"; do
+        # shellcheck disable=SC2086
         set -- $spec
+        name="$1-$2-hd$4-$5${6:+-causal}"
         echo "=== $spec" >> "$OUT/profile.log"
         # shellcheck disable=SC2086
         run $(($(left) / 3)) "$OUT/profile.log" ncu --clock-control none --launch-skip 2 \
-            --launch-count 1 -k "regex:$2" $sections python3 bench/diagnose.py calls "$1" \
-            --headdim "$3" --seqlen "$4" ${5:+--causal}
+            --launch-count 1 --kernel-name-base demangled -k "regex:$3" $sections -f \
+            -o "/tmp/$name" python3 bench/diagnose.py calls "$2" --impl "$1" --headdim "$4" \
+            --seqlen "$5" ${6:+--causal}
+        ncu -i "/tmp/$name.ncu-rep" --page details >> "$OUT/profile.log" 2>&1
+        # Per SASS instruction: executions and stall samples by reason (a CSV of ~1 MB).
+        ncu -i "/tmp/$name.ncu-rep" --page source --csv 2>&1 | gzip > "$OUT/$name-source.csv.gz"
     done
     summary profile "$(grep -cE 'Duration|Compute \(SM\) Throughput' "$OUT/profile.log") lines"
 }

@@ -501,12 +501,14 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // work instead of running in step (they meet only where one waits for the other's
       // dS^T, see ready()).
       constexpr int SB = BLOCK_R / 64;
-      // S^T and dP^T of the sub-blocks; before and after them, s[0] holds the dQ tile
-      // (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
-      // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS).
+      // S^T and dP^T of the sub-blocks; before and after them, dp[SB - 1] holds the dQ
+      // tile (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
+      // beside dK, dV, S^T, dP^T, P^T and dS^T would not fit in MMA_REGS). The tile's
+      // reductions read its registers only as the LSU drains them: the first S^T, issued
+      // before the last dP^T, does not wait for that.
       float s[SB][32], dp[SB][32];
       uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
-      if (wg == 0 && it > 0) held = dq_step(it - 1, h_prev, r_prev, s[0]);
+      if (wg == 0 && it > 0) held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
       sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
@@ -577,7 +579,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           // FA3's order: P while the dP^T wgmmas run, dV = P^T dO issued, then dS^T once
           // dP^T is in (a masked element's dS is then P = 0 times a finite dP - delta). s
           // holds P, or under soft-cap pd = P (1 - tanh^2) (ScoreGrad::prob_softcap): either
-          // way dS = s (dP - delta).
+          // way dS = s (dP - delta). lse and delta of a thread's queries are loaded before
+          // the waits for S^T and dP^T: the loads queue behind the dQ reductions in the LSU,
+          // and their latency then runs under the wgmmas. Under soft-cap (whose
+          // instantiations would spill) lse is loaded where used.
+          constexpr bool LSE_EARLY = (OPTS & OPTS_SOFTCAP) == 0;
+          float2 lse_q[8], delta_q[8];
+          if constexpr (LSE_EARLY) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) lse_q[t] = sm90::lds_f32x2(lse_s + 4 * (8 * t + 2 * qd));
+          }
           sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
           sm90::fence_regs<32>(s[sb]);
           if (sb > 0) {  // dV of the sub-block before is done (its dK may still run)
@@ -626,12 +637,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
             for (int t = 0; t < 8; ++t) {
               const int qc = 8 * t + 2 * qd;
-              const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
 #pragma unroll
               for (int e = 0; e < 4; ++e)
                 s[sb][4 * t + e] = grad.template prob<OPTS>(s[sb][4 * t + e], q0 + qc + (e & 1),
                                                             krow + 8 * (e >> 1),
-                                                            (e & 1) ? l2.y : l2.x);
+                                                            (e & 1) ? lse_q[t].y : lse_q[t].x);
             }
             if (on_boundary) zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
 #pragma unroll
@@ -645,15 +655,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
           sm90::wgmma_commit();
+#pragma unroll
+          for (int t = 0; t < 8; ++t) delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
           sm90::wgmma_wait<1>();  // dP^T (dV may run)
           sm90::fence_regs<32>(dp[sb]);
 #pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            const float2 d2 = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
+          for (int t = 0; t < 8; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              dp[sb][4 * t + e] = s[sb][4 * t + e] * (dp[sb][4 * t + e] - ((e & 1) ? d2.y : d2.x));
-          }
+              dp[sb][4 * t + e] =
+                  s[sb][4 * t + e] * (dp[sb][4 * t + e] - ((e & 1) ? delta_q[t].y : delta_q[t].x));
         } else {
           sm90::wgmma_wait<0>();
           sm90::fence_regs<32>(s[sb]);
@@ -735,7 +746,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-      if (wg == 1 && it > 0) held = dq_step(it - 1, h_prev, r_prev, s[0]);
+      if (wg == 1 && it > 0) held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
       h_prev = h;
       r_prev = r0;
       if (++sblk == steps.n_sblocks) {
