@@ -879,18 +879,6 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     else
       bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
     sm90::wgmma_commit();
-    // lse and delta of a thread's queries (32 wg + 8 c + 2 qd, below), loaded while the
-    // wgmmas run: they queue behind the dQ reductions in the LSU.
-    float2 lse_q[4], delta_q[4];
-    {
-      const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
-      const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        lse_q[c] = sm90::lds_f32x2(lse_s + 4 * (32 * wg + 8 * c + 2 * qd));
-        delta_q[c] = sm90::lds_f32x2(del_s + 4 * (32 * wg + 8 * c + 2 * qd));
-      }
-    }
     sm90::wgmma_wait<0>();
     sm90::fence_regs<32>(x);
     // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
@@ -925,14 +913,17 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     {
       const ScoreMod mod(a, b, h, seq);
       const ScoreGrad grad{mod, steps.mask, false};
+      const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
+      const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int qc = 32 * wg + 8 * c + 2 * qd;
+        const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+        const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
-          const float lse = (e & 1) ? lse_q[c].y : lse_q[c].x;
-          const float delta = (e & 1) ? delta_q[c].y : delta_q[c].x;
+          const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
           if constexpr (OPTS == 0) {
             ps[i] = grad.template prob<0>(ps[i], query, key, lse);
             ds[i] = ps[i] * (ds[i] - delta);
