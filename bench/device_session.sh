@@ -32,8 +32,8 @@
 #             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
 #             warp states, scheduler, memory and source-counter sections, the L2's
 #             units, as text; each launch's source page (stall samples per SASS
-#             instruction) as a gzipped CSV; $PROFILE_SPECS picks other launches, FA3's
-#             too (bench/diagnose.py calls --impl fa3)                                 ~4
+#             instruction) as a gzipped CSV, which bench/ncu_source.py reads;
+#             $PROFILE_SPECS picks other launches, FA3's too (diagnose.py --impl fa3)  ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
