@@ -272,13 +272,16 @@ class Kernel:
 class Record:
     """A params struct passed by value: a NumPy structured ``dtype`` mirroring the C struct,
     a ``template`` with every field fixed for a plan, and the pointer fields (dotted paths)
-    a call writes. Each thread fills its own copy, so plans are shared across threads."""
+    a call writes. Each thread fills its own copy, so plans are shared across threads.
+    ``second``: the bytes of a kernel's second parameter, written whole by each call
+    (kernels of one parameter ignore it)."""
 
-    def __init__(self, dtype, template, address_fields=(), int_fields=()):
+    def __init__(self, dtype, template, address_fields=(), int_fields=(), second: int = 0):
         self.bytes = np.zeros(align(dtype.itemsize, 8), np.uint8)  # whole 8-byte words
         self.bytes[:dtype.itemsize] = np.array([template], dtype).view(np.uint8)
         self.slots = tuple(field_offset(dtype, f) // 8 for f in address_fields)
         self.int_slots = tuple(field_offset(dtype, f) // 4 for f in int_fields)
+        self.second = second
         self._local = threading.local()
 
     def _buffer(self):
@@ -292,24 +295,28 @@ class Record:
             from cupy.cuda import runtime
             runtime.memGetInfo()
             record = self.bytes.copy()
-            argv = np.array([record.ctypes.data], np.uint64)
+            second = np.zeros(self.second, np.uint8)
+            argv = np.array([record.ctypes.data, second.ctypes.data][:1 + bool(self.second)],
+                            np.uint64)
             raw = memoryview(record)
             self._local.buffer = (raw, raw.cast("Q"), raw.cast("i"), argv.ctypes.data,
-                                  record, argv)
+                                  memoryview(second), record, second, argv)
             return self._local.buffer
 
-    def fill(self, *addresses, head: bytes = b"", ints: tuple = ()) -> int:
+    def fill(self, *addresses, head: bytes = b"", ints: tuple = (), second: bytes = b"") -> int:
         """Write ``addresses`` into the address fields and ``ints`` into the int32 fields,
-        in order, and ``head`` (e.g. TMA maps) at the start; the argv address to launch
-        with. The record stays this thread's until its next ``fill``: launch before filling
-        it again."""
-        raw, words, int32s, argv = self._buffer()[:4]
+        in order, ``head`` (e.g. TMA maps) at the start and ``second`` (all of it) into the
+        second parameter; the argv address to launch with. The record stays this thread's
+        until its next ``fill``: launch before filling it again."""
+        raw, words, int32s, argv, raw_second = self._buffer()[:5]
         for slot, value in zip(self.slots, addresses):
             words[slot] = value
         for slot, value in zip(self.int_slots, ints):
             int32s[slot] = value
         if head:
             raw[:len(head)] = head
+        if second:
+            raw_second[:] = second
         return argv
 
 

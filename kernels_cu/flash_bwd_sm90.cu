@@ -15,10 +15,13 @@
 // One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
 // two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63. K and V stay in shared
 // memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
-// group that see one of its keys. The producer's 128 threads copy K and V once, then Q_i,
-// dO_i, lse_i and delta_i into a ring of STAGES buffers by cp.async, each stage handed over
-// by a "full" mbarrier and given back by an "empty" one; it gives most of its registers to
-// the MMA warpgroups (setmaxnreg), which issue no loads. A step of an MMA warpgroup:
+// group that see one of its keys. The producer's 128 threads copy K and V once by cp.async;
+// then Q_i, dO_i, lse_i and delta_i go into a ring of STAGES buffers, by TMA and bulk copies
+// from one thread (dense calls: BwdSm90Maps, the kernels' second parameter) or by cp.async
+// from the 128 (varlen, and where the driver refuses a map), each stage handed over by a
+// "full" mbarrier and given back by an "empty" one; the producer gives most of its
+// registers to the MMA warpgroups (setmaxnreg), which issue no loads. A step of an MMA
+// warpgroup:
 //   S^T  = K_w Q_i^T,  dP^T = V_w dO_i^T        wgmma, both operands K-major in smem
 //   P^T  = exp2(S^T scale log2(e) - lse),  dS^T = P^T (dP^T - delta)   on the accumulators
 //   dV_w += P^T dO_i,  dK_w += dS^T Q_i          wgmma, A = P^T / dS^T from registers,
@@ -283,18 +286,30 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
   if (sem) sm90::named_barrier(bar, 128);
 }
 
+// The second parameter of bwd_sm90 and bwd_sm90_wide (cuflash/ops/backward.py): TMA maps
+// of Q and dO, boxes of 64 columns x BLOCK_R rows. With `on` (dense calls whose layouts TMA
+// describes), one producer thread loads each stage's Q and dO by TMA and its lse and delta
+// by bulk copies; without (varlen, where rows past an item must read as zeros, not as the
+// next item's; other layouts), the producer's 128 threads copy them by cp.async.
+struct BwdSm90Maps {
+  sm90::TmaMap q, dout;
+  int on;
+};
+
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
-// 2 STAGES + 1): "full" per stage, one arrival per producer warp; "empty" per stage, one
-// per MMA warp; then full_kv for K and V.
+// 2 STAGES + 1): "full" per stage, `full_arrivals` (one per producer warp, or the one TMA
+// thread's); "empty" per stage, one per MMA warp; then full_kv for K and V, one per
+// producer warp.
 template <int STAGES>
 struct BwdRing {
   uint32_t bars;
   __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 * s; }
   __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 * (STAGES + s); }
   __device__ __forceinline__ uint32_t full_kv() const { return bars + 16 * STAGES; }
-  __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
+  // By one thread, before a CTA barrier.
+  __device__ __forceinline__ void init(uint32_t full_arrivals) const {
     for (int s = 0; s < STAGES; ++s) {
-      sm90::mbar_init(full(s), 4);
+      sm90::mbar_init(full(s), full_arrivals);
       sm90::mbar_init(empty(s), 8);
     }
     sm90::mbar_init(full_kv(), 4);
@@ -307,9 +322,9 @@ struct BwdRing {
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
 // "empty" one (BwdRing).
 template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
-__device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t base,
-                                                 const BwdRing<Tr::STAGES>& ring, int b, int o0,
-                                                 int hkv, int tid) {
+__device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm90Maps& maps,
+                                                 uint32_t base, const BwdRing<Tr::STAGES>& ring,
+                                                 int b, int o0, int hkv, int tid) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
@@ -342,6 +357,30 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
       cp_async_16(tiles + Tr::OFF_DELTA + buf * BLOCK_R * 4 + 16 * (thread - BLOCK_R / 4),
                   p.delta + scratch + 4 * (thread - BLOCK_R / 4), true);
   };
+  // By TMA from one thread: Q and dO in boxes of 64 columns (rows past seqlen_q and columns
+  // past the head dim read as zeros), lse and delta by bulk copies (the scratch's padded
+  // rows), all completing the stage's full barrier's transaction count.
+  static_assert(Tr::OFF_Q % 1024 == 0 && Tr::OFF_DO % 1024 == 0 && Tr::Q_BYTES % 1024 == 0 &&
+                    Tr::DO_BYTES % 1024 == 0 && BLOCK_R * 128 % 1024 == 0,
+                "TMA's 128-byte swizzle from 1024-byte aligned column blocks");
+  auto load_stage_tma = [&](int it) {
+    const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
+    const uint32_t full = ring.full(buf);
+    sm90::mbar_arrive_expect_tx(full, Tr::Q_BYTES + Tr::DO_BYTES + 2 * BLOCK_R * 4);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb)
+      sm90::tma_load_4d(base + Tr::OFF_Q + buf * Tr::Q_BYTES + cb * BLOCK_R * 128, &maps.q,
+                        full, 64 * cb, r0, h, b);
+#pragma unroll
+    for (int cb = 0; cb < DV / 64; ++cb)
+      sm90::tma_load_4d(base + Tr::OFF_DO + buf * Tr::DO_BYTES + cb * BLOCK_R * 128,
+                        &maps.dout, full, 64 * cb, r0, h, b);
+    const int64 scratch = scratch_row0(p, seq, b, h) + r0;
+    sm90::bulk_load(base + Tr::OFF_LSE + buf * BLOCK_R * 4, p.lse_log2 + scratch, BLOCK_R * 4,
+                    full);
+    sm90::bulk_load(base + Tr::OFF_DELTA + buf * BLOCK_R * 4, p.delta + scratch, BLOCK_R * 4,
+                    full);
+  };
   // Hands a stage over once this thread's copies of it have landed (cp.async.wait_group
   // before the call) and are ordered before the MMA warpgroups' wgmma reads (async
   // proxy): one arrival per warp.
@@ -350,25 +389,38 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
     __syncwarp();
     sm90::mbar_arrive_if(bar, lane == 0);
   };
-  if (steps.iters > 0) {
-    // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
-    const int nk = seq.seqlen_k() - o0;
-    sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
-                               static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
-                                   (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
-                               a.k_row_stride, nk, a.headdim, tid);
-    sm90_load_tile<BLOCK_C, DV>(base + Tr::OFF_V,
-                                static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
-                                    (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
-                                a.v_row_stride, nk, a.headdim, tid);
-    cp_async_commit();
-    load_stream(0);  // in flight with K and V: one round trip before the first step
-    cp_async_commit();
-    cp_async_wait<1>();
-    publish(ring.full_kv());
+  if (steps.iters == 0) return;
+  // Keys past the item's (the next item's, in varlen) load as zeros and are masked.
+  const int nk = seq.seqlen_k() - o0;
+  sm90_load_tile<BLOCK_C, D>(base + Tr::OFF_K,
+                             static_cast<const T*>(a.k) + seq.b * a.k_batch_stride +
+                                 (seq.k0 + o0) * a.k_row_stride + hkv * a.k_head_stride,
+                             a.k_row_stride, nk, a.headdim, tid);
+  sm90_load_tile<BLOCK_C, DV>(base + Tr::OFF_V,
+                              static_cast<const T*>(a.v) + seq.b * a.v_batch_stride +
+                                  (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
+                              a.v_row_stride, nk, a.headdim, tid);
+  cp_async_commit();
+  if (!VARLEN && maps.on) {
+    // The first stages by TMA while K and V land; then thread 0 alone refills each stage
+    // as the MMA warps give it back.
+    if (tid == 0)
+      for (int it = 0; it < min(STAGES, steps.iters); ++it) load_stage_tma(it);
     cp_async_wait<0>();
-    publish(ring.full(0));
+    publish(ring.full_kv());
+    if (tid == 0)
+      for (int it = STAGES; it < steps.iters; ++it) {
+        sm90::mbar_wait(ring.empty(it % STAGES), (it / STAGES - 1) & 1);
+        load_stage_tma(it);
+      }
+    return;
   }
+  load_stream(0);  // in flight with K and V: one round trip before the first step
+  cp_async_commit();
+  cp_async_wait<1>();
+  publish(ring.full_kv());
+  cp_async_wait<0>();
+  publish(ring.full(0));
   for (int it = 1; it < steps.iters; ++it) {
     const int s = it % STAGES;
     // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
@@ -381,7 +433,8 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, uint32_t ba
 }
 
 template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false, int DV = D>
-__global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p,
+                                                   const __grid_constant__ BwdSm90Maps maps) {
   using Tr = BwdSm90Traits<D, BLOCK_R, DV>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
   using MmaD = sm90::Wgmma<T, D>;       // dK: m64 n D
@@ -406,12 +459,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
 
-  if (tid == 0) ring.init();
+  if (tid == 0) ring.init(!VARLEN && maps.on ? 1 : 4);
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -820,7 +873,8 @@ __device__ __forceinline__ void bwd_sm90_wide_sdp(float (&x)[32], uint32_t a, ui
 }
 
 template <typename T, int D, int OPTS, bool VARLEN = false, int DV = D>
-__global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p,
+                                                        const __grid_constant__ BwdSm90Maps maps) {
   using Tr = BwdSm90WideTraits<D, DV>;
   constexpr int BLOCK_C = Tr::BLOCK_C, BLOCK_R = Tr::BLOCK_R, STAGES = Tr::STAGES;
   constexpr int HALF = Tr::HALF, HALF_V = Tr::HALF_V;
@@ -838,12 +892,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  if (tid == 0) ring.init();
+  if (tid == 0) ring.init(!VARLEN && maps.on ? 1 : 4);
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, base, ring, b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();

@@ -21,7 +21,8 @@ What is faked:
   ``get_current_stream`` (``.ptr``, ``is_capturing()``), ``cuda.Stream`` (a handle of
   its own, ``synchronize()``), ``runtime.getDevice / deviceGetAttribute / malloc / memset /
   memsetAsync / free``, ``driver.launchKernel`` (reads the params struct back through
-  ctypes at the address its ``argv`` holds). A memset is queued, as CUDA's are:
+  ctypes at the address its ``argv`` holds, and a second parameter's bytes, as ``second``,
+  where the record has one: ``Record.second``). A memset is queued, as CUDA's are:
   ``memsetAsync`` on its stream, ``memset`` on the legacy default stream (0); it is done
   (an allocation zeroed whole counts as ``zeroed``) once its stream is synchronised or
   runs a launch, the legacy stream's also by a launch on a stream that is not a
@@ -363,6 +364,7 @@ class World:
         self.call_index = 0
         self.host_roles = {}       # id(numpy array) -> (role, array)
         self.record_sizes = {}     # argv address -> struct size (new layer: Record.fill)
+        self.second_sizes = {}     # argv address -> size of a second parameter (Record.second)
         self.queued = []           # (allocation, stream) of memsets not yet done
         self.non_blocking = set()  # handles of non-blocking cuda.Stream objects
         self.events = []           # allocation log of the current call: (ctor, nbytes)
@@ -453,7 +455,11 @@ class World:
             error = (error + "; " if error else "") + "argv not from Record.fill"
         address = ctypes.c_uint64.from_address(argv).value
         raw = ctypes.string_at(address, size)
-        self.record_launch(kernel, tuple(grid), tuple(block), shared, stream, raw, error)
+        second = self.second_sizes.get(argv, 0)
+        if second:
+            second = ctypes.string_at(ctypes.c_uint64.from_address(argv + 8).value, second)
+        self.record_launch(kernel, tuple(grid), tuple(block), shared, stream, raw, error,
+                           second or None)
 
     def finish(self, stream: int) -> None:
         """The queued memsets of ``stream`` are done."""
@@ -462,13 +468,13 @@ class World:
                 alloc.zeroed = True
         self.queued = [(a, on) for a, on in self.queued if on != stream]
 
-    def record_launch(self, kernel, grid, block, shared, stream, raw, error=None):
+    def record_launch(self, kernel, grid, block, shared, stream, raw, error=None, second=None):
         self.finish(stream)
         if stream not in self.non_blocking:
             self.finish(0)
         self.launches.append(dict(
             kernel=kernel, grid=grid, block=block, shared=int(shared), stream=int(stream),
-            raw=raw, error=error, device=self.device,
+            raw=raw, second=second, error=error, device=self.device,
             smem_ok=shared <= 48 * 1024 or kernel.max_dynamic_shared_size_bytes >= shared))
 
     # --- TMA ----------------------------------------------------------------------------
@@ -748,6 +754,7 @@ def installed(world: World):
         def fill(record, *args, **kwargs):
             argv = real_fill(record, *args, **kwargs)
             world.record_sizes[argv] = record.bytes.nbytes
+            world.second_sizes[argv] = record.second
             return argv
 
         patches.append((_core.Record, "fill", fill))

@@ -487,3 +487,67 @@ def test_a_list_window_runs_on_the_gpu_path_without_a_memo():
             cuflash.attention_forward(q, k, v, window=window, out=out, lse=lse)
             records.append([x["raw"] for x in world.launches])
         assert records[0] == records[1] == records[2]
+
+
+def _hopper_backward_maps(run):
+    """The BwdSm90Maps bytes of the Hopper backward launch of ``run`` (on device 0)."""
+    with fake_gpu() as (cuflash, world):
+        world.begin_call()
+        run(cuflash, record_launches.Maker(world, 0))
+        main = [x for x in world.launches
+                if x["kernel"].name.startswith(("cuflash::bwd_sm90<", "cuflash::bwd_sm90_wide<"))]
+        assert len(main) == 1
+        return main[0]["second"]
+
+
+@pytest.mark.parametrize("hd", [64, 128, 256])
+def test_hopper_backward_hands_its_producer_tma_maps_of_q_and_dout(hd):
+    """A dense call's maps: q's then dout's (the fake encoder puts the address first, then
+    the dims (head dim, seqlen, heads, batch), strides and box (64 columns x the kernel's
+    query rows a step)), and ``on``."""
+    def run(cf, mk):
+        q, k, v, out, dout = (mk.array((2, 129, 4, hd), np.float16, n)
+                              for n in ("q", "k", "v", "out", "dout"))
+        lse = mk.array((2, 4, 129), np.float32, "lse")
+        cf.attention_backward(dout, q, k, v, out, lse)
+        run.q, run.dout = q.data.ptr, dout.data.ptr
+
+    second = _hopper_backward_maps(run)
+    from cuflash.ops import backward
+    assert len(second) == backward.SM90_MAPS.itemsize
+    words = np.frombuffer(second[:256], np.uint64)
+    rows = {64: backward.SM90_TILES[64].block_r, 128: backward.SM90_TILES[128].block_r,
+            256: backward.SM90_WIDE_KEYS}[hd]
+    for i, ptr in enumerate((run.q, run.dout)):
+        map_words = words[16 * i:16 * i + 16]
+        assert map_words[0] == ptr
+        assert list(map_words[3:7]) == [hd, 129, 4, 2]
+        assert list(map_words[10:14]) == [64, rows, 1, 1]
+    assert np.frombuffer(second[256:260], np.int32)[0] == 1
+
+
+def test_hopper_backward_loads_by_cp_async_where_the_driver_refuses_a_map():
+    """The driver refusing to encode a map (the call's layouts are TMA's, as the checks'
+    copies make them): no maps, ``on`` 0."""
+    from cuflash import _tma
+    calls = []
+
+    def run(cf, mk):
+        fake = _tma._encode_tiled  # the fake world's, put back for its own restore
+        _tma._encode_tiled = lambda: lambda *args: calls.append(args) or 1
+        try:
+            q, k, v, out, dout = (mk.array((2, 129, 4, 128), np.float16, n)
+                                  for n in ("q", "k", "v", "out", "dout"))
+            cf.attention_backward(dout, q, k, v, out, mk.array((2, 4, 129), np.float32, "lse"))
+        finally:
+            _tma._encode_tiled = fake
+
+    second = _hopper_backward_maps(run)
+    assert calls and second == bytes(len(second))
+
+
+def test_hopper_varlen_backward_loads_by_cp_async():
+    """Varlen (rows past an item must read as zeros, not as the next item's): ``on`` 0."""
+    run = record_launches.varlen_backward_case("fp16", 128, "plain", False, False)
+    second = _hopper_backward_maps(run)
+    assert second == bytes(len(second))

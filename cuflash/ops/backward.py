@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import _compile, _core
+from .. import _compile, _core, _tma
 from . import tiles
 
 FILE = "flash_bwd.cu"
@@ -161,6 +161,14 @@ PARAMS = np.dtype([
 ], align=True)
 _ADDRESSES = tuple(f"attn.{f}" for f in _core.ATTN_ADDRESSES) + (
     "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum", "dq_semaphore")
+# BwdSm90Maps (flash_bwd_sm90.cu), the Hopper kernels' second parameter: TMA maps of q and
+# dout (boxes of 64 columns x the kernel's query rows a step) and whether to use them;
+# padded to its 64-byte alignment.
+_MAP = (np.uint8, (_tma.MAP_BYTES,))
+SM90_MAPS = _core.padded(np.dtype([("q", _MAP), ("dout", _MAP), ("on", np.int32)],
+                                  align=True), 64)
+_MAPS_OFF = bytes(SM90_MAPS.itemsize)
+_MAPS_ON = np.array([1], np.int32).tobytes() + bytes(SM90_MAPS.itemsize - 2 * _tma.MAP_BYTES - 4)
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class Step:
     num_threads: int
     shared_bytes: int
     traits: str = ""    # the C++ traits whose SMEM_BYTES is shared_bytes
+    block_r: int = 0    # query rows a step of a Hopper kernel (its TMA boxes); 0: others
 
 
 def _cxx(dtype) -> str:
@@ -267,7 +276,8 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
         elements = 2 * keys * hd + 2 * SM90_WIDE_STAGES * rows * hd + 2 * keys * rows
         shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_WIDE_STAGES * rows * 4 + 1024
         return [Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
-                     "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>"),
+                     "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>",
+                     rows),
                 convert]
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
@@ -276,7 +286,7 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
     elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + ds_bufs * SM90_KEYS * br
     shared = elements * 2 + 2 * stages * br * 4 + 1024
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
-                 SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>"),
+                 SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>", br),
             convert]
 
 
@@ -379,7 +389,17 @@ class Plan:
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
                   *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0,
                   _section(p))
-        self.record = _core.Record(PARAMS, record, _ADDRESSES)
+        hopper = next((s for s in steps if s.block_r), None)
+        self.record = _core.Record(PARAMS, record, _ADDRESSES,
+                                   second=SM90_MAPS.itemsize if hopper else 0)
+        # The Hopper kernels' maps of q and dout, for dense calls whose layouts TMA
+        # describes (their producer then loads by TMA; else by cp.async).
+        self.maps, self._encoded = None, {}
+        if hopper and not p.varlen:
+            shape = (p.batch, p.seqlen_q, p.nheads, p.headdim)
+            makers = (_tma.MapMaker(p.dtype, shape, p.q_strides, hopper.block_r),
+                      _tma.MapMaker(p.dtype, shape, dout_s, hopper.block_r))
+            self.maps = makers if all(m.ok for m in makers) else None
         grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
                  "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
@@ -401,9 +421,27 @@ class Plan:
             from cupy.cuda import runtime
             runtime.memsetAsync(semaphore, 0, self.semaphore_bytes, stream)
         argv = self.record.fill(q, k, v, slopes, cu_q, cu_k, out, dout, lse, dq, dk, dv,
-                                scratch, scratch + self.delta_offset, accum, semaphore)
+                                scratch, scratch + self.delta_offset, accum, semaphore,
+                                second=self._second(q, dout))
         for kernel in self.kernels:
             kernel(stream, argv)
+
+
+    def _second(self, q: int, dout: int) -> bytes:
+        """The Hopper kernels' BwdSm90Maps for these addresses: the maps, or "off" where
+        there are none (the driver may refuse an address); b"" for the other kernels."""
+        if not self.record.second:
+            return b""
+        if self.maps is None:
+            return _MAPS_OFF
+        found = self._encoded.get((q, dout))
+        if found is None:
+            maps = [make(ptr) for make, ptr in zip(self.maps, (q, dout))]
+            found = _MAPS_OFF if None in maps else maps[0] + maps[1] + _MAPS_ON
+            if len(self._encoded) >= 64:
+                self._encoded.clear()
+            self._encoded[(q, dout)] = found
+        return found
 
 
 def _section(p: _core.Problem) -> int:
@@ -453,6 +491,7 @@ def _steps(arch: str):
 def facts():
     """(filename, C++ expression, the value Python uses) for the compile check to prove."""
     out = [(FILE, e, v) for e, v in _core.struct_facts("cuflash::BwdParams", PARAMS)]
+    out += [(SM90_FILE, e, v) for e, v in _core.struct_facts("cuflash::BwdSm90Maps", SM90_MAPS)]
     out += [(FILE, f"cuflash::{name}", value) for name, value in (
         ("BWD_DK", DK), ("BWD_DV", DV), ("BWD_DQ_ATOMIC", DQ_ATOMIC), ("BWD_DQ", DQ),
         ("BWD_VARLEN", VARLEN), ("PRE_ROWS", PRE_ROWS), ("PRE_THREADS", PRE_THREADS),

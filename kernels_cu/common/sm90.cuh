@@ -122,6 +122,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
       : "memory");
 }
 
+// `bytes` (a multiple of 16) from global `src` to shared `dst`, both 16-byte aligned,
+// completing `bar`'s transaction count.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 // --- Register reallocation between warpgroups -----------------------------------------
 template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
