@@ -287,10 +287,10 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
 }
 
 // The second parameter of bwd_sm90 and bwd_sm90_wide (cuflash/ops/backward.py): TMA maps
-// of Q and dO, boxes of 64 columns x BLOCK_R rows. With `on` (dense calls whose layouts TMA
-// describes), one producer thread loads each stage's Q and dO by TMA and its lse and delta
-// by bulk copies; without (varlen, where rows past an item must read as zeros, not as the
-// next item's; other layouts), the producer's 128 threads copy them by cp.async.
+// of Q and dO, boxes of 64 columns x BLOCK_R rows. With `on` (dense calls), one producer
+// thread loads each stage's Q and dO by TMA and its lse and delta by bulk copies; without
+// (varlen, where rows past an item must read as zeros, not as the next item's; a map the
+// driver refused), the producer's 128 threads copy them by cp.async.
 struct BwdSm90Maps {
   sm90::TmaMap q, dout;
   int on;
@@ -363,6 +363,9 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   static_assert(Tr::OFF_Q % 1024 == 0 && Tr::OFF_DO % 1024 == 0 && Tr::Q_BYTES % 1024 == 0 &&
                     Tr::DO_BYTES % 1024 == 0 && BLOCK_R * 128 % 1024 == 0,
                 "TMA's 128-byte swizzle from 1024-byte aligned column blocks");
+  static_assert(Tr::OFF_LSE % 16 == 0 && Tr::OFF_DELTA % 16 == 0 &&
+                    Tr::Q_BYTES + Tr::DO_BYTES + 2 * BLOCK_R * 4 < (1 << 20),
+                "bulk copies to 16-byte aligned buffers; an mbarrier's transaction count");
   auto load_stage_tma = [&](int it) {
     const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
     const uint32_t full = ring.full(buf);

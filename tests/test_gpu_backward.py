@@ -391,3 +391,38 @@ def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
         diff = np.abs(a.get().astype(np.float64) - b.get().astype(np.float64)).max()
         ulp = 2.0 ** (-7 if dtype == BF16 else -10) * max(1.0, np.abs(r).max())
         assert diff <= 4 * ulp, f"{name}: wgmma vs mma.sync differ by {diff:.3e} (4 ulp {4 * ulp:.3e})"
+
+
+@pytest.mark.parametrize("headdim", [8, 32, 64, 96, 128, 160, 256])
+def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim):
+    """A dense call's producer loads by TMA: every Hopper launch gets its maps of q and dout
+    (``on``: a map the driver refused would fall back to cp.async unseen). With the maps
+    refused (the encoder made to fail), the cp.async producer gives the same gradients, bit
+    for bit (deterministic mode; q sliced from a packed tensor and dout transposed, so the
+    two maps have strides of their own)."""
+    if device_arch() != "sm_90":
+        pytest.skip("the wgmma backward runs on sm_90 only")
+    from cuflash import _tma, ops
+    seconds = []
+    real = ops.backward.Plan._second
+
+    def spy(plan, q, dout):
+        seconds.append(real(plan, q, dout))
+        return seconds[-1]
+
+    monkeypatch.setattr(ops.backward.Plan, "_second", spy)
+    args = (BF16, 2, 257, 257, 4, 2, headdim)
+    opts = dict(layout="strided", causal=True, deterministic=True, seed=headdim)
+    by_tma, _ = check(*args, **opts)
+    on = np.array([1], np.int32).tobytes()
+    assert seconds and all(x[2 * _tma.MAP_BYTES:][:4] == on for x in seconds)
+    seconds.clear()
+    ops.backward.plan.cache_clear()  # plans keep the maps they made
+    monkeypatch.setattr(_tma, "_encode_tiled", lambda: lambda *args: 1)
+    try:
+        by_cp_async, _ = check(*args, **opts)
+    finally:
+        ops.backward.plan.cache_clear()  # and the refusals
+    assert seconds and all(x == bytes(len(x)) for x in seconds)
+    for name, a, b in zip(("dq", "dk", "dv"), by_tma, by_cp_async):
+        assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name

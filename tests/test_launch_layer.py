@@ -503,14 +503,14 @@ def _hopper_backward_maps(run):
 @pytest.mark.parametrize("hd", [64, 128, 256])
 def test_hopper_backward_hands_its_producer_tma_maps_of_q_and_dout(hd):
     """A dense call's maps: q's then dout's (the fake encoder puts the address first, then
-    the dims (head dim, seqlen, heads, batch), strides and box (64 columns x the kernel's
-    query rows a step)), and ``on``."""
+    the dims (head dim, seqlen, heads, batch), byte strides (seqlen, heads, batch) and box
+    (64 columns x the kernel's query rows a step)), and ``on``."""
     def run(cf, mk):
-        q, k, v, out, dout = (mk.array((2, 129, 4, hd), np.float16, n)
-                              for n in ("q", "k", "v", "out", "dout"))
+        q, k, v, out = (mk.array((2, 129, 4, hd), np.float16, n) for n in ("q", "k", "v", "out"))
+        dout = record_launches.tensor(mk, "dout", (2, 129, 4, hd), np.float16, "heads")
         lse = mk.array((2, 4, 129), np.float32, "lse")
         cf.attention_backward(dout, q, k, v, out, lse)
-        run.q, run.dout = q.data.ptr, dout.data.ptr
+        run.arrays = q, dout
 
     second = _hopper_backward_maps(run)
     from cuflash.ops import backward
@@ -518,10 +518,11 @@ def test_hopper_backward_hands_its_producer_tma_maps_of_q_and_dout(hd):
     words = np.frombuffer(second[:256], np.uint64)
     rows = {64: backward.SM90_TILES[64].block_r, 128: backward.SM90_TILES[128].block_r,
             256: backward.SM90_WIDE_KEYS}[hd]
-    for i, ptr in enumerate((run.q, run.dout)):
+    for i, x in enumerate(run.arrays):  # dout head-major: strides of its own
         map_words = words[16 * i:16 * i + 16]
-        assert map_words[0] == ptr
+        assert map_words[0] == x.data.ptr
         assert list(map_words[3:7]) == [hd, 129, 4, 2]
+        assert list(map_words[7:10]) == [x.strides[1], x.strides[2], x.strides[0]]
         assert list(map_words[10:14]) == [64, rows, 1, 1]
     assert np.frombuffer(second[256:260], np.int32)[0] == 1
 

@@ -168,7 +168,7 @@ _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_MAPS = _core.padded(np.dtype([("q", _MAP), ("dout", _MAP), ("on", np.int32)],
                                   align=True), 64)
 _MAPS_OFF = bytes(SM90_MAPS.itemsize)
-_MAPS_ON = np.array([1], np.int32).tobytes() + bytes(SM90_MAPS.itemsize - 2 * _tma.MAP_BYTES - 4)
+_MAPS_ON = np.array((0, 0, 1), SM90_MAPS).tobytes()[2 * _tma.MAP_BYTES:]  # after the maps
 
 
 @dataclass(frozen=True)
@@ -425,7 +425,6 @@ class Plan:
                                 second=self._second(q, dout))
         for kernel in self.kernels:
             kernel(stream, argv)
-
 
     def _second(self, q: int, dout: int) -> bytes:
         """The Hopper kernels' BwdSm90Maps for these addresses: the maps, or "off" where
