@@ -363,13 +363,13 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   static_assert(Tr::OFF_Q % 1024 == 0 && Tr::OFF_DO % 1024 == 0 && Tr::Q_BYTES % 1024 == 0 &&
                     Tr::DO_BYTES % 1024 == 0 && BLOCK_R * 128 % 1024 == 0,
                 "TMA's 128-byte swizzle from 1024-byte aligned column blocks");
-  static_assert(Tr::OFF_LSE % 16 == 0 && Tr::OFF_DELTA % 16 == 0 &&
-                    Tr::Q_BYTES + Tr::DO_BYTES + 2 * BLOCK_R * 4 < (1 << 20),
+  constexpr int STAGE_BYTES = Tr::Q_BYTES + Tr::DO_BYTES + 2 * BLOCK_R * 4;
+  static_assert(Tr::OFF_LSE % 16 == 0 && Tr::OFF_DELTA % 16 == 0 && STAGE_BYTES < (1 << 20),
                 "bulk copies to 16-byte aligned buffers; an mbarrier's transaction count");
   auto load_stage_tma = [&](int it) {
     const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
     const uint32_t full = ring.full(buf);
-    sm90::mbar_arrive_expect_tx(full, Tr::Q_BYTES + Tr::DO_BYTES + 2 * BLOCK_R * 4);
+    sm90::mbar_arrive_expect_tx(full, STAGE_BYTES);
 #pragma unroll
     for (int cb = 0; cb < D / 64; ++cb)
       sm90::tma_load_4d(base + Tr::OFF_Q + buf * Tr::Q_BYTES + cb * BLOCK_R * 128, &maps.q,

@@ -552,3 +552,25 @@ def test_hopper_varlen_backward_loads_by_cp_async():
     run = record_launches.varlen_backward_case("fp16", 128, "plain", False, False)
     second = _hopper_backward_maps(run)
     assert second == bytes(len(second))
+
+
+def test_tma_maps_encode_once_per_address_tuple_and_remember_refusals():
+    """``_tma.Maps``, the forward's and the backward's map cache: one encode per maker and
+    address tuple, the tail after the maps, a refusal (None) kept too, at most 64 tuples."""
+    from cuflash import _tma
+    calls = []
+
+    def maker(tag):
+        return lambda ptr: calls.append((tag, ptr)) or (None if ptr == 0 else bytes([tag]) * 2)
+
+    maps = _tma.Maps((maker(1), maker(2)), b"!")
+    assert maps(16, 32) == b"\x01\x01\x02\x02!" and maps(16, 32) == b"\x01\x01\x02\x02!"
+    assert calls == [(1, 16), (2, 32)]
+    assert maps(0, 32) is None and maps(0, 32) is None and len(calls) == 4
+    for ptr in range(1, 100):
+        maps(16 * ptr, 32)
+    calls.clear()
+    maps(16 * 99, 32)  # among the kept
+    assert calls == []
+    maps(16, 32)  # dropped when the cache was full
+    assert calls == [(1, 16), (2, 32)]

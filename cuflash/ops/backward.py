@@ -168,7 +168,8 @@ _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_MAPS = _core.padded(np.dtype([("q", _MAP), ("dout", _MAP), ("on", np.int32)],
                                   align=True), 64)
 _MAPS_OFF = bytes(SM90_MAPS.itemsize)
-_MAPS_ON = np.array((0, 0, 1), SM90_MAPS).tobytes()[2 * _tma.MAP_BYTES:]  # after the maps
+# ``on`` and the padding: what follows a call's two maps (_tma.Maps' tail)
+_MAPS_ON = np.array((0, 0, 1), SM90_MAPS).tobytes()[2 * _tma.MAP_BYTES:]
 
 
 @dataclass(frozen=True)
@@ -394,12 +395,13 @@ class Plan:
                                    second=SM90_MAPS.itemsize if hopper else 0)
         # The Hopper kernels' maps of q and dout, for dense calls whose layouts TMA
         # describes (their producer then loads by TMA; else by cp.async).
-        self.maps, self._encoded = None, {}
+        self.maps = None
         if hopper and not p.varlen:
             shape = (p.batch, p.seqlen_q, p.nheads, p.headdim)
             makers = (_tma.MapMaker(p.dtype, shape, p.q_strides, hopper.block_r),
                       _tma.MapMaker(p.dtype, shape, dout_s, hopper.block_r))
-            self.maps = makers if all(m.ok for m in makers) else None
+            if all(m.ok for m in makers):
+                self.maps = _tma.Maps(makers, _MAPS_ON)
         grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
                  "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
@@ -431,16 +433,8 @@ class Plan:
         there are none (the driver may refuse an address); b"" for the other kernels."""
         if not self.record.second:
             return b""
-        if self.maps is None:
-            return _MAPS_OFF
-        found = self._encoded.get((q, dout))
-        if found is None:
-            maps = [make(ptr) for make, ptr in zip(self.maps, (q, dout))]
-            found = _MAPS_OFF if None in maps else maps[0] + maps[1] + _MAPS_ON
-            if len(self._encoded) >= 64:
-                self._encoded.clear()
-            self._encoded[(q, dout)] = found
-        return found
+        found = self.maps(q, dout) if self.maps is not None else None
+        return _MAPS_OFF if found is None else found
 
 
 def _section(p: _core.Problem) -> int:

@@ -178,9 +178,8 @@ class Plan:
     """A memoized forward launch: call it with the arrays' addresses."""
 
     def __init__(self, p: _core.Problem, out_strides: tuple, config: Config,
-                 maps: tuple | None = None):
-        """``maps``: the TMA map makers of q, k, v (:func:`_map_makers`), for the Hopper
-        kernel."""
+                 maps: _tma.Maps | None = None):
+        """``maps``: the TMA maps of q, k, v (:func:`_hopper_maps`), for the Hopper kernel."""
         self.problem, self.config = p, config
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
@@ -188,7 +187,6 @@ class Plan:
         fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
         self.maps = maps
         if config.hopper:
-            self._encoded = {}
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
             record = (blank, blank, blank, fwd, 0, grid[0], _section(p))
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
@@ -200,19 +198,6 @@ class Plan:
         self.kernel = _core.Kernel(config.filename, config.name_expression, p.device_id, grid,
                                    (config.num_threads,), config.shared_bytes)
 
-    def _head(self, q, k, v) -> bytes | None:
-        """The three TMA maps of these addresses (None where the driver refuses one)."""
-        key = (q, k, v)
-        found = self._encoded.get(key)
-        if found is None:
-            maps = [make(ptr) for make, ptr in zip(self.maps, key)]
-            if None in maps:
-                return None
-            if len(self._encoded) >= 64:
-                self._encoded.clear()
-            found = self._encoded[key] = b"".join(maps)
-        return found
-
     def __call__(self, stream: int, q: int, k: int, v: int, slopes: int, cu_q: int,
                  cu_k: int, out: int, lse: int) -> bool:
         """Queue the launch on ``stream``; False (nothing queued) if the Hopper kernel's
@@ -220,7 +205,7 @@ class Plan:
         if self.maps is None:
             self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse))
             return True
-        head = self._head(q, k, v)
+        head = self.maps(q, k, v)
         if head is None:
             return False
         counter = _core.counters(self.problem.device_id, stream, 2)
@@ -250,13 +235,13 @@ def _map_makers(p: _core.Problem, config: Config) -> tuple:
             _tma.MapMaker(p.dtype, shape_k, p.v_strides, config.block_n))
 
 
-def _hopper_maps(p: _core.Problem, config: Config) -> tuple | None:
-    """The map makers of the Hopper kernel, or None where it cannot run the problem: a
-    layout TMA cannot describe, or more tiles than its int32 tile index takes."""
+def _hopper_maps(p: _core.Problem, config: Config) -> _tma.Maps | None:
+    """The maps of the Hopper kernel, or None where it cannot run the problem: a layout TMA
+    cannot describe, or more tiles than its int32 tile index takes."""
     if -(-p.seqlen_q // config.block_m) * p.nheads * p.batch > SM90_MAX_TILES:
         return None
-    maps = _map_makers(p, config)
-    return maps if all(m.ok for m in maps) else None
+    makers = _map_makers(p, config)
+    return _tma.Maps(makers) if all(m.ok for m in makers) else None
 
 
 def _shape(p: _core.Problem, rows: int, heads: int) -> tuple:
