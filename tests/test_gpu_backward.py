@@ -402,7 +402,7 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     two maps have strides of their own)."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
-    from cuflash import _tma, ops
+    from cuflash import _api, _tma, ops
     seconds = []
     real = ops.backward.Plan._second
 
@@ -417,12 +417,17 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     on = np.array([1], np.int32).tobytes()
     assert seconds and all(x[2 * _tma.MAP_BYTES:][:4] == on for x in seconds)
     seconds.clear()
-    ops.backward.plan.cache_clear()  # plans keep the maps they made
+
+    def forget():  # plans keep the maps they made, and memoized calls keep their plans
+        ops.backward.plan.cache_clear()
+        _api.CALLS.clear()
+
+    forget()
     monkeypatch.setattr(_tma, "_encode_tiled", lambda: lambda *args: 1)
     try:
         by_cp_async, _ = check(*args, **opts)
     finally:
-        ops.backward.plan.cache_clear()  # and the refusals
+        forget()  # and the refusals
     assert seconds and all(x == bytes(len(x)) for x in seconds)
     for name, a, b in zip(("dq", "dk", "dv"), by_tma, by_cp_async):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name
