@@ -38,8 +38,8 @@
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims $AB_HEADDIMS
-#             (64,128), 4k/16k, causal and not, $AB_IMPLS (cuflash and its soft-cap and
-#             ALiBi calls); every table into ab.log                                     ~8
+#             (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not, $AB_IMPLS
+#             (cuflash and its soft-cap and ALiBi calls); every table into ab.log       ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -208,7 +208,7 @@ stage_ab() {
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
                 bench/sweep.py --out /tmp/ab \
                 --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
-                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens 4096,16384 \
+                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens "${AB_SEQLENS:-4096,16384}" \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null

@@ -39,24 +39,27 @@
 namespace cuflash {
 
 // The kernel argument (mirrored by SM90_PARAMS in cuflash/ops/forward.py): TMA maps of q,
-// k and v, each viewed as a 4-D tensor (headdim, seqlen, heads, batch) with the arrays'
-// strides, box 64 x (Br for q, Bc for k and v) x 1 x 1, 128-byte swizzle; the forward's
-// usual parameters (attn.q/k/v are not read: the maps carry the addresses); and the tile
-// scheduler's two counters (next tile, CTAs done), zero at launch and left zero at exit,
-// or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...); m_blocks, the
-// query blocks per head and item, ceil(seqlen_q / Br); and section, the (head, item) pairs
-// of a section of the tile order (FwdTile). Varlen: the maps view q, k, v as (headdim,
-// total, heads, 1), m_blocks is that of the longest item, and section is 1.
+// k, v and o, each viewed as a 4-D tensor (headdim, seqlen, heads, batch) with the arrays'
+// strides, box 64 x (Br for q, Bc for k and v, 64 for o) x 1 x 1, 128-byte swizzle; the
+// forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
+// tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
+// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...);
+// m_blocks, the query blocks per head and item, ceil(seqlen_q / Br); section, the (head,
+// item) pairs of a section of the tile order (FwdTile); and o_by_tma, whether tma_o holds
+// a map (dense calls with a staged O tile, where the driver encoded one; else O leaves by
+// 16-byte stores). Varlen: the maps view q, k, v as (headdim, total, heads, 1), m_blocks is
+// that of the longest item, and section is 1.
 struct FwdSm90Params {
-  sm90::TmaMap tma_q, tma_k, tma_v;
+  sm90::TmaMap tma_q, tma_k, tma_v, tma_o;
   FwdParams fwd;
   int* tile_counter;
   int m_blocks;
   int section;
+  int o_by_tma;
 };
 static_assert(sizeof(FwdSm90Params) ==
-                  (3 * 128 + sizeof(FwdParams) + sizeof(int*) + 2 * sizeof(int) + 63) / 64 * 64,
-              "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 384, no other padding");
+                  (4 * 128 + sizeof(FwdParams) + sizeof(int*) + 3 * sizeof(int) + 63) / 64 * 64,
+              "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 512, no other padding");
 
 // HEAD_DIM is that of Q and K (S = Q K^T), HEAD_DIM_V that of V and O (O = P V).
 template <int HEAD_DIM, int BLOCK_N, int CONSUMERS, int HEAD_DIM_V = HEAD_DIM>
@@ -77,8 +80,9 @@ struct FwdSm90Traits {
   static constexpr int LIMIT = 227 * 1024 - 1024;
   // O leaves through shared memory where its tile fits beside one Q tile and the K / V
   // rings (head dims up to 128) and the registers allow (two consumers: at 160 registers
-  // the staging spills): each consumer's 64 rows in 128-byte swizzled rows, then 16-byte
-  // stores of whole row segments. Otherwise O is stored from the accumulators.
+  // the staging spills): each consumer's 64 rows in 128-byte swizzled rows (the TMA box
+  // layout), then one TMA store per column block (o_by_tma) or 16-byte stores of whole row
+  // segments. Otherwise O is stored from the accumulators.
   static constexpr int O_BYTES = BLOCK_M * HEAD_DIM_V * 2;
   static constexpr bool STAGED_O = CONSUMERS == 2 && Q_BYTES + KV_BYTES + O_BYTES <= LIMIT;
   static constexpr int O_STAGE = STAGED_O ? O_BYTES : 0;
@@ -478,11 +482,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         // address of chunk 0 (rows r = 1 are 1024 bytes on), which the empty asm keeps from
         // being computed once for all tiles and held (spilled) across the persistent loop.
         // Named barrier 4 + consumer: before the writes, this consumer's reads of its
-        // previous tile are done; after them, the tile is whole.
+        // previous tile are done (by TMA: its issuing thread waited for them); after them,
+        // the tile is whole.
         const uint32_t sO = base + Tr::RING_BYTES + consumer * (Tr::O_BYTES / CONSUMERS);
         const int row0 = warp * 16 + lane / 4;
         uint32_t chunk0 = sO + row0 * 128 + ((row0 % 8) << 4) + 4 * (lane & 3);
         asm volatile("" : "+r"(chunk0));
+        const bool by_tma = !VARLEN && p.o_by_tma, issuer = tid % 128 == 0;
+        if (by_tma && issuer) sm90::bulk_wait_read<0>();
         sm90::named_barrier(4 + consumer, 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
@@ -490,14 +497,24 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           for (int dt = 0; dt < D_TILES; ++dt)
             sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * 64 * 128 + r * 1024,
                           dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]));
+        if (by_tma) sm90::fence_proxy_async();  // the writes, before the TMA engine reads
         sm90::named_barrier(4 + consumer, 128);
-        constexpr int CHUNKS = HEAD_DIM_V / 8;  // 16-byte chunks of a row
+        if (by_tma) {  // rows past seqlen_q and columns past the head dim are not written
+          if (issuer) {
+#pragma unroll
+            for (int cb = 0; cb < Tr::V_BLOCKS; ++cb)
+              sm90::tma_store_4d(&p.tma_o, sO + cb * 64 * 128, cb * 64, wg_row0, tile.h, seq.b);
+            sm90::bulk_commit();
+          }
+        } else {
+          constexpr int CHUNKS = HEAD_DIM_V / 8;  // 16-byte chunks of a row
 #pragma unroll 1
-        for (int idx = tid % 128; idx < 64 * CHUNKS; idx += 128) {
-          const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
-          if (i < seq.seqlen_q() && c * 8 < a.headdim)
-            *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) =
-                sm90::lds_u128(sO + (c / 8) * 64 * 128 + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+          for (int idx = tid % 128; idx < 64 * CHUNKS; idx += 128) {
+            const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
+            if (i < seq.seqlen_q() && c * 8 < a.headdim)
+              *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) = sm90::lds_u128(
+                  sO + (c / 8) * 64 * 128 + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+          }
         }
       }
 #pragma unroll
@@ -515,6 +532,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         if ((lane & 3) == 0) lse_out[i] = lse[0][r];
       }
     }
+    // The last tile's TMA stores read shared memory until here.
+    if constexpr (Tr::STAGED_O && !VARLEN)
+      if (p.o_by_tma && tid % 128 == 0) sm90::bulk_wait_read<0>();
   }
 }
 

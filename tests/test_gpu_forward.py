@@ -303,3 +303,67 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
     finally:
         ops.forward.plan.cache_clear()
         _api.CALLS.clear()
+
+
+@pytest.mark.parametrize("dtype, headdim, causal", [
+    (BF16, 128, False), (F16, 128, True), (BF16, 96, True), (F16, 64, False),
+    (BF16, 40, True)], ids=["bf16-128", "fp16-128-causal", "bf16-96-causal", "fp16-64",
+                            "bf16-40-causal"])
+def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, headdim, causal):
+    """With a staged O tile (two consumers, head dims up to 128), a dense call's O leaves by
+    TMA stores (o_by_tma); without O's map, by 16-byte stores: the same bits. ``out`` is
+    heads 1..4 of a 6-head buffer (its own strides) and 97 rows, so the stores' boxes reach
+    past the last row and, at head dims under 64 a column block, past the head dim: the
+    buffer's heads 0 and 5 must keep their bytes."""
+    _require_hopper()
+    import cupy
+    import cuflash
+    from cuflash import _api, _core, ops, reference
+    rng = np.random.default_rng(headdim)
+    q = cupy.asarray(rng.standard_normal((2, 97, 4, headdim)).astype(dtype))
+    k = cupy.asarray(rng.standard_normal((2, 300, 2, headdim)).astype(dtype))
+    v = cupy.asarray(rng.standard_normal((2, 300, 2, headdim)).astype(dtype))
+    flags = []
+    real_fill = _core.Record.fill
+
+    def spy(record, *args, **kwargs):
+        flags.append(kwargs.get("ints"))
+        return real_fill(record, *args, **kwargs)
+
+    monkeypatch.setattr(_core.Record, "fill", spy)
+
+    def forget():  # plans keep their maps, and memoized calls their plans
+        ops.forward.plan.cache_clear()
+        _api.CALLS.clear()
+
+    def run():
+        buffer = cupy.full((2, 97, 6, headdim), 7, dtype)
+        out = buffer[:, :, 1:5]
+        _, lse = cuflash.attention_forward(q, k, v, causal=causal, out=out)
+        untouched = buffer[:, :, [0, 5]].get()
+        assert (untouched == np.asarray(7, dtype)).all()
+        return out.get(), lse.get()
+
+    forget()
+    try:
+        by_tma = run()
+        assert flags == [(True,)], flags
+        flags.clear()
+        real_call = ops.forward.Plan.__call__
+
+        def without_o_map(plan, *args):
+            plan.o_map = None
+            return real_call(plan, *args)
+
+        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
+        forget()
+        by_stores = run()
+        assert flags == [(False,)], flags
+    finally:
+        forget()
+    assert (by_tma[0].view(np.uint16) == by_stores[0].view(np.uint16)).all()
+    assert (by_tma[1].view(np.uint32) == by_stores[1].view(np.uint32)).all()
+    ref, _ = reference.attention_forward(q.get(), k.get(), v.get(), causal=causal, upcast=True)
+    naive, _ = reference.attention_forward(q.get(), k.get(), v.get(), causal=causal,
+                                           upcast=False)
+    assert_close("out", by_tma[0], ref, naive)

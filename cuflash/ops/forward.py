@@ -92,14 +92,17 @@ PARAMS = np.dtype([
     ("o_batch_stride", np.int64), ("o_row_stride", np.int64), ("o_head_stride", np.int64),
     ("lse", np.uint64),
 ], align=True)
-# FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k and v, FwdParams, the scheduler's two
-# counters, the query blocks per (head, item), the (head, item) pairs of a section of its
-# tile order; padded to its 64-byte alignment.
+# FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
+# two counters, the query blocks per (head, item), the (head, item) pairs of a section of
+# its tile order, whether tma_o holds a map; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
-    ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("fwd", PARAMS),
-    ("tile_counter", np.uint64), ("m_blocks", np.int32), ("section", np.int32)],
-    align=True), 64)
+    ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("tma_o", _MAP), ("fwd", PARAMS),
+    ("tile_counter", np.uint64), ("m_blocks", np.int32), ("section", np.int32),
+    ("o_by_tma", np.int32)], align=True), 64)
+# The rows of the O map's box: one consumer warpgroup's staged tile.
+SM90_O_ROWS = 64
+_NO_MAP = bytes(_tma.MAP_BYTES)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Config:
     shared_bytes: int
     block_n: int = 0  # Bc of the TMA boxes of K and V (flash_fwd_sm90 only)
     traits: str = ""  # the C++ traits whose SMEM_BYTES is shared_bytes (the compile check)
+    staged_o: bool = False  # O leaves through shared memory (FwdSm90Traits::STAGED_O)
 
     @property
     def hopper(self) -> bool:
@@ -162,7 +166,7 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
             f"{opts}{tiles.varlen_flag(varlen)}>")
     return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
-                  f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>")
+                  f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>", o_stage > 0)
 
 
 def choose(p: _core.Problem, arch: str) -> Config:
@@ -179,22 +183,29 @@ class Plan:
 
     def __init__(self, p: _core.Problem, out_strides: tuple, config: Config,
                  maps: _tma.Maps | None = None):
-        """``maps``: the TMA maps of q, k, v (:func:`_hopper_maps`), for the Hopper kernel."""
+        """``maps``: the TMA maps of q, k, v (:func:`_hopper_maps`), for the Hopper kernel;
+        with a staged O tile and a dense layout TMA describes, the plan makes O's too (a
+        call whose ``out`` the driver refuses stores O without it)."""
         self.problem, self.config = p, config
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
         fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
-        self.maps = maps
+        self.maps, self.o_map, int_fields = maps, None, ()
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
-            record = (blank, blank, blank, fwd, 0, grid[0], _section(p))
+            record = (blank, blank, blank, blank, fwd, 0, grid[0], _section(p), 0)
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
+            int_fields = ("o_by_tma",)
             grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
                 SM90_PARAMS
+            o_maker = _tma.MapMaker(p.dtype, _shape(p, p.total_q, p.nheads), out_strides,
+                                    SM90_O_ROWS)
+            if config.staged_o and not p.varlen and o_maker.ok:
+                self.o_map = _tma.Maps((o_maker,))
         else:
             record, dtype = fwd, PARAMS
-        self.record = _core.Record(dtype, record, fields)
+        self.record = _core.Record(dtype, record, fields, int_fields)
         self.kernel = _core.Kernel(config.filename, config.name_expression, p.device_id, grid,
                                    (config.num_threads,), config.shared_bytes)
 
@@ -208,9 +219,11 @@ class Plan:
         head = self.maps(q, k, v)
         if head is None:
             return False
+        o_map = self.o_map(out) if self.o_map is not None else None
         counter = _core.counters(self.problem.device_id, stream, 2)
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
-                                             head=head))
+                                             head=head + (o_map or _NO_MAP),
+                                             ints=(o_map is not None,)))
         return True
 
 
@@ -310,6 +323,7 @@ def facts():
         if c.hopper:
             out += [(c.filename, f"{c.traits}::BLOCK_M", c.block_m),
                     (c.filename, f"{c.traits}::NUM_THREADS", c.num_threads),
+                    (c.filename, f"{c.traits}::STAGED_O", int(c.staged_o)),
                     (c.filename, f"{c.traits}::STAGES", SM90_STAGES)]
     return out
 
