@@ -111,8 +111,14 @@ struct BwdSm90Traits {
   static constexpr int OFF_DS = OFF_DO + STAGES * DO_BYTES;  // DS_BUFS buffers
   static constexpr int OFF_LSE = OFF_DS + DS_BUFS * DS_BYTES;  // BLOCK_R floats a stage
   static constexpr int OFF_DELTA = OFF_LSE + STAGES * BLOCK_R * 4;
+  // dQ tiles through shared memory to the producer's writer warp, which adds them into
+  // dq_accum by bulk reduce-adds (BwdDqWriter): a 64 x 64 float32 tile per MMA warpgroup.
+  // At head dim 128; head dim 64 has no room for them beside its three stages.
+  static constexpr bool DQ_WRITER = D == 128;
+  static constexpr int DQ_TILE_BYTES = 64 * 64 * 4;
+  static constexpr int OFF_DQ = OFF_DELTA + STAGES * BLOCK_R * 4;
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
-  static constexpr int SMEM_BYTES = OFF_DELTA + STAGES * BLOCK_R * 4 + 1024;
+  static constexpr int SMEM_BYTES = OFF_DQ + (DQ_WRITER ? 2 * DQ_TILE_BYTES : 0) + 1024;
   static_assert(DV % 64 == 0, "whole 128-byte swizzle rows");
   static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
                 "a warpgroup's dQ share is one 64 x 64 tile");
@@ -317,6 +323,23 @@ struct BwdRing {
   }
 };
 
+// bwd_sm90's dQ writer (Tr::DQ_WRITER, dense calls that are not deterministic): MMA
+// warpgroup w stores its dQ tile of each step into shared tile w in dq_accum's order and
+// arrives at full(w) (one arrival per warp); lane 0 of the producer's warp 1 adds the tile
+// into dq_accum by one bulk reduce-add, waits until it has been read and arrives at
+// empty(w). The MMA warps then wait for neither the reductions nor the L2.
+struct BwdDqWriter {
+  uint32_t bars;  // 4 mbarriers: full(0), full(1), empty(0), empty(1); 0: no writer
+  __device__ __forceinline__ uint32_t full(int w) const { return bars + 8 * w; }
+  __device__ __forceinline__ uint32_t empty(int w) const { return bars + 8 * (2 + w); }
+  __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
+    for (int w = 0; w < 2; ++w) {
+      sm90::mbar_init(full(w), 4);
+      sm90::mbar_init(empty(w), 1);
+    }
+  }
+};
+
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
@@ -324,7 +347,8 @@ struct BwdRing {
 template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm90Maps& maps,
                                                  uint32_t base, const BwdRing<Tr::STAGES>& ring,
-                                                 int b, int o0, int hkv, int tid) {
+                                                 int b, int o0, int hkv, int tid,
+                                                 BwdDqWriter writer = {0}) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
@@ -416,6 +440,24 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
         sm90::mbar_wait(ring.empty(it % STAGES), (it / STAGES - 1) & 1);
         load_stage_tma(it);
       }
+    if constexpr (Tr::DQ_WRITER) {
+      if (writer.bars != 0 && tid == 32) {
+        // Tile w of step j: query rows steps.row(j) .., columns 64 w .. (head dim 128).
+        for (int j = 0; j < steps.iters; ++j)
+          for (int w = 0; w < 2; ++w) {
+            sm90::mbar_wait(writer.full(w), j & 1);
+            const int64 tile = scratch_row0(p, seq, b, steps.head(j)) * D +
+                               (int64(steps.row(j) / 64) * (D / 64) + w) * 4096;
+            sm90::bulk_reduce_add_f32(p.dq_accum + tile,
+                                      base + Tr::OFF_DQ + w * Tr::DQ_TILE_BYTES,
+                                      Tr::DQ_TILE_BYTES);
+            sm90::bulk_commit();
+            sm90::bulk_wait<0, true>();
+            sm90::mbar_arrive(writer.empty(w));
+          }
+        sm90::bulk_wait<0, false>();
+      }
+    }
     return;
   }
   load_stream(0);  // in flight with K and V: one round trip before the first step
@@ -448,6 +490,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   const uint32_t base = (raw + 1023) & ~1023u;
   __shared__ __align__(8) uint64_t barriers[2 * STAGES + 1];
   const BwdRing<STAGES> ring{smem_addr(barriers)};
+  __shared__ __align__(8) uint64_t dq_bars[Tr::DQ_WRITER ? 4 : 1];
+  const BwdDqWriter dq_writer{smem_addr(dq_bars)};
+  // The dQ writer's calls (BwdDqWriter): its warp is free where the producer loads by TMA.
+  const bool writes_dq = Tr::DQ_WRITER && !VARLEN && maps.on && p.dq_semaphore == nullptr;
 
   const AttnArgs& a = p.attn;
   // The MMA warpgroup index (-1: the producer) through a shuffle: the compiler then knows it
@@ -462,12 +508,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
 
-  if (tid == 0) ring.init(!VARLEN && maps.on ? 1 : 4);
+  if (tid == 0) {
+    ring.init(!VARLEN && maps.on ? 1 : 4);
+    if (writes_dq) dq_writer.init();
+  }
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid,
+                                                    BwdDqWriter{writes_dq ? dq_writer.bars : 0});
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -514,6 +564,20 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_regs<32>(dq);
+      if (writes_dq) {  // to the writer warp: tile wg, in dq_accum's order
+        sm90::mbar_wait(dq_writer.empty(wg), (j & 1) ^ 1);
+        const uint32_t dst = base + Tr::OFF_DQ + wg * Tr::DQ_TILE_BYTES + 16 * wtid;
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+          sm90::sts_u128(dst + 2048 * t,
+                         make_uint4(__float_as_uint(dq[4 * t]), __float_as_uint(dq[4 * t + 1]),
+                                    __float_as_uint(dq[4 * t + 2]),
+                                    __float_as_uint(dq[4 * t + 3])));
+        sm90::fence_proxy_async();  // before the bulk reduce-add's reads (async proxy)
+        __syncwarp();
+        sm90::mbar_arrive_if(dq_writer.full(wg), lane == 0);
+        return -1;
+      }
       const int tile_row = r / 64 + qblk;
       const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
           scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
@@ -839,6 +903,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 template <int D, int DV = D>
 struct BwdSm90WideTraits {
   static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2;
+  static constexpr bool DQ_WRITER = false;  // its dQ tiles go by red.global (no room)
   static constexpr int HALF = D / 2, HALF_V = DV / 2;  // a warpgroup's columns of dK, dV
   static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");

@@ -282,10 +282,12 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
                 convert]
     br = SM90_TILES[hd].block_r
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
-    # delta); 1 KiB to align the tiles to 1024 bytes.
+    # delta); at head dim 128 the dQ writer's two 64 x 64 float32 tiles; 1 KiB to align the
+    # tiles to 1024 bytes.
     stages, ds_bufs = SM90_STAGES[hd], SM90_DS_BUFS[hd]
     elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + ds_bufs * SM90_KEYS * br
-    shared = elements * 2 + 2 * stages * br * 4 + 1024
+    dq_tiles = 2 * 64 * 64 * 4 if hd == 128 else 0
+    shared = elements * 2 + 2 * stages * br * 4 + dq_tiles + 1024
     return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
                  SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>", br),
             convert]
