@@ -329,7 +329,7 @@ struct BwdRing {
 // into dq_accum by one bulk reduce-add, waits until it has been read and arrives at
 // empty(w). The MMA warps then wait for neither the reductions nor the L2.
 struct BwdDqWriter {
-  uint32_t bars;  // 4 mbarriers: full(0), full(1), empty(0), empty(1); 0: no writer
+  uint32_t bars;  // 4 mbarriers: full(0), full(1), empty(0), empty(1)
   __device__ __forceinline__ uint32_t full(int w) const { return bars + 8 * w; }
   __device__ __forceinline__ uint32_t empty(int w) const { return bars + 8 * (2 + w); }
   __device__ __forceinline__ void init() const {  // by one thread, before a CTA barrier
@@ -348,7 +348,7 @@ template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm90Maps& maps,
                                                  uint32_t base, const BwdRing<Tr::STAGES>& ring,
                                                  int b, int o0, int hkv, int tid,
-                                                 BwdDqWriter writer = {0}) {
+                                                 BwdDqWriter writer = {0}, bool writes_dq = false) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
@@ -441,7 +441,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
         load_stage_tma(it);
       }
     if constexpr (Tr::DQ_WRITER) {
-      if (writer.bars != 0 && tid == 32) {
+      if (writes_dq && tid == 32) {
         // Tile w of step j: query rows steps.row(j) .., columns 64 w .. (head dim 128).
         for (int j = 0; j < steps.iters; ++j)
           for (int w = 0; w < 2; ++w) {
@@ -509,15 +509,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   }
 
   if (tid == 0) {
-    ring.init(!VARLEN && maps.on ? 1 : 4);
     if (writes_dq) dq_writer.init();
+    ring.init(!VARLEN && maps.on ? 1 : 4);  // ends with the fence of every init
   }
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid,
-                                                    BwdDqWriter{writes_dq ? dq_writer.bars : 0});
+                                                    dq_writer, writes_dq);
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
