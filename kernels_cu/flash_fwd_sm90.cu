@@ -489,7 +489,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         uint32_t chunk0 = sO + row0 * 128 + ((row0 % 8) << 4) + 4 * (lane & 3);
         asm volatile("" : "+r"(chunk0));
         const bool by_tma = !VARLEN && p.o_by_tma, issuer = tid % 128 == 0;
-        if (by_tma && issuer) sm90::bulk_wait_read<0>();
+        if (by_tma && issuer) sm90::bulk_wait<0, true>();
         sm90::named_barrier(4 + consumer, 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
@@ -534,7 +534,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     }
     // The last tile's TMA stores read shared memory until here.
     if constexpr (Tr::STAGED_O && !VARLEN)
-      if (p.o_by_tma && tid % 128 == 0) sm90::bulk_wait_read<0>();
+      if (p.o_by_tma && tid % 128 == 0) sm90::bulk_wait<0, true>();
   }
 }
 

@@ -123,20 +123,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
 }
 
 // Shared memory at `src` -> the box at coordinates (c0 .. c3) of a 4-D tensor map, in this
-// thread's bulk group (bulk_commit). Out-of-bounds elements are not written.
+// thread's bulk group (bulk_commit, bulk_wait). Out-of-bounds elements are not written.
 __device__ __forceinline__ void tma_store_4d(const TmaMap* map, uint32_t src, int c0, int c1,
                                              int c2, int c3) {
   asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group"
                " [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
                "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
                : "memory");
-}
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-// Until at most N of this thread's bulk groups are still reading their shared memory.
-template <int N> __device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
 }
 
 // `bytes` (a multiple of 16) from global `src` to shared `dst`, both 16-byte aligned,
