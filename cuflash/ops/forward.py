@@ -199,10 +199,10 @@ class Plan:
             int_fields = ("o_by_tma",)
             grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
                 SM90_PARAMS
-            o_maker = _tma.MapMaker(p.dtype, _shape(p, p.total_q, p.nheads), out_strides,
-                                    SM90_O_ROWS)
-            if config.staged_o and not p.varlen and o_maker.ok:
-                self.o_map = _tma.Maps((o_maker,))
+            if config.staged_o and not p.varlen:
+                o_maker = _tma.MapMaker(p.dtype, _shape(p, p.total_q, p.nheads), out_strides,
+                                        SM90_O_ROWS)
+                self.o_map = _tma.Maps((o_maker,)) if o_maker.ok else None
         else:
             record, dtype = fwd, PARAMS
         self.record = _core.Record(dtype, record, fields, int_fields)
