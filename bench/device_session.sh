@@ -208,7 +208,8 @@ stage_ab() {
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
                 bench/sweep.py --out /tmp/ab \
                 --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
-                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" --seqlens "${AB_SEQLENS:-4096,16384}" \
+                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" \
+                --seqlens "${AB_SEQLENS:-4096,16384}" \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
