@@ -352,7 +352,7 @@ def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, he
         real_call = ops.forward.Plan.__call__
 
         def without_o_map(plan, *args):
-            plan.o_map = None
+            plan.o_maps = None
             return real_call(plan, *args)
 
         monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)

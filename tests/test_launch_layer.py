@@ -574,3 +574,50 @@ def test_tma_maps_encode_once_per_address_tuple_and_remember_refusals():
     assert calls == []
     maps(16, 32)  # dropped when the cache was full
     assert calls == [(1, 16), (2, 32)]
+
+
+def _hopper_forward_o(hd, refuse_out=False):
+    """The tma_o bytes and o_by_tma of a dense Hopper forward launch (device 0) with ``out=``
+    given, the driver refusing out's map where ``refuse_out``; and out."""
+    from cuflash import _tma
+    from cuflash.ops import forward
+    with fake_gpu() as (cuflash, world):
+        mk = record_launches.Maker(world, 0)
+        q, k, v, out = (mk.array((2, 129, 4, hd), np.float16, n) for n in ("q", "k", "v", "out"))
+        fake = _tma._encode_tiled  # the fake world's, put back for its own restore
+        encode = fake()
+        if refuse_out:
+            _tma._encode_tiled = lambda: lambda *a: 1 if a[3] == out.data.ptr else encode(*a)
+        try:
+            world.begin_call()
+            cuflash.attention_forward(q, k, v, out=out)
+        finally:
+            _tma._encode_tiled = fake
+        [raw] = [x["raw"] for x in world.launches
+                 if x["kernel"].name.startswith("cuflash::flash_fwd_sm90<")]
+        at = forward.SM90_PARAMS.fields
+        o_map = raw[at["tma_o"][1]:at["tma_o"][1] + _tma.MAP_BYTES]
+        flag = int.from_bytes(raw[at["o_by_tma"][1]:at["o_by_tma"][1] + 4], "little")
+        return o_map, flag, out
+
+
+@pytest.mark.parametrize("hd, staged", [(64, True), (128, True), (256, False)])
+def test_hopper_forward_stores_o_by_tma_where_o_is_staged(hd, staged):
+    """A staged O tile (two consumers, head dims up to 128) leaves by TMA: O's map (out's
+    address, dims and strides, boxes of 64 columns x 64 rows) and o_by_tma 1; hd256 stores
+    from the accumulators: a blank map and 0."""
+    o_map, flag, out = _hopper_forward_o(hd)
+    words = np.frombuffer(o_map, np.uint64)
+    if not staged:
+        assert flag == 0 and o_map == bytes(len(o_map))
+        return
+    assert flag == 1 and words[0] == out.data.ptr
+    assert list(words[3:7]) == [hd, 129, 4, 2]
+    assert list(words[7:10]) == [out.strides[1], out.strides[2], out.strides[0]]
+    assert list(words[10:14]) == [64, 64, 1, 1]
+
+
+def test_hopper_forward_stores_o_without_tma_where_the_driver_refuses_out():
+    """q, k and v mapped, out refused: the Hopper kernel still runs, O by 16-byte stores."""
+    o_map, flag, _ = _hopper_forward_o(128, refuse_out=True)
+    assert flag == 0 and o_map == bytes(len(o_map))

@@ -183,15 +183,16 @@ class Plan:
 
     def __init__(self, p: _core.Problem, out_strides: tuple, config: Config,
                  maps: _tma.Maps | None = None):
-        """``maps``: the TMA maps of q, k, v (:func:`_hopper_maps`), for the Hopper kernel;
-        with a staged O tile and a dense layout TMA describes, the plan makes O's too (a
-        call whose ``out`` the driver refuses stores O without it)."""
+        """``maps``: the TMA maps of q, k, v and a blank O map (:func:`_hopper_maps`), for
+        the Hopper kernel; with a staged O tile and a dense layout TMA describes, the plan
+        also keeps those of q, k, v and out (``o_maps``: a call whose ``out`` the driver
+        refuses stores O without its map)."""
         self.problem, self.config = p, config
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
         fields = [f"attn.{f}" for f in _core.ATTN_ADDRESSES] + ["o", "lse"]
-        self.maps, self.o_map, int_fields = maps, None, ()
+        self.maps, self.o_maps, int_fields = maps, None, ()
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
             record = (blank, blank, blank, blank, fwd, 0, grid[0], _section(p), 0)
@@ -202,7 +203,8 @@ class Plan:
             if config.staged_o and not p.varlen:
                 o_maker = _tma.MapMaker(p.dtype, _shape(p, p.total_q, p.nheads), out_strides,
                                         SM90_O_ROWS)
-                self.o_map = _tma.Maps((o_maker,)) if o_maker.ok else None
+                if o_maker.ok:
+                    self.o_maps = _tma.Maps((*maps.makers, o_maker))
         else:
             record, dtype = fwd, PARAMS
         self.record = _core.Record(dtype, record, fields, int_fields)
@@ -216,14 +218,15 @@ class Plan:
         if self.maps is None:
             self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse))
             return True
-        head = self.maps(q, k, v)
-        if head is None:
-            return False
-        o_map = self.o_map(out) if self.o_map is not None else None
+        head = self.o_maps(q, k, v, out) if self.o_maps is not None else None
+        o_by_tma = head is not None
+        if not o_by_tma:
+            head = self.maps(q, k, v)
+            if head is None:
+                return False
         counter = _core.counters(self.problem.device_id, stream, 2)
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
-                                             head=head + (o_map or _NO_MAP),
-                                             ints=(o_map is not None,)))
+                                             head=head, ints=(o_by_tma,)))
         return True
 
 
@@ -249,12 +252,13 @@ def _map_makers(p: _core.Problem, config: Config) -> tuple:
 
 
 def _hopper_maps(p: _core.Problem, config: Config) -> _tma.Maps | None:
-    """The maps of the Hopper kernel, or None where it cannot run the problem: a layout TMA
-    cannot describe, or more tiles than its int32 tile index takes."""
+    """The maps of q, k and v of the Hopper kernel, then a blank one for o, or None where
+    it cannot run the problem: a layout TMA cannot describe, or more tiles than its int32
+    tile index takes."""
     if -(-p.seqlen_q // config.block_m) * p.nheads * p.batch > SM90_MAX_TILES:
         return None
     makers = _map_makers(p, config)
-    return _tma.Maps(makers) if all(m.ok for m in makers) else None
+    return _tma.Maps(makers, _NO_MAP) if all(m.ok for m in makers) else None
 
 
 def _shape(p: _core.Problem, rows: int, heads: int) -> tuple:
