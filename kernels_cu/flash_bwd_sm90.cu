@@ -323,6 +323,16 @@ struct BwdRing {
   }
 };
 
+// The float offset in dq_accum of MMA warpgroup w's 64 x 64 dQ tile in the step at query
+// row r of head h: at BLOCK_R 128 the warpgroups split the step's queries, at D 128 the
+// columns (one of the two, as BwdSm90Traits asserts).
+template <int D, int BLOCK_R, bool VARLEN>
+__device__ __forceinline__ int64 bwd_dq_tile(const BwdParams& p, const SeqView<VARLEN>& seq,
+                                             int b, int h, int r, int w) {
+  const int qblk = BLOCK_R == 128 ? w : 0, dblk = D == 128 ? w : 0;
+  return scratch_row0(p, seq, b, h) * D + (int64(r / 64 + qblk) * (D / 64) + dblk) * 4096;
+}
+
 // bwd_sm90's dQ writer (Tr::DQ_WRITER, dense calls that are not deterministic): MMA
 // warpgroup w stores its dQ tile of each step into shared tile w in dq_accum's order and
 // arrives at full(w) (one arrival per warp); lane 0 of the producer's warp 1 adds the tile
@@ -446,8 +456,8 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
         for (int j = 0; j < steps.iters; ++j)
           for (int w = 0; w < 2; ++w) {
             sm90::mbar_wait(writer.full(w), j & 1);
-            const int64 tile = scratch_row0(p, seq, b, steps.head(j)) * D +
-                               (int64(steps.row(j) / 64) * (D / 64) + w) * 4096;
+            const int64 tile =
+                bwd_dq_tile<D, BLOCK_R>(p, seq, b, steps.head(j), steps.row(j), w);
             sm90::bulk_reduce_add_f32(p.dq_accum + tile,
                                       base + Tr::OFF_DQ + w * Tr::DQ_TILE_BYTES,
                                       Tr::DQ_TILE_BYTES);
@@ -578,9 +588,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::mbar_arrive_if(dq_writer.full(wg), lane == 0);
         return -1;
       }
-      const int tile_row = r / 64 + qblk;
-      const int64 tile =  // float offset of this warpgroup's 64 x 64 dQ tile in dq_accum
-          scratch_row0(p, seq, b, h) * D + (int64(tile_row) * (D / 64) + dblk) * 4096;
+      const int64 tile = bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, wg);
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
       // The turn among the key blocks that reach query block r / BLOCK_R.
       bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 1 + wg, [&] {
