@@ -276,11 +276,17 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
 // above), one 16-byte reduction a register quad. Deterministic (sem: the tile's semaphore,
 // else nullptr): first this CTA's turn(), waited for by the whole first warp (a divergent
 // wait would make ptxas serialize the wgmmas), then the warpgroup's named barrier `bar`;
-// after the adds the same barrier orders them before thread 0's pass_global_turn.
+// after the adds the same barrier orders them before thread 0's pass_global_turn. With a
+// turn agent (`agent`: its barrier BWD_TURN_GO + w, else 0; bwd_sm90_turn_agent), the
+// agent warp has waited for the turn: the warpgroup meets it at `agent` before the adds
+// and arrives at agent + 2 after them, and the agent passes the turn.
 template <typename Turn>
 __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
-                                                int* sem, bool first_warp, int bar, Turn turn) {
-  if (sem) {
+                                                int* sem, bool first_warp, int bar, int agent,
+                                                Turn turn) {
+  if (agent) {
+    sm90::named_barrier(agent, 160);
+  } else if (sem) {
     if (first_warp) sm90::wait_global_turn(sem, turn());
     __syncwarp();  // the spinning warp converged before the barrier
     sm90::named_barrier(bar, 128);
@@ -289,7 +295,10 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
 #pragma unroll
   for (int t = 0; t < 8; ++t)
     sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
-  if (sem) sm90::named_barrier(bar, 128);
+  if (agent)
+    sm90::named_barrier_arrive(agent + 2, 160);  // the adds, before the agent's release
+  else if (sem)
+    sm90::named_barrier(bar, 128);
 }
 
 // The second parameter of bwd_sm90 and bwd_sm90_wide (cuflash/ops/backward.py): TMA maps
@@ -487,6 +496,38 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   }
 }
 
+// Deterministic bwd_sm90 with the TMA producer (whose warps 1 and 2 are otherwise idle):
+// producer warp 1 + w holds the turns of MMA warpgroup w's dQ tiles, in the warpgroup's
+// order (the tile of step k, k = 0 ..). For each it waits for the tile's turn (ahead of the
+// warpgroup, which then finds it taken instead of spending an L2 round trip of its warp 0),
+// lets the warpgroup add (named barrier BWD_TURN_GO + w: the agent's arrive, the
+// warpgroup's sync), waits at BWD_TURN_ADDED + w until all 128 threads have issued their
+// adds, and passes the turn from lane 0: the release's fence (the adds' round trip to the
+// L2) then stalls this warp, not the warpgroup's next wgmma issue, and the time a turn is
+// held covers the adds alone, not the wait for the next stage, the next S^T issue or the
+// loop's back edge. Each barrier's phases alternate between the two sides, so neither runs
+// a phase ahead. Same tile and turn arithmetic as dq_step.
+constexpr int BWD_TURN_GO = 10, BWD_TURN_ADDED = 12;  // + w; named barriers 10..13
+template <typename Tr, int D, int BLOCK_R, bool VARLEN>
+__device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p,
+                                                    const BwdKeyBlock<Tr::BLOCK_C>& key_block,
+                                                    int b, int o0, int hkv, int w, int lane) {
+  const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv);
+  const int qblk = BLOCK_R == 128 ? w : 0, dblk = D == 128 ? w : 0;
+  for (int k = 0; k < steps.iters; ++k) {
+    const int h = steps.head(k), r = steps.row(k);
+    const int64 tile = scratch_row0(p, steps.seq, b, h) * D +
+                       (int64(r / 64 + qblk) * (D / 64) + dblk) * 4096;
+    int* const sem = p.dq_semaphore + tile / 4096;
+    sm90::wait_global_turn(
+        sem, key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q())));
+    __syncwarp();
+    sm90::named_barrier_arrive(BWD_TURN_GO + w, 160);
+    sm90::named_barrier(BWD_TURN_ADDED + w, 160);
+    if (lane == 0) sm90::pass_global_turn(sem);
+  }
+}
+
 template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false, int DV = D>
 __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p,
                                                    const __grid_constant__ BwdSm90Maps maps) {
@@ -528,6 +569,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid,
                                                     dq_writer, writes_dq);
+    if constexpr (!VARLEN) {
+      const int warp = tid / 32;
+      if (maps.on && p.dq_semaphore && (warp == 1 || warp == 2))
+        bwd_sm90_turn_agent<Tr, D, BLOCK_R, VARLEN>(p, key_block, b, o0, hkv, warp - 1,
+                                                    tid % 32);
+    }
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -557,8 +604,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       sm90::fence_proxy_async();
       sm90::named_barrier(3, 256);
     };
+    // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's
+    // turns (bwd_sm90_turn_agent).
+    const bool agent = !VARLEN && maps.on && p.dq_semaphore;
     // (h, r: step j's head and first query row.) Deterministic: returns the tile's semaphore
-    // index for pass_turn (-1: none).
+    // index for pass_turn (-1: none, or the agent passes it).
     auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
       if constexpr (Tr::HAND_OVER) sm90::named_barrier(ready(1 - wg, j), 256);
       const uint32_t ds_tile =
@@ -591,10 +641,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       const int64 tile = bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, wg);
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
       // The turn among the key blocks that reach query block r / BLOCK_R.
-      bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 1 + wg, [&] {
-        return key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q()));
-      });
-      return sem ? static_cast<int>(tile / 4096) : -1;
+      bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 1 + wg,
+                      agent ? BWD_TURN_GO + wg : 0, [&] {
+                        return key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q()));
+                      });
+      return sem && !agent ? static_cast<int>(tile / 4096) : -1;
     };
     // Passes the turn of a tile (its semaphore's index from dq_step; -1: none) by thread 0,
     // after the warpgroup's next S^T issue, so that the release's fence runs under S^T's
@@ -1106,9 +1157,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     auto add_dq = [&](int blk) {
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
       // The turn among the key blocks that reach query block q0 / 64.
-      bwd_add_dq_tile(p.dq_accum + tile0 + blk * 4096, dq, wtid, sem, first_warp, 3 + wg, [&] {
-        return key_block.turn(steps.mask, q0, min(q0 + BLOCK_R, seq.seqlen_q()));
-      });
+      bwd_add_dq_tile(p.dq_accum + tile0 + blk * 4096, dq, wtid, sem, first_warp, 3 + wg, 0,
+                      [&] {
+                        return key_block.turn(steps.mask, q0,
+                                              min(q0 + BLOCK_R, seq.seqlen_q()));
+                      });
       return sem;
     };
     auto pass_turn = [&](int* sem) {
