@@ -279,7 +279,8 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
 // after the adds the same barrier orders them before thread 0's pass_global_turn. With a
 // turn agent (`agent`: its barrier BWD_TURN_GO + w, else 0; bwd_sm90_turn_agent), the
 // agent warp has waited for the turn: the warpgroup meets it at `agent` before the adds
-// and arrives at agent + 2 after them, and the agent passes the turn.
+// and arrives at BWD_TURN_ADDED + w after them, and the agent passes the turn.
+constexpr int BWD_TURN_GO = 10, BWD_TURN_ADDED = 12;  // + w; named barriers 10..13
 template <typename Turn>
 __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
                                                 int* sem, bool first_warp, int bar, int agent,
@@ -296,7 +297,7 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
   for (int t = 0; t < 8; ++t)
     sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
   if (agent)
-    sm90::named_barrier_arrive(agent + 2, 160);  // the adds, before the agent's release
+    sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);  // before the release
   else if (sem)
     sm90::named_barrier(bar, 128);
 }
@@ -507,18 +508,15 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
 // held covers the adds alone, not the wait for the next stage, the next S^T issue or the
 // loop's back edge. Each barrier's phases alternate between the two sides, so neither runs
 // a phase ahead. Same tile and turn arithmetic as dq_step.
-constexpr int BWD_TURN_GO = 10, BWD_TURN_ADDED = 12;  // + w; named barriers 10..13
 template <typename Tr, int D, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p,
                                                     const BwdKeyBlock<Tr::BLOCK_C>& key_block,
                                                     int b, int o0, int hkv, int w, int lane) {
   const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv);
-  const int qblk = BLOCK_R == 128 ? w : 0, dblk = D == 128 ? w : 0;
   for (int k = 0; k < steps.iters; ++k) {
-    const int h = steps.head(k), r = steps.row(k);
-    const int64 tile = scratch_row0(p, steps.seq, b, h) * D +
-                       (int64(r / 64 + qblk) * (D / 64) + dblk) * 4096;
-    int* const sem = p.dq_semaphore + tile / 4096;
+    const int r = steps.row(k);
+    int* const sem =
+        p.dq_semaphore + bwd_dq_tile<D, BLOCK_R>(p, steps.seq, b, steps.head(k), r, w) / 4096;
     sm90::wait_global_turn(
         sem, key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q())));
     __syncwarp();
