@@ -296,8 +296,8 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
 #pragma unroll
   for (int t = 0; t < 8; ++t)
     sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
-  if (agent)
-    sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);  // before the release
+  if (agent)  // the adds, before the agent's release
+    sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);
   else if (sem)
     sm90::named_barrier(bar, 128);
 }
