@@ -333,14 +333,21 @@ struct BwdRing {
   }
 };
 
-// The float offset in dq_accum of MMA warpgroup w's 64 x 64 dQ tile in the step at query
-// row r of head h: at BLOCK_R 128 the warpgroups split the step's queries, at D 128 the
-// columns (one of the two, as BwdSm90Traits asserts).
+// The float offset in dq_accum of the 64 x 64 dQ tile of head h, query rows r .. r + 63 (r
+// a multiple of 64) and columns 64 c .. 64 c + 63.
+template <int D, bool VARLEN>
+__device__ __forceinline__ int64 dq_accum_tile(const BwdParams& p, const SeqView<VARLEN>& seq,
+                                               int b, int h, int r, int c) {
+  return scratch_row0(p, seq, b, h) * D + (int64(r / 64) * (D / 64) + c) * 4096;
+}
+
+// bwd_sm90's: MMA warpgroup w's dQ tile in the step at query row r of head h: at BLOCK_R
+// 128 the warpgroups split the step's queries, at D 128 the columns (one of the two, as
+// BwdSm90Traits asserts).
 template <int D, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ int64 bwd_dq_tile(const BwdParams& p, const SeqView<VARLEN>& seq,
                                              int b, int h, int r, int w) {
-  const int qblk = BLOCK_R == 128 ? w : 0, dblk = D == 128 ? w : 0;
-  return scratch_row0(p, seq, b, h) * D + (int64(r / 64 + qblk) * (D / 64) + dblk) * 4096;
+  return dq_accum_tile<D>(p, seq, b, h, r + (BLOCK_R == 128 ? 64 * w : 0), D == 128 ? w : 0);
 }
 
 // bwd_sm90's dQ writer (Tr::DQ_WRITER, dense calls that are not deterministic): MMA
@@ -497,32 +504,35 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   }
 }
 
-// Deterministic bwd_sm90 with the TMA producer (whose warps 1 and 2 are otherwise idle):
-// producer warp 1 + w holds the turns of MMA warpgroup w's dQ tiles, in the warpgroup's
-// order (the tile of step k, k = 0 ..). For each it waits for the tile's turn (ahead of the
-// warpgroup, which then finds it taken instead of spending an L2 round trip of its warp 0),
-// lets the warpgroup add (named barrier BWD_TURN_GO + w: the agent's arrive, the
-// warpgroup's sync), waits at BWD_TURN_ADDED + w until all 128 threads have issued their
-// adds, and passes the turn from lane 0: the release's fence (the adds' round trip to the
-// L2) then stalls this warp, not the warpgroup's next wgmma issue, and the time a turn is
-// held covers the adds alone, not the wait for the next stage, the next S^T issue or the
-// loop's back edge. Each barrier's phases alternate between the two sides, so neither runs
-// a phase ahead. Same tile and turn arithmetic as dq_step.
-template <typename Tr, int D, int BLOCK_R, bool VARLEN>
+// Deterministic bwd_sm90 and bwd_sm90_wide with the TMA producer (whose warps 1 and 2 are
+// otherwise idle): producer warp 1 + w holds the turns of MMA warpgroup w's dQ tiles, in
+// the warpgroup's order (step k's TILES tiles, from first_tile(seq, h, r, w) on, 4096
+// floats apart). For each it waits for the tile's turn (ahead of the warpgroup, which then
+// finds it taken instead of spending an L2 round trip of its warp 0), lets the warpgroup
+// add (named barrier BWD_TURN_GO + w: the agent's arrive, the warpgroup's sync), waits at
+// BWD_TURN_ADDED + w until all 128 threads have issued their adds, and passes the turn
+// from lane 0: the release's fence (the adds' round trip to the L2) then stalls this warp,
+// not the warpgroup's next wgmma issue, and the time a turn is held covers the adds alone,
+// not the wait for the next stage, the next S^T issue or the loop's back edge. Each
+// barrier's phases alternate between the two sides, so neither runs a phase ahead.
+template <typename Tr, int BLOCK_R, int TILES, bool VARLEN, typename FirstTile>
 __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p,
                                                     const BwdKeyBlock<Tr::BLOCK_C>& key_block,
-                                                    int b, int o0, int hkv, int w, int lane) {
+                                                    int b, int o0, int hkv, int w, int lane,
+                                                    FirstTile first_tile) {
   const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv);
   for (int k = 0; k < steps.iters; ++k) {
     const int r = steps.row(k);
-    int* const sem =
-        p.dq_semaphore + bwd_dq_tile<D, BLOCK_R>(p, steps.seq, b, steps.head(k), r, w) / 4096;
-    sm90::wait_global_turn(
-        sem, key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q())));
-    __syncwarp();
-    sm90::named_barrier_arrive(BWD_TURN_GO + w, 160);
-    sm90::named_barrier(BWD_TURN_ADDED + w, 160);
-    if (lane == 0) sm90::pass_global_turn(sem);
+    const int turn = key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q()));
+    int* const sem = p.dq_semaphore + first_tile(steps.seq, steps.head(k), r, w) / 4096;
+#pragma unroll 1
+    for (int t = 0; t < TILES; ++t) {
+      sm90::wait_global_turn(sem + t, turn);
+      __syncwarp();
+      sm90::named_barrier_arrive(BWD_TURN_GO + w, 160);
+      sm90::named_barrier(BWD_TURN_ADDED + w, 160);
+      if (lane == 0) sm90::pass_global_turn(sem + t);
+    }
   }
 }
 
@@ -570,8 +580,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     if constexpr (!VARLEN) {
       const int warp = tid / 32;
       if (maps.on && p.dq_semaphore && (warp == 1 || warp == 2))
-        bwd_sm90_turn_agent<Tr, D, BLOCK_R, VARLEN>(p, key_block, b, o0, hkv, warp - 1,
-                                                    tid % 32);
+        bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
+            p, key_block, b, o0, hkv, warp - 1, tid % 32,
+            [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+              return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
+            });
     }
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
@@ -962,6 +975,7 @@ struct BwdSm90WideTraits {
   static constexpr int BLOCK_C = 64, BLOCK_R = 64, THREADS = 384, STAGES = 2;
   static constexpr bool DQ_WRITER = false;  // its dQ tiles go by red.global (no room)
   static constexpr int HALF = D / 2, HALF_V = DV / 2;  // a warpgroup's columns of dK, dV
+  static constexpr int DQ_TILES = HALF / 64;  // the 64-column dQ tiles a warpgroup adds a step
   static constexpr int PRODUCER_REGS = 40, MMA_REGS = 232;  // as BwdSm90Traits
   static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
   static constexpr int K_BLK = BLOCK_C * 128;  // bytes of one column block of K or V
@@ -1023,6 +1037,15 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
+    if constexpr (!VARLEN) {
+      const int warp = tid / 32;
+      if (maps.on && p.dq_semaphore && (warp == 1 || warp == 2))
+        bwd_sm90_turn_agent<Tr, BLOCK_R, Tr::DQ_TILES, VARLEN>(
+            p, key_block, b, o0, hkv, warp - 1, lane,
+            [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+              return dq_accum_tile<D>(p, seq, b, h, r, Tr::DQ_TILES * w);
+            });
+    }
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
@@ -1034,6 +1057,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
+  // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's turns.
+  const bool agent = !VARLEN && maps.on && p.dq_semaphore;
 
   float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
@@ -1134,11 +1159,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     // column blocks), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
     // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
     // and dK, added into dq_accum while they run, then the second.
-    const uint32_t cols = wg * (HALF / 64);  // first column block of this warpgroup's dK
+    const uint32_t cols = wg * Tr::DQ_TILES;  // first column block of this warpgroup's dK
     const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
     const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
-    // dQ tiles (q0 / 64, column block): float offset tile0 + 4096 blk in dq_accum.
-    const int64 tile0 = scratch_row0(p, seq, b, h) * D + int64(q0 / 64) * (D / 64) * 4096;
     float dq[32];
     auto issue_dq = [&](int blk) {  // column block blk of dQ
       const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
@@ -1149,18 +1172,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
       sm90::wgmma_commit();
     };
     // Adds dQ tile blk; deterministic: in this CTA's turn, and returns the tile's semaphore
-    // for pass_turn. The first tile's turn is passed once the second tile's wgmmas are
-    // issued: the release waits for the adds to land, and warp 0 waiting there would hold
-    // back that issue.
+    // for pass_turn (nullptr: none, or the agent passes it). The first tile's turn is
+    // passed once the second tile's wgmmas are issued: the release waits for the adds to
+    // land, and warp 0 waiting there would hold back that issue.
     auto add_dq = [&](int blk) {
-      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile0 / 4096 + blk : nullptr;
+      const int64 tile = dq_accum_tile<D>(p, seq, b, h, q0, blk);
+      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
       // The turn among the key blocks that reach query block q0 / 64.
-      bwd_add_dq_tile(p.dq_accum + tile0 + blk * 4096, dq, wtid, sem, first_warp, 3 + wg, 0,
-                      [&] {
+      bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 3 + wg,
+                      agent ? BWD_TURN_GO + wg : 0, [&] {
                         return key_block.turn(steps.mask, q0,
                                               min(q0 + BLOCK_R, seq.seqlen_q()));
                       });
-      return sem;
+      return agent ? nullptr : sem;
     };
     auto pass_turn = [&](int* sem) {
       if (sem && wtid == 0) sm90::pass_global_turn(sem);
