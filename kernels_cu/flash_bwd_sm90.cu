@@ -285,21 +285,25 @@ template <typename Turn>
 __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
                                                 int* sem, bool first_warp, int bar, int agent,
                                                 Turn turn) {
-  if (agent) {
-    sm90::named_barrier(agent, 160);
-  } else if (sem) {
-    if (first_warp) sm90::wait_global_turn(sem, turn());
-    __syncwarp();  // the spinning warp converged before the barrier
-    sm90::named_barrier(bar, 128);
+  if (sem) {
+    if (agent) {
+      sm90::named_barrier(agent, 160);
+    } else {
+      if (first_warp) sm90::wait_global_turn(sem, turn());
+      __syncwarp();  // the spinning warp converged before the barrier
+      sm90::named_barrier(bar, 128);
+    }
   }
   float* const dst = tile + 4 * wtid;
 #pragma unroll
   for (int t = 0; t < 8; ++t)
     sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
-  if (agent)  // the adds, before the agent's release
-    sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);
-  else if (sem)
-    sm90::named_barrier(bar, 128);
+  if (sem) {
+    if (agent)  // the adds, before the agent's release
+      sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);
+    else
+      sm90::named_barrier(bar, 128);
+  }
 }
 
 // The second parameter of bwd_sm90 and bwd_sm90_wide (cuflash/ops/backward.py): TMA maps
