@@ -5,6 +5,7 @@
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
     PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
+        [--causal] [--impl cuflash|cuflash-det|cuflash-softcap|fa3]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -35,8 +36,9 @@ the backward's time at head dim 128, seqlen 4k; with ``--peers-first`` torch and
 on the GPU before cuflash compiles, as in the sweep. Two runs side by side show whether a
 peer's NVRTC can replace CuPy's and change the code.
 
-``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch),
-for a profiler to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
+``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch;
+the plain call, the sweep's deterministic or soft-cap variant, or FA3's), for a profiler
+to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
 regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
 `profile` stage).
 
@@ -434,12 +436,17 @@ def calls(args):
         return fa3_calls(args, batch, nheads)
     q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
                                 seed=0)
-    out, lse = cuflash.attention_forward(q, k, v, causal=args.causal)
+    # The sweep's variants: soft-cap 30 (both directions), deterministic (the backward).
+    softcap = 30.0 if args.impl == "cuflash-softcap" else 0.0
+    out, lse = cuflash.attention_forward(q, k, v, causal=args.causal, softcap=softcap)
     for _ in range(4):
         if args.direction == "fwd":
-            cuflash.attention_forward(q, k, v, causal=args.causal, out=out, lse=lse)
+            cuflash.attention_forward(q, k, v, causal=args.causal, softcap=softcap, out=out,
+                                      lse=lse)
         else:
-            cuflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal)
+            cuflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal,
+                                       softcap=softcap,
+                                       deterministic=args.impl == "cuflash-det")
     cupy.cuda.Device().synchronize()
     return 0
 
@@ -497,8 +504,8 @@ def parse_args(argv):
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--impl", choices=("cuflash", "fa3"), default="cuflash",
-                   help="whose kernels (fa3: flash_attn3_jax, jitted)")
+    p.add_argument("--impl", choices=("cuflash", "cuflash-det", "cuflash-softcap", "fa3"),
+                   default="cuflash", help="whose kernels (fa3: flash_attn3_jax, jitted)")
     p.set_defaults(run=calls)
     return parser.parse_args(argv)
 
