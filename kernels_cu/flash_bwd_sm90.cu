@@ -314,6 +314,14 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
 struct BwdSm90Maps {
   sm90::TmaMap q, dout;
   int on;
+  // Whether the producer loads by TMA (one thread), and whether it then also holds the
+  // deterministic dQ tiles' turns (bwd_sm90_turn_agent: its warps 1 and 2 are free).
+  template <bool VARLEN>
+  __device__ __forceinline__ bool tma() const { return !VARLEN && on; }
+  template <bool VARLEN>
+  __device__ __forceinline__ bool agents(const BwdParams& p) const {
+    return tma<VARLEN>() && p.dq_semaphore;
+  }
 };
 
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
@@ -459,7 +467,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
                                   (seq.k0 + o0) * a.v_row_stride + hkv * a.v_head_stride,
                               a.v_row_stride, nk, a.headdim, tid);
   cp_async_commit();
-  if (!VARLEN && maps.on) {
+  if (maps.tma<VARLEN>()) {
     // The first stages by TMA while K and V land; then thread 0 alone refills each stage
     // as the MMA warps give it back.
     if (tid == 0)
@@ -519,11 +527,15 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
 // not the warpgroup's next wgmma issue, and the time a turn is held covers the adds alone,
 // not the wait for the next stage, the next S^T issue or the loop's back edge. Each
 // barrier's phases alternate between the two sides, so neither runs a phase ahead.
+// Run by every producer thread after bwd_sm90_produce; a no-op but in warps 1 and 2 of a
+// deterministic call on the TMA path (BwdSm90Maps::agents).
 template <typename Tr, int BLOCK_R, int TILES, bool VARLEN, typename FirstTile>
-__device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p,
+__device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p, const BwdSm90Maps& maps,
                                                     const BwdKeyBlock<Tr::BLOCK_C>& key_block,
-                                                    int b, int o0, int hkv, int w, int lane,
+                                                    int b, int o0, int hkv, int tid,
                                                     FirstTile first_tile) {
+  const int w = tid / 32 - 1, lane = tid % 32;
+  if (!maps.agents<VARLEN>(p) || (w != 0 && w != 1)) return;
   const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv);
   for (int k = 0; k < steps.iters; ++k) {
     const int r = steps.row(k);
@@ -556,7 +568,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
   __shared__ __align__(8) uint64_t dq_bars[Tr::DQ_WRITER ? 4 : 1];
   const BwdDqWriter dq_writer{smem_addr(dq_bars)};
   // The dQ writer's calls (BwdDqWriter): its warp is free where the producer loads by TMA.
-  const bool writes_dq = Tr::DQ_WRITER && !VARLEN && maps.on && p.dq_semaphore == nullptr;
+  const bool writes_dq = Tr::DQ_WRITER && maps.tma<VARLEN>() && p.dq_semaphore == nullptr;
 
   const AttnArgs& a = p.attn;
   // The MMA warpgroup index (-1: the producer) through a shuffle: the compiler then knows it
@@ -573,7 +585,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   if (tid == 0) {
     if (writes_dq) dq_writer.init();
-    ring.init(!VARLEN && maps.on ? 1 : 4);  // ends with the fence of every init
+    ring.init(maps.tma<VARLEN>() ? 1 : 4);  // ends with the fence of every init
   }
   __syncthreads();
 
@@ -581,15 +593,10 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid,
                                                     dq_writer, writes_dq);
-    if constexpr (!VARLEN) {
-      const int warp = tid / 32;
-      if (maps.on && p.dq_semaphore && (warp == 1 || warp == 2))
-        bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
-            p, key_block, b, o0, hkv, warp - 1, tid % 32,
-            [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
-              return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
-            });
-    }
+    bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
+        p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+          return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
+        });
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -621,7 +628,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     };
     // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's
     // turns (bwd_sm90_turn_agent).
-    const bool agent = !VARLEN && maps.on && p.dq_semaphore;
+    const bool agent = maps.agents<VARLEN>(p);
     // (h, r: step j's head and first query row.) Deterministic: returns the tile's semaphore
     // index for pass_turn (-1: none, or the agent passes it).
     auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
@@ -1035,21 +1042,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   if constexpr (VARLEN) {
     if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
   }
-  if (tid == 0) ring.init(!VARLEN && maps.on ? 1 : 4);
+  if (tid == 0) ring.init(maps.tma<VARLEN>() ? 1 : 4);
   __syncthreads();
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
-    if constexpr (!VARLEN) {
-      const int warp = tid / 32;
-      if (maps.on && p.dq_semaphore && (warp == 1 || warp == 2))
-        bwd_sm90_turn_agent<Tr, BLOCK_R, Tr::DQ_TILES, VARLEN>(
-            p, key_block, b, o0, hkv, warp - 1, lane,
-            [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
-              return dq_accum_tile<D>(p, seq, b, h, r, Tr::DQ_TILES * w);
-            });
-    }
+    bwd_sm90_turn_agent<Tr, BLOCK_R, Tr::DQ_TILES, VARLEN>(
+        p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+          return dq_accum_tile<D>(p, seq, b, h, r, Tr::DQ_TILES * w);
+        });
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
@@ -1062,7 +1064,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
   // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's turns.
-  const bool agent = !VARLEN && maps.on && p.dq_semaphore;
+  const bool agent = maps.agents<VARLEN>(p);
 
   float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
