@@ -40,7 +40,8 @@
 #             2836a68 | tar -x -C abtree`, carried), alternately twice:
 #             bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims $AB_HEADDIMS
 #             (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not, $AB_IMPLS
-#             (cuflash and its soft-cap and ALiBi calls); every table into ab.log       ~8
+#             (cuflash and its soft-cap and ALiBi calls); every table into ab.log
+#             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9

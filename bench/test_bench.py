@@ -478,6 +478,38 @@ def test_tiles_candidates_and_table():
     assert "mma 0.5" in text and "sm90 64x2: RuntimeError: no" in text
 
 
+def test_ab_table_means_passes_and_ratios():
+    """bench/ab_table.py: a pass's rows under its tree, the first of a repeated row only,
+    failed entries left out, means over passes, this tree's ratio to the other."""
+    import ab_table
+    log = """=== pass 1: abtree
+NVIDIA H100 80GB HBM3: cupy 14.2.0; implementations: cuflash, cuflash-det
+[  1/2] fwd    bf16 hd64  full   seqlen  1024: TFLOP/s cuflash 300.0 | cuflash-det -
+[  2/2] bwd    bf16 hd128 causal seqlen  4096: TFLOP/s cuflash 400.0 | cuflash-det 350.0
+[  2/2] bwd    bf16 hd128 causal seqlen  4096: TFLOP/s cuflash 999.0 | cuflash-det 999.0
+| 128 | yes | 4096 | 4 x 16 | 400.0 | 350.0 | - | - |
+=== pass 1: .
+[  1/2] fwd    bf16 hd64  full   seqlen  1024: TFLOP/s cuflash 330.0 | cuflash-det 310.0
+[  2/2] bwd    bf16 hd128 causal seqlen  4096: TFLOP/s cuflash 420.0 | cuflash-det 360.0
+=== pass 2: abtree
+[  1/2] fwd    bf16 hd64  full   seqlen  1024: TFLOP/s cuflash 310.0 | cuflash-det 305.0
+=== pass 2: .
+[  1/2] fwd    bf16 hd64  full   seqlen  1024: TFLOP/s cuflash 350.0 | cuflash-det 315.0
+""".splitlines()
+    samples, trees = ab_table.parse(log)
+    assert trees == ["abtree", "."]
+    assert samples["fwd", "bf16", 64, "full", 1024, "cuflash"] == {"abtree": [300.0, 310.0],
+                                                                   ".": [330.0, 350.0]}
+    assert samples["fwd", "bf16", 64, "full", 1024, "cuflash-det"] == {"abtree": [305.0],
+                                                                       ".": [310.0, 315.0]}
+    assert samples["bwd", "bf16", 128, "causal", 4096, "cuflash"]["abtree"] == [400.0]
+    text = ab_table.table(samples, trees, impls=["cuflash"], spread=True)
+    assert "| fwd | bf16 | cuflash | 64 | full | 1024 | 305.0 (300-310) | 340.0 (330-350) " \
+           "| 1.115 |" in text
+    assert "| bwd | bf16 | cuflash | 128 | causal | 4096 | 400.0 | 420.0 | 1.050 |" in text
+    assert "cuflash-det" not in text
+
+
 # ----------------------------------------------------------------- GPU: pytest-benchmark
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,106 @@
+"""Reads the log of ``bench/device_session.sh ab`` (cuflash from several trees, timed in
+alternating passes) and prints one markdown table: each row's TFLOP/s per tree, the mean
+over its passes, and the ratio of this tree (``.``, the one the call ran in) to each other.
+
+    python bench/ab_table.py ab.log                  every implementation the log holds
+    python bench/ab_table.py ab.log --impls cuflash  only these
+    python bench/ab_table.py ab.log --spread         each mean with its passes' lowest and
+                                                     highest, to judge the noise
+
+A pass is the lines after ``=== pass N: TREE`` (TREE ``.`` is this tree); its rows are the
+sweep's progress lines (``[ 3/12] bwd    bf16 hd128 full   seqlen  4096: TFLOP/s cuflash
+499.6 | cuflash-det 458.0``), the first of each (mode, dtype, head dim, mask, seqlen) in the
+pass. Entries that are not numbers (a failed implementation) are left out. No GPU is needed.
+"""
+import argparse
+import collections
+import re
+import statistics
+import sys
+
+PASS = re.compile(r"=== pass \d+: (\S+)")
+ROW = re.compile(r"\[\s*\d+/\d+\]\s+(\w+)\s+(\w+)\s+hd(\d+)\s+(\w+)\s+seqlen\s+(\d+): "
+                 r"TFLOP/s (.*)")
+THIS = "."
+
+
+def parse(lines):
+    """{(mode, dtype, headdim, mask, seqlen, impl): {tree: [TFLOP/s of each pass]}} and the
+    trees in the order the log first names them."""
+    samples = collections.defaultdict(lambda: collections.defaultdict(list))
+    trees, tree, seen = [], None, set()
+    for line in lines:
+        m = PASS.match(line)
+        if m:
+            tree, seen = m.group(1), set()
+            if tree not in trees:
+                trees.append(tree)
+            continue
+        m = ROW.match(line)
+        if not m or tree is None:
+            continue
+        mode, dtype, hd, mask, seqlen, entries = m.groups()
+        key = (mode, dtype, int(hd), mask, int(seqlen))
+        if key in seen:
+            continue
+        seen.add(key)
+        for entry in entries.split("|"):
+            parts = entry.split()
+            if len(parts) != 2:
+                continue
+            try:
+                value = float(parts[1])
+            except ValueError:
+                continue
+            samples[key + (parts[0],)][tree].append(value)
+    return samples, trees
+
+
+def table(samples, trees, impls=None, spread=False):
+    """The markdown table; rows in mode, dtype, impl, head dim, mask, seqlen order."""
+    trees = [t for t in trees if t != THIS] + ([THIS] if THIS in trees else [])
+    others = [t for t in trees if t != THIS]
+    head = ["mode", "dtype", "impl", "hd", "mask", "seqlen"] + [f"`{t}`" for t in trees]
+    if THIS in trees:
+        head += [f"`.` / `{t}`" for t in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(samples, key=lambda k: (k[0], k[1], k[5], k[2], k[3] != "full", k[4]))
+    for key in order:
+        mode, dtype, hd, mask, seqlen, impl = key
+        if impls and impl not in impls:
+            continue
+        per_tree = samples[key]
+        means = {t: statistics.fmean(v) for t, v in per_tree.items()}
+        cells = [mode, dtype, impl, str(hd), mask, str(seqlen)]
+        for t in trees:
+            if t not in means:
+                cells.append("-")
+            elif spread and len(per_tree[t]) > 1:
+                cells.append(f"{means[t]:.1f} ({min(per_tree[t]):.0f}-{max(per_tree[t]):.0f})")
+            else:
+                cells.append(f"{means[t]:.1f}")
+        if THIS in trees:
+            cells += [f"{means[THIS] / means[t]:.3f}" if THIS in means and t in means else "-"
+                      for t in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="the ab stage's log ($OUT/ab.log)")
+    parser.add_argument("--impls", type=lambda s: s.split(","), default=None,
+                        help="comma-separated implementations to show (default: all)")
+    parser.add_argument("--spread", action="store_true",
+                        help="show each mean's lowest and highest pass")
+    args = parser.parse_args(argv)
+    with open(args.log) as f:
+        samples, trees = parse(f)
+    if not samples:
+        sys.exit(f"{args.log}: no rows after a '=== pass' line")
+    print(table(samples, trees, args.impls, args.spread))
+
+
+if __name__ == "__main__":
+    main()
