@@ -132,10 +132,12 @@ stage_tests() {
     summary smoke "$(grep -E '^smoke: |TIMEOUT|crashed' "$OUT/tests.log" | tr '\n' ' ')"
     # A hang or crash in smoke (2), or smoke cut by its limit: hung tests cost 30 s each.
     [ "$smoke" -ne 0 ] && [ "$smoke" -ne 1 ] && limit=30
+    # Two BLAS threads a worker (16 cores, 8 workers): the host references of the decode
+    # tests would otherwise start 16 each and wait on each other.
     # shellcheck disable=SC2046
-    run $(($(left) - 5)) "$OUT/tests.log" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
-        $(per_test_timeout $limit) --durations=30 --ignore=tests/test_jax.py \
-        --ignore=tests/test_jax_ring.py ${TESTS_PATHS:-tests}
+    run $(($(left) - 5)) "$OUT/tests.log" env OPENBLAS_NUM_THREADS=2 python3 -m pytest -m gpu \
+        -q -n 8 -p no:cacheprovider $(per_test_timeout $limit) --durations=30 \
+        --ignore=tests/test_jax.py --ignore=tests/test_jax_ring.py ${TESTS_PATHS:-tests}
     summary tests "$(pytest_result "$OUT/tests.log")"
 }
 

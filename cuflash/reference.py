@@ -9,11 +9,14 @@ probabilities, output; in backward dP, dS and the gradients) is computed in floa
 rounded operands and then rounded to the input dtype. Its distance to the float64 result is
 the "error of the naive computation" that the accuracy rule of the tests is relative to.
 
-The score matrix of shape (batch, nheads, seqlen_q, seqlen_k) is materialised in float64:
-use it on test-sized problems only.
+It computes where q lives: CuPy arrays on their GPU (float64 there too: the same formula,
+the same rounding, results as CuPy arrays), anything else on the host with NumPy. The score
+matrix of shape (batch, nheads, seqlen_q, seqlen_k) is materialised in float64: use it on
+test-sized problems only.
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from . import _checks
@@ -27,8 +30,9 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
     ----------
     q : array (batch, seqlen_q, nheads, headdim)
     k, v : arrays (batch, seqlen_k, nheads_kv, headdim), ``nheads % nheads_kv == 0``
-        NumPy or CuPy arrays (CuPy ones are copied to the host) of float16, bfloat16,
-        float32 or float64.
+        NumPy or CuPy arrays of float16, bfloat16, float32 or float64. With a CuPy q the
+        reference runs on q's GPU (the others are moved there) and returns CuPy arrays;
+        otherwise on the host (arrays with ``get()`` are copied there first).
     scale, causal, window, softcap, alibi_slopes
         As in :func:`cuflash.attention`.
     upcast : bool, default True
@@ -51,11 +55,13 @@ def attention_forward(q, k, v, *, scale=None, causal=False, window=(None, None),
     >>> out.dtype, lse.shape
     (dtype('float64'), (1, 2, 4))
     """
-    q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes)
-    rnd = _rounding(q.dtype, upcast)
-    out, lse, _ = _forward(q, k, v, shape, opts, rnd)
-    dtype = np.float64 if upcast else q.dtype
-    return out.astype(dtype), lse.astype(dtype)
+    xp, q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap,
+                                        alibi_slopes)
+    with _checks.on_device(_kind(xp), q):
+        rnd = _rounding(xp, q.dtype, upcast)
+        out, lse, _ = _forward(xp, q, k, v, shape, opts, rnd)
+        dtype = np.float64 if upcast else q.dtype
+        return out.astype(dtype), lse.astype(dtype)
 
 
 def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None, None),
@@ -84,25 +90,27 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, window=(None,
     >>> dq.shape
     (1, 4, 2, 8)
     """
-    q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes)
-    dout = _host(dout)
+    xp, q, k, v, shape, opts = _prepare(q, k, v, scale, causal, window, softcap,
+                                        alibi_slopes)
+    dout = _to(xp, dout)
     if dout.shape != q.shape:
         raise ValueError(f"dout must have the shape of q {q.shape}, got {dout.shape}")
-    rnd = _rounding(q.dtype, upcast)
-    _, _, (p, tanh, qf, kf, vf) = _forward(q, k, v, shape, opts, rnd)
-    do = rnd(dout.astype(np.float64))
-    do = _heads_first(do)
-    dv = rnd(_heads_first(p.swapaxes(-1, -2) @ do))
-    dp = rnd(do @ vf.swapaxes(-1, -2))
-    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
-    if opts.softcap:
-        ds = ds * (1 - tanh * tanh)  # d/dx softcap * tanh(x / softcap)
-    ds = rnd(ds * opts.scale)
-    dq = rnd(_heads_first(ds @ kf))
-    dk = rnd(_heads_first(ds.swapaxes(-1, -2) @ qf))
-    dk, dv = (rnd(_sum_groups(x, shape)) for x in (dk, dv))
-    dtype = np.float64 if upcast else q.dtype
-    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+    with _checks.on_device(_kind(xp), q):
+        rnd = _rounding(xp, q.dtype, upcast)
+        _, _, (p, tanh, qf, kf, vf) = _forward(xp, q, k, v, shape, opts, rnd)
+        do = rnd(dout.astype(np.float64))
+        do = _heads_first(do)
+        dv = rnd(_heads_first(p.swapaxes(-1, -2) @ do))
+        dp = rnd(do @ vf.swapaxes(-1, -2))
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+        if opts.softcap:
+            ds = ds * (1 - tanh * tanh)  # d/dx softcap * tanh(x / softcap)
+        ds = rnd(ds * opts.scale)
+        dq = rnd(_heads_first(ds @ kf))
+        dk = rnd(_heads_first(ds.swapaxes(-1, -2) @ qf))
+        dk, dv = (rnd(_sum_groups(x, shape)) for x in (dk, dv))
+        dtype = np.float64 if upcast else q.dtype
+        return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -113,7 +121,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     Parameters
     ----------
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-        As in :func:`cuflash.attention_varlen` (NumPy or CuPy; copied to the host).
+        As in :func:`cuflash.attention_varlen`; q, k, v as in :func:`attention_forward`
+        (a CuPy q: computed on its GPU), the prefix sums read on the host.
     scale, causal, window, softcap, alibi_slopes, upcast
         As in :func:`attention_forward`, applied to each sequence with its own lengths.
 
@@ -134,12 +143,13 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     ...                                                       q[None, 2:])[0][0]))
     True
     """
-    q, k, v, slopes, varlen = _prepare_varlen(
+    xp, q, k, v, slopes, varlen = _prepare_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
         causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     dtype = np.float64 if upcast else q.dtype
-    out = np.zeros(q.shape, dtype)
-    lse = np.full((q.shape[1], varlen.total_q), -np.inf, dtype)
+    with _checks.on_device(_kind(xp), q):
+        out = xp.zeros(q.shape, dtype)
+        lse = xp.full((q.shape[1], varlen.total_q), -np.inf, dtype)
     for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
         out_b, lse_b = attention_forward(
             q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale, causal=causal,
@@ -177,14 +187,15 @@ def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     >>> dq.shape
     (6, 2, 8)
     """
-    q, k, v, slopes, varlen = _prepare_varlen(
+    xp, q, k, v, slopes, varlen = _prepare_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
         causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    dout = _host(dout)
+    dout = _to(xp, dout)
     if dout.shape != q.shape:
         raise ValueError(f"dout must have the shape of q {q.shape}, got {dout.shape}")
     dtype = np.float64 if upcast else q.dtype
-    dq, dk, dv = (np.zeros(x.shape, dtype) for x in (q, k, v))
+    with _checks.on_device(_kind(xp), q):
+        dq, dk, dv = (xp.zeros(x.shape, dtype) for x in (q, k, v))
     for b, (q0, q1, k0, k1) in enumerate(varlen.items()):
         grads = attention_backward(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale,
@@ -196,13 +207,33 @@ def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
 
 def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     alibi_slopes, **options):
-    """Host copies, validated as the public API does (options too, whatever the batch);
-    the slopes as (batch, nheads) or None."""
-    q, k, v = _host(q), _host(k), _host(v)
+    """The array module, q, k, v in it, validated as the public API does (options too,
+    whatever the batch); the slopes as (batch, nheads) or None; the prefix sums, on the
+    host."""
+    xp = _module(q)
+    q, k, v = (_to(xp, x) for x in (q, k, v))
     shape, varlen = _checks.check_varlen(q, k, v, _host(cu_seqlens_q), _host(cu_seqlens_k),
                                          max_seqlen_q, max_seqlen_k, gpu=False)
-    opts = _checks.options(shape, "numpy", q, alibi_slopes=_host(alibi_slopes), **options)
-    return q, k, v, opts.alibi_slopes, varlen
+    opts = _checks.options(shape, _kind(xp), q, alibi_slopes=_to(xp, alibi_slopes), **options)
+    return xp, q, k, v, opts.alibi_slopes, varlen
+
+
+def _module(q):
+    """CuPy for a CuPy q (the reference runs on its GPU), NumPy for anything else."""
+    if type(q).__module__.startswith("cupy"):
+        return _checks._cupy()
+    return np
+
+
+def _kind(xp):
+    return "numpy" if xp is np else "cupy"
+
+
+def _to(xp, x):
+    """``x`` as an array of ``xp`` (None stays None)."""
+    if xp is np or x is None:
+        return _host(x)
+    return xp.asarray(x)
 
 
 def _host(x):
@@ -213,21 +244,42 @@ def _host(x):
 
 
 def _prepare(q, k, v, scale, causal, window, softcap, alibi_slopes):
-    q, k, v = _host(q), _host(k), _host(v)
+    xp = _module(q)
+    q, k, v = (_to(xp, x) for x in (q, k, v))
     shape = _checks.check_qkv(q, k, v, gpu=False)
-    opts = _checks.options(shape, "numpy", q, scale=scale, causal=causal, window=window,
-                           softcap=softcap, alibi_slopes=_host(alibi_slopes))
-    return q, k, v, shape, opts
+    opts = _checks.options(shape, _kind(xp), q, scale=scale, causal=causal, window=window,
+                           softcap=softcap, alibi_slopes=_to(xp, alibi_slopes))
+    return xp, q, k, v, shape, opts
 
 
-def _rounding(dtype, upcast):
-    if upcast:
+def _rounding(xp, dtype, upcast):
+    """float64 -> float64: the identity, or (``upcast=False``) rounding to the nearest
+    value of ``dtype``, ties to even, as ``x.astype(dtype).astype(float64)`` would, by
+    float64 arithmetic alone (CuPy runs it as it is)."""
+    if upcast or dtype == np.float64:
         return lambda x: x
-    return lambda x: x.astype(dtype).astype(np.float64)
+    info = ml_dtypes.finfo(dtype)
+
+    def rnd(x):
+        # |x| in [2**(e - 1), 2**e): the dtype's spacing there is 2**(e - 1 - nmant), and
+        # never below its subnormals' 2**(minexp - nmant). In place where it can be: the
+        # score matrices are the largest arrays of a test.
+        e = xp.frexp(x)[1]
+        xp.maximum(e, info.minexp + 1, out=e)
+        e -= 1 + info.nmant
+        y = xp.ldexp(x, -e)
+        xp.rint(y, out=y)
+        xp.ldexp(y, e, out=y)
+        overflow = xp.abs(y) > float(info.max)
+        if overflow.any():
+            y[overflow] = xp.copysign(np.inf, x[overflow])
+        return y
+    return rnd
 
 
-def _forward(q, k, v, shape, opts, rnd):
-    """out (b, sq, h, d), lse (b, h, sq) and what backward needs, all float64.
+def _forward(xp, q, k, v, shape, opts, rnd):
+    """out (b, sq, h, d), lse (b, h, sq) and what backward needs, all float64 arrays of
+    ``xp``.
 
     Scores and probabilities are laid out (batch, nheads, seqlen_q, seqlen_k), and so are the
     float64 q, k, v handed to backward (heads first, so that products are batched matmuls);
@@ -235,41 +287,46 @@ def _forward(q, k, v, shape, opts, rnd):
     """
     group = shape.nheads // shape.nheads_kv
     qf = _heads_first(q.astype(np.float64))
-    kf, vf = (_heads_first(np.repeat(x.astype(np.float64), group, axis=2)) for x in (k, v))
+    kf, vf = (_heads_first(xp.repeat(x.astype(np.float64), group, axis=2)) for x in (k, v))
     s = rnd(opts.scale * (qf @ kf.swapaxes(-1, -2)))
     tanh = None
     if opts.softcap:
-        tanh = np.tanh(s / opts.softcap)
+        tanh = xp.tanh(s / opts.softcap)
         s = rnd(opts.softcap * tanh)
     # diag[i, j] = i + seqlen_k - seqlen_q - j: signed distance from the bottom-right diagonal
-    diag = (np.arange(shape.seqlen_q)[:, None] + shape.seqlen_k - shape.seqlen_q
-            - np.arange(shape.seqlen_k)[None, :])
+    diag = (xp.arange(shape.seqlen_q)[:, None] + shape.seqlen_k - shape.seqlen_q
+            - xp.arange(shape.seqlen_k)[None, :])
     if opts.alibi_slopes is not None:
         slopes = opts.alibi_slopes.astype(np.float64)[:, :, None, None]
-        s = rnd(s - slopes * np.abs(diag))
-    visible = np.ones(diag.shape, bool)
+        s = rnd(s - slopes * xp.abs(diag))
+    visible = xp.ones(diag.shape, bool)
     if opts.window_left >= 0:
         visible &= diag <= opts.window_left
     if opts.window_right >= 0:
         visible &= -diag <= opts.window_right
-    s = np.where(visible, s, -np.inf)
+    s = xp.where(visible, s, -np.inf)
 
-    m = s.max(-1, keepdims=True, initial=-np.inf)  # NaN if the row sees a NaN score
-    m = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf - 0) = 0, not NaN
-    e = np.exp(s - m)
+    if shape.seqlen_k:
+        m = s.max(-1, keepdims=True)  # NaN if the row sees a NaN score
+        m = xp.where(xp.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf - 0) = 0, not NaN
+    else:
+        m = xp.zeros(s.shape[:-1] + (1,))
+    s -= m
+    e = xp.exp(s, out=s)  # in the scores' memory, their last use
     l = e.sum(-1, keepdims=True)
     seen = l != 0  # NaN (a NaN score) counts as seen
-    l_safe = np.where(seen, l, 1.0)
-    p = rnd(e / l_safe)
-    lse = np.where(seen, m + np.log(l_safe), -np.inf)[..., 0]
+    l_safe = xp.where(seen, l, 1.0)
+    e /= l_safe
+    p = rnd(e)
+    lse = xp.where(seen, m + xp.log(l_safe), -np.inf)[..., 0]
     # Only values the row sees reach it (p @ vf alone would spread a NaN value to every
     # row, 0 * NaN = NaN); a row that sees a NaN (score, so l, or value) is NaN in all of
     # its out and in its lse (docs/CONVENTIONS.md).
-    v_nan = np.isnan(vf).any(-1)  # (b, h, sk)
-    nan = np.isnan(l[..., 0]) | (visible & v_nan[:, :, None, :]).any(-1)  # (b, h, sq)
-    out = _heads_first(p @ np.where(np.isnan(vf), 0.0, vf))
-    out = rnd(np.where(_heads_first(nan)[..., None], np.nan, out))
-    lse = np.where(nan, np.nan, lse)
+    v_nan = xp.isnan(vf).any(-1)  # (b, h, sk)
+    nan = xp.isnan(l[..., 0]) | (visible & v_nan[:, :, None, :]).any(-1)  # (b, h, sq)
+    out = _heads_first(p @ xp.where(xp.isnan(vf), 0.0, vf))
+    out = rnd(xp.where(_heads_first(nan)[..., None], np.nan, out))
+    lse = xp.where(nan, np.nan, lse)
     return out, rnd(lse), (p, tanh, qf, kf, vf)
 
 

@@ -2,6 +2,7 @@
 lives in tests/gpu.py, shared with bench/conftest.py). ``rng``: a generator per test;
 ``launched``: the (filename, name expression) of every kernel the test launches."""
 import os
+import sys
 import zlib
 
 import numpy as np
@@ -20,6 +21,17 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def rng(request):
     """Seeded by the test's id: reproducible, and different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _release_device_memory(request):
+    """After a GPU test, CuPy's pool hands its free blocks back to the device: the float64
+    reference of a large test holds gigabytes at its peak, and each pytest-xdist worker
+    would otherwise keep its own peak for the rest of the run."""
+    yield
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and request.node.get_closest_marker("gpu"):
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 @pytest.fixture

@@ -110,6 +110,11 @@ def dq_scratch_bytes(rows: int, headdim: int, deterministic: bool, launched) -> 
     return 0
 
 
+def array_module(x):
+    """cupy for a CuPy array, numpy for anything else."""
+    return import_cupy() if type(x).__module__.startswith("cupy") else np
+
+
 def host(x):
     """``x`` as a NumPy array (a CuPy array copied to the host)."""
     return x if isinstance(x, np.ndarray) else x.get()

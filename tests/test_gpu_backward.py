@@ -140,17 +140,13 @@ def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="
     shape_q = (batch, seqlen_q, nheads, headdim)
     if layout == "strided":
         assert seqlen_q == seqlen_k
-        packed = _randn(rng, (batch, seqlen_q, nheads + 2 * nheads_kv, headdim), dtype)
-        hq, hk, hv = (packed[:, :, :nheads], packed[:, :, nheads:nheads + nheads_kv],
-                      packed[:, :, nheads + nheads_kv:])
-        gpacked = cp.asarray(packed)
-        q, k, v = (gpacked[:, :, :nheads], gpacked[:, :, nheads:nheads + nheads_kv],
-                   gpacked[:, :, nheads + nheads_kv:])
+        packed = cp.asarray(_randn(rng, (batch, seqlen_q, nheads + 2 * nheads_kv, headdim),
+                                   dtype))
+        q, k, v = (packed[:, :, :nheads], packed[:, :, nheads:nheads + nheads_kv],
+                   packed[:, :, nheads + nheads_kv:])
     else:
-        hq = _randn(rng, shape_q, dtype)
-        hk = _randn(rng, (batch, seqlen_k, nheads_kv, headdim), dtype)
-        hv = _randn(rng, (batch, seqlen_k, nheads_kv, headdim), dtype)
-        q, k, v = cp.asarray(hq), cp.asarray(hk), cp.asarray(hv)
+        shape_kv = (batch, seqlen_k, nheads_kv, headdim)
+        q, k, v = (cp.asarray(_randn(rng, x, dtype)) for x in (shape_q, shape_kv, shape_kv))
     hdout = _randn(rng, shape_q, dtype)
     if alibi == "heads":
         slopes = rng.uniform(0.01, 0.5, nheads).astype(np.float32)
@@ -158,27 +154,27 @@ def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="
         slopes = rng.uniform(0.01, 0.5, (batch, nheads)).astype(np.float32)
     if alibi:
         opts["alibi_slopes"] = slopes
-    ref_out, ref_lse = reference.attention_forward(hq, hk, hv, upcast=True, **opts)
-    hout = ref_out.astype(dtype)
-    hlse = ref_lse.astype(np.float32)
+    # The reference runs on the GPU too (in float64), on the arrays the kernel reads.
+    ref_out, ref_lse = reference.attention_forward(q, k, v, upcast=True, **opts)
+    out, lse = ref_out.astype(dtype), ref_lse.astype(np.float32)
     if layout == "strided":
-        out = cp.asarray(np.ascontiguousarray(hout.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+        out = cp.ascontiguousarray(out.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
         dout = cp.asarray(np.ascontiguousarray(hdout.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
     else:
-        out, dout = cp.asarray(hout), cp.asarray(hdout)
+        out, dout = cp.ascontiguousarray(out), cp.asarray(hdout)
     gopts = dict(opts)
     if alibi:
         gopts["alibi_slopes"] = cp.asarray(slopes)
-    grads = _gpu_backward(dout, q, k, v, out, cp.asarray(hlse), hopper=hopper,
-                          deterministic=deterministic, **gopts)
-    ref = reference.attention_backward(hdout, hq, hk, hv, upcast=True, **opts)
-    naive = reference.attention_backward(hdout, hq, hk, hv, upcast=False, **opts)
+    grads = _gpu_backward(dout, q, k, v, out, lse, hopper=hopper, deterministic=deterministic,
+                          **gopts)
+    ref = reference.attention_backward(dout, q, k, v, upcast=True, **opts)
+    naive = reference.attention_backward(dout, q, k, v, upcast=False, **opts)
     where = (f"seed {seed}, {dtype}, b{batch} sq{seqlen_q} sk{seqlen_k} h{nheads}/{nheads_kv} "
              f"d{headdim} {layout} alibi={alibi} det={deterministic} {opts}")
     for name, got, r, n, x in zip(("dq", "dk", "dv"), grads, ref, naive, (q, k, v)):
         assert got.shape == x.shape and got.dtype == dtype, name
         assert_close(f"{name} ({where})", got, r, n)
-    return grads, ref
+    return grads, tuple(r.get() for r in ref)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
@@ -262,10 +258,8 @@ def test_deterministic_is_bitwise_reproducible(dtype, headdim, opts):
     k = cp.asarray(_randn(rng, (2, 1025, 2, headdim), dtype))
     v = cp.asarray(_randn(rng, (2, 1025, 2, headdim), dtype))
     dout = cp.asarray(_randn(rng, (2, 1025, 8, headdim), dtype))
-    out, lse = (cp.asarray(x) for x in
-                reference.attention_forward(q.get(), k.get(), v.get(), **opts))
-    out = out.astype(dtype)
-    lse = lse.astype(np.float32)
+    out, lse = reference.attention_forward(q, k, v, **opts)
+    out, lse = cp.ascontiguousarray(out.astype(dtype)), lse.astype(np.float32)
     first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **opts)
     for _ in range(3):
         again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True,

@@ -22,7 +22,7 @@ import pytest
 import cuflash
 from accuracy import assert_close
 from cuflash import ops, reference
-from gpu import device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
+from gpu import array_module, device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
 
 import test_gpu_backward
 
@@ -55,9 +55,11 @@ def _items(cu_q, cu_k):
 
 
 def _dense_forward(q, k, v, cu_q, cu_k, **opts):
-    """out (q's dtype) and lse (float32, (nheads, total_q)) by the reference, per sequence."""
-    out = np.zeros(q.shape, np.float64)
-    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    """out (q's dtype) and lse (float32, (nheads, total_q)) by the reference, per sequence
+    (on the GPU for CuPy arrays)."""
+    xp = array_module(q)
+    out = xp.zeros(q.shape, np.float64)
+    lse = xp.full((q.shape[1], q.shape[0]), -np.inf)
     for rq, rk in _items(cu_q, cu_k):
         o, l = reference.attention_forward(q[None, rq], k[None, rk], v[None, rk], **opts)
         out[rq], lse[:, rq] = o[0], l[0]
@@ -65,7 +67,8 @@ def _dense_forward(q, k, v, cu_q, cu_k, **opts):
 
 
 def _dense_backward(dout, q, k, v, cu_q, cu_k, upcast, **opts):
-    grads = tuple(np.zeros(x.shape, np.float64 if upcast else x.dtype) for x in (q, k, v))
+    xp = array_module(q)
+    grads = tuple(xp.zeros(x.shape, np.float64 if upcast else x.dtype) for x in (q, k, v))
     for rq, rk in _items(cu_q, cu_k):
         g = reference.attention_backward(dout[None, rq], q[None, rq], k[None, rk],
                                          v[None, rk], upcast=upcast, **opts)
@@ -113,8 +116,9 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
-    q, k, v, dout, cu_q, cu_k = _pack(rng, np.dtype(dtype), lens_q, lens_k, nheads,
-                                      nheads_kv, headdim)
+    inputs = _pack(rng, np.dtype(dtype), lens_q, lens_k, nheads, nheads_kv, headdim)
+    # The reference runs on the GPU too (in float64).
+    (q, k, v, dout), (cu_q, cu_k) = (import_cupy().asarray(x) for x in inputs[:4]), inputs[4:]
     math = {name: value for name, value in opts.items() if name != "deterministic"}
     out, lse = _dense_forward(q, k, v, cu_q, cu_k, **math)
     grads, launched = _gpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, **opts)
@@ -129,7 +133,7 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
     for name, got, x, r, n in zip(("dq", "dk", "dv"), grads, (q, k, v), ref, naive):
         assert got.shape == x.shape and got.dtype == x.dtype, name
         assert_close(f"{name} ({where})", got, r, n)
-    return grads, (q, k, v, dout, out, lse, cu_q, cu_k)
+    return grads, (*inputs[:4], out.get(), lse.get(), cu_q, cu_k)
 
 
 # --------------------------------------------------------------------------- no GPU needed

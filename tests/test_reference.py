@@ -160,6 +160,34 @@ def test_naive_rounds_to_the_input_dtype(rng, dtype):
     assert eps / 8 < err < 8 * eps  # rounded at each step: a few units in the last place
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_naive_rounding_is_the_cast_to_the_dtype(rng, dtype):
+    """The rounding the naive computation applies (float64 arithmetic alone, so that CuPy
+    runs it too) is ``astype(dtype)``: for every 16-bit value and the midpoints between
+    neighbours (ties to even) and just beside them, subnormals, overflow, signed zeros,
+    infinities and NaN, and random values over a wide range."""
+    info = ml_dtypes.finfo(dtype)
+    ulp_up = 1 + 2.0 ** -(info.nmant + 1)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, float(info.max),
+                        -float(info.max) * ulp_up, float(info.max) * ulp_up * (1 - 1e-15),
+                        float(info.tiny), float(info.smallest_subnormal),
+                        float(info.smallest_subnormal) / 2, 1e300, -1e-300, 5e-324])
+    values = [special, rng.standard_normal(10**5) * 10.0 ** rng.uniform(-60, 60, 10**5),
+              rng.standard_normal(10**5).astype(dtype).astype(np.float64) * ulp_up]
+    if np.dtype(dtype).itemsize == 2:
+        with np.errstate(invalid="ignore"):
+            every = np.arange(2**16, dtype=np.uint16).view(dtype).astype(np.float64)
+        every = np.unique(every[np.isfinite(every)])
+        mid = (every[1:] + every[:-1]) / 2
+        values += [every, mid, np.nextafter(mid, np.inf), np.nextafter(mid, -np.inf)]
+    x = np.concatenate(values)
+    with np.errstate(over="ignore"):
+        want = x.astype(dtype).astype(np.float64)
+    got = reference._rounding(np, np.dtype(dtype), upcast=False)(x)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
 def test_float64_naive_is_the_reference(rng):
     q, k, v = (normal(rng, 1, 17, 2, 8) for _ in range(3))
     for a, b in zip(reference.attention_forward(q, k, v, softcap=2.0),
@@ -200,3 +228,32 @@ def test_accuracy_rule_catches_errors(rng):
         assert_close("lse", np.array([0.0, 1.0]), lse, lse.astype(np.float16))
     with pytest.raises(AssertionError, match="NaN"):
         assert_close("lse", np.array([-np.inf, np.nan]), lse, lse.astype(np.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_on_the_gpu_as_on_the_host(rng, dtype):
+    """CuPy inputs run the reference on their GPU and give CuPy results: those of the host
+    up to float64 rounding (cuBLAS sums in its own order), and the naive results within
+    a few units of the dtype (a float64 value near a rounding boundary may round either
+    way, and the difference carries into later steps)."""
+    import cupy
+    q, k, v, dout = (normal(rng, 2, n, h, 64, dtype=dtype)
+                     for n, h in ((97, 4), (130, 2), (130, 2), (97, 4)))
+    slopes = rng.uniform(0.1, 1, 4).astype(np.float32)
+    opts = dict(window=(40, 3), softcap=2.0, alibi_slopes=slopes)
+    eps = float(ml_dtypes.finfo(dtype).eps)
+    for upcast in (True, False):
+        host = (*reference.attention_forward(q, k, v, upcast=upcast, **opts),
+                *reference.attention_backward(dout, q, k, v, upcast=upcast, **opts))
+        gpu = (*reference.attention_forward(*map(cupy.asarray, (q, k, v)), upcast=upcast,
+                                            **opts),
+               *reference.attention_backward(*map(cupy.asarray, (dout, q, k, v)),
+                                             upcast=upcast, **opts))
+        for name, h, g in zip(("out", "lse", "dq", "dk", "dv"), host, gpu):
+            assert isinstance(g, cupy.ndarray) and g.dtype == h.dtype, name
+            h64, g64 = h.astype(np.float64), g.get().astype(np.float64)
+            assert np.array_equal(np.isneginf(h64), np.isneginf(g64)), name
+            scale = max(1.0, float(np.abs(h64[np.isfinite(h64)]).max()))
+            tol = 1e-12 if upcast else 4 * eps
+            np.testing.assert_allclose(g64, h64, rtol=0, atol=tol * scale, err_msg=name)

@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 import cuflash
 from accuracy import assert_close
 from cuflash import _checks, cpu, reference
-from gpu import dq_scratch_bytes, launches, poisoned
+from gpu import array_module, dq_scratch_bytes, launches, poisoned
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -63,10 +63,11 @@ def _sequences(cu_q, cu_k, options):
 
 def dense_forward(q, k, v, cu_q, cu_k, upcast, **options):
     """out (total_q, nheads, headdim) and lse (nheads, total_q) by the dense reference, one
-    sequence at a time."""
+    sequence at a time (on the GPU for CuPy arrays)."""
+    xp = array_module(q)
     dtype = np.float64 if upcast else q.dtype
-    out = np.zeros(q.shape, dtype)
-    lse = np.full((q.shape[1], q.shape[0]), -np.inf, dtype)
+    out = xp.zeros(q.shape, dtype)
+    lse = xp.full((q.shape[1], q.shape[0]), -np.inf, dtype)
     for rq, rk, opts in _sequences(cu_q, cu_k, options):
         o, l = reference.attention_forward(q[None, rq], k[None, rk], v[None, rk],
                                            upcast=upcast, **opts)
@@ -75,9 +76,11 @@ def dense_forward(q, k, v, cu_q, cu_k, upcast, **options):
 
 
 def dense_backward(dout, q, k, v, cu_q, cu_k, upcast, **options):
-    """dq, dk, dv by the dense reference, one sequence at a time."""
+    """dq, dk, dv by the dense reference, one sequence at a time (on the GPU for CuPy
+    arrays)."""
+    xp = array_module(q)
     dtype = np.float64 if upcast else q.dtype
-    grads = tuple(np.zeros(x.shape, dtype) for x in (q, k, v))
+    grads = tuple(xp.zeros(x.shape, dtype) for x in (q, k, v))
     for rq, rk, opts in _sequences(cu_q, cu_k, options):
         g = reference.attention_backward(dout[None, rq], q[None, rq], k[None, rk],
                                          v[None, rk], upcast=upcast, **opts)
@@ -432,12 +435,12 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
                                  g["cu_q"], g["cu_k"], max_q, max_k, **gopts)
     assert sorted(sizes) == sorted([out.nbytes, lse.nbytes]), (
         f"forward allocated {sizes}, expected only out and lse ({where})")
-    ref = check_forward(out, lse, q, k, v, cu_q, cu_k, where, **options)
+    ref = check_forward(out, lse, g["q"], g["k"], g["v"], cu_q, cu_k, where, **gopts)
 
-    dout = rng.standard_normal(q.shape).astype(dtype)
-    ref_out, ref_lse = cupy.asarray(ref[0].astype(dtype)), cupy.asarray(ref[1].astype(F32))
+    dout = cupy.asarray(rng.standard_normal(q.shape).astype(dtype))
+    ref_out, ref_lse = ref[0].astype(dtype), ref[1].astype(F32)
     with launches() as launched:
-        grads, sizes = poisoned(cuflash.attention_varlen_backward, cupy.asarray(dout),
+        grads, sizes = poisoned(cuflash.attention_varlen_backward, dout,
                                 g["q"], g["k"], g["v"], ref_out, ref_lse, g["cu_q"], g["cu_k"],
                                 max_q, max_k, deterministic=deterministic, **gopts)
     # Gradients plus one float32 scratch allocation: lse_log2 and delta of (nheads,
@@ -448,7 +451,7 @@ def check_gpu(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=None,
         dq_scratch_bytes(rows, headdim, deterministic, launched)
     assert sum(sizes) <= allowed + 512 * len(sizes), (
         f"backward allocated {sizes}; allowed {allowed} ({where})")
-    check_backward(grads, dout, q, k, v, cu_q, cu_k, where, **options)
+    check_backward(grads, dout, g["q"], g["k"], g["v"], cu_q, cu_k, where, **gopts)
     return out, lse, grads
 
 
@@ -639,7 +642,7 @@ def check_gpu_forward(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, alibi=N
         f"forward allocated {sizes}, expected only out and lse ({where})")
     grown = pool.used_bytes() - used_before
     assert grown < out.nbytes + lse.nbytes + 2 * 512, f"pool grew by {grown} bytes ({where})"
-    check_forward(out, lse, q, k, v, cu_q, cu_k, where, **options)
+    check_forward(out, lse, *g[:3], cu_q, cu_k, where, **gopts)
     return out, lse, (g, gopts)
 
 
