@@ -205,11 +205,12 @@ stage_jaxbench() {
 stage_ab() {
     local pass tree
     # Each tree's bf16 kernels at these head dims into the cache, 16 at a time (~10 s a
-    # tree), rather than one by one inside its first pass.
+    # tree), rather than one by one inside its first pass. From inside the tree: `python3
+    # -m` puts the working directory before PYTHONPATH, so from here it would compile this
+    # tree's kernels each time.
     for tree in ${AB_TREES:-abtree} .; do
-        PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 120)) "$OUT/ab.log" \
-            python3 -m cuflash.precompile --arch sm_90 --dtypes bf16 \
-            --headdims "${AB_HEADDIMS:-64,128}" -j 16 | tail -n 1
+        (cd "$tree" && run $(($(left) - 120)) "$OUT/ab.log" python3 -m cuflash.precompile \
+            --arch sm_90 --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" -j 16) | tail -n 1
     done
     for pass in 1 2; do
         for tree in ${AB_TREES:-abtree} .; do
