@@ -9,7 +9,7 @@
 #             backward cases, each in a process with a time limit: a deadlocked kernel
 #             shows as a TIMEOUT in seconds); then pytest -m gpu -n 8 over tests/ but the
 #             JAX files (stage jax), a per-test timeout (30 s after a smoke hang);
-#             $TESTS_PATHS (files or directories) narrows the GPU tests               ~6-8
+#             $TESTS_PATHS (files or directories) narrows the GPU tests               ~2
 #   sanitize  compute-sanitizer memcheck on small tests: reliability (huge cache lengths,
 #             pages, wild block tables, append), forward and backward at head dims 64 and
 #             128 (bf16), split-KV decode                                                ~3
