@@ -9,13 +9,15 @@ Prints ptxas' report (registers, spills, and any warning such as C7518, wgmma se
 and a count of the instructions worth checking before a device run: tensor-core ops (HGMMA,
 HMMA), their waits (WARPGROUP.DEPBAR), barriers (BAR), TMA and bulk copies (UTMALDG,
 UBLKCP), setmaxnreg (USETMAXREG) and local memory (LDL/STL: spills). --dump writes the whole
-SASS. Needs cuobjdump: on PATH, or `pip install nvidia-cuda-cuobjdump` into the venv.
+SASS. Needs cuobjdump and the nvdisasm it calls: on PATH, or `pip install
+nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` into the venv.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import ctypes
+import os
 import re
 import shutil
 import subprocess
@@ -77,15 +79,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dump", metavar="FILE", help="write the whole SASS here")
     args = parser.parse_args(argv)
     cuobjdump = shutil.which("cuobjdump") or _nvidia_file("bin", "cuobjdump")
-    if cuobjdump is None:
-        sys.exit("sass.py needs cuobjdump: pip install nvidia-cuda-cuobjdump")
+    nvdisasm = shutil.which("nvdisasm") or _nvidia_file("bin", "nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        sys.exit("sass.py needs cuobjdump and nvdisasm: pip install nvidia-cuda-cuobjdump "
+                 "nvidia-cuda-nvdisasm")
     cubin, log = compile_cubin(args.filename, args.name, args.arch)
     print("\n".join(line for line in log.splitlines() if line.strip()))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
+        env = dict(os.environ, PATH=f"{Path(nvdisasm).parent}{os.pathsep}{os.environ['PATH']}")
         sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True,
-                              text=True, check=True).stdout
+                              text=True, check=True, env=env).stdout
     if args.dump:
         Path(args.dump).write_text(sass)
     opcodes = (m.group(1) for m in re.finditer(r"\s([A-Z][A-Za-z0-9_.]+)\s", sass))
