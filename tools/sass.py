@@ -9,8 +9,10 @@ Prints ptxas' report (registers, spills, and any warning such as C7518, wgmma se
 and a count of the instructions worth checking before a device run: tensor-core ops (HGMMA,
 HMMA), their waits (WARPGROUP.DEPBAR), barriers (BAR), TMA and bulk copies (UTMALDG,
 UBLKCP), setmaxnreg (USETMAXREG) and local memory (LDL/STL: spills). --dump writes the whole
-SASS. Needs cuobjdump and the nvdisasm it calls: on PATH, or `pip install
-nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` into the venv.
+SASS; --loops N lists every loop of at least N instructions with its opcode counts (the
+key-block loop of a kernel is the one with its MUFU and HGMMA: what an iteration issues).
+Needs cuobjdump and the nvdisasm it calls: on PATH, or `pip install nvidia-cuda-cuobjdump
+nvidia-cuda-nvdisasm` into the venv.
 """
 from __future__ import annotations
 
@@ -31,6 +33,32 @@ from cuflash import _compile  # noqa: E402
 
 WATCH = ("HGMMA", "HMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "BAR.SYNC", "BAR.ARV",
          "UTMALDG", "UBLKCP", "USETMAXREG", "LDL", "STL")
+INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
+BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(0x[0-9a-f]+)")
+
+
+def opcode(text: str) -> str:
+    """The opcode of an instruction's text, without its predicate and modifiers."""
+    words = text.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def loops(sass: str, min_size: int = 1) -> list:
+    """The loops of a cuobjdump listing, largest first: (first address, address of the
+    branch back, opcode counts of the instructions between) for every branch to an earlier
+    address whose span holds at least ``min_size`` instructions. Static counts: branches
+    inside a span (a masked path skipped on most iterations) are counted as if taken."""
+    ins = [(int(address, 16), text) for address, text in INSTRUCTION.findall(sass)]
+    index = {address: k for k, (address, _) in enumerate(ins)}
+    found = []
+    for k, (address, text) in enumerate(ins):
+        branch = BRANCH.search(text)
+        if branch and int(branch.group(1), 16) < address and int(branch.group(1), 16) in index:
+            body = ins[index[int(branch.group(1), 16)]:k + 1]
+            if len(body) >= min_size:
+                found.append((body[0][0], address, collections.Counter(
+                    opcode(t) for _, t in body)))
+    return sorted(found, key=lambda loop: -sum(loop[2].values()))
 
 
 def _nvidia_file(*parts: str) -> Path | None:
@@ -77,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("name", help="the instantiation, as cuflash/ops names it")
     parser.add_argument("--arch", default="sm_90a", help="sm_80, sm_86, sm_90a, ...")
     parser.add_argument("--dump", metavar="FILE", help="write the whole SASS here")
+    parser.add_argument("--loops", metavar="N", type=int,
+                        help="list the loops of at least N instructions")
     args = parser.parse_args(argv)
     cuobjdump = shutil.which("cuobjdump") or _nvidia_file("bin", "cuobjdump")
     nvdisasm = shutil.which("nvdisasm") or _nvidia_file("bin", "nvdisasm")
@@ -97,6 +127,9 @@ def main(argv=None) -> int:
     ops = collections.Counter(op for op in opcodes if op.startswith(WATCH))
     for op, n in sorted(ops.items()):
         print(f"{n:6d}  {op}")
+    for first, last, counts in loops(sass, args.loops) if args.loops else ():
+        mix = ", ".join(f"{op} {n}" for op, n in counts.most_common(16))
+        print(f"loop {first:#x}-{last:#x}: {sum(counts.values())} instructions: {mix}")
     return 0
 
 
