@@ -5,7 +5,7 @@
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
     PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
-        [--causal] [--impl cuflash|cuflash-det|cuflash-softcap|fa3]
+        [--causal] [--impl cuflash|cuflash-det|cuflash-softcap|cuflash-alibi|fa3]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -37,7 +37,7 @@ on the GPU before cuflash compiles, as in the sweep. Two runs side by side show 
 peer's NVRTC can replace CuPy's and change the code.
 
 ``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch;
-the plain call, the sweep's deterministic or soft-cap variant, or FA3's), for a profiler
+the plain call, one of the sweep's variants (sweep.OPTIONS), or FA3's), for a profiler
 to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
 regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
 `profile` stage).
@@ -55,6 +55,7 @@ import numpy as np
 
 from _common import (DTYPES, back_to_back_ms, flops, host_us, make_inputs, per_call_ms,
                      require_gpu, run_torch, standard_shape)
+import sweep
 
 # name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, options)
 FWD_CASES = {
@@ -430,23 +431,16 @@ def nvrtc_probe(args):
 
 def calls(args):
     cupy = require_gpu()
-    import cuflash
     batch, nheads = standard_shape(args.seqlen, args.headdim)
     if args.impl == "fa3":
         return fa3_calls(args, batch, nheads)
     q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
                                 seed=0)
-    # The sweep's variants: soft-cap 30 (both directions), deterministic (the backward).
-    softcap = 30.0 if args.impl == "cuflash-softcap" else 0.0
-    out, lse = cuflash.attention_forward(q, k, v, causal=args.causal, softcap=softcap)
-    for _ in range(4):
-        if args.direction == "fwd":
-            cuflash.attention_forward(q, k, v, causal=args.causal, softcap=softcap, out=out,
-                                      lse=lse)
-        else:
-            cuflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal,
-                                       softcap=softcap,
-                                       deterministic=args.impl == "cuflash-det")
+    # As the sweep times it (a backward's forward runs once, before).
+    with sweep.run_cuflash(args.direction, q, k, v, dout, args.causal,
+                           sweep.OPTIONS.get(args.impl)) as call:
+        for _ in range(4):
+            call()
     cupy.cuda.Device().synchronize()
     return 0
 
@@ -504,8 +498,8 @@ def parse_args(argv):
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--impl", choices=("cuflash", "cuflash-det", "cuflash-softcap", "fa3"),
-                   default="cuflash", help="whose kernels (fa3: flash_attn3_jax, jitted)")
+    p.add_argument("--impl", choices=("cuflash", *sweep.OPTIONS, "fa3"), default="cuflash",
+                   help="whose kernels (fa3: flash_attn3_jax, jitted)")
     p.set_defaults(run=calls)
     return parser.parse_args(argv)
 

@@ -53,11 +53,10 @@ def loops(sass: str, min_size: int = 1) -> list:
     found = []
     for k, (address, text) in enumerate(ins):
         branch = BRANCH.search(text)
-        if branch and int(branch.group(1), 16) < address and int(branch.group(1), 16) in index:
-            body = ins[index[int(branch.group(1), 16)]:k + 1]
-            if len(body) >= min_size:
-                found.append((body[0][0], address, collections.Counter(
-                    opcode(t) for _, t in body)))
+        target = int(branch.group(1), 16) if branch else address
+        if target < address and target in index and k + 1 - index[target] >= min_size:
+            found.append((target, address, collections.Counter(
+                opcode(t) for _, t in ins[index[target]:k + 1])))
     return sorted(found, key=lambda loop: -sum(loop[2].values()))
 
 
