@@ -34,7 +34,9 @@
 #             units, as text; each launch's source page (stall samples per SASS
 #             instruction) as a gzipped CSV, which bench/ncu_source.py reads;
 #             $PROFILE_SPECS picks other launches: "IMPL DIR KERNEL HD SEQLEN [causal];..."
-#             (IMPL: diagnose.py calls' --impl: cuflash, its sweep variants, fa3)       ~4
+#             (IMPL: diagnose.py calls' --impl, any sweep implementation: cuflash, its
+#             variants, torch-cudnn, jax-cudnn, fa3; KERNEL "cudnn|sdpa" catches cuDNN's,
+#             whose names vary by version: ncu's log prints the one it took)          ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately twice (the second pass in

@@ -5,7 +5,7 @@
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
     PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
-        [--causal] [--impl cuflash|cuflash-det|cuflash-softcap|cuflash-alibi|fa3]
+        [--causal] [--impl cuflash|torch-cudnn|jax-cudnn|fa3|...]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -37,8 +37,8 @@ on the GPU before cuflash compiles, as in the sweep. Two runs side by side show 
 peer's NVRTC can replace CuPy's and change the code.
 
 ``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch;
-the plain call, one of the sweep's variants (sweep.OPTIONS), or FA3's), for a profiler
-to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
+any implementation of the sweep: cuflash and its variants, torch and JAX cuDNN, FA3), for a
+profiler to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
 regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
 `profile` stage).
 
@@ -53,8 +53,8 @@ import sys
 
 import numpy as np
 
-from _common import (DTYPES, back_to_back_ms, flops, host_us, make_inputs, per_call_ms,
-                     require_gpu, run_torch, standard_shape)
+from _common import (DTYPES, Difference, back_to_back_ms, flops, host_us, make_inputs,
+                     per_call_ms, require_gpu, run_torch, standard_shape, synchronize)
 import sweep
 
 # name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, options)
@@ -432,31 +432,16 @@ def nvrtc_probe(args):
 def calls(args):
     cupy = require_gpu()
     batch, nheads = standard_shape(args.seqlen, args.headdim)
-    if args.impl == "fa3":
-        return fa3_calls(args, batch, nheads)
     q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
                                 seed=0)
-    # As the sweep times it (a backward's forward runs once, before).
-    with sweep.run_cuflash(args.direction, q, k, v, dout, args.causal,
-                           sweep.OPTIONS.get(args.impl)) as call:
+    # As the sweep times it: its own call of each implementation (a backward's forward runs
+    # once, before; a JAX backward is its vjp step, forward included).
+    impl = sweep.registry(None, None)[args.impl]
+    with impl.run(args.direction, q, k, v, dout, args.causal) as call:
         for _ in range(4):
-            call()
+            result = call.total() if isinstance(call, Difference) else call()
+        synchronize(result)
     cupy.cuda.Device().synchronize()
-    return 0
-
-
-def fa3_calls(args, batch, nheads):
-    """The same calls of FlashAttention-3 (``flash_attn3_jax``, jitted) on the same shape."""
-    import jax
-    import jax.numpy as jnp
-    from flash_attn3_jax import flash_mha
-    q, k, v, dout = (jax.random.normal(key, (batch, args.seqlen, nheads, args.headdim),
-                                       jnp.bfloat16)
-                     for key in jax.random.split(jax.random.key(0), 4))
-    fwd = jax.jit(lambda q, k, v: flash_mha(q, k, v, is_causal=args.causal))
-    bwd = jax.jit(lambda q, k, v, g: jax.vjp(fwd, q, k, v)[1](g))
-    for _ in range(5):
-        jax.block_until_ready(fwd(q, k, v) if args.direction == "fwd" else bwd(q, k, v, dout))
     return 0
 
 
@@ -498,8 +483,9 @@ def parse_args(argv):
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--impl", choices=("cuflash", *sweep.OPTIONS, "fa3"), default="cuflash",
-                   help="whose kernels (fa3: flash_attn3_jax, jitted)")
+    p.add_argument("--impl", choices=tuple(sweep.registry(None, None)), default="cuflash",
+                   help="whose kernels: the sweep's implementations (bench/sweep.py), e.g. "
+                        "cuflash-det, torch-cudnn, jax-cudnn, fa3")
     p.set_defaults(run=calls)
     return parser.parse_args(argv)
 
