@@ -69,7 +69,7 @@
 set -uo pipefail
 
 OUT=${OUT:-/tmp/device_out}
-BUDGET=570  # seconds of the call's 600 this script may use
+BUDGET=${BUDGET:-570}  # seconds of the call's 600 this script may use (less: a call cut short)
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cfcache
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
