@@ -39,11 +39,11 @@
 #             whose names vary by version: ncu's log prints the one it took)          ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
-#             2836a68 | tar -x -C abtree`, carried), alternately twice (the second pass in
-#             the reverse order):
-#             bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims $AB_HEADDIMS
-#             (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not, $AB_IMPLS
-#             (cuflash and its soft-cap and ALiBi calls); every table into ab.log
+#             2836a68 | tar -x -C abtree`, carried), alternately in $AB_PASSES passes (2;
+#             every second one in the reverse order; more narrow a mean where a change is
+#             1-3%): bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims
+#             $AB_HEADDIMS (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not,
+#             $AB_IMPLS (cuflash and its soft-cap and ALiBi calls); every table into ab.log
 #             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
@@ -215,13 +215,13 @@ stage_ab() {
         (cd "$tree" && run $(($(left) - 120)) "$OUT/ab.log" python3 -m cuflash.precompile \
             --arch sm_90 --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" -j 16) | tail -n 1
     done
-    # The second pass runs the trees in the reverse order: a machine that slows as it warms
-    # would otherwise favour the tree that runs first in both (the fourteenth session's
+    # Every second pass runs the trees in the reverse order: a machine that slows as it
+    # warms would otherwise favour the tree that runs first (the fourteenth session's
     # control, the same kernels in two trees, read 1% lower in the second).
     local order
     order="${AB_TREES:-abtree} ."
-    for pass in 1 2; do
-        [ "$pass" -eq 2 ] && order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
+    for pass in $(seq "${AB_PASSES:-2}"); do
+        [ "$pass" -gt 1 ] && order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
         for tree in $order; do
             [ "$(left)" -lt 120 ] && break 2
             echo "=== pass $pass: $tree" >> "$OUT/ab.log"
