@@ -37,10 +37,20 @@ INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
 BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(0x[0-9a-f]+)")
 
 
+def instructions(sass: str) -> list:
+    """(address, text) of every instruction of a cuobjdump listing, in order."""
+    return [(int(address, 16), text) for address, text in INSTRUCTION.findall(sass)]
+
+
+def mnemonic(text: str) -> str:
+    """An instruction's opcode with its modifiers, without its predicate."""
+    words = text.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
 def opcode(text: str) -> str:
     """The opcode of an instruction's text, without its predicate and modifiers."""
-    words = text.split()
-    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+    return mnemonic(text).split(".")[0]
 
 
 def loops(sass: str, min_size: int = 1) -> list:
@@ -48,7 +58,7 @@ def loops(sass: str, min_size: int = 1) -> list:
     branch back, opcode counts of the instructions between) for every branch to an earlier
     address whose span holds at least ``min_size`` instructions. Static counts: branches
     inside a span (a masked path skipped on most iterations) are counted as if taken."""
-    ins = [(int(address, 16), text) for address, text in INSTRUCTION.findall(sass)]
+    ins = instructions(sass)
     index = {address: k for k, (address, _) in enumerate(ins)}
     found = []
     for k, (address, text) in enumerate(ins):
@@ -122,8 +132,8 @@ def main(argv=None) -> int:
                               text=True, check=True, env=env).stdout
     if args.dump:
         Path(args.dump).write_text(sass)
-    opcodes = (m.group(1) for m in re.finditer(r"\s([A-Z][A-Za-z0-9_.]+)\s", sass))
-    ops = collections.Counter(op for op in opcodes if op.startswith(WATCH))
+    ops = collections.Counter(op for op in (mnemonic(t) for _, t in instructions(sass))
+                              if op.startswith(WATCH))
     for op, n in sorted(ops.items()):
         print(f"{n:6d}  {op}")
     for first, last, counts in loops(sass, args.loops) if args.loops else ():
