@@ -263,6 +263,8 @@ stage_profile() {
     precompile profile
     local sections="--section SpeedOfLight --section WarpStateStats --section SchedulerStats"
     sections="$sections --section MemoryWorkloadAnalysis --section Occupancy"
+    # The launch shape: grid, block, registers, shared memory (a peer's says how it tiles).
+    sections="$sections --section LaunchStats"
     # Where the warps stall, by instruction: the source page of the report, exported below.
     sections="$sections --section SourceCounters"
     # Which unit of the L2 (tags, sectors, atomics) a memory-bound kernel is bound by.
