@@ -219,15 +219,19 @@ struct BwdSteps {
 
 // Zeroes the elements of accumulator fragment x (N floats, the wgmma C layout: element
 // 4 t + e is key krow + 8 (e / 2), query q_first + 8 t + 2 qd + e % 2) that no (query, key)
-// pair of the mask sees. Overwritten, never multiplied: an inf there does not spread.
+// pair of the mask sees. Overwritten, never multiplied: an inf there does not spread. Each
+// key's visible queries (Mask::rows_of_key) once, then two compares with an element's
+// constant query offset.
 template <int N>
 __device__ __forceinline__ void zero_invisible(const Mask& mask, float* x, int q_first,
                                                int krow, int qd) {
+  int lo[2], hi[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) mask.rows_of_key(krow + 8 * hh, q_first + 2 * qd, lo[hh], hi[hh]);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const bool visible = mask.visible(q_first + 8 * (i / 4) + 2 * qd + (i & 1),
-                                      krow + 8 * ((i / 2) & 1));
-    x[i] = visible ? x[i] : 0.f;
+    const int r = 8 * (i / 4) + (i & 1), hh = (i / 2) & 1;
+    x[i] = (r >= lo[hh]) & (r <= hi[hh]) ? x[i] : 0.f;
   }
 }
 

@@ -424,7 +424,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
         if (boundary)
-          score_fragment<OPTS, true, true>(sc, frag_row0, col0, mod, mask);
+          score_fragment<OPTS, true, true, true>(sc, frag_row0, col0, mod, mask);
         else if constexpr (OPTS != 0)
           score_fragment<OPTS, false, true>(sc, frag_row0, col0, mod, mask);
         softmax.max_step(sc, factor, alpha);

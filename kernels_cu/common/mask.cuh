@@ -44,9 +44,17 @@ struct Mask {
   // The rows that see key j, relative to row i0: i0 + lo <= i <= i0 + hi (none when lo >
   // hi), for rows within 2^30 of i0. A kernel that holds one key across many rows then
   // tests visibility by two compares against constants.
+  // (keys_of_row is the same for one row across many keys.)
   __device__ __forceinline__ void rows_of_key(int j, int i0, int& lo, int& hi) const {
     lo = j >= seqlen_k ? 1 << 30 : right < 0 ? -(1 << 30) : j - diag - right - i0;
     hi = left < 0 ? 1 << 30 : j - diag + left - i0;
+  }
+
+  // The keys that row i sees, relative to key j0: j0 + lo <= j <= j0 + hi (none when lo >
+  // hi), for keys within 2^30 of j0: visible(i, j) for every such j.
+  __device__ __forceinline__ void keys_of_row(int i, int j0, int& lo, int& hi) const {
+    lo = left < 0 ? -(1 << 30) : i + diag - left - j0;
+    hi = (right < 0 ? seqlen_k : min(seqlen_k, i + diag + right + 1)) - 1 - j0;
   }
 
   // Keys [begin, end) seen by at least one row of [i_begin, i_end); empty when end <= begin.
@@ -215,29 +223,40 @@ struct ScoreGrad {
 // OPTS (0: none): replace each score by its base-2 logit (ScoreMod::logit); MASK: set
 // invisible ones to -inf. With OPTS 0 the scores stay raw (the caller scales them in the
 // exp2). ALiBi's distance is converted once per row and stepped by constants per element.
-template <int OPTS, bool MASK, bool FAST_TANH = false, int M_TILES, int N_TILES>
+// KEY_BOUNDS: the mask too, as each row's range of visible keys (Mask::keys_of_row) that
+// an element's constant column offset is compared with (two compares, where visible(i, j)
+// takes about eight); four more registers a row tile, which the mma.sync kernels, at their
+// register limit, do not have.
+template <int OPTS, bool MASK, bool FAST_TANH = false, bool KEY_BOUNDS = false, int M_TILES,
+          int N_TILES>
 __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], int row0,
                                                int col0, const ScoreMod& mod,
                                                const Mask& mask) {
   float dist0[M_TILES][2];  // i + diag - col0 of each row (ALiBi)
+  int lo[M_TILES][2], hi[M_TILES][2];  // KEY_BOUNDS: the row's visible keys, from col0
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-      dist0[mt][half] = opts_alibi(OPTS)
-                            ? static_cast<float>(row0 + mt * 16 + half * 8 + mod.diag - col0)
-                            : 0.f;
+    for (int half = 0; half < 2; ++half) {
+      const int i = row0 + mt * 16 + half * 8;
+      dist0[mt][half] = opts_alibi(OPTS) ? static_cast<float>(i + mod.diag - col0) : 0.f;
+      if constexpr (MASK && KEY_BOUNDS) mask.keys_of_row(i, col0, lo[mt][half], hi[mt][half]);
+    }
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int nt = 0; nt < N_TILES; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        int i = row0 + mt * 16 + (e >> 1) * 8, j = col0 + nt * 8 + (e & 1);
+        const int c = nt * 8 + (e & 1), half = e >> 1;  // key col0 + c, row row0 + 8 half
         if constexpr (OPTS != 0)
-          s[mt][nt][e] = mod.logit<OPTS, FAST_TANH>(
-              s[mt][nt][e], dist0[mt][e >> 1] - static_cast<float>(nt * 8 + (e & 1)));
-        if constexpr (MASK) s[mt][nt][e] = mask.visible(i, j) ? s[mt][nt][e] : neg_inf();
+          s[mt][nt][e] = mod.logit<OPTS, FAST_TANH>(s[mt][nt][e],
+                                                     dist0[mt][half] - static_cast<float>(c));
+        if constexpr (MASK) {
+          const bool visible = KEY_BOUNDS ? (c >= lo[mt][half]) & (c <= hi[mt][half])
+                                          : mask.visible(row0 + mt * 16 + half * 8, col0 + c);
+          s[mt][nt][e] = visible ? s[mt][nt][e] : neg_inf();
+        }
       }
 }
 
