@@ -51,10 +51,12 @@ struct Mask {
   }
 
   // The keys that row i sees, relative to key j0: j0 + lo <= j <= j0 + hi (none when lo >
-  // hi), for keys within 2^30 of j0: visible(i, j) for every such j.
+  // hi), for keys within 2^30 of j0: visible(i, j) for every such j. No sum leaves int32
+  // for rows below seqlen_q, whatever the lengths (i - seqlen_q is i + diag - seqlen_k;
+  // keys are >= 0); rows past it are never stored.
   __device__ __forceinline__ void keys_of_row(int i, int j0, int& lo, int& hi) const {
-    lo = left < 0 ? -(1 << 30) : i + diag - left - j0;
-    hi = (right < 0 ? seqlen_k : min(seqlen_k, i + diag + right + 1)) - 1 - j0;
+    lo = left < 0 ? -(1 << 30) : max(0, i + diag - left) - j0;
+    hi = seqlen_k - 1 - j0 + (right < 0 ? 0 : min(0, i + diag - seqlen_k + right + 1));
   }
 
   // Keys [begin, end) seen by at least one row of [i_begin, i_end); empty when end <= begin.
