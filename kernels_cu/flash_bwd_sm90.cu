@@ -774,6 +774,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const ScoreGrad grad{mod, steps.mask, false};
+        constexpr int TANH = tanh_form<T, OPTS>();
         const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
         auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
@@ -823,7 +824,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                   const int query = q0 + qc + (i & 1), key = krow + 8 * ((i >> 1) & 1);
                   const int r = 8 * t + (i & 1), hh = (i >> 1) & 1;
                   float pd;
-                  float p = grad.template prob_softcap<OPTS>(s[sb][i], query, key,
+                  float p = grad.template prob_softcap<OPTS, TANH>(s[sb][i], query, key,
                                                               (i & 1) ? l2.y : l2.x, pd);
                   if (masked && (r < lo[hh] || r > hi[hh])) p = pd = 0.f;
                   s[sb][i] = pd;
@@ -887,7 +888,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              grad.template operator()<OPTS, true>(s[sb][4 * t + e], dp[sb][4 * t + e],
+              grad.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
                                                    q0 + qc + (e & 1), krow + 8 * (e >> 1),
                                                    (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
@@ -1127,6 +1128,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     {
       const ScoreMod mod(a, b, h, seq);
       const ScoreGrad grad{mod, steps.mask, false};
+      constexpr int TANH = tanh_form<T, OPTS>();
       const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
       const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
 #pragma unroll
@@ -1142,7 +1144,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
             ps[i] = grad.template prob<0>(ps[i], query, key, lse);
             ds[i] = ps[i] * (ds[i] - delta);
           } else {
-            grad.template operator()<OPTS, true>(ps[i], ds[i], query, key, lse, delta);
+            grad.template operator()<OPTS, TANH>(ps[i], ds[i], query, key, lse, delta);
           }
         }
       }

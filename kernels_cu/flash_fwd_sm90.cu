@@ -17,7 +17,8 @@
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
 //     (through shared memory where it fits), LSE written.
 // OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
-// OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap by scaled_tanh as in the backward.
+// OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap's tanh in the form tanh_form<T, OPTS>() picks,
+// as in the backward.
 // Only tiles on a mask boundary pay for per-element masking; key blocks that no row of the
 // query block sees are never loaded. Rows and keys past the ends read as zeros (TMA fills
 // out-of-bounds elements with zeros); stores are predicated.
@@ -416,6 +417,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       static_assert(CONSUMERS == 2 || OPTS == 0, "score options run with two consumers: at "
                     "three (160 registers) their elements do not fit beside the P V in flight");
       const float factor = OPTS != 0 ? 1.f : mod.scale_log2;
+      constexpr int TANH = tanh_form<T, OPTS>();
       auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
@@ -424,9 +426,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
         if (boundary)
-          score_fragment<OPTS, true, true, true>(sc, frag_row0, col0, mod, mask);
+          score_fragment<OPTS, true, TANH, true>(sc, frag_row0, col0, mod, mask);
         else if constexpr (OPTS != 0)
-          score_fragment<OPTS, false, true>(sc, frag_row0, col0, mod, mask);
+          score_fragment<OPTS, false, TANH>(sc, frag_row0, col0, mod, mask);
         softmax.max_step(sc, factor, alpha);
         softmax.exp_step(sc, factor, alpha);
       };

@@ -204,8 +204,10 @@ def test_seqlens(seqlen_q, seqlen_k, causal):
     dict(window=(0, 0), scale=0.3),
     dict(window=(100, 20), deterministic=True),
     dict(softcap=1e5),
+    dict(softcap=30.0, scale=4.0),  # scaled scores of std ~32: tanh mostly saturated
 ], ids=["softcap", "softcap-causal", "alibi", "alibi-batch-causal", "all", "left",
-        "right", "diagonal-scale", "window-det", "softcap-large"])
+        "right", "diagonal-scale", "window-det", "softcap-large",
+        "softcap-saturated"])
 def test_features(dtype, opts):
     check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
 

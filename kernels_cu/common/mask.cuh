@@ -105,6 +105,20 @@ __device__ __forceinline__ float scaled_tanh(float y, float k, float& dtanh) {
 // per option, whose elements then carry no branches and overlap their MUFU latencies), or
 // read per element (OPTS_RUNTIME).
 constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
+// How a soft-capped score's tanh is computed: tanhf (float32 kernels); scaled_tanh, from
+// MUFU.EX2 and MUFU.RCP (a few float32 ulps); MUFU.TANH (tanh.approx.f32, relative error
+// about 2^-11, one MUFU where scaled_tanh takes two: the soft-capped element's third MUFU
+// bound its kernels). tanh_form<T, OPTS>() picks for a 16-bit kernel: MUFU.TANH for
+// bfloat16, whose own rounding (2^-8) hides its error, scaled_tanh for float16 (2^-11: it
+// would not) and for OPTS_RUNTIME (the backward's hd128 instantiation spilled with it).
+constexpr int TANH_EXACT = 0, TANH_EX2_RCP = 1, TANH_MUFU = 2;
+template <typename T> constexpr bool is_bfloat16 = false;
+template <> constexpr bool is_bfloat16<__nv_bfloat16> = true;
+template <typename T, int OPTS>
+__host__ __device__ constexpr int tanh_form() {
+  return is_bfloat16<T> && OPTS != OPTS_RUNTIME ? TANH_MUFU : TANH_EX2_RCP;
+}
+
 // Whether OPTS may subtract ALiBi's bias (OPTS_RUNTIME: where the call has slopes).
 __host__ __device__ constexpr bool opts_alibi(int opts) {
   return (opts & (OPTS_ALIBI | OPTS_RUNTIME)) != 0;
@@ -144,21 +158,19 @@ struct ScoreMod {
   // The logit of raw score s at distance dist = i + diag - j (a float: callers may convert
   // it once per row and step it by constants) under OPTS; under soft-cap *grad (if given)
   // times 1 - tanh^2, the gradient's factor, inside the soft-cap branch (kept apart, the
-  // factors of a tile's elements would all be live at once). FAST_TANH: scaled_tanh in
-  // place of tanhf (16-bit kernels: against tanhf it moves a logit by a few float32 ulps of
-  // softcap, P by ~1e-5 relative at softcap 30, far below 16-bit rounding; float32 keeps
-  // tanhf).
-  template <int OPTS, bool FAST_TANH>
+  // factors of a tile's elements would all be live at once). TANH: the tanh's form
+  // (TANH_EXACT, TANH_EX2_RCP, TANH_MUFU; tanh_form above).
+  template <int OPTS, int TANH>
   __device__ __forceinline__ float logit(float s, float dist, float* grad = nullptr) const {
     const bool softcap = OPTS == OPTS_RUNTIME ? has_softcap : (OPTS & OPTS_SOFTCAP) != 0;
     const bool alibi = OPTS == OPTS_RUNTIME ? has_alibi : (OPTS & OPTS_ALIBI) != 0;
     float x;
     if (softcap) {
       float dtanh;
-      if constexpr (FAST_TANH) {
+      if constexpr (TANH == TANH_EX2_RCP) {
         x = softcap_out * scaled_tanh(s, softcap_k, dtanh);
       } else {
-        const float t = tanhf(s * softcap_in);
+        const float t = TANH == TANH_MUFU ? fast_tanh(s * softcap_in) : tanhf(s * softcap_in);
         x = softcap_out * t;
         dtanh = 1.f - t * t;
       }
@@ -171,7 +183,7 @@ struct ScoreMod {
   }
 
   __device__ __forceinline__ float apply(float s, int i, int j) const {
-    return logit<OPTS_RUNTIME, false>(s, static_cast<float>(i + diag - j));
+    return logit<OPTS_RUNTIME, TANH_EXACT>(s, static_cast<float>(i + diag - j));
   }
 };
 
@@ -191,28 +203,28 @@ struct ScoreGrad {
   template <int OPTS>
   __device__ __forceinline__ float prob(float s, int i, int j, float lse_log2) const {
     static_assert((OPTS & (OPTS_SOFTCAP | OPTS_RUNTIME)) == 0, "no soft-cap");
-    return fast_exp2(mod.logit<OPTS, true>(s, dist(i, j)) - lse_log2);
+    return fast_exp2(mod.logit<OPTS, TANH_EX2_RCP>(s, dist(i, j)) - lse_log2);
   }
 
   // The same under soft-cap fixed at compile time (OPTS_SOFTCAP, with or without
-  // OPTS_ALIBI; scaled_tanh): P, and pd = P (1 - tanh^2), so that dS = pd (dP - delta) once
-  // dP is in, with one float an element held in between, as without soft-cap.
-  template <int OPTS>
+  // OPTS_ALIBI; the tanh's form TANH): P, and pd = P (1 - tanh^2), so that dS = pd (dP -
+  // delta) once dP is in, with one float an element held in between, as without soft-cap.
+  template <int OPTS, int TANH>
   __device__ __forceinline__ float prob_softcap(float s, int i, int j, float lse_log2,
                                                 float& pd) const {
     static_assert((OPTS & OPTS_SOFTCAP) && !(OPTS & OPTS_RUNTIME), "soft-cap fixed");
     float dtanh = 1.f;
-    const float p = fast_exp2(mod.logit<OPTS, true>(s, dist(i, j), &dtanh) - lse_log2);
+    const float p = fast_exp2(mod.logit<OPTS, TANH>(s, dist(i, j), &dtanh) - lse_log2);
     pd = p * dtanh;
     return p;
   }
 
-  // P and dS of one element in place of s and dp (FAST_TANH: ScoreMod::logit).
-  template <int OPTS = OPTS_RUNTIME, bool FAST_TANH = false>
+  // P and dS of one element in place of s and dp (TANH: ScoreMod::logit).
+  template <int OPTS = OPTS_RUNTIME, int TANH = TANH_EXACT>
   __device__ __forceinline__ void operator()(float& s, float& dp, int i, int j, float lse_log2,
                                              float delta) const {
     dp -= delta;
-    float p = fast_exp2(mod.logit<OPTS, FAST_TANH>(s, dist(i, j), &dp) - lse_log2);
+    float p = fast_exp2(mod.logit<OPTS, TANH>(s, dist(i, j), &dp) - lse_log2);
     if (need_mask && !mask.visible(i, j)) p = 0.f;
     s = p;
     dp *= p;
@@ -229,7 +241,7 @@ struct ScoreGrad {
 // an element's constant column offset is compared with (two compares, where visible(i, j)
 // takes about eight); four more registers a row tile, which the mma.sync kernels, at their
 // register limit, do not have.
-template <int OPTS, bool MASK, bool FAST_TANH = false, bool KEY_BOUNDS = false, int M_TILES,
+template <int OPTS, bool MASK, int TANH = TANH_EXACT, bool KEY_BOUNDS = false, int M_TILES,
           int N_TILES>
 __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], int row0,
                                                int col0, const ScoreMod& mod,
@@ -252,7 +264,7 @@ __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], 
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + (e & 1), half = e >> 1;  // key col0 + c, row row0 + 8 half
         if constexpr (OPTS != 0)
-          s[mt][nt][e] = mod.logit<OPTS, FAST_TANH>(s[mt][nt][e],
+          s[mt][nt][e] = mod.logit<OPTS, TANH>(s[mt][nt][e],
                                                      dist0[mt][half] - static_cast<float>(c));
         if constexpr (MASK) {
           const bool visible = KEY_BOUNDS ? (c >= lo[mt][half]) & (c <= hi[mt][half])
