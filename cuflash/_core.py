@@ -105,8 +105,8 @@ class Problem:
 
     @property
     def fast_tanh(self) -> bool:
-        """Whether the Hopper kernels' soft-cap (scaled_tanh) is exact enough for this
-        soft-cap (FAST_TANH_MAX_SOFTCAP)."""
+        """Whether the Hopper kernels' soft-cap (scaled_tanh in fp16, MUFU.TANH in bf16) is
+        exact enough for this soft-cap (FAST_TANH_MAX_SOFTCAP)."""
         return self.softcap <= FAST_TANH_MAX_SOFTCAP
 
 
@@ -117,10 +117,12 @@ class Problem:
 OPTS_SOFTCAP, OPTS_ALIBI, OPTS_RUNTIME = 1, 2, 4
 
 
-# The Hopper kernels' soft-cap, scaled_tanh (common/mask.cuh: tanh = 2 r - 1 from one exp2 and
-# one reciprocal), errs by about 1e-7 absolute in tanh, so by about softcap x 1e-7 in a
-# logit: 3e-5 here, far below fp16's rounding of P (5e-4). Larger soft-caps run the mma.sync
-# kernels, whose tanhf has a relative error.
+# The Hopper kernels' soft-cap (common/mask.cuh, tanh_form): in fp16, scaled_tanh (tanh = 2 r
+# - 1 from one exp2 and one reciprocal) errs by about 1e-7 absolute in tanh, so by about
+# softcap x 1e-7 in a logit: 3e-5 here, far below fp16's rounding of P (5e-4); in bf16,
+# MUFU.TANH errs by about 2^-11 relative, so a logit by |logit| x 2^-11, within bf16's own
+# rounding of it (2^-9) at any soft-cap. Larger soft-caps run the mma.sync kernels, whose
+# tanhf has a relative error.
 FAST_TANH_MAX_SOFTCAP = 256.0
 
 

@@ -66,8 +66,9 @@ def test_cta_order_walks_sections_rank_by_rank(blocks, batch, heads_kv, section,
 
 
 def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():
-    """scaled_tanh's absolute error grows into a logit with the soft-cap: past
-    FAST_TANH_MAX_SOFTCAP the forward and backward leave the Hopper kernels."""
+    """The fp16 Hopper kernels' tanh (scaled_tanh) errs in absolute terms, which a logit
+    multiplies by the soft-cap: past FAST_TANH_MAX_SOFTCAP the forward and backward leave
+    the Hopper kernels."""
     from cuflash.ops import forward
     p = _problem(4096, 16, 16, 128)
     for softcap, hopper in ((30.0, True), (_core.FAST_TANH_MAX_SOFTCAP, True),

@@ -110,10 +110,11 @@ def test_seqlens(seqlen_q, seqlen_k, causal):
     dict(window=(0, 0)),
     dict(window=(100, 20), scale=0.3),
     dict(softcap=1e5),
-    dict(softcap=30.0, scale=4.0),  # scaled scores of std ~32: tanh mostly saturated
+    dict(softcap=30.0, scale=4.0),  # the largest logits in the tanh's flat region
+    dict(softcap=200.0),  # tanh arguments ~0.005: its error must be relative
 ], ids=["softcap", "softcap-causal", "alibi", "alibi-batch-causal", "all", "left",
         "right", "diagonal", "window-scale", "softcap-large",
-        "softcap-saturated"])
+        "softcap-saturated", "softcap-small-arguments"])
 def test_features(dtype, opts):
     check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
 
