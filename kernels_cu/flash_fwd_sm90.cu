@@ -3,8 +3,8 @@
 // One CTA per (query block of Br = 64 x CONSUMERS rows, head, batch item); query blocks run
 // last-first so that under a causal mask the heaviest start first. 1 + CONSUMERS warpgroups:
 //   producer (warpgroup 0, one thread): TMA copies of Q (once a tile) and of K, V tiles of
-//     Bc = BLOCK_N keys into two STAGES-deep rings (K and V each their own) of 128B-swizzled
-//     shared-memory buffers, K of the next key block before V of this one; "full"
+//     Bc = BLOCK_N keys into rings of 128B-swizzled shared-memory buffers (K_STAGES of K,
+//     V_STAGES of V), K of the next key block before V of this one; "full"
 //     mbarriers count the bytes in, "empty" mbarriers say when the consumers are done with a
 //     stage. It gives most of its registers away (setmaxnreg) to
 //   consumers (warpgroups 1 .. CONSUMERS, 64 query rows each): S = Q K^T by wgmma with both
@@ -15,7 +15,7 @@
 //     one, so that the softmax of one runs under the GEMM of the other (FA3's
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
-//     (through shared memory where it fits), LSE written.
+//     (through the consumer's rows of its Q tile where Q has two buffers), LSE written.
 // OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
 // OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap's tanh in the form tanh_form<T, OPTS>() picks,
 // as in the backward.
@@ -67,7 +67,6 @@ template <int HEAD_DIM, int BLOCK_N, int CONSUMERS, int HEAD_DIM_V = HEAD_DIM>
 struct FwdSm90Traits {
   static constexpr int BLOCK_M = 64 * CONSUMERS;  // 64 rows per consumer warpgroup
   static constexpr int NUM_THREADS = 128 * (CONSUMERS + 1);
-  static constexpr int STAGES = 2;
   // Tiles are 64-element (128-byte) column blocks, one after the other.
   static constexpr int QK_BLOCKS = HEAD_DIM / 64, V_BLOCKS = HEAD_DIM_V / 64;
   static constexpr int Q_BLOCK_BYTES = BLOCK_M * 128;   // one column block of the Q tile
@@ -75,23 +74,29 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = QK_BLOCKS * Q_BLOCK_BYTES;
   static constexpr int K_BYTES = QK_BLOCKS * KV_BLOCK_BYTES;
   static constexpr int V_BYTES = V_BLOCKS * KV_BLOCK_BYTES;
-  static constexpr int KV_BYTES = STAGES * (K_BYTES + V_BYTES);
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
   static constexpr int LIMIT = 227 * 1024 - 1024;
-  // O leaves through shared memory where its tile fits beside one Q tile and the K / V
-  // rings (head dims up to 128) and the registers allow (two consumers: at 160 registers
-  // the staging spills): each consumer's 64 rows in 128-byte swizzled rows (the TMA box
-  // layout), then one TMA store per column block (o_by_tma) or 16-byte stores of whole row
-  // segments. Otherwise O is stored from the accumulators.
-  static constexpr int O_BYTES = BLOCK_M * HEAD_DIM_V * 2;
-  static constexpr bool STAGED_O = CONSUMERS == 2 && Q_BYTES + KV_BYTES + O_BYTES <= LIMIT;
-  static constexpr int O_STAGE = STAGED_O ? O_BYTES : 0;
+  // A K stage is released once every consumer has its S of that block, and the refill is
+  // waited for by the first consumer's S of the block after next: with ping-pong, half an
+  // iteration ahead at two stages, which a TMA load from L2 does not always meet. A third
+  // K stage where it fits beside two Q tiles (head dims up to 128); V, waited for an
+  // iteration later (P V after the next S), keeps two.
+  static constexpr int V_STAGES = 2;
+  static constexpr int K_STAGES =
+      2 * Q_BYTES + 3 * K_BYTES + V_STAGES * V_BYTES <= LIMIT ? 3 : 2;
+  static constexpr int KV_BYTES = K_STAGES * K_BYTES + V_STAGES * V_BYTES;
   // Two Q buffers where they fit (head dims up to 128): the next tile's Q loads while the
   // consumers finish this one.
-  static constexpr int Q_STAGES = 2 * Q_BYTES + KV_BYTES + O_STAGE <= LIMIT ? 2 : 1;
+  static constexpr int Q_STAGES = 2 * Q_BYTES + KV_BYTES <= LIMIT ? 2 : 1;
+  // O leaves through shared memory where Q has two buffers and the registers allow (two
+  // consumers: at 160 registers the staging spills): each consumer's 64 rows of its Q tile,
+  // free after its last S, take its O in the TMA box layout (128-byte swizzled rows), then
+  // one TMA store per column block (o_by_tma) or 16-byte stores of whole row segments; Q's
+  // buffer is released once they have read it. Otherwise O is stored from the accumulators.
+  static constexpr bool STAGED_O = CONSUMERS == 2 && Q_STAGES == 2 && HEAD_DIM_V <= HEAD_DIM;
   static constexpr int RING_BYTES = Q_STAGES * Q_BYTES + KV_BYTES;
-  static constexpr int SMEM_BYTES = RING_BYTES + O_STAGE + 1024;
+  static constexpr int SMEM_BYTES = RING_BYTES + 1024;
   // Registers after setmaxnreg, within the register file that __launch_bounds__(
   // NUM_THREADS, 1) hands out evenly at launch (168 a thread for 2 consumers, 128 for 3).
   static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 24 : 32;
@@ -106,7 +111,7 @@ struct FwdSm90Traits {
   // With the kernel's static block (barriers, tile slots), which the 1024-byte alignment of
   // the dynamic window pads to 1 KiB.
   static_assert(SMEM_BYTES + 1024 <= 227 * 1024, "shared memory");
-  static_assert(!STAGED_O || CONSUMERS < 4, "named barriers 4 + consumer follow the turns' 1..");
+  static_assert(!STAGED_O || CONSUMERS < 4, "named barrier 4 + consumer follows the turns' 1..");
 };
 
 // One work tile: query block m_block of head h of batch item b, and the key blocks
@@ -147,20 +152,21 @@ struct FwdTile {
 // pair (an index past the last tile says stop), Q_STAGES of them in a ring. While the
 // consumers finish a tile (last P V, epilogue), the producer already loads the next tile's
 // Q (into the other buffer, or, with one, once the consumers released it after their last
-// S = Q K^T) and its first K and V stages: the rings and their barrier phases run on
-// across tiles.
+// S = Q K^T; with O staged there, once O left it) and its first K and V stages: the rings
+// and their barrier phases run on across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS,
           bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
-  constexpr int STAGES = Tr::STAGES, Br = Tr::BLOCK_M, Bc = BLOCK_N;
+  constexpr int K_STAGES = Tr::K_STAGES, V_STAGES = Tr::V_STAGES;
+  constexpr int Br = Tr::BLOCK_M, Bc = BLOCK_N;
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr int Q_STAGES = Tr::Q_STAGES;
-  // full_k, full_v, empty_k, empty_v per stage, then full_q, empty_q per Q stage.
-  __shared__ __align__(8) uint64_t barriers[4 * STAGES + 2 * Q_STAGES];
+  // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage.
+  __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)];
   // Per Q stage: the tile of its current full_q phase; varlen: and its item's q0, k0,
   // len_q, len_k.
   __shared__ int tile_slot[Q_STAGES][VARLEN ? 5 : 1];
@@ -168,13 +174,15 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   auto sQ = [&](int s) { return base + s * Tr::Q_BYTES; };
   const uint32_t kv = base + Q_STAGES * Tr::Q_BYTES;
   auto sK = [&](int s) { return kv + s * Tr::K_BYTES; };
-  auto sV = [&](int s) { return kv + STAGES * Tr::K_BYTES + s * Tr::V_BYTES; };
+  auto sV = [&](int s) { return kv + K_STAGES * Tr::K_BYTES + s * Tr::V_BYTES; };
   auto full_k = [&](int s) { return smem_addr(&barriers[s]); };
-  auto full_v = [&](int s) { return smem_addr(&barriers[STAGES + s]); };
-  auto empty_k = [&](int s) { return smem_addr(&barriers[2 * STAGES + s]); };
-  auto empty_v = [&](int s) { return smem_addr(&barriers[3 * STAGES + s]); };
-  auto full_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + s]); };
-  auto empty_q = [&](int s) { return smem_addr(&barriers[4 * STAGES + Q_STAGES + s]); };
+  auto empty_k = [&](int s) { return smem_addr(&barriers[K_STAGES + s]); };
+  auto full_v = [&](int s) { return smem_addr(&barriers[2 * K_STAGES + s]); };
+  auto empty_v = [&](int s) { return smem_addr(&barriers[2 * K_STAGES + V_STAGES + s]); };
+  auto full_q = [&](int s) { return smem_addr(&barriers[2 * (K_STAGES + V_STAGES) + s]); };
+  auto empty_q = [&](int s) {
+    return smem_addr(&barriers[2 * (K_STAGES + V_STAGES) + Q_STAGES + s]);
+  };
 
   // The warpgroup through a shuffle of lane 0: ptxas then keeps what derives from it (a
   // consumer's Q descriptors) in uniform registers instead of moving it there per wgmma.
@@ -188,11 +196,15 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const int group = a.nheads / a.nheads_kv;
 
   if (tid == 0) {
+    // Every empty barrier counts one arrival per consumer warp.
 #pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
+    for (int s = 0; s < K_STAGES; ++s) {
       sm90::mbar_init(full_k(s), 1);
+      sm90::mbar_init(empty_k(s), 4 * CONSUMERS);
+    }
+#pragma unroll
+    for (int s = 0; s < V_STAGES; ++s) {
       sm90::mbar_init(full_v(s), 1);
-      sm90::mbar_init(empty_k(s), 4 * CONSUMERS);  // one arrival per consumer warp
       sm90::mbar_init(empty_v(s), 4 * CONSUMERS);
     }
     for (int s = 0; s < Q_STAGES; ++s) {
@@ -210,7 +222,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int q_loads = 0;  // tiles handed to the consumers so far
       int* counter = p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
-      // consumers are then STAGES key blocks from its end): the atomic's latency passes
+      // consumers are then K_STAGES key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
       // tile only near the end of this one, as dynamic scheduling needs.
       int t = counter ? atomicAdd(counter, 1) : blockIdx.x, t_next = t;
@@ -236,7 +248,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             }
           }
         }
-        // The consumers read the index Q_STAGES tiles ago and ran their last S on its Q.
+        // The consumers read the index Q_STAGES tiles ago, ran their last S on its Q and,
+        // with O staged there, stored O from it.
         const int qs = q_loads % Q_STAGES;
         if (q_loads >= Q_STAGES) sm90::mbar_wait(empty_q(qs), (q_loads / Q_STAGES - 1) & 1);
         ++q_loads;
@@ -276,11 +289,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         // block before P V of this one.
         const int h_kv = tile.h / group;
         auto load = [&](bool value, int i) {
-          const int pos = g + i, s = pos % STAGES;
-          // Stage s was last filled STAGES blocks ago: wait until every consumer warp
+          const int pos = g + i, stages = value ? V_STAGES : K_STAGES, s = pos % stages;
+          // Stage s was last filled `stages` blocks ago: wait until every consumer warp
           // released it.
-          if (pos >= STAGES)
-            sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / STAGES - 1) & 1);
+          if (pos >= stages)
+            sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / stages - 1) & 1);
           const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
           const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
           const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
@@ -302,10 +315,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         g += n_blocks;
       }
       // Keep this thread until its last copies were consumed.
-      for (int j = max(g, STAGES); j < g + STAGES; ++j) {
-        sm90::mbar_wait(empty_k(j % STAGES), (j / STAGES - 1) & 1);
-        sm90::mbar_wait(empty_v(j % STAGES), (j / STAGES - 1) & 1);
-      }
+      for (int j = max(g, K_STAGES); j < g + K_STAGES; ++j)
+        sm90::mbar_wait(empty_k(j % K_STAGES), (j / K_STAGES - 1) & 1);
+      for (int j = max(g, V_STAGES); j < g + V_STAGES; ++j)
+        sm90::mbar_wait(empty_v(j % V_STAGES), (j / V_STAGES - 1) & 1);
       // The last CTA to finish (all others fetched their last index before counting
       // themselves done) leaves the counters at zero for the next launch.
       if (counter) {
@@ -333,6 +346,18 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       if constexpr (Tr::PINGPONG) sm90::named_barrier_arrive(1 + (consumer + 1) % CONSUMERS, 256);
     };
     if (consumer == CONSUMERS - 1) pass_turn();
+    // O staged in the Q buffer (STAGED_O) and stored by TMA: the buffer goes back to the
+    // producer (empty_q, for the Q of the tile after next) once the store has read it. The
+    // issuing thread waits for that under the next tile's first S, not after the store.
+    const bool issuer = tid % 128 == 0;
+    int o_pending = -1;  // the Q buffer of such a store, not yet released
+    auto release_o_buffer = [&] {
+      if (o_pending >= 0 && issuer) {
+        sm90::bulk_wait<0, true>();
+        sm90::mbar_arrive_count(empty_q(o_pending), 4);  // for the consumer's 4 warps
+      }
+      o_pending = -1;
+    };
 
     for (int q_loads = 0;; ++q_loads) {
       const int qs = q_loads % Q_STAGES;
@@ -353,7 +378,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
       __syncwarp();  // no key block: the index is read and Q not used, release at once
-      sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0);
+      sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0 && !Tr::STAGED_O);
       const uint32_t sQ_wg = sQ(qs) + consumer * 64 * 128;  // its 64 rows of each column block
       const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
       const int frag_row0 = wg_row0 + warp * 16 + lane / 4;    // this thread's first row
@@ -376,9 +401,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       float alpha[1][2];
       uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
       auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
-        const int pos = g + it, s = pos % STAGES;
+        const int pos = g + it, s = pos % V_STAGES;
         if constexpr (RESCALE_BEFORE_PV) softmax.rescale(acc_o, alpha);
-        sm90::mbar_wait(full_v(s), (pos / STAGES) & 1);
+        sm90::mbar_wait(full_v(s), (pos / V_STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
         const uint64_t dv = sm90::make_desc(sV(s), Tr::KV_BLOCK_BYTES);
@@ -392,13 +417,13 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
         __syncwarp();
-        sm90::mbar_arrive_if(empty_v((g + it) % STAGES), lane == 0);
+        sm90::mbar_arrive_if(empty_v((g + it) % V_STAGES), lane == 0);
       };
       // S = Q K^T of block it: HEAD_DIM / 16 k-steps, the first overwriting the accumulators.
       float sc[1][N_TILES][4];
       auto issue_s = [&](int it) {
-        const int pos = g + it, s = pos % STAGES;
-        sm90::mbar_wait(full_k(s), (pos / STAGES) & 1);
+        const int pos = g + it, s = pos % K_STAGES;
+        sm90::mbar_wait(full_k(s), (pos / K_STAGES) & 1);
         sm90::wgmma_fence();
         const uint64_t dq = sm90::make_desc(sQ_wg, 16), dk = sm90::make_desc(sK(s), 16);
 #pragma unroll
@@ -421,8 +446,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
-        sm90::mbar_arrive_if(empty_k((g + it) % STAGES), lane == 0);
-        sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1);
+        sm90::mbar_arrive_if(empty_k((g + it) % K_STAGES), lane == 0);
+        sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1 && !Tr::STAGED_O);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
         if (boundary)
@@ -450,6 +475,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         issue_s(0);
         pass_turn();
         sm90::wgmma_wait<0>();
+        release_o_buffer();
         scores(0);
         make_p();
       }
@@ -483,21 +509,21 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         // distinct banks. The tile is 1024-byte aligned, so the swizzle is an XOR on the
         // address of chunk 0 (rows r = 1 are 1024 bytes on), which the empty asm keeps from
         // being computed once for all tiles and held (spilled) across the persistent loop.
-        // Named barrier 4 + consumer: before the writes, this consumer's reads of its
-        // previous tile are done (by TMA: its issuing thread waited for them); after them,
-        // the tile is whole.
-        const uint32_t sO = base + Tr::RING_BYTES + consumer * (Tr::O_BYTES / CONSUMERS);
+        // Named barrier 4 + consumer: before the writes, every warp of this consumer is done
+        // with its S GEMMs, which read these rows; after them, the tile is whole. The
+        // consumer's rows of column block cb: sO + cb * Q_BLOCK_BYTES.
+        release_o_buffer();  // a tile without key blocks had no S to wait under
+        const uint32_t sO = sQ_wg;
         const int row0 = warp * 16 + lane / 4;
         uint32_t chunk0 = sO + row0 * 128 + ((row0 % 8) << 4) + 4 * (lane & 3);
         asm volatile("" : "+r"(chunk0));
-        const bool by_tma = !VARLEN && p.o_by_tma, issuer = tid % 128 == 0;
-        if (by_tma && issuer) sm90::bulk_wait<0, true>();
+        const bool by_tma = !VARLEN && p.o_by_tma;
         sm90::named_barrier(4 + consumer, 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
           for (int dt = 0; dt < D_TILES; ++dt)
-            sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * 64 * 128 + r * 1024,
+            sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * Tr::Q_BLOCK_BYTES + r * 1024,
                           dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]));
         if (by_tma) sm90::fence_proxy_async();  // the writes, before the TMA engine reads
         sm90::named_barrier(4 + consumer, 128);
@@ -505,9 +531,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           if (issuer) {
 #pragma unroll
             for (int cb = 0; cb < Tr::V_BLOCKS; ++cb)
-              sm90::tma_store_4d(&p.tma_o, sO + cb * 64 * 128, cb * 64, wg_row0, tile.h, seq.b);
+              sm90::tma_store_4d(&p.tma_o, sO + cb * Tr::Q_BLOCK_BYTES, cb * 64, wg_row0,
+                                 tile.h, seq.b);
             sm90::bulk_commit();
           }
+          o_pending = qs;
         } else {
           constexpr int CHUNKS = HEAD_DIM_V / 8;  // 16-byte chunks of a row
 #pragma unroll 1
@@ -515,8 +543,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
             if (i < seq.seqlen_q() && c * 8 < a.headdim)
               *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) = sm90::lds_u128(
-                  sO + (c / 8) * 64 * 128 + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+                  sO + (c / 8) * Tr::Q_BLOCK_BYTES + row * 128 + (((c % 8) ^ (row % 8)) << 4));
           }
+          __syncwarp();  // this warp's reads of the buffer are done
+          sm90::mbar_arrive_if(empty_q(qs), lane == 0);
         }
       }
 #pragma unroll
@@ -536,7 +566,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     }
     // The last tile's TMA stores read shared memory until here.
     if constexpr (Tr::STAGED_O && !VARLEN)
-      if (p.o_by_tma && tid % 128 == 0) sm90::bulk_wait<0, true>();
+      if (p.o_by_tma && issuer) sm90::bulk_wait<0, true>();
   }
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,12 +60,13 @@ class Sm90Tile:
 
 
 # flash_fwd_sm90: one producer and two or three consumer warpgroups of 64 rows
-# (FwdSm90Traits), STAGES-deep K and V rings, a persistent grid of one CTA per SM. A head
+# (FwdSm90Traits), K and V rings (SM90_V_STAGES of V; a third K stage where it fits beside
+# two Q tiles: sm90_layout), a persistent grid of one CTA per SM. A head
 # dim runs in the entry of its whole 64-column blocks (tiles.smem_cols: 32 and 40 in 64,
 # 96 in 128): TMA fills the columns past the head dim with zeros, which add nothing to
 # Q K^T, and the epilogue skips them. float32, and layouts a TMA map cannot describe, stay
 # on flash_fwd.
-SM90_STAGES = 2
+SM90_V_STAGES = 2
 # Below this many keys a large tile computes more padding (hd192's Bc 112 covers 1024 keys in
 # 1120, 11% more; Bc 96 in 1056, 3%) and has fewer tiles to spread over the SMs:
 # block_n_short and consumers_short serve them, and calls with softcap or ALiBi (whose
@@ -105,6 +107,27 @@ SM90_O_ROWS = 64
 _NO_MAP = bytes(_tma.MAP_BYTES)
 
 
+class Sm90Layout(NamedTuple):
+    k_stages: int
+    q_stages: int
+    staged_o: bool
+    smem: int
+
+
+@functools.cache
+def sm90_layout(hd: int, block_n: int, consumers: int) -> Sm90Layout:
+    """FwdSm90Traits' shared memory: a third K stage where it fits beside two Q tiles, two
+    Q tiles where they fit beside the rings, O staged in the Q tile where there are two and
+    two consumers; SMEM_BYTES with 1 KiB to align the tiles."""
+    limit = tiles.SHARED_LIMITS["sm_90"] - 1024
+    q_tile, kv_tile = 64 * consumers * hd * 2, block_n * hd * 2
+    v_ring = SM90_V_STAGES * kv_tile
+    k_stages = 3 if 2 * q_tile + 3 * kv_tile + v_ring <= limit else 2
+    q_stages = 2 if 2 * q_tile + k_stages * kv_tile + v_ring <= limit else 1
+    smem = q_stages * q_tile + k_stages * kv_tile + v_ring + 1024
+    return Sm90Layout(k_stages, q_stages, consumers == 2 and q_stages == 2, smem)
+
+
 @dataclass(frozen=True)
 class Config:
     """One forward kernel and its launch shape."""
@@ -115,7 +138,12 @@ class Config:
     shared_bytes: int
     block_n: int = 0  # Bc of the TMA boxes of K and V (flash_fwd_sm90 only)
     traits: str = ""  # the C++ traits whose SMEM_BYTES is shared_bytes (the compile check)
-    staged_o: bool = False  # O leaves through shared memory (FwdSm90Traits::STAGED_O)
+    sm90: Sm90Layout | None = None  # flash_fwd_sm90's rings and O staging
+
+    @property
+    def staged_o(self) -> bool:
+        """O leaves through shared memory (FwdSm90Traits::STAGED_O)."""
+        return self.sm90 is not None and self.sm90.staged_o
 
     @property
     def hopper(self) -> bool:
@@ -154,19 +182,12 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     short = seqlen_k < SM90_SHORT_KEYS
     bn = block_n or (t.block_n_short if opts or short else t.block_n)
     c = consumers or (t.consumers_short if opts or short else t.consumers)
-    block_m = 64 * c
-    # FwdSm90Traits::SMEM_BYTES: the K / V rings, O's staging tile where it fits beside
-    # them and one Q tile with two consumers (STAGED_O), a second Q tile where that fits
-    # too (Q_STAGES), 1 KiB to align the tiles.
-    limit = tiles.SHARED_LIMITS["sm_90"] - 1024
-    q_tile, kv, o_tile = block_m * hd * 2, 2 * SM90_STAGES * bn * hd * 2, block_m * hd * 2
-    o_stage = o_tile if c == 2 and q_tile + kv + o_tile <= limit else 0
-    q_stages = 2 if 2 * q_tile + kv + o_stage <= limit else 1
-    smem = q_stages * q_tile + kv + o_stage + 1024
+    layout = sm90_layout(hd, bn, c)
     name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
             f"{opts}{tiles.varlen_flag(varlen)}>")
-    return Config(SM90_FILE, name, block_m, 128 * (c + 1), smem, bn,
-                  f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>", o_stage > 0)
+    return Config(SM90_FILE, name, 64 * c, 128 * (c + 1), layout.smem, bn,
+                  f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>", layout)
+
 
 
 def choose(p: _core.Problem, arch: str) -> Config:
@@ -328,7 +349,9 @@ def facts():
             out += [(c.filename, f"{c.traits}::BLOCK_M", c.block_m),
                     (c.filename, f"{c.traits}::NUM_THREADS", c.num_threads),
                     (c.filename, f"{c.traits}::STAGED_O", int(c.staged_o)),
-                    (c.filename, f"{c.traits}::STAGES", SM90_STAGES)]
+                    (c.filename, f"{c.traits}::K_STAGES", c.sm90.k_stages),
+                    (c.filename, f"{c.traits}::Q_STAGES", c.sm90.q_stages),
+                    (c.filename, f"{c.traits}::V_STAGES", SM90_V_STAGES)]
     return out
 
 

@@ -56,6 +56,11 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// `count` arrivals at once (one thread standing for several).
+__device__ __forceinline__ void mbar_arrive_count(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(count)
+               : "memory");
+}
 // mbar_arrive where `pred` holds, predicated rather than branched around: no divergent
 // path between a wgmma and its wait (ptxas would serialize the wgmmas).
 __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
