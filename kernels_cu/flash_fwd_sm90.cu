@@ -222,7 +222,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int q_loads = 0;  // tiles handed to the consumers so far
       int* counter = p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
-      // consumers are then K_STAGES key blocks from its end): the atomic's latency passes
+      // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
       // tile only near the end of this one, as dynamic scheduling needs.
       int t = counter ? atomicAdd(counter, 1) : blockIdx.x, t_next = t;
@@ -348,7 +348,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     if (consumer == CONSUMERS - 1) pass_turn();
     // O staged in the Q buffer (STAGED_O) and stored by TMA: the buffer goes back to the
     // producer (empty_q, for the Q of the tile after next) once the store has read it. The
-    // issuing thread waits for that under the next tile's first S, not after the store.
+    // issuing thread waits for that after the next tile's first softmax (its S released
+    // first), not after the store.
     const bool issuer = tid % 128 == 0;
     int o_pending = -1;  // the Q buffer of such a store, not yet released
     auto release_o_buffer = [&] {
@@ -377,7 +378,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
       tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
-      __syncwarp();  // no key block: the index is read and Q not used, release at once
+      // No key block: the index is read and Q not used, release at once (with O staged
+      // there, once O has left it).
+      __syncwarp();
       sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0 && !Tr::STAGED_O);
       const uint32_t sQ_wg = sQ(qs) + consumer * 64 * 128;  // its 64 rows of each column block
       const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
@@ -475,8 +478,8 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         issue_s(0);
         pass_turn();
         sm90::wgmma_wait<0>();
-        release_o_buffer();
         scores(0);
+        release_o_buffer();
         make_p();
       }
       for (int it = 1; it < n_blocks; ++it) {
@@ -545,7 +548,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
               *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) = sm90::lds_u128(
                   sO + (c / 8) * Tr::Q_BLOCK_BYTES + row * 128 + (((c % 8) ^ (row % 8)) << 4));
           }
-          __syncwarp();  // this warp's reads of the buffer are done
+          // This warp's reads and writes of the buffer are done, before the TMA load of a
+          // later Q writes it.
+          sm90::fence_proxy_async();
+          __syncwarp();
           sm90::mbar_arrive_if(empty_q(qs), lane == 0);
         }
       }
