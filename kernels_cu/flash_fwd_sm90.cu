@@ -77,11 +77,11 @@ struct FwdSm90Traits {
   // + 1 KiB so that the tiles can start on a 1024-byte boundary (the swizzle pattern's
   // period), whatever the alignment of the dynamic shared-memory window.
   static constexpr int LIMIT = 227 * 1024 - 1024;
-  // A K stage is released once every consumer has its S of that block, and the refill is
-  // waited for by the first consumer's S of the block after next: with ping-pong, half an
-  // iteration ahead at two stages, which a TMA load from L2 does not always meet. A third
-  // K stage where it fits beside two Q tiles (head dims up to 128); V, waited for an
-  // iteration later (P V after the next S), keeps two.
+  // A K stage is released once every consumer has its S of that block; at two stages its
+  // refill (the block after next) is issued about 2.5 turns (one consumer's S and P V on
+  // the tensor cores) before the first consumer's S waits for it, ~1.4 us at hd128, which
+  // a first touch of that block in HBM can exceed (the measured K wait: forward.md v22). A
+  // third K stage where it fits beside two Q tiles (head dims up to 128); V keeps two.
   static constexpr int V_STAGES = 2;
   static constexpr int K_STAGES =
       2 * Q_BYTES + 3 * K_BYTES + V_STAGES * V_BYTES <= LIMIT ? 3 : 2;
