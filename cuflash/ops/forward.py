@@ -189,7 +189,6 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
                   f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>", layout)
 
 
-
 def choose(p: _core.Problem, arch: str) -> Config:
     """The forward kernel for a problem on a device of ``arch``: the Hopper kernel where it
     serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
