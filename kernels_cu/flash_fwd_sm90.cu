@@ -161,6 +161,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
   constexpr int K_STAGES = Tr::K_STAGES, V_STAGES = Tr::V_STAGES;
   constexpr int Br = Tr::BLOCK_M, Bc = BLOCK_N;
+  // Key blocks between a K or V load and the L2 prefetch issued with it: two iterations
+  // (~2 us at hd128) cover an HBM access.
+  constexpr int L2_AHEAD = 2;
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -286,8 +289,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
                             seq.q0 + tile.m_block * Br, tile.h, seq.b);
         // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
         // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
-        // block before P V of this one.
+        // block before P V of this one. With each load, the same tensor's block L2_AHEAD
+        // further on is fetched into L2, so that its load, issued when a stage frees, finds
+        // it there rather than in HBM (a tile's first touch of its K and V).
         const int h_kv = tile.h / group;
+        const int n_blocks = tile.n_blocks();
         auto load = [&](bool value, int i) {
           const int pos = g + i, stages = value ? V_STAGES : K_STAGES, s = pos % stages;
           // Stage s was last filled `stages` blocks ago: wait until every consumer warp
@@ -301,8 +307,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
             sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
                               seq.b);
+          if (i + L2_AHEAD < n_blocks)
+            for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
+              sm90::tma_prefetch_4d(map, cb * 64, n0 - L2_AHEAD * Bc, h_kv, seq.b);
         };
-        const int n_blocks = tile.n_blocks();
         load(false, 0);
         if (n_blocks == 1) fetch_next();
         for (int i = 0; i < n_blocks; ++i) {

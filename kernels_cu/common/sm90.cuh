@@ -127,6 +127,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
       : "memory");
 }
 
+// The box at coordinates (c0 .. c3) of a 4-D tensor map into the L2 cache, nothing into
+// shared memory: a later tma_load_4d of it then reads L2. Out-of-bounds parts are skipped.
+__device__ __forceinline__ void tma_prefetch_4d(const TmaMap* map, int c0, int c1, int c2,
+                                                int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+
 // Shared memory at `src` -> the box at coordinates (c0 .. c3) of a 4-D tensor map, in this
 // thread's bulk group (bulk_commit, bulk_wait). Out-of-bounds elements are not written.
 __device__ __forceinline__ void tma_store_4d(const TmaMap* map, uint32_t src, int c0, int c1,
