@@ -321,6 +321,16 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           load(true, i);
         }
         g += n_blocks;
+        // With one Q buffer the next tile's Q loads only once the consumers ran their last
+        // S on this one's: fetched into L2 now, about a key block earlier, that load reads
+        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top.)
+        if constexpr (Q_STAGES == 1 && !VARLEN)
+          if (t_next < num_tiles) {
+            const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs);
+#pragma unroll
+            for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
+          }
       }
       // Keep this thread until its last copies were consumed.
       for (int j = max(g, K_STAGES); j < g + K_STAGES; ++j)
