@@ -419,11 +419,20 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       // outside the turn; without (head dims over 128), just before that P V, under the S
       // GEMM just issued (measured +3-4% at hd256 16k, docs/notes/forward.md v8).
       constexpr bool RESCALE_BEFORE_PV = !Tr::PINGPONG;
+      // A row's max moves only when a block passes it by more than RESCALE_SLACK (base 2,
+      // FlashAttention-4's conditional rescaling; OnlineSoftmax::max_step): past a row's
+      // first blocks O is rarely rescaled, and a warp skips the multiplies where none of
+      // its rows moved (`grew`), as on the first block, whose O is still zero.
+      constexpr int RESCALE_SLACK = 8;
       float alpha[1][2];
+      bool grew = false;
+      auto rescale_o = [&] {
+        if (__any_sync(0xffffffffu, grew)) softmax.rescale(acc_o, alpha);
+      };
       uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
       auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
         const int pos = g + it, s = pos % V_STAGES;
-        if constexpr (RESCALE_BEFORE_PV) softmax.rescale(acc_o, alpha);
+        if constexpr (RESCALE_BEFORE_PV) rescale_o();
         sm90::mbar_wait(full_v(s), (pos / V_STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
@@ -475,7 +484,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           score_fragment<OPTS, true, TANH, true>(sc, frag_row0, col0, mod, mask);
         else if constexpr (OPTS != 0)
           score_fragment<OPTS, false, TANH>(sc, frag_row0, col0, mod, mask);
-        softmax.max_step(sc, factor, alpha);
+        grew = softmax.max_step<RESCALE_SLACK>(sc, factor, alpha) && it > 0;
         softmax.exp_step(sc, factor, alpha);
       };
       // Once the previous P V is done: P in 16 bits (k16 slice kk of S's C-fragments is the
@@ -488,7 +497,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
           pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
-        if constexpr (!RESCALE_BEFORE_PV) softmax.rescale(acc_o, alpha);
+        if constexpr (!RESCALE_BEFORE_PV) rescale_o();
       };
 
       if (n_blocks > 0) {  // the first block: nothing to overlap its softmax with yet

@@ -57,7 +57,11 @@ struct OnlineSoftmax {
   // Hopper forward rescales O around the P V that adds this tile's P). max_step folds
   // the tile's row maxima into m_i and gives each row's alpha = exp2(m_old - m_new); true
   // where some row of this thread got a new max.
-  template <int N_TILES>
+  // SLACK > 0: m_i moves only where the tile's max passes it by more than SLACK (base-2
+  // logits), so that after a row's first tiles its accumulator is rarely rescaled. m_i is
+  // then at most SLACK below the row's max: P = exp2(x - m_i) <= 2^SLACK, which float32
+  // sums and 16-bit P hold as exactly as P <= 1; out and lse are the same quotients.
+  template <int SLACK = 0, int N_TILES>
   __device__ __forceinline__ bool max_step(const float (&s)[M_TILES][N_TILES][4], float factor,
                                            float (&alpha)[M_TILES][2]) {
     bool grew = false;
@@ -69,7 +73,9 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int nt = 0; nt < N_TILES; ++nt)
           mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        const float m_new = fmaxf(m_i[mt][r], quad_max(mx) * factor);
+        const float tile_max = quad_max(mx) * factor;  // a NaN keeps m_i, as fmaxf does
+        const float m_new = SLACK == 0 ? fmaxf(m_i[mt][r], tile_max)
+                            : tile_max > m_i[mt][r] + SLACK ? tile_max : m_i[mt][r];
         alpha[mt][r] = fast_exp2(m_i[mt][r] - (m_new == neg_inf() ? 0.f : m_new));
         grew |= m_new != m_i[mt][r];
         m_i[mt][r] = m_new;
