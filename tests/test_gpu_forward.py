@@ -35,12 +35,15 @@ def _gpu_forward(q, k, v, **opts):
 
 
 def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="contiguous",
-          alibi=None, **opts):
+          alibi=None, ramp=False, **opts):
     """Run one forward on random data and apply the accuracy rule to out and lse.
 
     layout: "contiguous"; "qkv" (q, k, v slices of one packed tensor: strided rows);
     "bhsd" (arrays stored (batch, nheads, seqlen, headdim) and passed transposed).
     alibi: None, "heads" (slopes (nheads,)) or "batch" (slopes (batch, nheads)).
+    ramp: scores that rise toward the first keys, by 0 to ~25 (base 2) each 64 keys: the
+    kernels walk the keys from the last block down, so a row's max moves both by less and
+    by more than the slack within which the Hopper forward leaves O unscaled (2^8).
     """
     import cupy
     from cuflash import reference
@@ -63,6 +66,11 @@ def check(dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, layout="
         v = packed[:, :, nheads + nheads_kv:]
     else:
         q, k, v = draw(seqlen_q, nheads), draw(seqlen_k, nheads_kv), draw(seqlen_k, nheads_kv)
+    if ramp:
+        steps = np.resize([4.0, 17.0, 0.0, 35.0], (seqlen_k + 63) // 64)
+        rise = np.cumsum(steps[::-1])[::-1]  # the sum of the steps from each group on
+        q[..., 0] = 4
+        k[..., 0] = cupy.asarray(np.repeat(rise, 64)[:seqlen_k, None].astype(dtype))
     if alibi == "heads":
         opts["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.5, nheads).astype(np.float32))
     elif alibi == "batch":
@@ -117,6 +125,13 @@ def test_seqlens(seqlen_q, seqlen_k, causal):
         "softcap-saturated", "softcap-small-arguments"])
 def test_features(dtype, opts):
     check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_rising_maxima(dtype, headdim):
+    check(dtype, 1, 203, 1025, 2, 1, headdim, ramp=True)
+    check(dtype, 1, 1025, 1025, 2, 2, headdim, ramp=True, causal=True)
 
 
 @pytest.mark.parametrize("ratio", [1, 4, 8])
