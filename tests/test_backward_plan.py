@@ -13,16 +13,19 @@ from cuflash.ops import backward, tiles
 from test_forward_plan import _problem
 
 
-def test_sections_hold_the_q_do_and_dq_accumulators_that_fit_in_l2():
-    # 4k queries at head dim 128: Q and dO (2 x 1 MiB) and dQ in float32 (2 MiB) a head.
-    assert backward._section(_problem(4096, 16, 16, 128, batch=4)) == 8
-    assert backward._section(_problem(16384, 16, 16, 128)) == 2
+def test_sections_hold_the_q_do_and_dq_accumulators_that_fit_in_l2_and_one_wave_takes():
+    # 4k queries at head dim 128: Q and dO (2 x 1 MiB) and dQ in float32 (2 MiB) a head,
+    # 8 in 32 MiB; with 4 key blocks a pair (512 keys) a wave of 132 CTAs would take 33.
+    assert backward._section(_problem(4096, 16, 16, 128, batch=4), 4, 132) == 8
     # GQA: a pair is a kv head with its four query heads.
-    assert backward._section(_problem(4096, 16, 4, 128, batch=4)) == 2
+    assert backward._section(_problem(4096, 16, 4, 128, batch=4), 4, 132) == 2
+    # 32 key blocks a pair (4k keys): a wave takes 4 pairs; 128 (16k): one.
+    assert backward._section(_problem(4096, 16, 16, 128, batch=4), 32, 132) == 4
+    assert backward._section(_problem(16384, 16, 16, 128), 128, 132) == 1
     # Never more than there are pairs, at least one, one for varlen.
-    assert backward._section(_problem(128, 2, 2, 64)) == 2
-    assert backward._section(_problem(2**20, 4, 4, 256)) == 1
-    assert backward._section(_problem(4096, 16, 16, 128, batch=4, varlen=True)) == 1
+    assert backward._section(_problem(128, 2, 2, 64), 1, 132) == 2
+    assert backward._section(_problem(2**20, 4, 4, 256), 4, 132) == 1
+    assert backward._section(_problem(4096, 16, 16, 128, batch=4, varlen=True), 4, 132) == 1
 
 
 def _cta_order(blocks, batch, heads_kv, section, descending):

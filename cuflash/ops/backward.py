@@ -387,12 +387,13 @@ class Plan:
         self.delta_offset, self.accum_offset = scratch.delta, scratch.accum
         self.semaphore_offset, self.scratch_bytes = scratch.semaphore, scratch.total
         self.semaphore_bytes = scratch.total - scratch.semaphore
+        hopper = next((s for s in steps if s.block_r), None)
+        section = (_section(p, -(-p.seqlen_k // hopper.block_o), _core.num_sms(p.device_id))
+                   if hopper else 1)
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
-                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0,
-                  _section(p))
-        hopper = next((s for s in steps if s.block_r), None)
+                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0, section)
         self.record = _core.Record(PARAMS, record, _ADDRESSES,
                                    second=SM90_MAPS.itemsize if hopper else 0)
         # The Hopper kernels' maps of q and dout, for dense calls whose layouts TMA
@@ -439,16 +440,19 @@ class Plan:
         return _MAPS_OFF if found is None else found
 
 
-def _section(p: _core.Problem) -> int:
+def _section(p: _core.Problem, key_blocks: int, ctas: int) -> int:
     """The (item, kv head) pairs of a section of the Hopper backward's CTA order (every
     pair's first key block, then every pair's second, ...): as many as share
-    tiles.SM90_L2_BYTES of Q, dO and the float32 dQ accumulators of their query heads; one
-    for varlen (items of unequal lengths)."""
+    tiles.SM90_L2_BYTES of Q, dO and the float32 dQ accumulators of their query heads, and
+    no more than a wave of ``ctas`` CTAs takes (``key_blocks`` a pair), so that the CTAs
+    that read a pair's Q and dO run together (the forward's sections say why: ops/forward.py
+    _section); one for varlen (items of unequal lengths)."""
     if p.varlen:
         return 1
     group = p.nheads // p.nheads_kv
     pair = max(1, group * p.seqlen_q * (2 * p.dtype.itemsize + 4) * p.headdim)
-    return max(1, min(p.batch * p.nheads_kv, tiles.SM90_L2_BYTES // pair))
+    fit, wave = tiles.SM90_L2_BYTES // pair, ctas // key_blocks
+    return max(1, min(p.batch * p.nheads_kv, fit, wave))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -215,11 +215,12 @@ class Plan:
         self.maps, self.o_maps, int_fields = maps, None, ()
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
-            record = (blank, blank, blank, blank, fwd, 0, grid[0], _section(p), 0)
+            ctas = min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id))
+            record = (blank, blank, blank, blank, fwd, 0, grid[0], _section(p, grid[0], ctas),
+                      0)
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             int_fields = ("o_by_tma",)
-            grid, dtype = (min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id)),), \
-                SM90_PARAMS
+            grid, dtype = (ctas,), SM90_PARAMS
             if config.staged_o and not p.varlen:
                 o_maker = _tma.MapMaker(p.dtype, _shape(p, p.total_q, p.nheads), out_strides,
                                         SM90_O_ROWS)
@@ -250,16 +251,22 @@ class Plan:
         return True
 
 
-def _section(p: _core.Problem) -> int:
+def _section(p: _core.Problem, m_blocks: int, ctas: int) -> int:
     """The (head, item) pairs of a section of the Hopper forward's tile order (heaviest
     query blocks of all the section's pairs first): as many as share tiles.SM90_L2_BYTES of
-    K and V (heads of one GQA group share theirs); one for varlen, whose tile skipping walks
-    one pair's query blocks at a time."""
+    K and V (heads of one GQA group share theirs), and no more than the ``ctas`` CTAs take
+    in about one wave of tiles (``m_blocks`` a pair), so that the tiles that read a pair's K
+    and V run together and read them from HBM once rather than again a wave later, after
+    the section's other K and V and the Q and O streaming past have evicted them (at 1k
+    keys, hd128, sections of 64 pairs read 2.4x the minimum from HBM, hitting L2 at 39%:
+    docs/notes/forward.md v25). One for varlen, whose tile skipping walks one pair's query
+    blocks at a time."""
     if p.varlen:
         return 1
     kv_head = max(1, 2 * p.seqlen_k * p.headdim * p.dtype.itemsize)
     group = p.nheads // p.nheads_kv
-    return max(1, min(p.nheads * p.batch, tiles.SM90_L2_BYTES // kv_head * group))
+    fit, wave = tiles.SM90_L2_BYTES // kv_head * group, ctas // m_blocks
+    return max(1, min(p.nheads * p.batch, fit, wave))
 
 
 def _map_makers(p: _core.Problem, config: Config) -> tuple:
