@@ -22,6 +22,9 @@ def test_sections_hold_the_q_do_and_dq_accumulators_that_fit_in_l2_and_one_wave_
     # 32 key blocks a pair (4k keys): a wave takes 4 pairs; 128 (16k): one.
     assert backward._section(_problem(4096, 16, 16, 128, batch=4), 32, 132) == 4
     assert backward._section(_problem(16384, 16, 16, 128), 128, 132) == 1
+    # Under a window (causal too) the wave does not bound them.
+    causal = dataclasses.replace(_problem(4096, 16, 16, 128, batch=4), window_right=0)
+    assert backward._section(causal, 32, 132) == 8
     # Never more than there are pairs, at least one, one for varlen.
     assert backward._section(_problem(128, 2, 2, 64), 1, 132) == 2
     assert backward._section(_problem(2**20, 4, 4, 256), 4, 132) == 1

@@ -30,6 +30,9 @@ def test_sections_hold_what_fits_in_l2_and_one_wave_takes():
     assert forward._section(_problem(65536, 8, 8, 256), 4, 132) == 1
     assert forward._section(_problem(16384, 16, 16, 128), 128, 132) == 1
     assert forward._section(_problem(16384, 16, 16, 128), 256, 132) == 1
+    # Under a window (causal too) tiles differ, and large sections keep the end light.
+    causal = dataclasses.replace(_problem(1024, 16, 16, 128, batch=16), window_right=0)
+    assert forward._section(causal, 8, 132) == 64
     # Varlen skips tiles along one pair's query blocks: sections of one pair.
     assert forward._section(dataclasses.replace(_problem(16384, 16, 16, 128),
                                                 varlen=True), 8, 132) == 1
