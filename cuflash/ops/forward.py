@@ -255,7 +255,7 @@ def _section(p: _core.Problem, m_blocks: int, ctas: int) -> int:
     """The (head, item) pairs of a section of the Hopper forward's tile order (heaviest
     query blocks of all the section's pairs first): as many as share tiles.SM90_L2_BYTES of
     K and V (heads of one GQA group share theirs). Where a pair's tiles cost the same (no
-    window, causal or not), also no more than the ``ctas`` CTAs take in one wave of tiles
+    window; a causal mask is one), also no more than the ``ctas`` CTAs take in one wave of tiles
     (``m_blocks`` a pair), so that the tiles that read a pair's K and V run together and
     read them from HBM once rather than again a wave later, after the section's other K and
     V and the Q and O streaming past have evicted them (at 1k keys, hd128, sections of 64
