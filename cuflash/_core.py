@@ -104,6 +104,11 @@ class Problem:
         return score_opts(self.softcap > 0, self.alibi_batch_stride is not None)
 
     @property
+    def windowed(self) -> bool:
+        """A window on either side (a causal mask is one): tiles differ in their keys."""
+        return self.window_left >= 0 or self.window_right >= 0
+
+    @property
     def fast_tanh(self) -> bool:
         """Whether the Hopper kernels' soft-cap (scaled_tanh in fp16, MUFU.TANH in bf16) is
         exact enough for this soft-cap (FAST_TANH_MAX_SOFTCAP)."""

@@ -227,7 +227,8 @@ __device__ __forceinline__ void zero_invisible(const Mask& mask, float* x, int q
                                                int krow, int qd) {
   int lo[2], hi[2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) mask.rows_of_key(krow + 8 * hh, q_first + 2 * qd, lo[hh], hi[hh]);
+  for (int hh = 0; hh < 2; ++hh)
+    mask.rows_of_key(krow + 8 * hh, q_first + 2 * qd, lo[hh], hi[hh]);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const int r = 8 * (i / 4) + (i & 1), hh = (i / 2) & 1;
@@ -825,7 +826,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
                   const int r = 8 * t + (i & 1), hh = (i >> 1) & 1;
                   float pd;
                   float p = grad.template prob_softcap<OPTS, TANH>(s[sb][i], query, key,
-                                                              (i & 1) ? l2.y : l2.x, pd);
+                                                                   (i & 1) ? l2.y : l2.x, pd);
                   if (masked && (r < lo[hh] || r > hi[hh])) p = pd = 0.f;
                   s[sb][i] = pd;
                   if (i & 1)

@@ -426,13 +426,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       constexpr int RESCALE_SLACK = 8;
       float alpha[1][2];
       bool grew = false;
-      auto rescale_o = [&] {
-        if (__any_sync(0xffffffffu, grew)) softmax.rescale(acc_o, alpha);
-      };
       uint32_t pf[Bc / 16][4];  // P of the last block whose softmax is done, 16 bits
       auto issue_pv = [&](int it) {  // O = O * alpha + P V of block it
         const int pos = g + it, s = pos % V_STAGES;
-        if constexpr (RESCALE_BEFORE_PV) rescale_o();
+        if constexpr (RESCALE_BEFORE_PV) softmax.rescale_if(acc_o, alpha, grew);
         sm90::mbar_wait(full_v(s), (pos / V_STAGES) & 1);
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::wgmma_fence();
@@ -497,7 +494,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           pf[kk][2] = dtype_traits<T>::pack(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
           pf[kk][3] = dtype_traits<T>::pack(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
-        if constexpr (!RESCALE_BEFORE_PV) rescale_o();
+        if constexpr (!RESCALE_BEFORE_PV) softmax.rescale_if(acc_o, alpha, grew);
       };
 
       if (n_blocks > 0) {  // the first block: nothing to overlap its softmax with yet

@@ -442,18 +442,15 @@ class Plan:
 
 def _section(p: _core.Problem, key_blocks: int, ctas: int) -> int:
     """The (item, kv head) pairs of a section of the Hopper backward's CTA order (every
-    pair's first key block, then every pair's second, ...): as many as share
-    tiles.SM90_L2_BYTES of Q, dO and the float32 dQ accumulators of their query heads, and
-    without a window no more than a wave of ``ctas`` CTAs takes (``key_blocks`` a pair), so
-    that the CTAs that read a pair's Q and dO run together (the forward's sections say why:
-    ops/forward.py _section); one for varlen (items of unequal lengths)."""
+    pair's first key block, then every pair's second, ...; tiles.sm90_section): their Q, dO
+    and float32 dQ accumulators of its query heads in tiles.SM90_L2_BYTES, ``key_blocks``
+    CTAs a pair on ``ctas`` SMs; one for varlen (items of unequal lengths)."""
     if p.varlen:
         return 1
     group = p.nheads // p.nheads_kv
     pair = max(1, group * p.seqlen_q * (2 * p.dtype.itemsize + 4) * p.headdim)
-    pairs, fit = p.batch * p.nheads_kv, tiles.SM90_L2_BYTES // pair
-    wave = ctas // key_blocks if p.window_left < 0 and p.window_right < 0 else pairs
-    return max(1, min(pairs, fit, wave))
+    return tiles.sm90_section(p.batch * p.nheads_kv, tiles.SM90_L2_BYTES // pair, key_blocks,
+                              ctas, p.windowed)
 
 
 @functools.lru_cache(maxsize=1024)

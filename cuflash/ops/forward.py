@@ -253,22 +253,16 @@ class Plan:
 
 def _section(p: _core.Problem, m_blocks: int, ctas: int) -> int:
     """The (head, item) pairs of a section of the Hopper forward's tile order (heaviest
-    query blocks of all the section's pairs first): as many as share tiles.SM90_L2_BYTES of
-    K and V (heads of one GQA group share theirs). Where a pair's tiles cost the same (no
-    window; a causal mask is one), also no more than the ``ctas`` CTAs take in one wave of tiles
-    (``m_blocks`` a pair), so that the tiles that read a pair's K and V run together and
-    read them from HBM once rather than again a wave later, after the section's other K and
-    V and the Q and O streaming past have evicted them (at 1k keys, hd128, sections of 64
-    pairs read K and V from HBM four times: docs/notes/forward.md v25); under a window the
-    heaviest tiles of large sections keep the launch's end light. One for varlen, whose
-    tile skipping walks one pair's query blocks at a time."""
+    query blocks of all the section's pairs first; tiles.sm90_section): their K and V in
+    tiles.SM90_L2_BYTES (heads of one GQA group share theirs), ``m_blocks`` tiles a pair on
+    ``ctas`` CTAs. One for varlen, whose tile skipping walks one pair's query blocks at a
+    time."""
     if p.varlen:
         return 1
     kv_head = max(1, 2 * p.seqlen_k * p.headdim * p.dtype.itemsize)
     group = p.nheads // p.nheads_kv
-    pairs, fit = p.nheads * p.batch, tiles.SM90_L2_BYTES // kv_head * group
-    wave = ctas // m_blocks if p.window_left < 0 and p.window_right < 0 else pairs
-    return max(1, min(pairs, fit, wave))
+    return tiles.sm90_section(p.nheads * p.batch, tiles.SM90_L2_BYTES // kv_head * group,
+                              m_blocks, ctas, p.windowed)
 
 
 def _map_makers(p: _core.Problem, config: Config) -> tuple:

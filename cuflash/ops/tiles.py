@@ -18,6 +18,17 @@ HEADDIMS = (32, 64, 96, 128, 192, 256)
 SM90_L2_BYTES = 32 * 2**20
 
 
+def sm90_section(pairs: int, fit: int, blocks: int, ctas: int, windowed: bool) -> int:
+    """The pairs of one section: at most the ``fit`` whose operands share SM90_L2_BYTES,
+    and where a pair's ``blocks`` tiles (forward) or CTAs (backward) all cost the same (no
+    window; a causal mask is one), at most those one wave of ``ctas`` takes, so that a
+    pair's blocks run together and read its operands from HBM once rather than again a
+    wave later, after the section's other operands have evicted them (at 1k keys, hd128,
+    sections of 64 pairs read K and V from HBM four times: docs/notes/forward.md v25).
+    Under a window the heaviest blocks of large sections keep the launch's end light."""
+    return max(1, min(pairs, fit, pairs if windowed else ctas // blocks))
+
+
 def padded_headdim(headdim: int) -> int:
     return next(d for d in HEADDIMS if d >= headdim)
 

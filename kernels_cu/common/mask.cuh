@@ -265,7 +265,7 @@ __device__ __forceinline__ void score_fragment(float (&s)[M_TILES][N_TILES][4], 
         const int c = nt * 8 + (e & 1), half = e >> 1;  // key col0 + c, row row0 + 8 half
         if constexpr (OPTS != 0)
           s[mt][nt][e] = mod.logit<OPTS, TANH>(s[mt][nt][e],
-                                                     dist0[mt][half] - static_cast<float>(c));
+                                               dist0[mt][half] - static_cast<float>(c));
         if constexpr (MASK) {
           const bool visible = KEY_BOUNDS ? (c >= lo[mt][half]) & (c <= hi[mt][half])
                                           : mask.visible(row0 + mt * 16 + half * 8, col0 + c);

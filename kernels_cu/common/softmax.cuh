@@ -50,7 +50,10 @@ struct OnlineSoftmax {
     float alpha[M_TILES][2];
     const bool grew = max_step(s, factor, alpha);
     exp_step(s, factor, alpha);
-    if (!LAZY_RESCALE || __any_sync(0xffffffffu, grew)) rescale(acc_o, alpha);
+    if constexpr (LAZY_RESCALE)
+      rescale_if(acc_o, alpha, grew);
+    else
+      rescale(acc_o, alpha);
   }
 
   // update() in its three parts, for a kernel that interleaves them with its GEMMs (the
@@ -104,6 +107,15 @@ struct OnlineSoftmax {
           }
         l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + sum;
       }
+  }
+
+  // rescale() where `grew` holds in some lane of the warp (a uniform branch; every lane
+  // calls it): elsewhere every alpha is 1, or 0 on a row whose accumulator is still empty.
+  template <int D_TILES>
+  __device__ __forceinline__ static void rescale_if(float (&acc_o)[M_TILES][D_TILES][4],
+                                                    const float (&alpha)[M_TILES][2],
+                                                    bool grew) {
+    if (__any_sync(0xffffffffu, grew)) rescale(acc_o, alpha);
   }
 
   // The accumulator's rows times their alpha.
