@@ -45,21 +45,22 @@ namespace cuflash {
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
 // exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...);
-// m_blocks, the query blocks per head and item, ceil(seqlen_q / Br); section, the (head,
-// item) pairs of a section of the tile order (FwdTile); and o_by_tma, whether tma_o holds
-// a map (dense calls with a staged O tile, where the driver encoded one; else O leaves by
-// 16-byte stores). Varlen: the maps view q, k, v as (headdim, total, heads, 1), m_blocks is
-// that of the longest item, and section is 1.
+// m_blocks, the query blocks per head and item, ceil(seqlen_q / Br); tiles, m_blocks x
+// heads x items; section, the (head, item) pairs of a section of the tile order (FwdTile);
+// and o_by_tma, whether tma_o holds a map (dense calls with a staged O tile, where the
+// driver encoded one; else O leaves by 16-byte stores). Varlen: the maps view q, k, v as
+// (headdim, total, heads, 1), m_blocks is that of the longest item, and section is 1.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v, tma_o;
   FwdParams fwd;
   int* tile_counter;
   int m_blocks;
+  int tiles;
   int section;
   int o_by_tma;
 };
 static_assert(sizeof(FwdSm90Params) ==
-                  (4 * 128 + sizeof(FwdParams) + sizeof(int*) + 3 * sizeof(int) + 63) / 64 * 64,
+                  (4 * 128 + sizeof(FwdParams) + sizeof(int*) + 4 * sizeof(int) + 63) / 64 * 64,
               "SM90_PARAMS (cuflash/ops/forward.py) assumes fwd at byte 512, no other padding");
 
 // HEAD_DIM is that of Q and K (S = Q K^T), HEAD_DIM_V that of V and O (O = P V).
@@ -161,9 +162,6 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
   constexpr int K_STAGES = Tr::K_STAGES, V_STAGES = Tr::V_STAGES;
   constexpr int Br = Tr::BLOCK_M, Bc = BLOCK_N;
-  // Key blocks between a K or V load and the L2 prefetch issued with it: two iterations
-  // (~2 us at hd128) cover an HBM access.
-  constexpr int L2_AHEAD = 2;
   const AttnArgs& a = p.fwd.attn;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -195,7 +193,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const int pairs = a.nheads * a.batch;  // (head, batch item) pairs
   // Varlen's tile skipping walks one pair's query blocks at a time: sections of one pair.
   const int section = VARLEN ? 1 : p.section;
-  const int num_tiles = num_m_blocks * pairs;
+  const int num_tiles = p.tiles;  // read from the parameter bank, not kept in a register
   const int group = a.nheads / a.nheads_kv;
 
   if (tid == 0) {
@@ -289,9 +287,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
                             seq.q0 + tile.m_block * Br, tile.h, seq.b);
         // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
         // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
-        // block before P V of this one. With each load, the same tensor's block L2_AHEAD
-        // further on is fetched into L2, so that its load, issued when a stage frees, finds
-        // it there rather than in HBM (a tile's first touch of its K and V).
+        // block before P V of this one.
         const int h_kv = tile.h / group;
         const int n_blocks = tile.n_blocks();
         auto load = [&](bool value, int i) {
@@ -307,9 +303,6 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
             sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
                               seq.b);
-          if (i + L2_AHEAD < n_blocks)
-            for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
-              sm90::tma_prefetch_4d(map, cb * 64, n0 - L2_AHEAD * Bc, h_kv, seq.b);
         };
         load(false, 0);
         if (n_blocks == 1) fetch_next();

@@ -95,13 +95,14 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
-# two counters, the query blocks per (head, item), the (head, item) pairs of a section of
-# its tile order, whether tma_o holds a map; padded to its 64-byte alignment.
+# two counters, the query blocks per (head, item), the tiles of the grid, the (head, item)
+# pairs of a section of its tile order, whether tma_o holds a map; padded to its 64-byte
+# alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
     ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("tma_o", _MAP), ("fwd", PARAMS),
-    ("tile_counter", np.uint64), ("m_blocks", np.int32), ("section", np.int32),
-    ("o_by_tma", np.int32)], align=True), 64)
+    ("tile_counter", np.uint64), ("m_blocks", np.int32), ("tiles", np.int32),
+    ("section", np.int32), ("o_by_tma", np.int32)], align=True), 64)
 # The rows of the O map's box: one consumer warpgroup's staged tile.
 SM90_O_ROWS = 64
 _NO_MAP = bytes(_tma.MAP_BYTES)
@@ -216,8 +217,8 @@ class Plan:
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
             ctas = min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id))
-            record = (blank, blank, blank, blank, fwd, 0, grid[0], _section(p, grid[0], ctas),
-                      0)
+            record = (blank, blank, blank, blank, fwd, 0, grid[0], grid[0] * grid[1] * grid[2],
+                      _section(p, grid[0], ctas), 0)
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             int_fields = ("o_by_tma",)
             grid, dtype = (ctas,), SM90_PARAMS
