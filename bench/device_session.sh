@@ -18,8 +18,10 @@
 #   host      bench/host.py: host time per call against torch SDPA and JAX cuDNN          ~2
 #   sweep     bench/sweep.py, bf16 then fp16, fwd and bwd, head dims 64/128/256 at
 #             1k/4k/16k, against torch SDPA (cuDNN, FA2), JAX cuDNN and FA3 (the wheel in
-#             .whl/); $SWEEP_IMPLS narrows the implementations; stopped before the
-#             call's end (it writes its tables after every row)                        <=9
+#             .whl/); $SWEEP_IMPLS, $SWEEP_DTYPES and $SWEEP_HEADDIMS narrow the
+#             implementations, dtypes and head dims (the rows of interest when device
+#             time is short); stopped before the call's end (it writes its tables after
+#             every row)                                                                <=9
 #   options   bench/sweep.py, cuflash's backward alone against its variants (deterministic,
 #             soft-cap, ALiBi: issue 14's bars 0.85x / 0.9x / 0.9x of the plain call), bf16
 #             and fp16, head dims 64/128/256 at 4k/16k, causal and not                  ~4
@@ -175,8 +177,8 @@ stage_host() {
 stage_sweep() {
     precompile sweep
     run $(($(left) - 5)) "$OUT/sweep.log" python3 bench/sweep.py --out "$OUT/sweep" \
-        --dtypes bf16,fp16 ${SWEEP_IMPLS:+--impls "$SWEEP_IMPLS"} \
-        --stop-after $(($(left) - 60))
+        --dtypes "${SWEEP_DTYPES:-bf16,fp16}" ${SWEEP_IMPLS:+--impls "$SWEEP_IMPLS"} \
+        ${SWEEP_HEADDIMS:+--headdims "$SWEEP_HEADDIMS"} --stop-after $(($(left) - 60))
     summary sweep "$(grep -cE '^\[ *[0-9]+/' "$OUT/sweep.log") rows; $(grep -E \
         '^- (fwd|bwd|fwdbwd) ' "$OUT/sweep/sweep.md" 2>/dev/null | tr '\n' ' ')"
 }
