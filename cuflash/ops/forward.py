@@ -216,8 +216,9 @@ class Plan:
         self.maps, self.o_maps, int_fields = maps, None, ()
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
-            ctas = min(grid[0] * grid[1] * grid[2], _core.num_sms(p.device_id))
-            record = (blank, blank, blank, blank, fwd, 0, grid[0], grid[0] * grid[1] * grid[2],
+            num_tiles = grid[0] * grid[1] * grid[2]
+            ctas = min(num_tiles, _core.num_sms(p.device_id))
+            record = (blank, blank, blank, blank, fwd, 0, grid[0], num_tiles,
                       _section(p, grid[0], ctas), 0)
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             int_fields = ("o_by_tma",)

@@ -43,8 +43,7 @@ struct Mask {
 
   // The rows that see key j, relative to row i0: i0 + lo <= i <= i0 + hi (none when lo >
   // hi), for rows within 2^30 of i0. A kernel that holds one key across many rows then
-  // tests visibility by two compares against constants.
-  // (keys_of_row is the same for one row across many keys.)
+  // tests visibility by two compares against constants (keys_of_row: a row's keys).
   __device__ __forceinline__ void rows_of_key(int j, int i0, int& lo, int& hi) const {
     lo = j >= seqlen_k ? 1 << 30 : right < 0 ? -(1 << 30) : j - diag - right - i0;
     hi = left < 0 ? 1 << 30 : j - diag + left - i0;
@@ -112,11 +111,9 @@ constexpr int OPTS_SOFTCAP = 1, OPTS_ALIBI = 2, OPTS_RUNTIME = 4;
 // bfloat16, whose own rounding (2^-8) hides its error, scaled_tanh for float16 (2^-11: it
 // would not) and for OPTS_RUNTIME (the backward's hd128 instantiation spilled with it).
 constexpr int TANH_EXACT = 0, TANH_EX2_RCP = 1, TANH_MUFU = 2;
-template <typename T> constexpr bool is_bfloat16 = false;
-template <> constexpr bool is_bfloat16<__nv_bfloat16> = true;
 template <typename T, int OPTS>
 __host__ __device__ constexpr int tanh_form() {
-  return is_bfloat16<T> && OPTS != OPTS_RUNTIME ? TANH_MUFU : TANH_EX2_RCP;
+  return dtype_traits<T>::BFLOAT16 && OPTS != OPTS_RUNTIME ? TANH_MUFU : TANH_EX2_RCP;
 }
 
 // Whether OPTS may subtract ALiBi's bias (OPTS_RUNTIME: where the call has slopes).

@@ -19,6 +19,7 @@ using int64 = long long;
 template <typename T> struct dtype_traits;
 template <> struct dtype_traits<__half> {
   using pair = __half2;
+  static constexpr bool BFLOAT16 = false;
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -28,6 +29,7 @@ template <> struct dtype_traits<__half> {
 };
 template <> struct dtype_traits<__nv_bfloat16> {
   using pair = __nv_bfloat162;
+  static constexpr bool BFLOAT16 = true;
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
