@@ -124,6 +124,7 @@ struct FwdSm90Traits {
 // this is the order of a non-persistent grid (query blocks fastest, last-first).
 struct FwdTile {
   int m_block, h, b, n_block_min, n_block_max;
+  static constexpr int INTS = 5;  // what write() stores
   __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads, int section,
                                      int pairs) {
     const int first = t / (num_m_blocks * section) * section;  // the section's first pair
@@ -144,6 +145,17 @@ struct FwdTile {
     n_block_max = key_end > key_begin ? (key_end + Bc - 1) / Bc : n_block_min;
   }
   __device__ __forceinline__ int n_blocks() const { return n_block_max - n_block_min; }
+  // The producer decodes a tile (integer divisions, set_keys) and hands it over in shared
+  // memory, so that the consumers' tile starts wait for a few loads, not for that chain.
+  __device__ __forceinline__ void write(int* s) const {
+    s[0] = m_block;
+    s[1] = h;
+    s[2] = b;
+    s[3] = n_block_min;
+    s[4] = n_block_max;
+  }
+  __device__ __forceinline__ explicit FwdTile(const volatile int* s)
+      : m_block(s[0]), h(s[1]), b(s[2]), n_block_min(s[3]), n_block_max(s[4]) {}
 };
 
 // Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
@@ -168,9 +180,11 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   constexpr int Q_STAGES = Tr::Q_STAGES;
   // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage.
   __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)];
-  // Per Q stage: the tile of its current full_q phase; varlen: and its item's q0, k0,
-  // len_q, len_k.
-  __shared__ int tile_slot[Q_STAGES][VARLEN ? 5 : 1];
+  // Per Q stage, for its current full_q phase: the tile's index (SLOT_T, past the last:
+  // stop), the tile (FwdTile::write, from SLOT_TILE) and, varlen, its item's q0, k0, len_q,
+  // len_k (from SLOT_ITEM).
+  constexpr int SLOT_T = 0, SLOT_TILE = 1, SLOT_ITEM = SLOT_TILE + FwdTile::INTS;
+  __shared__ int tile_slot[Q_STAGES][SLOT_ITEM + (VARLEN ? 4 : 0)];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   auto sQ = [&](int s) { return base + s * Tr::Q_BYTES; };
   const uint32_t kv = base + Q_STAGES * Tr::Q_BYTES;
@@ -255,7 +269,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         if (q_loads >= Q_STAGES) sm90::mbar_wait(empty_q(qs), (q_loads / Q_STAGES - 1) & 1);
         ++q_loads;
         int* const slot = tile_slot[qs];
-        slot[0] = t;
+        slot[SLOT_T] = t;
         if (t >= num_tiles) {
           sm90::mbar_arrive(full_q(qs));  // stop
           break;
@@ -268,13 +282,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             return SeqView<false>(a, tile.b);
         }();
         if constexpr (VARLEN) {
-          slot[1] = seq.q0;
-          slot[2] = seq.k0;
-          slot[3] = seq.len_q;
-          slot[4] = seq.len_k;
+          slot[SLOT_ITEM] = seq.q0;
+          slot[SLOT_ITEM + 1] = seq.k0;
+          slot[SLOT_ITEM + 2] = seq.len_q;
+          slot[SLOT_ITEM + 3] = seq.len_k;
         }
         const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
         tile.set_keys(Br, Bc, seq, mask);
+        tile.write(slot + SLOT_TILE);
         if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
           sm90::mbar_arrive(full_q(qs));
           fetch_next();
@@ -374,20 +389,19 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     for (int q_loads = 0;; ++q_loads) {
       const int qs = q_loads % Q_STAGES;
       sm90::mbar_wait(full_q(qs), (q_loads / Q_STAGES) & 1);
+      // The producer's tile and view of the item, read before this warp releases Q
+      // (empty_q), after which the producer may overwrite the slot with the next tile's.
       const volatile int* slot = tile_slot[qs];
-      const int t = slot[0];
-      if (t >= num_tiles) break;
-      FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
-      // The producer's view of the item, read before this warp releases Q (empty_q), after
-      // which the producer may overwrite the slot with the next tile's.
+      if (slot[SLOT_T] >= num_tiles) break;
+      const FwdTile tile(slot + SLOT_TILE);
       const SeqView<VARLEN> seq = [&] {
         if constexpr (VARLEN)
-          return SeqView<true>(slot[1], slot[2], slot[3], slot[4]);
+          return SeqView<true>(slot[SLOT_ITEM], slot[SLOT_ITEM + 1], slot[SLOT_ITEM + 2],
+                               slot[SLOT_ITEM + 3]);
         else
           return SeqView<false>(a, tile.b);
       }();
       const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
-      tile.set_keys(Br, Bc, seq, mask);
       const int n_blocks = tile.n_blocks();
       // No key block: the index is read and Q not used, release at once (with O staged
       // there, once O has left it).
