@@ -271,6 +271,53 @@ __device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
   }
 }
 
+// The thread's index, read afresh: what derives from it is then computed where it is
+// used, after the kernel's loop, rather than kept through the loop (where it spills in the
+// soft-cap instantiations at head dim 128).
+__device__ __forceinline__ int fresh_tid() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  return tid;
+}
+
+// A warpgroup's 64 key rows of dK (scale: the softmax scale) or dV, N columns, from its
+// accumulators (a thread's rows 16 wq + g + 8 hh, columns 8 t + 2 qd and + 1) to `out` (the
+// first of these rows in the output; `rows` of them in the item, `headdim` columns) through
+// `tile`: the warpgroup's rows of K or V in shared memory (128-byte swizzled rows, column
+// block cb at cb * blk_bytes), no longer read. Stored in 16-byte chunks, 16 lanes a row of
+// 128 columns, where 4-byte stores of two columns would take 8x the instructions and write
+// half-used sectors (ops/backward.py gives the kernels outputs whose rows start on 16
+// bytes). `bar`: a named barrier of the warpgroup's 128 threads.
+template <typename T, int N>
+__device__ __forceinline__ void bwd_sm90_store_rows(uint32_t tile, int blk_bytes,
+                                                    const float* acc, float scale, int bar,
+                                                    T* out, int64 row_stride, int rows,
+                                                    int headdim) {
+  const int wtid = fresh_tid() % 128, g = wtid % 32 / 4, qd = wtid % 4;
+  // Row 16 wq + g + 8 hh, chunk t % 8 ^ g of column block t / 8: as the tile is 1024-byte
+  // aligned (rows hh = 1 are 1024 bytes on), an XOR of (t % 8) << 4 into chunk 0's address.
+  const uint32_t chunk0 = tile + (16 * (wtid / 32) + g) * 128 + (g << 4) + 4 * qd;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int t = 0; t < N / 8; ++t)
+      sm90::sts_u32((chunk0 + (t / 8) * blk_bytes + hh * 1024) ^ ((t % 8) << 4),
+                    dtype_traits<T>::pack(acc[4 * t + 2 * hh] * scale,
+                                          acc[4 * t + 2 * hh + 1] * scale));
+  sm90::named_barrier(bar, 128);
+  // A pass: 128 / CHUNKS rows, a multiple of 8, so a thread's chunk keeps its swizzle.
+  constexpr int CHUNKS = N / 8, ROWS = 128 / CHUNKS;  // 16-byte chunks of a row
+  static_assert(128 % CHUNKS == 0 && ROWS % 8 == 0, "whole swizzle periods a pass");
+  const int row0 = wtid / CHUNKS, c = wtid % CHUNKS;
+  const uint32_t src = tile + (c / 8) * blk_bytes + row0 * 128 + (((c % 8) ^ (row0 % 8)) << 4);
+  T* const dst = out + row0 * row_stride + c * 8;
+#pragma unroll
+  for (int i = 0; i < 64 / ROWS; ++i)
+    if (row0 + i * ROWS < rows && c * 8 < headdim)
+      *reinterpret_cast<uint4*>(dst + i * ROWS * row_stride) =
+          sm90::lds_u128(src + i * ROWS * 128);
+}
+
 // The offset in floats of element (r, c) of a 64 x 64 dq_accum tile (the layout above).
 __device__ __forceinline__ int dq_tile_offset(int r, int c) {
   return 4 * (128 * (c / 8) + 32 * (r / 16) + 4 * (r % 8) + (c % 8) / 2) + 2 * ((r / 8) % 2) +
@@ -968,7 +1015,20 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       pass_turn(dq_step(steps.iters - 1, h_prev, r_prev, dq));
     }
 
-    bwd_sm90_store_dkdv<T, D, DV>(p, seq, hkv, krow, 0, 0, qd, dk, dv);
+    // dK and dV through the rows of K and V: once both warpgroups' last wgmmas are done
+    // (named barrier 14), K and V are not read again (with no step, the producer loaded
+    // none), and each warpgroup writes only its own 64 rows.
+    sm90::named_barrier(14, 256);
+    const int tid_now = fresh_tid(), w = tid_now / 128 - 1;
+    const int first = krow - 16 * (tid_now % 128 / 32) - tid_now % 32 / 4;  // key0
+    bwd_sm90_store_rows<T, D>(base + Tr::OFF_K + w * 64 * 128, Tr::K_BLK, dk, a.scale, 1 + w,
+                              static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                                  (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride,
+                              p.dk_row_stride, seq.seqlen_k() - first, a.headdim);
+    bwd_sm90_store_rows<T, DV>(base + Tr::OFF_V + w * 64 * 128, Tr::K_BLK, dv, 1.f, 1 + w,
+                               static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                                   (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride,
+                               p.dv_row_stride, seq.seqlen_k() - first, a.headdim);
   }
 }
 
