@@ -1015,20 +1015,21 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       pass_turn(dq_step(steps.iters - 1, h_prev, r_prev, dq));
     }
 
-    // dK and dV through the rows of K and V: once both warpgroups' last wgmmas are done
-    // (named barrier 14), K and V are not read again (with no step, the producer loaded
-    // none), and each warpgroup writes only its own 64 rows.
-    sm90::named_barrier(14, 256);
+    // dV and dK through the warpgroup's rows of V and K, each written by the warpgroup
+    // alone: its rows of V are read by its own wgmmas only, all done; K is read by both
+    // warpgroups' dQ tiles, whose last is done at named barrier 14 (256 threads). With no
+    // step, the producer loaded neither.
     const int tid_now = fresh_tid(), w = tid_now / 128 - 1;
     const int first = krow - 16 * (tid_now % 128 / 32) - tid_now % 32 / 4;  // key0
-    bwd_sm90_store_rows<T, D>(base + Tr::OFF_K + w * 64 * 128, Tr::K_BLK, dk, a.scale, 1 + w,
-                              static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                                  (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride,
-                              p.dk_row_stride, seq.seqlen_k() - first, a.headdim);
     bwd_sm90_store_rows<T, DV>(base + Tr::OFF_V + w * 64 * 128, Tr::K_BLK, dv, 1.f, 1 + w,
                                static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
                                    (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride,
                                p.dv_row_stride, seq.seqlen_k() - first, a.headdim);
+    sm90::named_barrier(14, 256);
+    bwd_sm90_store_rows<T, D>(base + Tr::OFF_K + w * 64 * 128, Tr::K_BLK, dk, a.scale, 1 + w,
+                              static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                                  (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride,
+                              p.dk_row_stride, seq.seqlen_k() - first, a.headdim);
   }
 }
 
