@@ -577,8 +577,10 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
 // BWD_TURN_ADDED + w until all 128 threads have issued their adds, and passes the turn
 // from lane 0: the release's fence (the adds' round trip to the L2) then stalls this warp,
 // not the warpgroup's next wgmma issue, and the time a turn is held covers the adds alone,
-// not the wait for the next stage, the next S^T issue or the loop's back edge. Each
-// barrier's phases alternate between the two sides, so neither runs a phase ahead.
+// not the wait for the next stage, the next S^T issue or the loop's back edge. Of a step's
+// tiles (two at head dim 256) each but the last is passed after the next one's go: the
+// fence would otherwise hold back that go, and the warpgroup with it. Each barrier's phases
+// alternate between the two sides, so neither runs a phase ahead.
 // Run by every producer thread after bwd_sm90_produce; a no-op but in warps 1 and 2 of a
 // deterministic call on the TMA path (BwdSm90Maps::agents).
 template <typename Tr, int BLOCK_R, int TILES, bool VARLEN, typename FirstTile>
@@ -598,9 +600,10 @@ __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p, const Bw
       sm90::wait_global_turn(sem + t, turn);
       __syncwarp();
       sm90::named_barrier_arrive(BWD_TURN_GO + w, 160);
+      if (t > 0 && lane == 0) sm90::pass_global_turn(sem + t - 1);
       sm90::named_barrier(BWD_TURN_ADDED + w, 160);
-      if (lane == 0) sm90::pass_global_turn(sem + t);
     }
+    if (lane == 0) sm90::pass_global_turn(sem + TILES - 1);
   }
 }
 
