@@ -236,41 +236,6 @@ __device__ __forceinline__ void zero_invisible(const Mask& mask, float* x, int q
   }
 }
 
-// dK (with the softmax scale) and dV from the accumulators of this thread's keys krow and
-// krow + 8 of the item (rows past it are not stored): columns col0 + 8 t + 2 qd and + 1 of
-// NK / 8 blocks for dK, and from vcol0 of NV / 8 for dV, 2 columns a store; columns past
-// a.headdim skipped (V's head dim is Q's in the API).
-template <typename T, int NK, int NV, bool VARLEN>
-__device__ __forceinline__ void bwd_sm90_store_dkdv(const BwdParams& p,
-                                                    const SeqView<VARLEN>& seq, int hkv,
-                                                    int krow, int col0, int vcol0, int qd,
-                                                    const float* dk, const float* dv) {
-  const AttnArgs& a = p.attn;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = krow + 8 * hh;
-    if (row >= seq.seqlen_k()) continue;
-    T* dk_row = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                (seq.k0 + row) * p.dk_row_stride + hkv * p.dk_head_stride;
-    T* dv_row = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
-                (seq.k0 + row) * p.dv_row_stride + hkv * p.dv_head_stride;
-#pragma unroll
-    for (int t = 0; t < NK / 8; ++t) {
-      const int col = col0 + 8 * t + 2 * qd;
-      if (col < a.headdim)
-        *reinterpret_cast<uint32_t*>(dk_row + col) = dtype_traits<T>::pack(
-            dk[4 * t + 2 * hh] * a.scale, dk[4 * t + 2 * hh + 1] * a.scale);
-    }
-#pragma unroll
-    for (int t = 0; t < NV / 8; ++t) {
-      const int col = vcol0 + 8 * t + 2 * qd;
-      if (col < a.headdim)
-        *reinterpret_cast<uint32_t*>(dv_row + col) =
-            dtype_traits<T>::pack(dv[4 * t + 2 * hh], dv[4 * t + 2 * hh + 1]);
-    }
-  }
-}
-
 // The thread's index, read afresh: what derives from it is then computed where it is
 // used, after the kernel's loop, rather than kept through the loop (where it spills in the
 // soft-cap instantiations at head dim 128).
@@ -278,6 +243,17 @@ __device__ __forceinline__ int fresh_tid() {
   int tid;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
   return tid;
+}
+
+// An MMA warpgroup's index and the first of its 64 key rows, from a thread's key row krow
+// (16 wq + g past it) and the thread's index read afresh: computed from values kept through
+// the kernel's loop, they would change its register allocation.
+struct BwdRowsOut {
+  int w, first;
+};
+__device__ __forceinline__ BwdRowsOut bwd_sm90_rows_out(int krow) {
+  const int tid = fresh_tid();
+  return {tid / 128 - 1, krow - 16 * (tid % 128 / 32) - tid % 32 / 4};
 }
 
 // A warpgroup's 64 key rows of dK (scale: the softmax scale) or dV, N columns, from its
@@ -1022,8 +998,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     // alone: its rows of V are read by its own wgmmas only, all done; K is read by both
     // warpgroups' dQ tiles, whose last is done at named barrier 14 (256 threads). With no
     // step, the producer loaded neither.
-    const int tid_now = fresh_tid(), w = tid_now / 128 - 1;
-    const int first = krow - 16 * (tid_now % 128 / 32) - tid_now % 32 / 4;  // key0
+    const auto [w, first] = bwd_sm90_rows_out(krow);  // key0
     bwd_sm90_store_rows<T, DV>(base + Tr::OFF_V + w * 64 * 128, Tr::K_BLK, dv, 1.f, 1 + w,
                                static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
                                    (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride,
@@ -1298,7 +1273,21 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     pass_turn(add_dq(cols + 1));
   }
 
-  bwd_sm90_store_dkdv<T, HALF, HALF_V>(p, seq, hkv, krow, HALF * wg, HALF_V * wg, qd, dk, dv);
+  // dV and dK through this warpgroup's column blocks of V and K (all 64 keys, columns HALF
+  // wg ..), no longer read: the other warpgroup's S^T or dP^T, which read them whole, was
+  // done before each step's named barrier 1, and this warpgroup's dQ tiles read only its
+  // own columns of K. With no step, the producer loaded neither.
+  const auto [w, first] = bwd_sm90_rows_out(krow);  // o0
+  T* const dv_out = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                    (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride + HALF_V * w;
+  bwd_sm90_store_rows<T, HALF_V>(base + Tr::OFF_V + HALF_V / 64 * w * Tr::K_BLK, Tr::K_BLK,
+                                 dv, 1.f, 3 + w, dv_out, p.dv_row_stride,
+                                 seq.seqlen_k() - first, a.headdim - HALF_V * w);
+  T* const dk_out = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                    (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride + HALF * w;
+  bwd_sm90_store_rows<T, HALF>(base + Tr::OFF_K + HALF / 64 * w * Tr::K_BLK, Tr::K_BLK, dk,
+                               a.scale, 3 + w, dk_out, p.dk_row_stride, seq.seqlen_k() - first,
+                               a.headdim - HALF * w);
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded
