@@ -90,12 +90,22 @@ struct FwdSm90Traits {
   // Two Q buffers where they fit (head dims up to 128): the next tile's Q loads while the
   // consumers finish this one.
   static constexpr int Q_STAGES = 2 * Q_BYTES + KV_BYTES <= LIMIT ? 2 : 1;
-  // O leaves through shared memory where Q has two buffers and the registers allow (two
-  // consumers: at 160 registers the staging spills): each consumer's 64 rows of its Q tile,
-  // free after its last S, take its O in the TMA box layout (128-byte swizzled rows), then
-  // one TMA store per column block (o_by_tma) or 16-byte stores of whole row segments; Q's
-  // buffer is released once they have read it. Otherwise O is stored from the accumulators.
-  static constexpr bool STAGED_O = CONSUMERS == 2 && Q_STAGES == 2 && HEAD_DIM_V <= HEAD_DIM;
+  // O leaves through shared memory where the registers allow (two consumers: at 160
+  // registers the staging spills), in the TMA box layout (128-byte swizzled rows of 64
+  // columns), then by one TMA store per column block (o_by_tma) or 16-byte stores of whole
+  // row segments. Where Q has two buffers, in each consumer's 64 rows of its Q tile, free
+  // after its last S, the buffer released (empty_q) once O has left it. Where Q has one
+  // (head dims over 128), in V stage `consumer` (FA3's place; 64 rows fit a stage of Bc >=
+  // 64) once both consumers' last P V is done, the producer's V loads of the next tile
+  // waiting (o_read) until O has left it. Otherwise O is stored from the accumulators.
+  static constexpr bool O_IN_Q = CONSUMERS == 2 && Q_STAGES == 2 && HEAD_DIM_V <= HEAD_DIM;
+  // (Not yet where V's head dim differs from Q's, which no API passes: at 192 / 128 the
+  // producer, at 24 registers, spills a value of the mask with the wait for o_read.)
+  static constexpr bool O_IN_V = CONSUMERS == 2 && Q_STAGES == 1 && BLOCK_N >= 64 &&
+                                 V_STAGES >= CONSUMERS && HEAD_DIM_V == HEAD_DIM;
+  static constexpr bool STAGED_O = O_IN_Q || O_IN_V;
+  // Bytes between column blocks of a consumer's staged O.
+  static constexpr int O_BLOCK_BYTES = O_IN_Q ? Q_BLOCK_BYTES : 64 * 128;
   static constexpr int RING_BYTES = Q_STAGES * Q_BYTES + KV_BYTES;
   static constexpr int SMEM_BYTES = RING_BYTES + 1024;
   // Registers after setmaxnreg, within the register file that __launch_bounds__(
@@ -113,6 +123,7 @@ struct FwdSm90Traits {
   // the dynamic window pads to 1 KiB.
   static_assert(SMEM_BYTES + 1024 <= 227 * 1024, "shared memory");
   static_assert(!STAGED_O || CONSUMERS < 4, "named barrier 4 + consumer follows the turns' 1..");
+  static_assert(!O_IN_V || CONSUMERS == 2, "named barrier 6 (both consumers) follows 4 + c");
 };
 
 // One work tile: query block m_block of head h of batch item b, and the key blocks
@@ -165,8 +176,9 @@ struct FwdTile {
 // pair (an index past the last tile says stop), Q_STAGES of them in a ring. While the
 // consumers finish a tile (last P V, epilogue), the producer already loads the next tile's
 // Q (into the other buffer, or, with one, once the consumers released it after their last
-// S = Q K^T; with O staged there, once O left it) and its first K and V stages: the rings
-// and their barrier phases run on across tiles.
+// S = Q K^T; with O staged there, once O left it) and its first K stages, and its first V
+// stages unless O is staged in them (o_read): the rings and their barrier phases run on
+// across tiles.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS,
           bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
@@ -178,8 +190,9 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
 
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr int Q_STAGES = Tr::Q_STAGES;
-  // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage.
-  __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)];
+  // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage;
+  // with O staged in V's stages, o_read (O has left them: the next tile's V may load).
+  __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES) + 1];
   // Per Q stage, for its current full_q phase: the tile's index (SLOT_T, past the last:
   // stop), the tile (FwdTile::write, from SLOT_TILE) and, varlen, its item's q0, k0, len_q,
   // len_k (from SLOT_ITEM).
@@ -198,6 +211,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   auto empty_q = [&](int s) {
     return smem_addr(&barriers[2 * (K_STAGES + V_STAGES) + Q_STAGES + s]);
   };
+  const uint32_t o_read = smem_addr(&barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)]);
 
   // The warpgroup through a shuffle of lane 0: ptxas then keeps what derives from it (a
   // consumer's Q descriptors) in uniform registers instead of moving it there per wgmma.
@@ -226,6 +240,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       sm90::mbar_init(full_q(s), 1);
       sm90::mbar_init(empty_q(s), 4 * CONSUMERS);
     }
+    if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS);
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -235,6 +250,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     if (tid == 0) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
+      uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
       int* counter = p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
@@ -326,6 +342,12 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             load(false, i + 1);
             if (i + 2 == n_blocks) fetch_next();
           }
+          // O staged in V's stages: the previous tile with key blocks (g > 0) stored its O
+          // from there, which must have left before this tile's V arrives.
+          if (Tr::O_IN_V && i == 0 && g > 0) {
+            sm90::mbar_wait(o_read, o_phase);
+            o_phase ^= 1;
+          }
           load(true, i);
         }
         g += n_blocks;
@@ -372,16 +394,17 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       if constexpr (Tr::PINGPONG) sm90::named_barrier_arrive(1 + (consumer + 1) % CONSUMERS, 256);
     };
     if (consumer == CONSUMERS - 1) pass_turn();
-    // O staged in the Q buffer (STAGED_O) and stored by TMA: the buffer goes back to the
-    // producer (empty_q, for the Q of the tile after next) once the store has read it. The
-    // issuing thread waits for that after the next tile's first softmax (its S released
-    // first), not after the store.
+    // O staged (STAGED_O) and stored by TMA: its buffer goes back to the producer once the
+    // store has read it, the issuing thread waiting for that in the next tile, not after the
+    // store: Q's (empty_q, for the Q of the tile after next) after the first softmax (its S
+    // released first); V's stages (o_read, for the tile's V) once the first S is issued.
     const bool issuer = tid % 128 == 0;
     int o_pending = -1;  // the Q buffer of such a store, not yet released
     auto release_o_buffer = [&] {
       if (o_pending >= 0 && issuer) {
         sm90::bulk_wait<0, true>();
-        sm90::mbar_arrive_count(empty_q(o_pending), 4);  // for the consumer's 4 warps
+        // for the consumer's 4 warps
+        sm90::mbar_arrive_count(Tr::O_IN_V ? o_read : empty_q(o_pending), 4);
       }
       o_pending = -1;
     };
@@ -406,7 +429,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       // No key block: the index is read and Q not used, release at once (with O staged
       // there, once O has left it).
       __syncwarp();
-      sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0 && !Tr::STAGED_O);
+      sm90::mbar_arrive_if(empty_q(qs), lane == 0 && n_blocks <= 0 && !Tr::O_IN_Q);
       const uint32_t sQ_wg = sQ(qs) + consumer * 64 * 128;  // its 64 rows of each column block
       const int wg_row0 = tile.m_block * Br + consumer * 64;  // this warpgroup's first row
       const int frag_row0 = wg_row0 + warp * 16 + lane / 4;    // this thread's first row
@@ -481,7 +504,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
         sm90::mbar_arrive_if(empty_k((g + it) % K_STAGES), lane == 0);
-        sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1 && !Tr::STAGED_O);
+        sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1 && !Tr::O_IN_Q);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
         if (boundary)
@@ -508,9 +531,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         take_turn();
         issue_s(0);
         pass_turn();
+        if constexpr (Tr::O_IN_V) release_o_buffer();
         sm90::wgmma_wait<0>();
         scores(0);
-        release_o_buffer();
+        if constexpr (Tr::O_IN_Q) release_o_buffer();
         make_p();
       }
       for (int it = 1; it < n_blocks; ++it) {
@@ -536,28 +560,35 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       float* lse_out =
           p.fwd.lse + (static_cast<int64>(seq.b) * a.nheads + tile.h) * a.seqlen_q + seq.q0;
       const int col = 2 * (lane & 3);
-      // V's head dim is Q's (a.headdim) in the API.
-      if constexpr (Tr::STAGED_O) {
+      // V's head dim is Q's (a.headdim) in the API. O_IN_V: a tile without key blocks
+      // stores its zeros from the registers (its V loads, none, are not held back).
+      release_o_buffer();  // a tile without key blocks had no S to wait under
+      const bool staged = Tr::O_IN_Q || (Tr::O_IN_V && n_blocks > 0);
+      if (staged) {
         // Row 16 warp + lane / 4 + 8 r of the consumer's tile: column block dt / 8, 16-byte
         // chunk (dt % 8) ^ (row % 8), 4 bytes at 4 (lane % 4); a warp's 8 rows then hit 32
         // distinct banks. The tile is 1024-byte aligned, so the swizzle is an XOR on the
         // address of chunk 0 (rows r = 1 are 1024 bytes on), which the empty asm keeps from
         // being computed once for all tiles and held (spilled) across the persistent loop.
-        // Named barrier 4 + consumer: before the writes, every warp of this consumer is done
-        // with its S GEMMs, which read these rows; after them, the tile is whole. The
-        // consumer's rows of column block cb: sO + cb * Q_BLOCK_BYTES.
-        release_o_buffer();  // a tile without key blocks had no S to wait under
-        const uint32_t sO = sQ_wg;
+        // Before the writes: with O in Q, every warp of this consumer is done with its S
+        // GEMMs, which read these rows (named barrier 4 + consumer); with O in V, both
+        // consumers are done with their P V, which read V's stages (named barrier 6).
+        // After them (4 + consumer), the tile is whole. Column block cb of the consumer's
+        // rows: sO + cb * O_BLOCK_BYTES.
+        const uint32_t sO = Tr::O_IN_Q ? sQ_wg : sV(consumer);
         const int row0 = warp * 16 + lane / 4;
         uint32_t chunk0 = sO + row0 * 128 + ((row0 % 8) << 4) + 4 * (lane & 3);
         asm volatile("" : "+r"(chunk0));
         const bool by_tma = !VARLEN && p.o_by_tma;
-        sm90::named_barrier(4 + consumer, 128);
+        if constexpr (Tr::O_IN_Q)
+          sm90::named_barrier(4 + consumer, 128);
+        else
+          sm90::named_barrier(6, 256);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
           for (int dt = 0; dt < D_TILES; ++dt)
-            sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * Tr::Q_BLOCK_BYTES + r * 1024,
+            sm90::sts_u32((chunk0 ^ ((dt % 8) << 4)) + (dt / 8) * Tr::O_BLOCK_BYTES + r * 1024,
                           dtype_traits<T>::pack(acc_o[0][dt][2 * r], acc_o[0][dt][2 * r + 1]));
         if (by_tma) sm90::fence_proxy_async();  // the writes, before the TMA engine reads
         sm90::named_barrier(4 + consumer, 128);
@@ -565,7 +596,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           if (issuer) {
 #pragma unroll
             for (int cb = 0; cb < Tr::V_BLOCKS; ++cb)
-              sm90::tma_store_4d(&p.tma_o, sO + cb * Tr::Q_BLOCK_BYTES, cb * 64, wg_row0,
+              sm90::tma_store_4d(&p.tma_o, sO + cb * Tr::O_BLOCK_BYTES, cb * 64, wg_row0,
                                  tile.h, seq.b);
             sm90::bulk_commit();
           }
@@ -577,20 +608,20 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
             const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
             if (i < seq.seqlen_q() && c * 8 < a.headdim)
               *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) = sm90::lds_u128(
-                  sO + (c / 8) * Tr::Q_BLOCK_BYTES + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+                  sO + (c / 8) * Tr::O_BLOCK_BYTES + row * 128 + (((c % 8) ^ (row % 8)) << 4));
           }
           // This warp's reads and writes of the buffer are done, before the TMA load of a
-          // later Q writes it.
+          // later Q or V writes it.
           sm90::fence_proxy_async();
           __syncwarp();
-          sm90::mbar_arrive_if(empty_q(qs), lane == 0);
+          sm90::mbar_arrive_if(Tr::O_IN_V ? o_read : empty_q(qs), lane == 0);
         }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = frag_row0 + r * 8;
         if (i >= seq.seqlen_q()) continue;
-        if constexpr (!Tr::STAGED_O) {
+        if (!staged) {
           T* o_row = o + i * p.fwd.o_row_stride;
 #pragma unroll
           for (int dt = 0; dt < D_TILES; ++dt)

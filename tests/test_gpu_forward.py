@@ -322,11 +322,13 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
 
 @pytest.mark.parametrize("dtype, headdim, causal", [
     (BF16, 128, False), (F16, 128, True), (BF16, 96, True), (F16, 64, False),
-    (BF16, 40, True)], ids=["bf16-128", "fp16-128-causal", "bf16-96-causal", "fp16-64",
-                            "bf16-40-causal"])
+    (BF16, 40, True), (BF16, 256, False), (F16, 192, True), (BF16, 136, True)],
+    ids=["bf16-128", "fp16-128-causal", "bf16-96-causal", "fp16-64", "bf16-40-causal",
+         "bf16-256", "fp16-192-causal", "bf16-136-causal"])
 def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, headdim, causal):
-    """With a staged O tile (two consumers, head dims up to 128), a dense call's O leaves by
-    TMA stores (o_by_tma); without O's map, by 16-byte stores: the same bits. ``out`` is
+    """With a staged O tile (two consumers: in the Q tile up to head dim 128, in V's stages
+    above), a dense call's O leaves by TMA stores (o_by_tma); without O's map, by 16-byte
+    stores: the same bits. ``out`` is
     heads 1..4 of a 6-head buffer (its own strides) and 97 rows, so the stores' boxes reach
     past the last row and, at head dims under 64 a column block, past the head dim: the
     buffer's heads 0 and 5 must keep their bytes."""

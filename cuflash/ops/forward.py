@@ -118,15 +118,17 @@ class Sm90Layout(NamedTuple):
 @functools.cache
 def sm90_layout(hd: int, block_n: int, consumers: int) -> Sm90Layout:
     """FwdSm90Traits' shared memory: a third K stage where it fits beside two Q tiles, two
-    Q tiles where they fit beside the rings, O staged in the Q tile where there are two and
-    two consumers; SMEM_BYTES with 1 KiB to align the tiles."""
+    Q tiles where they fit beside the rings, O staged where two consumers run: in the Q
+    tile where there are two, else in V's stages (64 rows of O fit one of Bc >= 64);
+    SMEM_BYTES with 1 KiB to align the tiles."""
     limit = tiles.SHARED_LIMITS["sm_90"] - 1024
     q_tile, kv_tile = 64 * consumers * hd * 2, block_n * hd * 2
     v_ring = SM90_V_STAGES * kv_tile
     k_stages = 3 if 2 * q_tile + 3 * kv_tile + v_ring <= limit else 2
     q_stages = 2 if 2 * q_tile + k_stages * kv_tile + v_ring <= limit else 1
     smem = q_stages * q_tile + k_stages * kv_tile + v_ring + 1024
-    return Sm90Layout(k_stages, q_stages, consumers == 2 and q_stages == 2, smem)
+    staged_o = consumers == 2 and (q_stages == 2 or block_n >= 64)
+    return Sm90Layout(k_stages, q_stages, staged_o, smem)
 
 
 @dataclass(frozen=True)
