@@ -244,6 +244,33 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
     check(dtype, batch, sq, sk, h, hkv, d, **opts)
 
 
+@pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
+@pytest.mark.parametrize("headdim", [192, 256])
+def test_wgmma_kernel_o_in_v_over_many_tiles(monkeypatch, by_tma, headdim):
+    """Head dims 192 and 256 stage O in V's stages (FwdSm90Traits::O_IN_V), and the producer
+    holds each tile's first V load until the last staged O has left: over a persistent grid
+    whose CTAs walk several tiles, with tiles without a visible key (rows 0..799, which
+    store from the registers and do not stage) between staged ones, by TMA stores and,
+    without O's map, by 16-byte stores."""
+    _require_hopper()
+    from cuflash import _api, ops
+    if not by_tma:
+        real_call = ops.forward.Plan.__call__
+
+        def without_o_map(plan, *args):
+            plan.o_maps = None
+            return real_call(plan, *args)
+
+        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
+    ops.forward.plan.cache_clear()
+    _api.CALLS.clear()
+    try:
+        check(BF16, 2, 1100, 300, 16, 4, headdim, causal=True)
+    finally:
+        ops.forward.plan.cache_clear()
+        _api.CALLS.clear()
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),

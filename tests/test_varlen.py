@@ -827,6 +827,19 @@ def test_int64_numpy_prefix_sums_are_taken_as_int32():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [192, 256])
+def test_gpu_hopper_o_in_v_with_more_tiles_than_sms(headdim):
+    """Head dims 192 and 256 stage O in V's stages and, in varlen, store it by 16-byte
+    stores, the producer holding each tile's first V load until the last staged O has left:
+    items of 0, 1, 127, 128, 129 and 700 rows, some with more queries than keys, whose first
+    rows see no key under the causal mask (the last item's first three query blocks none:
+    tiles that store from the registers between staged ones), with 24 heads so that every
+    CTA walks several tiles."""
+    check_gpu_forward(BF16, (0, 1, 127, 128, 129, 700), (3, 1, 100, 128, 300, 300), 24, 8,
+                      headdim, causal=True)
+
+
+@pytest.mark.gpu
 def test_gpu_hopper_192_row_blocks_with_more_tiles_than_sms():
     """Head dim 64 runs 192-row query blocks on sm_90 (three consumers, the longest item
     having SM90_SHORT_KEYS keys or more): items of 0, 1, 191, 192 and 193 rows around that
