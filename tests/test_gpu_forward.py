@@ -233,8 +233,10 @@ def test_hopper_dispatch_runs_the_wgmma_kernel(launched, dtype, headdim, layout)
     (F16, 2, 2100, 2100, 16, 16, 128, dict(causal=True, softcap=5.0)),
     (BF16, 2, 1100, 1100, 64, 8, 256, dict(causal=True)),
     (F16, 3, 900, 1500, 48, 16, 192, dict(window=(200, 0))),
+    (BF16, 2, 2000, 2000, 16, 4, 64, dict(causal=True)),  # tiles of one key block
+    (BF16, 2, 3000, 2048, 16, 4, 64, dict(causal=True)),  # three consumers, empty tiles
 ], ids=["bf16-128", "fp16-64-empty-tiles", "bf16-64-window", "fp16-128-causal-softcap",
-        "bf16-256-causal", "fp16-192-window"])
+        "bf16-256-causal", "fp16-192-window", "bf16-64-causal", "bf16-64-three-consumers"])
 def test_wgmma_kernel_with_more_tiles_than_sms(case):
     """The persistent grid: every CTA walks several tiles (some with no visible key), so Q
     reloads and the K/V ring's barrier phases carry over from tile to tile."""
@@ -245,13 +247,16 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
 
 
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
-@pytest.mark.parametrize("headdim", [192, 256])
-def test_wgmma_kernel_o_in_v_over_many_tiles(monkeypatch, by_tma, headdim):
-    """Head dims 192 and 256 stage O in V's stages (FwdSm90Traits::O_IN_V), and the producer
-    holds each tile's first V load until the last staged O has left: over a persistent grid
-    whose CTAs walk several tiles, with tiles without a visible key (rows 0..799, which
-    store from the registers and do not stage) between staged ones, by TMA stores and,
-    without O's map, by 16-byte stores."""
+@pytest.mark.parametrize("headdim", [64, 128, 192, 256])
+@pytest.mark.parametrize("seqlens", [(1100, 300), (2000, 2000)], ids=["keyless", "square"])
+def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seqlens):
+    """O staged over a persistent grid whose CTAs walk several tiles, with tiles without a
+    visible key (1100 queries, 300 keys: rows 0..799) between others or (2000 x 2000) with
+    every tile's keys, the first query blocks' one key block, by TMA stores and, without
+    O's map, by 16-byte stores. Head dims 64 and 128 stage O in the Q tile, whose buffer
+    goes back once O has left it; 192 and 256 in V's stages (FwdSm90Traits::O_IN_V), the
+    producer holding each tile's first V load until the last staged O has left, and
+    key-less tiles store from the registers."""
     _require_hopper()
     from cuflash import _api, ops
     if not by_tma:
@@ -265,7 +270,7 @@ def test_wgmma_kernel_o_in_v_over_many_tiles(monkeypatch, by_tma, headdim):
     ops.forward.plan.cache_clear()
     _api.CALLS.clear()
     try:
-        check(BF16, 2, 1100, 300, 16, 4, headdim, causal=True)
+        check(BF16, 2, *seqlens, 16, 4, headdim, causal=True)
     finally:
         ops.forward.plan.cache_clear()
         _api.CALLS.clear()

@@ -827,16 +827,25 @@ def test_int64_numpy_prefix_sums_are_taken_as_int32():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("headdim", [192, 256])
-def test_gpu_hopper_o_in_v_with_more_tiles_than_sms(headdim):
-    """Head dims 192 and 256 stage O in V's stages and, in varlen, store it by 16-byte
-    stores, the producer holding each tile's first V load until the last staged O has left:
-    items of 0, 1, 127, 128, 129 and 700 rows, some with more queries than keys, whose first
-    rows see no key under the causal mask (the last item's first three query blocks none:
-    tiles that store from the registers between staged ones), with 24 heads so that every
-    CTA walks several tiles."""
+@pytest.mark.parametrize("headdim", [64, 128, 192, 256])
+def test_gpu_hopper_staged_o_with_more_tiles_than_sms(headdim):
+    """Staged O in varlen, stored by 16-byte stores: head dims 64 and 128 in the Q tile;
+    192 and 256 in V's stages, the producer holding each tile's first V load until the last
+    staged O has left. Items of 0, 1, 127, 128, 129 and 700 rows, some with more queries
+    than keys, whose first rows see no key under the causal mask (the last item's first
+    three query blocks none: key-less tiles between the others), with 24 heads so that
+    every CTA walks several tiles."""
     check_gpu_forward(BF16, (0, 1, 127, 128, 129, 700), (3, 1, 100, 128, 300, 300), 24, 8,
                       headdim, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_gpu_hopper_keyless_items_between_others(headdim):
+    """Items without keys between items with them (six of 300 queries, every second with 0
+    keys), causal, 24 heads: a persistent grid's CTAs meet key-less tiles between tiles
+    with keys, whose O is staged in the Q tile."""
+    check_gpu_forward(BF16, (300,) * 6, (300, 0, 300, 0, 300, 0), 24, 8, headdim, causal=True)
 
 
 @pytest.mark.gpu
