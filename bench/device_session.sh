@@ -238,7 +238,14 @@ stage_ab() {
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
         done
     done
-    summary ab "$(grep -c '^=== pass' "$OUT/ab.log") runs"
+    local runs want
+    runs=$(grep -c '^=== pass' "$OUT/ab.log")
+    want=$((${AB_PASSES:-2} * ($(echo ${AB_TREES:-abtree} | wc -w) + 1)))
+    if [ "$runs" -lt "$want" ]; then
+        summary ab "$runs of $want runs (stopped with $(left) s of BUDGET left; a run starts only with 120)"
+    else
+        summary ab "$runs runs"
+    fi
 }
 
 stage_look() {
