@@ -6,6 +6,8 @@ over its passes, and the ratio of this tree (``.``, the one the call ran in) to 
     python bench/ab_table.py ab.log --impls cuflash  only these
     python bench/ab_table.py ab.log --spread         each mean with its passes' lowest and
                                                      highest, to judge the noise
+    python bench/ab_table.py ab.log --base abtree    every tree's ratio to abtree instead
+                                                     (three trees: each change on its own)
 
 A pass is the lines after ``=== pass N: TREE`` (TREE ``.`` is this tree); its rows are the
 sweep's progress lines (``[ 3/12] bwd    bf16 hd128 full   seqlen  4096: TFLOP/s cuflash
@@ -56,13 +58,18 @@ def parse(lines):
     return samples, trees
 
 
-def table(samples, trees, impls=None, spread=False):
-    """The markdown table; rows in mode, dtype, impl, head dim, mask, seqlen order."""
+def table(samples, trees, impls=None, spread=False, base=None):
+    """The markdown table; rows in mode, dtype, impl, head dim, mask, seqlen order. Ratios:
+    this tree's to each other tree's, or with ``base`` every other tree's to base's."""
     trees = [t for t in trees if t != THIS] + ([THIS] if THIS in trees else [])
-    others = [t for t in trees if t != THIS]
+    if base is not None and base not in trees:
+        raise ValueError(f"base: no tree {base!r} in the log ({', '.join(trees)})")
+    if base is None:
+        ratios = [(THIS, t) for t in trees if t != THIS] if THIS in trees else []
+    else:
+        ratios = [(t, base) for t in trees if t != base]
     head = ["mode", "dtype", "impl", "hd", "mask", "seqlen"] + [f"`{t}`" for t in trees]
-    if THIS in trees:
-        head += [f"`.` / `{t}`" for t in others]
+    head += [f"`{a}` / `{b}`" for a, b in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(samples, key=lambda k: (k[0], k[1], k[5], k[2], k[3] != "full", k[4]))
     for key in order:
@@ -79,9 +86,8 @@ def table(samples, trees, impls=None, spread=False):
                 cells.append(f"{means[t]:.1f} ({min(per_tree[t]):.0f}-{max(per_tree[t]):.0f})")
             else:
                 cells.append(f"{means[t]:.1f}")
-        if THIS in trees:
-            cells += [f"{means[THIS] / means[t]:.3f}" if THIS in means and t in means else "-"
-                      for t in others]
+        cells += [f"{means[a] / means[b]:.3f}" if a in means and b in means else "-"
+                  for a, b in ratios]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -94,12 +100,18 @@ def main(argv=None):
                         help="comma-separated implementations to show (default: all)")
     parser.add_argument("--spread", action="store_true",
                         help="show each mean's lowest and highest pass")
+    parser.add_argument("--base", default=None,
+                        help="ratios of every other tree to this one (default: this tree, "
+                             "'.', to each other)")
     args = parser.parse_args(argv)
     with open(args.log) as f:
         samples, trees = parse(f)
     if not samples:
         sys.exit(f"{args.log}: no rows after a '=== pass' line")
-    print(table(samples, trees, args.impls, args.spread))
+    try:
+        print(table(samples, trees, args.impls, args.spread, args.base))
+    except ValueError as e:
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":

@@ -508,6 +508,11 @@ NVIDIA H100 80GB HBM3: cupy 14.2.0; implementations: cuflash, cuflash-det
            "| 1.115 |" in text
     assert "| bwd | bf16 | cuflash | 128 | causal | 4096 | 400.0 | 420.0 | 1.050 |" in text
     assert "cuflash-det" not in text
+    # --base: every other tree's ratio to it (here the base's to this tree's inverse).
+    text = ab_table.table(samples, trees, impls=["cuflash"], base=".")
+    assert "`abtree` / `.`" in text and "| 305.0 | 340.0 | 0.897 |" in text
+    with pytest.raises(ValueError, match="base: no tree 'main'"):
+        ab_table.table(samples, trees, base="main")
 
 
 # ----------------------------------------------------------------- GPU: pytest-benchmark
