@@ -242,7 +242,8 @@ stage_ab() {
     runs=$(grep -c '^=== pass' "$OUT/ab.log")
     want=$((${AB_PASSES:-2} * ($(echo ${AB_TREES:-abtree} | wc -w) + 1)))
     if [ "$runs" -lt "$want" ]; then
-        summary ab "$runs of $want runs (stopped with $(left) s of BUDGET left; a run starts only with 120)"
+        local why="stopped with $(left) s of BUDGET left; a run starts only with 120"
+        summary ab "$runs of $want runs ($why)"
     else
         summary ab "$runs runs"
     fi

@@ -252,11 +252,11 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
 def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seqlens):
     """O staged over a persistent grid whose CTAs walk several tiles, with tiles without a
     visible key (1100 queries, 300 keys: rows 0..799) between others or (2000 x 2000) with
-    every tile's keys, the first query blocks' one key block, by TMA stores and, without
-    O's map, by 16-byte stores. Head dims 64 and 128 stage O in the Q tile, whose buffer
-    goes back once O has left it; 192 and 256 in V's stages (FwdSm90Traits::O_IN_V), the
-    producer holding each tile's first V load until the last staged O has left, and
-    key-less tiles store from the registers."""
+    keys in every tile (at hd64/128 the first query block sees one key block), by TMA
+    stores and, without O's map, by 16-byte stores. Head dims 64 and 128 stage O in the Q
+    tile, whose buffer goes back once O has left it; 192 and 256 in V's stages
+    (FwdSm90Traits::O_IN_V), the producer holding each tile's first V load until the last
+    staged O has left, and key-less tiles store from the registers."""
     _require_hopper()
     from cuflash import _api, ops
     if not by_tma:
