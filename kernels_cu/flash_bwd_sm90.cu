@@ -281,17 +281,7 @@ __device__ __forceinline__ void bwd_sm90_store_rows(uint32_t tile, int blk_bytes
                     dtype_traits<T>::pack(acc[4 * t + 2 * hh] * scale,
                                           acc[4 * t + 2 * hh + 1] * scale));
   sm90::named_barrier(bar, 128);
-  // A pass: 128 / CHUNKS rows, a multiple of 8, so a thread's chunk keeps its swizzle.
-  constexpr int CHUNKS = N / 8, ROWS = 128 / CHUNKS;  // 16-byte chunks of a row
-  static_assert(128 % CHUNKS == 0 && ROWS % 8 == 0, "whole swizzle periods a pass");
-  const int row0 = wtid / CHUNKS, c = wtid % CHUNKS;
-  const uint32_t src = tile + (c / 8) * blk_bytes + row0 * 128 + (((c % 8) ^ (row0 % 8)) << 4);
-  T* const dst = out + row0 * row_stride + c * 8;
-#pragma unroll
-  for (int i = 0; i < 64 / ROWS; ++i)
-    if (row0 + i * ROWS < rows && c * 8 < headdim)
-      *reinterpret_cast<uint4*>(dst + i * ROWS * row_stride) =
-          sm90::lds_u128(src + i * ROWS * 128);
+  sm90::store_staged_rows<T, N>(tile, blk_bytes, wtid, out, row_stride, rows, headdim);
 }
 
 // The offset in floats of element (r, c) of a 64 x 64 dq_accum tile (the layout above).

@@ -602,14 +602,10 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           }
           o_pending = qs;
         } else {
-          constexpr int CHUNKS = HEAD_DIM_V / 8;  // 16-byte chunks of a row
-#pragma unroll 1
-          for (int idx = tid % 128; idx < 64 * CHUNKS; idx += 128) {
-            const int row = idx / CHUNKS, c = idx % CHUNKS, i = wg_row0 + row;
-            if (i < seq.seqlen_q() && c * 8 < a.headdim)
-              *reinterpret_cast<uint4*>(o + i * p.fwd.o_row_stride + c * 8) = sm90::lds_u128(
-                  sO + (c / 8) * Tr::O_BLOCK_BYTES + row * 128 + (((c % 8) ^ (row % 8)) << 4));
-          }
+          sm90::store_staged_rows<T, HEAD_DIM_V>(sO, Tr::O_BLOCK_BYTES, tid % 128,
+                                                 o + wg_row0 * p.fwd.o_row_stride,
+                                                 p.fwd.o_row_stride, seq.seqlen_q() - wg_row0,
+                                                 a.headdim);
           // This warp's reads and writes of the buffer are done, before the TMA load of a
           // later Q or V writes it.
           sm90::fence_proxy_async();

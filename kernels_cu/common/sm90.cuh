@@ -110,6 +110,35 @@ __device__ __forceinline__ uint4 lds_u128(uint32_t addr) {
                : "memory");
   return v;
 }
+// 64 rows of N columns staged in shared memory (128-byte swizzled rows: chunk c of row r
+// at 16 ((c % 8) ^ (r % 8)), column block c / 8 at blk_bytes each) to global memory in
+// 16-byte chunks by a warpgroup's 128 threads (wtid): out is row 0, `rows` of them and
+// `cols` columns are stored (out's rows start on 16 bytes). Where a pass of the 128
+// threads covers whole swizzle periods (128 / CHUNKS rows, a multiple of 8), a thread
+// keeps one chunk and its swizzle, and the passes are unrolled.
+template <typename T, int N>
+__device__ __forceinline__ void store_staged_rows(uint32_t tile, int blk_bytes, int wtid,
+                                                  T* out, int64 row_stride, int rows,
+                                                  int cols) {
+  constexpr int CHUNKS = N / 8, ROWS = 128 / CHUNKS;  // 16-byte chunks of a row; a pass
+  if constexpr (128 % CHUNKS == 0 && ROWS % 8 == 0) {
+    const int row0 = wtid / CHUNKS, c = wtid % CHUNKS;
+    const uint32_t src = tile + (c / 8) * blk_bytes + row0 * 128 + (((c % 8) ^ (row0 % 8)) << 4);
+    T* const dst = out + row0 * row_stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < 64 / ROWS; ++i)
+      if (row0 + i * ROWS < rows && c * 8 < cols)
+        *reinterpret_cast<uint4*>(dst + i * ROWS * row_stride) = lds_u128(src + i * ROWS * 128);
+  } else {
+#pragma unroll 1
+    for (int idx = wtid; idx < 64 * CHUNKS; idx += 128) {
+      const int row = idx / CHUNKS, c = idx % CHUNKS;
+      if (row < rows && c * 8 < cols)
+        *reinterpret_cast<uint4*>(out + row * row_stride + c * 8) =
+            lds_u128(tile + (c / 8) * blk_bytes + row * 128 + (((c % 8) ^ (row % 8)) << 4));
+    }
+  }
+}
 
 // --- TMA ----------------------------------------------------------------------------------
 __device__ __forceinline__ void tma_prefetch(const TmaMap* map) {
