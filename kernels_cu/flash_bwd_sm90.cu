@@ -804,9 +804,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           // holds P, or under soft-cap pd = P (1 - tanh^2) (ScoreGrad::prob_softcap): either
           // way dS = s (dP - delta). lse and delta of a thread's queries are loaded before
           // the waits for S^T and dP^T: the loads queue behind the dQ reductions in the LSU,
-          // and their latency then runs under the wgmmas. Under soft-cap (whose
-          // instantiations would spill) lse is loaded where used.
-          constexpr bool LSE_EARLY = (OPTS & OPTS_SOFTCAP) == 0;
+          // and their latency then runs under the wgmmas. Under soft-cap at head dim 128
+          // (whose instantiations would spill) lse is loaded where used.
+          constexpr bool LSE_EARLY = (OPTS & OPTS_SOFTCAP) == 0 || D == 64;
           float2 lse_q[8], delta_q[8];
           if constexpr (LSE_EARLY) {
 #pragma unroll
@@ -835,7 +835,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
               for (int t = 0; t < 8; ++t) {
                 const int qc = 8 * t + 2 * qd;
-                const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+                const float2 l2 = LSE_EARLY ? lse_q[t] : sm90::lds_f32x2(lse_s + 4 * qc);
 #pragma unroll
                 for (int i = 4 * t; i < 4 * t + 4; ++i) {
                   const int query = q0 + qc + (i & 1), key = krow + 8 * ((i >> 1) & 1);
