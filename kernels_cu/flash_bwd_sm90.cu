@@ -805,12 +805,19 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           // way dS = s (dP - delta). lse and delta of a thread's queries are loaded before
           // the waits for S^T and dP^T: the loads queue behind the dQ reductions in the LSU,
           // and their latency then runs under the wgmmas. Under soft-cap at head dim 128
-          // (whose instantiations would spill) lse is loaded where used.
+          // (whose instantiations would spill) lse is loaded where used. At head dim 64 delta
+          // is loaded with lse (at 128 under dV: its soft-cap instantiations would spill).
           constexpr bool LSE_EARLY = (OPTS & OPTS_SOFTCAP) == 0 || D == 64;
+          constexpr bool DELTA_EARLY = D == 64;
           float2 lse_q[8], delta_q[8];
           if constexpr (LSE_EARLY) {
 #pragma unroll
             for (int t = 0; t < 8; ++t) lse_q[t] = sm90::lds_f32x2(lse_s + 4 * (8 * t + 2 * qd));
+          }
+          if constexpr (DELTA_EARLY) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+              delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
           }
           sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
           sm90::fence_regs<32>(s[sb]);
@@ -878,8 +885,11 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
           sm90::wgmma_commit();
+          if constexpr (!DELTA_EARLY) {
 #pragma unroll
-          for (int t = 0; t < 8; ++t) delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
+            for (int t = 0; t < 8; ++t)
+              delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
+          }
           sm90::wgmma_wait<1>();  // dP^T (dV may run)
           sm90::fence_regs<32>(dp[sb]);
 #pragma unroll
