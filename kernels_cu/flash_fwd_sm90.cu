@@ -179,11 +179,26 @@ struct FwdTile {
 // S = Q K^T; with O staged there, once O left it) and its first K stages, and its first V
 // stages unless O is staged in them (o_read): the rings and their barrier phases run on
 // across tiles.
-template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS,
-          bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
-__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
-flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
+//
+// CLUSTER > 1 (flash_fwd_sm90_cluster): the CTAs of a cluster run adjacent query blocks of
+// one (head, item) pair and share its K and V: rank r loads column blocks r, r + CLUSTER,
+// .. of every K and V tile by TMA multicast into the same place of every CTA's ring, so
+// that L2 serves each tile once per cluster (FA3's clusters of two). A stage is refilled
+// once the consumers of every CTA released it: empty barriers count the consumer warps of
+// the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
+// blocks in the same order: tiles are pairs of query blocks taken in the static order, and
+// the host picks clusters only where no window makes the key range depend on the rows
+// (ops/forward.py). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
+// rows past seqlen_q (a whole block where the count of Br blocks is odd) compute on zeros
+// and are not stored.
+template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS, bool VARLEN,
+          int HEAD_DIM_V, int CLUSTER>
+__device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
+  static_assert(CLUSTER == 1 || (!VARLEN && Tr::O_IN_Q && Tr::QK_BLOCKS % CLUSTER == 0 &&
+                                 Tr::V_BLOCKS % CLUSTER == 0),
+                "clusters: dense calls, O staged in Q (V's stages hold only K/V), whole "
+                "column blocks a rank");
   constexpr int K_STAGES = Tr::K_STAGES, V_STAGES = Tr::V_STAGES;
   constexpr int Br = Tr::BLOCK_M, Bc = BLOCK_N;
   const AttnArgs& a = p.fwd.attn;
@@ -225,16 +240,16 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
   const int group = a.nheads / a.nheads_kv;
 
   if (tid == 0) {
-    // Every empty barrier counts one arrival per consumer warp.
+    // Every empty barrier counts one arrival per consumer warp (K and V's: of the cluster).
 #pragma unroll
     for (int s = 0; s < K_STAGES; ++s) {
       sm90::mbar_init(full_k(s), 1);
-      sm90::mbar_init(empty_k(s), 4 * CONSUMERS);
+      sm90::mbar_init(empty_k(s), 4 * CONSUMERS * CLUSTER);
     }
 #pragma unroll
     for (int s = 0; s < V_STAGES; ++s) {
       sm90::mbar_init(full_v(s), 1);
-      sm90::mbar_init(empty_v(s), 4 * CONSUMERS);
+      sm90::mbar_init(empty_v(s), 4 * CONSUMERS * CLUSTER);
     }
     for (int s = 0; s < Q_STAGES; ++s) {
       sm90::mbar_init(full_q(s), 1);
@@ -243,7 +258,12 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS);
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  // The other CTAs' copies and arrivals reach this CTA's barriers only once they exist.
+  if constexpr (CLUSTER > 1)
+    sm90::cluster_sync();
+  else
+    __syncthreads();
+  const uint32_t rank = CLUSTER > 1 ? sm90::cluster_ctarank() : 0;
 
   if (warpgroup == 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
@@ -251,13 +271,14 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
-      int* counter = p.tile_counter;
+      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
       // tile only near the end of this one, as dynamic scheduling needs.
-      int t = counter ? atomicAdd(counter, 1) : blockIdx.x, t_next = t;
-      auto fetch_next = [&] { t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x; };
+      const int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
+      int t = counter ? atomicAdd(counter, 1) : first, t_next = t;
+      auto fetch_next = [&] { t_next = counter ? atomicAdd(counter, 1) : t + step; };
       for (;;) {
         t = t_next;
         SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
@@ -291,6 +312,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           break;
         }
         FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
+        tile.m_block = tile.m_block * CLUSTER + rank;
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
             return item;
@@ -331,9 +353,15 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
           const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
           const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
           sm90::mbar_arrive_expect_tx(full, value ? Tr::V_BYTES : Tr::K_BYTES);
-          for (int cb = 0; cb < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS); ++cb)
-            sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
-                              seq.b);
+          for (int j = 0; j < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS) / CLUSTER; ++j) {
+            const int cb = j * CLUSTER + rank;
+            if constexpr (CLUSTER > 1)
+              sm90::tma_load_4d_multicast(dst + cb * Tr::KV_BLOCK_BYTES, map, full,
+                                          (1u << CLUSTER) - 1, cb * 64, n0, h_kv, seq.b);
+            else
+              sm90::tma_load_4d(dst + cb * Tr::KV_BLOCK_BYTES, map, full, cb * 64, n0, h_kv,
+                                seq.b);
+          }
         };
         load(false, 0);
         if (n_blocks == 1) fetch_next();
@@ -399,6 +427,13 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     // store: Q's (empty_q, for the Q of the tile after next) after the first softmax (its S
     // released first); V's stages (o_read, for the tile's V) once the first S is issued.
     const bool issuer = tid % 128 == 0;
+    // A K or V stage handed back: one arrival per warp on every CTA's barrier of the cluster.
+    auto release_kv = [&](uint32_t bar) {
+      if constexpr (CLUSTER > 1)
+        sm90::mbar_arrive_cluster_if(bar, lane % CLUSTER, lane < CLUSTER);
+      else
+        sm90::mbar_arrive_if(bar, lane == 0);
+    };
     int o_pending = -1;  // the Q buffer of such a store, not yet released
     auto release_o_buffer = [&] {
       if (o_pending >= 0 && issuer) {
@@ -474,7 +509,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
         sm90::fence_regs<HEAD_DIM_V / 2>(&acc_o[0][0][0]);
         sm90::fence_regs_u32<Bc / 4>(&pf[0][0]);  // P was read asynchronously until here
         __syncwarp();
-        sm90::mbar_arrive_if(empty_v((g + it) % V_STAGES), lane == 0);
+        release_kv(empty_v((g + it) % V_STAGES));
       };
       // S = Q K^T of block it: HEAD_DIM / 16 k-steps, the first overwriting the accumulators.
       float sc[1][N_TILES][4];
@@ -503,7 +538,7 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
       auto scores = [&](int it) {
         sm90::fence_regs<Bc / 2>(&sc[0][0][0]);
         __syncwarp();
-        sm90::mbar_arrive_if(empty_k((g + it) % K_STAGES), lane == 0);
+        release_kv(empty_k((g + it) % K_STAGES));
         sm90::mbar_arrive_if(empty_q(qs), lane == 0 && it == n_blocks - 1 && !Tr::O_IN_Q);
         const int n0 = (tile.n_block_max - 1 - it) * Bc, col0 = n0 + 2 * (lane & 3);
         const bool boundary = mask.tile_needs_mask(wg_row0, wg_row0 + 64, n0, n0 + Bc);
@@ -632,6 +667,20 @@ flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
     if constexpr (Tr::STAGED_O && !VARLEN)
       if (p.o_by_tma && issuer) sm90::bulk_wait<0, true>();
   }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS,
+          bool VARLEN = false, int HEAD_DIM_V = HEAD_DIM>
+__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
+flash_fwd_sm90(const __grid_constant__ FwdSm90Params p) {
+  fwd_sm90<T, HEAD_DIM, BLOCK_N, CONSUMERS, OPTS, VARLEN, HEAD_DIM_V, 1>(p);
+}
+
+// Clusters of two CTAs (gridDim.x even) sharing K and V (fwd_sm90's CLUSTER).
+template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (CONSUMERS + 1), 1)
+flash_fwd_sm90_cluster(const __grid_constant__ FwdSm90Params p) {
+  fwd_sm90<T, HEAD_DIM, BLOCK_N, CONSUMERS, OPTS, false, HEAD_DIM, 2>(p);
 }
 
 }  // namespace cuflash

@@ -78,7 +78,7 @@ def struct_of(name: str):
     check), used to name fields in diffs, find the scratch fields and mask padding."""
     from cuflash import ops
     base = name.split("<", 1)[0]
-    if base == "cuflash::flash_fwd_sm90":
+    if base in ("cuflash::flash_fwd_sm90", "cuflash::flash_fwd_sm90_cluster"):
         return "fwd_sm90", ops.forward.SM90_PARAMS
     if base in ("cuflash::flash_fwd", "cuflash::flash_fwd_f32"):
         return "fwd", ops.forward.PARAMS

@@ -276,6 +276,63 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seq
         _api.CALLS.clear()
 
 
+@pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
+@pytest.mark.parametrize("case", [
+    (BF16, 2, 1100, 300, 16, 4, 128, {}),  # 9 query blocks: the last pair's second is empty
+    (F16, 3, 1025, 1025, 8, 2, 128, dict(softcap=5.0)),
+    (BF16, 1, 17, 97, 4, 4, 96, dict(alibi="heads")),  # one query block: its peer empty
+    (F16, 2, 2000, 2000, 32, 8, 128, {}),  # more tiles than clusters, two consumers a CTA
+    (BF16, 1, 1, 4096, 3, 1, 128, dict(alibi="batch")),
+], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
+        "bf16-one-row"])
+def test_cluster_kernel_matches_one_cta(monkeypatch, launched, by_tma, case):
+    """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
+    on the same inputs: the same arithmetic in the same order, so bitwise equal, and both
+    meet the accuracy rule (check). Odd counts of query blocks leave a cluster's second CTA
+    a block past the rows, which computes but stores nothing; O by TMA and, without O's
+    map, by 16-byte stores."""
+    _require_hopper()
+    import cupy
+    from cuflash import _api, ops
+    from cuflash._api import contiguous_strides
+    dtype, batch, sq, sk, h, hkv, d, opts = case
+    if not by_tma:
+        real_call = ops.forward.Plan.__call__
+
+        def without_o_map(plan, *args):
+            plan.o_maps = None
+            return real_call(plan, *args)
+
+        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
+    ops.forward.plan.cache_clear()
+    _api.CALLS.clear()
+    try:
+        check(dtype, batch, sq, sk, h, hkv, d, **opts)
+        assert [n for _, n in launched] and all(
+            n.startswith("cuflash::flash_fwd_sm90_cluster<") for _, n in launched), launched
+        rng = np.random.default_rng(sq * sk)
+        q, k, v = (cupy.asarray(rng.standard_normal((batch, n, heads, d)).astype(dtype))
+                   for n, heads in ((sq, h), (sk, hkv), (sk, hkv)))
+        kwargs = {}
+        if "alibi" in opts:
+            shape = (h,) if opts["alibi"] == "heads" else (batch, h)
+            kwargs["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.5, shape), np.float32)
+        kwargs.update((key, val) for key, val in opts.items() if key != "alibi")
+        p = ops.dense_problem(q, k, v, **kwargs)
+        layout, lse_shape = contiguous_strides(q.shape, q.dtype.itemsize), (batch, h, sq)
+        runs = []
+        for cluster in (2, 1):
+            config = ops.forward.sm90_config(dtype, d, p.opts, False, sk, cluster=cluster)
+            launch = ops.forward.Launch(p, layout, lse_shape, config)
+            runs.append(launch(q, k, v, kwargs.get("alibi_slopes")))
+        (o2, lse2), (o1, lse1) = runs
+        assert cupy.array_equal(o2.view(np.uint16), o1.view(np.uint16))
+        assert cupy.array_equal(lse2, lse1)
+    finally:
+        ops.forward.plan.cache_clear()
+        _api.CALLS.clear()
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),

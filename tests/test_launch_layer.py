@@ -38,9 +38,9 @@ Legitimate differences, excluded from the comparison (each with its reason):
   and after it l2_section (the Hopper backward's CTA order), which they do not read.
 * The Hopper forward changed on purpose since (docs/notes/forward.md, v4-v6): it runs
   every fp16/bf16 head dim (the old layer: only those padded to 64 or 128), with new tiles
-  and template arguments. Where the new layer launches flash_fwd_sm90 on sm_90 in place of
-  the old one's flash_fwd or flash_fwd_sm90, that launch compares by its kernel family
-  alone (its params struct is proven against the CUDA source by the compile check); the
+  and template arguments. Where the new layer launches flash_fwd_sm90 (or its clusters) on
+  sm_90 in place of the old one's flash_fwd or flash_fwd_sm90, that launch compares by its
+  kernel family alone (its params struct is proven against the CUDA source by the compile check); the
   call's other launches compare as usual.
 * The Hopper backward is warp-specialized since docs/notes/backward.md's "v3 step 1": a
   producer warpgroup beside the two MMA warpgroups, 384 threads where the old ran 256.
@@ -74,6 +74,8 @@ _APPEND_UNREAD = ("o", "o_batch_stride", "o_row_stride", "o_head_stride", "lse",
 _DECODE_UNREAD = ("k_new", "v_new", "kn_batch_stride", "kn_row_stride", "kn_head_stride",
                   "vn_batch_stride", "vn_row_stride", "vn_head_stride")
 # Kernels that read each counter (their need: bytes, from the launch)
+# The Hopper forward's kernels, one CTA or clusters of two.
+_HOPPER_FWD = ("cuflash::flash_fwd_sm90<", "cuflash::flash_fwd_sm90_cluster<")
 _COUNTER_READERS = {"tile_counter": "cuflash::flash_fwd_sm90",
                     "split_counter": "cuflash::flash_decode"}
 
@@ -225,7 +227,7 @@ def compare_call(call_id, old: dict, new: dict) -> list:
     if call_id.startswith("sm_90/"):
         moved = [i for i, (a, b) in enumerate(zip(lo, ln))
                  if a["name"].startswith("cuflash::flash_fwd")
-                 and b["name"].startswith("cuflash::flash_fwd_sm90<")]
+                 and b["name"].startswith(_HOPPER_FWD)]
         lo = [x for i, x in enumerate(lo) if i not in moved]
         ln = [x for i, x in enumerate(ln) if i not in moved]
         hopper_bwd = ("cuflash::bwd_sm90<", "cuflash::bwd_sm90_wide<",
@@ -594,7 +596,7 @@ def _hopper_forward_o(hd, refuse_out=False):
         finally:
             _tma._encode_tiled = fake
         [raw] = [x["raw"] for x in world.launches
-                 if x["kernel"].name.startswith("cuflash::flash_fwd_sm90<")]
+                 if x["kernel"].name.startswith(_HOPPER_FWD)]
         at = forward.SM90_PARAMS.fields
         o_map = raw[at["tma_o"][1]:at["tma_o"][1] + _tma.MAP_BYTES]
         flag = int.from_bytes(raw[at["o_by_tma"][1]:at["o_by_tma"][1] + 4], "little")
@@ -618,3 +620,29 @@ def test_hopper_forward_stores_o_without_tma_where_the_driver_refuses_out():
     """q, k and v mapped, out refused: the Hopper kernel still runs, O by 16-byte stores."""
     o_map, flag, _ = _hopper_forward_o(128, refuse_out=True)
     assert flag == 0 and o_map == bytes(len(o_map))
+
+
+def test_hopper_forward_clusters_launch_whole_clusters():
+    """hd128 without a window runs in clusters of two: an even grid of at most the SMs, a
+    tile per cluster (m_blocks counts pairs of query blocks, the last one half empty where
+    their count is odd); a causal call runs one CTA a tile."""
+    from cuflash.ops import forward
+    with fake_gpu() as (cuflash, world):
+        mk = record_launches.Maker(world, 0)
+        at = forward.SM90_PARAMS.fields
+
+        def field(raw, name):
+            return int.from_bytes(raw[at[name][1]:at[name][1] + 4], "little")
+
+        # (batch, heads, causal): m_blocks, the grid (132 SMs)
+        for (batch, heads, causal), (blocks, grid) in {
+                (2, 8, False): (5, 132), (1, 4, False): (5, 40), (2, 8, True): (9, 132)}.items():
+            q, k, v = (mk.array((batch, 1100, heads, 128), np.float16, n) for n in "qkv")
+            world.begin_call()
+            cuflash.attention_forward(q, k, v, causal=causal)
+            [launch] = [x for x in world.launches if x["kernel"].name.startswith(_HOPPER_FWD)]
+            assert launch["kernel"].name.startswith(
+                _HOPPER_FWD[0] if causal else _HOPPER_FWD[1]), launch["kernel"].name
+            assert tuple(launch["grid"])[0] == grid
+            assert field(launch["raw"], "m_blocks") == blocks
+            assert field(launch["raw"], "tiles") == blocks * batch * heads

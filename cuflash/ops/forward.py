@@ -57,6 +57,9 @@ class Sm90Tile:
     consumers: int        # consumer warpgroups of 64 query rows: Br = 64 x consumers
     consumers_short: int  # the same under SM90_SHORT_KEYS keys, and with softcap / ALiBi
     reason: str
+    # CTAs of a cluster sharing K and V by TMA multicast (flash_fwd_sm90_cluster) where no
+    # window makes a tile's keys depend on its rows, dense calls only; 1: no clusters.
+    cluster: int = 1
 
 
 # flash_fwd_sm90: one producer and two or three consumer warpgroups of 64 rows
@@ -78,7 +81,8 @@ SM90_TILES = {
                                  "h200_2026-12-05/tiles.md); two at 1k, +14% causal"),
     128: Sm90Tile(128, 128, 2, 2, "Bc 128 with the overlapped mainloop: +1-15% over Bc 176 "
                                   "and 160 at every row (tiles.md; Bc 176 led before the "
-                                  "overlap, notes Hopper v1)"),
+                                  "overlap, notes Hopper v1); clusters of two without a "
+                                  "window (notes v30)", cluster=2),
     192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
                                  "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
     256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
@@ -140,6 +144,7 @@ class Config:
     num_threads: int
     shared_bytes: int
     block_n: int = 0  # Bc of the TMA boxes of K and V (flash_fwd_sm90 only)
+    cluster: int = 1  # CTAs of a cluster (flash_fwd_sm90_cluster: 2)
     traits: str = ""  # the C++ traits whose SMEM_BYTES is shared_bytes (the compile check)
     sm90: Sm90Layout | None = None  # flash_fwd_sm90's rings and O staging
 
@@ -176,19 +181,29 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
 
 
 def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
-                block_n: int | None = None, consumers: int | None = None) -> Config:
+                block_n: int | None = None, consumers: int | None = None,
+                windowed: bool = False, cluster: int | None = None) -> Config:
     """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
-    SM90_TILES, applying the score options ``opts`` (its OPTS, ``_core.score_opts``);
-    ``block_n`` and ``consumers`` override the table's, for tuning."""
+    SM90_TILES, applying the score options ``opts`` (its OPTS, ``_core.score_opts``), in
+    the table's clusters unless ``varlen`` or ``windowed`` (a causal mask is a window);
+    ``block_n``, ``consumers`` and ``cluster`` override the table's, for tuning and tests."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     short = seqlen_k < SM90_SHORT_KEYS
     bn = block_n or (t.block_n_short if opts or short else t.block_n)
     c = consumers or (t.consumers_short if opts or short else t.consumers)
     layout = sm90_layout(hd, bn, c)
-    name = (f"cuflash::flash_fwd_sm90<{_core.CXX_TYPES[np.dtype(dtype)]}, {hd}, {bn}, {c}, "
-            f"{opts}{tiles.varlen_flag(varlen)}>")
-    return Config(SM90_FILE, name, 64 * c, 128 * (c + 1), layout.smem, bn,
+    if cluster is None:
+        cluster = 1 if varlen or windowed or c != 2 or layout.q_stages != 2 else t.cluster
+    elif cluster > 1 and (varlen or c != 2 or layout.q_stages != 2 or hd // 64 % cluster):
+        raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, "
+                         f"{layout.q_stages} Q stages{', varlen' if varlen else ''}")
+    dt = _core.CXX_TYPES[np.dtype(dtype)]
+    if cluster > 1:
+        name = f"cuflash::flash_fwd_sm90_cluster<{dt}, {hd}, {bn}, {c}, {opts}>"
+    else:
+        name = f"cuflash::flash_fwd_sm90<{dt}, {hd}, {bn}, {c}, {opts}{tiles.varlen_flag(varlen)}>"
+    return Config(SM90_FILE, name, 64 * c, 128 * (c + 1), layout.smem, bn, cluster,
                   f"cuflash::FwdSm90Traits<{hd}, {bn}, {c}>", layout)
 
 
@@ -197,7 +212,8 @@ def choose(p: _core.Problem, arch: str) -> Config:
     serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
             and p.fast_tanh:
-        return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k)
+        return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k,
+                           windowed=p.windowed)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
@@ -218,10 +234,13 @@ class Plan:
         self.maps, self.o_maps, int_fields = maps, None, ()
         if config.hopper:
             blank = np.zeros(_tma.MAP_BYTES, np.uint8)  # a call writes the maps (``head``)
-            num_tiles = grid[0] * grid[1] * grid[2]
-            ctas = min(num_tiles, _core.num_sms(p.device_id))
-            record = (blank, blank, blank, blank, fwd, 0, grid[0], num_tiles,
-                      _section(p, grid[0], ctas), 0)
+            # A tile per cluster: `cluster` query blocks.
+            m_blocks = -(-grid[0] // config.cluster)
+            num_tiles = m_blocks * grid[1] * grid[2]
+            clusters = min(num_tiles, _core.num_sms(p.device_id) // config.cluster)
+            ctas = clusters * config.cluster
+            record = (blank, blank, blank, blank, fwd, 0, m_blocks, num_tiles,
+                      _section(p, m_blocks, clusters), 0)
             fields = [f"fwd.{f}" for f in fields] + ["tile_counter"]
             int_fields = ("o_by_tma",)
             grid, dtype = (ctas,), SM90_PARAMS
@@ -334,8 +353,10 @@ def _configs():
                 for softcap, alibi in itertools.product((False, True), repeat=2):
                     opts = _core.score_opts(softcap, alibi)
                     for c in (mma_config(dtype, hd, opts != 0, varlen),
-                              *(sm90_config(dtype, hd, opts, varlen, seqlen_k)
-                                for seqlen_k in (SM90_SHORT_KEYS, 1))):
+                              *(sm90_config(dtype, hd, opts, varlen, seqlen_k,
+                                            windowed=windowed)
+                                for seqlen_k in (SM90_SHORT_KEYS, 1)
+                                for windowed in (False, True))):
                         if c not in seen:
                             seen.add(c)
                             yield c

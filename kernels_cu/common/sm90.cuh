@@ -69,6 +69,17 @@ __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
                "r"(static_cast<int>(pred))
                : "memory");
 }
+// mbar_arrive_if on the barrier at `bar`'s offset in CTA `rank` of this CTA's cluster (this
+// CTA's own included). Release at CTA scope, as mbar_arrive: where the arrival hands back a
+// buffer that wgmma read (the wait for the wgmma orders the reads), cluster scope would add
+// a MEMBAR.GPU for nothing.
+__device__ __forceinline__ void mbar_arrive_cluster_if(uint32_t bar, uint32_t rank, bool pred) {
+  asm volatile("{\n.reg .pred p;\n.reg .b32 remote;\nsetp.ne.b32 p, %2, 0;\n"
+               "mapa.shared::cluster.u32 remote, %0, %1;\n"
+               "@p mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
+               ::"r"(bar), "r"(rank), "r"(static_cast<int>(pred))
+               : "memory");
+}
 // Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
 // so waiting for parity 1 returns at once: the usual "previous phase" convention). Each
 // try_wait may suspend the warp until the phase completes, up to MBAR_SUSPEND_NS: without
@@ -156,6 +167,20 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
       : "memory");
 }
 
+// tma_load_4d into shared memory at `dst` of every CTA of the cluster in `cta_mask` (bit r:
+// rank r), each completing the barrier at `bar`'s offset in its own shared memory: one
+// read of L2 for several CTAs.
+__device__ __forceinline__ void tma_load_4d_multicast(uint32_t dst, const TmaMap* map,
+                                                      uint32_t bar, unsigned short cta_mask, int c0,
+                                                      int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%4, %5, %6, %7}], [%2], %3;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "h"(cta_mask), "r"(c0), "r"(c1),
+      "r"(c2), "r"(c3)
+      : "memory");
+}
+
 // The box at coordinates (c0 .. c3) of a 4-D tensor map into the L2 cache, nothing into
 // shared memory: a later tma_load_4d of it then reads L2. Out-of-bounds parts are skipped.
 __device__ __forceinline__ void tma_prefetch_4d(const TmaMap* map, int c0, int c1, int c2,
@@ -203,6 +228,19 @@ __device__ __forceinline__ void bulk_wait() {
     asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
   else
     asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// --- Clusters ------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// Every thread of every CTA of the cluster meets here (a __syncthreads across the cluster):
+// writes before it, barrier inits included, are visible to all of them after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+               ::: "memory");
 }
 
 // --- Register reallocation between warpgroups -----------------------------------------
