@@ -190,15 +190,16 @@ struct FwdTile {
 // the host picks clusters only where no window makes the key range depend on the rows
 // (ops/forward.py). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
 // rows past seqlen_q (a whole block where the count of Br blocks is odd) compute on zeros
-// and are not stored.
+// and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs' copies
+// also fill, o_read counts the consumers of the cluster as the empty barriers do.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS, bool VARLEN,
           int HEAD_DIM_V, int CLUSTER>
 __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
   using Tr = FwdSm90Traits<HEAD_DIM, BLOCK_N, CONSUMERS, HEAD_DIM_V>;
-  static_assert(CLUSTER == 1 || (!VARLEN && Tr::O_IN_Q && Tr::QK_BLOCKS % CLUSTER == 0 &&
+  static_assert(CLUSTER == 1 || (!VARLEN && Tr::STAGED_O && Tr::QK_BLOCKS % CLUSTER == 0 &&
                                  Tr::V_BLOCKS % CLUSTER == 0),
-                "clusters: dense calls, O staged in Q (V's stages hold only K/V), whole "
-                "column blocks a rank");
+                "clusters: dense calls, O staged (o_read counts the cluster's consumers), "
+                "whole column blocks a rank");
   constexpr int K_STAGES = Tr::K_STAGES, V_STAGES = Tr::V_STAGES;
   constexpr int Br = Tr::BLOCK_M, Bc = BLOCK_N;
   const AttnArgs& a = p.fwd.attn;
@@ -255,7 +256,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       sm90::mbar_init(full_q(s), 1);
       sm90::mbar_init(empty_q(s), 4 * CONSUMERS);
     }
-    if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS);
+    if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS * CLUSTER);
     sm90::fence_barrier_init();
   }
   // The other CTAs' copies and arrivals reach this CTA's barriers only once they exist.
@@ -387,7 +388,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
             const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs);
 #pragma unroll
             for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
+              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, (next.m_block * CLUSTER + rank) * Br,
+                                    next.h, next.b);
           }
       }
       // Keep this thread until its last copies were consumed.
@@ -427,7 +429,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     // store: Q's (empty_q, for the Q of the tile after next) after the first softmax (its S
     // released first); V's stages (o_read, for the tile's V) once the first S is issued.
     const bool issuer = tid % 128 == 0;
-    // A K or V stage handed back: one arrival per warp on every CTA's barrier of the cluster.
+    // A K or V stage (or V's, with O staged there: o_read) handed back: one arrival per
+    // warp on every CTA's barrier of the cluster.
     auto release_kv = [&](uint32_t bar) {
       if constexpr (CLUSTER > 1)
         sm90::mbar_arrive_cluster_if(bar, lane % CLUSTER, lane < CLUSTER);
@@ -438,8 +441,12 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     auto release_o_buffer = [&] {
       if (o_pending >= 0 && issuer) {
         sm90::bulk_wait<0, true>();
-        // for the consumer's 4 warps
-        sm90::mbar_arrive_count(Tr::O_IN_V ? o_read : empty_q(o_pending), 4);
+        // for the consumer's 4 warps (O_IN_V: on every CTA's o_read of the cluster)
+        if constexpr (Tr::O_IN_V && CLUSTER > 1)
+#pragma unroll
+          for (int r = 0; r < CLUSTER; ++r) sm90::mbar_arrive_cluster_count(o_read, r, 4);
+        else
+          sm90::mbar_arrive_count(Tr::O_IN_V ? o_read : empty_q(o_pending), 4);
       }
       o_pending = -1;
     };
@@ -645,7 +652,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           // later Q or V writes it.
           sm90::fence_proxy_async();
           __syncwarp();
-          sm90::mbar_arrive_if(Tr::O_IN_V ? o_read : empty_q(qs), lane == 0);
+          if constexpr (Tr::O_IN_V)
+            release_kv(o_read);
+          else
+            sm90::mbar_arrive_if(empty_q(qs), lane == 0);
         }
       }
 #pragma unroll

@@ -283,14 +283,18 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seq
     (BF16, 1, 17, 97, 4, 4, 96, dict(alibi="heads")),  # one query block: its peer empty
     (F16, 2, 2000, 2000, 32, 8, 128, {}),  # more tiles than clusters, two consumers a CTA
     (BF16, 1, 1, 4096, 3, 1, 128, dict(alibi="batch")),
+    (BF16, 2, 1100, 300, 8, 2, 256, {}),  # O staged in V's stages, which both CTAs fill
+    (F16, 2, 2000, 2000, 16, 4, 256, dict(softcap=5.0)),
+    (BF16, 1, 17, 97, 2, 1, 200, {}),
 ], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
-        "bf16-one-row"])
+        "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block"])
 def test_cluster_kernel_matches_one_cta(monkeypatch, launched, by_tma, case):
     """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
     on the same inputs: the same arithmetic in the same order, so bitwise equal, and both
     meet the accuracy rule (check). Odd counts of query blocks leave a cluster's second CTA
     a block past the rows, which computes but stores nothing; O by TMA and, without O's
-    map, by 16-byte stores."""
+    map, by 16-byte stores; at hd256 through V's stages, which the peer's copies also fill
+    (o_read counts both CTAs' consumers)."""
     _require_hopper()
     import cupy
     from cuflash import _api, ops

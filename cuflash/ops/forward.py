@@ -86,7 +86,8 @@ SM90_TILES = {
     192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
                                  "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
     256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
-                                "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync"),
+                                "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync; "
+                                "clusters of two without a window (notes v31)", cluster=2),
 }
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
@@ -193,11 +194,13 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     bn = block_n or (t.block_n_short if opts or short else t.block_n)
     c = consumers or (t.consumers_short if opts or short else t.consumers)
     layout = sm90_layout(hd, bn, c)
+    # The kernel's clusters: dense, O staged, whole 64-column blocks of K and V a CTA.
+    can = not varlen and layout.staged_o and hd // 64 % t.cluster == 0
     if cluster is None:
-        cluster = 1 if varlen or windowed or c != 2 or layout.q_stages != 2 else t.cluster
-    elif cluster > 1 and (varlen or c != 2 or layout.q_stages != 2 or hd // 64 % cluster):
-        raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, "
-                         f"{layout.q_stages} Q stages{', varlen' if varlen else ''}")
+        cluster = t.cluster if can and not windowed else 1
+    elif cluster > 1 and (cluster != t.cluster or not can):
+        raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, Bc {bn}"
+                         f"{', varlen' if varlen else ''}")
     dt = _core.CXX_TYPES[np.dtype(dtype)]
     if cluster > 1:
         name = f"cuflash::flash_fwd_sm90_cluster<{dt}, {hd}, {bn}, {c}, {opts}>"

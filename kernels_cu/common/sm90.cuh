@@ -80,6 +80,14 @@ __device__ __forceinline__ void mbar_arrive_cluster_if(uint32_t bar, uint32_t ra
                ::"r"(bar), "r"(rank), "r"(static_cast<int>(pred))
                : "memory");
 }
+// `count` arrivals on the barrier at `bar`'s offset in CTA `rank` of this CTA's cluster.
+__device__ __forceinline__ void mbar_arrive_cluster_count(uint32_t bar, uint32_t rank,
+                                                          uint32_t count) {
+  asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+               "mbarrier.arrive.shared::cluster.b64 _, [remote], %2;\n}\n"
+               ::"r"(bar), "r"(rank), "r"(count)
+               : "memory");
+}
 // Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
 // so waiting for parity 1 returns at once: the usual "previous phase" convention). Each
 // try_wait may suspend the warp until the phase completes, up to MBAR_SUSPEND_NS: without
