@@ -397,6 +397,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         sm90::mbar_wait(empty_k(j % K_STAGES), (j / K_STAGES - 1) & 1);
       for (int j = max(g, V_STAGES); j < g + V_STAGES; ++j)
         sm90::mbar_wait(empty_v(j % V_STAGES), (j / V_STAGES - 1) & 1);
+      // And, in a cluster, until every CTA's last O left (their last arrivals on o_read):
+      // a remote arrival on a CTA that has exited faults.
+      if constexpr (Tr::O_IN_V && CLUSTER > 1)
+        if (g > 0) sm90::mbar_wait(o_read, o_phase);
       // The last CTA to finish (all others fetched their last index before counting
       // themselves done) leaves the counters at zero for the next launch.
       if (counter) {
@@ -676,6 +680,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     // The last tile's TMA stores read shared memory until here.
     if constexpr (Tr::STAGED_O && !VARLEN)
       if (p.o_by_tma && issuer) sm90::bulk_wait<0, true>();
+    if constexpr (Tr::O_IN_V && CLUSTER > 1) release_o_buffer();  // the producers' tail
   }
 }
 

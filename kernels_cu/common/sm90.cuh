@@ -244,11 +244,11 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
   return rank;
 }
-// Every thread of every CTA of the cluster meets here (a __syncthreads across the cluster):
-// writes before it, barrier inits included, are visible to all of them after it.
+// Every thread of every CTA of the cluster meets here (a __syncthreads across the cluster;
+// threads of a warp need not arrive together): writes before it, barrier inits included,
+// are visible to all of them after it.
 __device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
-               ::: "memory");
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
 // --- Register reallocation between warpgroups -----------------------------------------
