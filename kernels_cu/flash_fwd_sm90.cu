@@ -16,6 +16,8 @@
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
 //     (through the consumer's rows of its Q tile where Q has two buffers), LSE written.
+// Dense calls without a window at head dims 128 and 256 run in clusters of two CTAs that
+// share each K and V tile by TMA multicast (flash_fwd_sm90_cluster; fwd_sm90's CLUSTER).
 // OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
 // OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap's tanh in the form tanh_form<T, OPTS>() picks,
 // as in the backward.
@@ -44,12 +46,14 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v, 64 for o) x 1 x 1, 128-byte swizzle; the
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
-// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...);
-// m_blocks, the query blocks per head and item, ceil(seqlen_q / Br); tiles, m_blocks x
-// heads x items; section, the (head, item) pairs of a section of the tile order (FwdTile);
-// and o_by_tma, whether tma_o holds a map (dense calls with a staged O tile, where the
-// driver encoded one; else O leaves by 16-byte stores). Varlen: the maps view q, k, v as
-// (headdim, total, heads, 1), m_blocks is that of the longest item, and section is 1.
+// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; clusters
+// always take it, cluster i tiles i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
+// blocks per head and item, ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br
+// rows); tiles, m_blocks x heads x items; section, the (head, item) pairs of a section of
+// the tile order (FwdTile); and o_by_tma, whether tma_o holds a map (dense calls with a
+// staged O tile, where the driver encoded one; else O leaves by 16-byte stores). Varlen:
+// the maps view q, k, v as (headdim, total, heads, 1), m_blocks is that of the longest
+// item, and section is 1.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v, tma_o;
   FwdParams fwd;

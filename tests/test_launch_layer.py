@@ -40,8 +40,8 @@ Legitimate differences, excluded from the comparison (each with its reason):
   every fp16/bf16 head dim (the old layer: only those padded to 64 or 128), with new tiles
   and template arguments. Where the new layer launches flash_fwd_sm90 (or its clusters) on
   sm_90 in place of the old one's flash_fwd or flash_fwd_sm90, that launch compares by its
-  kernel family alone (its params struct is proven against the CUDA source by the compile check); the
-  call's other launches compare as usual.
+  kernel family alone (its params struct is proven against the CUDA source by the compile
+  check); the call's other launches compare as usual.
 * The Hopper backward is warp-specialized since docs/notes/backward.md's "v3 step 1": a
   producer warpgroup beside the two MMA warpgroups, 384 threads where the old ran 256.
   bwd_sm90 launches compare with the old block taken as ``backward.SM90_THREADS``.
