@@ -25,16 +25,23 @@ def sampled(seconds: float, fn, sync) -> tuple[float, list]:
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
                             "--format=csv,noheader,nounits", "-lms", "50"],
                            stdout=subprocess.PIPE, text=True)
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            fn()
-        calls += 10
-        sync()
-    rate = calls / (time.perf_counter() - start)
-    smi.terminate()
-    lines = smi.communicate()[0].split("\n")
-    samples = [tuple(float(x) for x in line.split(",")) for line in lines if "," in line]
+    try:
+        start, calls = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            for _ in range(10):
+                fn()
+            calls += 10
+            sync()
+        rate = calls / (time.perf_counter() - start)
+    finally:
+        smi.terminate()
+    samples = []
+    for line in smi.communicate()[0].split("\n"):
+        try:  # "[N/A]" where the board does not report a value
+            clock, power = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        samples.append((clock, power))
     return rate, samples[len(samples) // 2:]
 
 
@@ -47,8 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    s = sweep.setup(False, sys.argv)
+    argv = sys.argv if argv is None else argv
+    args = parser.parse_args(argv[1:])
+    s = sweep.setup(False, argv)
     impls = sweep.select(args.impls, s.known)
     batch, nheads = sweep.standard_shape(args.seqlen, args.headdim)
     q, k, v, dout = _common.make_inputs(_common.DTYPES[args.dtype], batch, args.seqlen, nheads,

@@ -43,23 +43,26 @@ SEQLENS = (1024, 4096, 16384)
 TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
 
 
-def config(spec, dtype, headdim: int, seqlen: int):
+def config(spec, dtype, headdim: int, seqlen: int, causal: bool):
     from cuflash import ops
     if spec[0] == "mma":
         return ops.forward.mma_config(dtype, headdim, False, False)
     _, block_n, consumers = spec
-    return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers)
+    return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers,
+                                   windowed=causal)
 
 
-def chosen_label(dtype, headdim: int, seqlen: int) -> str | None:
+def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
     """The label of the candidate that ops.forward chooses on sm_90 now."""
     from cuflash import ops
     from cuflash._core import Problem
-    p = Problem(0, dtype, 1, seqlen, seqlen, 1, 1, headdim, (), (), (), 1.0, 0.0, -1, -1,
+    right = 0 if causal else -1  # a causal mask is a window of no keys to the right
+    p = Problem(0, dtype, 1, seqlen, seqlen, 1, 1, headdim, (), (), (), 1.0, 0.0, -1, right,
                 None, False, seqlen, seqlen)
     now = ops.forward.choose(p, "sm_90").name_expression
     return next((label for label, spec in CANDIDATES[headdim]
-                 if config(spec, dtype, headdim, seqlen).name_expression == now), None)
+                 if config(spec, dtype, headdim, seqlen, causal).name_expression == now),
+                None)
 
 
 def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
@@ -67,14 +70,14 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
     batch, nheads = standard_shape(seqlen, headdim)
     q, k, v, _ = make_inputs(dtype, batch, seqlen, nheads, headdim, seed=seqlen + headdim)
     row = {"headdim": headdim, "seqlen": seqlen, "causal": causal, "batch": batch,
-           "nheads": nheads, "chosen": chosen_label(dtype, headdim, seqlen), "tflops": {},
-           "max_diff": {}, "errors": {}}
+           "nheads": nheads, "chosen": chosen_label(dtype, headdim, seqlen, causal),
+           "tflops": {}, "max_diff": {}, "errors": {}}
     work = flops("fwd", batch, nheads, seqlen, headdim, causal)
     first = None
     for label, spec in CANDIDATES[headdim]:
         try:
-            forward, _ = cuflash_launches(q, k, v, causal,
-                                          fwd_config=config(spec, dtype, headdim, seqlen))
+            fwd_config = config(spec, dtype, headdim, seqlen, causal)
+            forward, _ = cuflash_launches(q, k, v, causal, fwd_config=fwd_config)
             out = forward()[0]
             if first is None:
                 first = out

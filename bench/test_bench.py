@@ -464,11 +464,14 @@ def test_tiles_candidates_and_table():
     import fwd_tiles
     bf16 = _common.DTYPES["bf16"]
     for hd, candidates in fwd_tiles.CANDIDATES.items():
-        for seqlen in fwd_tiles.SEQLENS:
-            names = {fwd_tiles.config(spec, bf16, hd, seqlen).name_expression
+        for seqlen, causal in itertools.product(fwd_tiles.SEQLENS, (False, True)):
+            names = {fwd_tiles.config(spec, bf16, hd, seqlen, causal).name_expression
                      for _, spec in candidates}
             assert len(names) == len(candidates), (hd, seqlen)
-            assert fwd_tiles.chosen_label(bf16, hd, seqlen) in [label for label, _ in candidates]
+            # causal rows run one CTA a tile (clusters need the same keys for every row)
+            assert not causal or not any("_cluster<" in n for n in names), names
+            assert fwd_tiles.chosen_label(bf16, hd, seqlen, causal) in [
+                label for label, _ in candidates]
     row = {"headdim": 256, "seqlen": 4096, "causal": True, "chosen": "sm90 80x2",
            "tflops": {"sm90 80x2": 500.0, "mma": 250.0}, "max_diff": {"mma": 0.5},
            "errors": {"sm90 64x2": "RuntimeError: no"}}

@@ -136,16 +136,17 @@ struct FwdSm90Traits {
 // that the K and V of a section fit in L2 together (ops/forward.py); within a section the
 // query blocks go last-first across all its pairs, so under a causal mask every pair's
 // heaviest tiles start first and the launch ends on light ones. With sections of one pair
-// this is the order of a non-persistent grid (query blocks fastest, last-first).
+// this is the order of a non-persistent grid (query blocks fastest, last-first). In a
+// cluster, tile t is a block of `cluster` query blocks, of which CTA `rank` takes one.
 struct FwdTile {
   int m_block, h, b, n_block_min, n_block_max;
   static constexpr int INTS = 5;  // what write() stores
   __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads, int section,
-                                     int pairs) {
+                                     int pairs, int cluster, int rank) {
     const int first = t / (num_m_blocks * section) * section;  // the section's first pair
     const int size = min(section, pairs - first);               // its pairs
     const int r = t - first * num_m_blocks;
-    m_block = num_m_blocks - 1 - r / size;
+    m_block = (num_m_blocks - 1 - r / size) * cluster + rank;
     const int hb = first + r % size;
     h = hb % nheads;
     b = hb / nheads;
@@ -175,14 +176,14 @@ struct FwdTile {
 
 // Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
 // thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
-// as a non-persistent grid's CTAs would, which balances causal work) and hands its index
-// to the consumers in shared memory with the Q tile, through the full_q / empty_q barrier
-// pair (an index past the last tile says stop), Q_STAGES of them in a ring. While the
-// consumers finish a tile (last P V, epilogue), the producer already loads the next tile's
-// Q (into the other buffer, or, with one, once the consumers released it after their last
-// S = Q K^T; with O staged there, once O left it) and its first K stages, and its first V
-// stages unless O is staged in them (o_read): the rings and their barrier phases run on
-// across tiles.
+// as a non-persistent grid's CTAs would, which balances causal work; clusters take the
+// static order, see CLUSTER below) and hands its index to the consumers in shared memory
+// with the Q tile, through the full_q / empty_q barrier pair (an index past the last tile
+// says stop), Q_STAGES of them in a ring. While the consumers finish a tile (last P V,
+// epilogue), the producer already loads the next tile's Q (into the other buffer, or, with
+// one, once the consumers released it after their last S = Q K^T; with O staged there,
+// once O left it) and its first K stages, and its first V stages unless O is staged in
+// them (o_read): the rings and their barrier phases run on across tiles.
 //
 // CLUSTER > 1 (flash_fwd_sm90_cluster): the CTAs of a cluster run adjacent query blocks of
 // one (head, item) pair and share its K and V: rank r loads column blocks r, r + CLUSTER,
@@ -276,7 +277,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
-      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;
+      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;  // (the host passes none)
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
@@ -294,7 +295,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           // atomicMax moves the counter past the run unless other CTAs already took the
           // counter further.
           for (; t < num_tiles;) {
-            const FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
+            const FwdTile tile(t, num_m_blocks, a.nheads, section, pairs, 1, 0);
             item = SeqView<true>(a, tile.b);
             if (tile.m_block * Br < item.seqlen_q()) break;
             if (counter) {
@@ -316,8 +317,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           sm90::mbar_arrive(full_q(qs));  // stop
           break;
         }
-        FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
-        tile.m_block = tile.m_block * CLUSTER + rank;
+        FwdTile tile(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
         const SeqView<VARLEN> seq = [&] {
           if constexpr (VARLEN)
             return item;
@@ -350,8 +350,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         const int n_blocks = tile.n_blocks();
         auto load = [&](bool value, int i) {
           const int pos = g + i, stages = value ? V_STAGES : K_STAGES, s = pos % stages;
-          // Stage s was last filled `stages` blocks ago: wait until every consumer warp
-          // released it.
+          // Stage s was last filled `stages` blocks ago: wait until every consumer warp (of
+          // the cluster) released it.
           if (pos >= stages)
             sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / stages - 1) & 1);
           const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
@@ -389,14 +389,14 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top.)
         if constexpr (Q_STAGES == 1 && !VARLEN)
           if (t_next < num_tiles) {
-            const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs);
+            const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
 #pragma unroll
             for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, (next.m_block * CLUSTER + rank) * Br,
-                                    next.h, next.b);
+              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
           }
       }
-      // Keep this thread until its last copies were consumed.
+      // Keep this thread until its last copies were consumed (in a cluster, also the
+      // other CTAs' last arrivals on this CTA's barriers, and this CTA's copies into theirs).
       for (int j = max(g, K_STAGES); j < g + K_STAGES; ++j)
         sm90::mbar_wait(empty_k(j % K_STAGES), (j / K_STAGES - 1) & 1);
       for (int j = max(g, V_STAGES); j < g + V_STAGES; ++j)
@@ -681,10 +681,12 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         if ((lane & 3) == 0) lse_out[i] = lse[0][r];
       }
     }
-    // The last tile's TMA stores read shared memory until here.
-    if constexpr (Tr::STAGED_O && !VARLEN)
+    // The last tile's TMA stores read shared memory until here; in a cluster with O in V's
+    // stages they then complete o_read's last phase, which the producers' tails wait for.
+    if constexpr (Tr::O_IN_V && CLUSTER > 1)
+      release_o_buffer();
+    else if constexpr (Tr::STAGED_O && !VARLEN)
       if (p.o_by_tma && issuer) sm90::bulk_wait<0, true>();
-    if constexpr (Tr::O_IN_V && CLUSTER > 1) release_o_buffer();  // the producers' tail
   }
 }
 

@@ -625,7 +625,8 @@ def test_hopper_forward_stores_o_without_tma_where_the_driver_refuses_out():
 def test_hopper_forward_clusters_launch_whole_clusters():
     """hd128 without a window runs in clusters of two: an even grid of at most the SMs, a
     tile per cluster (m_blocks counts pairs of query blocks, the last one half empty where
-    their count is odd); a causal call runs one CTA a tile."""
+    their count is odd); a causal call runs one CTA a tile, and a cluster config given for
+    one is refused."""
     from cuflash.ops import forward
     with fake_gpu() as (cuflash, world):
         mk = record_launches.Maker(world, 0)
@@ -646,3 +647,10 @@ def test_hopper_forward_clusters_launch_whole_clusters():
             assert tuple(launch["grid"])[0] == grid
             assert field(launch["raw"], "m_blocks") == blocks
             assert field(launch["raw"], "tiles") == blocks * batch * heads
+        # An explicit cluster config for a causal problem is refused, not launched.
+        from cuflash import ops
+        q = mk.array((1, 300, 2, 128), np.float16, "q")
+        p = ops.dense_problem(q, q, q, causal=True)
+        config = forward.sm90_config(p.dtype, 128, 0, False, 300, cluster=2)
+        with pytest.raises(ValueError, match="windowed or causal"):
+            forward.plan(p, q.strides, config)

@@ -199,6 +199,8 @@ def test_sm90_clusters_only_where_the_kernel_runs_them():
         ops.forward.sm90_config(BF16, 128, 0, True, 4096, cluster=2)
     with pytest.raises(ValueError, match="no clusters"):
         ops.forward.sm90_config(BF16, 192, 0, False, 4096, cluster=2)
+    with pytest.raises(ValueError, match="windowed"):
+        ops.forward.sm90_config(BF16, 128, 0, False, 4096, windowed=True, cluster=2)
     assert ops.forward.sm90_config(BF16, 128, 0, False, 4096, windowed=True).cluster == 1
     assert ops.forward.sm90_config(BF16, 128, 0, False, 4096).cluster == 2
     assert ops.forward.sm90_config(BF16, 256, 1, False, 1024).cluster == 2

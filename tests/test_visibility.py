@@ -107,8 +107,11 @@ def test_every_kernel_name_follows_the_selection_conventions():
             assert precompile.dtype_of(name) in ("__half", "__nv_bfloat16", "float", None), \
                 name
         for prefix in ("flash_fwd", "flash_bwd"):
+            clusters = [name for name in names
+                        if name.startswith("cuflash::flash_fwd_sm90_cluster<")]
+            assert not any(precompile.is_varlen(n, names) for n in clusters), clusters
             family = [name for filename, name in kernels if filename.startswith(prefix)
-                      and not name.startswith("cuflash::flash_fwd_sm90_cluster<")]
+                      and name not in clusters]
             varlen = [name for name in family if precompile.is_varlen(name, names)]
             assert 2 * len(varlen) == len(family), (arch, prefix)
 

@@ -100,9 +100,9 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
-# two counters, the query blocks per (head, item), the tiles of the grid, the (head, item)
-# pairs of a section of its tile order, whether tma_o holds a map; padded to its 64-byte
-# alignment.
+# two counters (none for clusters), the query blocks per (head, item) (for clusters, blocks
+# of a cluster's rows), the tiles of the grid, the (head, item) pairs of a section of its
+# tile order, whether tma_o holds a map; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
 SM90_PARAMS = _core.padded(np.dtype([
     ("tma_q", _MAP), ("tma_k", _MAP), ("tma_v", _MAP), ("tma_o", _MAP), ("fwd", PARAMS),
@@ -198,9 +198,9 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     can = not varlen and layout.staged_o and hd // 64 % t.cluster == 0
     if cluster is None:
         cluster = t.cluster if can and not windowed else 1
-    elif cluster > 1 and (cluster != t.cluster or not can):
+    elif cluster > 1 and (cluster != t.cluster or not can or windowed):
         raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, Bc {bn}"
-                         f"{', varlen' if varlen else ''}")
+                         f"{', varlen' if varlen else ''}{', windowed' if windowed else ''}")
     dt = _core.CXX_TYPES[np.dtype(dtype)]
     if cluster > 1:
         name = f"cuflash::flash_fwd_sm90_cluster<{dt}, {hd}, {bn}, {c}, {opts}>"
@@ -271,7 +271,9 @@ class Plan:
             head = self.maps(q, k, v)
             if head is None:
                 return False
-        counter = _core.counters(self.problem.device_id, stream, 2)
+        # Clusters take the static order (no counter).
+        counter = 0 if self.config.cluster > 1 else \
+            _core.counters(self.problem.device_id, stream, 2)
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
                                              head=head, ints=(o_by_tma,)))
         return True
@@ -281,8 +283,8 @@ def _section(p: _core.Problem, m_blocks: int, ctas: int) -> int:
     """The (head, item) pairs of a section of the Hopper forward's tile order (heaviest
     query blocks of all the section's pairs first; tiles.sm90_section): their K and V in
     tiles.SM90_L2_BYTES (heads of one GQA group share theirs), ``m_blocks`` tiles a pair on
-    ``ctas`` CTAs. One for varlen, whose tile skipping walks one pair's query blocks at a
-    time."""
+    ``ctas`` CTAs (for clusters: a cluster's tiles, on that many clusters). One for varlen,
+    whose tile skipping walks one pair's query blocks at a time."""
     if p.varlen:
         return 1
     kv_head = max(1, 2 * p.seqlen_k * p.headdim * p.dtype.itemsize)
@@ -321,6 +323,10 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
     """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
     arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
     chosen = config or choose(p, arch)
+    if chosen.cluster > 1 and (p.windowed or p.varlen):
+        # The CTAs of a cluster must load the same key blocks: no window, dense.
+        raise ValueError(f"{chosen.name_expression} cannot run a "
+                         f"{'varlen' if p.varlen else 'windowed or causal'} problem")
     maps = _hopper_maps(p, chosen) if chosen.hopper else None
     if chosen.hopper and maps is None:
         if config is not None:

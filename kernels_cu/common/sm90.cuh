@@ -70,9 +70,10 @@ __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
                : "memory");
 }
 // mbar_arrive_if on the barrier at `bar`'s offset in CTA `rank` of this CTA's cluster (this
-// CTA's own included). Release at CTA scope, as mbar_arrive: where the arrival hands back a
-// buffer that wgmma read (the wait for the wgmma orders the reads), cluster scope would add
-// a MEMBAR.GPU for nothing.
+// CTA's own included). Release at CTA scope, as mbar_arrive (and CUTLASS's cluster
+// barriers): the arrival hands back a buffer that wgmma read (its wait orders the reads)
+// or that ld.shared read into values already consumed, before a TMA copy rewrites it;
+// cluster scope would add a MEMBAR.GPU an arrival.
 __device__ __forceinline__ void mbar_arrive_cluster_if(uint32_t bar, uint32_t rank, bool pred) {
   asm volatile("{\n.reg .pred p;\n.reg .b32 remote;\nsetp.ne.b32 p, %2, 0;\n"
                "mapa.shared::cluster.u32 remote, %0, %1;\n"
@@ -179,8 +180,8 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
 // rank r), each completing the barrier at `bar`'s offset in its own shared memory: one
 // read of L2 for several CTAs.
 __device__ __forceinline__ void tma_load_4d_multicast(uint32_t dst, const TmaMap* map,
-                                                      uint32_t bar, unsigned short cta_mask, int c0,
-                                                      int c1, int c2, int c3) {
+                                                      uint32_t bar, unsigned short cta_mask,
+                                                      int c0, int c1, int c2, int c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       ".multicast::cluster [%0], [%1, {%4, %5, %6, %7}], [%2], %3;\n" ::"r"(dst),
