@@ -210,6 +210,31 @@ def _require_hopper():
         pytest.skip("flash_fwd_sm90 runs on compute capability 9.0 only")
 
 
+def _withhold_o_map(monkeypatch):
+    """From here the Hopper forward's plans store O by 16-byte stores, as where the driver
+    refuses out's map (dense calls otherwise store O by TMA)."""
+    from cuflash import ops
+    real_call = ops.forward.Plan.__call__
+
+    def without_o_map(plan, *args):
+        plan.o_maps = None
+        return real_call(plan, *args)
+
+    monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
+
+
+@pytest.fixture
+def fresh_plans():
+    """No forward plan or memoized call kept from before the test or left after it (plans
+    keep the O path and maps they were made with)."""
+    from cuflash import _api, ops
+    ops.forward.plan.cache_clear()
+    _api.CALLS.clear()
+    yield
+    ops.forward.plan.cache_clear()
+    _api.CALLS.clear()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "qkv", "bhsd"])
 @pytest.mark.parametrize("dtype, headdim", [
     (BF16, 128), (F16, 64), (BF16, 40), (F16, 32), (BF16, 96), (F16, 192), (BF16, 256),
@@ -249,7 +274,8 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
 @pytest.mark.parametrize("headdim", [64, 128, 192, 256])
 @pytest.mark.parametrize("seqlens", [(1100, 300), (2000, 2000)], ids=["keyless", "square"])
-def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seqlens):
+def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, fresh_plans, by_tma, headdim,
+                                               seqlens):
     """O staged over a persistent grid whose CTAs walk several tiles, with tiles without a
     visible key (1100 queries, 300 keys: rows 0..799) between others or (2000 x 2000) with
     keys in every tile (at hd64/128 the first query block sees one key block), by TMA
@@ -258,22 +284,9 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seq
     (FwdSm90Traits::O_IN_V), the producer holding each tile's first V load until the last
     staged O has left, and key-less tiles store from the registers."""
     _require_hopper()
-    from cuflash import _api, ops
     if not by_tma:
-        real_call = ops.forward.Plan.__call__
-
-        def without_o_map(plan, *args):
-            plan.o_maps = None
-            return real_call(plan, *args)
-
-        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
-    ops.forward.plan.cache_clear()
-    _api.CALLS.clear()
-    try:
-        check(BF16, 2, *seqlens, 16, 4, headdim, causal=True)
-    finally:
-        ops.forward.plan.cache_clear()
-        _api.CALLS.clear()
+        _withhold_o_map(monkeypatch)
+    check(BF16, 2, *seqlens, 16, 4, headdim, causal=True)
 
 
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
@@ -286,9 +299,12 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, by_tma, headdim, seq
     (BF16, 2, 1100, 300, 8, 2, 256, {}),  # O staged in V's stages, which both CTAs fill
     (F16, 2, 2000, 2000, 16, 4, 256, dict(softcap=5.0)),
     (BF16, 1, 17, 97, 2, 1, 200, {}),
+    (BF16, 2, 1000, 64, 16, 4, 256, {}),  # one key block a tile, several tiles a cluster
+    (F16, 1, 700, 900, 8, 4, 128, dict(softcap=5.0, alibi="heads")),  # OPTS_RUNTIME
 ], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
-        "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block"])
-def test_cluster_kernel_matches_one_cta(monkeypatch, launched, by_tma, case):
+        "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block",
+        "bf16-256-one-key-block", "fp16-softcap-alibi"])
+def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_tma, case):
     """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
     on the same inputs: the same arithmetic in the same order, so bitwise equal, and both
     meet the accuracy rule (check). Odd counts of query blocks leave a cluster's second CTA
@@ -297,44 +313,32 @@ def test_cluster_kernel_matches_one_cta(monkeypatch, launched, by_tma, case):
     (o_read counts both CTAs' consumers)."""
     _require_hopper()
     import cupy
-    from cuflash import _api, ops
+    from cuflash import ops
     from cuflash._api import contiguous_strides
     dtype, batch, sq, sk, h, hkv, d, opts = case
     if not by_tma:
-        real_call = ops.forward.Plan.__call__
-
-        def without_o_map(plan, *args):
-            plan.o_maps = None
-            return real_call(plan, *args)
-
-        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
-    ops.forward.plan.cache_clear()
-    _api.CALLS.clear()
-    try:
-        check(dtype, batch, sq, sk, h, hkv, d, **opts)
-        assert [n for _, n in launched] and all(
-            n.startswith("cuflash::flash_fwd_sm90_cluster<") for _, n in launched), launched
-        rng = np.random.default_rng(sq * sk)
-        q, k, v = (cupy.asarray(rng.standard_normal((batch, n, heads, d)).astype(dtype))
-                   for n, heads in ((sq, h), (sk, hkv), (sk, hkv)))
-        kwargs = {}
-        if "alibi" in opts:
-            shape = (h,) if opts["alibi"] == "heads" else (batch, h)
-            kwargs["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.5, shape), np.float32)
-        kwargs.update((key, val) for key, val in opts.items() if key != "alibi")
-        p = ops.dense_problem(q, k, v, **kwargs)
-        layout, lse_shape = contiguous_strides(q.shape, q.dtype.itemsize), (batch, h, sq)
-        runs = []
-        for cluster in (2, 1):
-            config = ops.forward.sm90_config(dtype, d, p.opts, False, sk, cluster=cluster)
-            launch = ops.forward.Launch(p, layout, lse_shape, config)
-            runs.append(launch(q, k, v, kwargs.get("alibi_slopes")))
-        (o2, lse2), (o1, lse1) = runs
-        assert cupy.array_equal(o2.view(np.uint16), o1.view(np.uint16))
-        assert cupy.array_equal(lse2, lse1)
-    finally:
-        ops.forward.plan.cache_clear()
-        _api.CALLS.clear()
+        _withhold_o_map(monkeypatch)
+    check(dtype, batch, sq, sk, h, hkv, d, **opts)
+    assert [n for _, n in launched] and all(
+        n.startswith("cuflash::flash_fwd_sm90_cluster<") for _, n in launched), launched
+    rng = np.random.default_rng(sq * sk)
+    q, k, v = (cupy.asarray(rng.standard_normal((batch, n, heads, d)).astype(dtype))
+               for n, heads in ((sq, h), (sk, hkv), (sk, hkv)))
+    kwargs = {}
+    if "alibi" in opts:
+        shape = (h,) if opts["alibi"] == "heads" else (batch, h)
+        kwargs["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.5, shape), np.float32)
+    kwargs.update((key, val) for key, val in opts.items() if key != "alibi")
+    p = ops.dense_problem(q, k, v, **kwargs)
+    layout, lse_shape = contiguous_strides(q.shape, q.dtype.itemsize), (batch, h, sq)
+    runs = []
+    for cluster in (2, 1):
+        config = ops.forward.sm90_config(dtype, d, p.opts, False, sk, cluster=cluster)
+        launch = ops.forward.Launch(p, layout, lse_shape, config)
+        runs.append(launch(q, k, v, kwargs.get("alibi_slopes")))
+    (o2, lse2), (o1, lse1) = runs
+    assert cupy.array_equal(o2.view(np.uint16), o1.view(np.uint16))
+    assert cupy.array_equal(lse2, lse1)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
@@ -459,13 +463,7 @@ def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, he
         by_tma = run()
         assert flags == [(True,)], flags
         flags.clear()
-        real_call = ops.forward.Plan.__call__
-
-        def without_o_map(plan, *args):
-            plan.o_maps = None
-            return real_call(plan, *args)
-
-        monkeypatch.setattr(ops.forward.Plan, "__call__", without_o_map)
+        _withhold_o_map(monkeypatch)
         forget()
         by_stores = run()
         assert flags == [(False,)], flags
