@@ -142,7 +142,7 @@ struct FwdTile {
   int m_block, h, b, n_block_min, n_block_max;
   static constexpr int INTS = 5;  // what write() stores
   __device__ __forceinline__ FwdTile(int t, int num_m_blocks, int nheads, int section,
-                                     int pairs, int cluster, int rank) {
+                                     int pairs, int cluster = 1, int rank = 0) {
     const int first = t / (num_m_blocks * section) * section;  // the section's first pair
     const int size = min(section, pairs - first);               // its pairs
     const int r = t - first * num_m_blocks;
@@ -277,7 +277,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
-      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;  // (the host passes none)
+      // A cluster's CTAs take the static order: claims of their own would differ.
+      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
@@ -295,7 +296,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           // atomicMax moves the counter past the run unless other CTAs already took the
           // counter further.
           for (; t < num_tiles;) {
-            const FwdTile tile(t, num_m_blocks, a.nheads, section, pairs, 1, 0);
+            const FwdTile tile(t, num_m_blocks, a.nheads, section, pairs);
             item = SeqView<true>(a, tile.b);
             if (tile.m_block * Br < item.seqlen_q()) break;
             if (counter) {
@@ -441,7 +442,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     // warp on every CTA's barrier of the cluster.
     auto release_kv = [&](uint32_t bar) {
       if constexpr (CLUSTER > 1)
-        sm90::mbar_arrive_cluster_if(bar, lane % CLUSTER, lane < CLUSTER);
+        sm90::mbar_arrive_cluster(bar, lane % CLUSTER, lane < CLUSTER);
       else
         sm90::mbar_arrive_if(bar, lane == 0);
     };
@@ -452,7 +453,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         // for the consumer's 4 warps (O_IN_V: on every CTA's o_read of the cluster)
         if constexpr (Tr::O_IN_V && CLUSTER > 1)
 #pragma unroll
-          for (int r = 0; r < CLUSTER; ++r) sm90::mbar_arrive_cluster_count(o_read, r, 4);
+          for (int r = 0; r < CLUSTER; ++r) sm90::mbar_arrive_cluster<4>(o_read, r);
         else
           sm90::mbar_arrive_count(Tr::O_IN_V ? o_read : empty_q(o_pending), 4);
       }
@@ -683,10 +684,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     }
     // The last tile's TMA stores read shared memory until here; in a cluster with O in V's
     // stages they then complete o_read's last phase, which the producers' tails wait for.
-    if constexpr (Tr::O_IN_V && CLUSTER > 1)
-      release_o_buffer();
-    else if constexpr (Tr::STAGED_O && !VARLEN)
-      if (p.o_by_tma && issuer) sm90::bulk_wait<0, true>();
+    release_o_buffer();
   }
 }
 

@@ -100,7 +100,7 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
-# two counters (none for clusters), the query blocks per (head, item) (for clusters, blocks
+# two counters (clusters read none), the query blocks per (head, item) (for clusters, blocks
 # of a cluster's rows), the tiles of the grid, the (head, item) pairs of a section of its
 # tile order, whether tma_o holds a map; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
@@ -271,9 +271,7 @@ class Plan:
             head = self.maps(q, k, v)
             if head is None:
                 return False
-        # Clusters take the static order (no counter).
-        counter = 0 if self.config.cluster > 1 else \
-            _core.counters(self.problem.device_id, stream, 2)
+        counter = _core.counters(self.problem.device_id, stream, 2)
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
                                              head=head, ints=(o_by_tma,)))
         return True

@@ -69,24 +69,19 @@ __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
                "r"(static_cast<int>(pred))
                : "memory");
 }
-// mbar_arrive_if on the barrier at `bar`'s offset in CTA `rank` of this CTA's cluster (this
-// CTA's own included). Release at CTA scope, as mbar_arrive (and CUTLASS's cluster
-// barriers): the arrival hands back a buffer that wgmma read (its wait orders the reads)
-// or that ld.shared read into values already consumed, before a TMA copy rewrites it;
-// cluster scope would add a MEMBAR.GPU an arrival.
-__device__ __forceinline__ void mbar_arrive_cluster_if(uint32_t bar, uint32_t rank, bool pred) {
+// COUNT arrivals (where `pred` holds: predicated, as mbar_arrive_if) on the barrier at
+// `bar`'s offset in CTA `rank` of this CTA's cluster (this CTA's own included). Release at
+// CTA scope, as mbar_arrive (and CUTLASS's cluster barriers): the arrival hands back a
+// buffer that wgmma read (its wait orders the reads) or that ld.shared read into values
+// already consumed, before a TMA copy rewrites it; cluster scope would add a MEMBAR.GPU an
+// arrival.
+template <int COUNT = 1>
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank,
+                                                    bool pred = true) {
   asm volatile("{\n.reg .pred p;\n.reg .b32 remote;\nsetp.ne.b32 p, %2, 0;\n"
                "mapa.shared::cluster.u32 remote, %0, %1;\n"
-               "@p mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
-               ::"r"(bar), "r"(rank), "r"(static_cast<int>(pred))
-               : "memory");
-}
-// `count` arrivals on the barrier at `bar`'s offset in CTA `rank` of this CTA's cluster.
-__device__ __forceinline__ void mbar_arrive_cluster_count(uint32_t bar, uint32_t rank,
-                                                          uint32_t count) {
-  asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-               "mbarrier.arrive.shared::cluster.b64 _, [remote], %2;\n}\n"
-               ::"r"(bar), "r"(rank), "r"(count)
+               "@p mbarrier.arrive.shared::cluster.b64 _, [remote], %3;\n}\n"
+               ::"r"(bar), "r"(rank), "r"(static_cast<int>(pred)), "n"(COUNT)
                : "memory");
 }
 // Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
