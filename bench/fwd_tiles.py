@@ -43,13 +43,12 @@ SEQLENS = (1024, 4096, 16384)
 TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
 
 
-def config(spec, dtype, headdim: int, seqlen: int, causal: bool):
+def config(spec, dtype, headdim: int, seqlen: int):
     from cuflash import ops
     if spec[0] == "mma":
         return ops.forward.mma_config(dtype, headdim, False, False)
     _, block_n, consumers = spec
-    return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers,
-                                   windowed=causal)
+    return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers)
 
 
 def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
@@ -61,7 +60,7 @@ def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
                 None, False, seqlen, seqlen)
     now = ops.forward.choose(p, "sm_90").name_expression
     return next((label for label, spec in CANDIDATES[headdim]
-                 if config(spec, dtype, headdim, seqlen, causal).name_expression == now),
+                 if config(spec, dtype, headdim, seqlen).name_expression == now),
                 None)
 
 
@@ -76,7 +75,7 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
     first = None
     for label, spec in CANDIDATES[headdim]:
         try:
-            fwd_config = config(spec, dtype, headdim, seqlen, causal)
+            fwd_config = config(spec, dtype, headdim, seqlen)
             forward, _ = cuflash_launches(q, k, v, causal, fwd_config=fwd_config)
             out = forward()[0]
             if first is None:

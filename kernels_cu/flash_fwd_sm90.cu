@@ -16,8 +16,9 @@
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
 //     (through the consumer's rows of its Q tile where Q has two buffers), LSE written.
-// Dense calls without a window at head dims 128 and 256 run in clusters of two CTAs that
-// share each K and V tile by TMA multicast (flash_fwd_sm90_cluster; fwd_sm90's CLUSTER).
+// Dense calls without a left window (causal ones included) at head dims 128 and 256 run in
+// clusters of two CTAs that share each K and V tile by TMA multicast
+// (flash_fwd_sm90_cluster; fwd_sm90's CLUSTER).
 // OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
 // OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap's tanh in the form tanh_form<T, OPTS>() picks,
 // as in the backward.
@@ -192,8 +193,11 @@ struct FwdTile {
 // once the consumers of every CTA released it: empty barriers count the consumer warps of
 // the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
 // blocks in the same order: tiles are pairs of query blocks taken in the static order, and
-// the host picks clusters only where no window makes the key range depend on the rows
-// (ops/forward.py). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
+// every CTA loads the blocks some row of the cluster sees. The host picks clusters only
+// without a left window (ops/forward.py), so that those start at key block 0 for every
+// CTA; a CTA whose rows see fewer (under a causal mask, the one with the upper rows sees
+// one block more) hands the last ones back unused (`skip`, first in the descending
+// order). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
 // rows past seqlen_q (a whole block where the count of Br blocks is odd) compute on zeros
 // and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs' copies
 // also fill, o_read counts the consumers of the cluster as the empty barriers do.
@@ -218,7 +222,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
   // stop), the tile (FwdTile::write, from SLOT_TILE) and, varlen, its item's q0, k0, len_q,
   // len_k (from SLOT_ITEM).
   constexpr int SLOT_T = 0, SLOT_TILE = 1, SLOT_ITEM = SLOT_TILE + FwdTile::INTS;
-  __shared__ int tile_slot[Q_STAGES][SLOT_ITEM + (VARLEN ? 4 : 0)];
+  constexpr int SLOT_SKIP = SLOT_TILE + FwdTile::INTS;  // clusters (never varlen)
+  __shared__ int tile_slot[Q_STAGES][SLOT_ITEM + (VARLEN ? 4 : 0) + (CLUSTER > 1 ? 1 : 0)];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   auto sQ = [&](int s) { return base + s * Tr::Q_BYTES; };
   const uint32_t kv = base + Q_STAGES * Tr::Q_BYTES;
@@ -334,21 +339,36 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
         tile.set_keys(Br, Bc, seq, mask);
         tile.write(slot + SLOT_TILE);
-        if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
+        // In a cluster every CTA loads the key blocks that some row of the cluster's sees:
+        // with no left window all start at block 0, and this CTA's rows see all but the
+        // `skip` last (a causal diagonal further down), which its consumers pass over.
+        int skip = 0;
+        if constexpr (CLUSTER > 1) {
+          const int m0 = (tile.m_block - rank) * Br;
+          int key_begin, key_end;
+          mask.key_range(m0, min(m0 + CLUSTER * Br, seq.seqlen_q()), key_begin, key_end);
+          skip = max(tile.n_block_max, (key_end + Bc - 1) / Bc) - tile.n_block_max;
+          slot[SLOT_SKIP] = skip;
+        }
+        // Ring positions g .. g + n_blocks - 1 hold key blocks n_block_max + skip - 1 down
+        // to n_block_min, K and V each in their own ring. K of block i + 1 goes before V of
+        // block i: the consumers issue S of the next block before P V of this one.
+        const int n_blocks = tile.n_blocks() + skip;
+        if (n_blocks <= 0) {  // the consumers write zeros; nothing to load
           sm90::mbar_arrive(full_q(qs));
           fetch_next();
           continue;
         }
-        sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
+        if (CLUSTER == 1 || tile.n_blocks() > 0) {
+          sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
 #pragma unroll
-        for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-          sm90::tma_load_4d(sQ(qs) + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q(qs), cb * 64,
-                            seq.q0 + tile.m_block * Br, tile.h, seq.b);
-        // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
-        // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
-        // block before P V of this one.
+          for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+            sm90::tma_load_4d(sQ(qs) + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q(qs), cb * 64,
+                              seq.q0 + tile.m_block * Br, tile.h, seq.b);
+        } else {
+          sm90::mbar_arrive(full_q(qs));  // no row of this CTA's sees a key: no Q
+        }
         const int h_kv = tile.h / group;
-        const int n_blocks = tile.n_blocks();
         auto load = [&](bool value, int i) {
           const int pos = g + i, stages = value ? V_STAGES : K_STAGES, s = pos % stages;
           // Stage s was last filled `stages` blocks ago: wait until every consumer warp (of
@@ -357,7 +377,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
             sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / stages - 1) & 1);
           const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
           const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
-          const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
+          const int n0 = seq.k0 + (tile.n_block_max + skip - 1 - i) * Bc;
           sm90::mbar_arrive_expect_tx(full, value ? Tr::V_BYTES : Tr::K_BYTES);
           for (int j = 0; j < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS) / CLUSTER; ++j) {
             const int cb = j * CLUSTER + rank;
@@ -377,7 +397,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
             if (i + 2 == n_blocks) fetch_next();
           }
           // O staged in V's stages: the previous tile with key blocks (g > 0) stored its O
-          // from there, which must have left before this tile's V arrives.
+          // from there, which must have left before this tile's V arrives (in a cluster,
+          // every CTA's: a CTA with no key block of its own arrives all the same).
           if (Tr::O_IN_V && i == 0 && g > 0) {
             sm90::mbar_wait(o_read, o_phase);
             o_phase ^= 1;
@@ -477,6 +498,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       }();
       const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
       const int n_blocks = tile.n_blocks();
+      const int skip = CLUSTER > 1 ? slot[SLOT_SKIP] : 0;
       // No key block: the index is read and Q not used, release at once (with O staged
       // there, once O has left it).
       __syncwarp();
@@ -492,6 +514,21 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
       OnlineSoftmax<1> softmax;
       const ScoreMod mod(a, tile.b, tile.h, seq);
+      // The cluster's key blocks that no row of this CTA's sees come first: handed back
+      // as they arrive. The last O's V stages go back before (its release would otherwise
+      // wait under a later S, and the producers wait for it before this tile's first V).
+      if constexpr (CLUSTER > 1) {
+        if (skip > 0) {
+          if constexpr (Tr::O_IN_V) release_o_buffer();
+          for (int j = 0; j < skip; ++j) {
+            sm90::mbar_wait(full_k((g + j) % K_STAGES), ((g + j) / K_STAGES) & 1);
+            release_kv(empty_k((g + j) % K_STAGES));
+            sm90::mbar_wait(full_v((g + j) % V_STAGES), ((g + j) / V_STAGES) & 1);
+            release_kv(empty_v((g + j) % V_STAGES));
+          }
+          g += skip;
+        }
+      }
 
       // Key block it is ring position g + it. S of block it is issued before P V of block
       // it - 1 (intra-warpgroup overlap: the tensor cores run P V while this warpgroup
@@ -615,6 +652,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       // stores its zeros from the registers (its V loads, none, are not held back).
       release_o_buffer();  // a tile without key blocks had no S to wait under
       const bool staged = Tr::O_IN_Q || (Tr::O_IN_V && n_blocks > 0);
+      // A cluster's o_read phase counts every CTA's consumers, keyless ones too (after
+      // the skipped blocks: their V loads followed the producers' wait for the last phase).
+      if constexpr (Tr::O_IN_V && CLUSTER > 1)
+        if (n_blocks <= 0 && skip > 0) release_kv(o_read);
       if (staged) {
         // Row 16 warp + lane / 4 + 8 r of the consumer's tile: column block dt / 8, 16-byte
         // chunk (dt % 8) ^ (row % 8), 4 bytes at 4 (lane % 4); a warp's 8 rows then hit 32

@@ -58,7 +58,7 @@ class Sm90Tile:
     consumers_short: int  # the same under SM90_SHORT_KEYS keys, and with softcap / ALiBi
     reason: str
     # CTAs of a cluster sharing K and V by TMA multicast (flash_fwd_sm90_cluster) where no
-    # window makes a tile's keys depend on its rows, dense calls only; 1: no clusters.
+    # left window makes a tile's first key depend on its rows, dense calls only; 1: none.
     cluster: int = 1
 
 
@@ -81,13 +81,14 @@ SM90_TILES = {
                                  "h200_2026-12-05/tiles.md); two at 1k, +14% causal"),
     128: Sm90Tile(128, 128, 2, 2, "Bc 128 with the overlapped mainloop: +1-15% over Bc 176 "
                                   "and 160 at every row (tiles.md; Bc 176 led before the "
-                                  "overlap, notes Hopper v1); clusters of two without a "
-                                  "window (notes v30)", cluster=2),
+                                  "overlap, notes Hopper v1); clusters of two without a left "
+                                  "window (notes v30, v32)", cluster=2),
     192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
                                  "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
     256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
                                 "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync; "
-                                "clusters of two without a window (notes v31)", cluster=2),
+                                "clusters of two without a left window (notes v31, v32)",
+                                cluster=2),
 }
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
@@ -183,11 +184,12 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
 
 def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
                 block_n: int | None = None, consumers: int | None = None,
-                windowed: bool = False, cluster: int | None = None) -> Config:
+                left_window: bool = False, cluster: int | None = None) -> Config:
     """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
     SM90_TILES, applying the score options ``opts`` (its OPTS, ``_core.score_opts``), in
-    the table's clusters unless ``varlen`` or ``windowed`` (a causal mask is a window);
-    ``block_n``, ``consumers`` and ``cluster`` override the table's, for tuning and tests."""
+    the table's clusters unless ``varlen`` or ``left_window`` (a window bounding the keys
+    on the left; a causal mask bounds them on the right only); ``block_n``, ``consumers``
+    and ``cluster`` override the table's, for tuning and tests."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     short = seqlen_k < SM90_SHORT_KEYS
@@ -197,10 +199,11 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     # The kernel's clusters: dense, O staged, whole 64-column blocks of K and V a CTA.
     can = not varlen and layout.staged_o and hd // 64 % t.cluster == 0
     if cluster is None:
-        cluster = t.cluster if can and not windowed else 1
-    elif cluster > 1 and (cluster != t.cluster or not can or windowed):
+        cluster = t.cluster if can and not left_window else 1
+    elif cluster > 1 and (cluster != t.cluster or not can or left_window):
         raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, Bc {bn}"
-                         f"{', varlen' if varlen else ''}{', windowed' if windowed else ''}")
+                         f"{', varlen' if varlen else ''}"
+                         f"{', a left window' if left_window else ''}")
     dt = _core.CXX_TYPES[np.dtype(dtype)]
     if cluster > 1:
         name = f"cuflash::flash_fwd_sm90_cluster<{dt}, {hd}, {bn}, {c}, {opts}>"
@@ -216,7 +219,7 @@ def choose(p: _core.Problem, arch: str) -> Config:
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
             and p.fast_tanh:
         return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k,
-                           windowed=p.windowed)
+                           left_window=p.window_left >= 0)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
@@ -321,10 +324,11 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
     """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
     arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
     chosen = config or choose(p, arch)
-    if chosen.cluster > 1 and (p.windowed or p.varlen):
-        # The CTAs of a cluster must load the same key blocks: no window, dense.
+    if chosen.cluster > 1 and (p.window_left >= 0 or p.varlen):
+        # The CTAs of a cluster load the same key blocks from block 0: dense calls, no
+        # left window.
         raise ValueError(f"{chosen.name_expression} cannot run a "
-                         f"{'varlen' if p.varlen else 'windowed or causal'} problem")
+                         f"{'varlen problem' if p.varlen else 'problem with a left window'}")
     maps = _hopper_maps(p, chosen) if chosen.hopper else None
     if chosen.hopper and maps is None:
         if config is not None:
@@ -361,9 +365,9 @@ def _configs():
                     opts = _core.score_opts(softcap, alibi)
                     for c in (mma_config(dtype, hd, opts != 0, varlen),
                               *(sm90_config(dtype, hd, opts, varlen, seqlen_k,
-                                            windowed=windowed)
+                                            left_window=left)
                                 for seqlen_k in (SM90_SHORT_KEYS, 1)
-                                for windowed in (False, True))):
+                                for left in (False, True))):
                         if c not in seen:
                             seen.add(c)
                             yield c
