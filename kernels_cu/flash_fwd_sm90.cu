@@ -175,6 +175,16 @@ struct FwdTile {
       : m_block(s[0]), h(s[1]), b(s[2]), n_block_min(s[3]), n_block_max(s[4]) {}
 };
 
+// The tile scheduler's counters (next tile, claimers done) back to zero for the next launch,
+// by the last of `claimers` threads to call this, each after fetching its last index.
+__device__ __forceinline__ void release_counters(int* counter, int claimers) {
+  __threadfence();
+  if (atomicAdd(counter + 1, 1) == claimers - 1) {
+    atomicExch(counter, 0);
+    atomicExch(counter + 1, 0);
+  }
+}
+
 // Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
 // thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
 // as a non-persistent grid's CTAs would, which balances causal work; clusters take the
@@ -216,8 +226,15 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr int Q_STAGES = Tr::Q_STAGES;
   // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage;
-  // with O staged in V's stages, o_read (O has left them: the next tile's V may load).
-  __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES) + 1];
+  // with O staged in V's stages, o_read (O has left them: the next tile's V may load); in a
+  // cluster, the claims' (below): claim_req, and per slot claim_ready, claim_full and
+  // claim_empty.
+  constexpr int CLAIMS = CLUSTER > 1 ? 2 : 0;  // slots of the claims' rings
+  __shared__ __align__(8) uint64_t
+      barriers[2 * (K_STAGES + V_STAGES + Q_STAGES) + 1 + (CLAIMS > 0 ? 1 + 3 * CLAIMS : 0)];
+  // In a cluster: the claim that rank 0's scheduler wrote here, and the one this CTA's
+  // scheduler hands to its producer.
+  __shared__ int claim_slot[CLAIMS > 0 ? CLAIMS : 1], tile_claim[CLAIMS > 0 ? CLAIMS : 1];
   // Per Q stage, for its current full_q phase: the tile's index (SLOT_T, past the last:
   // stop), the tile (FwdTile::write, from SLOT_TILE) and, varlen, its item's q0, k0, len_q,
   // len_k (from SLOT_ITEM).
@@ -238,6 +255,11 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     return smem_addr(&barriers[2 * (K_STAGES + V_STAGES) + Q_STAGES + s]);
   };
   const uint32_t o_read = smem_addr(&barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)]);
+  constexpr int CLAIM0 = 2 * (K_STAGES + V_STAGES + Q_STAGES) + 1;
+  const uint32_t claim_req = smem_addr(&barriers[CLAIM0]);
+  auto claim_ready = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + j]); };
+  auto claim_full = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + CLAIMS + j]); };
+  auto claim_empty = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + 2 * CLAIMS + j]); };
 
   // The warpgroup through a shuffle of lane 0: ptxas then keeps what derives from it (a
   // consumer's Q descriptors) in uniform registers instead of moving it there per wgmma.
@@ -267,6 +289,12 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       sm90::mbar_init(empty_q(s), 4 * CONSUMERS);
     }
     if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS * CLUSTER);
+    if (CLAIMS > 0) sm90::mbar_init(claim_req, 1);
+    for (int j = 0; j < CLAIMS; ++j) {
+      sm90::mbar_init(claim_ready(j), 1);
+      sm90::mbar_init(claim_full(j), 1);
+      sm90::mbar_init(claim_empty(j), CLUSTER - 1);
+    }
     sm90::fence_barrier_init();
   }
   // The other CTAs' copies and arrivals reach this CTA's barriers only once they exist.
@@ -282,16 +310,25 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
-      // A cluster's CTAs take the static order: claims of their own would differ.
-      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;
+      int* counter = p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
-      // tile only near the end of this one, as dynamic scheduling needs.
-      const int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
-      int t = counter ? atomicAdd(counter, 1) : first, t_next = t;
-      auto fetch_next = [&] { t_next = counter ? atomicAdd(counter, 1) : t + step; };
+      // tile only near the end of this one, as dynamic scheduling needs. In a cluster the
+      // scheduler thread fetches it (asked by claim_req) and hands it over in tile_claim.
+      int t = 0, t_next = 0;
+      auto fetch_next = [&] {
+        if constexpr (CLUSTER > 1)
+          sm90::mbar_arrive(claim_req);
+        else
+          t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x;
+      };
+      if constexpr (CLUSTER == 1) t_next = counter ? atomicAdd(counter, 1) : blockIdx.x;
       for (;;) {
+        if constexpr (CLUSTER > 1) {  // claim q_loads
+          sm90::mbar_wait(claim_ready(q_loads % CLAIMS), (q_loads / CLAIMS) & 1);
+          t_next = *static_cast<volatile int*>(&tile_claim[q_loads % CLAIMS]);
+        }
         t = t_next;
         SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
         if constexpr (VARLEN) {
@@ -408,8 +445,9 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         g += n_blocks;
         // With one Q buffer the next tile's Q loads only once the consumers ran their last
         // S on this one's: fetched into L2 now, about a key block earlier, that load reads
-        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top.)
-        if constexpr (Q_STAGES == 1 && !VARLEN)
+        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top; in a
+        // cluster the scheduler fetches it as it claims the tile.)
+        if constexpr (Q_STAGES == 1 && !VARLEN && CLUSTER == 1)
           if (t_next < num_tiles) {
             const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
 #pragma unroll
@@ -427,15 +465,50 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       // a remote arrival on a CTA that has exited faults.
       if constexpr (Tr::O_IN_V && CLUSTER > 1)
         if (g > 0) sm90::mbar_wait(o_read, o_phase);
-      // The last CTA to finish (all others fetched their last index before counting
-      // themselves done) leaves the counters at zero for the next launch.
-      if (counter) {
-        __threadfence();
-        if (atomicAdd(counter + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-          atomicExch(counter, 0);
-          atomicExch(counter + 1, 0);
+      if (CLUSTER == 1 && counter) release_counters(counter, gridDim.x);
+    }
+    // A cluster's claims: the scheduler thread of rank 0 takes claim c (its producer asks
+    // for claim c > 0 near the end of tile c - 1) from the counter, or in the static order
+    // without one, and writes it into every other CTA's claim_slot (a ring of CLAIMS,
+    // claim_full / claim_empty); theirs read it. Each hands it to its producer through
+    // tile_claim (claim_ready), claimed only once asked, so that the producer has read the
+    // claim before in that slot. The last (stop) claim ends them; rank 0's scheduler stays
+    // until the others read it, then counts its CTA done as the producer does without
+    // clusters.
+    if (CLUSTER > 1 && tid == 32) {
+      int* counter = p.tile_counter;
+      int t = blockIdx.x / CLUSTER;
+      for (int c = 0;; ++c) {
+        const int j = c % CLAIMS, phase = (c / CLAIMS) & 1;
+        if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
+        if (rank == 0) {
+          if (counter)
+            t = atomicAdd(counter, 1);
+          else if (c > 0)
+            t += gridDim.x / CLUSTER;
+          if (c >= CLAIMS) sm90::mbar_wait(claim_empty(j), phase ^ 1);
+          for (int r = 1; r < CLUSTER; ++r)
+            sm90::st_cluster_arrive(smem_addr(&claim_slot[j]), claim_full(j), r, t);
+        } else {
+          sm90::mbar_wait<true>(claim_full(j), phase);
+          t = *static_cast<volatile int*>(&claim_slot[j]);
+          sm90::mbar_arrive_cluster(claim_empty(j), 0);
+        }
+        *static_cast<volatile int*>(&tile_claim[j]) = t;
+        sm90::mbar_arrive(claim_ready(j));
+        if constexpr (Q_STAGES == 1)  // its Q into L2 (the producer's prefetch above)
+          if (c > 0 && t < num_tiles) {
+            const FwdTile next(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
+#pragma unroll
+            for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
+          }
+        if (t >= num_tiles) {
+          if (rank == 0) sm90::mbar_wait(claim_empty(j), phase);
+          break;
         }
       }
+      if (counter && rank == 0) release_counters(counter, gridDim.x / CLUSTER);
     }
   } else {
     sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();

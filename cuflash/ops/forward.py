@@ -101,7 +101,7 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
-# two counters (clusters read none), the query blocks per (head, item) (for clusters, blocks
+# two counters, the query blocks per (head, item) (for clusters, blocks
 # of a cluster's rows), the tiles of the grid, the (head, item) pairs of a section of its
 # tile order, whether tma_o holds a map; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
