@@ -47,8 +47,8 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v, 64 for o) x 1 x 1, 128-byte swizzle; the
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
-// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; clusters
-// always take it, cluster i tiles i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
+// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; in
+// clusters cluster i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
 // blocks per head and item, ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br
 // rows); tiles, m_blocks x heads x items; section, the (head, item) pairs of a section of
 // the tile order (FwdTile); and o_by_tma, whether tma_o holds a map (dense calls with a
@@ -187,14 +187,14 @@ __device__ __forceinline__ void release_counters(int* counter, int claimers) {
 
 // Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
 // thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
-// as a non-persistent grid's CTAs would, which balances causal work; clusters take the
-// static order, see CLUSTER below) and hands its index to the consumers in shared memory
-// with the Q tile, through the full_q / empty_q barrier pair (an index past the last tile
-// says stop), Q_STAGES of them in a ring. While the consumers finish a tile (last P V,
-// epilogue), the producer already loads the next tile's Q (into the other buffer, or, with
-// one, once the consumers released it after their last S = Q K^T; with O staged there,
-// once O left it) and its first K stages, and its first V stages unless O is staged in
-// them (o_read): the rings and their barrier phases run on across tiles.
+// as a non-persistent grid's CTAs would, which balances causal work; in a cluster from its
+// scheduler thread, see CLUSTER below) and hands its index to the consumers in shared
+// memory with the Q tile, through the full_q / empty_q barrier pair (an index past the
+// last tile says stop), Q_STAGES of them in a ring. While the consumers finish a tile
+// (last P V, epilogue), the producer already loads the next tile's Q (into the other
+// buffer, or, with one, once the consumers released it after their last S = Q K^T; with O
+// staged there, once O left it) and its first K stages, and its first V stages unless O is
+// staged in them (o_read): the rings and their barrier phases run on across tiles.
 //
 // CLUSTER > 1 (flash_fwd_sm90_cluster): the CTAs of a cluster run adjacent query blocks of
 // one (head, item) pair and share its K and V: rank r loads column blocks r, r + CLUSTER,
@@ -202,8 +202,9 @@ __device__ __forceinline__ void release_counters(int* counter, int claimers) {
 // that L2 serves each tile once per cluster (FA3's clusters of two). A stage is refilled
 // once the consumers of every CTA released it: empty barriers count the consumer warps of
 // the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
-// blocks in the same order: tiles are pairs of query blocks taken in the static order, and
-// every CTA loads the blocks some row of the cluster sees. The host picks clusters only
+// blocks in the same order: tiles are pairs of query blocks, claimed for the cluster by
+// rank 0 (the schedulers, below), and every CTA loads the blocks some row of the cluster
+// sees. The host picks clusters only
 // without a left window (ops/forward.py), so that those start at key block 0 for every
 // CTA; a CTA whose rows see fewer (under a causal mask, the one with the upper rows sees
 // one block more) hands the last ones back unused (`skip`, first in the descending
@@ -492,9 +493,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         } else {
           sm90::mbar_wait<true>(claim_full(j), phase);
           t = *static_cast<volatile int*>(&claim_slot[j]);
-          sm90::mbar_arrive_cluster(claim_empty(j), 0);
         }
         *static_cast<volatile int*>(&tile_claim[j]) = t;
+        // (after the store, which needs the slot's value read: rank 0 may then rewrite it)
+        if (rank != 0) sm90::mbar_arrive_cluster(claim_empty(j), 0);
         sm90::mbar_arrive(claim_ready(j));
         if constexpr (Q_STAGES == 1)  // its Q into L2 (the producer's prefetch above)
           if (c > 0 && t < num_tiles) {

@@ -309,11 +309,13 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, fresh_plans, by_tma,
     # a CTA with keys: it passes over them, and at hd256 arrives on o_read all the same)
     (BF16, 2, 1400, 700, 8, 2, 256, dict(causal=True)),
     (F16, 2, 1400, 700, 8, 8, 128, dict(causal=True)),
+    (BF16, 2, 1000, 1500, 16, 4, 128, dict(causal=True, alibi="heads")),  # offset 500
+    (F16, 2, 900, 900, 8, 2, 128, dict(window=(-1, 64))),  # a right bound of 64 keys
 ], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
         "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block",
         "bf16-256-one-key-block", "fp16-softcap-alibi", "bf16-causal-odd-blocks",
         "fp16-causal-softcap", "fp16-256-causal-more-keys", "bf16-256-causal-keyless",
-        "fp16-causal-keyless"])
+        "fp16-causal-keyless", "bf16-causal-alibi-more-keys", "fp16-right-window"])
 def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_tma, case):
     """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
     on the same inputs: the same arithmetic in the same order, so bitwise equal, and both

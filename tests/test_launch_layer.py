@@ -635,20 +635,22 @@ def test_hopper_forward_clusters_launch_whole_clusters():
         def field(raw, name):
             return int.from_bytes(raw[at[name][1]:at[name][1] + 4], "little")
 
-        # (batch, heads, options): m_blocks, the grid (132 SMs)
-        for (batch, heads, options), (blocks, grid) in {
-                (2, 8, ()): (5, 132), (1, 4, ()): (5, 40), (2, 8, (("causal", True),)): (5, 132),
-                (2, 8, (("window", (100, 0)),)): (9, 132)}.items():
+        # (batch, heads, options): clusters, m_blocks, the grid (132 SMs)
+        for (batch, heads, options), (cluster, blocks, grid) in {
+                (2, 8, ()): (True, 5, 132), (1, 4, ()): (True, 5, 40),
+                (2, 8, (("causal", True),)): (True, 5, 132),
+                (2, 8, (("window", (100, 0)),)): (False, 9, 132)}.items():
             q, k, v = (mk.array((batch, 1100, heads, 128), np.float16, n) for n in "qkv")
             world.begin_call()
             cuflash.attention_forward(q, k, v, **dict(options))
             [launch] = [x for x in world.launches if x["kernel"].name.startswith(_HOPPER_FWD)]
-            left_window = blocks == 9
-            assert launch["kernel"].name.startswith(
-                _HOPPER_FWD[0] if left_window else _HOPPER_FWD[1]), launch["kernel"].name
+            assert launch["kernel"].name.startswith(_HOPPER_FWD[int(cluster)]), \
+                launch["kernel"].name
             assert tuple(launch["grid"])[0] == grid
             assert field(launch["raw"], "m_blocks") == blocks
             assert field(launch["raw"], "tiles") == blocks * batch * heads
+            counter = at["tile_counter"][1]
+            assert int.from_bytes(launch["raw"][counter:counter + 8], "little")  # claims
         # An explicit cluster config for a problem with a left window is refused.
         from cuflash import ops
         q = mk.array((1, 300, 2, 128), np.float16, "q")
