@@ -90,6 +90,10 @@ SM90_TILES = {
                                 "clusters of two without a left window (notes v31, v32)",
                                 cluster=2),
 }
+# Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
+# key blocks only its peer's rows see, one a tile at Br = Bc: a large share of short rows'
+# tiles. Such calls run in clusters from this many query rows (notes v34).
+SM90_CLUSTER_WINDOWED_ROWS = 0
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
 SM90_MAX_TILES = 2**31 - 2**16
@@ -218,8 +222,9 @@ def choose(p: _core.Problem, arch: str) -> Config:
     serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
             and p.fast_tanh:
+        short = p.windowed and p.seqlen_q < SM90_CLUSTER_WINDOWED_ROWS
         return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k,
-                           left_window=p.window_left >= 0)
+                           left_window=p.window_left >= 0, cluster=1 if short else None)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
@@ -233,6 +238,9 @@ class Plan:
         also keeps those of q, k, v and out (``o_maps``: a call whose ``out`` the driver
         refuses stores O without its map)."""
         self.problem, self.config = p, config
+        # The tile scheduler's counter: clusters take the static order where every tile has
+        # the same keys (notes v34), and their scheduler threads claim from it otherwise.
+        self.counted = config.cluster == 1 or p.windowed
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
@@ -274,7 +282,7 @@ class Plan:
             head = self.maps(q, k, v)
             if head is None:
                 return False
-        counter = _core.counters(self.problem.device_id, stream, 2)
+        counter = _core.counters(self.problem.device_id, stream, 2) if self.counted else 0
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
                                              head=head, ints=(o_by_tma,)))
         return True
