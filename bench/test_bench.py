@@ -465,7 +465,7 @@ def test_tiles_candidates_and_table():
     bf16 = _common.DTYPES["bf16"]
     for hd, candidates in fwd_tiles.CANDIDATES.items():
         for seqlen, causal in itertools.product(fwd_tiles.SEQLENS, (False, True)):
-            names = {fwd_tiles.config(spec, bf16, hd, seqlen).name_expression
+            names = {fwd_tiles.config(spec, bf16, hd, seqlen, causal).name_expression
                      for _, spec in candidates}
             assert len(names) == len(candidates), (hd, seqlen)
             assert fwd_tiles.chosen_label(bf16, hd, seqlen, causal) in [

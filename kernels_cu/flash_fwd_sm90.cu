@@ -202,9 +202,9 @@ __device__ __forceinline__ void release_counters(int* counter, int claimers) {
 // that L2 serves each tile once per cluster (FA3's clusters of two). A stage is refilled
 // once the consumers of every CTA released it: empty barriers count the consumer warps of
 // the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
-// blocks in the same order: tiles are pairs of query blocks, taken in the static order or,
-// given a counter, claimed for the cluster by rank 0 (the schedulers, below), and every CTA
-// loads the blocks some row of the cluster sees. The host picks clusters only
+// blocks in the same order: tiles are pairs of query blocks, claimed for the cluster by
+// rank 0 (the schedulers, below), and every CTA loads the blocks some row of the cluster
+// sees. The host picks clusters only
 // without a left window (ops/forward.py), so that those start at key block 0 for every
 // CTA; a CTA whose rows see fewer (under a causal mask, the one with the upper rows sees
 // one block more) hands the last ones back unused (`skip`, first in the descending
@@ -468,58 +468,49 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         if (g > 0) sm90::mbar_wait(o_read, o_phase);
       if (CLUSTER == 1 && counter) release_counters(counter, gridDim.x);
     }
-    // A cluster's claims: the scheduler thread of each CTA hands claim c to its producer
-    // (which asks for claim c > 0 near the end of tile c - 1) through tile_claim
-    // (claim_ready), claimed only once asked, so that the producer has read the claim
-    // before in that slot. In the static order each takes it itself; from the counter,
-    // rank 0's takes it and writes it into every other CTA's claim_slot (a ring of CLAIMS,
-    // claim_full / claim_empty), theirs read it. The last (stop) claim ends them; rank 0's
-    // scheduler stays until the others read it, then counts its CTA done as the producer
-    // does without clusters.
+    // A cluster's claims: the scheduler thread of rank 0 takes claim c (its producer asks
+    // for claim c > 0 near the end of tile c - 1) from the counter, or in the static order
+    // without one, and writes it into every other CTA's claim_slot (a ring of CLAIMS,
+    // claim_full / claim_empty); theirs read it. Each hands it to its producer through
+    // tile_claim (claim_ready), claimed only once asked, so that the producer has read the
+    // claim before in that slot. The last (stop) claim ends them; rank 0's scheduler stays
+    // until the others read it, then counts its CTA done as the producer does without
+    // clusters.
     if (CLUSTER > 1 && tid == 32) {
       int* counter = p.tile_counter;
-      // Claim c (tile t) to the producer, its Q into L2 (the producer's prefetch above).
-      auto hand_over = [&](int c, int t) {
-        *static_cast<volatile int*>(&tile_claim[c % CLAIMS]) = t;
-        sm90::mbar_arrive(claim_ready(c % CLAIMS));
-        if constexpr (Q_STAGES == 1)
+      int t = blockIdx.x / CLUSTER;
+      for (int c = 0;; ++c) {
+        const int j = c % CLAIMS, phase = (c / CLAIMS) & 1;
+        if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
+        if (rank == 0) {
+          if (counter)
+            t = atomicAdd(counter, 1);
+          else if (c > 0)
+            t += gridDim.x / CLUSTER;
+          if (c >= CLAIMS) sm90::mbar_wait(claim_empty(j), phase ^ 1);
+          for (int r = 1; r < CLUSTER; ++r)
+            sm90::st_cluster_arrive(smem_addr(&claim_slot[j]), claim_full(j), r, t);
+        } else {
+          sm90::mbar_wait<true>(claim_full(j), phase);
+          t = *static_cast<volatile int*>(&claim_slot[j]);
+        }
+        *static_cast<volatile int*>(&tile_claim[j]) = t;
+        // (after the store, which needs the slot's value read: rank 0 may then rewrite it)
+        if (rank != 0) sm90::mbar_arrive_cluster(claim_empty(j), 0);
+        sm90::mbar_arrive(claim_ready(j));
+        if constexpr (Q_STAGES == 1)  // its Q into L2 (the producer's prefetch above)
           if (c > 0 && t < num_tiles) {
             const FwdTile next(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
 #pragma unroll
             for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
               sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
           }
-      };
-      if (!counter) {
-        for (int c = 0, t = blockIdx.x / CLUSTER;; ++c, t += gridDim.x / CLUSTER) {
-          if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
-          hand_over(c, t);
-          if (t >= num_tiles) break;
+        if (t >= num_tiles) {
+          if (rank == 0) sm90::mbar_wait(claim_empty(j), phase);
+          break;
         }
-      } else {
-        for (int c = 0;; ++c) {
-          const int j = c % CLAIMS, phase = (c / CLAIMS) & 1;
-          if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
-          int t;
-          if (rank == 0) {
-            t = atomicAdd(counter, 1);
-            if (c >= CLAIMS) sm90::mbar_wait(claim_empty(j), phase ^ 1);
-            for (int r = 1; r < CLUSTER; ++r)
-              sm90::st_cluster_arrive(smem_addr(&claim_slot[j]), claim_full(j), r, t);
-          } else {
-            sm90::mbar_wait<true>(claim_full(j), phase);
-            t = *static_cast<volatile int*>(&claim_slot[j]);
-            // (after the read: rank 0 may then rewrite the slot)
-            sm90::mbar_arrive_cluster(claim_empty(j), 0);
-          }
-          hand_over(c, t);
-          if (t >= num_tiles) {
-            if (rank == 0) sm90::mbar_wait(claim_empty(j), phase);
-            break;
-          }
-        }
-        if (rank == 0) release_counters(counter, gridDim.x / CLUSTER);
       }
+      if (counter && rank == 0) release_counters(counter, gridDim.x / CLUSTER);
     }
   } else {
     sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();

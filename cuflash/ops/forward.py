@@ -91,9 +91,10 @@ SM90_TILES = {
                                 cluster=2),
 }
 # Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
-# key blocks only its peer's rows see, one a tile at Br = Bc: a large share of short rows'
-# tiles. Such calls run in clusters from this many query rows (notes v34).
-SM90_CLUSTER_WINDOWED_ROWS = 0
+# key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 at 1k, 16 of 272 at
+# 4k. Such calls run in clusters from this many query rows (notes v34: -2 to -3% at 1k,
+# even at 2k, +1 to +3% at 4k, +3 to +4.5% at 16k).
+SM90_CLUSTER_WINDOWED_ROWS = 4096
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
 SM90_MAX_TILES = 2**31 - 2**16
@@ -238,9 +239,6 @@ class Plan:
         also keeps those of q, k, v and out (``o_maps``: a call whose ``out`` the driver
         refuses stores O without its map)."""
         self.problem, self.config = p, config
-        # The tile scheduler's counter: clusters take the static order where every tile has
-        # the same keys (notes v34), and their scheduler threads claim from it otherwise.
-        self.counted = config.cluster == 1 or p.windowed
         grid = (-(-p.seqlen_q // config.block_m), p.nheads, p.batch)
         attn = _core.attn_args(p)
         fwd = (attn, 0, *_core.row_strides(out_strides, p.dtype.itemsize), 0)
@@ -282,7 +280,7 @@ class Plan:
             head = self.maps(q, k, v)
             if head is None:
                 return False
-        counter = _core.counters(self.problem.device_id, stream, 2) if self.counted else 0
+        counter = _core.counters(self.problem.device_id, stream, 2)
         self.kernel(stream, self.record.fill(q, k, v, slopes, cu_q, cu_k, out, lse, counter,
                                              head=head, ints=(o_by_tma,)))
         return True
