@@ -43,23 +43,28 @@ SEQLENS = (1024, 4096, 16384)
 TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
 
 
+def _problem(dtype, headdim: int, seqlen: int, causal: bool):
+    from cuflash._core import Problem
+    right = 0 if causal else -1  # a causal mask is a window of no keys to the right
+    return Problem(0, dtype, 1, seqlen, seqlen, 1, 1, headdim, (), (), (), 1.0, 0.0, -1, right,
+                   None, False, seqlen, seqlen)
+
+
 def config(spec, dtype, headdim: int, seqlen: int, causal: bool):
+    """A candidate's config, in clusters where ops.forward would run the row in them."""
     from cuflash import ops
     if spec[0] == "mma":
         return ops.forward.mma_config(dtype, headdim, False, False)
     _, block_n, consumers = spec
+    clusters = ops.forward.choose(_problem(dtype, headdim, seqlen, causal), "sm_90").cluster
     return ops.forward.sm90_config(dtype, headdim, 0, False, seqlen, block_n, consumers,
-                                   windowed=causal)
+                                   cluster=None if clusters > 1 else 1)
 
 
 def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
     """The label of the candidate that ops.forward chooses on sm_90 now."""
     from cuflash import ops
-    from cuflash._core import Problem
-    right = 0 if causal else -1  # a causal mask is a window of no keys to the right
-    p = Problem(0, dtype, 1, seqlen, seqlen, 1, 1, headdim, (), (), (), 1.0, 0.0, -1, right,
-                None, False, seqlen, seqlen)
-    now = ops.forward.choose(p, "sm_90").name_expression
+    now = ops.forward.choose(_problem(dtype, headdim, seqlen, causal), "sm_90").name_expression
     return next((label for label, spec in CANDIDATES[headdim]
                  if config(spec, dtype, headdim, seqlen, causal).name_expression == now),
                 None)

@@ -16,8 +16,9 @@
 //     intra-warpgroup overlap); at head dims up to 128 the consumers also take turns
 //     issuing their GEMMs (ping-pong). O is divided by l_i once at the end and stored
 //     (through the consumer's rows of its Q tile where Q has two buffers), LSE written.
-// Dense calls without a window at head dims 128 and 256 run in clusters of two CTAs that
-// share each K and V tile by TMA multicast (flash_fwd_sm90_cluster; fwd_sm90's CLUSTER).
+// Dense calls without a left window (causal ones included) at head dims 128 and 256 run in
+// clusters of two CTAs that share each K and V tile by TMA multicast
+// (flash_fwd_sm90_cluster; fwd_sm90's CLUSTER).
 // OPTS: the score options an instantiation applies (common/mask.cuh: 0, OPTS_SOFTCAP,
 // OPTS_ALIBI, both as OPTS_RUNTIME), soft-cap's tanh in the form tanh_form<T, OPTS>() picks,
 // as in the backward.
@@ -46,8 +47,8 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v, 64 for o) x 1 x 1, 128-byte swizzle; the
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
-// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; clusters
-// always take it, cluster i tiles i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
+// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; in
+// clusters cluster i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
 // blocks per head and item, ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br
 // rows); tiles, m_blocks x heads x items; section, the (head, item) pairs of a section of
 // the tile order (FwdTile); and o_by_tma, whether tma_o holds a map (dense calls with a
@@ -174,16 +175,26 @@ struct FwdTile {
       : m_block(s[0]), h(s[1]), b(s[2]), n_block_min(s[3]), n_block_max(s[4]) {}
 };
 
+// The tile scheduler's counters (next tile, claimers done) back to zero for the next launch,
+// by the last of `claimers` threads to call this, each after fetching its last index.
+__device__ __forceinline__ void release_counters(int* counter, int claimers) {
+  __threadfence();
+  if (atomicAdd(counter + 1, 1) == claimers - 1) {
+    atomicExch(counter, 0);
+    atomicExch(counter + 1, 0);
+  }
+}
+
 // Persistent: gridDim.x CTAs (one per SM) each run tiles until none is left. The producer
 // thread picks the next tile (an atomic counter: tiles go to whichever CTA is free first,
-// as a non-persistent grid's CTAs would, which balances causal work; clusters take the
-// static order, see CLUSTER below) and hands its index to the consumers in shared memory
-// with the Q tile, through the full_q / empty_q barrier pair (an index past the last tile
-// says stop), Q_STAGES of them in a ring. While the consumers finish a tile (last P V,
-// epilogue), the producer already loads the next tile's Q (into the other buffer, or, with
-// one, once the consumers released it after their last S = Q K^T; with O staged there,
-// once O left it) and its first K stages, and its first V stages unless O is staged in
-// them (o_read): the rings and their barrier phases run on across tiles.
+// as a non-persistent grid's CTAs would, which balances causal work; in a cluster from its
+// scheduler thread, see CLUSTER below) and hands its index to the consumers in shared
+// memory with the Q tile, through the full_q / empty_q barrier pair (an index past the
+// last tile says stop), Q_STAGES of them in a ring. While the consumers finish a tile
+// (last P V, epilogue), the producer already loads the next tile's Q (into the other
+// buffer, or, with one, once the consumers released it after their last S = Q K^T; with O
+// staged there, once O left it) and its first K stages, and its first V stages unless O is
+// staged in them (o_read): the rings and their barrier phases run on across tiles.
 //
 // CLUSTER > 1 (flash_fwd_sm90_cluster): the CTAs of a cluster run adjacent query blocks of
 // one (head, item) pair and share its K and V: rank r loads column blocks r, r + CLUSTER,
@@ -191,9 +202,13 @@ struct FwdTile {
 // that L2 serves each tile once per cluster (FA3's clusters of two). A stage is refilled
 // once the consumers of every CTA released it: empty barriers count the consumer warps of
 // the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
-// blocks in the same order: tiles are pairs of query blocks taken in the static order, and
-// the host picks clusters only where no window makes the key range depend on the rows
-// (ops/forward.py). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
+// blocks in the same order: tiles are pairs of query blocks, claimed for the cluster by
+// rank 0 (the schedulers, below), and every CTA loads the blocks some row of the cluster
+// sees. The host picks clusters only
+// without a left window (ops/forward.py), so that those start at key block 0 for every
+// CTA; a CTA whose rows see fewer (under a causal mask, the one with the upper rows sees
+// one block more) hands the last ones back unused (`skip`, first in the descending
+// order). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
 // rows past seqlen_q (a whole block where the count of Br blocks is odd) compute on zeros
 // and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs' copies
 // also fill, o_read counts the consumers of the cluster as the empty barriers do.
@@ -212,13 +227,21 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr int Q_STAGES = Tr::Q_STAGES;
   // full_k, empty_k per K stage, full_v, empty_v per V stage, full_q, empty_q per Q stage;
-  // with O staged in V's stages, o_read (O has left them: the next tile's V may load).
-  __shared__ __align__(8) uint64_t barriers[2 * (K_STAGES + V_STAGES + Q_STAGES) + 1];
+  // with O staged in V's stages, o_read (O has left them: the next tile's V may load); in a
+  // cluster, the claims' (below): claim_req, and per slot claim_ready, claim_full and
+  // claim_empty.
+  constexpr int CLAIMS = CLUSTER > 1 ? 2 : 0;  // slots of the claims' rings
+  __shared__ __align__(8) uint64_t
+      barriers[2 * (K_STAGES + V_STAGES + Q_STAGES) + 1 + (CLAIMS > 0 ? 1 + 3 * CLAIMS : 0)];
+  // In a cluster: the claim that rank 0's scheduler wrote here, and the one this CTA's
+  // scheduler hands to its producer.
+  __shared__ int claim_slot[CLAIMS > 0 ? CLAIMS : 1], tile_claim[CLAIMS > 0 ? CLAIMS : 1];
   // Per Q stage, for its current full_q phase: the tile's index (SLOT_T, past the last:
   // stop), the tile (FwdTile::write, from SLOT_TILE) and, varlen, its item's q0, k0, len_q,
   // len_k (from SLOT_ITEM).
   constexpr int SLOT_T = 0, SLOT_TILE = 1, SLOT_ITEM = SLOT_TILE + FwdTile::INTS;
-  __shared__ int tile_slot[Q_STAGES][SLOT_ITEM + (VARLEN ? 4 : 0)];
+  constexpr int SLOT_SKIP = SLOT_TILE + FwdTile::INTS;  // clusters (never varlen)
+  __shared__ int tile_slot[Q_STAGES][SLOT_ITEM + (VARLEN ? 4 : 0) + (CLUSTER > 1 ? 1 : 0)];
   const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   auto sQ = [&](int s) { return base + s * Tr::Q_BYTES; };
   const uint32_t kv = base + Q_STAGES * Tr::Q_BYTES;
@@ -233,6 +256,11 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
     return smem_addr(&barriers[2 * (K_STAGES + V_STAGES) + Q_STAGES + s]);
   };
   const uint32_t o_read = smem_addr(&barriers[2 * (K_STAGES + V_STAGES + Q_STAGES)]);
+  constexpr int CLAIM0 = 2 * (K_STAGES + V_STAGES + Q_STAGES) + 1;
+  const uint32_t claim_req = smem_addr(&barriers[CLAIM0]);
+  auto claim_ready = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + j]); };
+  auto claim_full = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + CLAIMS + j]); };
+  auto claim_empty = [&](int j) { return smem_addr(&barriers[CLAIM0 + 1 + 2 * CLAIMS + j]); };
 
   // The warpgroup through a shuffle of lane 0: ptxas then keeps what derives from it (a
   // consumer's Q descriptors) in uniform registers instead of moving it there per wgmma.
@@ -262,6 +290,12 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       sm90::mbar_init(empty_q(s), 4 * CONSUMERS);
     }
     if (Tr::O_IN_V) sm90::mbar_init(o_read, 4 * CONSUMERS * CLUSTER);
+    if (CLAIMS > 0) sm90::mbar_init(claim_req, 1);
+    for (int j = 0; j < CLAIMS; ++j) {
+      sm90::mbar_init(claim_ready(j), 1);
+      sm90::mbar_init(claim_full(j), 1);
+      sm90::mbar_init(claim_empty(j), CLUSTER - 1);
+    }
     sm90::fence_barrier_init();
   }
   // The other CTAs' copies and arrivals reach this CTA's barriers only once they exist.
@@ -277,16 +311,25 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
       uint32_t o_phase = 0;  // O_IN_V: the phase of o_read that the next wait is for
-      // A cluster's CTAs take the static order: claims of their own would differ.
-      int* counter = CLUSTER > 1 ? nullptr : p.tile_counter;
+      int* counter = p.tile_counter;
       // The next tile's index is fetched once this tile's last K load is queued (the
       // consumers are then a few key blocks from its end): the atomic's latency passes
       // under those blocks rather than between two tiles, and a CTA still claims its next
-      // tile only near the end of this one, as dynamic scheduling needs.
-      const int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
-      int t = counter ? atomicAdd(counter, 1) : first, t_next = t;
-      auto fetch_next = [&] { t_next = counter ? atomicAdd(counter, 1) : t + step; };
+      // tile only near the end of this one, as dynamic scheduling needs. In a cluster the
+      // scheduler thread fetches it (asked by claim_req) and hands it over in tile_claim.
+      int t = 0, t_next = 0;
+      auto fetch_next = [&] {
+        if constexpr (CLUSTER > 1)
+          sm90::mbar_arrive(claim_req);
+        else
+          t_next = counter ? atomicAdd(counter, 1) : t + gridDim.x;
+      };
+      if constexpr (CLUSTER == 1) t_next = counter ? atomicAdd(counter, 1) : blockIdx.x;
       for (;;) {
+        if constexpr (CLUSTER > 1) {  // claim q_loads
+          sm90::mbar_wait(claim_ready(q_loads % CLAIMS), (q_loads / CLAIMS) & 1);
+          t_next = *static_cast<volatile int*>(&tile_claim[q_loads % CLAIMS]);
+        }
         t = t_next;
         SeqView<true> item(0, 0, 0, 0);  // varlen: the tile's item, read before the wait
         if constexpr (VARLEN) {
@@ -334,21 +377,36 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
         tile.set_keys(Br, Bc, seq, mask);
         tile.write(slot + SLOT_TILE);
-        if (tile.n_blocks() <= 0) {  // the consumers write zeros; nothing to load
+        // In a cluster every CTA loads the key blocks that some row of the cluster's sees:
+        // with no left window all start at block 0, and this CTA's rows see all but the
+        // `skip` last (a causal diagonal further down), which its consumers pass over.
+        int skip = 0;
+        if constexpr (CLUSTER > 1) {
+          const int m0 = (tile.m_block - rank) * Br;
+          int key_begin, key_end;
+          mask.key_range(m0, min(m0 + CLUSTER * Br, seq.seqlen_q()), key_begin, key_end);
+          skip = max(tile.n_block_max, (key_end + Bc - 1) / Bc) - tile.n_block_max;
+          slot[SLOT_SKIP] = skip;
+        }
+        // Ring positions g .. g + n_blocks - 1 hold key blocks n_block_max + skip - 1 down
+        // to n_block_min, K and V each in their own ring. K of block i + 1 goes before V of
+        // block i: the consumers issue S of the next block before P V of this one.
+        const int n_blocks = tile.n_blocks() + skip;
+        if (n_blocks <= 0) {  // the consumers write zeros; nothing to load
           sm90::mbar_arrive(full_q(qs));
           fetch_next();
           continue;
         }
-        sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
+        if (CLUSTER == 1 || tile.n_blocks() > 0) {
+          sm90::mbar_arrive_expect_tx(full_q(qs), Tr::Q_BYTES);
 #pragma unroll
-        for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-          sm90::tma_load_4d(sQ(qs) + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q(qs), cb * 64,
-                            seq.q0 + tile.m_block * Br, tile.h, seq.b);
-        // Ring position g + i holds key block n_block_max - 1 - i, K and V each in their own
-        // ring. K of block i + 1 goes before V of block i: the consumers issue S of the next
-        // block before P V of this one.
+          for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+            sm90::tma_load_4d(sQ(qs) + cb * Tr::Q_BLOCK_BYTES, &p.tma_q, full_q(qs), cb * 64,
+                              seq.q0 + tile.m_block * Br, tile.h, seq.b);
+        } else {
+          sm90::mbar_arrive(full_q(qs));  // no row of this CTA's sees a key: no Q
+        }
         const int h_kv = tile.h / group;
-        const int n_blocks = tile.n_blocks();
         auto load = [&](bool value, int i) {
           const int pos = g + i, stages = value ? V_STAGES : K_STAGES, s = pos % stages;
           // Stage s was last filled `stages` blocks ago: wait until every consumer warp (of
@@ -357,7 +415,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
             sm90::mbar_wait(value ? empty_v(s) : empty_k(s), (pos / stages - 1) & 1);
           const uint32_t full = value ? full_v(s) : full_k(s), dst = value ? sV(s) : sK(s);
           const sm90::TmaMap* map = value ? &p.tma_v : &p.tma_k;
-          const int n0 = seq.k0 + (tile.n_block_max - 1 - i) * Bc;
+          const int n0 = seq.k0 + (tile.n_block_max + skip - 1 - i) * Bc;
           sm90::mbar_arrive_expect_tx(full, value ? Tr::V_BYTES : Tr::K_BYTES);
           for (int j = 0; j < (value ? Tr::V_BLOCKS : Tr::QK_BLOCKS) / CLUSTER; ++j) {
             const int cb = j * CLUSTER + rank;
@@ -377,7 +435,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
             if (i + 2 == n_blocks) fetch_next();
           }
           // O staged in V's stages: the previous tile with key blocks (g > 0) stored its O
-          // from there, which must have left before this tile's V arrives.
+          // from there, which must have left before this tile's V arrives (in a cluster,
+          // every CTA's: a CTA with no key block of its own arrives all the same).
           if (Tr::O_IN_V && i == 0 && g > 0) {
             sm90::mbar_wait(o_read, o_phase);
             o_phase ^= 1;
@@ -387,8 +446,9 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         g += n_blocks;
         // With one Q buffer the next tile's Q loads only once the consumers ran their last
         // S on this one's: fetched into L2 now, about a key block earlier, that load reads
-        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top.)
-        if constexpr (Q_STAGES == 1 && !VARLEN)
+        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top; in a
+        // cluster the scheduler fetches it as it claims the tile.)
+        if constexpr (Q_STAGES == 1 && !VARLEN && CLUSTER == 1)
           if (t_next < num_tiles) {
             const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
 #pragma unroll
@@ -406,15 +466,51 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       // a remote arrival on a CTA that has exited faults.
       if constexpr (Tr::O_IN_V && CLUSTER > 1)
         if (g > 0) sm90::mbar_wait(o_read, o_phase);
-      // The last CTA to finish (all others fetched their last index before counting
-      // themselves done) leaves the counters at zero for the next launch.
-      if (counter) {
-        __threadfence();
-        if (atomicAdd(counter + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-          atomicExch(counter, 0);
-          atomicExch(counter + 1, 0);
+      if (CLUSTER == 1 && counter) release_counters(counter, gridDim.x);
+    }
+    // A cluster's claims: the scheduler thread of rank 0 takes claim c (its producer asks
+    // for claim c > 0 near the end of tile c - 1) from the counter, or in the static order
+    // without one, and writes it into every other CTA's claim_slot (a ring of CLAIMS,
+    // claim_full / claim_empty); theirs read it. Each hands it to its producer through
+    // tile_claim (claim_ready), claimed only once asked, so that the producer has read the
+    // claim before in that slot. The last (stop) claim ends them; rank 0's scheduler stays
+    // until the others read it, then counts its CTA done as the producer does without
+    // clusters.
+    if (CLUSTER > 1 && tid == 32) {
+      int* counter = p.tile_counter;
+      int t = blockIdx.x / CLUSTER;
+      for (int c = 0;; ++c) {
+        const int j = c % CLAIMS, phase = (c / CLAIMS) & 1;
+        if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
+        if (rank == 0) {
+          if (counter)
+            t = atomicAdd(counter, 1);
+          else if (c > 0)
+            t += gridDim.x / CLUSTER;
+          if (c >= CLAIMS) sm90::mbar_wait(claim_empty(j), phase ^ 1);
+          for (int r = 1; r < CLUSTER; ++r)
+            sm90::st_cluster_arrive(smem_addr(&claim_slot[j]), claim_full(j), r, t);
+        } else {
+          sm90::mbar_wait<true>(claim_full(j), phase);
+          t = *static_cast<volatile int*>(&claim_slot[j]);
+        }
+        *static_cast<volatile int*>(&tile_claim[j]) = t;
+        // (after the store, which needs the slot's value read: rank 0 may then rewrite it)
+        if (rank != 0) sm90::mbar_arrive_cluster(claim_empty(j), 0);
+        sm90::mbar_arrive(claim_ready(j));
+        if constexpr (Q_STAGES == 1)  // its Q into L2 (the producer's prefetch above)
+          if (c > 0 && t < num_tiles) {
+            const FwdTile next(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
+#pragma unroll
+            for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
+          }
+        if (t >= num_tiles) {
+          if (rank == 0) sm90::mbar_wait(claim_empty(j), phase);
+          break;
         }
       }
+      if (counter && rank == 0) release_counters(counter, gridDim.x / CLUSTER);
     }
   } else {
     sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();
@@ -477,6 +573,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       }();
       const Mask mask = VARLEN ? Mask(a, seq) : dense_mask;
       const int n_blocks = tile.n_blocks();
+      const int skip = CLUSTER > 1 ? slot[SLOT_SKIP] : 0;
       // No key block: the index is read and Q not used, release at once (with O staged
       // there, once O has left it).
       __syncwarp();
@@ -492,6 +589,21 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
       OnlineSoftmax<1> softmax;
       const ScoreMod mod(a, tile.b, tile.h, seq);
+      // The cluster's key blocks that no row of this CTA's sees come first: handed back
+      // as they arrive. The last O's V stages go back before (its release would otherwise
+      // wait under a later S, and the producers wait for it before this tile's first V).
+      if constexpr (CLUSTER > 1) {
+        if (skip > 0) {
+          if constexpr (Tr::O_IN_V) release_o_buffer();
+          for (int j = 0; j < skip; ++j) {
+            sm90::mbar_wait(full_k((g + j) % K_STAGES), ((g + j) / K_STAGES) & 1);
+            release_kv(empty_k((g + j) % K_STAGES));
+            sm90::mbar_wait(full_v((g + j) % V_STAGES), ((g + j) / V_STAGES) & 1);
+            release_kv(empty_v((g + j) % V_STAGES));
+          }
+          g += skip;
+        }
+      }
 
       // Key block it is ring position g + it. S of block it is issued before P V of block
       // it - 1 (intra-warpgroup overlap: the tensor cores run P V while this warpgroup
@@ -615,6 +727,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       // stores its zeros from the registers (its V loads, none, are not held back).
       release_o_buffer();  // a tile without key blocks had no S to wait under
       const bool staged = Tr::O_IN_Q || (Tr::O_IN_V && n_blocks > 0);
+      // A cluster's o_read phase counts every CTA's consumers, keyless ones too (after
+      // the skipped blocks: their V loads followed the producers' wait for the last phase).
+      if constexpr (Tr::O_IN_V && CLUSTER > 1)
+        if (n_blocks <= 0 && skip > 0) release_kv(o_read);
       if (staged) {
         // Row 16 warp + lane / 4 + 8 r of the consumer's tile: column block dt / 8, 16-byte
         // chunk (dt % 8) ^ (row % 8), 4 bytes at 4 (lane % 4); a warp's 8 rows then hit 32

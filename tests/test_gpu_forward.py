@@ -301,16 +301,29 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, fresh_plans, by_tma,
     (BF16, 1, 17, 97, 2, 1, 200, {}),
     (BF16, 2, 1000, 64, 16, 4, 256, {}),  # one key block a tile, several tiles a cluster
     (F16, 1, 700, 900, 8, 4, 128, dict(softcap=5.0, alibi="heads")),  # OPTS_RUNTIME
+    # Causal: the CTA of a pair's lower rows passes over the diagonal block it does not see.
+    (BF16, 2, 1100, 1100, 8, 2, 128, dict(causal=True)),
+    (F16, 2, 2000, 2000, 16, 4, 128, dict(causal=True, softcap=5.0)),
+    (F16, 2, 1000, 1500, 16, 4, 256, dict(causal=True)),
+    # 1400 queries, 700 keys: query block 4 sees no key, 5 one block (a keyless CTA beside
+    # a CTA with keys: it passes over them, and at hd256 arrives on o_read all the same)
+    (BF16, 2, 1400, 700, 8, 2, 256, dict(causal=True)),
+    (F16, 2, 1400, 700, 8, 8, 128, dict(causal=True)),
+    (BF16, 2, 1000, 1500, 16, 4, 128, dict(causal=True, alibi="heads")),  # offset 500
+    (F16, 2, 900, 900, 8, 2, 128, dict(window=(-1, 64))),  # a right bound of 64 keys
 ], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
         "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block",
-        "bf16-256-one-key-block", "fp16-softcap-alibi"])
+        "bf16-256-one-key-block", "fp16-softcap-alibi", "bf16-causal-odd-blocks",
+        "fp16-causal-softcap", "fp16-256-causal-more-keys", "bf16-256-causal-keyless",
+        "fp16-causal-keyless", "bf16-causal-alibi-more-keys", "fp16-right-window"])
 def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_tma, case):
     """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
     on the same inputs: the same arithmetic in the same order, so bitwise equal, and both
     meet the accuracy rule (check). Odd counts of query blocks leave a cluster's second CTA
     a block past the rows, which computes but stores nothing; O by TMA and, without O's
     map, by 16-byte stores; at hd256 through V's stages, which the peer's copies also fill
-    (o_read counts both CTAs' consumers)."""
+    (o_read counts both CTAs' consumers). Under a causal mask both CTAs load the blocks
+    that the pair's upper rows see, and the lower rows' CTA hands the extra ones back."""
     _require_hopper()
     import cupy
     from cuflash import ops

@@ -623,10 +623,11 @@ def test_hopper_forward_stores_o_without_tma_where_the_driver_refuses_out():
 
 
 def test_hopper_forward_clusters_launch_whole_clusters():
-    """hd128 without a window runs in clusters of two: an even grid of at most the SMs, a
-    tile per cluster (m_blocks counts pairs of query blocks, the last one half empty where
-    their count is odd); a causal call runs one CTA a tile, and a cluster config given for
-    one is refused."""
+    """hd128 without a left window runs in clusters of two (causal from
+    SM90_CLUSTER_WINDOWED_ROWS rows): an even grid of at most the SMs, a tile per cluster
+    (m_blocks counts pairs of query blocks, the last one half empty where their count is
+    odd); a call with a left window runs one CTA a tile, and a cluster config given for one
+    is refused."""
     from cuflash.ops import forward
     with fake_gpu() as (cuflash, world):
         mk = record_launches.Maker(world, 0)
@@ -635,22 +636,29 @@ def test_hopper_forward_clusters_launch_whole_clusters():
         def field(raw, name):
             return int.from_bytes(raw[at[name][1]:at[name][1] + 4], "little")
 
-        # (batch, heads, causal): m_blocks, the grid (132 SMs)
-        for (batch, heads, causal), (blocks, grid) in {
-                (2, 8, False): (5, 132), (1, 4, False): (5, 40), (2, 8, True): (9, 132)}.items():
-            q, k, v = (mk.array((batch, 1100, heads, 128), np.float16, n) for n in "qkv")
+        rows = forward.SM90_CLUSTER_WINDOWED_ROWS
+        causal = (("causal", True),)
+        # (batch, seqlen, heads, options): clusters, m_blocks, the grid (132 SMs)
+        for (batch, seqlen, heads, options), (cluster, blocks, grid) in {
+                (2, 1100, 8, ()): (True, 5, 132), (1, 1100, 4, ()): (True, 5, 40),
+                (1, rows, 2, causal): (True, rows // 256, rows // 64),
+                (2, rows - 1, 8, causal): (False, rows // 128, 132),
+                (2, 1100, 8, (("window", (100, 0)),)): (False, 9, 132)}.items():
+            q, k, v = (mk.array((batch, seqlen, heads, 128), np.float16, n) for n in "qkv")
             world.begin_call()
-            cuflash.attention_forward(q, k, v, causal=causal)
+            cuflash.attention_forward(q, k, v, **dict(options))
             [launch] = [x for x in world.launches if x["kernel"].name.startswith(_HOPPER_FWD)]
-            assert launch["kernel"].name.startswith(
-                _HOPPER_FWD[0] if causal else _HOPPER_FWD[1]), launch["kernel"].name
+            assert launch["kernel"].name.startswith(_HOPPER_FWD[int(cluster)]), \
+                launch["kernel"].name
             assert tuple(launch["grid"])[0] == grid
             assert field(launch["raw"], "m_blocks") == blocks
-            assert field(launch["raw"], "tiles") == blocks * batch * heads
-        # An explicit cluster config for a causal problem is refused, not launched.
+            assert field(launch["raw"], "tiles") == blocks * batch * heads, seqlen
+            counter = at["tile_counter"][1]
+            assert int.from_bytes(launch["raw"][counter:counter + 8], "little")  # claims
+        # An explicit cluster config for a problem with a left window is refused.
         from cuflash import ops
         q = mk.array((1, 300, 2, 128), np.float16, "q")
-        p = ops.dense_problem(q, q, q, causal=True)
+        p = ops.dense_problem(q, q, q, window=(50, 0))
         config = forward.sm90_config(p.dtype, 128, 0, False, 300, cluster=2)
-        with pytest.raises(ValueError, match="windowed or causal"):
+        with pytest.raises(ValueError, match="left window"):
             forward.plan(p, q.strides, config)

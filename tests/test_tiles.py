@@ -193,15 +193,15 @@ def test_smaller_tiles_match_the_reference_on_this_gpu(arch, monkeypatch):
 
 
 def test_sm90_clusters_only_where_the_kernel_runs_them():
-    """Clusters of two at hd128 and hd256 without a window, dense calls; a request for one
-    elsewhere is refused by name."""
+    """Clusters of two at hd128 and hd256 without a left window (causal calls included),
+    dense calls; a request for one elsewhere is refused by name."""
     with pytest.raises(ValueError, match="no clusters"):
         ops.forward.sm90_config(BF16, 128, 0, True, 4096, cluster=2)
     with pytest.raises(ValueError, match="no clusters"):
         ops.forward.sm90_config(BF16, 192, 0, False, 4096, cluster=2)
-    with pytest.raises(ValueError, match="windowed"):
-        ops.forward.sm90_config(BF16, 128, 0, False, 4096, windowed=True, cluster=2)
-    assert ops.forward.sm90_config(BF16, 128, 0, False, 4096, windowed=True).cluster == 1
+    with pytest.raises(ValueError, match="left window"):
+        ops.forward.sm90_config(BF16, 128, 0, False, 4096, left_window=True, cluster=2)
+    assert ops.forward.sm90_config(BF16, 128, 0, False, 4096, left_window=True).cluster == 1
     assert ops.forward.sm90_config(BF16, 128, 0, False, 4096).cluster == 2
     assert ops.forward.sm90_config(BF16, 256, 1, False, 1024).cluster == 2
     assert ops.forward.sm90_config(BF16, 64, 0, False, 4096).cluster == 1

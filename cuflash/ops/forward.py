@@ -58,7 +58,7 @@ class Sm90Tile:
     consumers_short: int  # the same under SM90_SHORT_KEYS keys, and with softcap / ALiBi
     reason: str
     # CTAs of a cluster sharing K and V by TMA multicast (flash_fwd_sm90_cluster) where no
-    # window makes a tile's keys depend on its rows, dense calls only; 1: no clusters.
+    # left window makes a tile's first key depend on its rows, dense calls only; 1: none.
     cluster: int = 1
 
 
@@ -81,14 +81,20 @@ SM90_TILES = {
                                  "h200_2026-12-05/tiles.md); two at 1k, +14% causal"),
     128: Sm90Tile(128, 128, 2, 2, "Bc 128 with the overlapped mainloop: +1-15% over Bc 176 "
                                   "and 160 at every row (tiles.md; Bc 176 led before the "
-                                  "overlap, notes Hopper v1); clusters of two without a "
-                                  "window (notes v30)", cluster=2),
+                                  "overlap, notes Hopper v1); clusters of two without a left "
+                                  "window (notes v30, v32)", cluster=2),
     192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
                                  "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
     256: Sm90Tile(80, 80, 2, 2, "Bc 80, the largest whose two K/V stages fit next to Q (225 "
                                 "KiB): +1-5% over Bc 64 (tiles.md), 2.3-2.5x mma.sync; "
-                                "clusters of two without a window (notes v31)", cluster=2),
+                                "clusters of two without a left window (notes v31, v32)",
+                                cluster=2),
 }
+# Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
+# key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 at 1k, 16 of 272 at
+# 4k. Such calls run in clusters from this many query rows (notes v34: -2 to -3% at 1k,
+# even at 2k, +1 to +3% at 4k, +3 to +4.5% at 16k).
+SM90_CLUSTER_WINDOWED_ROWS = 4096
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
 SM90_MAX_TILES = 2**31 - 2**16
@@ -100,7 +106,7 @@ PARAMS = np.dtype([
     ("lse", np.uint64),
 ], align=True)
 # FwdSm90Params (flash_fwd_sm90.cu): TMA maps of q, k, v and o, FwdParams, the scheduler's
-# two counters (clusters read none), the query blocks per (head, item) (for clusters, blocks
+# two counters, the query blocks per (head, item) (for clusters, blocks
 # of a cluster's rows), the tiles of the grid, the (head, item) pairs of a section of its
 # tile order, whether tma_o holds a map; padded to its 64-byte alignment.
 _MAP = (np.uint8, (_tma.MAP_BYTES,))
@@ -183,11 +189,12 @@ def mma_config(dtype, headdim: int, score_mod: bool, varlen: bool,
 
 def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
                 block_n: int | None = None, consumers: int | None = None,
-                windowed: bool = False, cluster: int | None = None) -> Config:
+                left_window: bool = False, cluster: int | None = None) -> Config:
     """flash_fwd_sm90 for fp16 / bf16 at a head dim whose whole 64-column blocks are one of
     SM90_TILES, applying the score options ``opts`` (its OPTS, ``_core.score_opts``), in
-    the table's clusters unless ``varlen`` or ``windowed`` (a causal mask is a window);
-    ``block_n``, ``consumers`` and ``cluster`` override the table's, for tuning and tests."""
+    the table's clusters unless ``varlen`` or ``left_window`` (a window bounding the keys
+    on the left; a causal mask bounds them on the right only); ``block_n``, ``consumers``
+    and ``cluster`` override the table's, for tuning and tests."""
     hd = tiles.smem_cols(headdim)
     t = SM90_TILES[hd]
     short = seqlen_k < SM90_SHORT_KEYS
@@ -197,10 +204,11 @@ def sm90_config(dtype, headdim: int, opts: int, varlen: bool, seqlen_k: int,
     # The kernel's clusters: dense, O staged, whole 64-column blocks of K and V a CTA.
     can = not varlen and layout.staged_o and hd // 64 % t.cluster == 0
     if cluster is None:
-        cluster = t.cluster if can and not windowed else 1
-    elif cluster > 1 and (cluster != t.cluster or not can or windowed):
+        cluster = t.cluster if can and not left_window else 1
+    elif cluster > 1 and (cluster != t.cluster or not can or left_window):
         raise ValueError(f"no clusters of {cluster} at head dim {hd}, {c} consumers, Bc {bn}"
-                         f"{', varlen' if varlen else ''}{', windowed' if windowed else ''}")
+                         f"{', varlen' if varlen else ''}"
+                         f"{', a left window' if left_window else ''}")
     dt = _core.CXX_TYPES[np.dtype(dtype)]
     if cluster > 1:
         name = f"cuflash::flash_fwd_sm90_cluster<{dt}, {hd}, {bn}, {c}, {opts}>"
@@ -215,8 +223,9 @@ def choose(p: _core.Problem, arch: str) -> Config:
     serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
             and p.fast_tanh:
+        short = p.windowed and p.seqlen_q < SM90_CLUSTER_WINDOWED_ROWS
         return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k,
-                           windowed=p.windowed)
+                           left_window=p.window_left >= 0, cluster=1 if short else None)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
@@ -321,10 +330,11 @@ def plan(p: _core.Problem, out_strides: tuple, config: Config | None = None) -> 
     """The plan of a problem; ``config`` overrides the kernel choice (tuning, tests)."""
     arch = _compile.device_arch(p.device_id)  # a clear error on GPUs older than sm_80
     chosen = config or choose(p, arch)
-    if chosen.cluster > 1 and (p.windowed or p.varlen):
-        # The CTAs of a cluster must load the same key blocks: no window, dense.
+    if chosen.cluster > 1 and (p.window_left >= 0 or p.varlen):
+        # The CTAs of a cluster load the same key blocks from block 0: dense calls, no
+        # left window.
         raise ValueError(f"{chosen.name_expression} cannot run a "
-                         f"{'varlen' if p.varlen else 'windowed or causal'} problem")
+                         f"{'varlen problem' if p.varlen else 'problem with a left window'}")
     maps = _hopper_maps(p, chosen) if chosen.hopper else None
     if chosen.hopper and maps is None:
         if config is not None:
@@ -361,9 +371,9 @@ def _configs():
                     opts = _core.score_opts(softcap, alibi)
                     for c in (mma_config(dtype, hd, opts != 0, varlen),
                               *(sm90_config(dtype, hd, opts, varlen, seqlen_k,
-                                            windowed=windowed)
+                                            left_window=left)
                                 for seqlen_k in (SM90_SHORT_KEYS, 1)
-                                for windowed in (False, True))):
+                                for left in (False, True))):
                         if c not in seen:
                             seen.add(c)
                             yield c

@@ -84,21 +84,45 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank,
                ::"r"(bar), "r"(rank), "r"(static_cast<int>(pred)), "n"(COUNT)
                : "memory");
 }
+// `value` into the 32-bit word at `addr`'s offset in CTA `rank`'s shared memory, then one
+// arrival on the barrier at `bar`'s offset there, releasing the store at cluster scope (the
+// receiver waits with mbar_wait<true> and then reads the word).
+__device__ __forceinline__ void st_cluster_arrive(uint32_t addr, uint32_t bar, uint32_t rank,
+                                                  int value) {
+  asm volatile("{\n.reg .b32 ra, rb;\nmapa.shared::cluster.u32 ra, %0, %2;\n"
+               "mapa.shared::cluster.u32 rb, %1, %2;\n"
+               "st.shared::cluster.u32 [ra], %3;\n"
+               "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [rb];\n}\n"
+               ::"r"(addr), "r"(bar), "r"(rank), "r"(value)
+               : "memory");
+}
 // Waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0,
 // so waiting for parity 1 returns at once: the usual "previous phase" convention). Each
 // try_wait may suspend the warp until the phase completes, up to MBAR_SUSPEND_NS: without
 // the hint the hardware's own limit is short, and the retry loop's instructions (a third
 // of the forward's excess over FA3's, measured) take issue slots from the other warps.
+// CLUSTER_SCOPE: acquiring at cluster scope, so that what another CTA of the cluster wrote
+// before its arrival (st_cluster_arrive) is visible after the wait.
 constexpr uint32_t MBAR_SUSPEND_NS = 10000000;
+template <bool CLUSTER_SCOPE = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity), "n"(MBAR_SUSPEND_NS)
-        : "memory");
+    if constexpr (CLUSTER_SCOPE)
+      asm volatile(
+          "{\n.reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2, %3;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity), "n"(MBAR_SUSPEND_NS)
+          : "memory");
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity), "n"(MBAR_SUSPEND_NS)
+          : "memory");
   } while (!done);
 }
 
