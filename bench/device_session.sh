@@ -12,7 +12,7 @@
 #             $TESTS_PATHS (files or directories) narrows the GPU tests               ~2
 #   sanitize  compute-sanitizer memcheck on small tests: reliability (huge cache lengths,
 #             pages, wild block tables, append), forward and backward at head dims 64 and
-#             128 (bf16), split-KV decode                                                ~3
+#             128 (bf16), split-KV decode; $SANITIZE_K replaces that -k expression     ~3
 #   jax       the JAX GPU tests, then bench/ring.py on one GPU (a ring of one against
 #             cuflash.jax.attention)                                                     ~3
 #   host      bench/host.py: host time per call against torch SDPA and JAX cuDNN          ~2
@@ -151,8 +151,8 @@ stage_sanitize() {
     run $(($(left) - 5)) "$OUT/sanitize.log" compute-sanitizer --tool memcheck \
         --print-limit 20 python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_reliability_gpu.py tests/test_gpu_forward.py tests/test_gpu_backward.py \
-        tests/test_kvcache.py -k "huge or pages or wild or append or test_gpu_num_splits or \
-        (test_headdims and bf16 and (64 or 128))"
+        tests/test_kvcache.py -k "${SANITIZE_K:-huge or pages or wild or append or \
+        test_gpu_num_splits or (test_headdims and bf16 and (64 or 128))}"
     summary sanitize "$(grep -E 'ERROR SUMMARY|Device not supported' "$OUT/sanitize.log" \
         | tail -n 1); pytest: $(pytest_result "$OUT/sanitize.log")"
 }
