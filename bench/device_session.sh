@@ -18,8 +18,8 @@
 #   host      bench/host.py: host time per call against torch SDPA and JAX cuDNN          ~2
 #   sweep     bench/sweep.py, bf16 then fp16, fwd and bwd, head dims 64/128/256 at
 #             1k/4k/16k, against torch SDPA (cuDNN, FA2), JAX cuDNN and FA3 (the wheel in
-#             .whl/); $SWEEP_IMPLS, $SWEEP_DTYPES and $SWEEP_HEADDIMS narrow the
-#             implementations, dtypes and head dims (the rows of interest when device
+#             .whl/); $SWEEP_IMPLS, $SWEEP_DTYPES, $SWEEP_HEADDIMS and $SWEEP_MODES
+#             narrow the implementations, dtypes, head dims and modes (when device
 #             time is short); stopped before the call's end (it writes its tables after
 #             every row)                                                                <=9
 #   options   bench/sweep.py, cuflash's backward alone against its variants (deterministic,
@@ -178,7 +178,8 @@ stage_sweep() {
     precompile sweep
     run $(($(left) - 5)) "$OUT/sweep.log" python3 bench/sweep.py --out "$OUT/sweep" \
         --dtypes "${SWEEP_DTYPES:-bf16,fp16}" ${SWEEP_IMPLS:+--impls "$SWEEP_IMPLS"} \
-        ${SWEEP_HEADDIMS:+--headdims "$SWEEP_HEADDIMS"} --stop-after $(($(left) - 60))
+        ${SWEEP_HEADDIMS:+--headdims "$SWEEP_HEADDIMS"} ${SWEEP_MODES:+--modes "$SWEEP_MODES"} \
+        --stop-after $(($(left) - 60))
     summary sweep "$(grep -cE '^\[ *[0-9]+/' "$OUT/sweep.log") rows; $(grep -E \
         '^- (fwd|bwd|fwdbwd) ' "$OUT/sweep/sweep.md" 2>/dev/null | tr '\n' ' ')"
 }
