@@ -91,9 +91,9 @@ SM90_TILES = {
                                 cluster=2),
 }
 # Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
-# key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 at 1k, 16 of 272 at
-# 4k. Such calls run in clusters from this many query rows (notes v34: -2 to -3% at 1k,
-# even at 2k, +1 to +3% at 4k, +3 to +4.5% at 16k).
+# key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 ring positions at
+# 1k, 16 of 272 at 4k. Such calls run in clusters from this many query rows (notes v34:
+# -1.4 to -3.4% at 1k, even at 2k, -1 to +5% at 4k, up to +4.5% at 16k).
 SM90_CLUSTER_WINDOWED_ROWS = 4096
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
@@ -223,9 +223,9 @@ def choose(p: _core.Problem, arch: str) -> Config:
     serves (fp16 / bf16, soft-caps up to FAST_TANH_MAX_SOFTCAP), else flash_fwd."""
     if arch == "sm_90" and p.dtype != np.float32 and tiles.smem_cols(p.headdim) in SM90_TILES \
             and p.fast_tanh:
-        short = p.windowed and p.seqlen_q < SM90_CLUSTER_WINDOWED_ROWS
+        few_rows = p.windowed and p.seqlen_q < SM90_CLUSTER_WINDOWED_ROWS
         return sm90_config(p.dtype, p.headdim, p.opts, p.varlen, p.seqlen_k,
-                           left_window=p.window_left >= 0, cluster=1 if short else None)
+                           left_window=p.window_left >= 0, cluster=1 if few_rows else None)
     return mma_config(p.dtype, p.headdim, p.score_mod, p.varlen)
 
 
