@@ -28,7 +28,8 @@
 #   jaxbench  bench/jax_bench.py: jitted cuflash.jax against cuflash on CuPy arrays, JAX
 #             cuDNN and FA3, sweep shapes and per-call time at small shapes            ~3
 #   tiles     bench/fwd_tiles.py: the forward's candidate tiles per head dim side by side,
-#             which the tile table is chosen from                                     ~3
+#             which the tile table is chosen from; $TILES_HEADDIMS, $TILES_SEQLENS narrow
+#             it                                                                       ~3
 #   profile   ncu (--clock-control none) of one launch each of the Hopper forward and
 #             backward at head dim 128 (the backward also at 16k, causal and not: the
 #             causal gap to FA3 there) and of bwd_sm90_wide at 256, bf16: speed of light,
@@ -196,7 +197,8 @@ stage_options() {
 stage_tiles() {
     precompile tiles
     run $(($(left) - 5)) "$OUT/tiles.log" python3 bench/fwd_tiles.py --out "$OUT/tiles" \
-        --stop-after $(($(left) - 60))
+        ${TILES_HEADDIMS:+--headdims "$TILES_HEADDIMS"} ${TILES_SEQLENS:+--seqlens \
+        "$TILES_SEQLENS"} --stop-after $(($(left) - 60))
     summary tiles "$(grep -cE '^hd ' "$OUT/tiles.log") rows"
 }
 

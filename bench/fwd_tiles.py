@@ -5,13 +5,14 @@
     PYTHONPATH=. python3 bench/fwd_tiles.py --list                         # candidates, no GPU
 
 For each head dim, seqlen (the standard shape: hidden 2048, batch = 16384 // seqlen) and
-mask, every candidate of CANDIDATES runs on the same inputs in one process, timed alike
-(``_common.back_to_back``: calls back to back, one synchronisation, median of runs), and
-its output is checked against the first candidate's. The table gives TFLOP/s and each
-candidate's ratio to the row's best; the candidate the table (ops/forward.py) chooses now is
-marked. bf16 by default (fp16 runs the same code). About 2 minutes on an H200 for the
-default set with warm kernels; --stop-after ends it in time (the report is rewritten after
-every row).
+mask, every candidate of CANDIDATES runs on the same inputs in one process, its output
+checked against the first candidate's, and is timed alike (``_common.back_to_back``: calls
+back to back, one synchronisation, median of runs) in PASSES passes over the candidates,
+every second one in the reverse order. The table gives the mean TFLOP/s of the passes and
+each candidate's ratio to the row's best (tiles.json: every pass); the candidate the table
+(ops/forward.py) chooses now is marked. bf16 by default (fp16 runs the same code). About
+5 minutes on an H200 for the default set with warm kernels; --stop-after ends it in time
+(the report is rewritten after every row).
 
 Writes tiles.json and tiles.md into --out.
 """
@@ -32,15 +33,18 @@ from _common import (DTYPES, Timing, back_to_back, cuflash_launches, flops, make
 CANDIDATES = {
     32: (("sm90 128x3", ("sm90", 128, 3)), ("sm90 128x2", ("sm90", 128, 2)), ("mma", ("mma",))),
     64: (("sm90 128x3", ("sm90", 128, 3)), ("sm90 192x2", ("sm90", 192, 2)),
-         ("sm90 128x2", ("sm90", 128, 2))),
+         ("sm90 128x2", ("sm90", 128, 2)), ("sm90 96x2", ("sm90", 96, 2)),
+         ("sm90 64x2", ("sm90", 64, 2))),
     96: (("sm90 128x2", ("sm90", 128, 2)), ("sm90 176x2", ("sm90", 176, 2)), ("mma", ("mma",))),
     128: (("sm90 128x2", ("sm90", 128, 2)), ("sm90 176x2", ("sm90", 176, 2)),
-          ("sm90 160x2", ("sm90", 160, 2))),
+          ("sm90 160x2", ("sm90", 160, 2)), ("sm90 96x2", ("sm90", 96, 2)),
+          ("sm90 64x2", ("sm90", 64, 2))),
     192: (("sm90 112x2", ("sm90", 112, 2)), ("sm90 96x2", ("sm90", 96, 2)), ("mma", ("mma",))),
     256: (("sm90 80x2", ("sm90", 80, 2)), ("sm90 64x2", ("sm90", 64, 2)), ("mma", ("mma",))),
 }
 SEQLENS = (1024, 4096, 16384)
 TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
+PASSES = 3
 
 
 def _problem(dtype, headdim: int, seqlen: int, causal: bool):
@@ -70,15 +74,19 @@ def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
                 None)
 
 
-def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
+def measure_row(dtype, headdim: int, seqlen: int, causal: bool, passes: int = PASSES) -> dict:
+    """Every candidate of the row on the same inputs, its output against the first's, then
+    timed in ``passes`` passes, every second one in the reverse order (a candidate's place
+    in a pass moves its number by up to 10% at 1k on an H100): TFLOP/s, each pass's and
+    their mean."""
     import cupy
     batch, nheads = standard_shape(seqlen, headdim)
     q, k, v, _ = make_inputs(dtype, batch, seqlen, nheads, headdim, seed=seqlen + headdim)
     row = {"headdim": headdim, "seqlen": seqlen, "causal": causal, "batch": batch,
            "nheads": nheads, "chosen": chosen_label(dtype, headdim, seqlen, causal),
-           "tflops": {}, "max_diff": {}, "errors": {}}
+           "tflops": {}, "passes": {}, "max_diff": {}, "errors": {}}
     work = flops("fwd", batch, nheads, seqlen, headdim, causal)
-    first = None
+    first, calls = None, {}
     for label, spec in CANDIDATES[headdim]:
         try:
             fwd_config = config(spec, dtype, headdim, seqlen, causal)
@@ -89,16 +97,23 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool) -> dict:
             else:
                 row["max_diff"][label] = float(cupy.abs(out.astype(cupy.float32) -
                                                         first.astype(cupy.float32)).max())
-            row["tflops"][label] = work / back_to_back(forward, TIMING)["ms"] / 1e9
+            calls[label] = forward
         except Exception as e:  # a candidate that cannot run this shape leaves a gap
             row["errors"][label] = f"{type(e).__name__}: {e}"
+    for n in range(passes):
+        for label in (list(calls) if n % 2 == 0 else list(reversed(calls))):
+            tflops = work / back_to_back(calls[label], TIMING)["ms"] / 1e9
+            row["passes"].setdefault(label, []).append(tflops)
+    row["tflops"] = {label: sum(t) / len(t) for label, t in row["passes"].items()}
     best = max(row["tflops"].values(), default=None)
     row["ratio"] = {label: t / best for label, t in row["tflops"].items()} if best else {}
     return row
 
 
 def markdown(rows, dtype_name: str) -> str:
-    lines = [f"# Forward tile candidates ({dtype_name}); * = the table's choice now", ""]
+    lines = [f"# Forward tile candidates ({dtype_name}); * = the table's choice now", "",
+             "TFLOP/s, the mean of each candidate's passes, and its ratio to the row's best.",
+             ""]
     for hd in sorted({r["headdim"] for r in rows}):
         labels = [label for label, _ in CANDIDATES[hd]]
         lines += [f"## head dim {hd}", "",
