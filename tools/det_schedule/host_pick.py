@@ -1,0 +1,59 @@
+"""What the host would run (once per shape, cached with the plan): list scheduling of the
+CTAs' step counts alone (no turns: the model's makespan for any h <= T), for today's order
+and for the paired order at delta = 0 .. M // 8; the smallest wins. O(CTAs log SMs) each."""
+import heapq
+
+
+def span(sizes, sms):
+    free = [0.0] * sms
+    for s in sizes:
+        heapq.heapreplace(free, free[0] + s)
+    return max(free)
+
+
+def sizes_current(P, M, S):
+    out = []
+    for f in range(0, P, S):
+        size = min(S, P - f)
+        for r in range(M):
+            out += [r + 1] * size
+    return out
+
+
+def sizes_paired(P, M, S, delta, switch=0.0):
+    groups, G = P // 2, max(1, S // 2)
+    out = [r + 1 for r in range(M)] if P % 2 else []  # an odd pair: today's order, first
+    for f in range(0, groups, G):
+        gs = min(G, groups - f)
+        for k in range(-delta, M):
+            if k < 0:
+                s = M - (k + delta)
+            else:
+                b = k + delta
+                s = (k + 1) + ((M - b + switch) if b < M else 0)
+            out += [s] * gs
+    return out
+
+
+def pick(P, M, S, sms=132, switch=0.0):
+    best = ("current", 0, span(sizes_current(P, M, S), sms))
+    for d in range(0, max(1, M // 8) + 1):
+        t = span(sizes_paired(P, M, S, d, switch), sms)
+        if t < best[2] - 1e-9:
+            best = ("paired", d, t)
+    return best
+
+
+if __name__ == "__main__":
+    from model import simulate, cross_delta, current
+    import time
+    for name, (P, M, S) in {'1k': (128, 16, 16), '4k': (32, 64, 4), '16k': (8, 256, 1),
+                            '8k': (16, 128, 2), '16k b2h16': (32, 256, 1), '4k b1h8': (8, 64, 4)}.items():
+        t = time.time()
+        sch, d, sp = pick(P, M, S)
+        dt = time.time() - t
+        work = P * M * (M + 1) / 2
+        c = cross_delta(P, M, max(S, 2), d) if sch == 'paired' else current(P, M, S)
+        sim = simulate(c, 0.75)
+        print(name, sch, 'delta', d, 'host span busy', round(work / 132 / sp, 4),
+              'model busy h=.75', round(sim['busy'], 4), f'{dt*1e3:.1f} ms (python)')
