@@ -1,6 +1,10 @@
 """Produces results_<scheme>.json: busy fraction by size, section, h; jitter; slack; L2."""
-import sys, json, statistics
-from model import *
+import json
+import statistics
+import sys
+
+from model import SCHEMES, cross_delta, l2_hit_rate, simulate
+
 HS = [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5]
 SIZES = {'1k': (128, 16, 16), '4k': (32, 64, 4), '16k': (8, 256, 1)}   # pairs, M, real section
 DELTA = {'1k': 0, '4k': 2, '16k': 8}

@@ -1,3 +1,4 @@
+"""results.md from the results_<scheme>.json that final.py writes."""
 import json
 names = ['current', 'plain', 'cross', 'cross_delta', 'split', 'dah']
 desc = {'current': "today (lightest first, ascending walks, descending turns)",
