@@ -810,15 +810,16 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
           constexpr bool LSE_EARLY = (OPTS & OPTS_SOFTCAP) == 0 || D == 64;
           constexpr bool DELTA_EARLY = D == 64;
           float2 lse_q[8], delta_q[8];
+          auto load_delta = [&] {
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+              delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
+          };
           if constexpr (LSE_EARLY) {
 #pragma unroll
             for (int t = 0; t < 8; ++t) lse_q[t] = sm90::lds_f32x2(lse_s + 4 * (8 * t + 2 * qd));
           }
-          if constexpr (DELTA_EARLY) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-              delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
-          }
+          if constexpr (DELTA_EARLY) load_delta();
           sm90::wgmma_wait<1>();  // S^T of the sub-block (and every group before it)
           sm90::fence_regs<32>(s[sb]);
           if (sb > 0) {  // dV of the sub-block before is done (its dK may still run)
@@ -885,11 +886,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
             MmaV::rs(dv, a_frag, sm90::desc_at(sm90::make_desc(do_s, Tr::Q_BLK), kq * 2048), 1);
           }
           sm90::wgmma_commit();
-          if constexpr (!DELTA_EARLY) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-              delta_q[t] = sm90::lds_f32x2(del_s + 4 * (8 * t + 2 * qd));
-          }
+          if constexpr (!DELTA_EARLY) load_delta();
           sm90::wgmma_wait<1>();  // dP^T (dV may run)
           sm90::fence_regs<32>(dp[sb]);
 #pragma unroll

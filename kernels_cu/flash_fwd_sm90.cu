@@ -47,8 +47,8 @@ namespace cuflash {
 // strides, box 64 x (Br for q, Bc for k and v, 64 for o) x 1 x 1, 128-byte swizzle; the
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
-// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; in
-// clusters cluster i, i + gridDim.x / CLUSTER, ...); m_blocks, the query
+// exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; clusters
+// always claim from the counter); m_blocks, the query
 // blocks per head and item, ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br
 // rows); tiles, m_blocks x heads x items; section, the (head, item) pairs of a section of
 // the tile order (FwdTile); and o_by_tma, whether tma_o holds a map (dense calls with a
@@ -469,24 +469,20 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
       if (CLUSTER == 1 && counter) release_counters(counter, gridDim.x);
     }
     // A cluster's claims: the scheduler thread of rank 0 takes claim c (its producer asks
-    // for claim c > 0 near the end of tile c - 1) from the counter, or in the static order
-    // without one, and writes it into every other CTA's claim_slot (a ring of CLAIMS,
-    // claim_full / claim_empty); theirs read it. Each hands it to its producer through
-    // tile_claim (claim_ready), claimed only once asked, so that the producer has read the
-    // claim before in that slot. The last (stop) claim ends them; rank 0's scheduler stays
-    // until the others read it, then counts its CTA done as the producer does without
-    // clusters.
+    // for claim c > 0 near the end of tile c - 1) from the counter and writes it into every
+    // other CTA's claim_slot (a ring of CLAIMS, claim_full / claim_empty); theirs read it.
+    // Each hands it to its producer through tile_claim (claim_ready), claimed only once
+    // asked, so that the producer has read the claim before in that slot. The last (stop)
+    // claim ends them; rank 0's scheduler stays until the others read it, then counts its
+    // CTA done as the producer does without clusters.
     if (CLUSTER > 1 && tid == 32) {
-      int* counter = p.tile_counter;
-      int t = blockIdx.x / CLUSTER;
+      int* const counter = p.tile_counter;
       for (int c = 0;; ++c) {
         const int j = c % CLAIMS, phase = (c / CLAIMS) & 1;
         if (c > 0) sm90::mbar_wait(claim_req, (c - 1) & 1);
+        int t;
         if (rank == 0) {
-          if (counter)
-            t = atomicAdd(counter, 1);
-          else if (c > 0)
-            t += gridDim.x / CLUSTER;
+          t = atomicAdd(counter, 1);
           if (c >= CLAIMS) sm90::mbar_wait(claim_empty(j), phase ^ 1);
           for (int r = 1; r < CLUSTER; ++r)
             sm90::st_cluster_arrive(smem_addr(&claim_slot[j]), claim_full(j), r, t);
@@ -510,7 +506,7 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           break;
         }
       }
-      if (counter && rank == 0) release_counters(counter, gridDim.x / CLUSTER);
+      if (rank == 0) release_counters(counter, gridDim.x / CLUSTER);
     }
   } else {
     sm90::setmaxnreg_inc<Tr::CONSUMER_REGS>();
