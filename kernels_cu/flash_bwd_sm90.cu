@@ -558,7 +558,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
     // as the MMA warps give it back.
     if (tid == 0)
       for (int it = 0; it < min(STAGES, steps.iters); ++it) {
-        wait_free(it);
+        if (it0 > 0) wait_free(it);
         load_stage_tma(it);
       }
     cp_async_wait<0>();
