@@ -44,7 +44,7 @@
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately in $AB_PASSES passes (2;
 #             every second one in the reverse order; more narrow a mean where a change is
-#             1-3%): bf16 forward and backward ($AB_MODES: fwd,bwd) at head dims
+#             1-3%): forward and backward ($AB_MODES: fwd,bwd) in $AB_DTYPES (bf16) at head dims
 #             $AB_HEADDIMS (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not,
 #             $AB_IMPLS (cuflash and its soft-cap and ALiBi calls); every table into ab.log
 #             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
@@ -218,7 +218,8 @@ stage_ab() {
     # tree's kernels each time.
     for tree in ${AB_TREES:-abtree} .; do
         (cd "$tree" && run $(($(left) - 120)) "$OUT/ab.log" python3 -m cuflash.precompile \
-            --arch sm_90 --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" -j 16) | tail -n 1
+            --arch sm_90 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
+            -j 16) | tail -n 1
     done
     # Every second pass runs the trees in the reverse order: a machine that slows as it
     # warms would otherwise favour the tree that runs first (the fourteenth session's
@@ -234,7 +235,7 @@ stage_ab() {
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
                 bench/sweep.py --out /tmp/ab \
                 --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
-                --dtypes bf16 --headdims "${AB_HEADDIMS:-64,128}" \
+                --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
                 --seqlens "${AB_SEQLENS:-4096,16384}" \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null

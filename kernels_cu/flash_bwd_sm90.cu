@@ -167,12 +167,24 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
 // block down, the order in which the CTAs reach it (in ascending order the first add of a
 // causal CTA would wait for every key block before it to finish its whole span). Either
 // way a CTA waits only for CTAs of its pair of lower rank, launched before it.
+//
+// The paired order (BwdParams.pair_offset >= 0: bwd_sm90_wide, deterministic causal calls
+// with as many queries as keys; docs/notes/backward.md, "CTAs of two key blocks"): a 1-D
+// grid whose CTAs run one or two key blocks, each a phase. Pairs go two by two, A = 2 g and
+// B = 2 g + 1 of group g, sections of max(1, l2_section / 2) groups, rank by rank; a group
+// has M + pair_offset CTAs (M key blocks a pair), rank j: first A's block M - 1 - (j -
+// pair_offset) (light for small j: its query blocks ascending from its diagonal, turns from
+// the last key block down, as above), then B's block j (heavy for small j: query blocks
+// descending from the last, turns from key block 0 up), each where it exists. Every wait is
+// on a CTA launched before, one step of slack a link; CTA sizes even out to about M + 1 -
+// pair_offset steps. An odd last pair runs first, in the order above.
 template <int BLOCK_C>
 struct BwdKeyBlock {
-  bool descending;
+  bool descending;  // dQ turns from the last key block that reaches a query block down
+  bool reverse;     // query blocks walked from the last down
   int n, b, hkv;
   __device__ __forceinline__ explicit BwdKeyBlock(const BwdParams& p)
-      : descending(p.dq_semaphore && p.attn.window_right >= 0) {
+      : descending(p.dq_semaphore && p.attn.window_right >= 0), reverse(false) {
     const int blocks = gridDim.x, pairs = gridDim.y * gridDim.z;
     const int cta = blockIdx.x + blocks * (blockIdx.y + gridDim.y * blockIdx.z);
     const int first = cta / (p.l2_section * blocks) * p.l2_section;
@@ -182,6 +194,14 @@ struct BwdKeyBlock {
     b = pair % gridDim.y;
     hkv = pair / gridDim.y;
   }
+  // Phase `phase` of the CTA (of phases(p)): the block above, or of the paired order.
+  __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int phase)
+      : BwdKeyBlock(p.pair_offset < 0 ? BwdKeyBlock(p) : paired(p, phase)) {}
+  __device__ __forceinline__ static int phases(const BwdParams& p) {
+    if (p.pair_offset < 0) return 1;
+    int rank;
+    return paired_rank(p, rank) >= 0 && rank >= p.pair_offset && rank < blocks(p) ? 2 : 1;
+  }
   // Deterministic: this CTA's turn among the key blocks that reach query rows [m_begin,
   // m_end), those of its visible keys (key_range: the band arithmetic that gave each CTA
   // its span, so every key block of the range adds once), in key-block order.
@@ -190,11 +210,46 @@ struct BwdKeyBlock {
     mask.key_range(m_begin, m_end, key_begin, key_end);
     return descending ? (key_end - 1) / BLOCK_C - n : n - key_begin / BLOCK_C;
   }
+
+ private:
+  __device__ __forceinline__ BwdKeyBlock(int n_, int pair, int batch, bool light)
+      : descending(light), reverse(!light), n(n_), b(pair % batch), hkv(pair / batch) {}
+  __device__ __forceinline__ static int blocks(const BwdParams& p) {
+    return (p.attn.seqlen_k + BLOCK_C - 1) / BLOCK_C;
+  }
+  // The CTA's group (returns -1 for the odd last pair's CTAs, rank = its block) and rank in
+  // the paired order.
+  __device__ __forceinline__ static int paired_rank(const BwdParams& p, int& rank) {
+    const int m = blocks(p), pairs = p.attn.batch * p.attn.nheads_kv;
+    int c = blockIdx.x;
+    if (pairs & 1) {
+      if (c < m) {
+        rank = m - 1 - c;
+        return -1;
+      }
+      c -= m;
+    }
+    const int per_section = max(1, p.l2_section / 2), width = m + p.pair_offset;
+    const int first = c / (per_section * width) * per_section;
+    const int size = min(per_section, pairs / 2 - first), in_section = c - first * width;
+    rank = in_section / size;
+    return first + in_section % size;
+  }
+  __device__ __forceinline__ static BwdKeyBlock paired(const BwdParams& p, int phase) {
+    const int m = blocks(p), batch = p.attn.batch;
+    int rank;
+    const int group = paired_rank(p, rank);
+    if (group < 0) return BwdKeyBlock(rank, p.attn.batch * p.attn.nheads_kv - 1, batch, true);
+    const bool light = phase == 0 && rank >= p.pair_offset;  // A's block
+    return light ? BwdKeyBlock(m - 1 - (rank - p.pair_offset), 2 * group, batch, true)
+                 : BwdKeyBlock(rank, 2 * group + 1, batch, false);
+  }
 };
 
 // The CTA's steps: batch item b's rows (SeqView), its mask, and the query blocks of BLOCK_R
 // rows of every head of kv head hkv's GQA group (heads h0 ..) that see one of the keys
 // [o0, o0 + BLOCK_C): step it is block s_begin + it % n_sblocks of head h0 + it /
+// n_sblocks, or with `reverse` (BwdKeyBlock) block s_begin + n_sblocks - 1 - it %
 // n_sblocks. Each warpgroup builds its own after its setmaxnreg (values kept across it
 // spill).
 template <int BLOCK_R, int BLOCK_C, bool VARLEN>
@@ -202,8 +257,10 @@ struct BwdSteps {
   SeqView<VARLEN> seq;
   Mask mask;
   int h0, s_begin, n_sblocks, iters;
-  __device__ __forceinline__ BwdSteps(const AttnArgs& a, int b, int o0, int hkv)
-      : seq(a, b), mask(a, seq) {
+  bool reverse;
+  __device__ __forceinline__ BwdSteps(const AttnArgs& a, int b, int o0, int hkv,
+                                      bool reverse_ = false)
+      : seq(a, b), mask(a, seq), reverse(reverse_) {
     const int group = a.nheads / a.nheads_kv;
     h0 = hkv * group;
     int m_begin, m_end;
@@ -213,7 +270,8 @@ struct BwdSteps {
   }
   __device__ __forceinline__ int head(int it) const { return h0 + it / n_sblocks; }
   __device__ __forceinline__ int row(int it) const {
-    return (s_begin + it % n_sblocks) * BLOCK_R;
+    const int j = it % n_sblocks;
+    return (s_begin + (reverse ? n_sblocks - 1 - j : j)) * BLOCK_R;
   }
 };
 
@@ -299,6 +357,7 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
 // agent warp has waited for the turn: the warpgroup meets it at `agent` before the adds
 // and arrives at BWD_TURN_ADDED + w after them, and the agent passes the turn.
 constexpr int BWD_TURN_GO = 10, BWD_TURN_ADDED = 12;  // + w; named barriers 10..13
+constexpr int BWD_PHASE = 15;  // bwd_sm90_wide's CTA-wide barrier between two phases
 template <typename Turn>
 __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
                                                 int* sem, bool first_warp, int bar, int agent,
@@ -400,17 +459,26 @@ struct BwdDqWriter {
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
 // the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
 // of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
-// "empty" one (BwdRing).
+// "empty" one (BwdRing). In a CTA's later phase (BwdKeyBlock) the ring runs on from the
+// `it0` steps before it, and K and V go where the phase before has stored its dK and dV.
 template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm90Maps& maps,
                                                  uint32_t base, const BwdRing<Tr::STAGES>& ring,
-                                                 int b, int o0, int hkv, int tid,
-                                                 BwdDqWriter writer = {0}, bool writes_dq = false) {
+                                                 int b, int o0, int hkv, int tid, bool reverse,
+                                                 int it0, BwdDqWriter writer = {0},
+                                                 bool writes_dq = false) {
   constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
   const AttnArgs& a = p.attn;
   const int lane = tid % 32;
-  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
+  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv, reverse);
   const SeqView<VARLEN>& seq = steps.seq;
+  // Step it's stage, and the wait until every MMA warp has released it (STAGES steps of
+  // the ring before).
+  auto stage = [&](int it) { return (it0 + it) % STAGES; };
+  auto wait_free = [&](int it) {
+    const int g = it0 + it;
+    if (g >= STAGES) sm90::mbar_wait(ring.empty(g % STAGES), (g / STAGES - 1) & 1);
+  };
   // Rows past the item's queries (the next item's, in varlen) load as zeros, and their
   // lse_log2 (+inf) and delta (0) make their p and dS exactly 0.
   auto load_stream = [&](int it) {  // by the producer's 128 threads
@@ -420,7 +488,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
     uint32_t tiles = base;
     int item = seq.b, thread = tid;
     asm volatile("" : "+r"(tiles), "+r"(item), "+r"(thread));
-    const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
+    const int h = steps.head(it), r0 = steps.row(it), buf = stage(it);
     const int64 row = seq.q0 + r0;
     sm90_load_tile<BLOCK_R, D>(tiles + Tr::OFF_Q + buf * Tr::Q_BYTES,
                                static_cast<const T*>(a.q) + item * a.q_batch_stride +
@@ -448,7 +516,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   static_assert(Tr::OFF_LSE % 16 == 0 && Tr::OFF_DELTA % 16 == 0 && STAGE_BYTES < (1 << 20),
                 "bulk copies to 16-byte aligned buffers; an mbarrier's transaction count");
   auto load_stage_tma = [&](int it) {
-    const int h = steps.head(it), r0 = steps.row(it), buf = it % STAGES;
+    const int h = steps.head(it), r0 = steps.row(it), buf = stage(it);
     const uint32_t full = ring.full(buf);
     sm90::mbar_arrive_expect_tx(full, STAGE_BYTES);
 #pragma unroll
@@ -489,12 +557,15 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
     // The first stages by TMA while K and V land; then thread 0 alone refills each stage
     // as the MMA warps give it back.
     if (tid == 0)
-      for (int it = 0; it < min(STAGES, steps.iters); ++it) load_stage_tma(it);
+      for (int it = 0; it < min(STAGES, steps.iters); ++it) {
+        if (it0 > 0) wait_free(it);
+        load_stage_tma(it);
+      }
     cp_async_wait<0>();
     publish(ring.full_kv());
     if (tid == 0)
       for (int it = STAGES; it < steps.iters; ++it) {
-        sm90::mbar_wait(ring.empty(it % STAGES), (it / STAGES - 1) & 1);
+        wait_free(it);
         load_stage_tma(it);
       }
     if constexpr (Tr::DQ_WRITER) {
@@ -517,20 +588,19 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
     }
     return;
   }
+  wait_free(0);
   load_stream(0);  // in flight with K and V: one round trip before the first step
   cp_async_commit();
   cp_async_wait<1>();
   publish(ring.full_kv());
   cp_async_wait<0>();
-  publish(ring.full(0));
+  publish(ring.full(stage(0)));
   for (int it = 1; it < steps.iters; ++it) {
-    const int s = it % STAGES;
-    // Stage s was filled STAGES steps ago: wait until every MMA warp released it.
-    if (it >= STAGES) sm90::mbar_wait(ring.empty(s), (it / STAGES - 1) & 1);
+    wait_free(it);
     load_stream(it);
     cp_async_commit();
     cp_async_wait<0>();
-    publish(ring.full(s));
+    publish(ring.full(stage(it)));
   }
 }
 
@@ -556,7 +626,7 @@ __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p, const Bw
                                                     FirstTile first_tile) {
   const int w = tid / 32 - 1, lane = tid % 32;
   if (!maps.agents<VARLEN>(p) || (w != 0 && w != 1)) return;
-  const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv);
+  const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv, key_block.reverse);
   for (int k = 0; k < steps.iters; ++k) {
     const int r = steps.row(k);
     const int turn = key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q()));
@@ -612,8 +682,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid,
-                                                    dq_writer, writes_dq);
+    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid, false,
+                                                    0, dq_writer, writes_dq);
     bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
         p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
           return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
@@ -1064,6 +1134,15 @@ __device__ __forceinline__ void bwd_sm90_wide_sdp(float (&x)[32], uint32_t a, ui
                            sm90::desc_at(db, (kk / 4) * Tr::Q_BLK + (kk % 4) * 32), kk > 0);
 }
 
+// The steps of phase `phase` of a bwd_sm90_wide CTA (BwdKeyBlock, BwdSteps).
+template <int BLOCK_R, int BLOCK_C, bool VARLEN>
+__device__ __forceinline__ int bwd_sm90_wide_iters(const BwdParams& p, int phase) {
+  const BwdKeyBlock<BLOCK_C> key_block(p, phase);
+  return BwdSteps<BLOCK_R, BLOCK_C, VARLEN>(p.attn, key_block.b, key_block.n * BLOCK_C,
+                                            key_block.hkv)
+      .iters;
+}
+
 template <typename T, int D, int OPTS, bool VARLEN = false, int DV = D>
 __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ BwdParams p,
                                                         const __grid_constant__ BwdSm90Maps maps) {
@@ -1078,213 +1157,245 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   const AttnArgs& a = p.attn;
   const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
   const int lane = tid % 32;
-  const BwdKeyBlock<BLOCK_C> key_block(p);
-  const int b = key_block.b, hkv = key_block.hkv;
-  const int o0 = key_block.n * BLOCK_C;  // first key of the CTA
   if constexpr (VARLEN) {
-    if (o0 >= SeqView<true>(a, b).seqlen_k()) return;
+    const BwdKeyBlock<BLOCK_C> key_block(p);
+    if (key_block.n * BLOCK_C >= SeqView<true>(a, key_block.b).seqlen_k()) return;
   }
   if (tid == 0) ring.init(maps.tma<VARLEN>() ? 1 : 4);
   __syncthreads();
 
+  // The CTA's key blocks, one a phase (BwdKeyBlock): between two, all its threads meet at
+  // named barrier BWD_PHASE once the MMA warpgroups have stored dK and dV through the
+  // shared memory of K and V, which the producer then refills; the ring runs on.
   if (wg < 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
-    bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid);
-    bwd_sm90_turn_agent<Tr, BLOCK_R, Tr::DQ_TILES, VARLEN>(
-        p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
-          return dq_accum_tile<D>(p, seq, b, h, r, Tr::DQ_TILES * w);
-        });
+    // A phase from opaque copies of its index and the thread's (what derives from values
+    // kept from one phase to the next spills), the ring's steps before it recomputed.
+    auto run = [&](int phase) {
+      int thread = tid, fresh = phase;
+      asm volatile("" : "+r"(thread), "+r"(fresh));
+      const int it0 = fresh > 0 ? bwd_sm90_wide_iters<BLOCK_R, BLOCK_C, VARLEN>(p, 0) : 0;
+      {
+        const BwdKeyBlock<BLOCK_C> key_block(p, fresh);
+        bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, key_block.b,
+                                                        key_block.n * BLOCK_C, key_block.hkv,
+                                                        thread, key_block.reverse, it0);
+      }
+      asm volatile("" : "+r"(fresh));
+      const BwdKeyBlock<BLOCK_C> key_block(p, fresh);
+      const int b = key_block.b, hkv = key_block.hkv, o0 = key_block.n * BLOCK_C;
+      bwd_sm90_turn_agent<Tr, BLOCK_R, Tr::DQ_TILES, VARLEN>(
+          p, maps, key_block, b, o0, hkv, thread,
+          [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+            return dq_accum_tile<D>(p, seq, b, h, r, Tr::DQ_TILES * w);
+          });
+    };
+    run(0);
+    if (BwdKeyBlock<BLOCK_C>::phases(p) > 1) {
+      sm90::named_barrier(BWD_PHASE, 384);
+      run(1);
+    }
     return;
   }
   sm90::setmaxnreg_inc<Tr::MMA_REGS>();
-  const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
-  const SeqView<VARLEN>& seq = steps.seq;
   const int wtid = tid % 128, wq = wtid / 32, g = lane / 4, qd = lane % 4;
   const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
-  // This thread's keys (the M side of S^T, dP^T, dK, dV): krow and krow + 8.
-  const int krow = o0 + 16 * wq + g;
   const uint32_t x_out = base + Tr::OFF_X + wg * Tr::X_BYTES;
   const uint32_t x_in = base + Tr::OFF_X + (1 - wg) * Tr::X_BYTES;
   // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's turns.
   const bool agent = maps.agents<VARLEN>(p);
+  const int phases = BwdKeyBlock<BLOCK_C>::phases(p);
+  // it0: the ring's steps before the phase; kv: the loads of K and V before it.
+  for (int phase = 0, it0 = 0, kv = 0; phase < phases; ++phase) {
+    const BwdKeyBlock<BLOCK_C> key_block(p, phase);
+    const int b = key_block.b, hkv = key_block.hkv;
+    const int o0 = key_block.n * BLOCK_C;  // first key of the phase
+    const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv, key_block.reverse);
+    const SeqView<VARLEN>& seq = steps.seq;
+    // This thread's keys (the M side of S^T, dP^T, dK, dV): krow and krow + 8.
+    const int krow = o0 + 16 * wq + g;
+    if (phase > 0) sm90::named_barrier(BWD_PHASE, 384);
 
-  float dv[HALF_V / 2], dk[HALF / 2];
+    float dv[HALF_V / 2], dk[HALF / 2];
 #pragma unroll
-  for (int i = 0; i < HALF_V / 2; ++i) dv[i] = 0.f;
+    for (int i = 0; i < HALF_V / 2; ++i) dv[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < HALF / 2; ++i) dk[i] = 0.f;
+    for (int i = 0; i < HALF / 2; ++i) dk[i] = 0.f;
 
-  if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), 0);
-  for (int it = 0; it < steps.iters; ++it) {
-    const int buf = it % STAGES, q0 = steps.row(it), h = steps.head(it);
-    const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
-    const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
-    sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
+    if (steps.iters > 0) sm90::mbar_wait(ring.full_kv(), kv++ & 1);
+    for (int it = 0; it < steps.iters; ++it) {
+      const int buf = (it0 + it) % STAGES, q0 = steps.row(it), h = steps.head(it);
+      const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES;
+      const uint32_t do_s = base + Tr::OFF_DO + buf * Tr::DO_BYTES;
+      // Q, dO, lse, delta of step it
+      sm90::mbar_wait(ring.full(buf), ((it0 + it) / STAGES) & 1);
 
-    // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
-    // the 64 keys and queries.
-    float x[32];
-    sm90::wgmma_fence();
-    if (DV == D || wg == 0)
-      bwd_sm90_wide_sdp<T, D, Tr>(x, base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V),
-                                  wg == 0 ? q_s : do_s);
-    else
-      bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs<32>(x);
-    // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
-    // keeps those of its own tile and hands over the other half, 16 floats a thread in
-    // 16-byte groups at (group * 128 + thread) * 16 (consecutive threads, no conflicts).
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = 4 * c;
-      sm90::sts_u128(x_out + (c * 128 + wtid) * 16,
-                     make_uint4(__float_as_uint(wg == 0 ? x[16 + i] : x[i]),
-                                __float_as_uint(wg == 0 ? x[17 + i] : x[i + 1]),
-                                __float_as_uint(wg == 0 ? x[18 + i] : x[i + 2]),
-                                __float_as_uint(wg == 0 ? x[19 + i] : x[i + 3])));
-    }
-    sm90::named_barrier(1, 256);  // both halves handed over
-    float ps[16], ds[16];  // S^T, dP^T of this warpgroup's elements, then P^T and dS^T
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const uint4 v = sm90::lds_u128(x_in + (c * 128 + wtid) * 16);
-      const float other[4] = {__uint_as_float(v.x), __uint_as_float(v.y),
-                              __uint_as_float(v.z), __uint_as_float(v.w)};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float own = wg == 0 ? x[4 * c + e] : x[16 + 4 * c + e];
-        ps[4 * c + e] = wg == 0 ? own : other[e];
-        ds[4 * c + e] = wg == 0 ? other[e] : own;
-      }
-    }
-    // Element 4 c + e: key krow + 8 (e / 2), query q0 + 32 wg + 8 c + 2 qd + e % 2. As in
-    // bwd_sm90: every element without a branch, then the invisible ones of a boundary
-    // tile set to 0.
-    {
-      const ScoreMod mod(a, b, h, seq);
-      const ScoreGrad grad{mod, steps.mask, false};
-      constexpr int TANH = tanh_form<T, OPTS>();
-      const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
-      const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
+      // S^T (warpgroup 0: K Q^T, D / 16 k-steps) or dP^T (warpgroup 1: V dO^T, DV / 16) of
+      // the 64 keys and queries.
+      float x[32];
+      sm90::wgmma_fence();
+      if (DV == D || wg == 0)
+        bwd_sm90_wide_sdp<T, D, Tr>(x, base + (wg == 0 ? Tr::OFF_K : Tr::OFF_V),
+                                    wg == 0 ? q_s : do_s);
+      else
+        bwd_sm90_wide_sdp<T, DV, Tr>(x, base + Tr::OFF_V, do_s);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<32>(x);
+      // Warpgroup w computes elements 16 w .. 16 w + 15 of the 32 (queries 32 w ..): it
+      // keeps those of its own tile and hands over the other half, 16 floats a thread in
+      // 16-byte groups at (group * 128 + thread) * 16 (consecutive threads, no conflicts).
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int qc = 32 * wg + 8 * c + 2 * qd;
-        const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
-        const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
+        const int i = 4 * c;
+        sm90::sts_u128(x_out + (c * 128 + wtid) * 16,
+                       make_uint4(__float_as_uint(wg == 0 ? x[16 + i] : x[i]),
+                                  __float_as_uint(wg == 0 ? x[17 + i] : x[i + 1]),
+                                  __float_as_uint(wg == 0 ? x[18 + i] : x[i + 2]),
+                                  __float_as_uint(wg == 0 ? x[19 + i] : x[i + 3])));
+      }
+      sm90::named_barrier(1, 256);  // both halves handed over
+      float ps[16], ds[16];  // S^T, dP^T of this warpgroup's elements, then P^T and dS^T
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4 v = sm90::lds_u128(x_in + (c * 128 + wtid) * 16);
+        const float other[4] = {__uint_as_float(v.x), __uint_as_float(v.y),
+                                __uint_as_float(v.z), __uint_as_float(v.w)};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
-          const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
-          if constexpr (OPTS == 0) {
-            ps[i] = grad.template prob<0>(ps[i], query, key, lse);
-            ds[i] = ps[i] * (ds[i] - delta);
-          } else {
-            grad.template operator()<OPTS, TANH>(ps[i], ds[i], query, key, lse, delta);
-          }
+          const float own = wg == 0 ? x[4 * c + e] : x[16 + 4 * c + e];
+          ps[4 * c + e] = wg == 0 ? own : other[e];
+          ds[4 * c + e] = wg == 0 ? other[e] : own;
         }
       }
-      if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
-        zero_invisible<16>(steps.mask, ps, q0 + 32 * wg, krow, qd);
-        zero_invisible<16>(steps.mask, ds, q0 + 32 * wg, krow, qd);
-      }
-    }
-    // P^T and dS^T in 16 bits: row = key 16 wq + g + 8 hh, columns 32 wg + 8 c + 2 qd and
-    // + 1 (16-byte chunk 4 wg + c), swizzled (row % 8 == g).
+      // Element 4 c + e: key krow + 8 (e / 2), query q0 + 32 wg + 8 c + 2 qd + e % 2. As in
+      // bwd_sm90: every element without a branch, then the invisible ones of a boundary
+      // tile set to 0.
+      {
+        const ScoreMod mod(a, b, h, seq);
+        const ScoreGrad grad{mod, steps.mask, false};
+        constexpr int TANH = tanh_form<T, OPTS>();
+        const uint32_t lse_s = base + Tr::OFF_LSE + buf * BLOCK_R * 4;
+        const uint32_t del_s = base + Tr::OFF_DELTA + buf * BLOCK_R * 4;
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
+        for (int c = 0; c < 4; ++c) {
+          const int qc = 32 * wg + 8 * c + 2 * qd;
+          const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
+          const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const uint32_t at = (16 * wq + g + 8 * hh) * 128 + (((4 * wg + c) ^ g) << 4) + 4 * qd;
-        const int i = 4 * c + 2 * hh;
-        sm90::sts_u32(base + Tr::OFF_P + at, dtype_traits<T>::pack(ps[i], ps[i + 1]));
-        sm90::sts_u32(base + Tr::OFF_DS + at, dtype_traits<T>::pack(ds[i], ds[i + 1]));
+          for (int e = 0; e < 4; ++e) {
+            const int i = 4 * c + e, query = q0 + qc + (e & 1), key = krow + 8 * (e >> 1);
+            const float lse = (e & 1) ? l2.y : l2.x, delta = (e & 1) ? d2.y : d2.x;
+            if constexpr (OPTS == 0) {
+              ps[i] = grad.template prob<0>(ps[i], query, key, lse);
+              ds[i] = ps[i] * (ds[i] - delta);
+            } else {
+              grad.template operator()<OPTS, TANH>(ps[i], ds[i], query, key, lse, delta);
+            }
+          }
+        }
+        if (steps.mask.tile_needs_mask(q0, q0 + BLOCK_R, o0, o0 + BLOCK_C)) {
+          zero_invisible<16>(steps.mask, ps, q0 + 32 * wg, krow, qd);
+          zero_invisible<16>(steps.mask, ds, q0 + 32 * wg, krow, qd);
+        }
       }
-    sm90::fence_proxy_async();
-    sm90::named_barrier(2, 256);  // P^T and dS^T whole, for both warpgroups' wgmmas
+      // P^T and dS^T in 16 bits: row = key 16 wq + g + 8 hh, columns 32 wg + 8 c + 2 qd and
+      // + 1 (16-byte chunk 4 wg + c), swizzled (row % 8 == g).
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const uint32_t at = (16 * wq + g + 8 * hh) * 128 + (((4 * wg + c) ^ g) << 4) + 4 * qd;
+          const int i = 4 * c + 2 * hh;
+          sm90::sts_u32(base + Tr::OFF_P + at, dtype_traits<T>::pack(ps[i], ps[i + 1]));
+          sm90::sts_u32(base + Tr::OFF_DS + at, dtype_traits<T>::pack(ds[i], ds[i + 1]));
+        }
+      sm90::fence_proxy_async();
+      sm90::named_barrier(2, 256);  // P^T and dS^T whole, for both warpgroups' wgmmas
 
-    // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: this warpgroup's
-    // column blocks), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
-    // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
-    // and dK, added into dq_accum while they run, then the second.
-    const uint32_t cols = wg * Tr::DQ_TILES;  // first column block of this warpgroup's dK
-    const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
-    const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
-    float dq[32];
-    auto issue_dq = [&](int blk) {  // column block blk of dQ
-      const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
+      // dV_w += P^T dO[:, w], dK_w += dS^T Q[:, w] (A K-major, B N-major: this warpgroup's
+      // column blocks), and dQ[:, w] = dS K[:, w] (A = dS^T read M-major) in two 64-column
+      // tiles (beside dK and dV, 64 more accumulators spill): the first committed before dV
+      // and dK, added into dq_accum while they run, then the second.
+      const uint32_t cols = wg * Tr::DQ_TILES;  // first column block of this warpgroup's dK
+      const uint32_t vcols = wg * (HALF_V / 64);  // and of its dV
+      const uint64_t dsm = sm90::make_desc(base + Tr::OFF_DS, Tr::PS_BYTES);
+      float dq[32];
+      auto issue_dq = [&](int blk) {  // column block blk of dQ
+        const uint64_t dkk = sm90::make_desc(base + Tr::OFF_K + blk * Tr::K_BLK, Tr::K_BLK);
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys: 2048 bytes of both
-        sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(dsm, kk * 2048),
-                                  sm90::desc_at(dkk, kk * 2048), kk > 0);
-      sm90::wgmma_commit();
-    };
-    // Adds dQ tile blk; deterministic: in this CTA's turn, and returns the tile's semaphore
-    // for pass_turn (nullptr: none, or the agent passes it). The first tile's turn is
-    // passed once the second tile's wgmmas are issued: the release waits for the adds to
-    // land, and warp 0 waiting there would hold back that issue.
-    auto add_dq = [&](int blk) {
-      const int64 tile = dq_accum_tile<D>(p, seq, b, h, q0, blk);
-      int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
-      // The turn among the key blocks that reach query block q0 / 64.
-      bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 3 + wg,
-                      agent ? BWD_TURN_GO + wg : 0, [&] {
-                        return key_block.turn(steps.mask, q0,
-                                              min(q0 + BLOCK_R, seq.seqlen_q()));
-                      });
-      return agent ? nullptr : sem;
-    };
-    auto pass_turn = [&](int* sem) {
-      if (sem && wtid == 0) sm90::pass_global_turn(sem);
-    };
-    sm90::wgmma_fence();
-    issue_dq(cols);
-    {
-      const uint64_t dp_ = sm90::make_desc(base + Tr::OFF_P, 16);
-      const uint64_t dds = sm90::make_desc(base + Tr::OFF_DS, 16);
-      const uint64_t ddo = sm90::make_desc(do_s + vcols * Tr::Q_BLK, Tr::Q_BLK);
-      const uint64_t dq_ = sm90::make_desc(q_s + cols * Tr::Q_BLK, Tr::Q_BLK);
+        for (int kk = 0; kk < BLOCK_C / 16; ++kk)  // 16 keys: 2048 bytes of both
+          sm90::Wgmma<T, 64>::ss_mn(dq, sm90::desc_at(dsm, kk * 2048),
+                                    sm90::desc_at(dkk, kk * 2048), kk > 0);
+        sm90::wgmma_commit();
+      };
+      // Adds dQ tile blk; deterministic: in this CTA's turn, and returns the tile's semaphore
+      // for pass_turn (nullptr: none, or the agent passes it). The first tile's turn is
+      // passed once the second tile's wgmmas are issued: the release waits for the adds to
+      // land, and warp 0 waiting there would hold back that issue.
+      auto add_dq = [&](int blk) {
+        const int64 tile = dq_accum_tile<D>(p, seq, b, h, q0, blk);
+        int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
+        // The turn among the key blocks that reach query block q0 / 64.
+        bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 3 + wg,
+                        agent ? BWD_TURN_GO + wg : 0, [&] {
+                          return key_block.turn(steps.mask, q0,
+                                                min(q0 + BLOCK_R, seq.seqlen_q()));
+                        });
+        return agent ? nullptr : sem;
+      };
+      auto pass_turn = [&](int* sem) {
+        if (sem && wtid == 0) sm90::pass_global_turn(sem);
+      };
+      sm90::wgmma_fence();
+      issue_dq(cols);
+      {
+        const uint64_t dp_ = sm90::make_desc(base + Tr::OFF_P, 16);
+        const uint64_t dds = sm90::make_desc(base + Tr::OFF_DS, 16);
+        const uint64_t ddo = sm90::make_desc(do_s + vcols * Tr::Q_BLK, Tr::Q_BLK);
+        const uint64_t dq_ = sm90::make_desc(q_s + cols * Tr::Q_BLK, Tr::Q_BLK);
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
-        sm90::Wgmma<T, HALF_V>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
-                                      sm90::desc_at(ddo, kk * 2048), 1);
+        for (int kk = 0; kk < BLOCK_R / 16; ++kk)  // 16 queries: 32 bytes of A, 2048 of B
+          sm90::Wgmma<T, HALF_V>::ss_kn(dv, sm90::desc_at(dp_, kk * 32),
+                                        sm90::desc_at(ddo, kk * 2048), 1);
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_R / 16; ++kk)
-        sm90::Wgmma<T, HALF>::ss_kn(dk, sm90::desc_at(dds, kk * 32),
-                                    sm90::desc_at(dq_, kk * 2048), 1);
-      sm90::wgmma_commit();
+        for (int kk = 0; kk < BLOCK_R / 16; ++kk)
+          sm90::Wgmma<T, HALF>::ss_kn(dk, sm90::desc_at(dds, kk * 32),
+                                      sm90::desc_at(dq_, kk * 2048), 1);
+        sm90::wgmma_commit();
+      }
+      sm90::wgmma_wait<1>();  // the first dQ tile
+      sm90::fence_regs<32>(dq);
+      int* const turn = add_dq(cols);
+      sm90::wgmma_fence();
+      issue_dq(cols + 1);
+      pass_turn(turn);
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs<HALF_V / 2>(dv);
+      sm90::fence_regs<HALF / 2>(dk);
+      sm90::fence_regs<32>(dq);
+      __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
+      sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
+      pass_turn(add_dq(cols + 1));
     }
-    sm90::wgmma_wait<1>();  // the first dQ tile
-    sm90::fence_regs<32>(dq);
-    int* const turn = add_dq(cols);
-    sm90::wgmma_fence();
-    issue_dq(cols + 1);
-    pass_turn(turn);
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs<HALF_V / 2>(dv);
-    sm90::fence_regs<HALF / 2>(dk);
-    sm90::fence_regs<32>(dq);
-    __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
-    sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-    pass_turn(add_dq(cols + 1));
+
+    // dV and dK through this warpgroup's column blocks of V and K (all 64 keys, columns HALF
+    // wg ..), no longer read: the other warpgroup's S^T or dP^T, which read them whole, was
+    // done before each step's named barrier 1, and this warpgroup's dQ tiles read only its
+    // own columns of K. With no step, the producer loaded neither.
+    const auto [w, first] = bwd_sm90_rows_out(krow);  // o0
+    T* const dv_out = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
+                      (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride + HALF_V * w;
+    bwd_sm90_store_rows<T, HALF_V>(base + Tr::OFF_V + HALF_V / 64 * w * Tr::K_BLK, Tr::K_BLK,
+                                   dv, 1.f, 3 + w, dv_out, p.dv_row_stride,
+                                   seq.seqlen_k() - first, a.headdim - HALF_V * w);
+    T* const dk_out = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
+                      (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride + HALF * w;
+    bwd_sm90_store_rows<T, HALF>(base + Tr::OFF_K + HALF / 64 * w * Tr::K_BLK, Tr::K_BLK, dk,
+                                 a.scale, 3 + w, dk_out, p.dk_row_stride, seq.seqlen_k() - first,
+                                 a.headdim - HALF * w);
+    it0 += steps.iters;
   }
-
-  // dV and dK through this warpgroup's column blocks of V and K (all 64 keys, columns HALF
-  // wg ..), no longer read: the other warpgroup's S^T or dP^T, which read them whole, was
-  // done before each step's named barrier 1, and this warpgroup's dQ tiles read only its
-  // own columns of K. With no step, the producer loaded neither.
-  const auto [w, first] = bwd_sm90_rows_out(krow);  // o0
-  T* const dv_out = static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
-                    (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride + HALF_V * w;
-  bwd_sm90_store_rows<T, HALF_V>(base + Tr::OFF_V + HALF_V / 64 * w * Tr::K_BLK, Tr::K_BLK,
-                                 dv, 1.f, 3 + w, dv_out, p.dv_row_stride,
-                                 seq.seqlen_k() - first, a.headdim - HALF_V * w);
-  T* const dk_out = static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
-                    (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride + HALF * w;
-  bwd_sm90_store_rows<T, HALF>(base + Tr::OFF_K + HALF / 64 * w * Tr::K_BLK, Tr::K_BLK, dk,
-                               a.scale, 3 + w, dk_out, p.dk_row_stride, seq.seqlen_k() - first,
-                               a.headdim - HALF * w);
 }
 
 // grid (ceil(seqlen_q / 32), nheads, batch), 256 threads: dq = scale * dq_accum, rounded

@@ -71,6 +71,73 @@ def test_cta_order_walks_sections_rank_by_rank(blocks, batch, heads_kv, section,
                         for x in range(blocks)]
 
 
+def _paired_order(pairs, blocks, section, offset):
+    """BwdKeyBlock's phases in the paired order, per CTA in launch order: (key block, pair,
+    light) each, light: query blocks ascending from the diagonal and dQ turns from the last
+    key block down; else descending walks and turns from key block 0 up."""
+    order = []
+    for c in range(backward.paired_ctas(pairs, blocks, offset)):
+        if pairs % 2:
+            if c < blocks:
+                order.append([(blocks - 1 - c, pairs - 1, True)])
+                continue
+            c -= blocks
+        per_section, width = max(1, section // 2), blocks + offset
+        first = c // (per_section * width) * per_section
+        rank, group = divmod(c - first * width, min(per_section, pairs // 2 - first))
+        group += first
+        phases = []
+        if rank >= offset:
+            phases.append((blocks - 1 - (rank - offset), 2 * group, True))
+        if rank < blocks:
+            phases.append((rank, 2 * group + 1, False))
+        order.append(phases)
+    return order
+
+
+@pytest.mark.parametrize("pairs,blocks,section,offset", [
+    (32, 64, 4, 2), (32, 64, 4, 0), (8, 256, 1, 8), (128, 16, 16, 0), (128, 16, 16, 2),
+    (6, 20, 4, 3), (7, 12, 4, 1), (5, 9, 1, 0), (2, 3, 8, 2), (3, 1, 2, 0), (2, 2, 1, 0)])
+def test_paired_order_waits_only_for_earlier_ctas(pairs, blocks, section, offset):
+    """Every (key block, pair) once; run one CTA after another on one SM in launch order,
+    every causal dQ turn has come when a step reaches it (no CTA waits for a later one), and
+    every query block's tile ends with all its key blocks added; CTA sizes as the host's
+    list schedule takes them."""
+    order = _paired_order(pairs, blocks, section, offset)
+    assert sorted(x[:2] for phases in order for x in phases) == sorted(
+        itertools.product(range(blocks), range(pairs)))
+    added = {}
+    for phases in order:
+        for n, pair, light in phases:
+            for m in (range(n, blocks) if light else range(blocks - 1, n - 1, -1)):
+                turn = m - n if light else n
+                assert added.get((pair, m), 0) == turn, (phases, m)
+                added[(pair, m)] = turn + 1
+    assert added == {(pair, m): m + 1 for pair in range(pairs) for m in range(blocks)}
+    sizes = [sum(blocks - n for n, _, _ in phases) for phases in order]
+    assert sizes == backward.paired_steps(pairs, blocks, section, offset, switch=0)
+
+
+def test_paired_order_serves_deterministic_causal_calls_with_as_many_queries_as_keys():
+    """bwd_sm90_wide's paired order (an offset >= 0) where its turns hold: deterministic,
+    causal, seqlen_q == seqlen_k, dense, two pairs or more; the offset the list schedule
+    picks fills the last wave (4k: 32 pairs of 64 key blocks, 16k: 8 of 256)."""
+    def offset(deterministic=True, **changes):
+        p = dataclasses.replace(_problem(4096, 8, 8, 256, batch=4), window_right=0)
+        p = dataclasses.replace(p, **changes)
+        hopper = backward.choose(p, deterministic, "sm_90")[0]
+        return backward._pair_offset(p, hopper, deterministic,
+                                     backward._section(p, -(-p.seqlen_k // 64), 132), 132)
+
+    assert offset() == 2
+    assert offset(seqlen_q=16384, seqlen_k=16384, batch=1) == 6
+    assert offset(batch=1, nheads=4, nheads_kv=2, seqlen_q=1025, seqlen_k=1025) >= 0
+    for changes in (dict(deterministic=False), dict(window_right=-1), dict(window_left=100),
+                    dict(seqlen_k=4000), dict(headdim=128), dict(batch=1, nheads_kv=1),
+                    dict(varlen=True)):
+        assert offset(**changes) == -1, changes
+
+
 def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():
     """The fp16 Hopper kernels' tanh (scaled_tanh) errs in absolute terms, which a logit
     multiplies by the soft-cap: past FAST_TANH_MAX_SOFTCAP the forward and backward leave

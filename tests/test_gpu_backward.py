@@ -428,3 +428,37 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     assert seconds and all(x == bytes(len(x)) for x in seconds)
     for name, a, b in zip(("dq", "dk", "dv"), by_tma, by_cp_async):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name
+
+
+@pytest.mark.parametrize("batch, seqlen, nheads, nheads_kv, offset", [
+    (3, 257, 6, 3, None), (2, 1025, 4, 2, 3), (1, 130, 2, 2, 0), (5, 64, 1, 1, 0),
+    (2, 333, 2, 2, 4)], ids=["odd-gqa", "gqa-offset", "two-pairs", "one-block", "offset"])
+def test_paired_order_matches_the_reference(monkeypatch, batch, seqlen, nheads, nheads_kv,
+                                            offset):
+    """bwd_sm90_wide's paired order (deterministic, causal, as many queries as keys; CTAs of
+    two key blocks from two pairs): within the accuracy rule at the host's offset and at
+    forced ones, and the same bits again."""
+    if device_arch() != "sm_90":
+        pytest.skip("the wgmma backward runs on sm_90 only")
+    from cuflash import _api, ops
+    picked, real = [], ops.backward._pair_offset
+
+    def pick(*args):
+        picked.append(real(*args) if offset is None else offset)
+        return picked[-1]
+
+    def forget():  # plans keep their offset, and memoized calls keep their plans
+        ops.backward.plan.cache_clear()
+        _api.CALLS.clear()
+
+    monkeypatch.setattr(ops.backward, "_pair_offset", pick)
+    forget()
+    try:
+        args = (BF16, batch, seqlen, seqlen, nheads, nheads_kv, 256)
+        first, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
+        again, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
+    finally:
+        forget()
+    assert picked and all(x >= 0 for x in picked), picked
+    for name, a, b in zip(("dq", "dk", "dv"), first, again):
+        assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name

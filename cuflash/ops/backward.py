@@ -8,6 +8,7 @@ separate kernel when deterministic). convert: dq = scale * dq_accum in the input
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -133,6 +134,10 @@ class Sm90Tile:
 # ring of SM90_WIDE_STAGES. bwd_main serves the rest.
 SM90_KEYS, SM90_THREADS = 128, 384
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
+# bwd_sm90_wide's paired order (_pair_offset): a CTA's switch between its two key blocks in
+# steps (the dK / dV epilogue and the next K / V load, not under a step), and the launches
+# whose offset is searched, in waves.
+PAIR_SWITCH, PAIR_SEARCH_WAVES = 0.5, 16
 # dS^T buffers and ring stages by head dim (BwdSm90Traits::DS_BUFS and STAGES say why)
 SM90_DS_BUFS, SM90_STAGES = {64: 2, 128: 3}, {64: 3, 128: 2}
 SM90_TILES = {
@@ -157,7 +162,7 @@ PARAMS = np.dtype([
     ("dk_batch_stride", np.int64), ("dk_row_stride", np.int64), ("dk_head_stride", np.int64),
     ("dv_batch_stride", np.int64), ("dv_row_stride", np.int64), ("dv_head_stride", np.int64),
     ("seqlen_q_pad", np.int32), ("headdim_pad", np.int32), ("dq_semaphore", np.uint64),
-    ("l2_section", np.int32),
+    ("l2_section", np.int32), ("pair_offset", np.int32),
 ], align=True)
 _ADDRESSES = tuple(f"attn.{f}" for f in _core.ATTN_ADDRESSES) + (
     "out", "dout", "lse", "dq", "dk", "dv", "lse_log2", "delta", "dq_accum", "dq_semaphore")
@@ -388,12 +393,14 @@ class Plan:
         self.semaphore_offset, self.scratch_bytes = scratch.semaphore, scratch.total
         self.semaphore_bytes = scratch.total - scratch.semaphore
         hopper = next((s for s in steps if s.block_r), None)
-        section = (_section(p, -(-p.seqlen_k // hopper.block_o), _core.num_sms(p.device_id))
-                   if hopper else 1)
+        sms = _core.num_sms(p.device_id)
+        section = _section(p, -(-p.seqlen_k // hopper.block_o), sms) if hopper else 1
+        offset = _pair_offset(p, hopper, deterministic, section, sms)
         record = (_core.attn_args(p), *[0] * 9,
                   *_core.row_strides(out_s, item), *_core.row_strides(dout_s, item),
                   *lse_strides, *_core.row_strides(dq_s, item), *_core.row_strides(dk_s, item),
-                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0, section)
+                  *_core.row_strides(dv_s, item), seqlen_q_pad, headdim_pad, 0, section,
+                  offset)
         self.record = _core.Record(PARAMS, record, _ADDRESSES,
                                    second=SM90_MAPS.itemsize if hopper else 0)
         # The Hopper kernels' maps of q and dout, for dense calls whose layouts TMA
@@ -405,7 +412,10 @@ class Plan:
                       _tma.MapMaker(p.dtype, shape, dout_s, hopper.block_r))
             if all(m.ok for m in makers):
                 self.maps = _tma.Maps(makers, _MAPS_ON)
-        grids = {"keys": lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv),
+        keys = ((lambda s: (paired_ctas(p.batch * p.nheads_kv, -(-p.seqlen_k // s.block_o),
+                                        offset), 1, 1))
+                if offset >= 0 else lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv))
+        grids = {"keys": keys,
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
                  "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
         pre = _pre("preprocess", p.dtype, p.varlen)
@@ -451,6 +461,55 @@ def _section(p: _core.Problem, key_blocks: int, ctas: int) -> int:
     pair = max(1, group * p.seqlen_q * (2 * p.dtype.itemsize + 4) * p.headdim)
     return tiles.sm90_section(p.batch * p.nheads_kv, tiles.SM90_L2_BYTES // pair, key_blocks,
                               ctas, p.windowed)
+
+
+def paired_ctas(pairs: int, blocks: int, offset: int) -> int:
+    """The CTAs of bwd_sm90_wide's paired order (BwdKeyBlock in flash_bwd_sm90.cu): ``blocks
+    + offset`` a group of two pairs, and an odd last pair's ``blocks``."""
+    return pairs // 2 * (blocks + offset) + (blocks if pairs % 2 else 0)
+
+
+def paired_steps(pairs: int, blocks: int, section: int, offset: int,
+                 switch: float = PAIR_SWITCH) -> list:
+    """The steps of each CTA of the paired order in launch order, under a causal mask (key
+    block n sees blocks - n query blocks), ``switch`` more for a CTA of two phases."""
+    out = list(range(1, blocks + 1)) if pairs % 2 else []  # the odd pair's, lightest first
+    groups, per_section = pairs // 2, max(1, section // 2)
+    for first in range(0, groups, per_section):
+        size = min(per_section, groups - first)
+        for rank in range(blocks + offset):
+            light = rank - offset + 1 if rank >= offset else 0   # A's block blocks - light
+            heavy = blocks - rank if rank < blocks else 0        # B's block rank
+            out += [light + heavy + (switch if light and heavy else 0)] * size
+    return out
+
+
+def _makespan(steps: list, sms: int) -> float:
+    """List scheduling: each CTA, in launch order, on the SM that frees first."""
+    free = [0.0] * sms
+    for s in steps:
+        heapq.heapreplace(free, free[0] + s)
+    return max(free)
+
+
+def _pair_offset(p: _core.Problem, hopper: Step | None, deterministic: bool, section: int,
+                 sms: int) -> int:
+    """bwd_sm90_wide's paired order (-1: off) for deterministic calls under a causal mask with
+    as many queries as keys, where the launch order leaves CTAs waiting for dQ turns
+    (docs/notes/backward.md, "CTAs of two key blocks"; tools/det_schedule models it): the
+    offset whose CTAs list-schedule shortest on ``sms`` SMs, of 0 .. blocks / 8 (0 past
+    PAIR_SEARCH_WAVES waves, where the launch's tail is short anyway)."""
+    pairs = p.batch * p.nheads_kv
+    if not (deterministic and hopper is not None and hopper.block_o == SM90_WIDE_KEYS
+            and not p.varlen and p.window_right == 0 and p.window_left < 0
+            and p.seqlen_q == p.seqlen_k and pairs >= 2):
+        return -1
+    blocks = -(-p.seqlen_k // SM90_WIDE_KEYS)
+    if paired_ctas(pairs, blocks, 0) > PAIR_SEARCH_WAVES * sms:
+        return 0
+    spans = [_makespan(paired_steps(pairs, blocks, section, d), sms)
+             for d in range(blocks // 8 + 1)]
+    return spans.index(min(spans))
 
 
 @functools.lru_cache(maxsize=1024)

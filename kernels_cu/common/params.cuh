@@ -157,6 +157,9 @@ struct BwdParams {
   int* dq_semaphore;
   // bwd_sm90's CTA order: sections of this many (batch item, kv head) pairs (BwdKeyBlock).
   int l2_section;
+  // bwd_sm90_wide's paired order (BwdKeyBlock; -1: off): the CTAs of a group of two pairs
+  // that run a block of the second pair alone before the first pair's blocks begin.
+  int pair_offset;
 };
 
 // KV-cache decoding (kernels_cu/flash_decode.cu: append_kv, flash_decode). attn.k / attn.v
