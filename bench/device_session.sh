@@ -37,7 +37,8 @@
 #             units, as text; each launch's source page (stall samples per SASS
 #             instruction) as a gzipped CSV, which bench/ncu_source.py reads;
 #             $PROFILE_SPECS picks other launches: "IMPL DIR KERNEL HD SEQLEN [causal];..."
-#             (IMPL: diagnose.py calls' --impl, any sweep implementation: cuflash, its
+#             ($PROFILE_DTYPE: bf16, or fp16 for every launch;
+#             IMPL: diagnose.py calls' --impl, any sweep implementation: cuflash, its
 #             variants, torch-cudnn, jax-cudnn, fa3; KERNEL "cudnn|sdpa" catches cuDNN's,
 #             whose names vary by version: ncu's log prints the one it took)          ~4
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
@@ -294,13 +295,13 @@ cuflash bwd bwd_sm90_wide 256 4096"}
     for spec in "${specs[@]}"; do
         # shellcheck disable=SC2086
         set -- $spec
-        name="$1-$2-hd$4-$5${6:+-causal}"
+        name="$1-$2-hd$4-$5${6:+-causal}-${PROFILE_DTYPE:-bf16}"
         echo "=== $spec" >> "$OUT/profile.log"
         # shellcheck disable=SC2086
         run $(($(left) / 3)) "$OUT/profile.log" ncu --clock-control none --launch-skip 2 \
             --launch-count 1 --kernel-name-base demangled -k "regex:$3" $sections -f \
             -o "/tmp/$name" python3 bench/diagnose.py calls "$2" --impl "$1" --headdim "$4" \
-            --seqlen "$5" ${6:+--causal}
+            --seqlen "$5" ${6:+--causal} --dtype "${PROFILE_DTYPE:-bf16}"
         ncu -i "/tmp/$name.ncu-rep" --page details >> "$OUT/profile.log" 2>&1
         # Per SASS instruction: executions and stall samples by reason (a CSV of ~1 MB).
         ncu -i "/tmp/$name.ncu-rep" --page source --csv 2>&1 | gzip > "$OUT/$name-source.csv.gz"

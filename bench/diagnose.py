@@ -36,8 +36,9 @@ the backward's time at head dim 128, seqlen 4k; with ``--peers-first`` torch and
 on the GPU before cuflash compiles, as in the sweep. Two runs side by side show whether a
 peer's NVRTC can replace CuPy's and change the code.
 
-``calls`` makes a few forward or backward calls at one sweep shape (bf16, standard batch;
-any implementation of the sweep: cuflash and its variants, torch and JAX cuDNN, FA3), for a
+``calls`` makes a few forward or backward calls at one sweep shape (bf16, or fp16 with
+``--dtype``; standard batch; any implementation of the sweep: cuflash and its variants,
+torch and JAX cuDNN, FA3), for a
 profiler to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
 regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
 `profile` stage).
@@ -432,7 +433,7 @@ def nvrtc_probe(args):
 def calls(args):
     require_gpu()
     batch, nheads = standard_shape(args.seqlen, args.headdim)
-    q, k, v, dout = make_inputs(DTYPES["bf16"], batch, args.seqlen, nheads, args.headdim,
+    q, k, v, dout = make_inputs(DTYPES[args.dtype], batch, args.seqlen, nheads, args.headdim,
                                 seed=0)
     # As the sweep times it: its own call of each implementation (a backward's forward runs
     # once, before; a JAX backward is its vjp step, forward included).
@@ -482,6 +483,7 @@ def parse_args(argv):
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--impl", choices=tuple(sweep.registry(None, None)), default="cuflash",
                    help="whose kernels: the sweep's implementations (bench/sweep.py), e.g. "
                         "cuflash-det, torch-cudnn, jax-cudnn, fa3")
