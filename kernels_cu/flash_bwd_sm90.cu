@@ -157,8 +157,8 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
 }
 
 // The CTA's key block n of BLOCK_C keys, batch item b and kv head hkv, in bwd_sm90 and
-// bwd_sm90_wide. CTAs in launch order (the grid is key blocks x batch x kv heads, x
-// fastest) walk sections of p.l2_section (batch item, kv head) pairs, whose Q, dO and dQ
+// bwd_sm90_wide. Without a pair offset (below), CTAs in launch order (the grid is key blocks
+// x batch x kv heads, x fastest) walk sections of p.l2_section (batch item, kv head) pairs, whose Q, dO and dQ
 // accumulators share the L2, each section rank by rank: every pair's first key block before
 // any pair's second, so that under a causal mask the heaviest key blocks (the first, which
 // see every query block) start first (FA3's longest-processing-time order) and the last
@@ -239,7 +239,7 @@ struct BwdKeyBlock {
     const int m = blocks(p), batch = p.attn.batch;
     int rank;
     const int group = paired_rank(p, rank);
-    if (group < 0) return BwdKeyBlock(rank, p.attn.batch * p.attn.nheads_kv - 1, batch, true);
+    if (group < 0) return BwdKeyBlock(rank, batch * p.attn.nheads_kv - 1, batch, true);
     const bool light = phase == 0 && rank >= p.pair_offset;  // A's block
     return light ? BwdKeyBlock(m - 1 - (rank - p.pair_offset), 2 * group, batch, true)
                  : BwdKeyBlock(rank, 2 * group + 1, batch, false);
@@ -457,10 +457,10 @@ struct BwdDqWriter {
 };
 
 // The producer warpgroup of bwd_sm90 and bwd_sm90_wide, after its setmaxnreg: K and V of
-// the CTA's BLOCK_C keys once, then Q_i, dO_i, lse_i and delta_i of every step into the ring
-// of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given back by its
-// "empty" one (BwdRing). In a CTA's later phase (BwdKeyBlock) the ring runs on from the
-// `it0` steps before it, and K and V go where the phase before has stored its dK and dV.
+// the CTA's BLOCK_C keys once a phase, then Q_i, dO_i, lse_i and delta_i of every step into
+// the ring of Tr::STAGES buffers, each stage handed over by its "full" mbarrier and given
+// back by its "empty" one (BwdRing). In a CTA's later phase (BwdKeyBlock) the ring runs on
+// from the `it0` steps before it, and K and V go where the phase before stored dK and dV.
 template <typename Tr, typename T, int D, int DV, int BLOCK_R, bool VARLEN>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm90Maps& maps,
                                                  uint32_t base, const BwdRing<Tr::STAGES>& ring,
@@ -555,7 +555,9 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   cp_async_commit();
   if (maps.tma<VARLEN>()) {
     // The first stages by TMA while K and V land; then thread 0 alone refills each stage
-    // as the MMA warps give it back.
+    // as the MMA warps give it back. In a later phase the first stages wait too (the test
+    // of it0 keeps bwd_sm90's code as it was), which holds back warp 0's hand-over of K and
+    // V only if a stage were still in use: at BWD_PHASE the MMA warps have released all.
     if (tid == 0)
       for (int it = 0; it < min(STAGES, steps.iters); ++it) {
         if (it0 > 0) wait_free(it);
@@ -1205,7 +1207,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
   // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's turns.
   const bool agent = maps.agents<VARLEN>(p);
   const int phases = BwdKeyBlock<BLOCK_C>::phases(p);
-  // it0: the ring's steps before the phase; kv: the loads of K and V before it.
+  // it0: the ring's steps before the phase; kv: the loads of K and V before it. The
+  // producer counts both alike (bwd_sm90_wide_iters, a phase's K and V loaded where it has
+  // steps): were they to differ, a wait would never end.
   for (int phase = 0, it0 = 0, kv = 0; phase < phases; ++phase) {
     const BwdKeyBlock<BLOCK_C> key_block(p, phase);
     const int b = key_block.b, hkv = key_block.hkv;

@@ -116,6 +116,15 @@ def test_paired_order_waits_only_for_earlier_ctas(pairs, blocks, section, offset
     assert added == {(pair, m): m + 1 for pair in range(pairs) for m in range(blocks)}
     sizes = [sum(blocks - n for n, _, _ in phases) for phases in order]
     assert sizes == backward.paired_steps(pairs, blocks, section, offset, switch=0)
+    assert [3 * x for x in sizes] == backward.paired_steps(pairs, blocks, section, offset,
+                                                           heads=3, switch=0)
+
+
+def test_pair_offsets_past_the_key_blocks_are_refused():
+    """An offset over the key blocks would give a CTA a key block past the keys."""
+    assert backward.paired_ctas(3, 4, 4) == 4 + 8
+    with pytest.raises(ValueError, match="pair offset"):
+        backward.paired_ctas(3, 4, 5)
 
 
 def test_paired_order_serves_deterministic_causal_calls_with_as_many_queries_as_keys():

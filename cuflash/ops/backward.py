@@ -135,9 +135,10 @@ class Sm90Tile:
 SM90_KEYS, SM90_THREADS = 128, 384
 SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
 # bwd_sm90_wide's paired order (_pair_offset): a CTA's switch between its two key blocks in
-# steps (the dK / dV epilogue and the next K / V load, not under a step), and the launches
-# whose offset is searched, in waves.
-PAIR_SWITCH, PAIR_SEARCH_WAVES = 0.5, 16
+# steps (the dK / dV epilogue and the next K / V load, not under a step), the launches
+# whose offset is searched, in waves, and the largest offset tried (the model's best were
+# 1-8, tools/det_schedule).
+PAIR_SWITCH, PAIR_SEARCH_WAVES, PAIR_MAX_OFFSET = 0.5, 16, 32
 # dS^T buffers and ring stages by head dim (BwdSm90Traits::DS_BUFS and STAGES say why)
 SM90_DS_BUFS, SM90_STAGES = {64: 2, 128: 3}, {64: 3, 128: 2}
 SM90_TILES = {
@@ -465,22 +466,26 @@ def _section(p: _core.Problem, key_blocks: int, ctas: int) -> int:
 
 def paired_ctas(pairs: int, blocks: int, offset: int) -> int:
     """The CTAs of bwd_sm90_wide's paired order (BwdKeyBlock in flash_bwd_sm90.cu): ``blocks
-    + offset`` a group of two pairs, and an odd last pair's ``blocks``."""
+    + offset`` a group of two pairs, and an odd last pair's ``blocks``; 0 <= offset <=
+    blocks (past it a CTA would get a key block past the keys)."""
+    if not 0 <= offset <= blocks:
+        raise ValueError(f"pair offset {offset} outside 0..{blocks}")
     return pairs // 2 * (blocks + offset) + (blocks if pairs % 2 else 0)
 
 
-def paired_steps(pairs: int, blocks: int, section: int, offset: int,
+def paired_steps(pairs: int, blocks: int, section: int, offset: int, heads: int = 1,
                  switch: float = PAIR_SWITCH) -> list:
     """The steps of each CTA of the paired order in launch order, under a causal mask (key
-    block n sees blocks - n query blocks), ``switch`` more for a CTA of two phases."""
-    out = list(range(1, blocks + 1)) if pairs % 2 else []  # the odd pair's, lightest first
+    block n sees blocks - n query blocks of each of a pair's ``heads`` query heads),
+    ``switch`` more for a CTA of two phases."""
+    out = [heads * n for n in range(1, blocks + 1)] if pairs % 2 else []  # lightest first
     groups, per_section = pairs // 2, max(1, section // 2)
     for first in range(0, groups, per_section):
         size = min(per_section, groups - first)
         for rank in range(blocks + offset):
             light = rank - offset + 1 if rank >= offset else 0   # A's block blocks - light
             heavy = blocks - rank if rank < blocks else 0        # B's block rank
-            out += [light + heavy + (switch if light and heavy else 0)] * size
+            out += [heads * (light + heavy) + (switch if light and heavy else 0)] * size
     return out
 
 
@@ -498,17 +503,18 @@ def _pair_offset(p: _core.Problem, hopper: Step | None, deterministic: bool, sec
     as many queries as keys, where the launch order leaves CTAs waiting for dQ turns
     (docs/notes/backward.md, "CTAs of two key blocks"; tools/det_schedule models it): the
     offset whose CTAs list-schedule shortest on ``sms`` SMs, of 0 .. blocks / 8 (0 past
-    PAIR_SEARCH_WAVES waves, where the launch's tail is short anyway)."""
+    PAIR_SEARCH_WAVES waves, where the launch's tail is short anyway; at most
+    PAIR_MAX_OFFSET)."""
     pairs = p.batch * p.nheads_kv
     if not (deterministic and hopper is not None and hopper.block_o == SM90_WIDE_KEYS
             and not p.varlen and p.window_right == 0 and p.window_left < 0
             and p.seqlen_q == p.seqlen_k and pairs >= 2):
         return -1
-    blocks = -(-p.seqlen_k // SM90_WIDE_KEYS)
+    blocks, heads = -(-p.seqlen_k // SM90_WIDE_KEYS), p.nheads // p.nheads_kv
     if paired_ctas(pairs, blocks, 0) > PAIR_SEARCH_WAVES * sms:
         return 0
-    spans = [_makespan(paired_steps(pairs, blocks, section, d), sms)
-             for d in range(blocks // 8 + 1)]
+    spans = [_makespan(paired_steps(pairs, blocks, section, d, heads), sms)
+             for d in range(min(blocks // 8, PAIR_MAX_OFFSET) + 1)]
     return spans.index(min(spans))
 
 

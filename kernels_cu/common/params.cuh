@@ -155,10 +155,12 @@ struct BwdParams {
   // 4096), zero at launch, so that the key blocks adding into a tile take turns in
   // key-block order; nullptr otherwise.
   int* dq_semaphore;
-  // bwd_sm90's CTA order: sections of this many (batch item, kv head) pairs (BwdKeyBlock).
+  // bwd_sm90's and bwd_sm90_wide's CTA order: sections of this many (batch item, kv head)
+  // pairs (BwdKeyBlock; half as many groups of two in the paired order).
   int l2_section;
   // bwd_sm90_wide's paired order (BwdKeyBlock; -1: off): the CTAs of a group of two pairs
-  // that run a block of the second pair alone before the first pair's blocks begin.
+  // that run a block of the second pair alone before the first pair's blocks begin, at
+  // most the key blocks a pair.
   int pair_offset;
 };
 
