@@ -158,11 +158,11 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
 
 // The CTA's key block n of BLOCK_C keys, batch item b and kv head hkv, in bwd_sm90 and
 // bwd_sm90_wide. Without a pair offset (below), CTAs in launch order (the grid is key blocks
-// x batch x kv heads, x fastest) walk sections of p.l2_section (batch item, kv head) pairs, whose Q, dO and dQ
-// accumulators share the L2, each section rank by rank: every pair's first key block before
-// any pair's second, so that under a causal mask the heaviest key blocks (the first, which
-// see every query block) start first (FA3's longest-processing-time order) and the last
-// wave holds light ones. Deterministic (BwdParams.dq_semaphore) under a right bound (causal,
+// x batch x kv heads, x fastest) walk sections of p.l2_section (batch item, kv head) pairs,
+// whose Q, dO and dQ accumulators share the L2, each section rank by rank: every pair's
+// first key block before any pair's second, so that under a causal mask the heaviest key
+// blocks (the first, which see every query block) start first (FA3's
+// longest-processing-time order) and the last wave holds light ones. Deterministic (BwdParams.dq_semaphore) under a right bound (causal,
 // windows): the last key block first, so that a query block's dQ adds go from its last key
 // block down, the order in which the CTAs reach it (in ascending order the first add of a
 // causal CTA would wait for every key block before it to finish its whole span). Either

@@ -413,9 +413,12 @@ class Plan:
                       _tma.MapMaker(p.dtype, shape, dout_s, hopper.block_r))
             if all(m.ok for m in makers):
                 self.maps = _tma.Maps(makers, _MAPS_ON)
-        keys = ((lambda s: (paired_ctas(p.batch * p.nheads_kv, -(-p.seqlen_k // s.block_o),
-                                        offset), 1, 1))
-                if offset >= 0 else lambda s: (-(-p.seqlen_k // s.block_o), p.batch, p.nheads_kv))
+        def keys(s):  # key blocks x batch x kv heads, or the paired order's 1-D grid
+            blocks = -(-p.seqlen_k // s.block_o)
+            if offset >= 0:
+                return paired_ctas(p.batch * p.nheads_kv, blocks, offset), 1, 1
+            return blocks, p.batch, p.nheads_kv
+
         grids = {"keys": keys,
                  "queries": lambda s: (-(-p.seqlen_q // s.block_o), p.batch, p.nheads),
                  "rows": lambda s: (-(-p.seqlen_q // PRE_ROWS), p.nheads, p.batch)}
