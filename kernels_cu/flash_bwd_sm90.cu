@@ -162,11 +162,12 @@ __device__ __forceinline__ void sm90_load_tile(uint32_t dst, const T* src, int64
 // whose Q, dO and dQ accumulators share the L2, each section rank by rank: every pair's
 // first key block before any pair's second, so that under a causal mask the heaviest key
 // blocks (the first, which see every query block) start first (FA3's
-// longest-processing-time order) and the last wave holds light ones. Deterministic (BwdParams.dq_semaphore) under a right bound (causal,
-// windows): the last key block first, so that a query block's dQ adds go from its last key
-// block down, the order in which the CTAs reach it (in ascending order the first add of a
-// causal CTA would wait for every key block before it to finish its whole span). Either
-// way a CTA waits only for CTAs of its pair of lower rank, launched before it.
+// longest-processing-time order) and the last wave holds light ones. Deterministic
+// (BwdParams.dq_semaphore) under a right bound (causal, windows): the last key block first,
+// so that a query block's dQ adds go from its last key block down, the order in which the
+// CTAs reach it (in ascending order the first add of a causal CTA would wait for every key
+// block before it to finish its whole span). Either way a CTA waits only for CTAs of its
+// pair of lower rank, launched before it.
 //
 // The paired order (BwdParams.pair_offset >= 0: bwd_sm90_wide, deterministic causal calls
 // with as many queries as keys; docs/notes/backward.md, "CTAs of two key blocks"): a 1-D
