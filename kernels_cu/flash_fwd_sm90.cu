@@ -48,13 +48,12 @@ namespace cuflash {
 // forward's usual parameters (attn.q/k/v are not read: the maps carry the addresses); the
 // tile scheduler's two counters (next tile, CTAs done), zero at launch and left zero at
 // exit, or nullptr for the static order (CTA i takes tiles i, i + gridDim.x, ...; clusters
-// always claim from the counter); m_blocks, the query
-// blocks per head and item, ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br
-// rows); tiles, m_blocks x heads x items; section, the (head, item) pairs of a section of
-// the tile order (FwdTile); and o_by_tma, whether tma_o holds a map (dense calls with a
-// staged O tile, where the driver encoded one; else O leaves by 16-byte stores). Varlen:
-// the maps view q, k, v as (headdim, total, heads, 1), m_blocks is that of the longest
-// item, and section is 1.
+// always claim from the counter); m_blocks, the query blocks per head and item,
+// ceil(seqlen_q / Br) (in clusters, blocks of CLUSTER x Br rows); tiles, m_blocks x heads x
+// items; section, the (head, item) pairs of a section of the tile order (FwdTile); and
+// o_by_tma, whether tma_o holds a map (dense calls with a staged O tile, where the driver
+// encoded one; else O leaves by 16-byte stores). Varlen: the maps view q, k, v as (headdim,
+// total, heads, 1), m_blocks is that of the longest item, and section is 1.
 struct FwdSm90Params {
   sm90::TmaMap tma_q, tma_k, tma_v, tma_o;
   FwdParams fwd;
@@ -204,14 +203,13 @@ __device__ __forceinline__ void release_counters(int* counter, int claimers) {
 // the cluster, each warp arriving on every CTA's. The CTAs must then load the same key
 // blocks in the same order: tiles are pairs of query blocks, claimed for the cluster by
 // rank 0 (the schedulers, below), and every CTA loads the blocks some row of the cluster
-// sees. The host picks clusters only
-// without a left window (ops/forward.py), so that those start at key block 0 for every
-// CTA; a CTA whose rows see fewer (under a causal mask, the one with the upper rows sees
-// one block more) hands the last ones back unused (`skip`, first in the descending
-// order). p.m_blocks counts query blocks of CLUSTER x Br rows; the last one's
-// rows past seqlen_q (a whole block where the count of Br blocks is odd) compute on zeros
-// and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs' copies
-// also fill, o_read counts the consumers of the cluster as the empty barriers do.
+// sees. The host picks clusters only without a left window (ops/forward.py), so that those
+// start at key block 0 for every CTA; a CTA whose rows see fewer (under a causal mask, the
+// one with the upper rows sees one block more) hands the last ones back unused (`skip`,
+// first in the descending order). p.m_blocks counts query blocks of CLUSTER x Br rows; the
+// last one's rows past seqlen_q (a whole block where the count of Br blocks is odd) compute
+// on zeros and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs'
+// copies also fill, o_read counts the consumers of the cluster as the empty barriers do.
 template <typename T, int HEAD_DIM, int BLOCK_N, int CONSUMERS, int OPTS, bool VARLEN,
           int HEAD_DIM_V, int CLUSTER>
 __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
@@ -307,6 +305,15 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
 
   if (warpgroup == 0) {
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
+    // Tile t's Q into L2. With one Q buffer a tile's Q loads only once the consumers ran
+    // their last S on the tile before: fetched about a key block earlier, that load reads L2
+    // rather than HBM. By the producer, or in a cluster by the scheduler as it claims t.
+    auto prefetch_q = [&](int t) {
+      const FwdTile next(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
+#pragma unroll
+      for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
+        sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
+    };
     if (tid == 0) {
       int g = 0;        // K/V tiles loaded so far (position in the ring)
       int q_loads = 0;  // tiles handed to the consumers so far
@@ -444,17 +451,9 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
           load(true, i);
         }
         g += n_blocks;
-        // With one Q buffer the next tile's Q loads only once the consumers ran their last
-        // S on this one's: fetched into L2 now, about a key block earlier, that load reads
-        // L2 rather than HBM. (Varlen tiles past an item's end are skipped at the top; in a
-        // cluster the scheduler fetches it as it claims the tile.)
+        // The next tile's Q into L2 (varlen tiles past an item's end are skipped at the top).
         if constexpr (Q_STAGES == 1 && !VARLEN && CLUSTER == 1)
-          if (t_next < num_tiles) {
-            const FwdTile next(t_next, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
-#pragma unroll
-            for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
-          }
+          if (t_next < num_tiles) prefetch_q(t_next);
       }
       // Keep this thread until its last copies were consumed (in a cluster, also the
       // other CTAs' last arrivals on this CTA's barriers, and this CTA's copies into theirs).
@@ -494,13 +493,8 @@ __device__ __forceinline__ void fwd_sm90(const FwdSm90Params& p) {
         // (after the store, which needs the slot's value read: rank 0 may then rewrite it)
         if (rank != 0) sm90::mbar_arrive_cluster(claim_empty(j), 0);
         sm90::mbar_arrive(claim_ready(j));
-        if constexpr (Q_STAGES == 1)  // its Q into L2 (the producer's prefetch above)
-          if (c > 0 && t < num_tiles) {
-            const FwdTile next(t, num_m_blocks, a.nheads, section, pairs, CLUSTER, rank);
-#pragma unroll
-            for (int cb = 0; cb < Tr::QK_BLOCKS; ++cb)
-              sm90::tma_prefetch_4d(&p.tma_q, cb * 64, next.m_block * Br, next.h, next.b);
-          }
+        if constexpr (Q_STAGES == 1)
+          if (c > 0 && t < num_tiles) prefetch_q(t);
         if (t >= num_tiles) {
           if (rank == 0) sm90::mbar_wait(claim_empty(j), phase);
           break;

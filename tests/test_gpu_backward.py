@@ -23,6 +23,14 @@ def _randn(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def _forget_plans():
+    """No backward plan or memoized call kept: plans keep the maps, offsets and steps they
+    were made with, and memoized calls keep their plans."""
+    from cuflash import _api, ops
+    ops.backward.plan.cache_clear()
+    _api.CALLS.clear()
+
+
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
 @pytest.mark.parametrize("seqlen_q,headdim", [(1, 32), (97, 40), (200, 256)])
 def test_preprocess_delta_and_lse(dtype, seqlen_q, headdim):
@@ -399,7 +407,7 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     two maps have strides of their own)."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
-    from cuflash import _api, _tma, ops
+    from cuflash import _tma, ops
     seconds = []
     real = ops.backward.Plan._second
 
@@ -414,17 +422,12 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     on = np.array([1], np.int32).tobytes()
     assert seconds and all(x[2 * _tma.MAP_BYTES:][:4] == on for x in seconds)
     seconds.clear()
-
-    def forget():  # plans keep the maps they made, and memoized calls keep their plans
-        ops.backward.plan.cache_clear()
-        _api.CALLS.clear()
-
-    forget()
+    _forget_plans()
     monkeypatch.setattr(_tma, "_encode_tiled", lambda: lambda *args: 1)
     try:
         by_cp_async, _ = check(*args, **opts)
     finally:
-        forget()  # and the refusals
+        _forget_plans()  # and the refusals
     assert seconds and all(x == bytes(len(x)) for x in seconds)
     for name, a, b in zip(("dq", "dk", "dv"), by_tma, by_cp_async):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name
@@ -440,25 +443,21 @@ def test_paired_order_matches_the_reference(monkeypatch, batch, seqlen, nheads, 
     forced ones, and the same bits again."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
-    from cuflash import _api, ops
+    from cuflash import ops
     picked, real = [], ops.backward._pair_offset
 
     def pick(*args):
         picked.append(real(*args) if offset is None else offset)
         return picked[-1]
 
-    def forget():  # plans keep their offset, and memoized calls keep their plans
-        ops.backward.plan.cache_clear()
-        _api.CALLS.clear()
-
     monkeypatch.setattr(ops.backward, "_pair_offset", pick)
-    forget()
+    _forget_plans()
     try:
         args = (BF16, batch, seqlen, seqlen, nheads, nheads_kv, 256)
         first, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
         again, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
     finally:
-        forget()
+        _forget_plans()
     assert picked and all(x >= 0 for x in picked), picked
     for name, a, b in zip(("dq", "dk", "dv"), first, again):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name

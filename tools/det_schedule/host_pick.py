@@ -1,14 +1,14 @@
 """What the host would run (once per shape, cached with the plan): list scheduling of the
 CTAs' step counts alone (no turns: the model's makespan for any h <= T), for today's order
 and for the paired order at delta = 0 .. M // 8; the smallest wins. O(CTAs log SMs) each."""
-import heapq
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-def span(sizes, sms):
-    free = [0.0] * sms
-    for s in sizes:
-        heapq.heapreplace(free, free[0] + s)
-    return max(free)
+# The host's own step counts and list schedule (cuflash/ops/backward.py, _pair_offset's).
+from cuflash.ops.backward import _makespan as span  # noqa: E402
+from cuflash.ops.backward import paired_steps  # noqa: E402
 
 
 def sizes_current(P, M, S):
@@ -21,18 +21,7 @@ def sizes_current(P, M, S):
 
 
 def sizes_paired(P, M, S, delta, switch=0.0):
-    groups, G = P // 2, max(1, S // 2)
-    out = [r + 1 for r in range(M)] if P % 2 else []  # an odd pair: today's order, first
-    for f in range(0, groups, G):
-        gs = min(G, groups - f)
-        for k in range(-delta, M):
-            if k < 0:
-                s = M - (k + delta)
-            else:
-                b = k + delta
-                s = (k + 1) + ((M - b + switch) if b < M else 0)
-            out += [s] * gs
-    return out
+    return paired_steps(P, M, S, delta, switch=switch)
 
 
 def pick(P, M, S, sms=132, switch=0.0):
