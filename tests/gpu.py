@@ -51,6 +51,16 @@ def launches():
         _core.Kernel.__call__ = real
 
 
+def forget_plans():
+    """No forward or backward plan and no memoized call kept: plans keep the maps, paths,
+    offsets and steps they were made with (monkeypatched module numbers included), and
+    memoized calls keep their plans."""
+    from cuflash import _api, ops
+    ops.forward.plan.cache_clear()
+    ops.backward.plan.cache_clear()
+    _api.CALLS.clear()
+
+
 def import_cupy():
     """The cupy module (imported only when a GPU test runs)."""
     import cupy

@@ -12,7 +12,7 @@ import pytest
 
 from accuracy import assert_close
 from cuflash import _checks, reference
-from gpu import device_arch, dq_scratch_bytes, import_cupy, launches, poisoned
+from gpu import device_arch, dq_scratch_bytes, forget_plans, import_cupy, launches, poisoned
 
 pytestmark = pytest.mark.gpu
 
@@ -21,14 +21,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def _randn(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def _forget_plans():
-    """No backward plan or memoized call kept: plans keep the maps, offsets and steps they
-    were made with, and memoized calls keep their plans."""
-    from cuflash import _api, ops
-    ops.backward.plan.cache_clear()
-    _api.CALLS.clear()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
@@ -422,12 +414,12 @@ def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim)
     on = np.array([1], np.int32).tobytes()
     assert seconds and all(x[2 * _tma.MAP_BYTES:][:4] == on for x in seconds)
     seconds.clear()
-    _forget_plans()
+    forget_plans()
     monkeypatch.setattr(_tma, "_encode_tiled", lambda: lambda *args: 1)
     try:
         by_cp_async, _ = check(*args, **opts)
     finally:
-        _forget_plans()  # and the refusals
+        forget_plans()  # and the refusals
     assert seconds and all(x == bytes(len(x)) for x in seconds)
     for name, a, b in zip(("dq", "dk", "dv"), by_tma, by_cp_async):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name
@@ -451,13 +443,13 @@ def test_paired_order_matches_the_reference(monkeypatch, batch, seqlen, nheads, 
         return picked[-1]
 
     monkeypatch.setattr(ops.backward, "_pair_offset", pick)
-    _forget_plans()
+    forget_plans()
     try:
         args = (BF16, batch, seqlen, seqlen, nheads, nheads_kv, 256)
         first, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
         again, _ = check(*args, causal=True, deterministic=True, seed=seqlen)
     finally:
-        _forget_plans()
+        forget_plans()
     assert picked and all(x >= 0 for x in picked), picked
     for name, a, b in zip(("dq", "dk", "dv"), first, again):
         assert (a.get().view(np.uint16) == b.get().view(np.uint16)).all(), name

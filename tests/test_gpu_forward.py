@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from accuracy import assert_close
-from gpu import device_arch, poisoned
+from gpu import device_arch, forget_plans, poisoned
 
 pytestmark = pytest.mark.gpu
 
@@ -227,12 +227,9 @@ def _withhold_o_map(monkeypatch):
 def fresh_plans():
     """No forward plan or memoized call kept from before the test or left after it (plans
     keep the O path and maps they were made with)."""
-    from cuflash import _api, ops
-    ops.forward.plan.cache_clear()
-    _api.CALLS.clear()
+    forget_plans()
     yield
-    ops.forward.plan.cache_clear()
-    _api.CALLS.clear()
+    forget_plans()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "qkv", "bhsd"])
@@ -414,12 +411,11 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
     """The L2 sections of the tile order (FwdTile): 32 (head, item) pairs in sections of 3
     (an L2 budget of three heads' K and V), so the last section holds 2 pairs."""
     _require_hopper()
-    from cuflash import _api, ops
+    from cuflash import ops
     import cupy
     kv_head = 2 * 1500 * 128 * 2
     monkeypatch.setattr(ops.tiles, "SM90_L2_BYTES", 3 * kv_head)
-    ops.forward.plan.cache_clear()
-    _api.CALLS.clear()
+    forget_plans()
     q = cupy.empty((2, 1500, 16, 128), BF16)
     # Causal: 12 query blocks of 128 a pair, and no wave bound under a mask.
     assert ops.forward._section(ops.dense_problem(q, q, q, causal=True), 12, 132) == 3
@@ -427,8 +423,7 @@ def test_wgmma_tile_order_with_a_short_last_section(monkeypatch):
         check(BF16, 2, 1500, 1500, 16, 16, 128, causal=True)
         check(F16, 4, 700, 1500, 8, 8, 128, window=(300, 100))
     finally:
-        ops.forward.plan.cache_clear()
-        _api.CALLS.clear()
+        forget_plans()
 
 
 @pytest.mark.parametrize("dtype, headdim, causal", [
@@ -446,7 +441,7 @@ def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, he
     _require_hopper()
     import cupy
     import cuflash
-    from cuflash import _api, _core, ops, reference
+    from cuflash import _core, reference
     rng = np.random.default_rng(headdim)
     q = cupy.asarray(rng.standard_normal((2, 97, 4, headdim)).astype(dtype))
     k = cupy.asarray(rng.standard_normal((2, 300, 2, headdim)).astype(dtype))
@@ -460,10 +455,6 @@ def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, he
 
     monkeypatch.setattr(_core.Record, "fill", spy)
 
-    def forget():  # plans keep their maps, and memoized calls their plans
-        ops.forward.plan.cache_clear()
-        _api.CALLS.clear()
-
     def run():
         buffer = cupy.full((2, 97, 6, headdim), 7, dtype)
         out = buffer[:, :, 1:5]
@@ -472,17 +463,17 @@ def test_wgmma_kernel_stores_o_by_tma_and_by_stores_alike(monkeypatch, dtype, he
         assert (untouched == np.asarray(7, dtype)).all()
         return out.get(), lse.get()
 
-    forget()
+    forget_plans()
     try:
         by_tma = run()
         assert flags == [(True,)], flags
         flags.clear()
         _withhold_o_map(monkeypatch)
-        forget()
+        forget_plans()
         by_stores = run()
         assert flags == [(False,)], flags
     finally:
-        forget()
+        forget_plans()
     assert (by_tma[0].view(np.uint16) == by_stores[0].view(np.uint16)).all()
     assert (by_tma[1].view(np.uint32) == by_stores[1].view(np.uint32)).all()
     ref, _ = reference.attention_forward(q, k, v, causal=causal, upcast=True)
