@@ -556,9 +556,9 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   cp_async_commit();
   if (maps.tma<VARLEN>()) {
     // The first stages by TMA while K and V land; then thread 0 alone refills each stage
-    // as the MMA warps give it back. In a later phase the first stages wait too (the test
-    // of it0 keeps bwd_sm90's code as it was), which holds back warp 0's hand-over of K and
-    // V only if a stage were still in use: at BWD_PHASE the MMA warps have released all.
+    // as the MMA warps give it back. In a later phase the first stages wait too (bwd_sm90,
+    // one phase, has it0 == 0), which holds back warp 0's hand-over of K and V only if a
+    // stage were still in use: at BWD_PHASE the MMA warps have released all.
     if (tid == 0)
       for (int it = 0; it < min(STAGES, steps.iters); ++it) {
         if (it0 > 0) wait_free(it);

@@ -20,14 +20,10 @@ def sizes_current(P, M, S):
     return out
 
 
-def sizes_paired(P, M, S, delta, switch=0.0):
-    return paired_steps(P, M, S, delta, switch=switch)
-
-
 def pick(P, M, S, sms=132, switch=0.0):
     best = ("current", 0, span(sizes_current(P, M, S), sms))
     for d in range(0, max(1, M // 8) + 1):
-        t = span(sizes_paired(P, M, S, d, switch), sms)
+        t = span(paired_steps(P, M, S, d, switch=switch), sms)
         if t < best[2] - 1e-9:
             best = ("paired", d, t)
     return best
