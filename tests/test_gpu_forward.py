@@ -352,6 +352,24 @@ def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_t
     assert cupy.array_equal(lse2, lse1)
 
 
+@pytest.mark.parametrize("case", [
+    (BF16, 1, 2100, 2100, 4, 4, 128, "contiguous", {}),  # 13 key blocks and 20 keys
+    (F16, 2, 300, 4099, 8, 2, 128, "contiguous", dict(causal=True)),  # GQA, sq < sk
+    (BF16, 1, 4100, 4100, 4, 2, 96, "contiguous", dict(window=(None, 100))),  # clusters
+    (F16, 1, 2500, 3000, 4, 4, 128, "contiguous", dict(window=(700, 0))),  # one CTA
+    (BF16, 2, 2048, 2048, 4, 4, 128, "qkv", dict(causal=True)),  # strided rows
+    (F16, 1, 2200, 2200, 4, 4, 96, "bhsd", {}),
+], ids=["tail", "gqa-causal", "right-window", "left-window", "qkv-causal", "bhsd"])
+def test_key_blocks_of_160(launched, case):
+    """From SM90_SHORT_KEYS keys without soft-cap or ALiBi, head dims 96 and 128 run key
+    blocks of 160 (the tile table's): a last block short of 160 keys, GQA with fewer queries
+    than keys, clusters under a right window and one CTA under a left one, strided rows."""
+    _require_hopper()
+    dtype, batch, sq, sk, h, hkv, d, layout, opts = case
+    check(dtype, batch, sq, sk, h, hkv, d, layout=layout, **opts)
+    assert launched and all(", 128, 160, 2, 0>" in n for _, n in launched), launched
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),
