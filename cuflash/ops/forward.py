@@ -94,8 +94,9 @@ SM90_TILES = {
 }
 # Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
 # key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 ring positions at
-# 1k, 16 of 272 at 4k. Such calls run in clusters from this many query rows (notes v34:
-# -1.4 to -3.4% at 1k, even at 2k, -1 to +5% at 4k, up to +4.5% at 16k).
+# 1k, 16 of 272 at 4k (at Bc 160, none or one a tile: 13 of 224 at 4k). Such calls run in
+# clusters from this many query rows (notes v34: -1.4 to -3.4% at 1k, even at 2k, -1 to +5%
+# at 4k, up to +4.5% at 16k).
 SM90_CLUSTER_WINDOWED_ROWS = 4096
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
