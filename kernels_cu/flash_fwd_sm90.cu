@@ -86,7 +86,8 @@ struct FwdSm90Traits {
   // refill (the block after next) is issued about 2.5 turns (one consumer's S and P V on
   // the tensor cores) before the first consumer's S waits for it, ~1.4 us at hd128, which
   // a first touch of that block in HBM can exceed (the measured K wait: forward.md v22). A
-  // third K stage where it fits beside two Q tiles (head dims up to 128); V keeps two.
+  // third K stage where it fits beside two Q tiles (head dims up to 128 at Bc 128; hd128's
+  // Bc 160 has two, v38); V keeps two.
   static constexpr int V_STAGES = 2;
   static constexpr int K_STAGES =
       2 * Q_BYTES + 3 * K_BYTES + V_STAGES * V_BYTES <= LIMIT ? 3 : 2;
@@ -205,7 +206,7 @@ __device__ __forceinline__ void release_counters(int* counter, int claimers) {
 // rank 0 (the schedulers, below), and every CTA loads the blocks some row of the cluster
 // sees. The host picks clusters only without a left window (ops/forward.py), so that those
 // start at key block 0 for every CTA; a CTA whose rows see fewer (under a causal mask, the
-// one with the upper rows sees one block more) hands the last ones back unused (`skip`,
+// one with the upper rows sees up to one block more) hands the last ones back unused (`skip`,
 // first in the descending order). p.m_blocks counts query blocks of CLUSTER x Br rows; the
 // last one's rows past seqlen_q (a whole block where the count of Br blocks is odd) compute
 // on zeros and are not stored. With O staged in V's stages (O_IN_V), which the other CTAs'

@@ -270,13 +270,15 @@ def test_wgmma_kernel_with_more_tiles_than_sms(case):
 
 @pytest.mark.parametrize("by_tma", [True, False], ids=["tma", "stores"])
 @pytest.mark.parametrize("headdim", [64, 128, 192, 256])
-@pytest.mark.parametrize("seqlens", [(1100, 300), (2000, 2000)], ids=["keyless", "square"])
+@pytest.mark.parametrize("seqlens", [(1100, 300), (2000, 2000), (2600, 2100)],
+                         ids=["keyless", "square", "keyless-long"])
 def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, fresh_plans, by_tma, headdim,
                                                seqlens):
     """O staged over a persistent grid whose CTAs walk several tiles, with tiles without a
     visible key (1100 queries, 300 keys: rows 0..799) between others or (2000 x 2000) with
-    keys in every tile (at hd64/128 the first query block sees one key block), by TMA
-    stores and, without O's map, by 16-byte stores. Head dims 64 and 128 stage O in the Q
+    keys in every tile (at hd64/128 the first query block sees one key block), and from
+    SM90_SHORT_KEYS keys (2600 x 2100: hd64's three consumers, hd128's key blocks of 160),
+    by TMA stores and, without O's map, by 16-byte stores. Head dims 64 and 128 stage O in the Q
     tile, whose buffer goes back once O has left it; 192 and 256 in V's stages
     (FwdSm90Traits::O_IN_V), the producer holding each tile's first V load until the last
     staged O has left, and key-less tiles store from the registers."""
@@ -308,11 +310,16 @@ def test_wgmma_kernel_staged_o_over_many_tiles(monkeypatch, fresh_plans, by_tma,
     (F16, 2, 1400, 700, 8, 8, 128, dict(causal=True)),
     (BF16, 2, 1000, 1500, 16, 4, 128, dict(causal=True, alibi="heads")),  # offset 500
     (F16, 2, 900, 900, 8, 2, 128, dict(window=(-1, 64))),  # a right bound of 64 keys
+    # Key blocks of 160 (>= SM90_SHORT_KEYS keys, no score option): a causal diagonal that
+    # the lower CTA's rows see none or one block of, and keyless CTAs beside ones with keys.
+    (BF16, 2, 2100, 2100, 8, 2, 128, dict(causal=True)),
+    (F16, 2, 2600, 2100, 8, 8, 128, dict(causal=True)),
 ], ids=["bf16-odd-blocks", "fp16-softcap", "bf16-96-one-block", "fp16-many-tiles",
         "bf16-one-row", "bf16-256-odd-blocks", "fp16-256-many-tiles", "bf16-200-one-block",
         "bf16-256-one-key-block", "fp16-softcap-alibi", "bf16-causal-odd-blocks",
         "fp16-causal-softcap", "fp16-256-causal-more-keys", "bf16-256-causal-keyless",
-        "fp16-causal-keyless", "bf16-causal-alibi-more-keys", "fp16-right-window"])
+        "fp16-causal-keyless", "bf16-causal-alibi-more-keys", "fp16-right-window",
+        "bf16-160-causal", "fp16-160-causal-keyless"])
 def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_tma, case):
     """flash_fwd_sm90_cluster (two CTAs share K and V by multicast) against flash_fwd_sm90
     on the same inputs: the same arithmetic in the same order, so bitwise equal, and both
@@ -352,6 +359,36 @@ def test_cluster_kernel_matches_one_cta(monkeypatch, fresh_plans, launched, by_t
     assert cupy.array_equal(lse2, lse1)
 
 
+@pytest.mark.parametrize("case", [
+    (BF16, 1, 2100, 2100, 4, 4, 128, "contiguous", {}, True),  # 13 key blocks and 20 keys
+    (F16, 2, 300, 4099, 8, 2, 128, "contiguous", dict(causal=True), False),  # GQA, sq < sk
+    (BF16, 1, 4100, 4100, 4, 2, 96, "contiguous", dict(window=(None, 100)), True),
+    (F16, 1, 2500, 3000, 4, 4, 128, "contiguous", dict(window=(700, 0)), False),
+    (BF16, 2, 2048, 2048, 4, 4, 128, "qkv", dict(causal=True), False),  # strided rows
+    (F16, 1, 2200, 2200, 4, 4, 96, "bhsd", {}, True),
+    # Causal in clusters over a persistent grid: 33 query blocks (the last cluster's second
+    # CTA past the rows), 26 key blocks and 40 keys, 272 tiles on 66 clusters.
+    (BF16, 2, 4200, 4200, 8, 2, 128, "contiguous", dict(causal=True), True),
+    # Rows 0..2299 see no key: keyless CTAs beside CTAs with keys (skip > 0, no Q load).
+    (F16, 2, 4400, 2100, 8, 8, 128, "contiguous", dict(causal=True), True),
+    # One query row: its peer CTA is past the rows; a last key block of 96 keys.
+    (BF16, 1, 1, 4096, 8, 1, 128, "contiguous", {}, True),
+    (F16, 2, 1, 4100, 8, 2, 96, "contiguous", dict(causal=True), False),
+], ids=["tail", "gqa-causal", "right-window", "left-window", "qkv-causal", "bhsd",
+        "causal-clusters", "keyless-clusters", "one-row", "one-row-causal"])
+def test_key_blocks_of_160(launched, case):
+    """From SM90_SHORT_KEYS keys without soft-cap or ALiBi, head dims 96 and 128 run key
+    blocks of 160 (the tile table's): a last block short of 160 keys (and of 64), GQA with
+    fewer queries than keys, causal and right windows in clusters and a left window on one
+    CTA, keyless CTAs beside ones with keys, a single query row, strided rows."""
+    _require_hopper()
+    dtype, batch, sq, sk, h, hkv, d, layout, opts, clustered = case
+    check(dtype, batch, sq, sk, h, hkv, d, layout=layout, **opts)
+    assert launched and all(", 128, 160, 2, 0>" in n for _, n in launched), launched
+    kind = "cuflash::flash_fwd_sm90_cluster<" if clustered else "cuflash::flash_fwd_sm90<"
+    assert all(n.startswith(kind) for _, n in launched), launched
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("headdim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window=(300, 40)),
@@ -384,11 +421,15 @@ def test_wgmma_kernel_matches_mma_sync_kernel(monkeypatch, launched, dtype, head
     assert float(abs(lse90 - lse80).max()) <= 1e-3 * max(1.0, float(abs(ref_lse).max()))
 
 
-@pytest.mark.parametrize("dtype, headdim, opts", [
-    (BF16, 64, dict(causal=True)), (F16, 128, dict(window=(200, 30))),
-    (BF16, 192, dict(causal=True)), (F16, 256, dict()), (BF16, 128, dict(softcap=3.0))],
-    ids=["bf16-64-causal", "fp16-128-window", "bf16-192-causal", "fp16-256", "bf16-128-softcap"])
-def test_wgmma_kernel_is_bitwise_repeatable(dtype, headdim, opts):
+@pytest.mark.parametrize("dtype, headdim, opts, seqlen", [
+    (BF16, 64, dict(causal=True), 1000), (F16, 128, dict(window=(200, 30)), 1000),
+    (BF16, 192, dict(causal=True), 1000), (F16, 256, dict(), 1000),
+    (BF16, 128, dict(softcap=3.0), 1000),
+    # Key blocks of 160 with two K stages (Bc 128 has three), in clusters and on one CTA.
+    (BF16, 128, dict(), 2100), (F16, 128, dict(causal=True), 2100)],
+    ids=["bf16-64-causal", "fp16-128-window", "bf16-192-causal", "fp16-256", "bf16-128-softcap",
+         "bf16-128-bc160-clusters", "fp16-128-bc160-causal"])
+def test_wgmma_kernel_is_bitwise_repeatable(dtype, headdim, opts, seqlen):
     """Each tile's arithmetic is fixed, so 50 runs of the same call give the same bits: the
     cheapest detector of a race between the producer's copies and the consumers' wgmmas
     (a stage refilled while it is read). A broken ping-pong turn hangs instead (the
@@ -397,9 +438,9 @@ def test_wgmma_kernel_is_bitwise_repeatable(dtype, headdim, opts):
     import cupy
     import cuflash
     rng = np.random.default_rng(7)
-    q = cupy.asarray(rng.standard_normal((2, 1000, 16, headdim)).astype(dtype))
-    k = cupy.asarray(rng.standard_normal((2, 1000, 4, headdim)).astype(dtype))
-    v = cupy.asarray(rng.standard_normal((2, 1000, 4, headdim)).astype(dtype))
+    q = cupy.asarray(rng.standard_normal((2, seqlen, 16, headdim)).astype(dtype))
+    k = cupy.asarray(rng.standard_normal((2, seqlen, 4, headdim)).astype(dtype))
+    v = cupy.asarray(rng.standard_normal((2, seqlen, 4, headdim)).astype(dtype))
     out0, lse0 = cuflash.attention_forward(q, k, v, **opts)
     for _ in range(50):
         out, lse = cuflash.attention_forward(q, k, v, **opts)

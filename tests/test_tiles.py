@@ -111,6 +111,18 @@ def test_hopper_forward_fixes_one_score_option_and_runs_options_on_two_consumers
         assert c.block_m == 64 * consumers
 
 
+def test_hopper_forward_key_blocks_at_head_dims_96_and_128():
+    """Head dims 96 (padded) and 128 share one entry: key blocks of 160 from SM90_SHORT_KEYS
+    keys without a score option, 128 below that and with soft-cap or ALiBi (notes v38)."""
+    short = ops.forward.SM90_SHORT_KEYS
+    for hd in (96, 128):
+        for opts, keys, block_n in ((0, short, 160), (0, short - 1, 128),
+                                    (_core.OPTS_SOFTCAP, short, 128),
+                                    (_core.OPTS_ALIBI, 4 * short, 128)):
+            c = ops.forward.sm90_config(BF16, hd, opts, False, keys)
+            assert f", 128, {block_n}, 2, {opts}>" in c.name_expression, (hd, opts, keys)
+
+
 def test_small_tiles_are_smaller_than_the_table():
     """Each fallback needs less shared memory than the tile before it, so the first that
     fits is the largest that fits."""

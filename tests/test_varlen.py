@@ -849,6 +849,23 @@ def test_gpu_hopper_keyless_items_between_others(headdim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [96, 128])
+def test_gpu_hopper_key_blocks_of_160(launched, headdim):
+    """Head dims 96 and 128 run key blocks of 160 on sm_90 where the longest item has
+    SM90_SHORT_KEYS keys or more: causal with GQA, items of 3, 1, 159, 160, 161 and 2100 keys
+    (13 blocks and 20 keys), the first without queries; then without a mask (below)."""
+    _require_hopper()
+    check_gpu(F16, (0, 1, 159, 160, 161, 2100), (3, 1, 159, 160, 161, 2100), 8, 2, headdim,
+              causal=True)
+    # Without a mask: an item with no key between others, items with more queries than
+    # keys (2100 / 2048, 300 / 161), last key blocks of 128, 99 and 1 keys (K and V rows
+    # past an item's end are the next item's, masked).
+    check_gpu(BF16, (2100, 5, 7, 300), (2048, 0, 4099, 161), 8, 8, headdim)
+    forward = [n for _, n in launched if "flash_fwd_sm90" in n]
+    assert forward and all(", 128, 160, 2, 0, true>" in n for n in forward), launched
+
+
+@pytest.mark.gpu
 def test_gpu_hopper_192_row_blocks_with_more_tiles_than_sms():
     """Head dim 64 runs 192-row query blocks on sm_90 (three consumers, the longest item
     having SM90_SHORT_KEYS keys or more): items of 0, 1, 191, 192 and 193 rows around that

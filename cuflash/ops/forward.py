@@ -79,9 +79,11 @@ SM90_TILES = {
     64: Sm90Tile(128, 128, 3, 2, "three consumers (FA3's 192 rows) at >= 2k keys: +4-10% "
                                  "over 2 x Bc 128 or 192 non-causal (H200, bench/results/"
                                  "h200_2026-12-05/tiles.md); two at 1k, +14% causal"),
-    128: Sm90Tile(128, 128, 2, 2, "Bc 128 with the overlapped mainloop: +1-15% over Bc 176 "
-                                  "and 160 at every row (tiles.md; Bc 176 led before the "
-                                  "overlap, notes Hopper v1); clusters of two without a left "
+    128: Sm90Tile(160, 128, 2, 2, "Bc 160 at >= 2k keys in clusters: +2-3% over Bc 128 at "
+                                  "16k, even at 4k causal (H100, bench/results/"
+                                  "h100_2026-12-06n/tiles_hd128.md; notes v38); Bc 128 at 1k "
+                                  "(160 3% behind causal: h100_2026-12-06i/tiles_a.md) and "
+                                  "with softcap / ALiBi; clusters of two without a left "
                                   "window (notes v30, v32)", cluster=2),
     192: Sm90Tile(112, 96, 2, 2, "Bc 112 at >= 2k keys, 96 below and with softcap/ALiBi "
                                  "(Bc 112 spills 8 B): within 1-2% of each other (tiles.md)"),
@@ -92,8 +94,9 @@ SM90_TILES = {
 }
 # Under a causal mask (or a right window) the lower rows' CTA of a cluster passes over the
 # key blocks only its peer's rows see, one a tile at Br = Bc: 4 of its 20 ring positions at
-# 1k, 16 of 272 at 4k. Such calls run in clusters from this many query rows (notes v34:
-# -1.4 to -3.4% at 1k, even at 2k, -1 to +5% at 4k, up to +4.5% at 16k).
+# 1k, 16 of 272 at 4k (at Bc 160, none or one a tile: 13 of 224 at 4k). Such calls run in
+# clusters from this many query rows (notes v34: -1.4 to -3.4% at 1k, even at 2k, -1 to +5%
+# at 4k, up to +4.5% at 16k).
 SM90_CLUSTER_WINDOWED_ROWS = 4096
 # The Hopper forward numbers its tiles (query blocks x heads x batch items) in int32, and
 # its counter runs up to one past the last tile for every CTA.
