@@ -41,6 +41,10 @@
 #             IMPL: diagnose.py calls' --impl, any sweep implementation: cuflash, its
 #             variants, torch-cudnn, jax-cudnn, fa3; KERNEL "cudnn|sdpa" catches cuDNN's,
 #             whose names vary by version: ncu's log prints the one it took)          ~4
+#   kernels   bench/diagnose.py calls --kernels: each kernel of 10 back-to-back calls with
+#             its time (CUPTI), $KERNEL_SPECS "IMPL DIR HD SEQLEN [causal];..." (default
+#             cuflash and FA3 at hd128: bwd 16k causal, bwd 4k, fwd 4k), $KERNEL_DTYPE
+#             (bf16): what a call is made of beside a peer's (preprocess, conversion)  ~1
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately in $AB_PASSES passes (2;
@@ -309,12 +313,30 @@ cuflash bwd bwd_sm90_wide 256 4096"}
     summary profile "$(grep -cE 'Duration|Compute \(SM\) Throughput' "$OUT/profile.log") lines"
 }
 
+stage_kernels() {
+    precompile kernels
+    # implementation, direction, head dim, seqlen, and "causal" or nothing; ";" between
+    local specs spec
+    specs=${KERNEL_SPECS:-"cuflash bwd 128 16384 causal;fa3 bwd 128 16384 causal;\
+cuflash bwd 128 4096;fa3 bwd 128 4096;cuflash fwd 128 4096;fa3 fwd 128 4096"}
+    IFS=';' read -ra specs <<< "$specs"
+    for spec in "${specs[@]}"; do
+        # shellcheck disable=SC2086
+        set -- $spec
+        echo "=== $spec ${KERNEL_DTYPE:-bf16}" >> "$OUT/kernels.log"
+        run $(($(left) - 10)) "$OUT/kernels.log" python3 bench/diagnose.py calls "$2" \
+            --impl "$1" --headdim "$3" --seqlen "$4" ${5:+--causal} \
+            --dtype "${KERNEL_DTYPE:-bf16}" --kernels 10 > /dev/null
+    done
+    summary kernels "$(grep -c '^all kernels' "$OUT/kernels.log") of ${#specs[@]} specs"
+}
+
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
             "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
-            "ab, look, bisect)"
+            "kernels, ab, look, bisect)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

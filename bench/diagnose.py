@@ -5,7 +5,7 @@
     PYTHONPATH=. python bench/diagnose.py decode [--shapes 1x1024,16x4096] [--splits 1,8]
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
     PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
-        [--causal] [--impl cuflash|torch-cudnn|jax-cudnn|fa3|...]
+        [--causal] [--impl cuflash|torch-cudnn|jax-cudnn|fa3|...] [--kernels N]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -41,7 +41,9 @@ peer's NVRTC can replace CuPy's and change the code.
 torch and JAX cuDNN, FA3), for a
 profiler to pick one launch from: `ncu --launch-skip 2 --launch-count 1 -k
 regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.sh's
-`profile` stage).
+`profile` stage). With ``--kernels N`` it then lists the kernels of N more calls, back to
+back, with their times (a backward's preprocess, main kernel and conversion, side by side
+with a peer's).
 
 The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
@@ -439,10 +441,37 @@ def calls(args):
     # once, before; a JAX backward is its vjp step, forward included).
     impl = sweep.registry(None, None)[args.impl]
     with impl.run(args.direction, q, k, v, dout, args.causal) as call:
+        step = call.total if isinstance(call, Difference) else call
         for _ in range(4):
-            result = call.total() if isinstance(call, Difference) else call()
+            result = step()
         synchronize(result)  # JAX's queue, then the device
+        if args.kernels:
+            kernel_table(step, args.kernels)
     return 0
+
+
+def kernel_table(step, calls):
+    """Each kernel (memsets and copies too) of `calls` back-to-back calls of step(), as the
+    sweep queues them: launches a call, median microseconds, microseconds a call; CUPTI
+    through the torch profiler, which sees CuPy's and XLA's kernels too."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            result = step()
+        synchronize(result)
+    times = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            times.setdefault(e.name[:90], []).append(e.device_time)
+    print(f"{'kernel':90} {'a call':>6} {'median us':>10} {'us a call':>10}")
+    total = 0.0
+    for name, t in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+        total += sum(t) / calls
+        print(f"{name:90} {len(t) / calls:6.2f} {statistics.median(t):10.1f} "
+              f"{sum(t) / calls:10.1f}")
+    print(f"{'all kernels':90} {'':6} {'':10} {total:10.1f}")
 
 
 def parse_args(argv):
@@ -487,6 +516,9 @@ def parse_args(argv):
     p.add_argument("--impl", choices=tuple(sweep.registry(None, None)), default="cuflash",
                    help="whose kernels: the sweep's implementations (bench/sweep.py), e.g. "
                         "cuflash-det, torch-cudnn, jax-cudnn, fa3")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="then N more calls under the torch profiler: each kernel's time a "
+                        "call (what an implementation's call is made of)")
     p.set_defaults(run=calls)
     return parser.parse_args(argv)
 
