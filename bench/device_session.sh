@@ -314,7 +314,6 @@ cuflash bwd bwd_sm90_wide 256 4096"}
 }
 
 stage_kernels() {
-    precompile kernels
     # implementation, direction, head dim, seqlen, and "causal" or nothing; ";" between
     local specs spec
     specs=${KERNEL_SPECS:-"cuflash bwd 128 16384 causal;fa3 bwd 128 16384 causal;\
