@@ -45,6 +45,10 @@
 #             its time (CUPTI), $KERNEL_SPECS "IMPL DIR HD SEQLEN [causal];..." (default
 #             cuflash and FA3 at hd128: bwd 16k causal, bwd 4k, fwd 4k), $KERNEL_DTYPE
 #             (bf16): what a call is made of beside a peer's (preprocess, conversion)  ~1
+#   clocks    bench/diagnose.py clocks: $CLOCK_IMPLS (cuflash,fa3) each for $CLOCK_SECONDS
+#             (3) of back-to-back calls, alternately, with the SM clock, power and energy a
+#             call (NVML) at $CLOCK_SPECS "DIR HD SEQLEN [causal];..." (fwd 4k, bwd 16k
+#             causal, bwd 4k at hd128): what the power cap takes from each               ~2
 #   ab        cuflash alone, this tree against each tree of $AB_TREES (default abtree: a
 #             `git archive` of the base commit unpacked there, `mkdir abtree && git archive
 #             2836a68 | tar -x -C abtree`, carried), alternately in $AB_PASSES passes (2;
@@ -330,12 +334,28 @@ cuflash bwd 128 4096;fa3 bwd 128 4096;cuflash fwd 128 4096;fa3 fwd 128 4096"}
     summary kernels "$(grep -c '^all kernels' "$OUT/kernels.log") of ${#specs[@]} specs"
 }
 
+stage_clocks() {
+    # direction, head dim, seqlen, and "causal" or nothing; ";" between
+    local specs spec
+    specs=${CLOCK_SPECS:-"fwd 128 4096;bwd 128 16384 causal;bwd 128 4096"}
+    IFS=';' read -ra specs <<< "$specs"
+    for spec in "${specs[@]}"; do
+        # shellcheck disable=SC2086
+        set -- $spec
+        [ "$(left)" -lt 40 ] && break
+        run $(($(left) - 10)) "$OUT/clocks.log" python3 bench/diagnose.py clocks "$1" \
+            --headdim "$2" --seqlen "$3" ${4:+--causal} --dtype "${KERNEL_DTYPE:-bf16}" \
+            --impls "${CLOCK_IMPLS:-cuflash,fa3}" --seconds "${CLOCK_SECONDS:-3}" > /dev/null
+    done
+    summary clocks "$(grep -c ' causal\|seqlen' "$OUT/clocks.log") shapes"
+}
+
 [ $# -gt 0 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }
 for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
             "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
-            "kernels, ab, look, bisect)"
+            "kernels, clocks, ab, look, bisect)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

@@ -6,6 +6,8 @@
     PYTHONPATH=. python bench/diagnose.py nvrtc [--peers-first]
     PYTHONPATH=. python bench/diagnose.py calls fwd|bwd [--headdim 128] [--seqlen 4096]
         [--causal] [--impl cuflash|torch-cudnn|jax-cudnn|fa3|...] [--kernels N]
+    PYTHONPATH=. python bench/diagnose.py clocks fwd|bwd [--headdim 128] [--seqlen 4096]
+        [--causal] [--impls cuflash,fa3] [--seconds 3]
 
 (Formerly bench/sm90_check.py, bench/bwd_sm90_check.py and bench/overhead_bwd.py.)
 
@@ -44,6 +46,11 @@ regex:flash_fwd_sm90 python3 bench/diagnose.py calls fwd` (bench/device_session.
 `profile` stage). With ``--kernels N`` it then lists the kernels of N more calls, back to
 back, with their times (a backward's preprocess, main kernel and conversion, side by side
 with a peer's).
+
+``clocks`` runs each implementation's calls back to back for a few seconds, alternately (A
+B B A), and reads the board's SM clock, power and energy counter through NVML meanwhile:
+ms a call, MHz, W and mJ a call side by side. A sweep's sustained runs sit at the power cap,
+where a kernel that draws more power a FLOP runs at a lower clock than in a short burst.
 
 The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
@@ -474,6 +481,100 @@ def kernel_table(step, calls):
     print(f"{'all kernels':90} {'':6} {'':10} {total:10.1f}")
 
 
+class Nvml:
+    """The board's SM clock (MHz), power (W), energy counter (mJ) and clock event reasons
+    through NVML (libnvidia-ml, read only)."""
+    SM_CLOCK = 1  # NVML_CLOCK_SM
+
+    def __init__(self):
+        import ctypes
+        self.c = ctypes
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        self.lib.nvmlInit_v2()
+        self.handle = ctypes.c_void_p()
+        self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle))
+
+    def _get(self, fn, ctype, *args):
+        value = ctype()
+        status = getattr(self.lib, fn)(self.handle, *args, self.c.byref(value))
+        return value.value if status == 0 else None
+
+    def sample(self) -> tuple:
+        return (self._get("nvmlDeviceGetClockInfo", self.c.c_uint, self.SM_CLOCK),
+                self._get("nvmlDeviceGetPowerUsage", self.c.c_uint),
+                self._get("nvmlDeviceGetCurrentClocksThrottleReasons", self.c.c_ulonglong))
+
+    def energy_mj(self):
+        return self._get("nvmlDeviceGetTotalEnergyConsumption", self.c.c_ulonglong)
+
+
+def sustained(step, nvml, seconds: float) -> dict:
+    """step() back to back for about `seconds` (a sync every ~50 ms of calls), NVML sampled
+    every 20 ms by a thread: ms a call, median SM clock and power, mJ a call, the union of
+    the clock event reasons (NVML's bits: 0x4 power cap, 0x20 / 0x40 thermal, 0x1 idle)."""
+    import statistics
+    import threading
+    import time
+    samples, done = [], threading.Event()
+
+    def sampler():
+        while not done.wait(0.02):
+            samples.append(nvml.sample())
+
+    result = step()
+    synchronize(result)
+    start = time.perf_counter()
+    for _ in range(5):
+        result = step()
+    synchronize(result)
+    batch = max(1, int(0.05 / ((time.perf_counter() - start) / 5)))
+    thread = threading.Thread(target=sampler)
+    thread.start()
+    energy0, calls, start = nvml.energy_mj(), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(batch):
+            result = step()
+        synchronize(result)
+        calls += batch
+    elapsed, energy1 = time.perf_counter() - start, nvml.energy_mj()
+    done.set()
+    thread.join()
+    clocks = [c for c, _, _ in samples if c]
+    power = [w / 1e3 for _, w, _ in samples if w]
+    reasons = 0
+    for _, _, r in samples:
+        reasons |= r or 0
+    return {"ms": elapsed * 1e3 / calls, "mhz": statistics.median(clocks) if clocks else 0,
+            "watts": statistics.median(power) if power else 0,
+            "mj": (energy1 - energy0) / calls if energy0 is not None else float("nan"),
+            "reasons": reasons}
+
+
+def clocks(args):
+    """Sustained calls of each implementation at one shape, alternately (A B .. B A), with
+    the board's clock and power: whether a kernel that wins in a short burst loses under the
+    power cap."""
+    require_gpu()
+    batch, nheads = standard_shape(args.seqlen, args.headdim)
+    q, k, v, dout = make_inputs(DTYPES[args.dtype], batch, args.seqlen, nheads, args.headdim,
+                                seed=0)
+    nvml, registry = Nvml(), sweep.registry(None, None)
+    names = args.impls.split(",")
+    order = names + names[::-1]
+    print(f"{args.direction} hd{args.headdim} seqlen {args.seqlen}"
+          f"{' causal' if args.causal else ''} {args.dtype}, {args.seconds} s each")
+    print(f"{'impl':28} {'ms a call':>10} {'SM MHz':>7} {'W':>6} {'mJ a call':>10} reasons")
+    for name in order:
+        with registry[name].run(args.direction, q, k, v, dout, args.causal) as call:
+            steps = ({"": call} if not isinstance(call, Difference) else
+                     {" (total)": call.total, " (part)": call.part})
+            for label, step in steps.items():
+                r = sustained(step, nvml, args.seconds)
+                print(f"{name + label:28} {r['ms']:10.3f} {r['mhz']:7.0f} {r['watts']:6.0f} "
+                      f"{r['mj']:10.1f} {r['reasons']:#x}", flush=True)
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -520,6 +621,16 @@ def parse_args(argv):
                    help="then N more calls under the torch profiler: each kernel's time a "
                         "call (what an implementation's call is made of)")
     p.set_defaults(run=calls)
+    p = commands.add_parser("clocks", help="sustained calls of several implementations with "
+                                           "the board's clock, power and energy a call")
+    p.add_argument("direction", choices=("fwd", "bwd"))
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--impls", default="cuflash,fa3", help="comma-separated, as the sweep's")
+    p.add_argument("--seconds", type=float, default=3.0, help="of calls per implementation")
+    p.set_defaults(run=clocks)
     return parser.parse_args(argv)
 
 
