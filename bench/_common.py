@@ -169,38 +169,89 @@ def synchronize(result=None, gpu: bool = True) -> None:
         cupy.cuda.Device().synchronize()
 
 
-def back_to_back(fn, timing: Timing, sync=synchronize) -> dict:
-    """Milliseconds per call of ``fn()`` (or of a :class:`Difference`), the same way for
-    every implementation: ``timing.warmup`` calls and a sync, a first run of ``min_calls``
-    calls that sizes N, then ``timing.reps`` runs of N calls back to back with one
-    ``sync(last result)`` at the end, each timed on the host clock from the first call to
-    the end of the sync. Returns {"ms": median over the runs, "min_ms", "calls", "reps"},
-    and for a Difference also "total_ms" and "part_ms"."""
-    if isinstance(fn, Difference):
-        total, part = back_to_back(fn.total, timing, sync), back_to_back(fn.part, timing, sync)
-        return {"ms": total["ms"] - part["ms"], "min_ms": total["min_ms"] - part["min_ms"],
-                "calls": total["calls"], "reps": total["reps"], "total_ms": total["ms"],
-                "part_ms": part["ms"]}
+class Runner:
+    """Timed runs of one ``fn()``: at construction ``timing.warmup`` calls and a sync, then a
+    first run of ``min_calls`` calls that sizes N (about ``budget_ms`` of calls, within
+    [min_calls, max_calls]); each ``run()`` then makes N calls back to back with one
+    ``sync(last result)`` at the end, timed on the host clock from the first call to the end
+    of the sync, and returns milliseconds a call."""
 
-    def run(calls: int) -> float:
+    def __init__(self, fn, timing: Timing, sync=synchronize):
+        self.fn, self.sync = fn, sync
         result = None
-        start = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(timing.warmup):
             result = fn()
         sync(result)
-        return (time.perf_counter() - start) * 1e3 / calls
+        del result
+        self.calls = timing.min_calls
+        estimate = self.run()
+        self.calls = int(min(timing.max_calls,
+                             max(timing.min_calls, timing.budget_ms / max(estimate, 1e-3))))
 
-    result = None
-    for _ in range(timing.warmup):
-        result = fn()
-    sync(result)
-    del result
-    estimate = run(timing.min_calls)
-    calls = int(min(timing.max_calls,
-                    max(timing.min_calls, timing.budget_ms / max(estimate, 1e-3))))
-    samples = [run(calls) for _ in range(timing.reps)]
-    return {"ms": statistics.median(samples), "min_ms": min(samples), "calls": calls,
-            "reps": timing.reps}
+    def run(self) -> float:
+        result = None
+        start = time.perf_counter()
+        for _ in range(self.calls):
+            result = self.fn()
+        self.sync(result)
+        return (time.perf_counter() - start) * 1e3 / self.calls
+
+
+def summary_of_runs(total: list, part: list | None, calls: int) -> dict:
+    """{"ms": median of a run's ms a call, "min_ms", "calls", "reps", "runs_ms"} of one
+    implementation's runs; with ``part`` (a :class:`Difference`'s runs of its part) the
+    medians' difference, and "total_ms" and "part_ms"."""
+    if part is None:
+        return {"ms": statistics.median(total), "min_ms": min(total), "calls": calls,
+                "reps": len(total), "runs_ms": total}
+    total_ms, part_ms = statistics.median(total), statistics.median(part)
+    return {"ms": total_ms - part_ms, "min_ms": min(total) - min(part), "calls": calls,
+            "reps": len(total), "total_ms": total_ms, "part_ms": part_ms,
+            "runs_ms": total, "part_runs_ms": part}
+
+
+def back_to_back(fn, timing: Timing, sync=synchronize) -> dict:
+    """Milliseconds per call of ``fn()`` (or of a :class:`Difference`), the same way for
+    every implementation: a :class:`Runner`, then ``timing.reps`` of its runs (a
+    Difference: those of its total, then of its part). :func:`summary_of_runs`' dict."""
+    if isinstance(fn, Difference):
+        total, part = Runner(fn.total, timing, sync), Runner(fn.part, timing, sync)
+        return summary_of_runs([total.run() for _ in range(timing.reps)],
+                               [part.run() for _ in range(timing.reps)], total.calls)
+    runner = Runner(fn, timing, sync)
+    return summary_of_runs([runner.run() for _ in range(timing.reps)], None, runner.calls)
+
+
+class Nvml:
+    """The board's SM clock (MHz), power (W), energy counter (mJ) and clock event reasons
+    through NVML (libnvidia-ml, read only). Raises OSError where there is no NVML."""
+    SM_CLOCK = 1  # NVML_CLOCK_SM
+
+    def __init__(self):
+        import ctypes
+        self.c = ctypes
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2():
+            raise OSError("nvmlInit failed")
+        self.handle = ctypes.c_void_p()
+        self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle))
+
+    def _get(self, fn, ctype, *args):
+        value = ctype()
+        status = getattr(self.lib, fn)(self.handle, *args, self.c.byref(value))
+        return value.value if status == 0 else None
+
+    def sm_mhz(self):
+        return self._get("nvmlDeviceGetClockInfo", self.c.c_uint, self.SM_CLOCK)
+
+    def sample(self) -> tuple:
+        """(SM MHz, milliwatts, clock event reasons: NVML's bits, 0x4 power cap, 0x20 / 0x40
+        thermal, 0x1 idle)."""
+        return (self.sm_mhz(), self._get("nvmlDeviceGetPowerUsage", self.c.c_uint),
+                self._get("nvmlDeviceGetCurrentClocksThrottleReasons", self.c.c_ulonglong))
+
+    def energy_mj(self):
+        return self._get("nvmlDeviceGetTotalEnergyConsumption", self.c.c_ulonglong)
 
 
 # ------------------------------------------------------------------------ GPU and torch
@@ -271,11 +322,13 @@ TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENT
 
 
 @contextlib.contextmanager
-def run_torch(backend, mode, q, k, v, dout, causal):
+def run_torch(backend, mode, q, k, v, dout, causal, per_call=False):
     """torch SDPA with ``backend`` (an SDPBackend name) on the same buffers, zero-copy through
     DLPack; yields the zero-argument call to time. "fwd" returns SDPA's output, of layout
     (batch, nheads, seqlen, headdim); "bwd" is timed alone, on a retained graph, and returns
-    dq, dk, dv of layout (batch, seqlen, nheads, headdim); "fwdbwd" is both."""
+    dq, dk, dv of layout (batch, seqlen, nheads, headdim); "fwdbwd" is both. The backend is
+    torch's global state, chosen around the yield, or with ``per_call`` inside each call
+    (the sweep, whose implementations take turns with their calls open at once)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -283,12 +336,16 @@ def run_torch(backend, mode, q, k, v, dout, causal):
     # SDPA takes (batch, nheads, seqlen, headdim): transposed views of the same memory.
     tq, tk, tv = (x.transpose(1, 2) for x in leaves)
     tdout = torch.from_dlpack(dout).transpose(1, 2)
+    backend = getattr(SDPBackend, backend)
+    each = sdpa_kernel if per_call else lambda _: contextlib.nullcontext()
 
     def forward():
-        return sdpa(tq, tk, tv, is_causal=causal)
+        with each(backend):
+            return sdpa(tq, tk, tv, is_causal=causal)
 
     # autograd.grad rather than .backward(): no accumulation into .grad inside the timing.
-    with sdpa_kernel(getattr(SDPBackend, backend)):
+    # A graph's backward is that of the backend its forward ran with.
+    with sdpa_kernel(backend):
         if mode == "fwd":
             yield forward
         elif mode == "bwd":

@@ -63,7 +63,7 @@ import sys
 
 import numpy as np
 
-from _common import (DTYPES, Difference, back_to_back_ms, flops, host_us, make_inputs,
+from _common import (DTYPES, Difference, Nvml, back_to_back_ms, flops, host_us, make_inputs,
                      per_call_ms, require_gpu, run_torch, standard_shape, synchronize)
 import sweep
 
@@ -479,33 +479,6 @@ def kernel_table(step, calls):
         print(f"{name:90} {len(t) / calls:6.2f} {statistics.median(t):10.1f} "
               f"{sum(t) / calls:10.1f}")
     print(f"{'all kernels':90} {'':6} {'':10} {total:10.1f}")
-
-
-class Nvml:
-    """The board's SM clock (MHz), power (W), energy counter (mJ) and clock event reasons
-    through NVML (libnvidia-ml, read only)."""
-    SM_CLOCK = 1  # NVML_CLOCK_SM
-
-    def __init__(self):
-        import ctypes
-        self.c = ctypes
-        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
-        self.lib.nvmlInit_v2()
-        self.handle = ctypes.c_void_p()
-        self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle))
-
-    def _get(self, fn, ctype, *args):
-        value = ctype()
-        status = getattr(self.lib, fn)(self.handle, *args, self.c.byref(value))
-        return value.value if status == 0 else None
-
-    def sample(self) -> tuple:
-        return (self._get("nvmlDeviceGetClockInfo", self.c.c_uint, self.SM_CLOCK),
-                self._get("nvmlDeviceGetPowerUsage", self.c.c_uint),
-                self._get("nvmlDeviceGetCurrentClocksThrottleReasons", self.c.c_ulonglong))
-
-    def energy_mj(self):
-        return self._get("nvmlDeviceGetTotalEnergyConsumption", self.c.c_ulonglong)
 
 
 def sustained(step, nvml, seconds: float) -> dict:

@@ -34,11 +34,14 @@ Timing, the same for every implementation (JAX runs on its own stream, so CUDA e
 CuPy's or torch's stream would not see its work): warm-up calls (compilation, autotuning),
 then N calls back to back and one synchronisation at the end (``jax.block_until_ready`` of
 the last result, then ``cudaDeviceSynchronize``, which waits for every stream), timed on the
-host clock; N fills about 40 ms; the median of 3 such runs (_common.back_to_back). Each
-implementation is timed so twice, in the row's order and in reverse, keeping the faster
-(the previous row's work can leave the GPU's clock low for a row's first column: the same
-forward call measured 8% apart in one row). Before the first row the GPU runs large
-matmuls for a second, to reach its full clock. In every forward row each implementation's
+host clock; N fills about 40 ms (_common.Runner). The implementations of a row take turns:
+6 rounds, each running every one of them once, in the row's order and in reverse by turns;
+each keeps the median of its 6 runs. The GPU's clock drifts with its temperature (an H100
+fell from 1680 to 1300 MHz within seconds of calls), so timing one implementation after
+the other decided rows by which one met the lower clock; in turns every column sees the
+same drift. sweep.json records each run (``runs_ms``) and the median SM clock read after
+them (``mhz``, NVML). Before the first row the GPU runs large matmuls for a second, to
+reach its full clock. In every forward row each implementation's
 output is compared once with cuflash's (the first 256 positions of two batch items;
 relative to its largest value), which catches a layout or argument mistake in a peer; a
 difference above 5% is listed under "Output check".
@@ -95,9 +98,9 @@ from typing import Callable, NamedTuple  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
-from _common import (DTYPES, JAX_PEERS, TORCH_BACKENDS, Skipped, Timing,  # noqa: E402
-                     back_to_back, cuflash_launches, flops, host_float32, make_inputs,
-                     run_jax, run_torch, standard_shape)
+from _common import (DTYPES, JAX_PEERS, TORCH_BACKENDS, Difference, Runner,  # noqa: E402
+                     Skipped, Timing, back_to_back, cuflash_launches, flops, host_float32,
+                     make_inputs, run_jax, run_torch, standard_shape, summary_of_runs)
 
 SEQLENS = (1024, 4096, 16384)
 ALL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -268,7 +271,8 @@ def registry(torch_why: str | None, jax_why: str | None) -> dict:
     gaps with the reason."""
     impls = {"cuflash": Impl(run_cuflash, "cuflash", False)}
     for name, backend in TORCH_BACKENDS.items():
-        run = unavailable(torch_why) if torch_why else functools.partial(run_torch, backend)
+        run = (unavailable(torch_why) if torch_why else
+               functools.partial(run_torch, backend, per_call=True))
         impls[name] = Impl(run, "torch", name in PEERS)
     for name in JAX_PEERS:
         run = unavailable(jax_why) if jax_why else functools.partial(run_jax, name)
@@ -316,19 +320,24 @@ def difference(sample, reference):
 
 
 def measure(impl: Impl, mode, inputs, causal, row_flops, timing, sync, check=True):
-    """({"ms", "tflops", ...} or {"error"}, the forward's output sample or None)."""
+    """({"ms", "tflops", ...} or {"error"}, the forward's output sample or None): one
+    implementation timed alone (_common.back_to_back)."""
     sample = None
     try:
         with impl.run(mode, *inputs, causal) as fn:
             timed = back_to_back(fn, timing, sync)
             if check and mode == "fwd" and impl.family != "variant":  # variants differ
                 sample = output_sample(impl.family, fn(), inputs[0].shape)
-        if timed["ms"] <= 0:
-            raise ValueError(f"time {timed['ms']:.4f} ms <= 0 (a difference of "
-                             f"{timed.get('total_ms')} and {timed.get('part_ms')} ms)")
-        return {**timed, "tflops": row_flops / timed["ms"] / 1e9}, sample
+        return with_tflops(timed, row_flops), sample
     except Exception as e:  # unsupported, out of memory, missing library: a gap in the row
         return {"error": describe(e)}, None
+
+
+def with_tflops(timed: dict, row_flops: float) -> dict:
+    if timed["ms"] <= 0:
+        raise ValueError(f"time {timed['ms']:.4f} ms <= 0 (a difference of "
+                         f"{timed.get('total_ms')} and {timed.get('part_ms')} ms)")
+    return {**timed, "tflops": row_flops / timed["ms"] / 1e9}
 
 
 def score(results: dict, peers) -> tuple[str | None, float | None]:
@@ -350,35 +359,65 @@ def make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers
 
 
 def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
-               release=lambda: None, check=True):
+               release=lambda: None, check=True, clock=None):
     """Rows of one shape (the inputs' (batch, seqlen, nheads, headdim)), one per (causal,
-    mode); yields each row when it is complete. Each implementation is measured twice, in
-    the row's order and then in reverse, and keeps the faster (``pass_ms``: both): the GPU's
-    clock after the previous row's work no longer favours the later columns of a row."""
+    mode); yields each row when it is complete. Every implementation of the row is set up
+    and warmed up first (_common.Runner: a Difference's total and part each), then timed
+    in 2 x ``timing.reps`` rounds, each running every one of them once, in the row's order
+    and in reverse by turns; an implementation's time is the median of its runs
+    (``runs_ms``). A GPU whose clock drifts with its temperature (an H100 fell from 1680 to
+    1300 MHz within seconds of calls) then slows every column of the row alike, where
+    timing one implementation after the other gave the later ones the lower clock.
+    ``clock()`` (the SM MHz, or None) is read after each run: ``mhz``, the median."""
     batch, seqlen, nheads, headdim = inputs[0].shape
     peers = [n for n, impl in impls.items() if impl.peer]
     for causal, mode in itertools.product(causals, modes):
         row_flops = flops(mode, batch, nheads, seqlen, headdim, causal)
-        results, reference = {}, None
-        for name, impl in impls.items():
-            result, sample = measure(impl, mode, inputs, causal, row_flops, timing, sync,
-                                     check)
-            release()
-            if sample is not None:
-                if reference is None:
-                    reference = name, sample
-                else:
-                    result["check"] = difference(sample, reference[1])
-                    result["check_against"] = reference[0]
-            results[name] = result
-        for name, impl in reversed(impls.items()):
-            if "ms" not in results[name]:
-                continue
-            again, _ = measure(impl, mode, inputs, causal, row_flops, timing, sync, False)
-            release()
-            first = results[name]  # its output check stays: the second pass makes none
-            faster = again if again.get("ms", first["ms"]) < first["ms"] else {}
-            results[name] = {**first, **faster, "pass_ms": [first["ms"], again.get("ms")]}
+        results, reference, runners = {}, None, {}
+        with contextlib.ExitStack() as open_calls:
+            for name, impl in impls.items():
+                try:
+                    fn = open_calls.enter_context(impl.run(mode, *inputs, causal))
+                    parts = [fn.total, fn.part] if isinstance(fn, Difference) else [fn]
+                    runners[name] = [Runner(f, timing, sync) for f in parts]
+                    if check and mode == "fwd" and impl.family != "variant":
+                        sample = output_sample(impl.family, fn(), inputs[0].shape)
+                        if reference is None:
+                            reference = name, sample
+                        else:
+                            results[name] = {"check": difference(sample, reference[1]),
+                                             "check_against": reference[0]}
+                except Exception as e:  # unsupported, out of memory, missing library: a gap
+                    runners.pop(name, None)
+                    results[name] = {"error": describe(e)}
+            runs = {name: [[] for _ in parts] for name, parts in runners.items()}
+            mhz = {name: [] for name in runners}
+            order = list(runners)
+            for turn in range(2 * timing.reps):
+                for name in order if turn % 2 == 0 else order[::-1]:
+                    if name not in runners:
+                        continue
+                    try:
+                        for runner, times in zip(runners[name], runs[name]):
+                            times.append(runner.run())
+                    except Exception as e:  # out of memory mid-row
+                        del runners[name]
+                        results[name] = {"error": describe(e)}
+                        continue
+                    now = clock() if clock is not None else None
+                    if now is not None:
+                        mhz[name].append(now)
+            for name, parts in runners.items():
+                timed = summary_of_runs(runs[name][0], runs[name][1] if len(parts) > 1
+                                        else None, parts[0].calls)
+                if mhz[name]:
+                    timed["mhz"] = statistics.median(mhz[name])
+                try:
+                    results[name] = {**results.get(name, {}), **with_tflops(timed, row_flops)}
+                except ValueError as e:
+                    results[name] = {"error": describe(e)}
+        release()
+        results = {name: results[name] for name in impls}  # the row's order
         yield make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers)
 
 
@@ -613,13 +652,15 @@ def warm_up_gpu(seconds: float = WARM_UP_SECONDS) -> None:
 
 class Setup(NamedTuple):
     """What a run needs besides its arguments: the array module, the sync, the memory
-    release between implementations, the known implementations and the environment."""
+    release between rows, the known implementations, the environment and the SM clock's
+    reader (MHz through NVML; None without one)."""
     xp: object
     gpu: bool
     sync: Callable
     release: Callable
     known: dict
     env: dict
+    clock: Callable | None = None
 
 
 def setup(dry_run: bool, argv) -> Setup:
@@ -645,8 +686,14 @@ def setup(dry_run: bool, argv) -> Setup:
     _, jax_why = _common.load_jax(gpu)
     env.update(_common.versions())
     env["jax_backend"] = jax_why or "ok"
+    clock = None
+    if gpu:
+        try:
+            clock = _common.Nvml().sm_mhz
+        except OSError:  # no NVML: rows without "mhz"
+            pass
     return Setup(xp, gpu, functools.partial(_common.synchronize, gpu=gpu), release,
-                 registry(torch_why, jax_why), env)
+                 registry(torch_why, jax_why), env, clock)
 
 
 def main(argv=None) -> int:
@@ -672,7 +719,7 @@ def main(argv=None) -> int:
         batch, nheads = shape_of(seqlen, headdim)
         inputs = make_inputs(DTYPES[dtype], batch, seqlen, nheads, headdim, xp=s.xp)
         for row in shape_rows(impls, inputs, dtype, causals, args.modes, timing, s.sync,
-                              s.release, check=not args.no_check):
+                              s.release, check=not args.no_check, clock=s.clock):
             rows.append(row)
             print(progress(row, len(rows), total), flush=True)
             for name, result in row["results"].items():

@@ -232,33 +232,67 @@ def test_measure_turns_failures_into_gaps():
     assert got == {"error": "Skipped: torch does not import"}
 
 
-def test_each_implementation_is_timed_in_both_orders_and_keeps_the_faster(clock):
-    """The first column of a row runs slow (the GPU's clock after the previous row's work):
-    the second pass, in reverse order, measures it again, and the faster pass counts."""
-    order = []
+def test_implementations_take_turns_under_a_drifting_clock(clock):
+    """The GPU slows as it warms: each call costs more than the one before. Timed one after
+    the other the later column would read slower; in turns (A B, B A, ...) both columns see
+    the same drift and read alike. A Difference (a JAX backward) runs its total and part in
+    its turn; a broken implementation stays a gap."""
+    calls = []
 
-    def impl(name, slow_first):
+    def impl(name, family, ms):
         @contextlib.contextmanager
         def run(mode, q, k, v, dout, causal):
-            order.append(name)
-            first = order.count(name) == 1
-            cost = 2.0 if slow_first and first else 1.0  # ms a call
+            def make(cost):
+                def fn():
+                    calls.append(name)
+                    clock.now += cost * (1 + 0.01 * len(calls)) / 1e3
+                return fn
+            if isinstance(ms, tuple):
+                yield _common.Difference(make(ms[0]), make(ms[1]))
+            else:
+                yield make(ms)
+        return sweep.Impl(run, family, name != "cuflash")
 
-            def fn():
-                clock.now += cost / 1e3
-            yield fn
-        return sweep.Impl(run, "cuflash" if name == "cuflash" else "torch", name == "peer")
-
-    impls = {"cuflash": impl("cuflash", True), "peer": impl("peer", False),
+    impls = {"cuflash": impl("cuflash", "cuflash", 1.0), "peer": impl("peer", "torch", 1.0),
+             "jax": impl("jax", "jax", (3.0, 2.0)),
              "broken": sweep.Impl(sweep.unavailable("no such library"), "torch", True)}
     q = np.zeros((1, 2, 1, 8))
-    row, = sweep.shape_rows(impls, [q] * 4, "bf16", (False,), ("bwd",), sweep.TIMING["dry"],
-                            lambda r: None)
-    assert order == ["cuflash", "peer", "peer", "cuflash"]  # the broken one not retried
+    timing = Timing(budget_ms=2.0, min_calls=2, max_calls=2, reps=2, warmup=1)
+    row, = sweep.shape_rows(impls, [q] * 4, "bf16", (False,), ("bwd",), timing,
+                            lambda r: None, clock=lambda: 1500)
     got = row["results"]
-    assert got["cuflash"]["ms"] == pytest.approx(1.0) and got["peer"]["ms"] == pytest.approx(1.0)
-    assert got["cuflash"]["pass_ms"] == pytest.approx([2.0, 1.0])
-    assert row["ratio"] == pytest.approx(1.0) and "error" in got["broken"]
+    assert list(got) == list(impls) and "error" in got["broken"]
+    for name in ("cuflash", "peer", "jax"):
+        assert got[name]["reps"] == 4 and len(got[name]["runs_ms"]) == 4
+        assert got[name]["mhz"] == 1500
+    # 1 ms a call for both, slowed alike by the drift (one after the other: 10% apart)
+    assert got["cuflash"]["ms"] == pytest.approx(got["peer"]["ms"], rel=0.02)
+    assert 1.0 < got["jax"]["ms"] < 1.5  # total - part, both drifting
+    assert len(got["jax"]["part_runs_ms"]) == 4
+    assert got["jax"]["ms"] == pytest.approx(got["jax"]["total_ms"] - got["jax"]["part_ms"])
+    assert row["ratio"] == pytest.approx(got["cuflash"]["tflops"] / max(
+        got["peer"]["tflops"], got["jax"]["tflops"]))
+
+
+def test_turns_alternate_the_row_order(clock):
+    order = []
+
+    def impl(name):
+        @contextlib.contextmanager
+        def run(mode, q, k, v, dout, causal):
+            def fn():
+                clock.now += 1e-3
+                if not order or order[-1] != name:
+                    order.append(name)
+            yield fn
+        return sweep.Impl(run, "cuflash" if name == "a" else "torch", name != "a")
+
+    impls = {"a": impl("a"), "b": impl("b"), "c": impl("c")}
+    timing = Timing(budget_ms=2.0, min_calls=2, max_calls=2, reps=2, warmup=1)
+    list(sweep.shape_rows(impls, [np.zeros((1, 2, 1, 8))] * 4, "bf16", (False,), ("fwd",),
+                          timing, lambda r: None, check=False))
+    # set-up a, b, c; then turns a b c | c b a | a b c | c b a (repeats merge)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "a", "b", "c", "b", "a"]
 
 
 def test_parse_args_defaults_of_the_issues_tables(tmp_path):
