@@ -136,12 +136,14 @@ def host_us(fn, calls: int = 50) -> float:
 # JAX runs on a stream of its own and dispatches asynchronously, so CUDA events recorded on
 # CuPy's or torch's stream do not see its work. The sweeps therefore time every
 # implementation the same way: warm-up, then N calls back to back with one synchronisation
-# of everything at the end (``synchronize``), wall time over N; the median of R such runs.
+# of everything at the end (``synchronize``), wall time over N; the median of R such runs
+# (the sweep's implementations take turns with theirs: sweep.shape_rows).
 
 class Timing(NamedTuple):
-    """How ``back_to_back`` times: ``reps`` runs of N back-to-back calls each, N chosen so
-    that a run takes about ``budget_ms`` (from a first run of ``min_calls`` calls), within
-    [min_calls, max_calls]; ``warmup`` calls first (compilation, autotuning, pools)."""
+    """How a :class:`Runner` times: ``warmup`` calls first (compilation, autotuning, pools),
+    then runs of N back-to-back calls each, N chosen so that a run takes about ``budget_ms``
+    (from a first run of ``min_calls`` calls), within [min_calls, max_calls]; ``reps`` runs
+    for ``back_to_back``, 2 x ``reps`` for a sweep row's turns."""
     budget_ms: float
     min_calls: int
     max_calls: int
@@ -150,9 +152,9 @@ class Timing(NamedTuple):
 
 
 class Difference(NamedTuple):
-    """A time measured as that of ``total`` minus that of ``part``, each timed alone by
-    ``back_to_back``: a JAX backward is its jitted ``jax.vjp`` (forward + backward) minus
-    its jitted forward."""
+    """A time measured as that of ``total`` minus that of ``part``, each by a Runner of its
+    own: a JAX backward is its jitted ``jax.vjp`` (forward + backward) minus its jitted
+    forward."""
     total: Callable
     part: Callable
 
@@ -200,7 +202,7 @@ class Runner:
 def summary_of_runs(total: list, part: list | None, calls: int) -> dict:
     """{"ms": median of a run's ms a call, "min_ms", "calls", "reps", "runs_ms"} of one
     implementation's runs; with ``part`` (a :class:`Difference`'s runs of its part) the
-    medians' difference, and "total_ms" and "part_ms"."""
+    medians' difference, and "total_ms", "part_ms" and "part_runs_ms"."""
     if part is None:
         return {"ms": statistics.median(total), "min_ms": min(total), "calls": calls,
                 "reps": len(total), "runs_ms": total}
@@ -223,18 +225,23 @@ def back_to_back(fn, timing: Timing, sync=synchronize) -> dict:
 
 
 class Nvml:
-    """The board's SM clock (MHz), power (W), energy counter (mJ) and clock event reasons
-    through NVML (libnvidia-ml, read only). Raises OSError where there is no NVML."""
+    """The SM clock (MHz), power (W), energy counter (mJ) and clock event reasons of CuPy's
+    current device, found by its PCI bus id, through NVML (libnvidia-ml, read only).
+    Raises OSError where there is no NVML or it does not know the device."""
     SM_CLOCK = 1  # NVML_CLOCK_SM
 
     def __init__(self):
         import ctypes
+
+        import cupy
         self.c = ctypes
         self.lib = ctypes.CDLL("libnvidia-ml.so.1")
         if self.lib.nvmlInit_v2():
             raise OSError("nvmlInit failed")
         self.handle = ctypes.c_void_p()
-        self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle))
+        bus_id = cupy.cuda.Device().pci_bus_id.encode()
+        if self.lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id, ctypes.byref(self.handle)):
+            raise OSError(f"NVML does not know the device at {bus_id.decode()}")
 
     def _get(self, fn, ctype, *args):
         value = ctype()
@@ -345,7 +352,7 @@ def run_torch(backend, mode, q, k, v, dout, causal, per_call=False):
 
     # autograd.grad rather than .backward(): no accumulation into .grad inside the timing.
     # A graph's backward is that of the backend its forward ran with.
-    with sdpa_kernel(backend):
+    with contextlib.nullcontext() if per_call else sdpa_kernel(backend):
         if mode == "fwd":
             yield forward
         elif mode == "bwd":

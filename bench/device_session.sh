@@ -326,6 +326,7 @@ cuflash bwd 128 4096;fa3 bwd 128 4096;cuflash fwd 128 4096;fa3 fwd 128 4096"}
     for spec in "${specs[@]}"; do
         # shellcheck disable=SC2086
         set -- $spec
+        [ "$(left)" -lt 40 ] && break
         echo "=== $spec ${KERNEL_DTYPE:-bf16}" >> "$OUT/kernels.log"
         run $(($(left) - 10)) "$OUT/kernels.log" python3 bench/diagnose.py calls "$2" \
             --impl "$1" --headdim "$3" --seqlen "$4" ${5:+--causal} \

@@ -49,14 +49,17 @@ with a peer's).
 
 ``clocks`` runs each implementation's calls back to back for a few seconds, alternately (A
 B B A), and reads the board's SM clock, power and energy counter through NVML meanwhile:
-ms a call, MHz, W and mJ a call side by side. A sweep's sustained runs sit at the power cap,
-where a kernel that draws more power a FLOP runs at a lower clock than in a short burst.
+ms a call, MHz, W and mJ a call side by side, and the clock event reasons (power cap,
+thermal slowdown). A card that slows as it warms (an H100 fell from 1680 to 1300 MHz within
+seconds) times each implementation at another clock; this says what each takes at the same
+one, and how much energy.
 
 The Hopper forward's tile candidates are timed side by side by bench/fwd_tiles.py.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -519,14 +522,13 @@ def sustained(step, nvml, seconds: float) -> dict:
         reasons |= r or 0
     return {"ms": elapsed * 1e3 / calls, "mhz": statistics.median(clocks) if clocks else 0,
             "watts": statistics.median(power) if power else 0,
-            "mj": (energy1 - energy0) / calls if energy0 is not None else float("nan"),
+            "mj": (energy1 - energy0) / calls if None not in (energy0, energy1) else math.nan,
             "reasons": reasons}
 
 
 def clocks(args):
     """Sustained calls of each implementation at one shape, alternately (A B .. B A), with
-    the board's clock and power: whether a kernel that wins in a short burst loses under the
-    power cap."""
+    the board's clock, power and energy a call."""
     require_gpu()
     batch, nheads = standard_shape(args.seqlen, args.headdim)
     q, k, v, dout = make_inputs(DTYPES[args.dtype], batch, args.seqlen, nheads, args.headdim,
@@ -538,13 +540,16 @@ def clocks(args):
           f"{' causal' if args.causal else ''} {args.dtype}, {args.seconds} s each")
     print(f"{'impl':28} {'ms a call':>10} {'SM MHz':>7} {'W':>6} {'mJ a call':>10} reasons")
     for name in order:
-        with registry[name].run(args.direction, q, k, v, dout, args.causal) as call:
-            steps = ({"": call} if not isinstance(call, Difference) else
-                     {" (total)": call.total, " (part)": call.part})
-            for label, step in steps.items():
-                r = sustained(step, nvml, args.seconds)
-                print(f"{name + label:28} {r['ms']:10.3f} {r['mhz']:7.0f} {r['watts']:6.0f} "
-                      f"{r['mj']:10.1f} {r['reasons']:#x}", flush=True)
+        try:
+            with registry[name].run(args.direction, q, k, v, dout, args.causal) as call:
+                steps = ({"": call} if not isinstance(call, Difference) else
+                         {" (total)": call.total, " (part)": call.part})
+                for label, step in steps.items():
+                    r = sustained(step, nvml, args.seconds)
+                    print(f"{name + label:28} {r['ms']:10.3f} {r['mhz']:7.0f} "
+                          f"{r['watts']:6.0f} {r['mj']:10.1f} {r['reasons']:#x}", flush=True)
+        except Exception as e:  # a library missing, a shape declined: a gap
+            print(f"{name:28} {sweep.describe(e)}", flush=True)
     return 0
 
 

@@ -13,8 +13,8 @@ Two parts:
   at least 0.95 at seqlen >= 4k) and over the best JAX peer.
 - small: time per call at small causal shapes, forward and forward + backward: "fwd_small"
   batch 1, seqlen 128, 8 heads, head dim 64; "fwd_large" batch 4, seqlen 512, 16 heads, head
-  dim 128. 200 calls back to back, the median of 7 runs. Per row: cuflash.jax's time over
-  JAX cuDNN's (issue 15: at most 1.0).
+  dim 128. 200 calls back to back, the median of 14 runs in turns. Per row: cuflash.jax's
+  time over JAX cuDNN's (issue 15: at most 1.0).
 
 Implementations:
 - cuflash: ``cuflash.attention_forward`` (fwd) and then ``attention_backward`` (fwdbwd) on
@@ -24,9 +24,10 @@ Implementations:
 - jax-cudnn: the same with ``jax.nn.dot_product_attention(implementation="cudnn")``.
 - fa3: the same with ``flash_attn3_jax.flash_mha`` (head dims up to 128: a gap above).
 JAX inputs are the CuPy inputs handed over by DLPack (else copied once, outside the
-timing). Timing (bench/_common.py's ``back_to_back``, the sweep's): warm-up (compilation),
-then N calls back to back and one synchronisation at the end (``jax.block_until_ready`` of
-the last result, then ``cudaDeviceSynchronize``), the median of several runs. Forward outputs
+timing). Timing (bench/sweep.py's ``shape_rows``): warm-up (compilation), then runs of N
+calls back to back and one synchronisation at the end (``jax.block_until_ready`` of the
+last result, then ``cudaDeviceSynchronize``), a row's implementations taking turns with
+their runs, the median of each one's. Forward outputs
 are compared with cuflash's once per row (the sweep's check). A library that does not import
 leaves a gap with the reason.
 
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         inputs = make_inputs(DTYPES[dtype], *shape, xp=s.xp)
         measured = {}
         for row in sweep.shape_rows(impls, inputs, dtype, causals, MODES, shape_timing,
-                                    s.sync, s.release):
+                                    s.sync, s.release, clock=s.clock):
             row.update(part=part, call=call)
             measured[row["causal"], row["mode"]] = row
             new = [row]

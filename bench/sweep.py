@@ -28,7 +28,7 @@ kernels on sm_90), cuflash-jax (``jax.jit(cuflash.jax.attention)``), jax-xla.
 Modes: "fwd" the forward; "bwd" the backward alone: cuflash's ``attention_backward`` on a
 saved forward, torch's ``autograd.grad`` on a retained graph, and for JAX (whose backward
 cannot be called alone) the jitted ``jax.vjp`` step (forward + backward) minus the jitted
-forward, each timed alone; "fwdbwd" both.
+forward, each timed in its turn; "fwdbwd" both.
 
 Timing, the same for every implementation (JAX runs on its own stream, so CUDA events on
 CuPy's or torch's stream would not see its work): warm-up calls (compilation, autotuning),
@@ -99,8 +99,8 @@ import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
 from _common import (DTYPES, JAX_PEERS, TORCH_BACKENDS, Difference, Runner,  # noqa: E402
-                     Skipped, Timing, back_to_back, cuflash_launches, flops, host_float32,
-                     make_inputs, run_jax, run_torch, standard_shape, summary_of_runs)
+                     Skipped, Timing, cuflash_launches, flops, host_float32, make_inputs,
+                     run_jax, run_torch, standard_shape, summary_of_runs)
 
 SEQLENS = (1024, 4096, 16384)
 ALL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -319,20 +319,6 @@ def difference(sample, reference):
     return float(np.abs(sample - reference).max()) / scale
 
 
-def measure(impl: Impl, mode, inputs, causal, row_flops, timing, sync, check=True):
-    """({"ms", "tflops", ...} or {"error"}, the forward's output sample or None): one
-    implementation timed alone (_common.back_to_back)."""
-    sample = None
-    try:
-        with impl.run(mode, *inputs, causal) as fn:
-            timed = back_to_back(fn, timing, sync)
-            if check and mode == "fwd" and impl.family != "variant":  # variants differ
-                sample = output_sample(impl.family, fn(), inputs[0].shape)
-        return with_tflops(timed, row_flops), sample
-    except Exception as e:  # unsupported, out of memory, missing library: a gap in the row
-        return {"error": describe(e)}, None
-
-
 def with_tflops(timed: dict, row_flops: float) -> dict:
     if timed["ms"] <= 0:
         raise ValueError(f"time {timed['ms']:.4f} ms <= 0 (a difference of "
@@ -363,61 +349,80 @@ def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
     """Rows of one shape (the inputs' (batch, seqlen, nheads, headdim)), one per (causal,
     mode); yields each row when it is complete. Every implementation of the row is set up
     and warmed up first (_common.Runner: a Difference's total and part each), then timed
-    in 2 x ``timing.reps`` rounds, each running every one of them once, in the row's order
+    in 2 x ``timing.reps`` turns, each running every one of them once, in the row's order
     and in reverse by turns; an implementation's time is the median of its runs
     (``runs_ms``). A GPU whose clock drifts with its temperature (an H100 fell from 1680 to
     1300 MHz within seconds of calls) then slows every column of the row alike, where
     timing one implementation after the other gave the later ones the lower clock.
-    ``clock()`` (the SM MHz, or None) is read after each run: ``mhz``, the median."""
+    ``clock()`` (the SM MHz, or None) is read after each run: ``mhz``, the median. An
+    implementation that fails (a library missing, a shape declined, out of memory, at set-up
+    or in a turn) is a gap in the row, its memory released at once. Forward rows compare
+    each output with the first one's (``check_against``)."""
     batch, seqlen, nheads, headdim = inputs[0].shape
     peers = [n for n, impl in impls.items() if impl.peer]
     for causal, mode in itertools.product(causals, modes):
         row_flops = flops(mode, batch, nheads, seqlen, headdim, causal)
-        results, reference, runners = {}, None, {}
-        with contextlib.ExitStack() as open_calls:
-            for name, impl in impls.items():
+        results = {name: {} for name in impls}
+        opened, runners, reference = {}, {}, None
+
+        def drop(name, error):
+            results[name] = {"error": describe(error)}
+            runners.pop(name, None)
+            try:
+                opened.pop(name).close()
+            except Exception:  # its context's exit failed too: the gap says why already
+                pass
+            release()
+
+        for name, impl in impls.items():
+            opened[name] = contextlib.ExitStack()
+            try:
+                fn = opened[name].enter_context(impl.run(mode, *inputs, causal))
+                parts = [fn.total, fn.part] if isinstance(fn, Difference) else [fn]
+                runners[name] = [Runner(f, timing, sync) for f in parts]
+                if check and mode == "fwd" and impl.family != "variant":  # variants differ
+                    sample = output_sample(impl.family, fn(), inputs[0].shape)
+                    if reference is None:
+                        reference = name, sample
+                    else:
+                        results[name] = {"check": difference(sample, reference[1]),
+                                         "check_against": reference[0]}
+            except Exception as e:
+                drop(name, e)
+        runs = {name: [[] for _ in parts] for name, parts in runners.items()}
+        mhz = {name: [] for name in runners}
+        order = list(runners)
+        for turn in range(2 * timing.reps):
+            for name in order if turn % 2 == 0 else order[::-1]:
+                if name not in runners:
+                    continue
                 try:
-                    fn = open_calls.enter_context(impl.run(mode, *inputs, causal))
-                    parts = [fn.total, fn.part] if isinstance(fn, Difference) else [fn]
-                    runners[name] = [Runner(f, timing, sync) for f in parts]
-                    if check and mode == "fwd" and impl.family != "variant":
-                        sample = output_sample(impl.family, fn(), inputs[0].shape)
-                        if reference is None:
-                            reference = name, sample
-                        else:
-                            results[name] = {"check": difference(sample, reference[1]),
-                                             "check_against": reference[0]}
-                except Exception as e:  # unsupported, out of memory, missing library: a gap
-                    runners.pop(name, None)
-                    results[name] = {"error": describe(e)}
-            runs = {name: [[] for _ in parts] for name, parts in runners.items()}
-            mhz = {name: [] for name in runners}
-            order = list(runners)
-            for turn in range(2 * timing.reps):
-                for name in order if turn % 2 == 0 else order[::-1]:
-                    if name not in runners:
-                        continue
-                    try:
-                        for runner, times in zip(runners[name], runs[name]):
-                            times.append(runner.run())
-                    except Exception as e:  # out of memory mid-row
-                        del runners[name]
-                        results[name] = {"error": describe(e)}
-                        continue
+                    for runner, times in zip(runners[name], runs[name]):
+                        times.append(runner.run())
+                except Exception as e:  # out of memory in a turn
+                    drop(name, e)
+                    continue
+                try:
                     now = clock() if clock is not None else None
-                    if now is not None:
-                        mhz[name].append(now)
-            for name, parts in runners.items():
-                timed = summary_of_runs(runs[name][0], runs[name][1] if len(parts) > 1
-                                        else None, parts[0].calls)
-                if mhz[name]:
-                    timed["mhz"] = statistics.median(mhz[name])
-                try:
-                    results[name] = {**results.get(name, {}), **with_tflops(timed, row_flops)}
-                except ValueError as e:
-                    results[name] = {"error": describe(e)}
+                except Exception:  # NVML gone: the row without clocks
+                    now = None
+                if now is not None:
+                    mhz[name].append(now)
+        for name, parts in list(runners.items()):
+            timed = summary_of_runs(runs[name][0], runs[name][1] if len(parts) > 1 else None,
+                                    parts[0].calls)
+            if mhz[name]:
+                timed["mhz"] = statistics.median(mhz[name])
+            try:
+                results[name].update(with_tflops(timed, row_flops))
+            except ValueError as e:  # a Difference's part as long as its total
+                results[name] = {"error": describe(e)}
+        for name in list(opened):
+            try:
+                opened.pop(name).close()
+            except Exception as e:
+                results[name] = {"error": describe(e)}
         release()
-        results = {name: results[name] for name in impls}  # the row's order
         yield make_row(mode, dtype, headdim, causal, seqlen, batch, nheads, results, peers)
 
 
@@ -509,7 +514,7 @@ def markdown(rows, names) -> str:
     if any(r["mode"] == "bwd" and "total_ms" in res for r in rows
            for res in r["results"].values()):
         lines += ["", "JAX backward = its jitted jax.vjp step (forward + backward) minus its "
-                      "jitted forward, each timed alone."]
+                      "jitted forward, each timed in its turn."]
     suspects = sorted({(r["mode"], r["headdim"], r["causal"], r["seqlen"], n,
                         res["check_against"], res["check"])
                        for r in rows for n, res in r["results"].items()

@@ -216,20 +216,58 @@ def test_output_sample_layouts():
     assert sweep.difference(want[:1], want).startswith("shape")
 
 
-def test_measure_turns_failures_into_gaps():
+def one_row(impls, mode="fwd", released=None):
+    row, = sweep.shape_rows(impls, [np.zeros((1, 2, 1, 8))] * 4, "bf16", (False,), (mode,),
+                            sweep.TIMING["dry"], lambda r: None,
+                            release=(lambda: released.append(1)) if released is not None
+                            else lambda: None)
+    return row["results"]
+
+
+def test_failures_are_gaps_and_release_their_memory(clock):
+    """A failure at set-up, in a turn or on leaving an implementation's context is a gap
+    in the row, never an exception out of the sweep; a failed implementation's context is
+    closed (its memory released) at once, while the others still run."""
+    events = []
+
     @contextlib.contextmanager
     def broken(mode, q, k, v, dout, causal):
         raise MemoryError("out of memory\nsecond line")
         yield
 
-    impl = sweep.Impl(broken, "cuflash", False)
-    got, sample = sweep.measure(impl, "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
-                                sweep.TIMING["dry"], lambda r: None)
-    assert got == {"error": "MemoryError: out of memory"} and sample is None
-    impl = sweep.Impl(sweep.unavailable("torch does not import"), "torch", True)
-    got, _ = sweep.measure(impl, "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
-                           sweep.TIMING["dry"], lambda r: None)
-    assert got == {"error": "Skipped: torch does not import"}
+    def run_with(name, fail_in_turn=False, fail_on_exit=False):
+        @contextlib.contextmanager
+        def run(mode, q, k, v, dout, causal):
+            calls = []
+
+            def fn():
+                calls.append(1)
+                clock.now += 1e-3
+                if fail_in_turn and len(calls) > 6:  # set-up done: warm-up 1, sizing 1-2
+                    raise MemoryError("out of memory in a turn")
+            try:
+                yield fn
+            finally:
+                events.append(f"{name} closed")
+            if fail_on_exit:
+                raise RuntimeError("exit failed")
+        return run
+
+    impls = {"cuflash": sweep.Impl(run_with("cuflash"), "cuflash", False),
+             "broken": sweep.Impl(broken, "torch", True),
+             "missing": sweep.Impl(sweep.unavailable("torch does not import"), "torch", True),
+             "turn": sweep.Impl(run_with("turn", fail_in_turn=True), "torch", True),
+             "exit": sweep.Impl(run_with("exit", fail_on_exit=True), "torch", True)}
+    released = []
+    got = one_row(impls, mode="bwd", released=released)
+    assert got["broken"] == {"error": "MemoryError: out of memory"}
+    assert got["missing"] == {"error": "Skipped: torch does not import"}
+    assert got["turn"] == {"error": "MemoryError: out of memory in a turn"}
+    assert got["exit"] == {"error": "RuntimeError: exit failed"}
+    assert got["cuflash"]["reps"] == 4
+    # the failed one closed before the others finished their turns, each failure released
+    assert events.index("turn closed") < events.index("cuflash closed")
+    assert len(released) == 3 + 1  # broken, missing, turn; then the row
 
 
 def test_implementations_take_turns_under_a_drifting_clock(clock):
@@ -311,10 +349,11 @@ def test_parse_args_defaults_of_the_issues_tables(tmp_path):
 def test_missing_libraries_are_gaps_in_the_registry():
     known = sweep.registry("torch does not import", "jax does not import")
     assert set(sweep.DEFAULT_IMPLS) <= set(known)
-    for name in ("torch-cudnn", "torch-flash", "jax-cudnn", "fa3", "cuflash-jax"):
-        got, _ = sweep.measure(known[name], "fwd", [np.zeros((1, 2, 1, 8))] * 4, False, 1.0,
-                               sweep.TIMING["dry"], lambda r: None)
-        assert got["error"].startswith("Skipped: ") and "does not import" in got["error"]
+    names = ("torch-cudnn", "torch-flash", "jax-cudnn", "fa3", "cuflash-jax")
+    got = one_row({name: known[name] for name in names})
+    for name in names:
+        assert got[name]["error"].startswith("Skipped: ")
+        assert "does not import" in got[name]["error"]
 
 
 # ------------------------------------------------------------- JAX adapters on the CPU
