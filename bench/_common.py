@@ -261,6 +261,23 @@ class Nvml:
         return self._get("nvmlDeviceGetTotalEnergyConsumption", self.c.c_ulonglong)
 
 
+def load_tree(tree: str, alias: str):
+    """The ``cuflash`` package of another source tree (``tree/cuflash``, its kernels in
+    ``tree/kernels_cu``: a `git archive` of a commit), imported as module ``alias`` beside
+    this one: its plans, caches and kernels are its own, so that one process can time two
+    commits' kernels in turns (sweep.py --trees)."""
+    import importlib.util
+    init = Path(tree).resolve() / "cuflash" / "__init__.py"
+    if not init.is_file():
+        raise FileNotFoundError(f"{tree}: no cuflash/__init__.py")
+    spec = importlib.util.spec_from_file_location(alias, init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 # ------------------------------------------------------------------------ GPU and torch
 
 def require_gpu():

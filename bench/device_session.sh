@@ -57,6 +57,11 @@
 #             $AB_HEADDIMS (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not,
 #             $AB_IMPLS (cuflash and its soft-cap and ALiBi calls); every table into ab.log
 #             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
+#   abturns   the trees of ab in one process (sweep.py --trees: each tree's cuflash loaded
+#             beside the others), their runs in turns, so that every tree meets the same
+#             clock (the card slows as it warms); the same $AB_* variables; sweep.md's
+#             "Trees" table has each tree's TFLOP/s, its runs' range and its ratio to the
+#             first tree                                                                 ~4
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -262,6 +267,22 @@ stage_ab() {
     fi
 }
 
+stage_abturns() {
+    local tree
+    for tree in ${AB_TREES:-abtree} .; do
+        (cd "$tree" && run $(($(left) - 120)) "$OUT/abturns.log" python3 -m cuflash.precompile \
+            --arch sm_90 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
+            -j 16) | tail -n 1
+    done
+    run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py --out "$OUT/abturns" \
+        --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
+        --trees "$(echo "${AB_TREES:-abtree} ." | tr ' ' ',')" \
+        --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
+        --seqlens "${AB_SEQLENS:-4096,16384}" --modes "${AB_MODES:-fwd,bwd}" \
+        --no-check --stop-after $(($(left) - 40)) > /dev/null
+    summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns/sweep.md" 2>/dev/null) tree rows"
+}
+
 stage_look() {
     run 240 "$OUT/look.log" python3 bench/diagnose.py smoke
     summary smoke "$(grep -E '^smoke: |TIMEOUT|crashed' "$OUT/look.log" | tr '\n' ' ')"
@@ -356,7 +377,7 @@ for stage in "$@"; do
     if ! declare -F "stage_$stage" >/dev/null; then
         summary "$stage" \
             "no such stage (tests, sanitize, jax, host, sweep, options, jaxbench, tiles, profile,"\
-            "kernels, clocks, ab, look, bisect)"
+            "kernels, clocks, ab, abturns, look, bisect)"
     elif [ "$(left)" -lt 60 ]; then
         summary "$stage" "skipped: $(left) s of the call's budget left"
     else

@@ -86,6 +86,7 @@ import argparse  # noqa: E402 (after the environment variable above)
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
+import importlib  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -142,11 +143,11 @@ def timed_call(mode, forward, backward):
 
 
 @contextlib.contextmanager
-def run_cuflash(mode, q, k, v, dout, causal, options=None):
+def run_cuflash(mode, q, k, v, dout, causal, options=None, tree=None):
     """cuflash; ``options`` (one of OPTIONS' values): with deterministic=True, soft-cap or
-    ALiBi slopes."""
+    ALiBi slopes; ``tree``: the cuflash package of another source tree (--trees)."""
     import cupy
-    import cuflash
+    cuflash = tree or importlib.import_module("cuflash")
     options = options or {}
     kw = {"causal": causal}
     if options.get("softcap"):
@@ -291,6 +292,25 @@ def select(names, known: dict) -> dict:
         sys.exit(f"sweep.py: unknown implementation(s) {', '.join(unknown)} "
                  f"(known: {', '.join(known)})")
     return {n: known[n] for n in names}
+
+
+def tree_impls(impls: dict, trees) -> dict:
+    """``impls`` with cuflash and its variants replaced by one implementation per source
+    tree, "NAME@TREE", each calling that tree's cuflash (_common.load_tree): an A/B of
+    commits whose runs take turns in one process (the trees' columns meet the same clocks).
+    Peers stay as they are."""
+    modules = {tree: _common.load_tree(tree, f"cuflash_tree{i}") for i, tree in
+               enumerate(trees)}
+    found = {}
+    for name, impl in impls.items():
+        if name == "cuflash" or name in OPTIONS:
+            for tree, module in modules.items():
+                found[f"{name}@{tree}"] = Impl(
+                    functools.partial(run_cuflash, options=OPTIONS.get(name), tree=module),
+                    impl.family, False)
+        else:
+            found[name] = impl
+    return found
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -493,6 +513,37 @@ def progress(row, index: int, total: int) -> str:
             + " | ".join(cells) + best)
 
 
+def tree_lines(rows, names) -> list:
+    """With --trees: per row and implementation, each tree's TFLOP/s (the range of its
+    runs) and its ratio to the first tree's."""
+    groups = {}
+    for name in names:
+        if "@" in name:
+            base, tree = name.split("@", 1)
+            groups.setdefault(base, []).append(tree)
+    if not groups:
+        return []
+    lines = ["", "## Trees: TFLOP/s (the runs' range) and the ratio to the first tree", ""]
+    for base, trees in groups.items():
+        lines += [f"| mode | dtype | hd | causal | seqlen | impl | " + " | ".join(
+                      f"`{t}`" for t in trees) + " | " + " | ".join(
+                      f"`{t}` / `{trees[0]}`" for t in trees[1:]) + " |",
+                  "|---|---|---:|---|---:|---|" + "---:|" * (2 * len(trees) - 1)]
+        for row in rows:
+            got = [row["results"].get(f"{base}@{t}", {}) for t in trees]
+            if not all("tflops" in g for g in got):
+                continue
+            cells = [f"{g['tflops']:.1f} ({row['flops'] / max(g['runs_ms']) / 1e9:.0f}-"
+                     f"{row['flops'] / min(g['runs_ms']) / 1e9:.0f})" if "part_ms" not in g
+                     else f"{g['tflops']:.1f}" for g in got]
+            ratios = [f"{g['tflops'] / got[0]['tflops']:.3f}" for g in got[1:]]
+            lines.append(f"| {row['mode']} | {row['dtype']} | {row['headdim']} | "
+                         f"{'yes' if row['causal'] else 'no'} | {row['seqlen']} | {base} | "
+                         + " | ".join(cells + ratios) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(rows, names) -> str:
     lines = []
     for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in rows):
@@ -527,6 +578,7 @@ def markdown(rows, names) -> str:
                   ""] + [f"- {m} hd {h} {'causal' if c else 'full'} seqlen {s}: {n} against "
                          f"{ref}: {fmt(d, 3) if isinstance(d, float) else d}"
                          for m, h, c, s, n, ref, d in suspects]
+    lines += tree_lines(rows, names)
     errors = sorted({(n, res["error"]) for r in rows for n, res in r["results"].items()
                      if "error" in res})
     if errors:
@@ -629,6 +681,11 @@ def parse_args(argv):
                              "for jax-cudnn) at tiny shapes: every code path, no GPU")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="start no new row after this many seconds, then write the report")
+    parser.add_argument("--trees", type=comma_list(),
+                        help="comma-separated source trees (git archives of commits; '.' "
+                             "this one): cuflash and its variants once per tree, NAME@TREE, "
+                             "in turns with each other; sweep.md adds each tree's ratio to "
+                             "the first")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the comparison of forward outputs with cuflash's")
     args = parser.parse_args(argv)
@@ -706,6 +763,8 @@ def main(argv=None) -> int:
     args = parse_args(argv[1:])
     s = setup(args.dry_run, argv)
     impls = select(args.impls, s.known)
+    if args.trees:
+        impls = tree_impls(impls, args.trees)
     timing = TIMING["dry" if args.dry_run else "quick" if args.quick else "full"]
     shape_of = functools.partial(standard_shape, **(DRY if args.dry_run else {}))
     print(f"{s.env['device']}: cupy {s.env['cupy']}, torch {s.env['torch']}, jax "

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -505,6 +506,32 @@ def test_sweep_dry_run(tmp_path, jax_cpu):
             assert r["results"]["cuflash-jax"]["check"] < 0.02
             assert r["results"]["jax-xla"]["check"] < 0.02
     assert "## Summary" in (out / "sweep.md").read_text()
+
+
+def test_sweep_of_trees(tmp_path, jax_cpu):
+    """--trees: cuflash once per source tree, each tree's own package (its plans and kernels),
+    in turns, and a table of each tree against the first."""
+    root = Path(__file__).resolve().parent.parent
+    other = tmp_path / "other"
+    for part in ("cuflash", "kernels_cu"):
+        shutil.copytree(root / part, other / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "sweep"
+    assert sweep.main(["sweep.py", "--out", str(out), "--dry-run", "--headdims", "64",
+                       "--seqlens", "64", "--dtypes", "bf16", "--causal", "no",
+                       "--impls", "cuflash,cuflash-softcap,jax-xla",
+                       "--trees", f"{other},{root}"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    names = [f"{n}@{t}" for n in ("cuflash", "cuflash-softcap") for t in (other, root)]
+    for r in data["rows"]:
+        assert list(r["results"]) == names + ["jax-xla"]
+        assert all(r["results"][n]["tflops"] > 0 for n in names)
+    modules = {n: m for n, m in sys.modules.items()
+               if n.startswith("cuflash_tree") and "." not in n}
+    assert {Path(m.__file__).parent.parent for m in modules.values()} == {other, root}
+    assert modules["cuflash_tree0"]._compile.source_dir() == other / "kernels_cu"
+    md = (out / "sweep.md").read_text()
+    assert "## Trees" in md and f"`{root}` / `{other}`" in md
 
 
 def test_jax_bench_dry_run(tmp_path, jax_cpu):
