@@ -6,11 +6,12 @@
 
 For each head dim, seqlen (the standard shape: hidden 2048, batch = 16384 // seqlen) and
 mask, every candidate of CANDIDATES runs on the same inputs in one process, its output
-checked against the first candidate's, and is timed alike (``_common.back_to_back``: calls
-back to back, one synchronisation, median of runs) in PASSES passes over the candidates,
-every second one in the reverse order. The table gives the mean TFLOP/s of the passes and
-each candidate's ratio to the row's best (tiles.json: every pass); the candidate the table
-(ops/forward.py) chooses now is marked. bf16 by default (fp16 runs the same code). About
+checked against the first candidate's, and is timed alike (``_common.Runner``: runs of
+calls back to back, one synchronisation each) in TURNS turns, each running every candidate
+once, every second turn in the reverse order (the card's clock drifts as it warms: in turns
+every candidate meets the same drift). The table gives the median TFLOP/s of each
+candidate's runs and its ratio to the row's best (tiles.json: every run); the candidate the
+table (ops/forward.py) chooses now is marked. bf16 by default (fp16 runs the same code). About
 5 minutes on an H200 for the default set with warm kernels; --stop-after ends it in time
 (the report is rewritten after every row).
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import (DTYPES, Timing, back_to_back, cuflash_launches, flops, make_inputs,
+from _common import (DTYPES, Runner, Timing, cuflash_launches, flops, make_inputs,
                      require_gpu, standard_shape)
 
 # Head dim -> candidates: (label, how to build its ops.forward.Config). "mma" is flash_fwd
@@ -44,8 +46,7 @@ CANDIDATES = {
     256: (("sm90 80x2", ("sm90", 80, 2)), ("sm90 64x2", ("sm90", 64, 2)), ("mma", ("mma",))),
 }
 SEQLENS = (1024, 4096, 16384)
-TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=5)
-PASSES = 3
+TIMING = Timing(budget_ms=60.0, min_calls=3, max_calls=200, reps=15)
 
 
 def _problem(dtype, headdim: int, seqlen: int, causal: bool):
@@ -75,17 +76,17 @@ def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
                 None)
 
 
-def measure_row(dtype, headdim: int, seqlen: int, causal: bool, passes: int = PASSES) -> dict:
+def measure_row(dtype, headdim: int, seqlen: int, causal: bool, turns: int = TIMING.reps) -> dict:
     """Every candidate of the row on the same inputs, its output against the first's, then
-    timed in ``passes`` passes, every second one in the reverse order (a candidate's place
-    in a pass moves its number by up to 10% at 1k on an H100): TFLOP/s, each pass's and
-    their mean."""
+    timed in ``turns`` turns of one run each, every second turn in the reverse order (a
+    candidate's place in the order moved its number by up to 10% at 1k on an H100): TFLOP/s,
+    each run's and their median."""
     import cupy
     batch, nheads = standard_shape(seqlen, headdim)
     q, k, v, _ = make_inputs(dtype, batch, seqlen, nheads, headdim, seed=seqlen + headdim)
     row = {"headdim": headdim, "seqlen": seqlen, "causal": causal, "batch": batch,
            "nheads": nheads, "chosen": chosen_label(dtype, headdim, seqlen, causal),
-           "tflops": {}, "passes": {}, "max_diff": {}, "errors": {}}
+           "tflops": {}, "runs": {}, "max_diff": {}, "errors": {}}
     work = flops("fwd", batch, nheads, seqlen, headdim, causal)
     first, calls = None, {}
     for label, spec in CANDIDATES[headdim]:
@@ -98,14 +99,13 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool, passes: int = PA
             else:
                 row["max_diff"][label] = float(cupy.abs(out.astype(cupy.float32) -
                                                         first.astype(cupy.float32)).max())
-            calls[label] = forward
+            calls[label] = Runner(forward, TIMING)
         except Exception as e:  # a candidate that cannot run this shape leaves a gap
             row["errors"][label] = f"{type(e).__name__}: {e}"
-    for n in range(passes):
+    for n in range(turns):
         for label in (list(calls) if n % 2 == 0 else list(reversed(calls))):
-            tflops = work / back_to_back(calls[label], TIMING)["ms"] / 1e9
-            row["passes"].setdefault(label, []).append(tflops)
-    row["tflops"] = {label: sum(t) / len(t) for label, t in row["passes"].items()}
+            row["runs"].setdefault(label, []).append(work / calls[label].run() / 1e9)
+    row["tflops"] = {label: statistics.median(t) for label, t in row["runs"].items()}
     best = max(row["tflops"].values(), default=None)
     row["ratio"] = {label: t / best for label, t in row["tflops"].items()} if best else {}
     return row
@@ -113,7 +113,8 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool, passes: int = PA
 
 def markdown(rows, dtype_name: str) -> str:
     lines = [f"# Forward tile candidates ({dtype_name}); * = the table's choice now", "",
-             "TFLOP/s, the mean of each candidate's passes, and its ratio to the row's best.",
+             "TFLOP/s, the median of each candidate's runs (in turns), and its ratio to the "
+             "row's best.",
              ""]
     for hd in sorted({r["headdim"] for r in rows}):
         labels = [label for label, _ in CANDIDATES[hd]]
