@@ -39,9 +39,11 @@ def source_dir() -> Path:
     keeps them in the top-level ``kernels_cu/`` beside ``cuflash/``, which is where an
     editable install and a run with ``PYTHONPATH=.`` find them: pyproject.toml maps the
     data-only package there, but an editable install's import finder cannot resolve a
-    subpackage without ``__init__.py`` outside its parent's directory.
+    subpackage without ``__init__.py`` outside its parent's directory. Looked up by this
+    package's own name, so that a copy imported under another (bench/sweep.py --trees)
+    reads its own sources.
     """
-    packaged = Path(str(importlib.resources.files("cuflash") / "kernels_cu"))
+    packaged = Path(str(importlib.resources.files(__package__) / "kernels_cu"))
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "kernels_cu"
