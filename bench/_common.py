@@ -136,14 +136,14 @@ def host_us(fn, calls: int = 50) -> float:
 # JAX runs on a stream of its own and dispatches asynchronously, so CUDA events recorded on
 # CuPy's or torch's stream do not see its work. The sweeps therefore time every
 # implementation the same way: warm-up, then N calls back to back with one synchronisation
-# of everything at the end (``synchronize``), wall time over N; the median of R such runs
-# (the sweep's implementations take turns with theirs: sweep.shape_rows).
+# of everything at the end (``synchronize``), wall time over N (a Runner's run); the
+# implementations of a row take turns with their runs (``turns``), each the median of its.
 
 class Timing(NamedTuple):
     """How a :class:`Runner` times: ``warmup`` calls first (compilation, autotuning, pools),
     then runs of N back-to-back calls each, N chosen so that a run takes about ``budget_ms``
-    (from a first run of ``min_calls`` calls), within [min_calls, max_calls]; ``reps`` runs
-    for ``back_to_back``, 2 x ``reps`` for a sweep row's turns."""
+    (from a first run of ``min_calls`` calls), within [min_calls, max_calls]; ``reps``: how
+    many runs (sweep.py takes 2 x ``reps`` turns, fwd_tiles.py ``reps``)."""
     budget_ms: float
     min_calls: int
     max_calls: int
@@ -212,16 +212,12 @@ def summary_of_runs(total: list, part: list | None, calls: int) -> dict:
             "runs_ms": total, "part_runs_ms": part}
 
 
-def back_to_back(fn, timing: Timing, sync=synchronize) -> dict:
-    """Milliseconds per call of ``fn()`` (or of a :class:`Difference`), the same way for
-    every implementation: a :class:`Runner`, then ``timing.reps`` of its runs (a
-    Difference: those of its total, then of its part). :func:`summary_of_runs`' dict."""
-    if isinstance(fn, Difference):
-        total, part = Runner(fn.total, timing, sync), Runner(fn.part, timing, sync)
-        return summary_of_runs([total.run() for _ in range(timing.reps)],
-                               [part.run() for _ in range(timing.reps)], total.calls)
-    runner = Runner(fn, timing, sync)
-    return summary_of_runs([runner.run() for _ in range(timing.reps)], None, runner.calls)
+def turns(names: list, count: int):
+    """The order in which ``count`` turns visit ``names``: each turn every one of them once,
+    in the given order and in reverse by turns (A B C, C B A, ...), so that a clock that
+    drifts as the card warms meets every one alike."""
+    for turn in range(count):
+        yield from (names if turn % 2 == 0 else names[::-1])
 
 
 class Nvml:

@@ -224,17 +224,22 @@ stage_jaxbench() {
         | tr '\n' ' ')"
 }
 
-stage_ab() {
-    local pass tree
-    # Each tree's bf16 kernels at these head dims into the cache, 16 at a time (~10 s a
-    # tree), rather than one by one inside its first pass. From inside the tree: `python3
-    # -m` puts the working directory before PYTHONPATH, so from here it would compile this
-    # tree's kernels each time.
+# precompile_trees LOG: each tree's kernels of $AB_DTYPES at $AB_HEADDIMS into the cache, 16
+# at a time (~10 s a tree), rather than one by one inside its first run. From inside the
+# tree: `python3 -m` puts the working directory before PYTHONPATH, so from here it would
+# compile this tree's kernels each time.
+precompile_trees() {
+    local tree
     for tree in ${AB_TREES:-abtree} .; do
-        (cd "$tree" && run $(($(left) - 120)) "$OUT/ab.log" python3 -m cuflash.precompile \
+        (cd "$tree" && run $(($(left) - 120)) "$1" python3 -m cuflash.precompile \
             --arch sm_90 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
             -j 16) | tail -n 1
     done
+}
+
+stage_ab() {
+    local pass tree
+    precompile_trees "$OUT/ab.log"
     # Every second pass runs the trees in the reverse order: a machine that slows as it
     # warms would otherwise favour the tree that runs first (the fourteenth session's
     # control, the same kernels in two trees, read 1% lower in the second).
@@ -268,12 +273,7 @@ stage_ab() {
 }
 
 stage_abturns() {
-    local tree
-    for tree in ${AB_TREES:-abtree} .; do
-        (cd "$tree" && run $(($(left) - 120)) "$OUT/abturns.log" python3 -m cuflash.precompile \
-            --arch sm_90 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-            -j 16) | tail -n 1
-    done
+    precompile_trees "$OUT/abturns.log"
     run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py --out "$OUT/abturns" \
         --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
         --trees "$(echo "${AB_TREES:-abtree} ." | tr ' ' ',')" \

@@ -66,8 +66,9 @@ import sys
 
 import numpy as np
 
-from _common import (DTYPES, Difference, Nvml, back_to_back_ms, flops, host_us, make_inputs,
-                     per_call_ms, require_gpu, run_torch, standard_shape, synchronize)
+from _common import (DTYPES, Difference, Nvml, Runner, Timing, back_to_back_ms, flops,
+                     host_us, make_inputs, per_call_ms, require_gpu, run_torch,
+                     standard_shape, synchronize)
 import sweep
 
 # name: (dtype, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, options)
@@ -335,25 +336,32 @@ def overhead(args):
     return 0
 
 
-def kernel_us(timer, fn, calls=20, before=None):
-    """Median over calls of the summed kernel time of one call (CUPTI through the torch
-    profiler, which sees CuPy's kernels too), the L2 flushed before each (or ``before()``
-    run instead), and its kernels."""
-    import statistics
-
-    import cupy
+def device_times(fn, calls: int, before=lambda: None, width: int = 90) -> dict:
+    """{name[:width]: microseconds of each launch} of every device activity (kernels,
+    memsets, copies) of ``calls`` calls of fn(), ``before()`` ahead of each: CUPTI through
+    the torch profiler, which sees CuPy's and XLA's kernels too."""
     from torch.profiler import ProfilerActivity, profile
-    before = before or (lambda: timer.flush.fill(0))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = None
         for _ in range(calls):
             before()
-            fn()
-        cupy.cuda.Device().synchronize()
-    kernels = {}
+            result = fn()
+        synchronize(result)
+    times = {}
     for e in prof.events():
-        if e.device_type.name == "CUDA" and "fill" not in e.name.lower() \
-                and "memset" not in e.name.lower():
-            kernels.setdefault(e.name[:60], []).append(e.device_time)
+        if e.device_type.name == "CUDA":
+            times.setdefault(e.name[:width], []).append(e.device_time)
+    return times
+
+
+def kernel_us(timer, fn, calls=20, before=None):
+    """The summed kernel time of one call (its mean over ``calls``), the L2 flushed before
+    each (or ``before()`` run instead, its fills and memsets left out), and each kernel's
+    median."""
+    import statistics
+    times = device_times(fn, calls, before or (lambda: timer.flush.fill(0)), width=60)
+    kernels = {n: t for n, t in times.items()
+               if "fill" not in n.lower() and "memset" not in n.lower()}
     total = sum(sum(t) for t in kernels.values()) / calls
     return total, {n: statistics.median(t) for n, t in kernels.items()}
 
@@ -461,20 +469,10 @@ def calls(args):
 
 
 def kernel_table(step, calls):
-    """Each kernel (memsets and copies too) of `calls` back-to-back calls of step(), as the
-    sweep queues them: launches a call, median microseconds, microseconds a call; CUPTI
-    through the torch profiler, which sees CuPy's and XLA's kernels too."""
+    """Each device activity of ``calls`` back-to-back calls of step(), as the sweep queues
+    them (device_times): launches a call, median microseconds, microseconds a call."""
     import statistics
-
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            result = step()
-        synchronize(result)
-    times = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            times.setdefault(e.name[:90], []).append(e.device_time)
+    times = device_times(step, calls)
     print(f"{'kernel':90} {'a call':>6} {'median us':>10} {'us a call':>10}")
     total = 0.0
     for name, t in sorted(times.items(), key=lambda kv: -sum(kv[1])):
@@ -485,9 +483,9 @@ def kernel_table(step, calls):
 
 
 def sustained(step, nvml, seconds: float) -> dict:
-    """step() back to back for about `seconds` (a sync every ~50 ms of calls), NVML sampled
-    every 20 ms by a thread: ms a call, median SM clock and power, mJ a call, the union of
-    the clock event reasons (NVML's bits: 0x4 power cap, 0x20 / 0x40 thermal, 0x1 idle)."""
+    """Runs of step() (a Runner's, ~50 ms each) for about ``seconds``, NVML sampled every
+    20 ms by a thread: ms a call, median SM clock and power, mJ a call, the union of the
+    clock event reasons (NVML's bits: 0x4 power cap, 0x20 / 0x40 thermal, 0x1 idle)."""
     import statistics
     import threading
     import time
@@ -497,22 +495,14 @@ def sustained(step, nvml, seconds: float) -> dict:
         while not done.wait(0.02):
             samples.append(nvml.sample())
 
-    result = step()
-    synchronize(result)
-    start = time.perf_counter()
-    for _ in range(5):
-        result = step()
-    synchronize(result)
-    batch = max(1, int(0.05 / ((time.perf_counter() - start) / 5)))
+    runner = Runner(step, Timing(budget_ms=50.0, min_calls=5, max_calls=10 ** 6, reps=1,
+                                 warmup=1))
     thread = threading.Thread(target=sampler)
     thread.start()
-    energy0, calls, start = nvml.energy_mj(), 0, time.perf_counter()
+    energy0, runs, start = nvml.energy_mj(), [], time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for _ in range(batch):
-            result = step()
-        synchronize(result)
-        calls += batch
-    elapsed, energy1 = time.perf_counter() - start, nvml.energy_mj()
+        runs.append(runner.run())
+    energy1 = nvml.energy_mj()
     done.set()
     thread.join()
     clocks = [c for c, _, _ in samples if c]
@@ -520,7 +510,8 @@ def sustained(step, nvml, seconds: float) -> dict:
     reasons = 0
     for _, _, r in samples:
         reasons |= r or 0
-    return {"ms": elapsed * 1e3 / calls, "mhz": statistics.median(clocks) if clocks else 0,
+    calls = len(runs) * runner.calls
+    return {"ms": sum(runs) / len(runs), "mhz": statistics.median(clocks) if clocks else 0,
             "watts": statistics.median(power) if power else 0,
             "mj": (energy1 - energy0) / calls if None not in (energy0, energy1) else math.nan,
             "reasons": reasons}

@@ -7,13 +7,13 @@
 For each head dim, seqlen (the standard shape: hidden 2048, batch = 16384 // seqlen) and
 mask, every candidate of CANDIDATES runs on the same inputs in one process, its output
 checked against the first candidate's, and is timed alike (``_common.Runner``: runs of
-calls back to back, one synchronisation each) in TURNS turns, each running every candidate
+calls back to back, one synchronisation each) in 15 turns, each running every candidate
 once, every second turn in the reverse order (the card's clock drifts as it warms: in turns
 every candidate meets the same drift). The table gives the median TFLOP/s of each
 candidate's runs and its ratio to the row's best (tiles.json: every run); the candidate the
-table (ops/forward.py) chooses now is marked. bf16 by default (fp16 runs the same code). About
-5 minutes on an H200 for the default set with warm kernels; --stop-after ends it in time
-(the report is rewritten after every row).
+table (ops/forward.py) chooses now is marked. bf16 by default (fp16 runs the same code).
+About 5 minutes on an H200 for the default set with warm kernels; --stop-after ends it in
+time (the report is rewritten after every row).
 
 Writes tiles.json and tiles.md into --out.
 """
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from _common import (DTYPES, Runner, Timing, cuflash_launches, flops, make_inputs,
-                     require_gpu, standard_shape)
+                     require_gpu, standard_shape, turns)
 
 # Head dim -> candidates: (label, how to build its ops.forward.Config). "mma" is flash_fwd
 # (mma.sync); "sm90 Bc xC" is flash_fwd_sm90 with key blocks of Bc and C consumers.
@@ -76,11 +76,11 @@ def chosen_label(dtype, headdim: int, seqlen: int, causal: bool) -> str | None:
                 None)
 
 
-def measure_row(dtype, headdim: int, seqlen: int, causal: bool, turns: int = TIMING.reps) -> dict:
+def measure_row(dtype, headdim: int, seqlen: int, causal: bool, count: int = TIMING.reps) -> dict:
     """Every candidate of the row on the same inputs, its output against the first's, then
-    timed in ``turns`` turns of one run each, every second turn in the reverse order (a
-    candidate's place in the order moved its number by up to 10% at 1k on an H100): TFLOP/s,
-    each run's and their median."""
+    timed in ``count`` turns of one run each (_common.turns; a candidate's place in the
+    order moved its number by up to 10% at 1k on an H100): TFLOP/s, each run's and their
+    median."""
     import cupy
     batch, nheads = standard_shape(seqlen, headdim)
     q, k, v, _ = make_inputs(dtype, batch, seqlen, nheads, headdim, seed=seqlen + headdim)
@@ -102,9 +102,8 @@ def measure_row(dtype, headdim: int, seqlen: int, causal: bool, turns: int = TIM
             calls[label] = Runner(forward, TIMING)
         except Exception as e:  # a candidate that cannot run this shape leaves a gap
             row["errors"][label] = f"{type(e).__name__}: {e}"
-    for n in range(turns):
-        for label in (list(calls) if n % 2 == 0 else list(reversed(calls))):
-            row["runs"].setdefault(label, []).append(work / calls[label].run() / 1e9)
+    for label in turns(list(calls), count):
+        row["runs"].setdefault(label, []).append(work / calls[label].run() / 1e9)
     row["tflops"] = {label: statistics.median(t) for label, t in row["runs"].items()}
     best = max(row["tflops"].values(), default=None)
     row["ratio"] = {label: t / best for label, t in row["tflops"].items()} if best else {}

@@ -101,7 +101,7 @@ import numpy as np  # noqa: E402
 import _common  # noqa: E402
 from _common import (DTYPES, JAX_PEERS, TORCH_BACKENDS, Difference, Runner,  # noqa: E402
                      Skipped, Timing, cuflash_launches, flops, host_float32, make_inputs,
-                     run_jax, run_torch, standard_shape, summary_of_runs)
+                     run_jax, run_torch, standard_shape, summary_of_runs, turns)
 
 SEQLENS = (1024, 4096, 16384)
 ALL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -411,23 +411,21 @@ def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
                 drop(name, e)
         runs = {name: [[] for _ in parts] for name, parts in runners.items()}
         mhz = {name: [] for name in runners}
-        order = list(runners)
-        for turn in range(2 * timing.reps):
-            for name in order if turn % 2 == 0 else order[::-1]:
-                if name not in runners:
-                    continue
-                try:
-                    for runner, times in zip(runners[name], runs[name]):
-                        times.append(runner.run())
-                except Exception as e:  # out of memory in a turn
-                    drop(name, e)
-                    continue
-                try:
-                    now = clock() if clock is not None else None
-                except Exception:  # NVML gone: the row without clocks
-                    now = None
-                if now is not None:
-                    mhz[name].append(now)
+        for name in turns(list(runners), 2 * timing.reps):
+            if name not in runners:  # failed in an earlier turn
+                continue
+            try:
+                for runner, times in zip(runners[name], runs[name]):
+                    times.append(runner.run())
+            except Exception as e:  # out of memory in a turn
+                drop(name, e)
+                continue
+            try:
+                now = clock() if clock is not None else None
+            except Exception:  # NVML gone: the row without clocks
+                now = None
+            if now is not None:
+                mhz[name].append(now)
         for name, parts in list(runners.items()):
             timed = summary_of_runs(runs[name][0], runs[name][1] if len(parts) > 1 else None,
                                     parts[0].calls)

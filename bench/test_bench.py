@@ -57,7 +57,20 @@ def clock(monkeypatch):
     return c
 
 
-def test_back_to_back_calls_and_syncs(clock):
+def timed(fn, timing, sync):
+    """``timing.reps`` runs of a Runner (of a Difference: its total's, then its part's), as
+    a row's turns make them, and their summary."""
+    if isinstance(fn, Difference):
+        total, part = _common.Runner(fn.total, timing, sync), _common.Runner(fn.part, timing,
+                                                                             sync)
+        return _common.summary_of_runs([total.run() for _ in range(timing.reps)],
+                                       [part.run() for _ in range(timing.reps)], total.calls)
+    runner = _common.Runner(fn, timing, sync)
+    return _common.summary_of_runs([runner.run() for _ in range(timing.reps)], None,
+                                   runner.calls)
+
+
+def test_runner_calls_and_syncs(clock):
     calls, syncs = [], []
 
     def fn():
@@ -69,7 +82,7 @@ def test_back_to_back_calls_and_syncs(clock):
         syncs.append(result)
 
     timing = Timing(budget_ms=20.0, min_calls=3, max_calls=100, reps=4, warmup=2)
-    got = _common.back_to_back(fn, timing, sync)
+    got = timed(fn, timing, sync)
     assert got["ms"] == pytest.approx(2.0) and got["min_ms"] == pytest.approx(2.0)
     assert got["calls"] == 10 and got["reps"] == 4  # 20 ms of 2 ms calls
     # warm-up, the sizing run, then the timed runs; one sync after each, on the last result
@@ -77,30 +90,33 @@ def test_back_to_back_calls_and_syncs(clock):
     assert syncs == [2, 5, 15, 25, 35, 45]
 
 
-def test_back_to_back_clamps_the_number_of_calls(clock):
+def test_runner_clamps_the_number_of_calls(clock):
     def slow():
         clock.now += 1.0
 
-    got = _common.back_to_back(slow, Timing(10.0, 2, 50, 1, 0), lambda r: None)
+    got = timed(slow, Timing(10.0, 2, 50, 1, 0), lambda r: None)
     assert got["calls"] == 2 and got["ms"] == pytest.approx(1000.0)
 
     def fast():
         clock.now += 1e-7
 
-    assert _common.back_to_back(fast, Timing(10.0, 2, 50, 1, 0), lambda r: None)["calls"] == 50
+    assert timed(fast, Timing(10.0, 2, 50, 1, 0), lambda r: None)["calls"] == 50
 
 
-def test_back_to_back_of_a_difference(clock):
+def test_runs_of_a_difference(clock):
     def total():
         clock.now += 0.005
 
     def part():
         clock.now += 0.002
 
-    got = _common.back_to_back(Difference(total, part), Timing(10.0, 1, 10, 3, 1),
-                               lambda r: None)
+    got = timed(Difference(total, part), Timing(10.0, 1, 10, 3, 1), lambda r: None)
     assert got["ms"] == pytest.approx(3.0)
     assert got["total_ms"] == pytest.approx(5.0) and got["part_ms"] == pytest.approx(2.0)
+
+
+def test_turns_reverse_the_order_by_turns():
+    assert list(_common.turns(["a", "b", "c"], 3)) == list("abccbaabc")
 
 
 def test_synchronize_waits_for_jax_results_without_a_gpu():
