@@ -50,7 +50,8 @@ Report: TFLOP/s per implementation, the best peer of the row (cuDNN and FA2 thro
 cuDNN through JAX, FA3; not cuflash's own variants nor the naive one) and cuflash's ratio to
 it; per mode and dtype a summary: the median ratio over the head dim 64 and 128 rows, the
 minimum over those rows with seqlen >= 4k, and at head dim 256 the minimum ratio to the
-better cuDNN (torch or JAX). sweep.json (every number, with device and versions) and sweep.md
+better cuDNN (torch or JAX), where a peer ran; with cuflash's variants (OPTIONS), each
+one's speed against the plain call (min, with its row, and median). sweep.json (every number, with device and versions) and sweep.md
 are rewritten after every row, so a run stopped early keeps what it measured; sweep.png
 (TFLOP/s against seqlen) at the end (when matplotlib imports). ``--stop-after S`` starts no
 new shape after S seconds and finishes the report.
@@ -459,6 +460,8 @@ def summarise(rows) -> list[dict]:
                 and r["seqlen"] >= LONG_SEQLEN and r["ratio"] is not None]
         cudnn = [x for x in (score(r["results"], CUDNN)[1] for r in group
                              if r["headdim"] == CUDNN_HEADDIM) if x is not None]
+        if not any("tflops" in r["results"].get(name, {}) for r in group for name in PEERS):
+            continue  # no peer ran: cuflash's variants alone (options), or trees
         found.append({"mode": mode, "dtype": dtype,
                       "median": statistics.median(main) if main else None,
                       "median_rows": len(main),
@@ -487,17 +490,21 @@ def summary_line(s: dict) -> str:
 
 def variant_lines(rows) -> list:
     """Per (mode, dtype, variant of OPTIONS): its speed as a fraction of the plain cuflash
-    call's on the same rows (min and median)."""
+    call's on the same rows (min, with its row, and median)."""
     lines = []
     for (mode, dtype), name in itertools.product(
             dict.fromkeys((r["mode"], r["dtype"]) for r in rows), OPTIONS):
-        ratios = [r["results"][name]["tflops"] / r["results"]["cuflash"]["tflops"]
+        ratios = [(r["results"][name]["tflops"] / r["results"]["cuflash"]["tflops"], r)
                   for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)
                   and "tflops" in r["results"].get(name, {})
                   and "tflops" in r["results"].get("cuflash", {})]
         if ratios:
-            lines.append(f"{mode} {dtype}: {name} / cuflash (speed), min {min(ratios):.2f}, "
-                         f"median {statistics.median(ratios):.2f} over {len(ratios)} rows")
+            low, row = min(ratios, key=lambda x: x[0])
+            where = (f"hd{row['headdim']} {'causal' if row['causal'] else 'full'} "
+                     f"{row['seqlen']}")
+            lines.append(f"{mode} {dtype}: {name} / cuflash (speed), min {low:.2f} ({where}), "
+                         f"median {statistics.median(x for x, _ in ratios):.2f} over "
+                         f"{len(ratios)} rows")
     return lines
 
 

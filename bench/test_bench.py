@@ -186,6 +186,15 @@ def test_summary_of_rows_without_ratios():
     assert "median - over 0" in sweep.summary_line(s)
 
 
+def test_summary_leaves_out_rows_without_peers_and_variants_name_their_lowest_row():
+    rows = [row(cuflash=400, cuflash_det=340, headdim=hd, seqlen=seqlen)
+            for hd, seqlen in ((64, 4096), (256, 16384))]
+    rows[1]["results"]["cuflash-det"] = result(300)
+    assert sweep.summarise(rows) == []
+    (line,) = sweep.variant_lines(rows)
+    assert "cuflash-det / cuflash (speed), min 0.75 (hd256 full 16384), median 0.80" in line
+
+
 def test_markdown_tables_summary_checks_and_gaps():
     rows = sample_rows()
     rows[0]["results"]["jax-cudnn"].update(check=0.5, check_against="cuflash")
