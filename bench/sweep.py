@@ -51,10 +51,11 @@ cuDNN through JAX, FA3; not cuflash's own variants nor the naive one) and cuflas
 it; per mode and dtype a summary: the median ratio over the head dim 64 and 128 rows, the
 minimum over those rows with seqlen >= 4k, and at head dim 256 the minimum ratio to the
 better cuDNN (torch or JAX), where a peer ran; with cuflash's variants (OPTIONS), each
-one's speed against the plain call (min, with its row, and median). sweep.json (every number, with device and versions) and sweep.md
-are rewritten after every row, so a run stopped early keeps what it measured; sweep.png
-(TFLOP/s against seqlen) at the end (when matplotlib imports). ``--stop-after S`` starts no
-new shape after S seconds and finishes the report.
+one's speed against the plain call (min, with its row, and median). sweep.json (every
+number, with device and versions) and sweep.md are rewritten after every row, so a run
+stopped early keeps what it measured; sweep.png (TFLOP/s against seqlen) at the end (when
+matplotlib imports). ``--stop-after S`` starts no new shape after S seconds and finishes
+the report.
 
 On the device (H200; the runner executes in the repository root, writes under $OUT, brings
 back at most 8 files, 10 minutes a call). FA3 comes from the carried wheels (carry:
