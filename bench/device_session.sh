@@ -338,37 +338,41 @@ cuflash bwd bwd_sm90_wide 256 4096"}
     summary profile "$(grep -cE 'Duration|Compute \(SM\) Throughput' "$OUT/profile.log") lines"
 }
 
-stage_kernels() {
-    # implementation, direction, head dim, seqlen, and "causal" or nothing; ";" between
-    local specs spec
-    specs=${KERNEL_SPECS:-"cuflash bwd 128 16384 causal;fa3 bwd 128 16384 causal;\
-cuflash bwd 128 4096;fa3 bwd 128 4096;cuflash fwd 128 4096;fa3 fwd 128 4096"}
-    IFS=';' read -ra specs <<< "$specs"
+# each_spec SPECS FN: FN with the words of each ";"-separated spec of SPECS, while 40 s of
+# the budget are left.
+each_spec() {
+    local spec specs
+    IFS=';' read -ra specs <<< "$1"
     for spec in "${specs[@]}"; do
-        # shellcheck disable=SC2086
-        set -- $spec
         [ "$(left)" -lt 40 ] && break
-        echo "=== $spec ${KERNEL_DTYPE:-bf16}" >> "$OUT/kernels.log"
-        run $(($(left) - 10)) "$OUT/kernels.log" python3 bench/diagnose.py calls "$2" \
-            --impl "$1" --headdim "$3" --seqlen "$4" ${5:+--causal} \
-            --dtype "${KERNEL_DTYPE:-bf16}" --kernels 10 > /dev/null
+        # shellcheck disable=SC2086
+        "$2" $spec
     done
-    summary kernels "$(grep -c '^all kernels' "$OUT/kernels.log") of ${#specs[@]} specs"
+}
+
+# implementation, direction, head dim, seqlen, and "causal" or nothing
+kernels_spec() {
+    echo "=== $* ${KERNEL_DTYPE:-bf16}" >> "$OUT/kernels.log"
+    run $(($(left) - 10)) "$OUT/kernels.log" python3 bench/diagnose.py calls "$2" \
+        --impl "$1" --headdim "$3" --seqlen "$4" ${5:+--causal} \
+        --dtype "${KERNEL_DTYPE:-bf16}" --kernels 10 > /dev/null
+}
+
+stage_kernels() {
+    each_spec "${KERNEL_SPECS:-"cuflash bwd 128 16384 causal;fa3 bwd 128 16384 causal;\
+cuflash bwd 128 4096;fa3 bwd 128 4096;cuflash fwd 128 4096;fa3 fwd 128 4096"}" kernels_spec
+    summary kernels "$(grep -c '^all kernels' "$OUT/kernels.log") specs"
+}
+
+# direction, head dim, seqlen, and "causal" or nothing
+clocks_spec() {
+    run $(($(left) - 10)) "$OUT/clocks.log" python3 bench/diagnose.py clocks "$1" \
+        --headdim "$2" --seqlen "$3" ${4:+--causal} --dtype "${KERNEL_DTYPE:-bf16}" \
+        --impls "${CLOCK_IMPLS:-cuflash,fa3}" --seconds "${CLOCK_SECONDS:-3}" > /dev/null
 }
 
 stage_clocks() {
-    # direction, head dim, seqlen, and "causal" or nothing; ";" between
-    local specs spec
-    specs=${CLOCK_SPECS:-"fwd 128 4096;bwd 128 16384 causal;bwd 128 4096"}
-    IFS=';' read -ra specs <<< "$specs"
-    for spec in "${specs[@]}"; do
-        # shellcheck disable=SC2086
-        set -- $spec
-        [ "$(left)" -lt 40 ] && break
-        run $(($(left) - 10)) "$OUT/clocks.log" python3 bench/diagnose.py clocks "$1" \
-            --headdim "$2" --seqlen "$3" ${4:+--causal} --dtype "${KERNEL_DTYPE:-bf16}" \
-            --impls "${CLOCK_IMPLS:-cuflash,fa3}" --seconds "${CLOCK_SECONDS:-3}" > /dev/null
-    done
+    each_spec "${CLOCK_SPECS:-"fwd 128 4096;bwd 128 16384 causal;bwd 128 4096"}" clocks_spec
     summary clocks "$(grep -c ' causal\|seqlen' "$OUT/clocks.log") shapes"
 }
 

@@ -27,9 +27,8 @@ JAX inputs are the CuPy inputs handed over by DLPack (else copied once, outside 
 timing). Timing (bench/sweep.py's ``shape_rows``): warm-up (compilation), then runs of N
 calls back to back and one synchronisation at the end (``jax.block_until_ready`` of the
 last result, then ``cudaDeviceSynchronize``), a row's implementations taking turns with
-their runs, the median of each one's. Forward outputs
-are compared with cuflash's once per row (the sweep's check). A library that does not import
-leaves a gap with the reason.
+their runs, the median of each one's. Forward outputs are compared with cuflash's once per
+row (the sweep's check). A library that does not import leaves a gap with the reason.
 
 Writes jax.json (every number, device, versions) and jax.md into --out after every row.
 

@@ -41,10 +41,10 @@ fell from 1680 to 1300 MHz within seconds of calls), so timing one implementatio
 the other decided rows by which one met the lower clock; in turns every column sees the
 same drift. sweep.json records each run (``runs_ms``) and the median SM clock read after
 them (``mhz``, NVML). Before the first row the GPU runs large matmuls for a second, to
-reach its full clock. In every forward row each implementation's
-output is compared once with cuflash's (the first 256 positions of two batch items;
-relative to its largest value), which catches a layout or argument mistake in a peer; a
-difference above 5% is listed under "Output check".
+reach its full clock. In every forward row each implementation's output is compared once
+with cuflash's (the first 256 positions of two batch items; relative to its largest
+value), which catches a layout or argument mistake in a peer; a difference above 5% is
+listed under "Output check".
 
 Report: TFLOP/s per implementation, the best peer of the row (cuDNN and FA2 through torch,
 cuDNN through JAX, FA3; not cuflash's own variants nor the naive one) and cuflash's ratio to
@@ -451,18 +451,18 @@ def shape_rows(impls: dict, inputs, dtype: str, causals, modes, timing, sync,
 def summarise(rows) -> list[dict]:
     """Per (mode, dtype): the median ratio to the best peer over the head dim 64/128 rows,
     the minimum over those rows at seqlen >= 4k, and at head dim 256 the minimum ratio to
-    the better cuDNN (torch or JAX)."""
+    the better cuDNN (torch or JAX); none where no peer ran."""
     found = []
     for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in rows):
         group = [r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)]
+        if not any("tflops" in r["results"].get(name, {}) for r in group for name in PEERS):
+            continue  # no peer ran: cuflash's variants alone (options), or trees
         main = [r["ratio"] for r in group
                 if r["headdim"] in MAIN_HEADDIMS and r["ratio"] is not None]
         long = [r["ratio"] for r in group if r["headdim"] in MAIN_HEADDIMS
                 and r["seqlen"] >= LONG_SEQLEN and r["ratio"] is not None]
         cudnn = [x for x in (score(r["results"], CUDNN)[1] for r in group
                              if r["headdim"] == CUDNN_HEADDIM) if x is not None]
-        if not any("tflops" in r["results"].get(name, {}) for r in group for name in PEERS):
-            continue  # no peer ran: cuflash's variants alone (options), or trees
         found.append({"mode": mode, "dtype": dtype,
                       "median": statistics.median(main) if main else None,
                       "median_rows": len(main),
@@ -531,7 +531,7 @@ def tree_lines(rows, names) -> list:
         return []
     lines = ["", "## Trees: TFLOP/s (the runs' range) and the ratio to the first tree", ""]
     for base, trees in groups.items():
-        lines += [f"| mode | dtype | hd | causal | seqlen | impl | " + " | ".join(
+        lines += ["| mode | dtype | hd | causal | seqlen | impl | " + " | ".join(
                       f"`{t}`" for t in trees) + " | " + " | ".join(
                       f"`{t}` / `{trees[0]}`" for t in trees[1:]) + " |",
                   "|---|---|---:|---|---:|---|" + "---:|" * (2 * len(trees) - 1)]
