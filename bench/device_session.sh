@@ -54,7 +54,8 @@
 #             2836a68 | tar -x -C abtree`, carried), alternately in $AB_PASSES passes (2;
 #             every second one in the reverse order; more narrow a mean where a change is
 #             1-3%): forward and backward ($AB_MODES: fwd,bwd) in $AB_DTYPES (bf16) at head dims
-#             $AB_HEADDIMS (64,128) and seqlens $AB_SEQLENS (4096,16384), causal and not,
+#             $AB_HEADDIMS (64,128) and seqlens $AB_SEQLENS (4096,16384), $AB_CAUSAL (both;
+#             no or yes: a timing prototype whose causal turns would wait forever),
 #             $AB_IMPLS (cuflash and its soft-cap and ALiBi calls); every table into ab.log
 #             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
 #   abturns   the trees of ab in one process (sweep.py --trees: each tree's cuflash loaded
@@ -255,7 +256,7 @@ stage_ab() {
                 bench/sweep.py --out /tmp/ab \
                 --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
                 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-                --seqlens "${AB_SEQLENS:-4096,16384}" \
+                --seqlens "${AB_SEQLENS:-4096,16384}" --causal "${AB_CAUSAL:-both}" \
                 --modes "${AB_MODES:-fwd,bwd}" \
                 --no-check --stop-after $(($(left) - 60)) > /dev/null
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
@@ -278,8 +279,8 @@ stage_abturns() {
         --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
         --trees "$(echo "${AB_TREES:-abtree} ." | tr ' ' ',')" \
         --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-        --seqlens "${AB_SEQLENS:-4096,16384}" --modes "${AB_MODES:-fwd,bwd}" \
-        --no-check --stop-after $(($(left) - 40)) > /dev/null
+        --seqlens "${AB_SEQLENS:-4096,16384}" --causal "${AB_CAUSAL:-both}" \
+        --modes "${AB_MODES:-fwd,bwd}" --no-check --stop-after $(($(left) - 40)) > /dev/null
     summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns/sweep.md" 2>/dev/null) tree rows"
 }
 
