@@ -225,16 +225,22 @@ stage_jaxbench() {
         | tr '\n' ' ')"
 }
 
+# ab and abturns: their variables' defaults (the header), and the sweep's arguments they share.
+AB_TREES=${AB_TREES:-abtree} AB_PASSES=${AB_PASSES:-2}
+AB_KERNELS=(--dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}")
+AB_SWEEP=(--impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" "${AB_KERNELS[@]}"
+          --seqlens "${AB_SEQLENS:-4096,16384}" --causal "${AB_CAUSAL:-both}"
+          --modes "${AB_MODES:-fwd,bwd}" --no-check)
+
 # precompile_trees LOG: each tree's kernels of $AB_DTYPES at $AB_HEADDIMS into the cache, 16
 # at a time (~10 s a tree), rather than one by one inside its first run. From inside the
 # tree: `python3 -m` puts the working directory before PYTHONPATH, so from here it would
 # compile this tree's kernels each time.
 precompile_trees() {
     local tree
-    for tree in ${AB_TREES:-abtree} .; do
+    for tree in $AB_TREES .; do
         (cd "$tree" && run $(($(left) - 120)) "$1" python3 -m cuflash.precompile \
-            --arch sm_90 --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-            -j 16) | tail -n 1
+            --arch sm_90 "${AB_KERNELS[@]}" -j 16) | tail -n 1
     done
 }
 
@@ -245,26 +251,22 @@ stage_ab() {
     # warms would otherwise favour the tree that runs first (the fourteenth session's
     # control, the same kernels in two trees, read 1% lower in the second).
     local order
-    order="${AB_TREES:-abtree} ."
-    for pass in $(seq "${AB_PASSES:-2}"); do
+    order="$AB_TREES ."
+    for pass in $(seq "$AB_PASSES"); do
         [ "$pass" -gt 1 ] && order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
         for tree in $order; do
             [ "$(left)" -lt 120 ] && break 2
             echo "=== pass $pass: $tree" >> "$OUT/ab.log"
             rm -rf /tmp/ab
             PYTHONPATH=$tree:$PYTHONPATH run $(($(left) - 30)) "$OUT/ab.log" python3 \
-                bench/sweep.py --out /tmp/ab \
-                --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
-                --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-                --seqlens "${AB_SEQLENS:-4096,16384}" --causal "${AB_CAUSAL:-both}" \
-                --modes "${AB_MODES:-fwd,bwd}" \
-                --no-check --stop-after $(($(left) - 60)) > /dev/null
+                bench/sweep.py --out /tmp/ab "${AB_SWEEP[@]}" \
+                --stop-after $(($(left) - 60)) > /dev/null
             cat /tmp/ab/sweep.md >> "$OUT/ab.log" 2>/dev/null
         done
     done
     local runs want
     runs=$(grep -c '^=== pass' "$OUT/ab.log")
-    want=$((${AB_PASSES:-2} * ($(echo ${AB_TREES:-abtree} | wc -w) + 1)))
+    want=$((AB_PASSES * ($(echo $AB_TREES | wc -w) + 1)))
     if [ "$runs" -lt "$want" ]; then
         local why="stopped with $(left) s of BUDGET left; a run starts only with 120"
         summary ab "$runs of $want runs ($why)"
@@ -276,11 +278,8 @@ stage_ab() {
 stage_abturns() {
     precompile_trees "$OUT/abturns.log"
     run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py --out "$OUT/abturns" \
-        --impls "${AB_IMPLS:-cuflash,cuflash-softcap,cuflash-alibi}" \
-        --trees "$(echo "${AB_TREES:-abtree} ." | tr ' ' ',')" \
-        --dtypes "${AB_DTYPES:-bf16}" --headdims "${AB_HEADDIMS:-64,128}" \
-        --seqlens "${AB_SEQLENS:-4096,16384}" --causal "${AB_CAUSAL:-both}" \
-        --modes "${AB_MODES:-fwd,bwd}" --no-check --stop-after $(($(left) - 40)) > /dev/null
+        "${AB_SWEEP[@]}" --trees "$(echo "$AB_TREES ." | tr ' ' ',')" \
+        --stop-after $(($(left) - 40)) > /dev/null
     summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns/sweep.md" 2>/dev/null) tree rows"
 }
 
