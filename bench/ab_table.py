@@ -13,9 +13,19 @@ A pass is the lines after ``=== pass N: TREE`` (TREE ``.`` is this tree); its ro
 sweep's progress lines (``[ 3/12] bwd    bf16 hd128 full   seqlen  4096: TFLOP/s cuflash
 499.6 | cuflash-det 458.0``), the first of each (mode, dtype, head dim, mask, seqlen) in the
 pass. Entries that are not numbers (a failed implementation) are left out. No GPU is needed.
+
+The abturns stage's sweeps (``bench/sweep.py --trees``, the trees in turns in one process,
+once in each order: the tree listed later reads 2-4% faster with the same kernels):
+
+    python bench/ab_table.py --turns abturns abturns_swapped
+                                  per row, this tree's ratio to each other tree in each sweep
+                                  and their geometric mean
 """
 import argparse
 import collections
+import json
+import math
+import os
 import re
 import statistics
 import sys
@@ -92,10 +102,41 @@ def table(samples, trees, impls=None, spread=False, base=None):
     return "\n".join(lines)
 
 
+def turns_table(sweeps) -> str:
+    """The markdown table of ``--turns``: ``sweeps`` are sweep.json records of sweeps with
+    trees (implementations named IMPL@TREE); per row, implementation and other tree, the
+    ratio of this tree's TFLOP/s to that tree's in each sweep and the geometric mean."""
+    ratios = collections.defaultdict(list)
+    for sweep in sweeps:
+        for row in sweep["rows"]:
+            key = (row["mode"], row["dtype"], row["headdim"],
+                   "causal" if row["causal"] else "full", row["seqlen"])
+            got = {name: r["tflops"] for name, r in row["results"].items() if "tflops" in r}
+            for name, value in got.items():
+                impl, _, tree = name.partition("@")
+                this = got.get(f"{impl}@{THIS}")
+                if tree and tree != THIS and this:
+                    ratios[key + (impl, tree)].append(this / value)
+    head = ["mode", "dtype", "impl", "hd", "mask", "seqlen", "tree", "each sweep",
+            "geometric mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(ratios, key=lambda k: (k[0], k[1], k[5], k[6], k[2], k[3] != "full",
+                                             k[4])):
+        mode, dtype, hd, mask, seqlen, impl, tree = key
+        each = ratios[key]
+        mean = math.exp(statistics.fmean(math.log(x) for x in each))
+        lines.append(f"| {mode} | {dtype} | {impl} | {hd} | {mask} | {seqlen} | `. / {tree}` "
+                     f"| {' '.join(f'{x:.3f}' for x in each)} | {mean:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log", help="the ab stage's log ($OUT/ab.log)")
+    parser.add_argument("log", nargs="?", help="the ab stage's log ($OUT/ab.log)")
+    parser.add_argument("--turns", nargs="+", metavar="SWEEP",
+                        help="instead: the abturns stage's sweeps (directories holding "
+                             "sweep.json, or the files)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=None,
                         help="comma-separated implementations to show (default: all)")
     parser.add_argument("--spread", action="store_true",
@@ -104,6 +145,15 @@ def main(argv=None):
                         help="ratios of every other tree to this one (default: this tree, "
                              "'.', to each other)")
     args = parser.parse_args(argv)
+    if args.turns:
+        sweeps = []
+        for path in args.turns:
+            with open(os.path.join(path, "sweep.json") if os.path.isdir(path) else path) as f:
+                sweeps.append(json.load(f))
+        print(turns_table(sweeps))
+        return
+    if args.log is None:
+        parser.error("a log, or --turns")
     with open(args.log) as f:
         samples, trees = parse(f)
     if not samples:

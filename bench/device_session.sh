@@ -60,9 +60,11 @@
 #             (`python bench/ab_table.py ab.log --spread`: means per tree, ratios)      ~8
 #   abturns   the trees of ab in one process (sweep.py --trees: each tree's cuflash loaded
 #             beside the others), their runs in turns, so that every tree meets the same
-#             clock (the card slows as it warms); the same $AB_* variables; sweep.md's
-#             "Trees" table has each tree's TFLOP/s, its runs' range and its ratio to the
-#             first tree                                                                 ~4
+#             clock (the card slows as it warms); twice, the trees in one order and then
+#             in the reverse one (the tree listed later reads 2-4% faster with the same
+#             kernels); the same $AB_* variables; each sweep.md's "Trees" table has each
+#             tree's TFLOP/s, its runs' range and its ratio to the first tree, and the log
+#             this tree's ratio to each other in both sweeps and their geometric mean   ~6
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -277,10 +279,20 @@ stage_ab() {
 
 stage_abturns() {
     precompile_trees "$OUT/abturns.log"
-    run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py --out "$OUT/abturns" \
-        "${AB_SWEEP[@]}" --trees "$(echo "$AB_TREES ." | tr ' ' ',')" \
+    # Two sweeps, the trees in one order, then in the reverse one: in one process the tree
+    # listed later read 2-4% faster with the same kernels (twenty-eighth session), so a
+    # ratio is the geometric mean of the two (bench/ab_table.py --turns, into the log).
+    local order swapped
+    order=$(echo "$AB_TREES ." | tr ' ' ',')
+    swapped=$(echo "$AB_TREES ." | tr ' ' '\n' | tac | paste -sd,)
+    run $(($(left) / 2)) "$OUT/abturns.log" python3 bench/sweep.py --out "$OUT/abturns" \
+        "${AB_SWEEP[@]}" --trees "$order" --stop-after $(($(left) / 2 - 30)) > /dev/null
+    run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py \
+        --out "$OUT/abturns_swapped" "${AB_SWEEP[@]}" --trees "$swapped" \
         --stop-after $(($(left) - 40)) > /dev/null
-    summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns/sweep.md" 2>/dev/null) tree rows"
+    python3 bench/ab_table.py --turns "$OUT/abturns" "$OUT/abturns_swapped" \
+        >> "$OUT/abturns.log" 2>&1
+    summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns.log") rows of ratios in both orders"
 }
 
 stage_look() {

@@ -641,6 +641,25 @@ NVIDIA H100 80GB HBM3: cupy 14.2.0; implementations: cuflash, cuflash-det
         ab_table.table(samples, trees, base="main")
 
 
+def test_ab_table_turns_means_both_orders():
+    """bench/ab_table.py --turns: per row and implementation, this tree's ratio to each other
+    tree in every sweep, and their geometric mean; failed entries left out."""
+    import ab_table
+
+    def sweep(this, other, det=None):
+        results = {"cuflash@.": {"tflops": this}, "cuflash@abtree": {"tflops": other},
+                   "cuflash-det@.": {"error": "x"}}
+        if det:
+            results["cuflash-det@abtree"] = {"tflops": det}
+        return {"rows": [{"mode": "bwd", "dtype": "bf16", "headdim": 256, "causal": True,
+                          "seqlen": 4096, "results": results}]}
+
+    text = ab_table.turns_table([sweep(104.0, 100.0, 90.0), sweep(96.0, 100.0)])
+    assert "| bwd | bf16 | cuflash | 256 | causal | 4096 | `. / abtree` | 1.040 0.960 " \
+           "| 0.999 |" in text
+    assert "cuflash-det" not in text
+
+
 # ----------------------------------------------------------------- GPU: pytest-benchmark
 
 @pytest.fixture(scope="module")
