@@ -15,7 +15,8 @@ sweep's progress lines (``[ 3/12] bwd    bf16 hd128 full   seqlen  4096: TFLOP/s
 pass. Entries that are not numbers (a failed implementation) are left out. No GPU is needed.
 
 The abturns stage's sweeps (``bench/sweep.py --trees``, the trees in turns in one process,
-once in each order: the tree listed later reads 2-4% faster with the same kernels):
+once in each order: one sweep reads identical trees up to 4% apart, at times favouring the
+tree listed later):
 
     python bench/ab_table.py --turns abturns abturns_swapped
                                   per row, this tree's ratio to each other tree in each sweep

@@ -61,10 +61,11 @@
 #   abturns   the trees of ab in one process (sweep.py --trees: each tree's cuflash loaded
 #             beside the others), their runs in turns, so that every tree meets the same
 #             clock (the card slows as it warms); twice, the trees in one order and then
-#             in the reverse one (the tree listed later reads 2-4% faster with the same
-#             kernels); the same $AB_* variables; each sweep.md's "Trees" table has each
-#             tree's TFLOP/s, its runs' range and its ratio to the first tree, and the log
-#             this tree's ratio to each other in both sweeps and their geometric mean   ~6
+#             in the reverse one (one sweep reads identical trees up to 4% apart, at times
+#             favouring the later one); the same $AB_* variables; each sweep.md's "Trees"
+#             table has each tree's TFLOP/s, its runs' range and its ratio to the first
+#             tree, and the log this tree's ratio to each other in both sweeps and their
+#             geometric mean                                                            ~6
 #   look      the first call when device time is scarce: bench/diagnose.py smoke, then
 #             bench/sweep.py at bf16, head dims 64/128/256, 4k/16k, fwd and bwd, cuflash
 #             and its deterministic mode against torch and JAX cuDNN and FA3          <=9
@@ -279,9 +280,9 @@ stage_ab() {
 
 stage_abturns() {
     precompile_trees "$OUT/abturns.log"
-    # Two sweeps, the trees in one order, then in the reverse one: in one process the tree
-    # listed later read 2-4% faster with the same kernels (twenty-eighth session), so a
-    # ratio is the geometric mean of the two (bench/ab_table.py --turns, into the log).
+    # Two sweeps, the trees in one order, then in the reverse one: one sweep reads identical
+    # trees up to 4% apart, at times favouring the tree listed later (twenty-eighth
+    # session), so a ratio is the geometric mean of the two (bench/ab_table.py --turns).
     local order swapped
     order=$(echo "$AB_TREES ." | tr ' ' ',')
     swapped=$(echo "$AB_TREES ." | tr ' ' '\n' | tac | paste -sd,)
