@@ -69,6 +69,14 @@ def parse(lines):
     return samples, trees
 
 
+def row_order(key):
+    """The tables' row order: mode, dtype, implementation (then anything past the first six
+    fields, a tree), head dim, mask (full first), seqlen; key: (mode, dtype, head dim, mask,
+    seqlen, implementation, ...)."""
+    mode, dtype, hd, mask, seqlen, impl = key[:6]
+    return (mode, dtype, impl, *key[6:], hd, mask != "full", seqlen)
+
+
 def table(samples, trees, impls=None, spread=False, base=None):
     """The markdown table; rows in mode, dtype, impl, head dim, mask, seqlen order. Ratios:
     this tree's to each other tree's, or with ``base`` every other tree's to base's."""
@@ -82,8 +90,7 @@ def table(samples, trees, impls=None, spread=False, base=None):
     head = ["mode", "dtype", "impl", "hd", "mask", "seqlen"] + [f"`{t}`" for t in trees]
     head += [f"`{a}` / `{b}`" for a, b in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = sorted(samples, key=lambda k: (k[0], k[1], k[5], k[2], k[3] != "full", k[4]))
-    for key in order:
+    for key in sorted(samples, key=row_order):
         mode, dtype, hd, mask, seqlen, impl = key
         if impls and impl not in impls:
             continue
@@ -121,8 +128,7 @@ def turns_table(sweeps) -> str:
     head = ["mode", "dtype", "impl", "hd", "mask", "seqlen", "tree", "each sweep",
             "geometric mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in sorted(ratios, key=lambda k: (k[0], k[1], k[5], k[6], k[2], k[3] != "full",
-                                             k[4])):
+    for key in sorted(ratios, key=row_order):
         mode, dtype, hd, mask, seqlen, impl, tree = key
         each = ratios[key]
         mean = math.exp(statistics.fmean(math.log(x) for x in each))

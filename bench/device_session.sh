@@ -291,9 +291,11 @@ stage_abturns() {
     run $(($(left) - 10)) "$OUT/abturns.log" python3 bench/sweep.py \
         --out "$OUT/abturns_swapped" "${AB_SWEEP[@]}" --trees "$swapped" \
         --stop-after $(($(left) - 40)) > /dev/null
-    python3 bench/ab_table.py --turns "$OUT/abturns" "$OUT/abturns_swapped" \
-        >> "$OUT/abturns.log" 2>&1
-    summary abturns "$(grep -c '^| [fb]w' "$OUT/abturns.log") rows of ratios in both orders"
+    # Into the log, which also holds both sweeps' tables: the count is of this one's rows.
+    local ratios
+    ratios=$(python3 bench/ab_table.py --turns "$OUT/abturns" "$OUT/abturns_swapped" 2>&1)
+    echo "$ratios" >> "$OUT/abturns.log"
+    summary abturns "$(grep -c '^| [fb]w' <<< "$ratios") rows of ratios in both orders"
 }
 
 stage_look() {
