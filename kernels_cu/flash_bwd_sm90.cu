@@ -72,33 +72,45 @@
 namespace cuflash {
 
 // D is the head dim of Q and K, DV that of V and dO (the API passes one head dim today; the
-// kernel takes DeepSeek-style pairs such as 128 / 64 already).
-template <int D, int BLOCK_R, int DV = D>
+// kernel takes DeepSeek-style pairs such as 128 / 64 already). KEYS a CTA, 64 an MMA
+// warpgroup: two (128) everywhere, or three (192) at head dim 64 with one 64-query
+// sub-block a step, where the elementwise work of soft-cap wants more warps a scheduler.
+template <int D, int KEYS, int BLOCK_R, int DV = D>
 struct BwdSm90Traits {
-  static constexpr int BLOCK_C = 128;  // keys per CTA: 2 MMA warpgroups x 64
-  static constexpr int THREADS = 384;  // the producer warpgroup, then the 2 MMA warpgroups
-  // dS^T buffers. Three at head dim 128: step j writes buffer j % 3, and the two MMA
-  // warpgroups hand it over without a barrier of both a step (see ready() in the MMA
-  // warpgroups' loop). Two at head dim 64 (a third beside its three stages would exceed
-  // shared memory by 1 KiB): both warpgroups then meet at one barrier a step.
-  static constexpr int DS_BUFS = D == 128 ? 3 : 2;
-  static constexpr bool HAND_OVER = DS_BUFS == 3;
-  // Buffers of the Q, dO, lse, delta ring. A stage comes back when the later warpgroup's
+  static constexpr int BLOCK_C = KEYS;
+  static constexpr int WGS = BLOCK_C / 64;         // MMA warpgroups
+  static constexpr int THREADS = 128 * (1 + WGS);  // the producer warpgroup, then the MMA ones
+  // dS^T buffers. Three with a hand-over (head dim 128; three warpgroups): step j writes
+  // buffer j % 3, and the warpgroups hand it over without a barrier of all a step (see
+  // ready() in the MMA warpgroups' loop). Two at head dim 64 with two warpgroups (a third
+  // beside its three stages would exceed shared memory by 1 KiB): both warpgroups then meet
+  // at one barrier a step.
+  static constexpr bool HAND_OVER = D == 128 || WGS == 3;
+  static constexpr int DS_BUFS = HAND_OVER ? 3 : 2;
+  // Buffers of the Q, dO, lse, delta ring. A stage comes back when the last warpgroup's
   // dK of its step is done. Three where the warpgroups meet every step: a reload then has
-  // a step and a half to land, not half a step (causal +4-5% at head dim 64). Two with the
-  // hand-over, where a third measured up to 5% slower (docs/notes/backward.md).
-  static constexpr int STAGES = HAND_OVER ? 2 : 3;
-  // Registers after setmaxnreg, within the 168 a thread that __launch_bounds__(384, 1)
-  // hands out at launch: what the producer gives back, the MMA warpgroups take. dK and dV
-  // take (D + DV) / 2: at 128 + 128 the MMA warpgroups need 240 (P^T's own 16 registers
-  // beside them, S^T and dP^T); below, 232, and the producer keeps 40 (24 spilled its step
-  // count in varlen instantiations at head dim 64).
+  // a step and a half to land, not half a step (causal +4-5% at head dim 64), and with three
+  // warpgroups, which drift apart by up to a step. Two with the hand-over at head dim 128,
+  // where a third measured up to 5% slower (docs/notes/backward.md).
+  static constexpr int STAGES = D == 128 ? 2 : 3;
+  // Registers after setmaxnreg, within the LAUNCH_REGS a thread that
+  // __launch_bounds__(THREADS, 1) hands out at launch (168 for two MMA warpgroups, 128 for
+  // three): what the producer gives back, the MMA warpgroups take. dK and dV take (D + DV) /
+  // 2: at 128 + 128 the MMA warpgroups need 240 (P^T's own 16 registers beside them, S^T and
+  // dP^T); below, 232, and the producer keeps 40 (24 spilled its step count in varlen
+  // instantiations at head dim 64). Three MMA warpgroups share what is left of 32 for the
+  // producer: 160, for one sub-block's S^T and dP^T.
   static constexpr bool WIDE_ACC = D + DV >= 256;
-  static constexpr int PRODUCER_REGS = WIDE_ACC ? 24 : 40, MMA_REGS = WIDE_ACC ? 240 : 232;
-  static_assert(128 * PRODUCER_REGS + 256 * MMA_REGS <= 168 * THREADS, "registers");
+  static constexpr int PRODUCER_REGS = WGS == 3 ? 32 : WIDE_ACC ? 24 : 40;
+  static constexpr int MMA_REGS = WGS == 3 ? 160 : WIDE_ACC ? 240 : 232;
+  static constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;
+  static_assert(128 * PRODUCER_REGS + 128 * WGS * MMA_REGS <= LAUNCH_REGS * THREADS, "registers");
+  // The producer's warps 1 and 2 hold the deterministic dQ turns of two MMA warpgroups
+  // (bwd_sm90_turn_agent); with three, the MMA warpgroups wait for their turns themselves.
+  static constexpr bool TURN_AGENTS = WGS == 2;
   static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
-  static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of 128 key rows)
+  static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of BLOCK_C key rows)
   static constexpr int K_BYTES = K_BLK * (D / 64);
   static constexpr int V_BYTES = K_BLK * (DV / 64);
   static constexpr int Q_BYTES = Q_BLK * (D / 64);
@@ -120,8 +132,9 @@ struct BwdSm90Traits {
   // + 1 KiB to align the tiles to 1024 bytes (the 128B swizzle's period).
   static constexpr int SMEM_BYTES = OFF_DQ + (DQ_WRITER ? 2 * DQ_TILE_BYTES : 0) + 1024;
   static_assert(DV % 64 == 0, "whole 128-byte swizzle rows");
-  static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 && BLOCK_R * D == 8192,
-                "a warpgroup's dQ share is one 64 x 64 tile");
+  static_assert(D % 64 == 0 && BLOCK_R % 64 == 0 &&
+                    (WGS == 2 ? BLOCK_R * D == 8192 : WGS == 3 && BLOCK_R == 64 && D + DV == 128),
+                "a step's dQ: a 64 x 64 tile a warpgroup (two), or one (three, in turn)");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
   static_assert(OFF_DS % 1024 == 0 && DS_BYTES % 1024 == 0 && DS_BLK % 1024 == 0,
                 "the dS^T stores' XOR addressing");
@@ -404,8 +417,8 @@ struct BwdSm90Maps {
 
 // The ring's mbarriers of bwd_sm90 and bwd_sm90_wide, at shared address `bars` (an array of
 // 2 STAGES + 1): "full" per stage, `full_arrivals` (one per producer warp, or the one TMA
-// thread's); "empty" per stage, one per MMA warp; then full_kv for K and V, one per
-// producer warp.
+// thread's); "empty" per stage, `empty_arrivals` (one per MMA warp); then full_kv for K and
+// V, one per producer warp.
 template <int STAGES>
 struct BwdRing {
   uint32_t bars;
@@ -413,10 +426,10 @@ struct BwdRing {
   __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 * (STAGES + s); }
   __device__ __forceinline__ uint32_t full_kv() const { return bars + 16 * STAGES; }
   // By one thread, before a CTA barrier.
-  __device__ __forceinline__ void init(uint32_t full_arrivals) const {
+  __device__ __forceinline__ void init(uint32_t full_arrivals, uint32_t empty_arrivals) const {
     for (int s = 0; s < STAGES; ++s) {
       sm90::mbar_init(full(s), full_arrivals);
-      sm90::mbar_init(empty(s), 8);
+      sm90::mbar_init(empty(s), empty_arrivals);
     }
     sm90::mbar_init(full_kv(), 4);
     sm90::fence_barrier_init();
@@ -646,14 +659,15 @@ __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p, const Bw
   }
 }
 
-template <typename T, int D, int BLOCK_R, int OPTS, bool VARLEN = false, int DV = D>
-__global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdParams p,
-                                                   const __grid_constant__ BwdSm90Maps maps) {
-  using Tr = BwdSm90Traits<D, BLOCK_R, DV>;
+template <typename T, int D, int BLOCK_C, int BLOCK_R, int OPTS, bool VARLEN = false,
+          int DV = D>
+__global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREADS, 1)
+    bwd_sm90(const __grid_constant__ BwdParams p, const __grid_constant__ BwdSm90Maps maps) {
+  using Tr = BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>;
   using Mma = sm90::Wgmma<T, 64>;       // S^T, dP^T: m64n64 per 64-query sub-block
   using MmaD = sm90::Wgmma<T, D>;       // dK: m64 n D
   using MmaV = sm90::Wgmma<T, DV>;      // dV: m64 n DV
-  constexpr int BLOCK_C = Tr::BLOCK_C, STAGES = Tr::STAGES;
+  constexpr int STAGES = Tr::STAGES, WGS = Tr::WGS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
@@ -679,7 +693,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 
   if (tid == 0) {
     if (writes_dq) dq_writer.init();
-    ring.init(maps.tma<VARLEN>() ? 1 : 4);  // ends with the fence of every init
+    ring.init(maps.tma<VARLEN>() ? 1 : 4, 4 * WGS);  // ends with the fence of every init
   }
   __syncthreads();
 
@@ -687,10 +701,12 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid, false,
                                                     0, dq_writer, writes_dq);
-    bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
-        p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
-          return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
-        });
+    if constexpr (Tr::TURN_AGENTS)
+      bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
+          p, maps, key_block, b, o0, hkv, tid,
+          [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+            return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
+          });
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -700,33 +716,50 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
     const bool first_warp = __shfl_sync(0xffffffffu, wq, 0) == 0;  // of its warpgroup
     const int g = lane / 4, qd = lane % 4;
 
-    // The hand-over of dS^T between the two MMA warpgroups (HAND_OVER): warpgroup w writes
-    // its half of dS^T_j into buffer j % 3, then arrives at named barrier ready(w, j)
+    // The hand-over of dS^T to the dQ tiles (HAND_OVER). Two MMA warpgroups: warpgroup w
+    // writes its half of dS^T_j into buffer j % 3, then arrives at named barrier ready(w, j)
     // (bar.arrive: it does not wait); the dQ tile of step j waits at ready(other, j)
     // (bar.sync of 256 threads: the other's 128 arrivals and this warpgroup's 128, so it
     // also orders this warpgroup's own dS^T stores). Reuse: a warpgroup writes buffer
     // j % 3 again at step j + 3 after it waited at ready(other, j + 1) or (j + 2), which
     // the other arrived at after its dQ tile of step j; and it arrives at ready(w, j + 3),
     // the barrier of step j, only after the other's wait there.
+    // Three: step j's one dQ tile is warpgroup j % 3's, at the start of step j + 1; the
+    // other two arrive at ready(0, j) (384 threads) once their thirds of dS^T_j are in
+    // buffer j % 3, and the reader waits there. Reuse: of the warpgroups that write buffer
+    // j % 3 at step j + 3, that of j + 1 waited (its dQ tile) for the reader's arrival of
+    // step j + 1, that of j + 2 for its arrival of step j + 2, both after the reader's tile
+    // of step j; and both arrive at the barrier of step j again after those waits.
     // Without HAND_OVER, both meet at named barrier 3 at the start of each step, after this
     // thread's dS^T stores of the step before are ordered before the async proxy.
     auto ready = [&](int w, int j) { return 4 + 3 * w + j % 3; };  // named barriers 4..9
+    auto reads_dq = [&](int j) { return WGS == 2 || wg == j % 3; };  // step j's dQ tile
+    auto handed_over = [&](int j) {  // this warpgroup's dS^T_j, to the dQ tile(s)
+      sm90::fence_proxy_async();
+      if constexpr (WGS == 2)
+        sm90::named_barrier_arrive(ready(wg, j), 256);
+      else if (!reads_dq(j))
+        sm90::named_barrier_arrive(ready(0, j), 384);
+    };
 
-    // dQ_j += dS_j K for the dS^T of iteration j (both warpgroups' halves in smem): this
+    // dQ_j += dS_j K for the dS^T of iteration j (every warpgroup's part in smem): this
     // warpgroup's 64 x 64 tile, added into dq_accum from its accumulators.
     const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
     const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
     auto step_barrier = [&] {  // without HAND_OVER
       sm90::fence_proxy_async();
-      sm90::named_barrier(3, 256);
+      sm90::named_barrier(3, 128 * WGS);
     };
     // Deterministic with the TMA producer: producer warp 1 + wg holds this warpgroup's
     // turns (bwd_sm90_turn_agent).
-    const bool agent = maps.agents<VARLEN>(p);
+    const bool agent = Tr::TURN_AGENTS && maps.agents<VARLEN>(p);
     // (h, r: step j's head and first query row.) Deterministic: returns the tile's semaphore
     // index for pass_turn (-1: none, or the agent passes it).
     auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
-      if constexpr (Tr::HAND_OVER) sm90::named_barrier(ready(1 - wg, j), 256);
+      if constexpr (WGS == 3)
+        sm90::named_barrier(ready(0, j), 384);
+      else if constexpr (Tr::HAND_OVER)
+        sm90::named_barrier(ready(1 - wg, j), 256);
       const uint32_t ds_tile =
           base + Tr::OFF_DS + (j % Tr::DS_BUFS) * Tr::DS_BYTES + qblk * Tr::DS_BLK;
       const uint32_t k_tile = base + Tr::OFF_K + dblk * Tr::K_BLK;
@@ -794,7 +827,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // Warpgroup 0 computes the dQ tile of step it - 1 first, warpgroup 1 last: their
       // tensor-core phases (dQ, S/dP, dV/dK) then interleave with each other's elementwise
       // work instead of running in step (they meet only where one waits for the other's
-      // dS^T, see ready()).
+      // dS^T, see ready()). With three, warpgroup (it - 1) % 3 first, which staggers them.
       constexpr int SB = BLOCK_R / 64;
       // S^T and dP^T of the sub-blocks; before and after them, dp[SB - 1] holds the dQ
       // tile (the same registers: wgmma accumulators are fixed ranges, and a 32-register dQ
@@ -803,7 +836,8 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       // before the last dP^T, does not wait for that.
       float s[SB][32], dp[SB][32];
       uint32_t pf[16];  // P^T of a sub-block in 16 bits, the A fragments of dV (P_UNDER_DP)
-      if (wg == 0 && it > 0) held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
+      if (it > 0 && (WGS == 3 ? reads_dq(it - 1) : wg == 0))
+        held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
       sm90::mbar_wait(ring.full(buf), (it / STAGES) & 1);  // Q, dO, lse, delta of step it
 
       // Sub-blocks of 64 queries: S^T and dP^T are m64n64 (32 floats a thread each), which
@@ -820,8 +854,9 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       };
       // S^T and dP^T are committed apart, and P is computed while the dP^T wgmmas still run
       // (FA3 overlaps them so); with both score options tested per element (OPTS_RUNTIME)
-      // the elements wait for both.
-      constexpr bool P_UNDER_DP = (OPTS & OPTS_RUNTIME) == 0;
+      // the elements wait for both, as with three warpgroups, whose 160 registers hold no
+      // P^T beside S^T and dP^T (there the other warpgroups' wgmmas run under the elements).
+      constexpr bool P_UNDER_DP = (OPTS & OPTS_RUNTIME) == 0 && WGS == 2;
       auto issue_s = [&](int sb, float(&s_)[32]) {
         const uint32_t q_s = base + Tr::OFF_Q + buf * Tr::Q_BYTES + sb * 64 * 128;
 #pragma unroll
@@ -1007,10 +1042,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh)
             sm90::sts_u32((ds_chunk0 ^ (16 * t)) + 1024 * hh, dsa(t / 2, (t & 1) * 2 + hh));
-        if (Tr::HAND_OVER && sb + 1 == SB) {  // this warpgroup's dS^T, to the dQ tiles
-          sm90::fence_proxy_async();
-          sm90::named_barrier_arrive(ready(wg, it), 256);
-        }
+        if (Tr::HAND_OVER && sb + 1 == SB) handed_over(it);
 
         // In FA3's order, S^T of the next sub-block goes first, in a group of its own, so
         // that the next P waits neither for this dK nor for the next dP^T.
@@ -1049,7 +1081,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
         sm90::fence_regs<16>(s[SB - 1]);
       __syncwarp();  // the stage's Q, dO, lse and delta are read: back to the producer
       sm90::mbar_arrive_if(ring.empty(buf), lane == 0);
-      if (wg == 1 && it > 0) held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
+      if (WGS == 2 && wg == 1 && it > 0) held = dq_step(it - 1, h_prev, r_prev, dp[SB - 1]);
       h_prev = h;
       r_prev = r0;
       if (++sblk == steps.n_sblocks) {
@@ -1058,22 +1090,22 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90(const __grid_constant__ BwdPa
       }
     }
     pass_turn(held);
-    if (steps.iters > 0) {
+    if (steps.iters > 0 && reads_dq(steps.iters - 1)) {
       if constexpr (!Tr::HAND_OVER) step_barrier();
       float dq[32];
       pass_turn(dq_step(steps.iters - 1, h_prev, r_prev, dq));
     }
 
     // dV and dK through the warpgroup's rows of V and K, each written by the warpgroup
-    // alone: its rows of V are read by its own wgmmas only, all done; K is read by both
-    // warpgroups' dQ tiles, whose last is done at named barrier 14 (256 threads). With no
+    // alone: its rows of V are read by its own wgmmas only, all done; K is read by every
+    // warpgroup's dQ tiles, whose last is done at named barrier 14 (all MMA threads). With no
     // step, the producer loaded neither.
     const auto [w, first] = bwd_sm90_rows_out(krow);  // key0
     bwd_sm90_store_rows<T, DV>(base + Tr::OFF_V + w * 64 * 128, Tr::K_BLK, dv, 1.f, 1 + w,
                                static_cast<T*>(p.dv) + seq.b * p.dv_batch_stride +
                                    (seq.k0 + first) * p.dv_row_stride + hkv * p.dv_head_stride,
                                p.dv_row_stride, seq.seqlen_k() - first, a.headdim);
-    sm90::named_barrier(14, 256);
+    sm90::named_barrier(14, 128 * WGS);
     bwd_sm90_store_rows<T, D>(base + Tr::OFF_K + w * 64 * 128, Tr::K_BLK, dk, a.scale, 1 + w,
                               static_cast<T*>(p.dk) + seq.b * p.dk_batch_stride +
                                   (seq.k0 + first) * p.dk_row_stride + hkv * p.dk_head_stride,
@@ -1164,7 +1196,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
     const BwdKeyBlock<BLOCK_C> key_block(p);
     if (key_block.n * BLOCK_C >= SeqView<true>(a, key_block.b).seqlen_k()) return;
   }
-  if (tid == 0) ring.init(maps.tma<VARLEN>() ? 1 : 4);
+  if (tid == 0) ring.init(maps.tma<VARLEN>() ? 1 : 4, 8);
   __syncthreads();
 
   // The CTA's key blocks, one a phase (BwdKeyBlock): between two, all its threads meet at

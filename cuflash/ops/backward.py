@@ -120,34 +120,51 @@ F32_TILES = (F32Tile(32, "4 scores a thread; 138 KiB at hd 256"),
 
 @dataclass(frozen=True)
 class Sm90Tile:
-    block_r: int   # queries per step (block_r * headdim = 8192: a warpgroup's dQ tile is 64x64)
+    keys: int      # keys per CTA, 64 an MMA warpgroup
+    block_r: int   # queries per step (two warpgroups: block_r * headdim = 8192, a 64x64 dQ
+                   # tile each; three: one 64x64 tile a step, in turn)
+    stages: int    # buffers of Q, dO, lse and delta (BwdSm90Traits::STAGES says why)
+    ds_bufs: int   # dS^T buffers (BwdSm90Traits::DS_BUFS)
     reason: str
 
+    @property
+    def threads(self) -> int:  # the producer warpgroup and the MMA warpgroups
+        return 128 * (1 + self.keys // 64)
 
-# bwd_sm90: K and V of SM90_KEYS keys resident per CTA, a producer warpgroup (cp.async
-# into a ring of SM90_STAGES[hd] buffers of Q, dO, lse and delta) and 2 MMA warpgroups, dQ
+
+# bwd_sm90: K and V of a tile's keys resident per CTA, a producer warpgroup (TMA or
+# cp.async into a ring of buffers of Q, dO, lse and delta) and 2 or 3 MMA warpgroups, dQ
 # added by 16-byte red.global.add from the accumulators. It serves fp16/bf16 at head dims
 # up to 128, padded to 64 or 128 (sm90_headdim), soft-cap and ALiBi included, deterministic
 # mode too (each dQ tile's adds take turns in key-block order, through one int semaphore
 # per 4096-float tile of dq_accum). bwd_sm90_wide serves head dims over 128 (padded to 256)
 # the same way: SM90_WIDE_KEYS keys per CTA, the MMA warpgroups splitting the head dim, a
-# ring of SM90_WIDE_STAGES. bwd_main serves the rest.
-SM90_KEYS, SM90_THREADS = 128, 384
-SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES = 64, 256, 2
+# ring of SM90_WIDE_STAGES, SM90_WIDE_THREADS threads. bwd_main serves the rest.
+SM90_WIDE_KEYS, SM90_WIDE_HEADDIM, SM90_WIDE_STAGES, SM90_WIDE_THREADS = 64, 256, 2, 384
 # bwd_sm90_wide's paired order (_pair_offset): a CTA's switch between its two key blocks in
 # steps (the dK / dV epilogue and the next K / V load, not under a step), the launches
 # whose offset is searched, in waves, and the largest offset tried (the model's best were
 # 1-8, tools/det_schedule).
 PAIR_SWITCH, PAIR_SEARCH_WAVES, PAIR_MAX_OFFSET = 0.5, 16, 32
-# dS^T buffers and ring stages by head dim (BwdSm90Traits::DS_BUFS and STAGES say why)
-SM90_DS_BUFS, SM90_STAGES = {64: 2, 128: 3}, {64: 3, 128: 2}
 SM90_TILES = {
-    64: Sm90Tile(128, "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
-                      "dQ added once per 128 queries; 1.0-1.17x torch flash at >= 2k, "
-                      "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
-    128: Sm90Tile(64, "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
-                      "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
+    64: Sm90Tile(128, 128, 3, 2,
+                 "two 64-query sub-blocks a step (S^T of 128 queries at once spills), "
+                 "dQ added once per 128 queries; 1.0-1.17x torch flash at >= 2k, "
+                 "0.82-1.02x at 512-1024 (docs/notes/backward.md, Hopper v2)"),
+    128: Sm90Tile(128, 64, 2, 3,
+                  "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
+                  "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
 }
+# Head dim 64 with three MMA warpgroups: more warps a scheduler for the elementwise work
+# (docs/notes/backward.md, "a third MMA warpgroup"); its dQ turns are the warpgroups'
+# own, so deterministic calls keep SM90_TILES[64] and its turn agents.
+SM90_THREE = Sm90Tile(192, 64, 3, 3, "one 64-query sub-block a step in 160 registers, "
+                                     "a step's 64x64 dQ tile by one warpgroup in turn")
+
+
+def sm90_tile(hd: int, deterministic: bool) -> Sm90Tile:
+    """The bwd_sm90 tile of padded head dim ``hd``."""
+    return SM90_THREE if hd == 64 and not deterministic else SM90_TILES[hd]
 
 # BwdParams (kernels_cu/common/params.cuh).
 PARAMS = np.dtype([
@@ -269,7 +286,7 @@ def sm90_headdim(headdim: int) -> int | None:
     return next((d for d in (*SM90_TILES, SM90_WIDE_HEADDIM) if d >= headdim), None)
 
 
-def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
+def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool) -> list:
     """bwd_sm90 (``opts``: its OPTS) and its dQ conversion (dq_accum is in its own tiled
     layout)."""
     hd = sm90_headdim(headdim)
@@ -283,19 +300,19 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool) -> list:
         elements = 2 * keys * hd + 2 * SM90_WIDE_STAGES * rows * hd + 2 * keys * rows
         shared = elements * 2 + 2 * 128 * 16 * 4 + 2 * SM90_WIDE_STAGES * rows * 4 + 1024
         return [Step(SM90_FILE, f"cuflash::bwd_sm90_wide<{_cxx(dtype)}, {hd}, {opts}{v}>",
-                     "keys", keys, SM90_THREADS, shared, f"cuflash::BwdSm90WideTraits<{hd}>",
-                     rows),
+                     "keys", keys, SM90_WIDE_THREADS, shared,
+                     f"cuflash::BwdSm90WideTraits<{hd}>", rows),
                 convert]
-    br = SM90_TILES[hd].block_r
+    t = sm90_tile(hd, deterministic)
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
     # delta); at head dim 128 the dQ writer's two 64 x 64 float32 tiles; 1 KiB to align the
     # tiles to 1024 bytes.
-    stages, ds_bufs = SM90_STAGES[hd], SM90_DS_BUFS[hd]
-    elements = 2 * SM90_KEYS * hd + 2 * stages * br * hd + ds_bufs * SM90_KEYS * br
+    elements = 2 * t.keys * hd + 2 * t.stages * t.block_r * hd + t.ds_bufs * t.keys * t.block_r
     dq_tiles = 2 * 64 * 64 * 4 if hd == 128 else 0
-    shared = elements * 2 + 2 * stages * br * 4 + dq_tiles + 1024
-    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {hd}, {br}, {opts}{v}>", "keys",
-                 SM90_KEYS, SM90_THREADS, shared, f"cuflash::BwdSm90Traits<{hd}, {br}>", br),
+    shared = elements * 2 + 2 * t.stages * t.block_r * 4 + dq_tiles + 1024
+    tile = f"{hd}, {t.keys}, {t.block_r}"
+    return [Step(SM90_FILE, f"cuflash::bwd_sm90<{_cxx(dtype)}, {tile}, {opts}{v}>", "keys",
+                 t.keys, t.threads, shared, f"cuflash::BwdSm90Traits<{tile}>", t.block_r),
             convert]
 
 
@@ -305,7 +322,7 @@ def choose(p: _core.Problem, deterministic: bool, arch: str, hopper: bool = True
     benchmarks compare the two), as do soft-caps over FAST_TANH_MAX_SOFTCAP."""
     if hopper and arch == "sm_90" and p.dtype != np.float32 and sm90_headdim(p.headdim) \
             and p.fast_tanh:
-        return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen)
+        return sm90_steps(p.dtype, p.headdim, p.opts, p.varlen, deterministic)
     return mma_steps(p.dtype, p.headdim, deterministic, p.varlen,
                      limit=tiles.shared_limit(arch))
 
@@ -549,8 +566,10 @@ def _steps(arch: str):
                 for deterministic in (False, True):
                     yield from main_steps(dtype, hd, deterministic, varlen, limit=limit)
                 if arch == "sm_90" and dtype != np.float32 and sm90_headdim(hd):
-                    for options in itertools.product((False, True), repeat=2):
-                        yield from sm90_steps(dtype, hd, _core.score_opts(*options), varlen)
+                    for options, det in itertools.product(
+                            itertools.product((False, True), repeat=2), (False, True)):
+                        yield from sm90_steps(dtype, hd, _core.score_opts(*options), varlen,
+                                              det)
 
 
 def facts():
@@ -565,14 +584,14 @@ def facts():
     out += [(SM90_FILE, f"cuflash::{name}", value) for name, value in (
         ("OPTS_SOFTCAP", _core.OPTS_SOFTCAP), ("OPTS_ALIBI", _core.OPTS_ALIBI),
         ("OPTS_RUNTIME", _core.OPTS_RUNTIME))]
-    out += [(SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::BLOCK_C", SM90_KEYS),
-            (SM90_FILE, "cuflash::BwdSm90Traits<64, 128>::THREADS", SM90_THREADS),
-            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::BLOCK_C", SM90_WIDE_KEYS),
-            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::THREADS", SM90_THREADS),
+    out += [(SM90_FILE, "cuflash::BwdSm90WideTraits<256>::BLOCK_C", SM90_WIDE_KEYS),
+            (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::THREADS", SM90_WIDE_THREADS),
             (SM90_FILE, "cuflash::BwdSm90WideTraits<256>::STAGES", SM90_WIDE_STAGES),
-            *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.block_r}>::{name}", value[hd])
-              for hd, t in SM90_TILES.items()
-              for name, value in (("DS_BUFS", SM90_DS_BUFS), ("STAGES", SM90_STAGES)))]
+            *((SM90_FILE, f"cuflash::BwdSm90Traits<{hd}, {t.keys}, {t.block_r}>::{name}",
+               value)
+              for hd, t in (*SM90_TILES.items(), (64, SM90_THREE))
+              for name, value in (("THREADS", t.threads), ("DS_BUFS", t.ds_bufs),
+                                  ("STAGES", t.stages)))]
     out += [(s.filename, f"{s.traits}::SMEM_BYTES", s.shared_bytes)
             for s in {s for arch in tiles.CHECKED_ARCHS for s in _steps(arch)} if s.traits]
     return out
