@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const ScoreGrad grad{mod, steps.mask, false};
-        constexpr int TANH = tanh_form<T, OPTS>();
+        constexpr int TANH = WGS == 3 ? TANH_EX2_RCP : tanh_form<T, OPTS>();
         const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
         auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
