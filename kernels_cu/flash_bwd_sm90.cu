@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
         const uint32_t lse_s = base + Tr::OFF_LSE + (buf * BLOCK_R + 64 * sb) * 4;
         const uint32_t del_s = base + Tr::OFF_DELTA + (buf * BLOCK_R + 64 * sb) * 4;
         const ScoreGrad grad{mod, steps.mask, false};
-        constexpr int TANH = WGS == 3 ? TANH_EX2_RCP : tanh_form<T, OPTS>();
+        constexpr int TANH = tanh_form<T, OPTS>();
         const bool on_boundary = steps.mask.tile_needs_mask(q0, q0 + 64, key0, key0 + 64);
         auto pack = [&](float* x) {  // element pairs, in order, into x[0 .. 15]
 #pragma unroll
@@ -1035,8 +1035,12 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
         // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
         // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g): byte
         // 16 (t ^ g) + 4 qd of the row, an XOR of 16 t into the address of t = 0 (the tile
-        // is 1024-byte aligned).
-        const uint32_t ds_chunk0 = ds_s + (64 * wg + 16 * wq + g) * 128 + 16 * g + 4 * qd;
+        // is 1024-byte aligned). With three warpgroups from the thread's index read afresh:
+        // kept through the loop, the offset spills in varlen instantiations.
+        const int ds_tid = WGS == 3 ? fresh_tid() : tid, ds_lane = ds_tid % 32;
+        const uint32_t ds_chunk0 =
+            ds_s + (16 * (ds_tid / 32) - 64 + ds_lane / 4) * 128 + 16 * (ds_lane / 4) +
+            4 * (ds_lane % 4);
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll

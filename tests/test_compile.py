@@ -119,8 +119,8 @@ def test_hopper_forward_takes_a_head_dim_of_v_of_its_own(name):
 
 
 @pytest.mark.parametrize("name", [
-    "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0, false, 64>",
-    "cuflash::bwd_sm90<__half, 128, 64, 1, true, 64>",
+    "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0, false, 64>",
+    "cuflash::bwd_sm90<__half, 128, 128, 64, 1, true, 64>",
     "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, false, 128>",
     "cuflash::bwd_sm90_wide<__half, 256, 2, true, 128>",
 ])

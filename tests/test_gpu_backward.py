@@ -323,18 +323,29 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     from cuflash import ops
     pick = _pick_sm90
     assert [s.name_expression for s in pick(BF16, 128, False, "sm_90")] == [
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>",
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 128>"]
     assert pick(BF16, 128, False, "sm_80") is None
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>"         # deterministic too
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0>"         # deterministic too
     def opts(dtype, headdim, **options):
         name = pick(dtype, headdim, False, "sm_90", **options)[0].name_expression
-        return int(name.split(", ")[3].rstrip(">"))
+        return int(name.split(", ")[4].rstrip(">"))
     # OPTS (common/mask.cuh): soft-cap 1, ALiBi 2, both tested per element 4
     assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 1
     assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
     assert opts(F16, 64, alibi=True, softcap=2.0) == 4
+    # float16 soft-cap at head dim 64: three MMA warpgroups, 192 keys a CTA (not
+    # deterministic, not bfloat16, not another option)
+    assert pick(F16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 192, 64, 1>"
+    assert pick(F16, 40, False, "sm_90", softcap=2.0)[0].num_threads == 512
+    assert pick(F16, 64, True, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 128, 128, 1>"
+    assert pick(BF16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 64, 128, 128, 1>"
+    assert pick(F16, 64, False, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 128, 128, 0>"
     assert pick(F32, 128, False, "sm_90") is None
     assert pick(F16, 256, False, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90_wide<__half, 256, 0>"                # head dims over 128
@@ -352,7 +363,7 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     with launches() as launched:
         cuflash.attention_backward(dout, q, k, v, out, lse)
     names = [n for _, n in launched]
-    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0>" in names) == \
+    assert ("cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0>" in names) == \
         (device_arch() == "sm_90")
 
 

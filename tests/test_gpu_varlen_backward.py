@@ -141,23 +141,25 @@ def check(dtype, lens_q, lens_k, nheads, nheads_kv, headdim, seed=None, **opts):
 def test_dispatch_routes_varlen_to_wgmma_on_sm90():
     pick = _pick_sm90
     assert pick(BF16, 128, False, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0, true>"
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0, true>"
     got = pick(F16, 40, False, "sm_90")
     assert [s.name_expression for s in got] == [
-        "cuflash::bwd_sm90<__half, 64, 128, 0, true>",
+        "cuflash::bwd_sm90<__half, 64, 128, 128, 0, true>",
         "cuflash::bwd_convert_dq_sm90<__half, 64, true>"]
     # The two Steps of sm90_steps, which the dispatcher returns as they are.
-    assert got == ops.backward.sm90_steps(F16, 40, 0, True)
+    assert got == ops.backward.sm90_steps(F16, 40, 0, True, False)
     # Dense names end without the varlen flag; varlen follows the dense rules otherwise.
     assert pick(F16, 64, False, "sm_90", varlen=False)[0].name_expression == \
-        "cuflash::bwd_sm90<__half, 64, 128, 0>"
+        "cuflash::bwd_sm90<__half, 64, 128, 128, 0>"
     # Soft-cap / ALiBi on wgmma too.
     assert pick(BF16, 128, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 1, true>"  # OPTS_SOFTCAP
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 1, true>"  # OPTS_SOFTCAP
+    assert pick(F16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
+        "cuflash::bwd_sm90<__half, 64, 192, 64, 1, true>"  # three MMA warpgroups
     assert pick(F16, 64, False, "sm_90", alibi=True)[0].name_expression == \
-        "cuflash::bwd_sm90<__half, 64, 128, 2, true>"  # OPTS_ALIBI
+        "cuflash::bwd_sm90<__half, 64, 128, 128, 2, true>"  # OPTS_ALIBI
     assert pick(BF16, 128, True, "sm_90")[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 128, 64, 0, true>"  # deterministic too
+        "cuflash::bwd_sm90<__nv_bfloat16, 128, 128, 64, 0, true>"  # deterministic too
     assert [s.name_expression for s in pick(BF16, 200, False, "sm_90")] == [
         "cuflash::bwd_sm90_wide<__nv_bfloat16, 256, 0, true>",
         "cuflash::bwd_convert_dq_sm90<__nv_bfloat16, 256, true>"]

@@ -28,8 +28,9 @@ Legitimate differences, excluded from the comparison (each with its reason):
   SMALL_TILES). Such calls compare by the new launches' shared memory alone, which must
   fit the device (tests/test_tiles.py checks the tiles themselves).
 * bwd_main_f32 takes its streamed rows per step as a template argument (BLOCK_R, 32
-  wherever the old layer ran it), bwd_sm90 a score-modifier flag (false wherever the old
-  layer ran it): old names compare with those arguments inserted.
+  wherever the old layer ran it), bwd_sm90 its keys a CTA (128 wherever the old layer ran
+  it) and a score-modifier flag (false wherever the old layer ran it): old names compare
+  with those arguments inserted.
 * The Hopper backward runs soft-cap, ALiBi and deterministic mode since
   docs/notes/backward.md's "score modifiers on wgmma" and "deterministic on wgmma": where
   the new layer runs bwd_sm90 on sm_90 and the old one did not, the main and dQ-conversion
@@ -44,7 +45,8 @@ Legitimate differences, excluded from the comparison (each with its reason):
   check); the call's other launches compare as usual.
 * The Hopper backward is warp-specialized since docs/notes/backward.md's "v3 step 1": a
   producer warpgroup beside the two MMA warpgroups, 384 threads where the old ran 256.
-  bwd_sm90 launches compare with the old block taken as ``backward.SM90_THREADS``.
+  bwd_sm90 launches compare with the old block taken as that of its two-warpgroup tiles
+  (``backward.SM90_TILES``).
 * Its shared memory changed on purpose since "v3 step 2" (a third dS^T buffer at head dim
   128): bwd_sm90 launches compare without it (the compile check proves the planned bytes
   equal to BwdSm90Traits::SMEM_BYTES).
@@ -200,9 +202,9 @@ def _refused_shared_memory(old: dict) -> bool:
 
 def _renamed(name: str) -> str:
     """An old layer's bwd_main_f32<D, MODE> as bwd_main_f32<D, 32, MODE>, and its
-    bwd_sm90<T, D, BR[, true]> (no score options) as bwd_sm90<T, D, BR, 0[, true]>."""
+    bwd_sm90<T, D, BR[, true]> (no score options) as bwd_sm90<T, D, 128, BR, 0[, true]>."""
     name = re.sub(r"^(cuflash::bwd_main_f32<\d+), ", r"\1, 32, ", name)
-    return re.sub(r"^(cuflash::bwd_sm90<[^,]+, \d+, \d+)", r"\1, 0", name)
+    return re.sub(r"^(cuflash::bwd_sm90<[^,]+, \d+)(, \d+)", r"\1, 128\2, 0", name)
 
 
 def compare_call(call_id, old: dict, new: dict) -> list:
@@ -247,7 +249,7 @@ def compare_call(call_id, old: dict, new: dict) -> list:
         where = f"{call_id} launch {i} ({a['name']})"
         if a["name"].startswith("cuflash::bwd_sm90<"):
             from cuflash.ops import backward
-            a = dict(a, block=[backward.SM90_THREADS, 1, 1], shared=b.get("shared"))
+            a = dict(a, block=[backward.SM90_TILES[64].threads, 1, 1], shared=b.get("shared"))
         for key in ("file", "grid", "block", "shared", "smem_attr_ok", "on_device", "stream",
                     "error"):
             if a.get(key) != b.get(key):

@@ -155,16 +155,19 @@ SM90_TILES = {
                   "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
                   "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
 }
-# Head dim 64 with three MMA warpgroups: more warps a scheduler for the elementwise work
-# (docs/notes/backward.md, "a third MMA warpgroup"); its dQ turns are the warpgroups'
-# own, so deterministic calls keep SM90_TILES[64] and its turn agents.
+# Head dim 64 with three MMA warpgroups, for float16 soft-cap calls alone: more warps a
+# scheduler for its elementwise work (three MUFU an element), +6-9% there; the plain call
+# measured 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap spills with MUFU.TANH in 160
+# registers (docs/notes/backward.md, "three MMA warpgroups"). Its dQ turns would be the
+# warpgroups' own, so deterministic calls keep SM90_TILES[64] and its turn agents.
 SM90_THREE = Sm90Tile(192, 64, 3, 3, "one 64-query sub-block a step in 160 registers, "
                                      "a step's 64x64 dQ tile by one warpgroup in turn")
 
 
-def sm90_tile(hd: int, deterministic: bool) -> Sm90Tile:
-    """The bwd_sm90 tile of padded head dim ``hd``."""
-    return SM90_THREE if hd == 64 and not deterministic else SM90_TILES[hd]
+def sm90_tile(dtype, hd: int, opts: int, deterministic: bool) -> Sm90Tile:
+    """The bwd_sm90 tile of padded head dim ``hd`` (``opts``: the kernel's OPTS)."""
+    three = hd == 64 and np.dtype(dtype) == np.float16 and opts == _core.OPTS_SOFTCAP
+    return SM90_THREE if three and not deterministic else SM90_TILES[hd]
 
 # BwdParams (kernels_cu/common/params.cuh).
 PARAMS = np.dtype([
@@ -303,7 +306,7 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool
                      "keys", keys, SM90_WIDE_THREADS, shared,
                      f"cuflash::BwdSm90WideTraits<{hd}>", rows),
                 convert]
-    t = sm90_tile(hd, deterministic)
+    t = sm90_tile(dtype, hd, opts, deterministic)
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
     # delta); at head dim 128 the dQ writer's two 64 x 64 float32 tiles; 1 KiB to align the
     # tiles to 1024 bytes.
