@@ -401,6 +401,27 @@ def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
         assert diff <= 4 * ulp, f"{name}: wgmma vs mma.sync differ by {diff:.3e} (4 ulp {4 * ulp:.3e})"
 
 
+@pytest.mark.parametrize("shape,opts", [
+    ((1, 1, 1, 2, 2, 64), dict(causal=True)),
+    ((2, 17, 97, 4, 2, 64), {}),
+    ((2, 97, 17, 4, 1, 32), dict(causal=True)),
+    ((1, 193, 385, 2, 2, 64), dict(window=(100, 40))),
+    ((1, 1025, 1025, 8, 2, 48), dict(causal=True)),
+    ((2, 385, 385, 2, 2, 64), dict(layout="strided")),
+], ids=["one-key", "q17-k97", "q97-k17-causal-mqa", "k385-window", "1025-causal-gqa",
+        "strided"])
+def test_three_warpgroup_backward_matches_the_reference(shape, opts):
+    """float16 soft-cap at head dims up to 64 runs bwd_sm90 with three MMA warpgroups (192
+    keys a CTA, the step's dQ tile by one warpgroup in turn): the accuracy rule on key
+    counts around its 192-key blocks, seqlen_q != seqlen_k, masks, GQA and strided inputs."""
+    if device_arch() != "sm_90":
+        pytest.skip("the wgmma backward runs on sm_90 only")
+    with launches() as launched:
+        check(F16, *shape, softcap=4.0, seed=sum(shape), **opts)
+    names = [n for _, n in launched]
+    assert any(n.startswith("cuflash::bwd_sm90<__half, 64, 192, 64, 1") for n in names), names
+
+
 @pytest.mark.parametrize("headdim", [8, 32, 64, 96, 128, 160, 256])
 def test_wgmma_backward_loads_by_tma_and_by_cp_async_alike(monkeypatch, headdim):
     """A dense call's producer loads by TMA: every Hopper launch gets its maps of q and dout
