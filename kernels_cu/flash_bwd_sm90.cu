@@ -733,7 +733,7 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
     // Without HAND_OVER, both meet at named barrier 3 at the start of each step, after this
     // thread's dS^T stores of the step before are ordered before the async proxy.
     auto ready = [&](int w, int j) { return 4 + 3 * w + j % 3; };  // named barriers 4..9
-    auto reads_dq = [&](int j) { return WGS == 2 || wg == j % 3; };  // step j's dQ tile
+    auto reads_dq = [&](int j) { return wg == j % 3; };  // three: step j's dQ tile
     auto handed_over = [&](int j) {  // this warpgroup's dS^T_j, to the dQ tile(s)
       sm90::fence_proxy_async();
       if constexpr (WGS == 2)
@@ -1035,12 +1035,13 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
         // dS^T -> smem for the dQ of the next step: row = key (64 wg + 16 wq + g + 8 hh),
         // column = query 64 sb + 8 t + 2 qd (column block sb), swizzled (row % 8 == g): byte
         // 16 (t ^ g) + 4 qd of the row, an XOR of 16 t into the address of t = 0 (the tile
-        // is 1024-byte aligned). With three warpgroups from the thread's index read afresh:
-        // kept through the loop, the offset spills in varlen instantiations.
-        const int ds_tid = WGS == 3 ? fresh_tid() : tid, ds_lane = ds_tid % 32;
-        const uint32_t ds_chunk0 =
-            ds_s + (16 * (ds_tid / 32) - 64 + ds_lane / 4) * 128 + 16 * (ds_lane / 4) +
-            4 * (ds_lane % 4);
+        // is 1024-byte aligned).
+        uint32_t ds_chunk0 = ds_s + (64 * wg + 16 * wq + g) * 128 + 16 * g + 4 * qd;
+        if constexpr (WGS == 3) {  // the same from the thread's index read afresh: kept
+          // through the loop, the offset spills in the varlen instantiations
+          const int t = fresh_tid(), l = t % 32;
+          ds_chunk0 = ds_s + (16 * (t / 32) - 64 + l / 4) * 128 + 16 * (l / 4) + 4 * (l % 4);
+        }
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll
@@ -1094,7 +1095,7 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
       }
     }
     pass_turn(held);
-    if (steps.iters > 0 && reads_dq(steps.iters - 1)) {
+    if (steps.iters > 0 && (WGS == 2 || reads_dq(steps.iters - 1))) {
       if constexpr (!Tr::HAND_OVER) step_barrier();
       float dq[32];
       pass_turn(dq_step(steps.iters - 1, h_prev, r_prev, dq));
