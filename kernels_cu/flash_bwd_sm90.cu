@@ -13,7 +13,9 @@
 // and padded rows, so that their p is exactly 0), dq_accum zeroed.
 //
 // One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
-// two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63. K and V stay in shared
+// two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63 (or 192 keys and three,
+// BwdSm90Traits; float16 soft-cap at head dim 64, whose dQ tile a step is one warpgroup's
+// in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
 // memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
 // group that see one of its keys. The producer's 128 threads copy K and V once by cp.async;
 // then Q_i, dO_i, lse_i and delta_i go into a ring of STAGES buffers, by TMA and bulk copies

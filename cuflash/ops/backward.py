@@ -156,10 +156,11 @@ SM90_TILES = {
                   "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
 }
 # Head dim 64 with three MMA warpgroups, for float16 soft-cap calls alone: more warps a
-# scheduler for its elementwise work (three MUFU an element), +6-9% there; the plain call
-# measured 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap spills with MUFU.TANH in 160
-# registers (docs/notes/backward.md, "three MMA warpgroups"). Its dQ turns would be the
-# warpgroups' own, so deterministic calls keep SM90_TILES[64] and its turn agents.
+# scheduler for its elementwise work (three MUFU an element), +2-5% there on the H100 and
+# +6-9% on the H200; the plain call measured 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap
+# 0.79-0.81x (MUFU.TANH spills in 160 registers) or 0.87-0.90x with scaled_tanh
+# (docs/notes/backward.md, "three MMA warpgroups"). Its dQ turns would be the warpgroups'
+# own, so deterministic calls keep SM90_TILES[64] and its turn agents.
 SM90_THREE = Sm90Tile(192, 64, 3, 3, "one 64-query sub-block a step in 160 registers, "
                                      "a step's 64x64 dQ tile by one warpgroup in turn")
 
