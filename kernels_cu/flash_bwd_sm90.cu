@@ -6,7 +6,8 @@
 // element function), deterministic too (BwdParams.dq_semaphore: the dQ reduce-adds of a tile
 // in key-block order); other GPUs use bwd_main (cuflash/ops/backward.py).
 //
-//   bwd_sm90             dK, dV of a block of 128 keys; its share of dQ added into dq_accum
+//   bwd_sm90             dK, dV of a block of 128 (or 192) keys; its share of dQ added into
+//                        dq_accum
 //   bwd_sm90_wide        the same at head dims over 128, 64 keys a block
 //   bwd_convert_dq_sm90  dq = scale * dq_accum, from this kernel's dq_accum layout
 // bwd_preprocess (flash_bwd.cu) runs first: delta, lse in base 2 (+inf for fully masked
