@@ -749,9 +749,9 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
     // warpgroup's 64 x 64 tile, added into dq_accum from its accumulators.
     const int qblk = BLOCK_R == 128 ? wg : 0;  // 64-query block of the tile
     const int dblk = D == 128 ? wg : 0;        // 64-column block of the tile
-    auto step_barrier = [&] {  // without HAND_OVER: two warpgroups (3 is warpgroup 2's own)
+    auto step_barrier = [&] {  // without HAND_OVER, so two warpgroups
       sm90::fence_proxy_async();
-      sm90::named_barrier(3, 128 * WGS);
+      sm90::named_barrier(3, 256);
     };
     // Deterministic with the TMA producer and two warpgroups: producer warp 1 + wg holds
     // this warpgroup's turns (bwd_sm90_turn_agent).
