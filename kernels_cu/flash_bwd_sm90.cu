@@ -15,8 +15,8 @@
 //
 // One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
 // two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63 (or 192 keys and three,
-// BwdSm90Traits; float16 soft-cap at head dim 64, whose dQ tile a step is one warpgroup's
-// in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
+// BwdSm90Traits; soft-cap and deterministic calls at head dim 64, whose dQ tile a step is
+// one warpgroup's in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
 // memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
 // group that see one of its keys. The producer's 128 threads copy K and V once by cp.async;
 // then Q_i, dO_i, lse_i and delta_i go into a ring of STAGES buffers, by TMA and bulk copies
@@ -1016,20 +1016,30 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
             sm90::fence_regs<16>(s[sb - 1]);
             sm90::fence_regs<16>(dp[sb - 1]);
           }
+          // With three warpgroups from an opaque copy of the key row: ALiBi's terms of the key
+          // alone, hoisted out of the loop, spill in the varlen instantiations.
+          int key_row = krow;
+          if constexpr (WGS == 3) asm volatile("" : "+r"(key_row));
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
             const int qc = 8 * t + 2 * qd;
             const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
             const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
+            // MUFU.TANH with three warpgroups: ptxas issues a thread's 32 tanh at once and
+            // parks their results in local memory, unless group t's argument waits for group
+            // t - 2's dS: softcap_in plus a signed zero from its sign bit, the same value.
+            ScoreGrad gt = grad;
+            if (WGS == 3 && TANH == TANH_MUFU && t > 1)
+              gt.mod.softcap_in += __int_as_float(__float_as_int(dp[sb][4 * t - 5]) & 0x80000000);
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              grad.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
-                                                   q0 + qc + (e & 1), krow + 8 * (e >> 1),
+              gt.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
+                                                   q0 + qc + (e & 1), key_row + 8 * (e >> 1),
                                                    (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
           if (on_boundary) {
-            zero_invisible<32>(steps.mask, s[sb], q0, krow, qd);
-            zero_invisible<32>(steps.mask, dp[sb], q0, krow, qd);
+            zero_invisible<32>(steps.mask, s[sb], q0, key_row, qd);
+            zero_invisible<32>(steps.mask, dp[sb], q0, key_row, qd);
           }
           pack(s[sb]);
         }

@@ -1,10 +1,12 @@
 """The Hopper backward's CTA order (BwdKeyBlock in kernels_cu/flash_bwd_sm90.cu), the L2
-sections it walks, and the soft-cap bound of the Hopper kernels: no GPU needed."""
+sections it walks, its tiles, and the soft-cap bound of the Hopper kernels: no GPU
+needed."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -145,6 +147,25 @@ def test_paired_order_serves_deterministic_causal_calls_with_as_many_queries_as_
                     dict(seqlen_k=4000), dict(headdim=128), dict(batch=1, nheads_kv=1),
                     dict(varlen=True)):
         assert offset(**changes) == -1, changes
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("opts", [0, _core.OPTS_SOFTCAP, _core.OPTS_ALIBI, _core.OPTS_RUNTIME])
+@pytest.mark.parametrize("headdim", [40, 64, 128])
+def test_three_warpgroups_serve_soft_cap_and_deterministic_calls_at_head_dim_64(
+        headdim, opts, deterministic):
+    """bwd_sm90 at padded head dim 64 runs three MMA warpgroups (192 keys a CTA) for
+    soft-cap alone, and for deterministic calls without soft-cap; every other call, and
+    every other head dim, keeps its two-warpgroup tile."""
+    if deterministic:
+        three = opts in (0, _core.OPTS_ALIBI)
+    else:
+        three = opts == _core.OPTS_SOFTCAP
+    three = three and headdim <= 64
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        step = backward.sm90_steps(dtype, headdim, opts, False, deterministic)[0]
+        assert (step.num_threads == backward.SM90_THREE.threads) == three, step
+        assert (", 192, 64, " in step.name_expression) == three, step
 
 
 def test_soft_caps_past_the_fast_tanh_bound_run_the_mma_sync_kernels():

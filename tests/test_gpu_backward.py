@@ -203,11 +203,15 @@ def test_seqlens(seqlen_q, seqlen_k, causal):
     dict(window=(None, 33)),
     dict(window=(0, 0), scale=0.3),
     dict(window=(100, 20), deterministic=True),
+    dict(causal=True, deterministic=True),
+    dict(alibi="heads", deterministic=True),
+    dict(alibi="heads", softcap=5.0, deterministic=True),
     dict(softcap=1e5),
     dict(softcap=30.0, scale=4.0),  # the largest logits in the tanh's flat region
     dict(softcap=200.0),  # tanh arguments ~0.005: its error must be relative
 ], ids=["softcap", "softcap-causal", "alibi", "alibi-batch-causal", "all", "left",
-        "right", "diagonal-scale", "window-det", "softcap-large",
+        "right", "diagonal-scale", "window-det", "causal-det", "alibi-det", "all-det",
+        "softcap-large",
         "softcap-saturated", "softcap-small-arguments"])
 def test_features(dtype, opts):
     check(dtype, 2, 203, 301, 4, 2, 40 if dtype == F32 else 64, **opts)
@@ -247,9 +251,9 @@ def test_float32(headdim):
 @pytest.mark.parametrize("dtype, headdim, opts", [
     (BF16, 64, {}), (F32, 64, {}), (BF16, 128, dict(causal=True)),
     (F16, 64, dict(window=(300, 50))), (BF16, 128, dict(softcap=3.0, window=(None, 0))),
-    (BF16, 256, {}), (F16, 192, dict(causal=True))],
+    (BF16, 256, {}), (F16, 192, dict(causal=True)), (BF16, 64, dict(causal=True))],
     ids=["bf16-64", "fp32-64", "bf16-128-causal", "fp16-64-window", "bf16-128-softcap",
-         "bf16-256", "fp16-192-causal"])
+         "bf16-256", "fp16-192-causal", "bf16-64-causal"])
 def test_deterministic_is_bitwise_reproducible(dtype, headdim, opts):
     """deterministic=True gives the same bits every call: on sm_90 (fp16/bf16) the wgmma
     kernels' dQ red.global.adds in key-block order, ascending without a right bound and
@@ -335,15 +339,17 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 1
     assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
     assert opts(F16, 64, alibi=True, softcap=2.0) == 4
-    # float16 soft-cap at head dim 64: three MMA warpgroups, 192 keys a CTA (not
-    # deterministic, not bfloat16, not another option)
+    # soft-cap at head dim 64: three MMA warpgroups, 192 keys a CTA (not deterministic, not
+    # with ALiBi); deterministic calls there without soft-cap too
     assert pick(F16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 192, 64, 1>"
     assert pick(F16, 40, False, "sm_90", softcap=2.0)[0].num_threads == 512
     assert pick(F16, 64, True, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128, 128, 1>"
     assert pick(BF16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 64, 128, 128, 1>"
+        "cuflash::bwd_sm90<__nv_bfloat16, 64, 192, 64, 1>"
+    assert pick(BF16, 64, True, "sm_90")[0].name_expression == \
+        "cuflash::bwd_sm90<__nv_bfloat16, 64, 192, 64, 0>"
     assert pick(F16, 64, False, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128, 128, 0>"
     assert pick(F32, 128, False, "sm_90") is None
@@ -410,16 +416,18 @@ def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     ((2, 385, 385, 2, 2, 64), dict(layout="strided")),
 ], ids=["one-key", "q17-k97", "q97-k17-causal-mqa", "k385-window", "1025-causal-gqa",
         "strided"])
-def test_three_warpgroup_backward_matches_the_reference(shape, opts):
-    """float16 soft-cap at head dims up to 64 runs bwd_sm90 with three MMA warpgroups (192
-    keys a CTA, the step's dQ tile by one warpgroup in turn): the accuracy rule on key
-    counts around its 192-key blocks, seqlen_q != seqlen_k, masks, GQA and strided inputs."""
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+def test_three_warpgroup_backward_matches_the_reference(shape, opts, dtype):
+    """Soft-cap at head dims up to 64 runs bwd_sm90 with three MMA warpgroups (192 keys a
+    CTA, the step's dQ tile by one warpgroup in turn): the accuracy rule on key counts
+    around its 192-key blocks, seqlen_q != seqlen_k, masks, GQA and strided inputs."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
     with launches() as launched:
-        check(F16, *shape, softcap=4.0, seed=sum(shape), **opts)
+        check(dtype, *shape, softcap=4.0, seed=sum(shape), **opts)
     names = [n for _, n in launched]
-    assert any(n.startswith("cuflash::bwd_sm90<__half, 64, 192, 64, 1") for n in names), names
+    assert any(n.startswith("cuflash::bwd_sm90<") and ", 64, 192, 64, 1" in n
+               for n in names), names
 
 
 @pytest.mark.parametrize("headdim", [8, 32, 64, 96, 128, 160, 256])
