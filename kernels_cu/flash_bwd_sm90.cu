@@ -1029,13 +1029,15 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
             // parks their results in local memory, unless group t's argument waits for group
             // t - 2's dS: softcap_in plus a signed zero from its sign bit, the same value.
             ScoreGrad gt = grad;
-            if (WGS == 3 && TANH == TANH_MUFU && t > 1)
-              gt.mod.softcap_in += __int_as_float(__float_as_int(dp[sb][4 * t - 5]) & 0x80000000);
+            if (WGS == 3 && TANH == TANH_MUFU && t > 1) {
+              const int ds_sign = __float_as_int(dp[sb][4 * t - 5]) & 0x80000000;
+              gt.mod.softcap_in += __int_as_float(ds_sign);
+            }
 #pragma unroll
             for (int e = 0; e < 4; ++e)
               gt.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
-                                                   q0 + qc + (e & 1), key_row + 8 * (e >> 1),
-                                                   (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
+                                                 q0 + qc + (e & 1), key_row + 8 * (e >> 1),
+                                                 (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
           if (on_boundary) {
             zero_invisible<32>(steps.mask, s[sb], q0, key_row, qd);

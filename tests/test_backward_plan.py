@@ -157,11 +157,8 @@ def test_three_warpgroups_serve_soft_cap_and_deterministic_calls_at_head_dim_64(
     """bwd_sm90 at padded head dim 64 runs three MMA warpgroups (192 keys a CTA) for
     soft-cap alone, and for deterministic calls without soft-cap; every other call, and
     every other head dim, keeps its two-warpgroup tile."""
-    if deterministic:
-        three = opts in (0, _core.OPTS_ALIBI)
-    else:
-        three = opts == _core.OPTS_SOFTCAP
-    three = three and headdim <= 64
+    three = headdim <= 64 and (opts, deterministic) in {
+        (_core.OPTS_SOFTCAP, False), (0, True), (_core.OPTS_ALIBI, True)}
     for dtype in (np.float16, ml_dtypes.bfloat16):
         step = backward.sm90_steps(dtype, headdim, opts, False, deterministic)[0]
         assert (step.num_threads == backward.SM90_THREE.threads) == three, step
