@@ -15,8 +15,8 @@
 //
 // One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
 // two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63 (or 192 keys and three,
-// BwdSm90Traits; soft-cap and deterministic calls at head dim 64, whose dQ tile a step is
-// one warpgroup's in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
+// BwdSm90Traits; float16 soft-cap and deterministic calls at head dim 64, whose dQ tile a
+// step is one warpgroup's in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
 // memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
 // group that see one of its keys. The producer's 128 threads copy K and V once by cp.async;
 // then Q_i, dO_i, lse_i and delta_i go into a ring of STAGES buffers, by TMA and bulk copies
@@ -108,9 +108,6 @@ struct BwdSm90Traits {
   static constexpr int MMA_REGS = WGS == 3 ? 160 : WIDE_ACC ? 240 : 232;
   static constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;
   static_assert(128 * PRODUCER_REGS + 128 * WGS * MMA_REGS <= LAUNCH_REGS * THREADS, "registers");
-  // The producer's warps 1 and 2 hold the deterministic dQ turns of two MMA warpgroups
-  // (bwd_sm90_turn_agent); with three, the MMA warpgroups wait for their turns themselves.
-  static constexpr bool TURN_AGENTS = WGS == 2;
   static constexpr int K_BLK = BLOCK_C * 128;   // bytes of one column block of K or V
   static constexpr int Q_BLK = BLOCK_R * 128;   // of Q or dO
   static constexpr int DS_BLK = BLOCK_C * 128;  // of dS^T (64 queries of BLOCK_C key rows)
@@ -370,15 +367,21 @@ __device__ __forceinline__ int dq_tile_offset(int r, int c) {
 // else nullptr): first this CTA's turn(), waited for by the whole first warp (a divergent
 // wait would make ptxas serialize the wgmmas), then the warpgroup's named barrier `bar`;
 // after the adds the same barrier orders them before thread 0's pass_global_turn. With a
-// turn agent (`agent`: its barrier BWD_TURN_GO + w, else 0; bwd_sm90_turn_agent), the
+// turn agent (`agent`: its barrier bwd_turn_go(w), else 0; bwd_sm90_turn_agent), the
 // agent warp has waited for the turn: the warpgroup meets it at `agent` before the adds
-// and arrives at BWD_TURN_ADDED + w after them, and the agent passes the turn.
-constexpr int BWD_TURN_GO = 10, BWD_TURN_ADDED = 12;  // + w; named barriers 10..13
+// and arrives at `added` (bwd_turn_added) after them, and the agent passes the turn.
+// Warpgroup w's turn barriers: the agent's go, 10 + w, and the adds issued, 12 + w with
+// two warpgroups (an agent each), 13 for all three (one agent, one tile at a time).
+__device__ __forceinline__ constexpr int bwd_turn_go(int w) { return 10 + w; }
+template <int WGS>
+__device__ __forceinline__ constexpr int bwd_turn_added(int w) {
+  return WGS == 3 ? 13 : 12 + w;
+}
 constexpr int BWD_PHASE = 15;  // bwd_sm90_wide's CTA-wide barrier between two phases
 template <typename Turn>
 __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[32], int wtid,
                                                 int* sem, bool first_warp, int bar, int agent,
-                                                Turn turn) {
+                                                int added, Turn turn) {
   if (sem) {
     if (agent) {
       sm90::named_barrier(agent, 160);
@@ -394,7 +397,7 @@ __device__ __forceinline__ void bwd_add_dq_tile(float* tile, const float (&dq)[3
     sm90::red_add4(dst + 512 * t, dq[4 * t], dq[4 * t + 1], dq[4 * t + 2], dq[4 * t + 3]);
   if (sem) {
     if (agent)  // the adds, before the agent's release
-      sm90::named_barrier_arrive(agent - BWD_TURN_GO + BWD_TURN_ADDED, 160);
+      sm90::named_barrier_arrive(added, 160);
     else
       sm90::named_barrier(bar, 128);
   }
@@ -409,7 +412,7 @@ struct BwdSm90Maps {
   sm90::TmaMap q, dout;
   int on;
   // Whether the producer loads by TMA (one thread), and whether it then also holds the
-  // deterministic dQ tiles' turns (bwd_sm90_turn_agent: its warps 1 and 2 are free).
+  // deterministic dQ tiles' turns (bwd_sm90_turn_agent: its warps 1 to 3 are free).
   template <bool VARLEN>
   __device__ __forceinline__ bool tma() const { return !VARLEN && on; }
   template <bool VARLEN>
@@ -623,40 +626,43 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
   }
 }
 
-// Deterministic bwd_sm90 and bwd_sm90_wide with the TMA producer (whose warps 1 and 2 are
-// otherwise idle): producer warp 1 + w holds the turns of MMA warpgroup w's dQ tiles, in
-// the warpgroup's order (step k's TILES tiles, from first_tile(seq, h, r, w) on, 4096
-// floats apart). For each it waits for the tile's turn (ahead of the warpgroup, which then
-// finds it taken instead of spending an L2 round trip of its warp 0), lets the warpgroup
-// add (named barrier BWD_TURN_GO + w: the agent's arrive, the warpgroup's sync), waits at
-// BWD_TURN_ADDED + w until all 128 threads have issued their adds, and passes the turn
-// from lane 0: the release's fence (the adds' round trip to the L2) then stalls this warp,
+// Deterministic bwd_sm90 and bwd_sm90_wide with the TMA producer (whose warps 1 to 3 are
+// otherwise idle): with two MMA warpgroups, producer warp 1 + w holds the turns of
+// warpgroup w's dQ tiles, in the warpgroup's order (step k's TILES tiles, from
+// first_tile(seq, h, r, w) on, 4096 floats apart); with three, warp 1 holds every step's
+// one tile, step k's of warpgroup k % 3. For each it waits for the tile's turn (ahead of
+// the warpgroup, which then finds it taken instead of spending an L2 round trip of its
+// warp 0), lets the warpgroup add (named barrier bwd_turn_go: the agent's arrive, the
+// warpgroup's sync), waits at bwd_turn_added until all 128 threads have issued their
+// adds, and passes the turn from lane 0: the release's fence (the adds' round trip to the L2) then stalls this warp,
 // not the warpgroup's next wgmma issue, and the time a turn is held covers the adds alone,
 // not the wait for the next stage, the next S^T issue or the loop's back edge. Of a step's
 // tiles (two at head dim 256) each but the last is passed after the next one's go: the
 // fence would otherwise hold back that go, and the warpgroup with it. Each barrier's phases
 // alternate between the two sides, so neither runs a phase ahead.
-// Run by every producer thread after bwd_sm90_produce; a no-op but in warps 1 and 2 of a
-// deterministic call on the TMA path (BwdSm90Maps::agents).
+// Run by every producer thread after bwd_sm90_produce; a no-op but in the agents' warps of
+// a deterministic call on the TMA path (BwdSm90Maps::agents).
 template <typename Tr, int BLOCK_R, int TILES, bool VARLEN, typename FirstTile>
 __device__ __forceinline__ void bwd_sm90_turn_agent(const BwdParams& p, const BwdSm90Maps& maps,
                                                     const BwdKeyBlock<Tr::BLOCK_C>& key_block,
                                                     int b, int o0, int hkv, int tid,
                                                     FirstTile first_tile) {
+  constexpr int WGS = Tr::THREADS / 128 - 1;
   const int w = tid / 32 - 1, lane = tid % 32;
-  if (!maps.agents<VARLEN>(p) || (w != 0 && w != 1)) return;
+  if (!maps.agents<VARLEN>(p) || w < 0 || w >= (WGS == 3 ? 1 : WGS)) return;
   const BwdSteps<BLOCK_R, Tr::BLOCK_C, VARLEN> steps(p.attn, b, o0, hkv, key_block.reverse);
   for (int k = 0; k < steps.iters; ++k) {
     const int r = steps.row(k);
     const int turn = key_block.turn(steps.mask, r, min(r + BLOCK_R, steps.seq.seqlen_q()));
     int* const sem = p.dq_semaphore + first_tile(steps.seq, steps.head(k), r, w) / 4096;
+    const int owner = WGS == 3 ? k % 3 : w;  // the warpgroup that adds the step's tiles
 #pragma unroll 1
     for (int t = 0; t < TILES; ++t) {
       sm90::wait_global_turn(sem + t, turn);
       __syncwarp();
-      sm90::named_barrier_arrive(BWD_TURN_GO + w, 160);
+      sm90::named_barrier_arrive(bwd_turn_go(owner), 160);
       if (t > 0 && lane == 0) sm90::pass_global_turn(sem + t - 1);
-      sm90::named_barrier(BWD_TURN_ADDED + w, 160);
+      sm90::named_barrier(bwd_turn_added<WGS>(owner), 160);
     }
     if (lane == 0) sm90::pass_global_turn(sem + TILES - 1);
   }
@@ -704,12 +710,10 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
     sm90::setmaxnreg_dec<Tr::PRODUCER_REGS>();
     bwd_sm90_produce<Tr, T, D, DV, BLOCK_R, VARLEN>(p, maps, base, ring, b, o0, hkv, tid, false,
                                                     0, dq_writer, writes_dq);
-    if constexpr (Tr::TURN_AGENTS)
-      bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
-          p, maps, key_block, b, o0, hkv, tid,
-          [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
-            return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
-          });
+    bwd_sm90_turn_agent<Tr, BLOCK_R, 1, VARLEN>(
+        p, maps, key_block, b, o0, hkv, tid, [&](const SeqView<VARLEN>& seq, int h, int r, int w) {
+          return bwd_dq_tile<D, BLOCK_R>(p, seq, b, h, r, w);
+        });
   } else {
     sm90::setmaxnreg_inc<Tr::MMA_REGS>();
     const BwdSteps<BLOCK_R, BLOCK_C, VARLEN> steps(a, b, o0, hkv);
@@ -753,9 +757,9 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
       sm90::fence_proxy_async();
       sm90::named_barrier(3, 256);
     };
-    // Deterministic with the TMA producer and two warpgroups: producer warp 1 + wg holds
-    // this warpgroup's turns (bwd_sm90_turn_agent).
-    const bool agent = Tr::TURN_AGENTS && maps.agents<VARLEN>(p);
+    // Deterministic with the TMA producer: a producer warp holds this warpgroup's turns
+    // (bwd_sm90_turn_agent).
+    const bool agent = maps.agents<VARLEN>(p);
     // (h, r: step j's head and first query row.) Deterministic: returns the tile's semaphore
     // index for pass_turn (-1: none, or the agent passes it).
     auto dq_step = [&](int j, int h, int r, float (&dq)[32]) {
@@ -794,7 +798,7 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
       int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
       // The turn among the key blocks that reach query block r / BLOCK_R.
       bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 1 + wg,
-                      agent ? BWD_TURN_GO + wg : 0, [&] {
+                      agent ? bwd_turn_go(wg) : 0, bwd_turn_added<WGS>(wg), [&] {
                         return key_block.turn(steps.mask, r, min(r + BLOCK_R, seq.seqlen_q()));
                       });
       return sem && !agent ? static_cast<int>(tile / 4096) : -1;
@@ -1025,19 +1029,11 @@ __global__ void __launch_bounds__(BwdSm90Traits<D, BLOCK_C, BLOCK_R, DV>::THREAD
             const int qc = 8 * t + 2 * qd;
             const float2 l2 = sm90::lds_f32x2(lse_s + 4 * qc);
             const float2 d2 = sm90::lds_f32x2(del_s + 4 * qc);
-            // MUFU.TANH with three warpgroups: ptxas issues a thread's 32 tanh at once and
-            // parks their results in local memory, unless group t's argument waits for group
-            // t - 2's dS: softcap_in plus a signed zero from its sign bit, the same value.
-            ScoreGrad gt = grad;
-            if (WGS == 3 && TANH == TANH_MUFU && t > 1) {
-              const int ds_sign = __float_as_int(dp[sb][4 * t - 5]) & 0x80000000;
-              gt.mod.softcap_in += __int_as_float(ds_sign);
-            }
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              gt.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
-                                                 q0 + qc + (e & 1), key_row + 8 * (e >> 1),
-                                                 (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
+              grad.template operator()<OPTS, TANH>(s[sb][4 * t + e], dp[sb][4 * t + e],
+                                                   q0 + qc + (e & 1), key_row + 8 * (e >> 1),
+                                                   (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x);
           }
           if (on_boundary) {
             zero_invisible<32>(steps.mask, s[sb], q0, key_row, qd);
@@ -1395,7 +1391,7 @@ __global__ void __launch_bounds__(384, 1) bwd_sm90_wide(const __grid_constant__ 
         int* const sem = p.dq_semaphore ? p.dq_semaphore + tile / 4096 : nullptr;
         // The turn among the key blocks that reach query block q0 / 64.
         bwd_add_dq_tile(p.dq_accum + tile, dq, wtid, sem, first_warp, 3 + wg,
-                        agent ? BWD_TURN_GO + wg : 0, [&] {
+                        agent ? bwd_turn_go(wg) : 0, bwd_turn_added<2>(wg), [&] {
                           return key_block.turn(steps.mask, q0,
                                                 min(q0 + BLOCK_R, seq.seqlen_q()));
                         });

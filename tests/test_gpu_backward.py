@@ -339,15 +339,16 @@ def test_dispatch_picks_wgmma_backward_on_sm90():
     assert opts(F16, 64, softcap=2.0) == 1 and opts(BF16, 128, softcap=2.0) == 1
     assert opts(F16, 64, alibi=True) == 2 and opts(BF16, 96, alibi=True) == 2
     assert opts(F16, 64, alibi=True, softcap=2.0) == 4
-    # soft-cap at head dim 64: three MMA warpgroups, 192 keys a CTA (not deterministic, not
-    # with ALiBi); deterministic calls there without soft-cap too
+    # float16 soft-cap at head dim 64: three MMA warpgroups, 192 keys a CTA (not
+    # deterministic, not bfloat16, not with ALiBi); deterministic calls there without
+    # soft-cap too
     assert pick(F16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 192, 64, 1>"
     assert pick(F16, 40, False, "sm_90", softcap=2.0)[0].num_threads == 512
     assert pick(F16, 64, True, "sm_90", softcap=2.0)[0].name_expression == \
         "cuflash::bwd_sm90<__half, 64, 128, 128, 1>"
     assert pick(BF16, 64, False, "sm_90", softcap=2.0)[0].name_expression == \
-        "cuflash::bwd_sm90<__nv_bfloat16, 64, 192, 64, 1>"
+        "cuflash::bwd_sm90<__nv_bfloat16, 64, 128, 128, 1>"
     assert pick(BF16, 64, True, "sm_90")[0].name_expression == \
         "cuflash::bwd_sm90<__nv_bfloat16, 64, 192, 64, 0>"
     assert pick(F16, 64, False, "sm_90")[0].name_expression == \
@@ -416,18 +417,23 @@ def test_wgmma_backward_matches_mma_sync(dtype, headdim, opts):
     ((2, 385, 385, 2, 2, 64), dict(layout="strided")),
 ], ids=["one-key", "q17-k97", "q97-k17-causal-mqa", "k385-window", "1025-causal-gqa",
         "strided"])
-@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
-def test_three_warpgroup_backward_matches_the_reference(shape, opts, dtype):
-    """Soft-cap at head dims up to 64 runs bwd_sm90 with three MMA warpgroups (192 keys a
-    CTA, the step's dQ tile by one warpgroup in turn): the accuracy rule on key counts
-    around its 192-key blocks, seqlen_q != seqlen_k, masks, GQA and strided inputs."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["f16-softcap", "bf16-det"])
+def test_three_warpgroup_backward_matches_the_reference(shape, opts, deterministic):
+    """float16 soft-cap, and deterministic calls without it, at head dims up to 64 run
+    bwd_sm90 with three MMA warpgroups (192 keys a CTA, the step's dQ tile by one warpgroup
+    in turn; deterministic: in key-block order, held by one turn agent): the accuracy rule
+    on key counts around its 192-key blocks, seqlen_q != seqlen_k, masks, GQA and strided
+    inputs."""
     if device_arch() != "sm_90":
         pytest.skip("the wgmma backward runs on sm_90 only")
     with launches() as launched:
-        check(dtype, *shape, softcap=4.0, seed=sum(shape), **opts)
+        if deterministic:
+            check(BF16, *shape, deterministic=True, seed=sum(shape), **opts)
+        else:
+            check(F16, *shape, softcap=4.0, seed=sum(shape), **opts)
     names = [n for _, n in launched]
-    assert any(n.startswith("cuflash::bwd_sm90<") and ", 64, 192, 64, 1" in n
-               for n in names), names
+    dtype = "__nv_bfloat16" if deterministic else "__half"
+    assert any(n.startswith(f"cuflash::bwd_sm90<{dtype}, 64, 192, 64, ") for n in names), names
 
 
 @pytest.mark.parametrize("headdim", [8, 32, 64, 96, 128, 160, 256])

@@ -201,7 +201,8 @@ def test_matches_reference(dtype, headdim, options):
 @pytest.mark.parametrize("dtype,headdim", [(BF16, 64), (BF16, 128), (BF16, 256), (F16, 64),
                                            (F16, 40)])
 def test_softcap(dtype, headdim):
-    """Soft-capping, on wgmma on sm_90 (head dims up to 64: three MMA warpgroups)."""
+    """Soft-capping, on wgmma on sm_90 (float16 at head dims up to 64: three MMA
+    warpgroups)."""
     with launches() as launched:
         check(dtype, LENS_Q, LENS_K, 4, 2, headdim, softcap=3.0, causal=True)
     on_wgmma = any(f == ops.backward.SM90_FILE for f, _ in launched)

@@ -155,21 +155,21 @@ SM90_TILES = {
                   "dK + dV 128 accumulator registers + S^T, dP^T 64 (255 registers); "
                   "1.09-1.36x torch flash at >= 2k, 0.94-1.15x at 512-1024 (notes v2)"),
 }
-# Head dim 64 with three MMA warpgroups: more warps a scheduler for soft-cap's elementwise
-# work (float16 +2-5% on the H100, +6-9% on the H200), and for deterministic calls turn
-# chains of seqlen_k / 192 links (the warpgroups' own turns, no agents). The plain call
-# measured 0.96-1.0x SM90_TILES[64] and stays there; deterministic soft-cap too
-# (docs/notes/backward.md, "three MMA warpgroups").
+# Head dim 64 with three MMA warpgroups: more warps a scheduler for float16 soft-cap's
+# elementwise work (three MUFU an element: +2-5% on the H100, +6-9% on the H200), and for
+# deterministic calls turn chains of seqlen_k / 192 links. The plain call measured
+# 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap (MUFU.TANH) 0.94-0.98x, and both stay there;
+# deterministic soft-cap too (docs/notes/backward.md, "three MMA warpgroups").
 SM90_THREE = Sm90Tile(192, 64, 3, 3, "one 64-query sub-block a step in 160 registers, "
                                      "a step's 64x64 dQ tile by one warpgroup in turn")
 
 
-def sm90_tile(hd: int, opts: int, deterministic: bool) -> Sm90Tile:
+def sm90_tile(dtype, hd: int, opts: int, deterministic: bool) -> Sm90Tile:
     """The bwd_sm90 tile of padded head dim ``hd`` (``opts``: the kernel's OPTS)."""
     if deterministic:  # without soft-cap (OPTS_RUNTIME: soft-cap and ALiBi)
         three = opts in (0, _core.OPTS_ALIBI)
     else:
-        three = opts == _core.OPTS_SOFTCAP
+        three = np.dtype(dtype) == np.float16 and opts == _core.OPTS_SOFTCAP
     return SM90_THREE if hd == 64 and three else SM90_TILES[hd]
 
 # BwdParams (kernels_cu/common/params.cuh).
@@ -310,7 +310,7 @@ def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool
                      "keys", keys, SM90_WIDE_THREADS, shared,
                      f"cuflash::BwdSm90WideTraits<{hd}>", rows),
                 convert]
-    t = sm90_tile(hd, opts, deterministic)
+    t = sm90_tile(dtype, hd, opts, deterministic)
     # BwdSm90Traits::SMEM_BYTES: K, V; STAGES x (Q, dO); DS_BUFS x dS^T; STAGES x (lse,
     # delta); at head dim 128 the dQ writer's two 64 x 64 float32 tiles; 1 KiB to align the
     # tiles to 1024 bytes.
