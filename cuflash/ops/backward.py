@@ -157,9 +157,10 @@ SM90_TILES = {
 }
 # Head dim 64 with three MMA warpgroups: more warps a scheduler for float16 soft-cap's
 # elementwise work (three MUFU an element: +2-5% on the H100, +6-9% on the H200), and for
-# deterministic calls turn chains of seqlen_k / 192 links. The plain call measured
-# 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap (MUFU.TANH) 0.94-0.98x, and both stay there;
-# deterministic soft-cap too (docs/notes/backward.md, "three MMA warpgroups").
+# deterministic calls turn chains of seqlen_k / 192 links with one turn agent (+4-8% on the
+# H100). The plain call measured 0.96-1.0x SM90_TILES[64], bfloat16 soft-cap (MUFU.TANH)
+# 0.94-0.98x, and both stay there; deterministic soft-cap too (docs/notes/backward.md,
+# "three MMA warpgroups", "a turn agent").
 SM90_THREE = Sm90Tile(192, 64, 3, 3, "one 64-query sub-block a step in 160 registers, "
                                      "a step's 64x64 dQ tile by one warpgroup in turn")
 
