@@ -16,8 +16,8 @@
 // One CTA per (128 keys, batch item, kv head), warp-specialized: a producer warpgroup and
 // two MMA warpgroups, MMA warpgroup w owning keys 64 w .. 64 w + 63 (or 192 keys and three,
 // BwdSm90Traits; float16 soft-cap and deterministic calls at head dim 64, whose dQ tile a
-// step is one warpgroup's in turn: see ready() in the MMA warpgroups' loop). K and V stay in shared
-// memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
+// step is one warpgroup's in turn: see ready() in the MMA warpgroups' loop). K and V stay in
+// shared memory; the CTA walks the query blocks (BLOCK_R rows) of every query head of its GQA
 // group that see one of its keys. The producer's 128 threads copy K and V once by cp.async;
 // then Q_i, dO_i, lse_i and delta_i go into a ring of STAGES buffers, by TMA and bulk copies
 // from one thread (dense calls: BwdSm90Maps, the kernels' second parameter) or by cp.async
@@ -634,12 +634,13 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdParams& p, const BwdSm
 // the warpgroup, which then finds it taken instead of spending an L2 round trip of its
 // warp 0), lets the warpgroup add (named barrier bwd_turn_go: the agent's arrive, the
 // warpgroup's sync), waits at bwd_turn_added until all 128 threads have issued their
-// adds, and passes the turn from lane 0: the release's fence (the adds' round trip to the L2) then stalls this warp,
-// not the warpgroup's next wgmma issue, and the time a turn is held covers the adds alone,
-// not the wait for the next stage, the next S^T issue or the loop's back edge. Of a step's
-// tiles (two at head dim 256) each but the last is passed after the next one's go: the
-// fence would otherwise hold back that go, and the warpgroup with it. Each barrier's phases
-// alternate between the two sides, so neither runs a phase ahead.
+// adds, and passes the turn from lane 0: the release's fence (the adds' round trip to the
+// L2) then stalls this warp, not the warpgroup's next wgmma issue, and the time a turn is
+// held covers the adds alone, not the wait for the next stage, the next S^T issue or the
+// loop's back edge. Of a step's tiles (two at head dim 256) each but the last is passed
+// after the next one's go: the fence would otherwise hold back that go, and the warpgroup
+// with it. Each barrier's phases alternate between the two sides, so neither runs a phase
+// ahead.
 // Run by every producer thread after bwd_sm90_produce; a no-op but in the agents' warps of
 // a deterministic call on the TMA path (BwdSm90Maps::agents).
 template <typename Tr, int BLOCK_R, int TILES, bool VARLEN, typename FirstTile>
