@@ -157,10 +157,11 @@ def test_three_warpgroups_serve_soft_cap_and_deterministic_calls_at_head_dim_64(
     """bwd_sm90 at padded head dim 64 runs three MMA warpgroups (192 keys a CTA) for float16
     soft-cap alone, and for deterministic calls without soft-cap; every other call, and
     every other head dim, keeps its two-warpgroup tile."""
+    three_calls = {(np.float16, _core.OPTS_SOFTCAP, False)} | {
+        (dtype, opts, True) for dtype in (np.float16, ml_dtypes.bfloat16)
+        for opts in (0, _core.OPTS_ALIBI)}
     for dtype in (np.float16, ml_dtypes.bfloat16):
-        three = headdim <= 64 and (opts, deterministic) in {
-            (0, True), (_core.OPTS_ALIBI, True)} | (
-            {(_core.OPTS_SOFTCAP, False)} if dtype == np.float16 else set())
+        three = headdim <= 64 and (dtype, opts, deterministic) in three_calls
         step = backward.sm90_steps(dtype, headdim, opts, False, deterministic)[0]
         assert (step.num_threads == backward.SM90_THREE.threads) == three, step
         assert (", 192, 64, " in step.name_expression) == three, step

@@ -294,9 +294,8 @@ def sm90_headdim(headdim: int) -> int | None:
 
 
 def sm90_steps(dtype, headdim: int, opts: int, varlen: bool, deterministic: bool) -> list:
-    """bwd_sm90 (``opts``: its OPTS; its tile by :func:`sm90_tile`, which takes
-    ``deterministic`` into account) and its dQ conversion (dq_accum is in its own tiled
-    layout)."""
+    """bwd_sm90 (``opts``: its OPTS; its tile by :func:`sm90_tile`) and its dQ conversion
+    (dq_accum is in its own tiled layout)."""
     hd = sm90_headdim(headdim)
     v = tiles.varlen_flag(varlen)
     convert = Step(SM90_FILE, f"cuflash::bwd_convert_dq_sm90<{_cxx(dtype)}, {hd}{v}>", "rows",
